@@ -1,0 +1,29 @@
+"""`hybridflow plan --export verl|openrlhf`: a plan as what those frameworks take.
+
+The key and flag names are checked against the frameworks' released code, named by version
+in the output (planner/export_refdata.py says how the lists were taken).
+"""
+from __future__ import annotations
+
+from planner.export_openrlhf import to_openrlhf
+from planner.export_verl import to_verl
+from planner.export_view import ExportError, FrameworkExport
+
+EXPORTERS = {"verl": to_verl, "openrlhf": to_openrlhf}
+FORMATS = tuple(EXPORTERS)
+
+
+def export(plan: dict, fmt: str) -> FrameworkExport:
+    """The structured export; ExportError (a ValueError) for an unknown format or a plan
+    the framework cannot express."""
+    if fmt not in EXPORTERS:
+        raise ExportError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return EXPORTERS[fmt](plan)
+
+
+def export_plan(plan: dict, fmt: str) -> str:
+    """The plan dict (plan JSON) as a runnable shell script for ``fmt``."""
+    return export(plan, fmt).render()
+
+
+__all__ = ["ExportError", "FORMATS", "FrameworkExport", "export", "export_plan"]

@@ -1,0 +1,195 @@
+"""A plan as verl's Hydra overrides (megatron engine) and, if needed, its resource pools.
+
+verl 0.9.1 places roles with a ResourcePoolManager (verl/trainer/ppo/v1/trainer_base.py,
+``_init_resource_pool_mgr``): actor, rollout, reference and critic share ``global_pool``
+(trainer.nnodes x trainer.n_gpus_per_node) and only the reward model may get a pool of its
+own (reward.reward_model.enable_resource_pool). Plans that split the other roles get the
+pool spec and role mapping a TaskRunner subclass must set, beside the overrides.
+"""
+from __future__ import annotations
+
+import shlex
+
+from planner.export_refdata import VERL_SOURCE, load_verl_reference
+from planner.export_view import (ExportError, FrameworkExport, PlanView, RoleView, node_split,
+                                 parse_plan)
+
+ADV_ESTIMATOR = {"ppo": "gae", "grpo": "grpo", "remax": "remax"}
+VERL_ROLE = {"actor": "ActorRollout", "reference": "RefPolicy", "critic": "Critic",
+             "reward": "RewardModel"}
+MODEL_PATH_KEY = {"actor": "actor_rollout_ref.model.path", "critic": "critic.model.path",
+                  "reward": "reward.reward_model.model_path"}
+
+
+def _model_path(role: RoleView) -> tuple[str, tuple[str, str] | None]:
+    """The path override value, and the variable the user must set if any."""
+    if role.model.endswith("config.json"):
+        return role.model.rsplit("/", 1)[0] if "/" in role.model else ".", None
+    var = f"{role.name.upper()}_MODEL_PATH"
+    return f'"${var}"', (var, f"directory of the Hugging Face checkpoint of {role.model}")
+
+
+def _megatron(prefix: str, layout) -> dict[str, object]:
+    return {f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
+            f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp}
+
+
+def _check_dp_split(v: PlanView, role: RoleView, sequences: int, what: str) -> None:
+    """verl splits each batch evenly over the data-parallel ranks in micro-batches."""
+    dp = role.compute.dp
+    if sequences % (dp * v.micro_batch):
+        raise ExportError(
+            f"verl cannot split the {what} of {sequences} sequences over the {role.name}'s "
+            f"data-parallel size {dp} in micro-batches of {v.micro_batch} "
+            f"(verl/utils/config.py validate_config); change global_batch or mini_batches")
+
+
+def _roles(v: PlanView) -> dict[str, object]:
+    actor, gen = v.roles["actor"], v.roles["actor"].generate
+    o: dict[str, object] = {"model_engine": "megatron"}
+    o |= _megatron("actor_rollout_ref.actor", actor.train)
+    o |= {"actor_rollout_ref.rollout.name": "vllm",
+          "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
+          "actor_rollout_ref.rollout.pipeline_model_parallel_size": gen.pp}
+    ref, critic, reward = v.role("reference"), v.role("critic"), v.role("reward")
+    if ref is not None:
+        o |= _megatron("actor_rollout_ref.ref", ref.compute)
+    o["critic.enable"] = critic is not None
+    if critic is not None:
+        o |= _megatron("critic", critic.compute)
+    o["reward.reward_model.enable"] = reward is not None
+    if reward is not None:
+        o |= {"reward.reward_model.rollout.name": "vllm",
+              "reward.reward_model.rollout.tensor_model_parallel_size": reward.compute.tp,
+              "reward.reward_model.rollout.pipeline_model_parallel_size": reward.compute.pp}
+    return o
+
+
+def _batches(v: PlanView) -> dict[str, object]:
+    n, micro = v.samples_per_prompt, v.micro_batch
+    actor = v.roles["actor"]
+    _check_dp_split(v, actor, v.mini_batch * n, "PPO mini-batch")
+    o: dict[str, object] = {
+        "data.train_batch_size": v.global_batch,
+        "data.max_prompt_length": v.prompt_len,
+        "data.max_response_length": v.response_len,
+        "actor_rollout_ref.rollout.n": n,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": v.mini_batch,
+        "actor_rollout_ref.actor.ppo_epochs": v.ppo_epochs,
+        "actor_rollout_ref.actor.use_dynamic_bsz": False,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": micro,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": micro,
+    }
+    if v.role("reference") is not None:
+        _check_dp_split(v, v.roles["reference"], v.global_batch * n, "batch")
+        o["actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu"] = micro
+    if v.role("critic") is not None:
+        _check_dp_split(v, v.roles["critic"], v.mini_batch * n, "PPO mini-batch")
+        o["critic.ppo_micro_batch_size_per_gpu"] = micro
+    return o
+
+
+def _algorithm(v: PlanView) -> dict[str, object]:
+    o: dict[str, object] = {"algorithm.adv_estimator": ADV_ESTIMATOR[v.algorithm]}
+    if v.role("reference") is not None:
+        # verl runs the reference only when a KL term needs it (trainer/ppo/utils.py).
+        if v.algorithm == "grpo":
+            o["actor_rollout_ref.actor.use_kl_loss"] = True
+        else:
+            o["algorithm.use_kl_in_reward"] = True
+    return o
+
+
+def _pools(v: PlanView) -> tuple[dict[str, object], list[str], str]:
+    """Pool overrides, notes, and the mapping text when the config cannot express the plan."""
+    actor_set = v.roles["actor"].set_index
+    nodes, per_node = node_split(v.set_gpus[actor_set], v.gpus_per_node)
+    o: dict[str, object] = {"trainer.nnodes": nodes, "trainer.n_gpus_per_node": per_node}
+    names = {actor_set: "global_pool"}
+    for i, members in enumerate(v.sets):
+        if i != actor_set:
+            names[i] = "reward_pool" if members == ("reward",) else f"pool_{i}"
+    reward = v.role("reward")
+    if reward is not None and names[reward.set_index] == "reward_pool":
+        rn, rp = node_split(reward.gpus, v.gpus_per_node)
+        o |= {"reward.reward_model.enable_resource_pool": True,
+              "reward.reward_model.nnodes": rn, "reward.reward_model.n_gpus_per_node": rp}
+    apart = [r for r in v.roles.values()
+             if r.set_index != actor_set and names[r.set_index] != "reward_pool"]
+    if not apart:
+        return o, [], ""
+    spec = {names[i]: [node_split(g, v.gpus_per_node)[1]] * node_split(g, v.gpus_per_node)[0]
+            for i, g in enumerate(v.set_gpus)}
+    mapping = {f"Role.{_verl_role(v, r)}": names[r.set_index] for r in v.roles.values()
+               if not (r.name == "reference" and r.set_index == actor_set)}
+    note = (f"verl's config keeps {', '.join(r.name for r in apart)} in global_pool with the "
+            f"actor; this plan gives them GPUs of their own: set the resource pools below in a "
+            f"TaskRunner/trainer subclass (_init_resource_pool_mgr)")
+    text = ("Resource pools this plan needs (verl ResourcePoolManager, "
+            "verl/trainer/ppo/v1/trainer_base.py):\n"
+            f"resource_pool_spec = {spec!r}\nmapping = {{{', '.join(f'{k}: {val!r}' for k, val in mapping.items())}}}")
+    return o, [note], text
+
+
+def _verl_role(v: PlanView, role: RoleView) -> str:
+    ref = v.role("reference")
+    if role.name == "actor" and ref is not None and ref.set_index == role.set_index:
+        return "ActorRolloutRef"  # verl fuses a colocated reference into the actor's workers
+    return VERL_ROLE[role.name]
+
+
+def _notes(v: PlanView) -> list[str]:
+    notes = []
+    gen = v.roles["actor"].generate
+    if gen.tp > 1 and gen.dp > 1:
+        notes.append(
+            f"generation TP groups: verl's vLLM rollout takes consecutive ranks "
+            f"[0..{gen.tp - 1}], [{gen.tp}..{2 * gen.tp - 1}], ...; the plan's 3D-HybridEngine "
+            f"groups are strided (ranks r, r+{gen.dp}, ...), so resharding costs what "
+            f"`hybridflow simulate --reshard hybridengine-v` predicts")
+    ref, actor = v.role("reference"), v.roles["actor"]
+    if ref is not None and ref.model != actor.model:
+        notes.append(f"verl loads the reference from the actor's path ({actor.model}), "
+                     f"not {ref.model}")
+    reward = v.role("reward")
+    if reward is not None:
+        notes.append(f"the reward model runs as a vLLM server with TP {reward.compute.tp} x "
+                     f"PP {reward.compute.pp} per replica ({reward.compute.dp} replicas in the plan)")
+    return notes
+
+
+def to_verl(plan: dict) -> FrameworkExport:
+    """The plan as a verl launch command; ExportError for what verl cannot run."""
+    v = parse_plan(plan)
+    if v.algorithm not in ADV_ESTIMATOR:
+        raise ExportError(f"verl has no {v.algorithm} trainer: it has no cost model or cost "
+                          f"critic roles (roles: actor, rollout, reference, critic, reward)")
+    ref_data = load_verl_reference()
+    overrides = _roles(v) | _batches(v) | _algorithm(v)
+    pool_overrides, pool_notes, mapping = _pools(v)
+    overrides |= pool_overrides
+    env = [("TRAIN_FILES", "training prompts (parquet)"), ("VAL_FILES", "validation prompts")]
+    overrides |= {"data.train_files": '"$TRAIN_FILES"', "data.val_files": '"$VAL_FILES"'}
+    for name, key in MODEL_PATH_KEY.items():
+        if v.role(name) is not None:
+            value, var = _model_path(v.roles[name])
+            overrides[key] = value
+            env += [var] if var else []
+    for key in overrides:
+        group = key in ref_data["group_overrides"]
+        assert group or key in ref_data["key_set"], f"verl {ref_data['version']} has no key {key}"
+    args = tuple(f"{k}={_hydra_value(val)}" for k, val in overrides.items())
+    header = [f"{v.algorithm} on {v.total_gpus} x {v.gpu}: "
+              + "; ".join(f"[{', '.join(s)}] {g} GPUs" for s, g in zip(v.sets, v.set_gpus))]
+    if v.tokens_per_s:
+        header.append(f"predicted {v.tokens_per_s:,.0f} tokens/s, {v.iteration_s:.1f} s/iteration")
+    return FrameworkExport("verl", ref_data["version"], VERL_SOURCE, ref_data["entry_point"],
+                           args, tuple(env), tuple(header), tuple(pool_notes + _notes(v)),
+                           mapping)
+
+
+def _hydra_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    return text if text.startswith('"$') else shlex.quote(text)
