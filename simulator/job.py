@@ -1,0 +1,164 @@
+"""An RLHF job: algorithm, the model of each role, sequence lengths, batch and updates.
+
+The algorithm fixes the dataflow: which roles exist and which stages each takes part in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from simulator.model import ModelSpec, load_model
+
+
+class JobError(ValueError):
+    """A job description that cannot run."""
+
+
+ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "ppo": ("actor", "critic", "reference", "reward"),
+    "grpo": ("actor", "reference", "reward"),
+    "remax": ("actor", "reference", "reward"),
+    "safe-rlhf": ("actor", "critic", "reference", "reward", "cost", "cost_critic"),
+}
+STAGES = ("generate", "prepare", "train", "reshard")
+VALUE_ROLES = frozenset({"critic", "reward", "cost", "cost_critic"})  # scalar head, no LM head
+TRAINED_ROLES = frozenset({"actor", "critic", "cost_critic"})
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one role does in one stage: `kind` is generate, infer or train."""
+    stage: str
+    kind: str
+    sequences: int
+
+
+def _pos(what: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise JobError(f"job: {what} must be a positive integer, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Job:
+    algorithm: str
+    models: tuple[tuple[str, str], ...]  # (role, model name or config path), in role order
+    prompt_len: int
+    response_len: int
+    global_batch: int
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    n_samples: int = 1
+    _specs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise JobError(f"unknown algorithm {self.algorithm!r}: choose one of "
+                           f"{', '.join(ALGORITHMS)}")
+        for f in ("prompt_len", "response_len", "global_batch", "ppo_epochs",
+                  "mini_batches", "n_samples"):
+            _pos(f, getattr(self, f))
+        given = dict(self.models)
+        roles = ALGORITHMS[self.algorithm]
+        if set(given) != set(roles) or len(given) != len(self.models):
+            raise JobError(f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
+                           f"got {', '.join(r for r, _ in self.models) or 'none'}")
+        object.__setattr__(self, "models", tuple((r, given[r]) for r in roles))
+        if self.algorithm == "grpo" and self.n_samples < 2:
+            raise JobError("job: grpo needs n_samples >= 2 responses per prompt")
+        if self.algorithm != "grpo" and self.n_samples != 1:
+            raise JobError(f"job: n_samples applies to grpo only ({self.algorithm} samples one)")
+        if self.sequences % self.mini_batches:
+            raise JobError(f"job: {self.sequences} sequences per iteration do not split into "
+                           f"{self.mini_batches} equal mini-batches")
+        for role, name in self.models:
+            if not isinstance(name, str) or not name:
+                raise JobError(f"job: the {role} model must be a name or path, got {name!r}")
+            spec = load_model(name)
+            if self.seq_len > spec.max_position:
+                raise JobError(f"job: prompt_len + response_len = {self.seq_len} exceeds the "
+                               f"{role} model's max_position {spec.max_position}")
+            self._specs[role] = spec
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ALGORITHMS[self.algorithm]
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.response_len
+
+    @property
+    def sequences(self) -> int:
+        """Sampled responses per iteration (what is scored and trained on)."""
+        return self.global_batch * self.n_samples
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        """Prompt + response tokens of the global batch (the paper's throughput numerator)."""
+        return self.sequences * self.seq_len
+
+    def spec(self, role: str) -> ModelSpec:
+        return self._specs[role]
+
+    def params(self, role: str) -> int:
+        s = self.spec(role)
+        return s.value_model_params if role in VALUE_ROLES else s.params
+
+    def works(self, role: str) -> tuple[Work, ...]:
+        """The stages `role` takes part in, with the number of sequences of each."""
+        greedy = self.global_batch if self.algorithm == "remax" else 0  # greedy baseline
+        n = self.sequences
+        if role == "actor":
+            return (Work("generate", "generate", n + greedy), Work("prepare", "infer", n),
+                    Work("train", "train", n))
+        if role in ("critic", "cost_critic"):
+            return (Work("prepare", "infer", n), Work("train", "train", n))
+        if role == "reward":
+            return (Work("prepare", "infer", n + greedy),)
+        if role in ("reference", "cost"):
+            return (Work("prepare", "infer", n),)
+        raise JobError(f"job: unknown role {role!r}")
+
+    def to_dict(self) -> dict:
+        d = {"algorithm": self.algorithm, "models": dict(self.models),
+             "prompt_len": self.prompt_len, "response_len": self.response_len,
+             "global_batch": self.global_batch, "ppo_epochs": self.ppo_epochs,
+             "mini_batches": self.mini_batches}
+        if self.algorithm == "grpo":
+            d["n_samples"] = self.n_samples
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> "Job":
+        keys = {"algorithm", "models", "prompt_len", "response_len", "global_batch",
+                "ppo_epochs", "mini_batches", "n_samples"}
+        if not isinstance(d, dict) or not isinstance(d.get("models"), dict):
+            raise JobError(f"job: expected a mapping with a models mapping, got {d!r}")
+        if set(d) - keys or not {"algorithm", "prompt_len", "response_len", "global_batch"} <= set(d):
+            raise JobError(f"job: expected keys among {', '.join(sorted(keys))} "
+                           f"(algorithm, models, prompt_len, response_len, global_batch required)")
+        return cls(d["algorithm"], tuple(d["models"].items()), d["prompt_len"],
+                   d["response_len"], d["global_batch"], d.get("ppo_epochs", 1),
+                   d.get("mini_batches", 1), d.get("n_samples", 1))
+
+    @classmethod
+    def create(cls, algorithm: str, model: str, prompt_len: int, response_len: int,
+               global_batch: int, ppo_epochs: int = 1, mini_batches: int = 1,
+               n_samples: int | None = None, **role_models: str | None) -> "Job":
+        """`model` for every role unless role_models names another (critic, reference,
+        reward, cost; cost_critic follows critic)."""
+        unknown = set(role_models) - {"critic", "reference", "reward", "cost"}
+        if unknown:
+            raise JobError(f"job: unknown role option(s) {', '.join(sorted(unknown))}")
+        if algorithm not in ALGORITHMS:
+            raise JobError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        chosen = {r: m for r, m in role_models.items() if m}
+        chosen.setdefault("cost_critic", chosen.get("critic"))
+        models = tuple((r, chosen.get(r) or model) for r in ALGORITHMS[algorithm])
+        extra = set(chosen) - set(ALGORITHMS[algorithm]) - {"cost_critic"}
+        if extra:
+            raise JobError(f"job: {algorithm} has no {', '.join(sorted(extra))} role")
+        if n_samples is None:
+            n_samples = 4 if algorithm == "grpo" else 1
+        return cls(algorithm, models, prompt_len, response_len, global_batch, ppo_epochs,
+                   mini_batches, n_samples)

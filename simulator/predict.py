@@ -1,0 +1,132 @@
+"""Compose per-model predictions into a set and an iteration (the paper's d_cost):
+within a set the stages of its models add up; across sets a stage takes the slowest set;
+the stages (generate, prepare, train, reshard) add up."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Protocol
+
+from simulator.cluster import Cluster
+from simulator.costs import GIB, Cost, DoesNotFit, Memory, memory
+from simulator.generation import gen_shape, generation_cost, kv_memory
+from simulator.job import STAGES, Job
+from simulator.placement import PlacedSet
+from simulator.profile import Profile, load_profile
+from simulator.reshard import SCHEMES, ReshardError, generation_extra_bytes, reshard_cost, \
+    reshard_peak_bytes
+from simulator.training import WEIGHT_BYTES, infer_cost, resident_memory, stage_memory, train_cost
+
+
+class PlanLike(Protocol):
+    cluster: Cluster
+    job: Job
+    sets: tuple[PlacedSet, ...]
+
+
+@dataclass(frozen=True)
+class RolePrediction:
+    role: str
+    stages: Mapping[str, Cost]
+    memory: Memory  # the role's own peak bytes per GPU, by term
+
+
+@dataclass(frozen=True)
+class SetPrediction:
+    placed: PlacedSet
+    roles: tuple[RolePrediction, ...]
+    peak_bytes: float  # the set's peak per GPU (all residents + the largest transient)
+
+    def stage_seconds(self, stage: str) -> float:
+        return sum(r.stages[stage].seconds for r in self.roles if stage in r.stages)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    sets: tuple[SetPrediction, ...]
+    stages: Mapping[str, float]
+    tokens: int
+
+    @property
+    def iteration_s(self) -> float:
+        return sum(self.stages.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.iteration_s if self.iteration_s > 0 else 0.0
+
+    def roles(self) -> Iterable[RolePrediction]:
+        return (r for s in self.sets for r in s.roles)
+
+    def to_dict(self) -> dict:
+        """The plan JSON's "predicted" object."""
+        return {"iteration_s": self.iteration_s, "tokens_per_s": self.tokens_per_s,
+                "stages": dict(self.stages),
+                "terms": {r.role: {st: c.as_dict() for st, c in r.stages.items()}
+                          for r in self.roles()},
+                "peak_memory_gib": {r.role: r.memory.gib for r in self.roles()}}
+
+
+def _fits(what: str, need: float, profile: Profile) -> None:
+    if need > profile.usable_bytes:
+        raise DoesNotFit(f"{what} needs {need / GIB:.1f} GiB per GPU, more than the "
+                         f"{profile.usable_bytes / GIB:.1f} GiB usable on {profile.name}")
+
+
+def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, scheme: str,
+                      others_resident: float) -> tuple[dict[str, Cost], Memory]:
+    """Generation and reshard costs of the actor and its transient memory."""
+    train, gen = placed.layout("actor"), placed.generation()
+    model_bytes = WEIGHT_BYTES * job.params("actor")
+    args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
+    extra = generation_extra_bytes(scheme, *args)
+    swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
+    _fits(f"resharding the actor ({scheme}) in set {list(placed.models)}",
+          others_resident + max(swap, extra), profile)
+    shape = gen_shape(job, train, gen, job.works("actor")[0].sequences)
+    n = shape.in_flight(profile.usable_bytes - others_resident - extra)
+    stages = {"generate": generation_cost(job, gen, shape, n, profile, gpn),
+              "reshard": reshard_cost(scheme, *args, profile, gpn)}
+    return stages, memory(generation_weights=extra) + kv_memory(shape, n)
+
+
+def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
+                scheme: str = "hybridengine") -> SetPrediction:
+    resident = {r: resident_memory(job, r, placed.layout(r)) for r in placed.models}
+    transient = {r: max((stage_memory(job, r, placed.layout(r), w.kind) for w in job.works(r)
+                         if w.kind != "generate"), key=lambda m: m.bytes) for r in placed.models}
+    total_resident = sum(m.bytes for m in resident.values())
+    _fits(f"set {list(placed.models)} on {placed.gpus} GPUs",
+          total_resident + max(m.bytes for m in transient.values()), profile)
+    roles, peak = [], total_resident + max(m.bytes for m in transient.values())
+    for role in placed.models:
+        layout = placed.layout(role)
+        stages: dict[str, Cost] = {}
+        own = transient[role]
+        for w in job.works(role):
+            if w.kind == "train":
+                stages["train"] = train_cost(job, role, layout, profile, gpn)
+            elif w.kind == "infer":
+                stages["prepare"] = infer_cost(job, role, layout, profile, gpn, w.sequences)
+        if role == "actor":
+            gen_stages, gen_mem = _actor_generation(job, placed, profile, gpn, scheme, total_resident)
+            stages.update(gen_stages)
+            own = max(own, gen_mem, key=lambda m: m.bytes)
+            peak = max(peak, total_resident + gen_mem.bytes)
+        roles.append(RolePrediction(role, stages, resident[role] + own))
+    return SetPrediction(placed, tuple(roles), peak)
+
+
+def compose(sets: tuple[SetPrediction, ...], job: Job) -> Prediction:
+    stages = {st: max(s.stage_seconds(st) for s in sets) for st in STAGES}
+    return Prediction(sets, stages, job.tokens_per_iteration)
+
+
+def predict_plan(plan: PlanLike, profile: Profile | str | None = None,
+                 reshard: str = "hybridengine") -> Prediction:
+    """Predict one iteration of a plan (sets, GPUs, layouts) without searching."""
+    if reshard not in SCHEMES:
+        raise ReshardError(f"unknown resharding scheme {reshard!r}: choose one of {', '.join(SCHEMES)}")
+    if profile is None or isinstance(profile, str):
+        profile = load_profile(profile or plan.cluster.gpu)
+    gpn = plan.cluster.gpus_per_node
+    return compose(tuple(predict_set(plan.job, s, profile, gpn, reshard) for s in plan.sets), plan.job)

@@ -1,0 +1,210 @@
+"""Hardware profiles: datasheet numbers of one device kind and its links, plus optional
+measured tables (written by `hybridflow profile`). Data, never code: profiles/<name>.yaml.
+
+The format is documented in profiles/README.md. Every top-level number needs a `sources`
+entry (a public source, or the word "estimate" with a reason).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "p2p")
+_NUMBERS = ("peak_flops", "hbm_gib", "hbm_bandwidth", "intra_node_bandwidth",
+            "inter_node_bandwidth", "comm_latency_s", "step_overhead_s", "reserved_gib")
+_EFFICIENCY = ("matmul", "memory", "communication")
+
+
+class ProfileError(ValueError):
+    """A profile name or file that cannot be used."""
+
+
+def _num(where: str, value: Any, positive: bool = True) -> float:
+    if isinstance(value, bool):
+        raise ProfileError(f"{where}: expected a number, got {value!r}")
+    try:
+        x = float(value)  # PyYAML reads 3e12 (no exponent sign) as a string
+    except (TypeError, ValueError):
+        raise ProfileError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        raise ProfileError(f"{where}: must be {'positive' if positive else '>= 0'}, got {value!r}")
+    return x
+
+
+def _int(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ProfileError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _rows(where: str, value: Any, keys: tuple[str, ...]) -> tuple[tuple[float, ...], ...]:
+    """A list of {key: number} rows -> sorted tuple of tuples in `keys` order."""
+    if not isinstance(value, list) or not value:
+        raise ProfileError(f"{where}: expected a non-empty list of {{{', '.join(keys)}}} rows")
+    rows = []
+    for i, row in enumerate(value):
+        if not isinstance(row, dict) or set(row) != set(keys):
+            raise ProfileError(f"{where}[{i}]: expected exactly the keys {', '.join(keys)}, "
+                               f"got {row!r}")
+        rows.append(tuple(_num(f"{where}[{i}].{k}", row[k]) for k in keys))
+    return tuple(sorted(rows))
+
+
+def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear y(x) through sorted (x, y) points. Below the first point y stays at
+    its value (a latency floor); beyond the last it grows in proportion to x."""
+    xs = [p[0] for p in points]
+    if x <= xs[0]:
+        return points[0][1]
+    if x >= xs[-1]:
+        return points[-1][1] * x / xs[-1]
+    i = bisect.bisect_right(xs, x)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Measured tables; each entry is a sorted tuple of numeric rows."""
+    matmul: tuple[tuple[float, float, float, float], ...] = ()          # m, n, k, seconds
+    collectives: tuple[tuple[str, tuple[tuple[float, float, float], ...]], ...] = ()  # op -> ranks, bytes, s
+    generate_model: str = ""
+    prefill: tuple[tuple[float, float, float], ...] = ()                # batch, tokens, seconds
+    decode: tuple[tuple[float, float, float], ...] = ()                 # batch, context, seconds
+    train_layer_model: str = ""
+    train_layer: tuple[tuple[float, float], ...] = ()                   # tokens, seconds
+
+    def collective(self, op: str) -> tuple[tuple[float, float, float], ...]:
+        return dict(self.collectives).get(op, ())
+
+
+def _measured(raw: Any) -> Measured:
+    if raw is None:
+        return Measured()
+    if not isinstance(raw, dict):
+        raise ProfileError("measured: expected a mapping")
+    unknown = set(raw) - {"matmul", "collectives", "generate", "train_layer"}
+    if unknown:
+        raise ProfileError(f"measured: unknown tables {', '.join(sorted(unknown))}")
+    kw: dict[str, Any] = {}
+    if "matmul" in raw:
+        kw["matmul"] = _rows("measured.matmul", raw["matmul"], ("m", "n", "k", "seconds"))
+    coll = raw.get("collectives") or {}
+    if not isinstance(coll, dict) or set(coll) - set(COLLECTIVES):
+        raise ProfileError(f"measured.collectives: expected a mapping with keys among "
+                           f"{', '.join(COLLECTIVES)}")
+    kw["collectives"] = tuple(sorted(
+        (op, _rows(f"measured.collectives.{op}", rows, ("ranks", "bytes", "seconds")))
+        for op, rows in coll.items()))
+    if "generate" in raw:
+        gen = raw["generate"]
+        if not isinstance(gen, dict) or not isinstance(gen.get("model"), str):
+            raise ProfileError("measured.generate: expected {model: NAME, prefill: [...], decode: [...]}")
+        kw["generate_model"] = gen["model"]
+        kw["prefill"] = _rows("measured.generate.prefill", gen.get("prefill"),
+                              ("batch", "tokens", "seconds"))
+        kw["decode"] = _rows("measured.generate.decode", gen.get("decode"),
+                             ("batch", "context", "seconds"))
+    if "train_layer" in raw:
+        tl = raw["train_layer"]
+        if not isinstance(tl, dict) or not isinstance(tl.get("model"), str):
+            raise ProfileError("measured.train_layer: expected {model: NAME, points: [...]}")
+        kw["train_layer_model"] = tl["model"]
+        kw["train_layer"] = _rows("measured.train_layer.points", tl.get("points"),
+                                  ("tokens", "seconds"))
+    return Measured(**kw)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    gpus_per_node: int
+    peak_flops: float            # dense bf16 FLOP/s per device
+    hbm_gib: float               # device memory
+    hbm_bandwidth: float         # bytes/s
+    intra_node_bandwidth: float  # bytes/s per device, one direction (NVLink)
+    inter_node_bandwidth: float  # bytes/s per device, one direction (NIC share)
+    comm_latency_s: float        # per collective step
+    step_overhead_s: float       # per generation step (scheduler, launches)
+    reserved_gib: float          # framework context, allocator slack
+    eff_matmul: float
+    eff_memory: float
+    eff_communication: float
+    estimate: bool = False
+    host_cores: int = 0          # >0: devices share this many CPU cores (local-cpu)
+    sources: tuple[tuple[str, str], ...] = ()
+    measured: Measured = field(default_factory=Measured)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ProfileError("profile: name is empty")
+        for f in ("eff_matmul", "eff_memory", "eff_communication"):
+            if not 0 < getattr(self, f) <= 1:
+                raise ProfileError(f"profile {self.name}: efficiency {f[4:]} must be in (0, 1]")
+        if self.reserved_gib >= self.hbm_gib:
+            raise ProfileError(f"profile {self.name}: reserved_gib >= hbm_gib")
+
+    @property
+    def usable_bytes(self) -> float:
+        return (self.hbm_gib - self.reserved_gib) * 2**30
+
+    def matmul_flops(self, m: float, n: float, k: float) -> tuple[float, str]:
+        """Achieved FLOP/s for an (m x k) @ (k x n) product, and its source."""
+        if self.measured.matmul:
+            pts = tuple(sorted((2 * a * b * c, s) for a, b, c, s in self.measured.matmul))
+            work = 2.0 * m * n * k
+            return work / interpolate(pts, work), "measured"
+        return self.peak_flops * self.eff_matmul, "roofline"
+
+    def memory_seconds(self, nbytes: float) -> float:
+        return nbytes / (self.hbm_bandwidth * self.eff_memory)
+
+
+def _parse(data: Any, origin: str) -> Profile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {origin}: expected a YAML mapping at top level")
+    missing = [k for k in ("name", "gpus_per_node", *_NUMBERS, "efficiency") if k not in data]
+    if missing:
+        raise ProfileError(f"profile {origin}: missing {', '.join(missing)}")
+    sources = data.get("sources") or {}
+    if not isinstance(sources, dict):
+        raise ProfileError(f"profile {origin}: sources must be a mapping")
+    unsourced = [k for k in (*_NUMBERS, "efficiency") if not sources.get(k)]
+    if unsourced:
+        raise ProfileError(f"profile {origin}: no source for {', '.join(unsourced)}")
+    eff = data["efficiency"]
+    if not isinstance(eff, dict) or set(eff) != set(_EFFICIENCY):
+        raise ProfileError(f"profile {origin}: efficiency needs exactly {', '.join(_EFFICIENCY)}")
+    return Profile(
+        name=str(data["name"]), gpus_per_node=_int(f"{origin}.gpus_per_node", data["gpus_per_node"]),
+        **{k: _num(f"{origin}.{k}", data[k], positive=k != "reserved_gib") for k in _NUMBERS},
+        **{f"eff_{k}": _num(f"{origin}.efficiency.{k}", eff[k]) for k in _EFFICIENCY},
+        estimate=bool(data.get("estimate", False)),
+        host_cores=_int(f"{origin}.host_cores", data["host_cores"]) if "host_cores" in data else 0,
+        sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())),
+        measured=_measured(data.get("measured")))
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A profile name under profiles/ (e.g. "a100-80gb") or the path of a YAML file."""
+    path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        path = Path(name_or_path)
+        if path.suffix not in (".yaml", ".yml") or not path.exists():
+            raise ProfileError(f"unknown GPU kind {name_or_path!r}: known profiles are "
+                               f"{', '.join(available_profiles())} (or give a .yaml path)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"profile {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    return _parse(data, path.stem)

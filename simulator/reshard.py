@@ -1,0 +1,84 @@
+"""Actor resharding between training (p, t, d) and generation (pg, tg, micro-DP) layouts:
+the three schemes of the paper's Table 2 (model size M bytes)."""
+from __future__ import annotations
+
+from simulator.costs import Cost, collective, cost
+from simulator.layout import LayoutError
+from simulator.profile import Profile
+
+SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
+
+
+class ReshardError(ValueError):
+    """Unknown resharding scheme or impossible layouts."""
+
+
+def _check(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> None:
+    if scheme not in SCHEMES:
+        raise ReshardError(f"unknown resharding scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if min(p, t, d, pg, tg) <= 0:
+        raise ReshardError("resharding: all degrees must be positive")
+    if (p * t) % (pg * tg):
+        raise LayoutError(f"generation pg*tg = {pg * tg} must divide training p*t = {p * t}")
+
+
+def reshard_bytes_per_rank(scheme: str, model_bytes: float, p: int, t: int, d: int,
+                           pg: int, tg: int) -> float:
+    """Bytes each rank receives to build its generation weights (Table 2, first row)."""
+    _check(scheme, p, t, d, pg, tg)
+    if scheme == "allgather":
+        return (t * p * d - 1) / (t * p * d) * model_bytes
+    if scheme == "hybridengine-v":
+        return (t * p - 1) / (t * p) * model_bytes
+    return (t * p - tg * pg) / (tg * pg * t * p) * model_bytes
+
+
+def reshard_peak_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
+                       pg: int, tg: int) -> float:
+    """Peak bytes per rank of actor weights while resharding (Table 2, second row)."""
+    _check(scheme, p, t, d, pg, tg)
+    return model_bytes / (tg * pg) if scheme == "hybridengine" else model_bytes
+
+
+def redundant_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
+                    pg: int, tg: int) -> float:
+    """Training weights held twice during generation (Table 2, third row)."""
+    _check(scheme, p, t, d, pg, tg)
+    if scheme == "allgather":
+        return model_bytes / (t * p * d)
+    return model_bytes / (t * p) if scheme == "hybridengine-v" else 0.0
+
+
+def generation_extra_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
+                           pg: int, tg: int) -> float:
+    """Bytes per rank held for generation weights beyond the training shard: the
+    generation shard M/(tg*pg) minus the part that is the training shard itself."""
+    gen_shard = model_bytes / (tg * pg)
+    if scheme == "hybridengine":
+        _check(scheme, p, t, d, pg, tg)
+        return gen_shard - model_bytes / (t * p)  # the training shard lies inside it
+    return gen_shard  # separate buffer; the training shard stays (redundancy)
+
+
+def _span(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> tuple[int, int]:
+    """(ranks, span in consecutive devices) of the all-gather group of each scheme."""
+    if scheme == "allgather":
+        return t * p * d, t * p * d
+    if scheme == "hybridengine-v":
+        return t * p, t if p == 1 else t * d * p
+    dg = t * p // (tg * pg)
+    return dg, t if p == pg else t * d * p
+
+
+def reshard_cost(scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int,
+                 profile: Profile, gpn: int) -> Cost:
+    """Seconds of the all-gather that builds generation weights; going back to the
+    training layout only drops the generation buffer."""
+    volume = reshard_bytes_per_rank(scheme, model_bytes, p, t, d, pg, tg)
+    ranks, span = _span(scheme, p, t, d, pg, tg)
+    if ranks <= 1 or volume <= 0:
+        return Cost()
+    # all_gather's table/roofline takes the gathered size; each rank receives (r-1)/r of it
+    seconds, src = collective(profile, "all_gather", volume * ranks / (ranks - 1), ranks,
+                              span <= gpn)
+    return cost(("reshard_allgather", seconds, src))

@@ -1,0 +1,125 @@
+"""Training and inference (forward-only) predictors of one model on one 3D layout.
+
+Rank order is Megatron's: TP innermost (consecutive ranks), then DP, then PP. One micro-batch
+is one sequence. bf16 weights, fp32 gradients, fp32 Adam (master copy, m, v) as in the paper.
+"""
+from __future__ import annotations
+
+import math
+
+from simulator.costs import Cost, Memory, collective, cost, memory
+from simulator.job import TRAINED_ROLES, VALUE_ROLES, Job
+from simulator.layout import LayoutError, TrainLayout, check_model_fits
+from simulator.profile import Profile, interpolate
+
+WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 4, 12
+ACT_BYTES_PER_TOKEN_HIDDEN = 34  # per layer, bf16, flash attention (Korthikanti et al. 2022)
+LOGIT_BYTES = 4  # fp32 logits for log-probs
+
+
+def flops_per_token(job: Job, role: str, context: float) -> float:
+    """Forward FLOPs per token; value models replace the LM head with a scalar head."""
+    spec = job.spec(role)
+    f = spec.flops_per_token(int(context))
+    if role in VALUE_ROLES:
+        f -= 2.0 * (spec.vocab - 1) * spec.hidden
+    return f
+
+
+def check_layout(job: Job, role: str, layout: TrainLayout) -> None:
+    spec = job.spec(role)
+    check_model_fits(spec.layers, spec.heads, spec.kv_heads, layout.pp, layout.tp)
+    per_update = job.sequences // job.mini_batches
+    if layout.dp > per_update:
+        raise LayoutError(f"{role}: dp={layout.dp} exceeds the {per_update} sequences of a "
+                          f"mini-batch (a data-parallel rank would have no data)")
+
+
+def resident_memory(job: Job, role: str, layout: TrainLayout) -> Memory:
+    """Bytes per GPU held for the whole iteration."""
+    shard = job.params(role) / layout.model_parallel
+    if role in TRAINED_ROLES:
+        return memory(weights=WEIGHT_BYTES * shard, grads=GRAD_BYTES * shard,
+                      adam=ADAM_BYTES * shard)
+    return memory(weights=WEIGHT_BYTES * shard)
+
+
+def _micro(job: Job, layout: TrainLayout) -> int:
+    return math.ceil(job.sequences / (job.mini_batches * layout.dp))
+
+
+def stage_memory(job: Job, role: str, layout: TrainLayout, kind: str) -> Memory:
+    """Transient bytes per GPU during a train or infer stage (1F1B keeps up to pp
+    micro-batches of activations on the first stage)."""
+    spec = job.spec(role)
+    per_layer = ACT_BYTES_PER_TOKEN_HIDDEN * spec.hidden / layout.tp * job.seq_len
+    logits = 0.0 if role in VALUE_ROLES else job.seq_len * spec.vocab / layout.tp * LOGIT_BYTES
+    if kind == "train":
+        in_flight = min(layout.pp, _micro(job, layout))
+        return memory(activations=spec.layers / layout.pp * per_layer * in_flight,
+                      logits=2 * logits)
+    return memory(activations=per_layer, logits=logits)
+
+
+def _intra(gpn: int, span: int) -> bool:
+    return span <= gpn
+
+
+def _compute(job: Job, role: str, layout: TrainLayout, profile: Profile, tokens: float,
+             passes: int) -> tuple[float, str]:
+    """Seconds of `passes` x forward FLOPs over `tokens` on one model-parallel group."""
+    spec = job.spec(role)
+    m = profile.measured
+    if m.train_layer and m.train_layer_model == spec.name and layout.tp == 1:
+        per_seq = interpolate(m.train_layer, job.seq_len) * spec.layers / layout.pp
+        return per_seq * (tokens / job.seq_len) * passes / 3.0, "measured"  # table is fwd+bwd
+    thr, src = profile.matmul_flops(job.seq_len, spec.hidden / layout.tp, spec.hidden)
+    work = tokens * passes * flops_per_token(job, role, job.seq_len / 2)
+    return work / layout.model_parallel / thr, src
+
+
+def _tp_pp_comm(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
+                micro_total: float, allreduces_per_layer: int, p2p_per_micro: int
+                ) -> tuple[tuple[float, str], tuple[float, str]]:
+    spec = job.spec(role)
+    act = job.seq_len * spec.hidden * WEIGHT_BYTES
+    ar, ar_src = collective(profile, "all_reduce", act, layout.tp, _intra(gpn, layout.tp))
+    tp = micro_total * spec.layers / layout.pp * allreduces_per_layer * ar
+    pp = 0.0, "roofline"
+    if layout.pp > 1:
+        span = 2 * layout.tp * layout.dp
+        p2p, src = collective(profile, "p2p", act, 2, _intra(gpn, span))
+        pp = micro_total * p2p_per_micro * p2p, src
+    return (tp, ar_src), pp
+
+
+def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int) -> Cost:
+    """PPO updates: ppo_epochs x mini_batches optimizer steps over all sequences."""
+    check_layout(job, role, layout)
+    micro = _micro(job, layout)
+    steps = job.ppo_epochs * job.mini_batches
+    micro_total = steps * micro
+    comp, comp_src = _compute(job, role, layout, profile, micro_total * job.seq_len, 3)
+    (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro_total, 4, 2)
+    bubble = (layout.pp - 1) / micro * (comp + tp)
+    shard = job.params(role) / layout.model_parallel
+    grad, grad_src = collective(profile, "all_reduce", GRAD_BYTES * shard, layout.dp,
+                                _intra(gpn, layout.tp * layout.dp))
+    # Adam reads bf16 weights, fp32 grads and 3 fp32 states, writes weights and states
+    opt = profile.memory_seconds(shard * (WEIGHT_BYTES + GRAD_BYTES + 2 * ADAM_BYTES + WEIGHT_BYTES))
+    return cost(("train_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
+                ("pp_p2p", pp, pp_src), ("pp_bubble", bubble, comp_src),
+                ("dp_grad_reduce", steps * grad, grad_src), ("optimizer", steps * opt))
+
+
+def infer_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
+               sequences: int) -> Cost:
+    """Forward passes over `sequences` (log-probs, values or scores)."""
+    check_model_fits(job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads,
+                     layout.pp, layout.tp)
+    micro = math.ceil(sequences / layout.dp)
+    comp, comp_src = _compute(job, role, layout, profile, micro * job.seq_len, 1)
+    (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro, 2, 1)
+    bubble = (layout.pp - 1) / micro * (comp + tp)
+    return cost(("infer_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
+                ("pp_p2p", pp, pp_src), ("pp_bubble", bubble, comp_src))
