@@ -82,7 +82,7 @@ class PlanView:
     ppo_epochs: int
     mini_batches: int
     samples_per_prompt: int
-    micro_batch: int
+    micro_batch: int  # sequences per micro-batch; the simulator predicts with 1
     sets: tuple[tuple[str, ...], ...]
     set_gpus: tuple[int, ...]
     roles: dict[str, RoleView] = field(default_factory=dict)
@@ -170,7 +170,7 @@ def parse_plan(plan: object) -> PlanView:
         raise ExportError("plan: job.models must map roles to models")
     sets, gpus, roles = _parse_sets(plan, models)
     predicted = plan.get("predicted") or {}
-    n = job.get("samples_per_prompt", job.get("n", 1))
+    n = job.get("n_samples", job.get("n", 1))  # simulator.job.Job names it n_samples
     return PlanView(
         gpu=str(_get(cluster, "gpu", "cluster")),
         nodes=_pos_int(_get(cluster, "nodes", "cluster"), "cluster.nodes"),
@@ -181,7 +181,7 @@ def parse_plan(plan: object) -> PlanView:
         global_batch=_pos_int(_get(job, "global_batch", "job"), "job.global_batch"),
         ppo_epochs=_pos_int(job.get("ppo_epochs", 1), "job.ppo_epochs"),
         mini_batches=_pos_int(job.get("mini_batches", 1), "job.mini_batches"),
-        samples_per_prompt=_pos_int(n, "job.samples_per_prompt"),
+        samples_per_prompt=_pos_int(n, "job.n_samples"),
         micro_batch=_pos_int(job.get("micro_batch", 1), "job.micro_batch"),
         sets=tuple(sets), set_gpus=tuple(gpus), roles=roles,
         tokens_per_s=predicted.get("tokens_per_s"), iteration_s=predicted.get("iteration_s"))

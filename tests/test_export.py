@@ -55,7 +55,7 @@ GRPO = _plan([
      "layouts": {"actor": {"train": _lay(1, 2, 8), "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
                  "reference": {"infer": _lay(1, 2, 8)}, "reward": {"infer": _lay(1, 2, 8)}}}],
     algorithm="grpo", models={"actor": "qwen2.5-7b", "reference": "qwen2.5-7b",
-                              "reward": "qwen2.5-7b"}, global_batch=256, mini_batches=4, n=8)
+                              "reward": "qwen2.5-7b"}, global_batch=256, mini_batches=4, n_samples=8)
 
 
 def _command_words(script: str, entry: str) -> list[str]:
@@ -181,7 +181,7 @@ def test_openrlhf_rejects_what_it_cannot_express(plan: dict, message: str) -> No
 
 def test_openrlhf_grpo_needs_several_samples() -> None:
     one = copy.deepcopy(GRPO)
-    one["job"]["n"] = 1
+    one["job"]["n_samples"] = 1
     with pytest.raises(ExportError, match="more than one sample"):
         export_plan(one, "openrlhf")
 
