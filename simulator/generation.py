@@ -24,7 +24,9 @@ class GenShape:
     kv_bytes_per_seq: float  # per GPU, full prompt + response length
 
     def in_flight(self, kv_budget: float) -> int:
-        return min(self.sequences, int(max(kv_budget, 0.0) // self.kv_bytes_per_seq))
+        if kv_budget >= self.sequences * self.kv_bytes_per_seq:
+            return self.sequences
+        return int(max(kv_budget, 0.0) // self.kv_bytes_per_seq)
 
 
 def gen_shape(job: Job, train: TrainLayout, gen: GenLayout, sequences: int) -> GenShape:

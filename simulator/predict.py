@@ -37,7 +37,7 @@ class SetPrediction:
     peak_bytes: float  # the set's peak per GPU (all residents + the largest transient)
 
     def stage_seconds(self, stage: str) -> float:
-        return sum(r.stages[stage].seconds for r in self.roles if stage in r.stages)
+        return float(sum(r.stages[stage].seconds for r in self.roles if stage in r.stages))
 
 
 @dataclass(frozen=True)

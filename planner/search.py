@@ -1,0 +1,181 @@
+"""Auto-mapping (the paper's Algorithm 1): every placement of the job's roles into disjoint
+sets, the GPU allocation across sets by CP-SAT over cached best-layout tables, ranked by
+predicted iteration time."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from planner.cpsat import Config, Instance, Solution, solve
+from planner.plan import Plan
+from planner.tables import SetChoice, Tables, set_sizes
+from simulator.cluster import Cluster
+from simulator.costs import DoesNotFit
+from simulator.job import STAGES, Job
+from simulator.placement import PlacedSet
+from simulator.predict import predict_plan
+from simulator.profile import Profile, load_profile
+
+Placement = tuple[tuple[str, ...], ...]
+SEARCH_LIMIT_GPUS = 8192  # how far to look for the smallest GPU count that fits
+
+
+def set_partitions(items: tuple[str, ...]) -> Iterator[Placement]:
+    """Every partition of `items` into non-empty disjoint sets (Bell number many)."""
+    if not items:
+        yield ()
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        yield ((first,) + part[0],) + part[1:] if part else ((first,),)
+        if part:
+            for i in range(1, len(part)):
+                yield part[:i] + ((first,) + part[i],) + part[i + 1:]
+            yield ((first,),) + part
+
+
+def standard_layouts(job: Job) -> dict[str, Placement]:
+    """Placements used by existing systems, for comparison."""
+    roles = job.roles
+    rest = tuple(r for r in roles if r not in ("actor", "reference"))
+    return {"colocated": (roles,),                      # verl, DeepSpeed-Chat
+            "split": (("actor", "reference"), rest),    # actor+reference | critic+reward
+            "separate": tuple((r,) for r in roles)}     # OpenRLHF: one set per model
+
+
+@dataclass(frozen=True)
+class Candidate:
+    placement: Placement
+    solution: Solution
+    choices: tuple[SetChoice, ...]
+
+
+class Planner:
+    """Plans one job on one GPU kind; keeps its layout tables across cluster sizes."""
+
+    def __init__(self, job: Job, profile: Profile, gpus_per_node: int,
+                 scheme: str = "hybridengine", config: Config = Config()) -> None:
+        self.job, self.profile, self.scheme, self.config = job, profile, scheme, config
+        self.tables = Tables(job, profile, gpus_per_node, scheme)
+
+    @property
+    def gpn(self) -> int:
+        return self.tables.gpn
+
+    def instance(self, placement: Placement, capacity: int) -> Instance | None:
+        sizes, costs = [], []
+        for roles in placement:
+            feasible = [(n, c) for n in set_sizes(self.gpn, capacity)
+                        if (c := self.tables.best_set(roles, n)) is not None]
+            if not feasible:
+                return None
+            sizes.append(tuple(n for n, _ in feasible))
+            costs.append(tuple(c.stages for _, c in feasible))
+        inst = Instance(capacity, tuple(sizes), tuple(costs))
+        return inst if inst.gpus(tuple(0 for _ in sizes)) <= capacity else None
+
+    def solve_placement(self, placement: Placement, capacity: int) -> Candidate | None:
+        inst = self.instance(placement, capacity)
+        sol = inst and solve(inst, self.config)
+        if sol is None:
+            return None
+        choices = tuple(self.tables.best_set(roles, n) for roles, n in zip(placement, sol.gpus))
+        return Candidate(placement, sol, choices)
+
+    def to_plan(self, cand: Candidate, cluster: Cluster) -> Plan:
+        sets = tuple(PlacedSet(roles, n, dict(choice.layouts))
+                     for roles, n, choice in zip(cand.placement, cand.solution.gpus, cand.choices))
+        plan = Plan(cluster, self.job, sets)
+        return plan.with_prediction(predict_plan(plan, self.profile, self.scheme).to_dict())
+
+    def _lower_bound(self, placement: Placement, capacity: int) -> float:
+        inst = self.instance(placement, capacity)
+        if inst is None:
+            return float("inf")
+        return sum(max(min(c[k] for c in costs) for costs in inst.costs)
+                   for k in range(inst.n_stages))
+
+    def candidates(self, capacity: int, top: int) -> list[Candidate]:
+        found: list[Candidate] = []
+        for placement in set_partitions(self.job.roles):
+            if len(found) >= top and self._lower_bound(placement, capacity) >= \
+                    found[top - 1].solution.objective:
+                continue
+            cand = self.solve_placement(placement, capacity)
+            if cand is not None:
+                found.append(cand)
+                found.sort(key=lambda c: c.solution.objective)
+        return found[:top]
+
+    def plan(self, cluster: Cluster, top: int = 1) -> list[Plan]:
+        self._check_cluster(cluster)
+        found = self.candidates(cluster.n_gpus, top)
+        if not found:
+            raise DoesNotFit(self.infeasible_message(cluster))
+        return [self.to_plan(c, cluster) for c in found]
+
+    def standard(self, cluster: Cluster) -> dict[str, Plan]:
+        self._check_cluster(cluster)
+        out = {}
+        for name, placement in standard_layouts(self.job).items():
+            cand = self.solve_placement(placement, cluster.n_gpus)
+            if cand is not None:
+                out[name] = self.to_plan(cand, cluster)
+        return out
+
+    def _check_cluster(self, cluster: Cluster) -> None:
+        if cluster.gpus_per_node != self.gpn and cluster.nodes > 1:
+            raise ValueError(f"planner built for {self.gpn}-GPU nodes, cluster has "
+                             f"{cluster.gpus_per_node}")
+
+    def smallest_fit(self, limit: int = SEARCH_LIMIT_GPUS) -> int | None:
+        """The smallest GPU count (up to one node, or whole nodes) on which some placement fits."""
+        best = None
+        for placement in set_partitions(self.job.roles):
+            mins = [self.tables.min_size(roles, limit) for roles in placement]
+            if None not in mins:
+                total = sum(mins)
+                if total > self.gpn:
+                    total = -(-total // self.gpn) * self.gpn
+                best = total if best is None else min(best, total)
+        return best
+
+    def infeasible_message(self, cluster: Cluster) -> str:
+        need = self.smallest_fit()
+        job = self.job
+        what = (f"{job.algorithm} with {', '.join(sorted(set(m for _, m in job.models)))} "
+                f"(prompt {job.prompt_len} + response {job.response_len}, batch {job.global_batch})")
+        if need is None:
+            return (f"{what} does not fit in memory on {cluster.n_gpus} {self.profile.name} GPUs, "
+                    f"nor on any count up to {SEARCH_LIMIT_GPUS}")
+        return (f"{what} does not fit in memory on {cluster.n_gpus} {self.profile.name} GPUs; "
+                f"the smallest GPU count that fits is {need}")
+
+
+def _planner(cluster: Cluster, job: Job, profile: Profile | str | None,
+             planner: Planner | None) -> Planner:
+    if planner is not None:
+        return planner
+    if profile is None or isinstance(profile, str):
+        profile = load_profile(profile or cluster.gpu)
+    return Planner(job, profile, cluster.gpus_per_node)
+
+
+def plan_job(cluster: Cluster, job: Job, profile: Profile | str | None = None, top: int = 1,
+             planner: Planner | None = None) -> list[Plan]:
+    """The `top` best plans, best first. Pass the same `planner` for several cluster sizes
+    to reuse its layout tables. Raises DoesNotFit naming the smallest GPU count that fits."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    return _planner(cluster, job, profile, planner).plan(cluster, top)
+
+
+def standard_placements(cluster: Cluster, job: Job, profile: Profile | str | None = None,
+                        planner: Planner | None = None) -> dict[str, Plan]:
+    """colocated / split / separate, each with its best allocation and layouts; a placement
+    that does not fit is absent."""
+    return _planner(cluster, job, profile, planner).standard(cluster)
+
+
+__all__ = ["Planner", "plan_job", "standard_placements", "set_partitions", "standard_layouts",
+           "STAGES"]

@@ -1,0 +1,236 @@
+"""Best layouts per (role, GPU count) and per (set of colocated roles, GPU count).
+
+Role tables list every memory-feasible layout with its resident bytes, transient bytes and
+stage seconds; dominated layouts (no less memory and no less time than another) are pruned.
+A set's best layouts minimise the set's own total time (the paper's per-model auto_parallel
+with the set's memory shared), choosing jointly so the actor's KV cache gets what its
+colocated models leave free. Tables are cached and reusable across cluster sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from simulator.costs import DoesNotFit
+from simulator.generation import GenShape, gen_shape, generation_cost
+from simulator.job import STAGES, Job
+from simulator.layout import GenLayout, LayoutError, TrainLayout
+from simulator.profile import Profile
+from simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
+from simulator.training import (WEIGHT_BYTES, check_layout, infer_cost, resident_memory,
+                                stage_memory, train_cost)
+
+Stages = tuple[float, float, float, float]  # seconds in STAGES order
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+
+
+def set_sizes(gpus_per_node: int, limit: int) -> list[int]:
+    """GPU counts a set may get: powers of two that divide a node, then whole nodes."""
+    small = [s for s in _powers_of_two(gpus_per_node) if gpus_per_node % s == 0 and s < gpus_per_node]
+    return [s for s in small if s <= limit] + list(range(gpus_per_node, limit + 1, gpus_per_node))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One role's train/infer layout on n GPUs."""
+    layout: TrainLayout
+    resident: float
+    transient: float
+    stages: Stages
+
+    @property
+    def total(self) -> float:
+        return sum(self.stages)
+
+
+@dataclass(frozen=True)
+class GenOption:
+    layout: GenLayout
+    extra: float       # generation weights beyond the training shard, bytes per GPU
+    swap: float        # transient bytes while resharding beyond the training shard
+    reshard_s: float
+
+
+@dataclass(frozen=True)
+class SetChoice:
+    """The best layouts of a set's roles on n GPUs and the set's stage seconds."""
+    layouts: tuple[tuple[str, dict], ...]   # (role, {kind: layout})
+    stages: Stages
+    peak_bytes: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.stages)
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """The non-actor roles of a set chosen so far."""
+    resident: float
+    transient: float
+    stages: Stages
+    layouts: tuple[tuple[str, dict], ...]
+
+    @property
+    def total(self) -> float:
+        return sum(self.stages)
+
+
+def _pareto(cands: list) -> list:
+    """Drop candidates that need no less memory and no less time than another."""
+    keep: list = []
+    for c in sorted(cands, key=lambda c: (c.total, c.resident, c.transient)):
+        if not any(k.resident <= c.resident and k.transient <= c.transient for k in keep):
+            keep.append(c)
+    return keep
+
+
+class Tables:
+    """Role and set tables for one job, profile and node size; share one across cluster
+    sizes (a sweep) to reuse them."""
+
+    def __init__(self, job: Job, profile: Profile, gpus_per_node: int,
+                 scheme: str = "hybridengine") -> None:
+        self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
+        self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
+        self._gen: dict[tuple[TrainLayout, int], list[GenOption]] = {}
+        self._gen_s: dict[tuple[TrainLayout, GenLayout, int], float] = {}
+        self._shapes: dict[tuple[TrainLayout, GenLayout], GenShape] = {}
+        self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
+
+    # ---- per role -----------------------------------------------------------------
+    def layouts(self, role: str, n: int) -> Iterator[TrainLayout]:
+        spec = self.job.spec(role)
+        for t in _powers_of_two(min(self.gpn, n)):
+            for p in range(1, spec.layers + 1):
+                if n % (p * t) == 0:
+                    lay = TrainLayout(p, t, n // (p * t))
+                    try:
+                        check_layout(self.job, role, lay)
+                    except LayoutError:
+                        continue
+                    yield lay
+
+    def _candidate(self, role: str, lay: TrainLayout) -> Candidate:
+        job, prof = self.job, self.profile
+        secs = dict.fromkeys(STAGES, 0.0)
+        transient = 0.0
+        for w in job.works(role):
+            if w.kind == "generate":
+                continue
+            c = (train_cost(job, role, lay, prof, self.gpn) if w.kind == "train" else
+                 infer_cost(job, role, lay, prof, self.gpn, w.sequences))
+            secs[w.stage] += c.seconds
+            transient = max(transient, stage_memory(job, role, lay, w.kind).bytes)
+        return Candidate(lay, resident_memory(job, role, lay).bytes, transient,
+                         tuple(secs[s] for s in STAGES))
+
+    def role_candidates(self, role: str, n: int, prune: bool = True) -> list[Candidate]:
+        key = (role, n, prune)
+        if key not in self._roles:
+            usable = self.profile.usable_bytes
+            cands = [c for c in (self._candidate(role, lay) for lay in self.layouts(role, n))
+                     if c.resident + c.transient <= usable]
+            # the actor keeps every layout: its generation options differ by layout
+            self._roles[key] = _pareto(cands) if prune and role != "actor" else cands
+        return self._roles[key]
+
+    def gen_options(self, train: TrainLayout) -> list[GenOption]:
+        if train not in self._gen:
+            spec, opts = self.job.spec("actor"), []
+            model_bytes = WEIGHT_BYTES * self.job.params("actor")
+            for tg in _powers_of_two(train.tp):
+                for pg in (x for x in range(1, train.pp + 1) if train.pp % x == 0):
+                    if spec.heads % tg or spec.kv_heads % tg or spec.layers % pg:
+                        continue
+                    gen = GenLayout(pg, tg, train.model_parallel // (pg * tg))
+                    args = (model_bytes, train.pp, train.tp, train.dp, pg, tg)
+                    opts.append(GenOption(
+                        gen, generation_extra_bytes(self.scheme, *args),
+                        reshard_peak_bytes(self.scheme, *args) - model_bytes / train.model_parallel,
+                        reshard_cost(self.scheme, *args, self.profile, self.gpn).seconds))
+            self._gen[train] = opts
+        return self._gen[train]
+
+    def generation_seconds(self, train: TrainLayout, opt: GenOption, free: float,
+                           check: bool = True) -> float | None:
+        """Seconds to generate with `free` bytes per GPU left after all residents (None if
+        the KV cache of one sequence or the resharding buffer does not fit)."""
+        shape = self._shapes.get((train, opt.layout))
+        if shape is None:
+            shape = gen_shape(self.job, train, opt.layout, self.job.works("actor")[0].sequences)
+            self._shapes[(train, opt.layout)] = shape
+        n = shape.in_flight(free - opt.extra)
+        if check and (n < 1 or opt.swap > free):
+            return None
+        n = max(n, 1)
+        key = (train, opt.layout, n)
+        if key not in self._gen_s:
+            self._gen_s[key] = generation_cost(self.job, opt.layout, shape, n, self.profile,
+                                               self.gpn).seconds
+        return self._gen_s[key]
+
+    # ---- per set ------------------------------------------------------------------
+    def best_set(self, roles: tuple[str, ...], n: int, prune: bool = True) -> SetChoice | None:
+        """Best layouts of `roles` colocated on n GPUs, or None if they cannot fit."""
+        key = (roles, n, prune)
+        if key not in self._sets:
+            self._sets[key] = self._search_set(roles, n, prune)
+        return self._sets[key]
+
+    def _search_set(self, roles: tuple[str, ...], n: int, prune: bool) -> SetChoice | None:
+        usable = self.profile.usable_bytes
+        partial = [_Partial(0.0, 0.0, (0.0,) * len(STAGES), ())]
+        for role in (r for r in roles if r != "actor"):
+            kind = "train" if role in ("critic", "cost_critic") else "infer"
+            merged = [_Partial(p.resident + c.resident, max(p.transient, c.transient),
+                               tuple(a + b for a, b in zip(p.stages, c.stages)),
+                               p.layouts + ((role, {kind: c.layout}),))
+                      for p in partial for c in self.role_candidates(role, n, prune)]
+            merged = [m for m in merged if m.resident + m.transient <= usable]
+            partial = _pareto(merged) if prune else merged
+        if "actor" not in roles:
+            best = min(partial, key=lambda p: sum(p.stages), default=None)
+            return best and SetChoice(best.layouts, best.stages, best.resident + best.transient)
+        best: SetChoice | None = None
+        partial.sort(key=lambda p: p.total)
+        actors = [(a, self._fastest_generation(a)) for a in self.role_candidates("actor", n, prune)]
+        for a, floor in sorted(actors, key=lambda x: x[0].total + x[1]):
+            for p in partial:
+                if best is not None and p.total + a.total + floor >= best.total:
+                    break  # partial is sorted by time: no later p can win with this actor
+                choice = self._with_actor(a, p, usable)
+                if choice is not None and (best is None or choice.total < best.total):
+                    best = choice
+        return best
+
+    def _fastest_generation(self, a: Candidate) -> float:
+        """Generation + reshard seconds of actor layout `a` with unlimited KV memory: a
+        lower bound on what any colocation leaves it."""
+        times = [self.generation_seconds(a.layout, opt, float("inf"), check=False) + opt.reshard_s
+                 for opt in self.gen_options(a.layout)]
+        return min((t for t in times if t is not None), default=float("inf"))
+
+    def _with_actor(self, a: Candidate, p: "_Partial", usable: float) -> SetChoice | None:
+        res_all = p.resident + a.resident
+        if res_all + max(p.transient, a.transient) > usable:
+            return None
+        best: SetChoice | None = None
+        for opt in self.gen_options(a.layout):
+            gen_s = self.generation_seconds(a.layout, opt, usable - res_all)
+            if gen_s is None:
+                continue
+            stages = [x + y for x, y in zip(p.stages, a.stages)]
+            stages[0] += gen_s
+            stages[3] += opt.reshard_s
+            if best is None or sum(stages) < best.total:
+                lay = (("actor", {"train": a.layout, "generate": opt.layout}),) + p.layouts
+                best = SetChoice(lay, tuple(stages), usable)
+        return best
+
+    def min_size(self, roles: tuple[str, ...], limit: int) -> int | None:
+        """Smallest set size up to `limit` on which `roles` fit together."""
+        return next((n for n in set_sizes(self.gpn, limit) if self.best_set(roles, n)), None)
