@@ -200,7 +200,7 @@ class Tables:
         actors = [(a, self._fastest_generation(a)) for a in self.role_candidates("actor", n, prune)]
         for a, floor in sorted(actors, key=lambda x: x[0].total + x[1]):
             for p in partial:
-                if best is not None and p.total + a.total + floor >= best.total:
+                if prune and best is not None and p.total + a.total + floor >= best.total:
                     break  # partial is sorted by time: no later p can win with this actor
                 choice = self._with_actor(a, p, usable)
                 if choice is not None and (best is None or choice.total < best.total):

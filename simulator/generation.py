@@ -69,7 +69,9 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
     mp, h, steps = gen.model_parallel, spec.hidden, job.response_len
     thr, src = profile.matmul_flops(in_flight * job.prompt_len, h / gen.tp, h)
     prefill = shape.sequences * job.prompt_len * flops_per_token(job, "actor", job.prompt_len / 2)
-    weights = profile.memory_seconds(shape.weight_bytes)
+    # each pipeline stage streams its weights once per micro-batch, and a full pipeline
+    # needs pp micro-batches per step: PP splits the weights' memory, not their read time
+    weights = profile.memory_seconds(shape.weight_bytes * gen.pp)
     kv_read = shape.kv_bytes_per_seq / job.seq_len * (job.prompt_len + steps / 2)
     decode_kv = profile.memory_seconds(shape.sequences * steps * kv_read)
     thr_d, _ = profile.matmul_flops(in_flight, h / gen.tp, h)

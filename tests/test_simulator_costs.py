@@ -1,0 +1,167 @@
+"""Each cost and memory term against values computed by hand from the architecture and
+the a100-80gb datasheet numbers."""
+import math
+
+import pytest
+
+from simulator.costs import DoesNotFit, collective
+from simulator.generation import gen_shape, generation_cost
+from simulator.job import Job
+from simulator.layout import GenLayout, LayoutError, TrainLayout
+from simulator.profile import load_profile
+from simulator.reshard import (redundant_bytes, reshard_bytes_per_rank, reshard_cost,
+                               reshard_peak_bytes)
+from simulator.training import infer_cost, resident_memory, stage_memory, train_cost
+
+A100 = load_profile("a100-80gb")
+FLOPS = 312e12 * 0.5          # peak bf16 x matmul efficiency
+NVLINK = 300e9 * 0.7          # per direction x communication efficiency
+HBM = 2.039e12 * 0.8
+LAT = 1e-5
+# llama-2-7b: 32 layers, hidden 4096, ffn 11008, vocab 32000, 32 heads
+L, H, FFN, V = 32, 4096, 11008, 32000
+P = 32000 * 4096 * 2 + 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+
+
+def fwd_flops(ctx: int) -> float:
+    return 2 * (L * (4 * H * H + 3 * H * FFN) + V * H) + 4 * L * H * ctx
+
+
+@pytest.fixture(scope="module")
+def job() -> Job:
+    return Job.create("ppo", "llama-2-7b", 512, 512, 16, mini_batches=2)
+
+
+def test_params_and_flops_match_the_architecture(job):
+    assert job.params("actor") == P
+    assert job.spec("actor").flops_per_token(512) == fwd_flops(512)
+    # value models drop the LM head for a scalar head
+    assert job.params("critic") == P - V * H + H
+
+
+def test_train_terms(job):
+    lay = TrainLayout(pp=2, tp=2, dp=2)
+    t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
+    micro, steps = 16 // (2 * 2), 2          # sequences per dp rank per mini-batch; updates
+    seq = 1024
+    comp = steps * micro * seq * 3 * fwd_flops(512) / 4 / FLOPS
+    assert t["train_compute"] == pytest.approx(comp)
+    act = seq * H * 2                      # bf16 activations of one micro-batch
+    ar = 2 * LAT + act / NVLINK            # ring all-reduce over 2 ranks
+    tp = steps * micro * (L // 2) * 4 * ar  # 2 fwd + 2 bwd all-reduces per layer
+    assert t["tp_allreduce"] == pytest.approx(tp)
+    assert t["pp_p2p"] == pytest.approx(steps * micro * 2 * (LAT + act / NVLINK))
+    assert t["pp_bubble"] == pytest.approx((2 - 1) / micro * (comp + tp))
+    shard = P / 4
+    assert t["dp_grad_reduce"] == pytest.approx(steps * (2 * LAT + 4 * shard / NVLINK))
+    assert t["optimizer"] == pytest.approx(steps * shard * 32 / HBM)
+    assert sum(t.values()) == pytest.approx(train_cost(job, "actor", lay, A100, 8).seconds)
+
+
+def test_inter_node_groups_use_the_nic(job):
+    lay = TrainLayout(pp=1, tp=8, dp=2)      # dp group spans 16 ranks: two nodes
+    t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
+    shard = P / 8
+    assert t["dp_grad_reduce"] == pytest.approx(2 * (2 * LAT + 4 * shard / (25e9 * 0.7)))
+
+
+def test_infer_terms(job):
+    lay = TrainLayout(pp=1, tp=2, dp=4)
+    t = infer_cost(job, "reference", lay, A100, 8, sequences=16).as_dict()
+    micro = 16 // 4
+    assert t["infer_compute"] == pytest.approx(micro * 1024 * fwd_flops(512) / 2 / FLOPS)
+    assert t["tp_allreduce"] == pytest.approx(micro * L * 2 * (2 * LAT + 1024 * H * 2 / NVLINK))
+    assert "pp_bubble" not in t and "pp_p2p" not in t
+
+
+def test_memory_terms(job):
+    lay = TrainLayout(pp=2, tp=2, dp=2)
+    res = resident_memory(job, "actor", lay).as_dict()
+    assert res == pytest.approx({"weights": 2 * P / 4, "grads": 4 * P / 4, "adam": 12 * P / 4})
+    assert resident_memory(job, "reference", lay).as_dict() == pytest.approx({"weights": 2 * P / 4})
+    tr = stage_memory(job, "actor", lay, "train").as_dict()
+    in_flight = min(2, 4)                  # 1F1B: up to pp micro-batches on stage 0
+    assert tr["activations"] == pytest.approx(L / 2 * 34 * H / 2 * 1024 * in_flight)
+    assert tr["logits"] == pytest.approx(2 * 1024 * V / 2 * 4)
+    assert "logits" not in stage_memory(job, "critic", lay, "infer").as_dict()
+
+
+def test_generation_terms_and_waves(job):
+    train, gen = TrainLayout(1, 2, 4), GenLayout(1, 1, 2)
+    shape = gen_shape(job, train, gen, 16)
+    assert shape.sequences == 2                        # 16 sequences over 4 x 2 replicas
+    kv_seq = 2 * L * H * 2 * 1024                      # K and V, bf16, full length
+    assert shape.kv_bytes_per_seq == kv_seq
+    assert shape.in_flight(1.5 * kv_seq) == 1          # room for one sequence: 2 waves
+    t = generation_cost(job, gen, shape, 1, A100, 8).as_dict()
+    weights = 2 * P / HBM                              # one read of all weights per step
+    assert t["decode_weights"] == pytest.approx(512 * weights)
+    assert t["kv_waves"] == pytest.approx((2 - 1) * 512 * weights)
+    assert t["decode_kv"] == pytest.approx(2 * 512 * kv_seq / 1024 * (512 + 256) / HBM)
+    assert t["prefill_compute"] == pytest.approx(2 * 512 * fwd_flops(256) / FLOPS)
+    assert t["step_overhead"] == pytest.approx(2 * 512 * 2e-3)
+    assert "tp_allreduce" not in t
+    one_wave = generation_cost(job, gen, shape, 2, A100, 8).as_dict()
+    assert "kv_waves" not in one_wave
+    with pytest.raises(DoesNotFit, match="KV cache"):
+        generation_cost(job, gen, shape, 0, A100, 8)
+
+
+def test_generation_tp_allreduce(job):
+    train, gen = TrainLayout(1, 2, 4), GenLayout(1, 2, 1)
+    shape = gen_shape(job, train, gen, 16)
+    t = generation_cost(job, gen, shape, 4, A100, 8).as_dict()
+    pre = 2 * LAT + 4 * 512 * H * 2 / NVLINK
+    dec = 2 * LAT + 4 * H * 2 / NVLINK
+    assert t["tp_allreduce"] == pytest.approx(L * 2 * (pre + 512 * dec))
+
+
+def test_table2_volumes_paper_example():
+    # 8 GPUs, training 1-4-2, generation 1-2-2-2 (PAPER.md's example)
+    M, args = 1000.0, (1, 4, 2, 1, 2)
+    assert reshard_bytes_per_rank("hybridengine", M, *args) == pytest.approx((4 - 2) / (2 * 4) * M)
+    assert reshard_bytes_per_rank("hybridengine-v", M, *args) == pytest.approx(3 / 4 * M)
+    assert reshard_bytes_per_rank("allgather", M, *args) == pytest.approx(7 / 8 * M)
+    assert reshard_peak_bytes("hybridengine", M, *args) == pytest.approx(M / 2)
+    assert reshard_peak_bytes("hybridengine-v", M, *args) == M
+    assert reshard_peak_bytes("allgather", M, *args) == M
+    assert redundant_bytes("hybridengine", M, *args) == 0
+    assert redundant_bytes("hybridengine-v", M, *args) == pytest.approx(M / 4)
+    assert redundant_bytes("allgather", M, *args) == pytest.approx(M / 8)
+
+
+@pytest.mark.parametrize("p,t,d,pg,tg", [(2, 8, 4, 1, 2), (4, 4, 1, 2, 1), (1, 8, 16, 1, 8)])
+def test_table2_formulas(p, t, d, pg, tg):
+    M = 7e9
+    assert reshard_bytes_per_rank("hybridengine", M, p, t, d, pg, tg) == \
+        pytest.approx((t * p - tg * pg) / (tg * pg * t * p) * M)
+    assert reshard_bytes_per_rank("hybridengine-v", M, p, t, d, pg, tg) == pytest.approx((t * p - 1) / (t * p) * M)
+    assert reshard_bytes_per_rank("allgather", M, p, t, d, pg, tg) == \
+        pytest.approx((t * p * d - 1) / (t * p * d) * M)
+    # zero redundancy: each rank receives exactly its generation shard minus its training shard
+    assert reshard_bytes_per_rank("hybridengine", M, p, t, d, pg, tg) == \
+        pytest.approx(M / (tg * pg) - M / (t * p))
+
+
+def test_reshard_time_is_one_micro_dp_allgather():
+    M = 1e9
+    c = reshard_cost("hybridengine", M, 1, 4, 2, 1, 2, A100, 8).as_dict()
+    # micro-DP groups of 2 consecutive ranks; each receives M/4
+    assert c["reshard_allgather"] == pytest.approx(LAT + (M / 4) / NVLINK)
+    full = reshard_cost("allgather", M, 1, 8, 4, 1, 2, A100, 8).as_dict()
+    r = 32                                   # every rank, across 4 nodes
+    assert full["reshard_allgather"] == pytest.approx((r - 1) * LAT + (r - 1) / r * M / (25e9 * 0.7))
+
+
+def test_bad_reshard_inputs():
+    with pytest.raises(ValueError, match="unknown resharding scheme"):
+        reshard_bytes_per_rank("zero3", 1.0, 1, 2, 1, 1, 1)
+    with pytest.raises(LayoutError):
+        reshard_bytes_per_rank("hybridengine", 1.0, 1, 2, 1, 1, 4)
+
+
+def test_collective_roofline_degenerate_cases():
+    assert collective(A100, "all_reduce", 1e6, 1, True) == (0.0, "roofline")
+    s, src = collective(A100, "all_gather", 8e6, 4, True)
+    assert src == "roofline" and s == pytest.approx(3 * LAT + 3 / 4 * 8e6 / NVLINK)
+    assert math.isclose(collective(A100, "broadcast", 1e6, 2, False)[0], LAT + 1e6 / (25e9 * 0.7))
