@@ -1,0 +1,40 @@
+"""`hybridflow profile`: measure this machine and write a profile the simulator reads."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None,
+                        help="profile path (default profiles/local-cpu.yaml on CPU, "
+                             "profiles/<gpu>-measured.yaml on a GPU)")
+    parser.add_argument("--quick", action="store_true", help="smaller grids (about a minute)")
+    parser.add_argument("--devices", type=int, default=4,
+                        help="CPU only: logical devices (ranks) sharing the host (default 4)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per rank, as the executor's workers use (default 1)")
+    parser.add_argument("--model", default="tiny",
+                        help="model for the vLLM and train-layer tables (default tiny)")
+    parser.add_argument("--no-generate", action="store_true", help="skip the vLLM tables")
+
+
+def _default_out() -> Path:
+    import torch
+
+    if torch.cuda.is_available():
+        slug = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(0).lower())
+        return Path("profiles") / f"{slug.strip('-')}-measured.yaml"
+    return Path("profiles") / "local-cpu.yaml"
+
+
+def main(args: argparse.Namespace) -> int:
+    from executor.profiler.machine import ProfileOptions, profile_machine
+
+    options = ProfileOptions(out=Path(args.out) if args.out else _default_out(),
+                             quick=args.quick, devices=args.devices,
+                             threads_per_rank=args.threads, model=args.model,
+                             generate=not args.no_generate)
+    path = profile_machine(options)
+    print(f"wrote {path}")
+    return 0

