@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from simulator.costs import DoesNotFit
+
 
 class SweepError(ValueError):
     """A sweep that cannot be run as asked (bad range or target)."""
@@ -132,14 +134,14 @@ def gpu_counts(lo: int, hi: int, gpus_per_node: int) -> list[int]:
 
 
 def category(plan: dict) -> str:
-    """The placement category of a plan: how its roles are grouped into GPU sets."""
-    sets = [sorted(s["models"]) for s in plan["sets"]]
-    roles = sum(len(s) for s in sets)
+    """The placement category of a plan, named as planner.search.standard_layouts names them:
+    colocated (one set), split (actor+reference | the rest), separate (one set per model)."""
+    sets = [tuple(s["models"]) for s in plan["sets"]]
     if len(sets) == 1:
-        return "colocate all"
+        return "colocated"
     if all(len(s) == 1 for s in sets):
-        return "one set per model"
-    if len(sets) == 2 and roles == 4 and ["actor", "reference"] in sets:
+        return "separate"
+    if len(sets) == 2 and any(sorted(s) == ["actor", "reference"] for s in sets):
         return "split"
     return f"{len(sets)} sets"
 
@@ -176,3 +178,44 @@ def run_sweep(counts: Sequence[int], plan_at: Callable[[int], Point], target: Ta
     """Ask `plan_at` at every count, in increasing order, and derive the columns."""
     points = [plan_at(c) for c in sorted(set(counts))]
     return SweepResult(tuple(rows_from_points(points, target)), target, job, gpu, gpus_per_node)
+
+
+def planner_points(gpu: str, job, profile, gpus_per_node: int) -> Callable[[int], Point]:
+    """`plan_at(count)` backed by one planner.Planner: its best plan and the standard
+    placements. The Planner keeps its per-(role, GPUs) and per-(set, GPUs) layout tables,
+    so every count of the sweep reuses what the smaller counts built."""
+    from planner import plan_job, standard_placements
+    from simulator.cluster import Cluster
+
+    shared = _memo_planner()(job, profile, gpus_per_node)
+
+    def plan_at(gpus: int) -> Point:
+        cluster = Cluster.from_gpus(gpu, gpus, gpus_per_node)
+        standard = {name: float(p.to_dict()["predicted"]["tokens_per_s"]) for name, p in
+                    standard_placements(cluster, job, profile, planner=shared).items()}
+        try:
+            best = plan_job(cluster, job, profile, top=1, planner=shared)[0]
+        except DoesNotFit as e:  # names the smallest GPU count that fits
+            return Point(gpus, None, standard, reason=str(e))
+        return Point(gpus, best.to_dict(), standard)
+
+    return plan_at
+
+
+def _memo_planner() -> type:
+    """planner.Planner that solves each (placement, GPU count) once: the best plan's search
+    and the standard placements at one count ask CP-SAT the same questions."""
+    from planner import Planner
+
+    class MemoPlanner(Planner):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._solved: dict = {}
+
+        def solve_placement(self, placement, capacity: int):
+            key = (placement, capacity)
+            if key not in self._solved:
+                self._solved[key] = super().solve_placement(placement, capacity)
+            return self._solved[key]
+
+    return MemoPlanner

@@ -28,14 +28,14 @@ def table(result: SweepResult) -> str:
     lines = [f"{job['algorithm']} {job['models'].get('actor')}, prompt {job['prompt_len']} + "
              f"response {job['response_len']}, batch {job['global_batch']} on {result.gpu} "
              f"({result.gpus_per_node} per node); target: {result.target.describe()}",
-             f"{'GPUs':>5} {'placement':<18} {'tokens/s':>10} {'iter s':>8} {'peak GiB':>8} "
+             f"{'GPUs':>5} {'placement':<10} {'tokens/s':>10} {'iter s':>8} {'peak GiB':>8} "
              f"{'scaling':>7} {'GPU-h/1k':>9}  sets"]
     for r in result.rows:
         if not r.feasible:
-            lines.append(f"{r.gpus:>5} {'infeasible':<18} {r.reason}")
+            lines.append(f"{r.gpus:>5} {'infeasible':<10} {r.reason}")
             continue
         star = "  <= smallest meeting target" if mark is not None and r.gpus == mark.gpus else ""
-        lines.append(f"{r.gpus:>5} {r.category:<18} {r.tokens_per_s:>10,.0f} {r.iteration_s:>8.1f} "
+        lines.append(f"{r.gpus:>5} {r.category:<10} {r.tokens_per_s:>10,.0f} {r.iteration_s:>8.1f} "
                      f"{r.peak_memory_gib:>8.1f} {r.scaling_efficiency:>7.0%} "
                      f"{r.gpu_hours_per_1k_steps:>9,.0f}  {r.sets}{star}")
     if result.target.given:
@@ -82,16 +82,17 @@ def write_png(result: SweepResult, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker.FuncFormatter below)
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    best = [r for r in result.rows if r.feasible]
+    if best:  # drawn wide and pale underneath, so a standard placement that is best shows on it
+        ax.plot([r.gpus for r in best], [r.tokens_per_s for r in best], color="black",
+                marker="o", markersize=9, linewidth=5, alpha=0.3, zorder=1, label=BEST)
     for name in _standard_names(result):
         pts = [(r.gpus, r.standard[name]) for r in result.rows if r.standard.get(name)]
         if pts:
-            ax.plot(*zip(*pts), marker=".", linewidth=1, alpha=0.8, label=name)
-    best = [r for r in result.rows if r.feasible]
-    if best:
-        ax.plot([r.gpus for r in best], [r.tokens_per_s for r in best], color="black",
-                marker="o", linewidth=2.2, label=BEST)
+            ax.plot(*zip(*pts), marker=".", linewidth=1.3, zorder=2, label=name)
     mark = result.smallest_meeting_target
     if mark is not None:
         ax.plot([mark.gpus], [mark.tokens_per_s], marker="*", markersize=18, color="red",
@@ -99,6 +100,7 @@ def write_png(result: SweepResult, path: Path) -> None:
     if result.target.tokens_per_s is not None:
         ax.axhline(result.target.tokens_per_s, color="red", linestyle="--", linewidth=0.8)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel(f"GPUs ({result.gpu})")
     ax.set_ylabel("predicted tokens/s")
     job = result.job

@@ -27,10 +27,10 @@ SPLIT = [["actor", "reference"], ["critic", "reward"]]
 # Hand-made answers: 8 GPUs infeasible, then throughput 1000, 1800, 3000, 4000 tokens/s.
 POINTS = {
     8: Point(8, None, reason="needs at least 16 GPUs"),
-    16: Point(16, _plan(ALL, 16, 1000.0, 2097.152), {"colocate all": 1000.0, "split": None}),
-    32: Point(32, _plan(ALL, 32, 1800.0, 1165.084), {"colocate all": 1800.0, "split": 1500.0}),
-    64: Point(64, _plan(SPLIT, 64, 3000.0, 699.051), {"colocate all": 2900.0, "split": 3000.0}),
-    128: Point(128, _plan(SPLIT, 128, 4000.0, 524.288), {"colocate all": 3500.0, "split": 4000.0}),
+    16: Point(16, _plan(ALL, 16, 1000.0, 2097.152), {"colocated": 1000.0, "split": None}),
+    32: Point(32, _plan(ALL, 32, 1800.0, 1165.084), {"colocated": 1800.0, "split": 1500.0}),
+    64: Point(64, _plan(SPLIT, 64, 3000.0, 699.051), {"colocated": 2900.0, "split": 3000.0}),
+    128: Point(128, _plan(SPLIT, 128, 4000.0, 524.288), {"colocated": 3500.0, "split": 4000.0}),
 }
 
 
@@ -48,7 +48,7 @@ def test_derived_columns_by_hand() -> None:
     assert rows[4].scaling_efficiency == pytest.approx(0.5)
     # GPU-hours per 1,000 steps: 64 GPUs x 699.051 s x 1000 / 3600
     assert rows[3].gpu_hours_per_1k_steps == pytest.approx(64 * 699.051 * 1000 / 3600)
-    assert rows[3].category == "split" and rows[1].category == "colocate all"
+    assert rows[3].category == "split" and rows[1].category == "colocated"
     assert rows[1].peak_memory_gib == 40.0
 
 
@@ -112,5 +112,5 @@ def test_bad_targets_and_empty_range() -> None:
 
 def test_categories() -> None:
     assert category(_plan([["actor"], ["critic"], ["reference"], ["reward"]], 32, 1, 1)) \
-        == "one set per model"
+        == "separate"
     assert category(_plan([["actor", "critic"], ["reference", "reward"]], 32, 1, 1)) == "2 sets"

@@ -1,0 +1,56 @@
+"""`hybridflow sweep`: how many GPUs do I need? The best plan at every GPU count."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", required=True, help="GPU kind: a profile name (profiles/) or YAML path")
+    p.add_argument("--model", required=True, help="model of every role (catalog name or config.json)")
+    p.add_argument("--algorithm", default="ppo", help="ppo, grpo, remax or safe-rlhf (default ppo)")
+    for role in ("critic", "reference", "reward", "cost"):
+        p.add_argument(f"--{role}", help=f"the {role}'s model, if not --model")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--response-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1024, help="global batch (prompts per iteration)")
+    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--mini-batches", type=int, default=1)
+    p.add_argument("--n-samples", type=int, help="responses per prompt (grpo; default 4)")
+    p.add_argument("--gpus", default="1:256", metavar="LO:HI",
+                   help="GPU counts to try: 1, 2, 4 below one node, then whole nodes (default 1:256)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--target-tokens-per-s", type=float, metavar="X",
+                   help="mark the smallest count predicted to reach X tokens/s")
+    p.add_argument("--steps", type=int, metavar="S", help="with --deadline-hours: S iterations ...")
+    p.add_argument("--deadline-hours", type=float, metavar="H", help="... must finish within H hours")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write sweep.csv and sweep.png to DIR")
+    p.add_argument("--json", action="store_true", help="print the sweep (with each best plan) as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    from planner.sweep import Target, gpu_counts, parse_range, planner_points, run_sweep
+    from planner.sweep_output import table, to_json, write_outputs
+    from simulator.job import Job
+    from simulator.profile import load_profile
+
+    target = Target(args.target_tokens_per_s, args.steps, args.deadline_hours)
+    counts = gpu_counts(*parse_range(args.gpus), args.gpus_per_node)
+    job = Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
+                     args.ppo_epochs, args.mini_batches, args.n_samples, critic=args.critic,
+                     reference=args.reference, reward=args.reward, cost=args.cost)
+    profile = load_profile(args.gpu)
+    gpu_name = Path(args.gpu).stem if args.gpu.endswith((".yaml", ".yml")) else args.gpu
+    plan_at = planner_points(gpu_name, job, profile, args.gpus_per_node)
+    result = run_sweep(counts, plan_at, target, job.to_dict(), gpu_name, args.gpus_per_node)
+    if args.json:
+        json.dump(to_json(result), sys.stdout, indent=1)
+        print()
+    else:
+        print(table(result))
+    if args.out is not None:
+        csv_path, png_path = write_outputs(result, args.out)
+        print(f"wrote {csv_path} and {png_path}", file=sys.stderr if args.json else sys.stdout)
+    return 0

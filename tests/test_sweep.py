@@ -1,0 +1,70 @@
+"""The sweep against the planner: its best plan at each count is `plan_job` at that count."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from planner import plan_job, standard_placements
+from planner.sweep import Target, gpu_counts, planner_points, run_sweep
+from simulator.cluster import Cluster
+from simulator.job import Job
+from simulator.profile import load_profile
+
+JOB = Job.create("ppo", "llama-2-7b", 512, 512, 256, mini_batches=4)
+
+
+@pytest.fixture(scope="module")
+def swept():
+    profile = load_profile("a100-80gb")
+    counts = gpu_counts(1, 16, 8)
+    plan_at = planner_points("a100-80gb", JOB, profile, 8)
+    return profile, run_sweep(counts, plan_at, Target(), JOB.to_dict(), "a100-80gb", 8)
+
+
+def test_best_at_each_count_equals_plan_job(swept) -> None:
+    profile, result = swept
+    assert [r.gpus for r in result.rows] == [1, 2, 4, 8, 16]
+    assert any(r.feasible for r in result.rows)
+    for row in result.rows:
+        cluster = Cluster.from_gpus("a100-80gb", row.gpus, 8)
+        if not row.feasible:
+            with pytest.raises(ValueError, match="smallest GPU count that fits"):
+                plan_job(cluster, JOB, profile)
+            continue
+        alone = plan_job(cluster, JOB, profile)[0].to_dict()  # a fresh planner, no shared tables
+        assert row.plan == alone
+        assert row.tokens_per_s == alone["predicted"]["tokens_per_s"]
+        standard = standard_placements(cluster, JOB, profile)
+        assert row.standard == {k: p.to_dict()["predicted"]["tokens_per_s"]
+                                for k, p in standard.items()}
+
+
+def test_cli_sweep_writes_table_csv_png(tmp_path: Path, capsys) -> None:
+    code = main(["sweep", "--gpu", "a100-80gb", "--model", "llama-2-7b", "--prompt-len", "512",
+                 "--response-len", "512", "--batch", "256", "--mini-batches", "4",
+                 "--gpus", "4:16", "--target-tokens-per-s", "1", "--out", str(tmp_path), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    feasible = [r["gpus"] for r in data["rows"] if r["feasible"]]
+    assert data["smallest_meeting_target"] == feasible[0]  # any feasible count makes 1 token/s
+    assert (tmp_path / "sweep.csv").stat().st_size > 0
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "0:8"], "--gpus must be LO:HI"),
+    (["--gpus", "9:15"], "no cluster size"),
+    (["--steps", "10"], "go together"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--gpu", "no-such-gpu"], "no-such-gpu"),
+    (["--algorithm", "dpo"], "unknown algorithm"),
+])
+def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys) -> None:
+    flags = {"--gpu": "a100-80gb", "--model": "llama-2-7b", "--gpus": "8:8"}
+    flags.update(zip(argv[::2], argv[1::2]))
+    assert main(["sweep", *(w for pair in flags.items() for w in pair)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
