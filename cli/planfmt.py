@@ -41,7 +41,7 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
         for j, role in enumerate(s.models):
             peak = pred.get("peak_memory_gib", {}).get(role, 0.0)
             head = f"{i:<4}{s.gpus:>5}" if j == 0 else " " * 9
-            lines.append(f"  {head}  {role:<12}{_layouts(plan, role):<52}{peak:>9.1f}")
+            lines.append(f"  {head}  {role:<12}{_layouts(plan, role):<52}{peak:>9.2f}")
     stages = pred.get("stages", {})
     lines.append("  stages: " + " | ".join(f"{st} {stages.get(st, 0.0):.2f} s" for st in STAGES))
     return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""`hybridflow plan` and `hybridflow simulate` through cli.main.main: real output, and every
+bad input gives one clear line on stderr, exit code 2 and no traceback."""
+import json
+
+import pytest
+
+from cli.main import main
+
+TINY = ["--gpu", "local-cpu", "--gpus", "4", "--model", "tiny", "--prompt-len", "64",
+        "--response-len", "64", "--batch", "8", "--mini-batches", "2"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_default_plan_prints_best_and_standard(capsys):
+    code, out, err = run(capsys, "plan")
+    assert code == 0 and err == ""
+    assert "Best plan:" in out and "tokens/s" in out
+    for name in ("colocated", "split", "separate"):
+        assert name in out
+
+
+def test_json_out_and_simulate_round_trip(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    code, out, _ = run(capsys, "plan", *TINY, "--json", "--out", str(path))
+    assert code == 0
+    printed = json.loads(out)
+    assert printed == json.loads(path.read_text())
+    code, out, _ = run(capsys, "simulate", str(path), "--json")
+    assert code == 0
+    assert json.loads(out)["predicted"]["iteration_s"] == pytest.approx(printed["predicted"]["iteration_s"])
+    code, out, _ = run(capsys, "simulate", str(path), "--reshard", "allgather")
+    assert code == 0 and "reshard_allgather" in out
+    assert "Terms" in out and "(roofline)" in out
+
+
+def test_top_k_json_is_a_list(capsys):
+    code, out, _ = run(capsys, "plan", *TINY, "--top", "2", "--json")
+    plans = json.loads(out)
+    assert code == 0 and len(plans) == 2
+    assert plans[0]["predicted"]["iteration_s"] <= plans[1]["predicted"]["iteration_s"]
+
+
+def test_cluster_and_job_files(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("gpu: local-cpu\nnodes: 1\ngpus_per_node: 4\n")
+    job = {"algorithm": "grpo", "models": {"actor": "tiny", "reference": "tiny", "reward": "tiny-gqa"},
+           "prompt_len": 32, "response_len": 32, "global_batch": 4, "ppo_epochs": 1,
+           "mini_batches": 1, "n_samples": 2}
+    (tmp_path / "j.json").write_text(json.dumps(job))
+    code, out, _ = run(capsys, "plan", "--cluster", str(tmp_path / "c.yaml"),
+                       "--job", str(tmp_path / "j.json"), "--json")
+    assert code == 0 and json.loads(out)["job"] == job
+
+
+def _bad(tmp_path):
+    (tmp_path / "bad.json").write_text("{oops")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "badjob.json").write_text(json.dumps({"algorithm": "ppo", "models": {"actor": "tiny"},
+                                                      "prompt_len": 8, "response_len": 8, "global_batch": 4}))
+    (tmp_path / "badplan.json").write_text(json.dumps({"version": 1, "sets": []}))
+    return tmp_path
+
+
+BAD = [
+    (["plan", "--gpu", "v100"], "unknown GPU kind 'v100'"),
+    (["plan", "--model", "gpt-9"], "unknown model 'gpt-9'"),
+    (["plan", "--gpus", "0"], "--gpus must be a positive integer"),
+    (["plan", "--gpus", "-8"], "--gpus must be a positive integer"),
+    (["plan", "--gpus", "12"], "not a whole number of 8-GPU nodes"),
+    (["plan", "--nodes", "2", "--gpus", "8"], "disagrees"),
+    (["plan", "--batch", "0"], "global_batch must be a positive integer"),
+    (["plan", "--prompt-len", "-1"], "prompt_len must be a positive integer"),
+    (["plan", "--response-len", "0"], "response_len must be a positive integer"),
+    (["plan", "--mini-batches", "3"], "equal mini-batches"),
+    (["plan", "--top", "0"], "--top must be a positive integer"),
+    (["plan", "--algorithm", "grpo", "--critic", "tiny"], "grpo has no critic"),
+    (["plan", "--cost", "tiny"], "only safe-rlhf"),
+    (["plan", "--model", "llama-2-70b", "--gpus", "8"], "smallest GPU count that fits is"),
+    (["plan", "--cluster", "{d}/bad.json"], "not valid JSON or YAML"),
+    (["plan", "--cluster", "{d}/list.yaml"], "must hold a mapping"),
+    (["plan", "--cluster", "{d}/missing.yaml"], "does not exist"),
+    (["plan", "--job", "{d}/badjob.json"], "needs exactly the roles"),
+    (["plan", "--export", "slurm"], "unknown export format"),
+    (["simulate", "{d}/bad.json"], "not valid JSON"),
+    (["simulate", "{d}/badplan.json"], "expected keys"),
+    (["simulate", "{d}/missing.json"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
+    d = _bad(tmp_path)
+    code, out, err = run(capsys, *[a.format(d=d) for a in argv])
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hybridflow {argv[0]}: error: ")
+    assert message in lines[0]
+
+
+def test_argparse_rejects_non_numbers(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--gpus", "many"])
+    assert e.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
