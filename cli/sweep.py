@@ -8,20 +8,24 @@ from pathlib import Path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from cli.plan import DEFAULTS as d
+    from simulator.job import ALGORITHMS
+
     p.add_argument("--gpu", required=True, help="GPU kind: a profile name (profiles/) or YAML path")
     p.add_argument("--model", required=True, help="model of every role (catalog name or config.json)")
-    p.add_argument("--algorithm", default="ppo", help="ppo, grpo, remax or safe-rlhf (default ppo)")
+    p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
     for role in ("critic", "reference", "reward", "cost"):
-        p.add_argument(f"--{role}", help=f"the {role}'s model, if not --model")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--response-len", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1024, help="global batch (prompts per iteration)")
-    p.add_argument("--ppo-epochs", type=int, default=1)
-    p.add_argument("--mini-batches", type=int, default=1)
+        p.add_argument(f"--{role}", help=f"model of the {role} (default: --model)")
+    p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
+    p.add_argument("--response-len", type=int, default=d["response_len"])
+    p.add_argument("--batch", type=int, default=d["batch"], help="global batch (prompts)")
     p.add_argument("--n-samples", type=int, help="responses per prompt (grpo; default 4)")
+    p.add_argument("--ppo-epochs", type=int, default=d["ppo_epochs"])
+    p.add_argument("--mini-batches", type=int, default=d["mini_batches"])
+    p.add_argument("--job", metavar="FILE", help="job file, the plan JSON's job object (JSON/YAML)")
     p.add_argument("--gpus", default="1:256", metavar="LO:HI",
                    help="GPU counts to try: 1, 2, 4 below one node, then whole nodes (default 1:256)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's)")
     p.add_argument("--target-tokens-per-s", type=float, metavar="X",
                    help="mark the smallest count predicted to reach X tokens/s")
     p.add_argument("--steps", type=int, metavar="S", help="with --deadline-hours: S iterations ...")
@@ -33,18 +37,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from planner.sweep import Target, gpu_counts, parse_range, planner_points, run_sweep
     from planner.sweep_output import table, to_json, write_outputs
-    from simulator.job import Job
+    from cli.plan import build_job
     from simulator.profile import load_profile
 
     target = Target(args.target_tokens_per_s, args.steps, args.deadline_hours)
-    counts = gpu_counts(*parse_range(args.gpus), args.gpus_per_node)
-    job = Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
-                     args.ppo_epochs, args.mini_batches, args.n_samples, critic=args.critic,
-                     reference=args.reference, reward=args.reward, cost=args.cost)
     profile = load_profile(args.gpu)
-    gpu_name = Path(args.gpu).stem if args.gpu.endswith((".yaml", ".yml")) else args.gpu
-    plan_at = planner_points(gpu_name, job, profile, args.gpus_per_node)
-    result = run_sweep(counts, plan_at, target, job.to_dict(), gpu_name, args.gpus_per_node)
+    gpn = args.gpus_per_node or profile.gpus_per_node
+    counts = gpu_counts(*parse_range(args.gpus), gpn)
+    job = build_job(args)
+    plan_at = planner_points(args.gpu, job, profile, gpn)
+    result = run_sweep(counts, plan_at, target, job.to_dict(), profile.name, gpn)
     if args.json:
         json.dump(to_json(result), sys.stdout, indent=1)
         print()

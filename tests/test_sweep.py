@@ -60,11 +60,16 @@ def test_cli_sweep_writes_table_csv_png(tmp_path: Path, capsys) -> None:
     (["--steps", "10"], "go together"),
     (["--model", "no-such-model"], "no-such-model"),
     (["--gpu", "no-such-gpu"], "no-such-gpu"),
-    (["--algorithm", "dpo"], "unknown algorithm"),
+    (["--algorithm", "dpo"], "invalid choice"),
+    (["--job", "/nonexistent/job.yaml"], "does not exist"),
 ])
 def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys) -> None:
     flags = {"--gpu": "a100-80gb", "--model": "llama-2-7b", "--gpus": "8:8"}
     flags.update(zip(argv[::2], argv[1::2]))
-    assert main(["sweep", *(w for pair in flags.items() for w in pair)]) == 2
+    try:
+        code = main(["sweep", *(w for pair in flags.items() for w in pair)])
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
