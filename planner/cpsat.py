@@ -128,6 +128,8 @@ class AllocationModel:
         for st, var in enumerate(self.stage):
             for k in range(len(self.inst.sizes)):
                 self.model.Add(var >= self.cost[k][st])
+            # redundant bound that helps the search: no set can beat its own fastest size
+            self.model.Add(var >= max(min(self._int(c[st]) for c in costs) for costs in self.inst.costs))
 
     def _add_objective(self) -> None:
         self.model.Minimize(sum(self.stage))

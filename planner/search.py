@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from planner.cpsat import Config, Instance, Solution, solve
+from planner.cpsat import Config, Instance, Solution, brute_force, solve
 from planner.plan import Plan
 from planner.tables import SetChoice, Tables, set_sizes
 from simulator.cluster import Cluster
@@ -32,6 +32,16 @@ def set_partitions(items: tuple[str, ...]) -> Iterator[Placement]:
             for i in range(1, len(part)):
                 yield part[:i] + ((first,) + part[i],) + part[i + 1:]
             yield ((first,),) + part
+
+
+def _undominated(rows: list[tuple[int, SetChoice]]) -> list[tuple[int, SetChoice]]:
+    """Drop sizes no faster in any stage than a smaller size: an optimal allocation never
+    needs them (exact), and CP-SAT's tables get much shorter."""
+    keep: list[tuple[int, SetChoice]] = []
+    for n, c in sorted(rows, key=lambda r: r[0]):
+        if not any(all(a <= b for a, b in zip(k.stages, c.stages)) for _, k in keep):
+            keep.append((n, c))
+    return keep
 
 
 def standard_layouts(job: Job) -> dict[str, Placement]:
@@ -67,6 +77,7 @@ class Planner:
         for roles in placement:
             feasible = [(n, c) for n in set_sizes(self.gpn, capacity)
                         if (c := self.tables.best_set(roles, n)) is not None]
+            feasible = _undominated(feasible)
             if not feasible:
                 return None
             sizes.append(tuple(n for n, _ in feasible))
@@ -76,7 +87,12 @@ class Planner:
 
     def solve_placement(self, placement: Placement, capacity: int) -> Candidate | None:
         inst = self.instance(placement, capacity)
-        sol = inst and solve(inst, self.config)
+        if inst is None:
+            return None
+        if len(placement) == 1:  # one set: the fastest size is optimal
+            sol = brute_force(inst)
+        else:
+            sol = solve(inst, self.config)
         if sol is None:
             return None
         choices = tuple(self.tables.best_set(roles, n) for roles, n in zip(placement, sol.gpus))
@@ -96,11 +112,15 @@ class Planner:
                    for k in range(inst.n_stages))
 
     def candidates(self, capacity: int, top: int) -> list[Candidate]:
+        """The `top` best placements; placements are solved in order of their lower bound
+        and the rest skipped once the bound cannot beat the top-th found (exact)."""
+        bounds = sorted((self._lower_bound(p, capacity), i, p)
+                        for i, p in enumerate(set_partitions(self.job.roles)))
         found: list[Candidate] = []
-        for placement in set_partitions(self.job.roles):
-            if len(found) >= top and self._lower_bound(placement, capacity) >= \
-                    found[top - 1].solution.objective:
-                continue
+        for bound, _, placement in bounds:
+            if bound == float("inf") or (len(found) >= top and
+                                         bound >= found[top - 1].solution.objective):
+                break
             cand = self.solve_placement(placement, capacity)
             if cand is not None:
                 found.append(cand)
