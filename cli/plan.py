@@ -68,7 +68,8 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
         try:
             return Cluster.from_dict(read_mapping(args.cluster, "cluster"))
         except ValueError as e:
-            raise type(e)(f"{args.cluster}: {e}") from None
+            e.args = (f"{args.cluster}: {e}",)
+            raise
     gpu = args.gpu or DEFAULTS["gpu"]
     gpn = args.gpus_per_node or load_profile(gpu).gpus_per_node
     if args.nodes is not None:
@@ -85,7 +86,8 @@ def build_job(args: argparse.Namespace) -> Job:
         try:
             return Job.from_dict(read_mapping(args.job, "job"))
         except ValueError as e:
-            raise type(e)(f"{args.job}: {e}") from None
+            e.args = (f"{args.job}: {e}",)
+            raise
     roles = {r: getattr(args, r) for r in ("critic", "reference", "reward", "cost")}
     if args.algorithm in ("grpo", "remax") and roles["critic"]:
         raise JobError(f"--critic: {args.algorithm} has no critic")

@@ -92,7 +92,8 @@ class Plan:
         try:
             return cls.from_dict(data)
         except ValueError as e:
-            raise type(e)(f"plan file {str(path)!r}: {e}") from None
+            e.args = (f"plan file {str(path)!r}: {e}",)
+            raise
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
