@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from simulator.costs import DoesNotFit
 from simulator.generation import GenShape, gen_shape, generation_cost
 from simulator.job import STAGES, Job
 from simulator.layout import GenLayout, LayoutError, TrainLayout
