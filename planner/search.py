@@ -108,8 +108,10 @@ class Planner:
         inst = self.instance(placement, capacity)
         if inst is None:
             return float("inf")
-        return sum(max(min(c[k] for c in costs) for costs in inst.costs)
-                   for k in range(inst.n_stages))
+        per_stage = sum(max(min(c[k] for c in costs) for costs in inst.costs)
+                        for k in range(inst.n_stages))
+        per_set = max(min(sum(c) for c in costs) for costs in inst.costs)  # sum of max >= max of sums
+        return max(per_stage, per_set)
 
     def candidates(self, capacity: int, top: int) -> list[Candidate]:
         """The `top` best placements; placements are solved in order of their lower bound
