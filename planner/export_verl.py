@@ -125,10 +125,17 @@ def _pools(v: PlanView) -> tuple[dict[str, object], list[str], str]:
     note = (f"verl's config keeps {', '.join(r.name for r in apart)} in global_pool with the "
             f"actor; this plan gives them GPUs of their own: set the resource pools below in a "
             f"TaskRunner/trainer subclass (_init_resource_pool_mgr)")
+    ref = v.role("reference")
+    if ref is not None and ref.set_index != actor_set:
+        notes_ref = ("verl 0.9.1 fuses the reference into the actor's workers "
+                     "(Role.ActorRolloutRef) when the actor also generates; a reference on GPUs of "
+                     "its own needs a stand-alone Role.RefPolicy worker group as well as the pools")
+    else:
+        notes_ref = ""
     text = ("Resource pools this plan needs (verl ResourcePoolManager, "
             "verl/trainer/ppo/v1/trainer_base.py):\n"
             f"resource_pool_spec = {spec!r}\nmapping = {{{', '.join(f'{k}: {val!r}' for k, val in mapping.items())}}}")
-    return o, [note], text
+    return o, [note] + ([notes_ref] if notes_ref else []), text
 
 
 def _verl_role(v: PlanView, role: RoleView) -> str:

@@ -143,7 +143,7 @@ def category(plan: dict) -> str:
         return "separate"
     if len(sets) == 2 and any(sorted(s) == ["actor", "reference"] for s in sets):
         return "split"
-    return f"{len(sets)} sets"
+    return f"other ({len(sets)} sets)"
 
 
 def _sets_text(plan: dict) -> str:

@@ -120,6 +120,14 @@ def test_verl_resource_pools() -> None:
     assert (apart["reward.reward_model.nnodes"], apart["reward.reward_model.n_gpus_per_node"]) == ("4", "8")
     assert (apart["trainer.nnodes"], apart["trainer.n_gpus_per_node"]) == ("12", "8")
     assert export(REWARD_APART, "verl").extra == ""
+    ref_apart = _plan([
+        {"models": ["critic", "reference"], "gpus": 64,
+         "layouts": {"critic": {"train": _lay(2, 4, 8)}, "reference": {"infer": _lay(1, 4, 16)}}},
+        {"models": ["actor", "reward"], "gpus": 64,
+         "layouts": {"actor": ACTOR, "reward": {"infer": _lay(1, 4, 16)}}}])
+    exp = export(ref_apart, "verl")
+    assert "Role.RefPolicy: 'pool_0'" in exp.extra and "Role.ActorRollout: 'global_pool'" in exp.extra
+    assert any("stand-alone Role.RefPolicy" in n for n in exp.notes)
     one = export(ALL_IN_ONE, "verl")
     assert one.extra == "" and "reward.reward_model.enable_resource_pool=true" not in one.render()
 

@@ -113,4 +113,4 @@ def test_bad_targets_and_empty_range() -> None:
 def test_categories() -> None:
     assert category(_plan([["actor"], ["critic"], ["reference"], ["reward"]], 32, 1, 1)) \
         == "separate"
-    assert category(_plan([["actor", "critic"], ["reference", "reward"]], 32, 1, 1)) == "2 sets"
+    assert category(_plan([["actor", "critic"], ["reference", "reward"]], 32, 1, 1)) == "other (2 sets)"
