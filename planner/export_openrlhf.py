@@ -104,6 +104,8 @@ def to_openrlhf(plan: dict) -> FrameworkExport:
     ds_args, notes = _deepspeed(v)
     model_args, env = _models(v)
     args = _placement(v) + ds_args + _batches(v) + model_args + ["--data.prompt_dataset", '"$PROMPT_DATA"']
+    notes.append(f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator "
+                 f"predicts; larger ones may be faster where memory allows")
     notes.append("OpenRLHF syncs weights by gathering each parameter on rank 0 and broadcasting "
                  "it to the vLLM engines (consecutive TP groups), not by the 3D-HybridEngine's "
                  "in-place reshard: compare `hybridflow simulate --reshard allgather`")

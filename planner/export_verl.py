@@ -146,7 +146,8 @@ def _verl_role(v: PlanView, role: RoleView) -> str:
 
 
 def _notes(v: PlanView) -> list[str]:
-    notes = []
+    notes = [f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator predicts; "
+             f"larger ones may be faster where memory allows"]
     gen = v.roles["actor"].generate
     if gen.tp > 1 and gen.dp > 1:
         notes.append(
