@@ -57,6 +57,10 @@ class Prediction:
     def roles(self) -> Iterable[RolePrediction]:
         return (r for s in self.sets for r in s.roles)
 
+    def sources(self) -> dict[str, dict[str, dict[str, str]]]:
+        """{role: {stage: {term: "measured" | "roofline"}}}, parallel to to_dict()["terms"]."""
+        return {r.role: {st: c.sources() for st, c in r.stages.items()} for r in self.roles()}
+
     def to_dict(self) -> dict:
         """The plan JSON's "predicted" object."""
         return {"iteration_s": self.iteration_s, "tokens_per_s": self.tokens_per_s,

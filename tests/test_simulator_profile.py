@@ -61,6 +61,28 @@ def test_measured_tables_parse_and_are_used(tmp_path):
     assert tp2.sources()["tp_allreduce"] == "measured"
 
 
+def test_prediction_reports_sources(tmp_path):
+    from types import SimpleNamespace
+
+    from simulator.cluster import Cluster
+    from simulator.layout import GenLayout
+    from simulator.placement import PlacedSet
+    from simulator.predict import predict_plan
+    prof = load_profile(str(_write(tmp_path, measured=MEASURED)))
+    job = Job.create("grpo", "tiny", 64, 64, 4, n_samples=2)
+    s = PlacedSet(("actor", "reference", "reward"), 1,
+                  {"actor": {"train": TrainLayout(1, 1, 1), "generate": GenLayout(1, 1, 1)},
+                   "reference": {"infer": TrainLayout(1, 1, 1)}, "reward": {"infer": TrainLayout(1, 1, 1)}})
+    pred = predict_plan(SimpleNamespace(cluster=Cluster("local-cpu", 1, 1), job=job, sets=(s,)), prof)
+    src = pred.sources()
+    assert src["actor"]["generate"] == {"prefill_measured": "measured", "decode_measured": "measured"}
+    assert src["actor"]["train"]["train_compute"] == "measured"
+    assert set(src["actor"]["generate"]) == set(pred.to_dict()["terms"]["actor"]["generate"])
+    # 8 sequences in flight at once: one wave; decode rows at batch 1 are the nearest
+    decode = pred.to_dict()["terms"]["actor"]["generate"]["decode_measured"]
+    assert decode == pytest.approx(64 * (0.002 + (0.004 - 0.002) * (96 - 64) / (256 - 64)))
+
+
 def test_interpolation_floor_and_extrapolation():
     pts = ((10.0, 1.0), (20.0, 3.0))
     assert interpolate(pts, 15) == 2.0
