@@ -89,3 +89,49 @@ def learning_curves(curves: dict[str, list[dict]], path: Path) -> Path:
         ax.set_title(key)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
+
+
+def compare_bars(frame, systems: tuple[str, ...], path: Path) -> Path:
+    """Tokens/s per system over GPU counts, one panel per model (the paper's Figures 8-10)."""
+    models = list(dict.fromkeys(frame["model"]))
+    cols = min(2, len(models))
+    rows = math.ceil(len(models) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.6 * rows), squeeze=False)
+    width = 0.8 / len(systems)
+    for ax, model in zip(axes.flat, models):
+        sub = frame[frame["model"] == model]
+        counts = sorted(set(sub["gpus"]))
+        for i, system in enumerate(systems):
+            vals = [sub[(sub["gpus"] == g) & (sub["system"] == system)]["tokens_per_s"].iloc[0]
+                    for g in counts]
+            ax.bar([j + (i - (len(systems) - 1) / 2) * width for j in range(len(counts))],
+                   [0 if math.isnan(v) else v for v in vals], width, label=system)
+        ax.set_xticks(range(len(counts)), [str(c) for c in counts])
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(model, fontsize=10)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def reshard_lines(frame, path: Path) -> Path:
+    """Per model: resharding seconds of the planner's plan under each scheme (the paper's
+    Figure 13), and tokens/s of the best plan the planner finds with each scheme."""
+    models = list(dict.fromkeys(frame["model"])) or ["(none fits)"]
+    panels = (("reshard_s", "reshard seconds"), ("replanned_tokens_per_s", "tokens / s"))
+    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False)
+    for col, model in enumerate(models):
+        sub = frame[frame["model"] == model]
+        for row, (key, label) in enumerate(panels):
+            ax = axes[row][col]
+            for scheme, g in sub.groupby("scheme", sort=False):
+                ax.plot(g["gpus"], g[key], marker="o", label=scheme)
+            if len(sub):
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel("GPUs")
+            ax.set_ylabel(label)
+            ax.set_title(model, fontsize=10)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
