@@ -62,6 +62,18 @@ def _bad(tmp_path):
     (tmp_path / "badjob.json").write_text(json.dumps({"algorithm": "ppo", "models": {"actor": "tiny"},
                                                       "prompt_len": 8, "response_len": 8, "global_batch": 4}))
     (tmp_path / "badplan.json").write_text(json.dumps({"version": 1, "sets": []}))
+    job = {"algorithm": "grpo", "models": {"actor": "llama-2-7b", "reference": "llama-2-7b",
+                                           "reward": "llama-2-7b"},
+           "prompt_len": 512, "response_len": 512, "global_batch": 8, "n_samples": 2}
+    one = {"version": 1, "cluster": {"gpu": "a100-80gb", "nodes": 1, "gpus_per_node": 8}, "job": job,
+           "sets": [{"models": ["actor", "reference", "reward"], "gpus": 1,
+                     "layouts": {"actor": {"train": {"pp": 1, "tp": 1, "dp": 1},
+                                           "generate": {"pp": 1, "tp": 1, "micro_dp": 1}},
+                                 "reference": {"infer": {"pp": 1, "tp": 1, "dp": 1}},
+                                 "reward": {"infer": {"pp": 1, "tp": 1, "dp": 1}}}}]}
+    (tmp_path / "toobig.json").write_text(json.dumps(one))
+    one["sets"][0]["layouts"]["actor"]["train"]["tp"] = 2
+    (tmp_path / "badlayout.json").write_text(json.dumps(one))
     return tmp_path
 
 
@@ -88,6 +100,9 @@ BAD = [
     (["simulate", "{d}/bad.json"], "not valid JSON"),
     (["simulate", "{d}/badplan.json"], "expected keys"),
     (["simulate", "{d}/missing.json"], "does not exist"),
+    (["simulate", "{d}/toobig.json"], "GiB usable on a100-80gb"),
+    (["simulate", "{d}/badlayout.json"], "uses 2 GPUs, but its set has 1"),
+    (["simulate", "{d}/toobig.json", "--profile", "tpu-v9"], "unknown GPU kind"),
 ]
 
 
