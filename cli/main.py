@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"hybridflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `hybridflow plan | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"hybridflow {args.command}: interrupted", file=sys.stderr)
         return 130
