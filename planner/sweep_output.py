@@ -28,14 +28,14 @@ def table(result: SweepResult) -> str:
     lines = [f"{job['algorithm']} {job['models'].get('actor')}, prompt {job['prompt_len']} + "
              f"response {job['response_len']}, batch {job['global_batch']} on {result.gpu} "
              f"({result.gpus_per_node} per node); target: {result.target.describe()}",
-             f"{'GPUs':>5} {'placement':<10} {'tokens/s':>10} {'iter s':>8} {'peak GiB':>8} "
+             f"{'GPUs':>5} {'placement':<14} {'tokens/s':>10} {'iter s':>8} {'peak GiB':>8} "
              f"{'scaling':>7} {'GPU-h/1k':>9}  sets"]
     for r in result.rows:
         if not r.feasible:
-            lines.append(f"{r.gpus:>5} {'infeasible':<10} {r.reason}")
+            lines.append(f"{r.gpus:>5} {'infeasible':<14} {r.reason}")
             continue
         star = "  <= smallest meeting target" if mark is not None and r.gpus == mark.gpus else ""
-        lines.append(f"{r.gpus:>5} {r.category:<10} {r.tokens_per_s:>10,.0f} {r.iteration_s:>8.1f} "
+        lines.append(f"{r.gpus:>5} {r.category:<14} {r.tokens_per_s:>10,.0f} {r.iteration_s:>8.1f} "
                      f"{r.peak_memory_gib:>8.1f} {r.scaling_efficiency:>7.0%} "
                      f"{r.gpu_hours_per_1k_steps:>9,.0f}  {r.sets}{star}")
     if result.target.given:
