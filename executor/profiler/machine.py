@@ -79,7 +79,8 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
         (train_layer.TrainLayerGrid(options.model, (1, 4), (32, 128)),)
     steps: list[tuple[str, Callable]] = [
         ("ops + train layer, 1 rank", lambda: ("alone", run_ranks(
-            _alone, 1, (grid, train_grids), threads=options.threads_per_rank)[0]))]
+            _alone, 1, (grid, train_grids), backend=info.backend,  # megatron needs a world
+            threads=options.threads_per_rank)[0]))]
     if not gpu:
         for k in sorted(set(options.concurrency) - {1}):
             steps.append((f"ops, {k} concurrent ranks", lambda k=k: (

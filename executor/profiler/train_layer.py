@@ -1,12 +1,14 @@
 """Seconds of one training step (forward + backward) of one decoder layer of a model.
 
-A plain torch Llama decoder layer (RMSNorm, GQA attention with rotary-free causal SDPA, SwiGLU)
-with the model's shapes, timed over (batch, sequence length). Its matmuls and attention are
-the same work as a megatron-core layer at TP = 1; the fused optimizer step is not included.
+The executor's own layer where it can be built: the decoder block of a one-layer megatron-core
+GPTModel from executor.megatron_model (TP = 1, in a one-rank gloo world), with rotary
+positions and megatron's causal mask. Without torch.distributed (or megatron-core) a plain
+torch Llama decoder layer of the same shapes stands in. The optimizer step is not included.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,26 +70,68 @@ def default_grids(quick: bool, gpu: bool) -> tuple[TrainLayerGrid, ...]:
                                 min_time_s=0.01 if quick else 0.03) for m in models)
 
 
-def measure_train_layer(grid: TrainLayerGrid, seed: int = 0) -> list[dict]:
-    """[{model, batch, seq, tokens, forward_s, seconds}]: seconds = forward + backward."""
-    spec = load_model(grid.model)
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    torch.manual_seed(seed)
+def _time_layer(layer: Callable[[torch.Tensor], torch.Tensor], params: nn.Module,
+                x: torch.Tensor, min_time_s: float) -> tuple[float, float]:
+    """(forward seconds, forward + backward seconds) of `layer` on `x`."""
+    x.requires_grad_(True)
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def step() -> None:
+        layer(x).float().sum().backward()
+    result = time_call(forward, min_time_s), time_call(step, min_time_s)
+    params.zero_grad(set_to_none=True)
+    return result
+
+
+def _torch_rows(grid: TrainLayerGrid, spec: ModelSpec, dev: torch.device) -> list[dict]:
     layer = DecoderLayer(spec).to(dev, getattr(torch, grid.dtype))
     rows = []
     for b in grid.batches:
         for t in grid.seqs:
-            x = torch.randn(b, t, spec.hidden, device=dev, dtype=layer.qkv.weight.dtype,
-                            requires_grad=True)
-
-            def forward() -> None:
-                with torch.no_grad():
-                    layer(x)
-
-            def step() -> None:
-                layer(x).sum().backward()
-            rows.append({"model": grid.model, "batch": b, "seq": t, "tokens": b * t,
-                         "forward_s": time_call(forward, grid.min_time_s),
-                         "seconds": time_call(step, grid.min_time_s)})
-            layer.zero_grad(set_to_none=True)
+            x = torch.randn(b, t, spec.hidden, device=dev, dtype=getattr(torch, grid.dtype))
+            fwd, both = _time_layer(layer, layer, x, grid.min_time_s)
+            rows.append({"model": grid.model, "impl": "torch", "batch": b, "seq": t,
+                         "tokens": b * t, "forward_s": fwd, "seconds": both})
     return rows
+
+
+def _megatron_rows(grid: TrainLayerGrid, spec: ModelSpec, seed: int) -> list[dict]:
+    """The decoder block of a one-layer megatron GPTModel ([seq, batch, hidden] in and out)."""
+    from executor import megatron_model as mm
+    from executor.parallel import ParallelLayout, build_role_groups
+
+    groups = build_role_groups("profile", ParallelLayout(), seed=seed)
+    rows = []
+    with groups.active():
+        model = mm.build_local_model(replace(spec, layers=1), groups,
+                                     mm.ModelOptions(dtype=grid.dtype), seed)[0]
+        dev = next(model.parameters()).device
+        for b in grid.batches:
+            for t in grid.seqs:
+                rope = model.rotary_pos_emb(t)
+                x = torch.randn(t, b, spec.hidden, device=dev, dtype=getattr(torch, grid.dtype))
+                fwd, both = _time_layer(
+                    lambda h: model.decoder(hidden_states=h, attention_mask=None,
+                                            rotary_pos_emb=rope), model, x, grid.min_time_s)
+                rows.append({"model": grid.model, "impl": "megatron-core", "batch": b, "seq": t,
+                             "tokens": b * t, "forward_s": fwd, "seconds": both})
+    return rows
+
+
+def measure_train_layer(grid: TrainLayerGrid, seed: int = 0) -> list[dict]:
+    """[{model, impl, batch, seq, tokens, forward_s, seconds}]: seconds = forward + backward.
+    megatron-core's layer when torch.distributed is initialised, else the torch stand-in."""
+    spec = load_model(grid.model)
+    torch.manual_seed(seed)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            import executor.megatron_model  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return _megatron_rows(grid, spec, seed)
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return _torch_rows(grid, spec, dev)
