@@ -59,7 +59,8 @@ def _row_dict(r: Row) -> dict:
          "gpu_hours_per_1k_steps": r.gpu_hours_per_1k_steps, "meets_target": r.meets_target,
          "reason": r.reason}
     if not r.feasible:
-        d |= {"iteration_s": None, "gpu_hours_per_1k_steps": None}
+        d |= dict.fromkeys(("tokens_per_s", "iteration_s", "peak_memory_gib",
+                            "scaling_efficiency", "gpu_hours_per_1k_steps"))
     return d | {f"{name} tokens_per_s": tps for name, tps in r.standard.items()}
 
 

@@ -78,6 +78,7 @@ def test_outputs(tmp_path: Path) -> None:
     assert [r["gpus"] for r in rows] == ["8", "16", "32", "64", "128"]
     assert [r["smallest_meeting_target"] for r in rows] == ["False", "False", "False", "True", "False"]
     assert rows[2]["split tokens_per_s"] == "1500.0" and rows[1]["split tokens_per_s"] == ""
+    assert rows[0]["tokens_per_s"] == "" and rows[0]["reason"] == "needs at least 16 GPUs"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = table(result)
     assert "smallest count meeting the target: 64" in text and "infeasible" in text
