@@ -100,42 +100,47 @@ def _algorithm(v: PlanView) -> dict[str, object]:
     return o
 
 
+def _pool_names(v: PlanView) -> dict[int, str]:
+    actor_set = v.roles["actor"].set_index
+    return {i: "global_pool" if i == actor_set else
+            "reward_pool" if members == ("reward",) else f"pool_{i}"
+            for i, members in enumerate(v.sets)}
+
+
 def _pools(v: PlanView) -> tuple[dict[str, object], list[str], str]:
     """Pool overrides, notes, and the mapping text when the config cannot express the plan."""
-    actor_set = v.roles["actor"].set_index
+    actor_set, names = v.roles["actor"].set_index, _pool_names(v)
     nodes, per_node = node_split(v.set_gpus[actor_set], v.gpus_per_node)
     o: dict[str, object] = {"trainer.nnodes": nodes, "trainer.n_gpus_per_node": per_node}
-    names = {actor_set: "global_pool"}
-    for i, members in enumerate(v.sets):
-        if i != actor_set:
-            names[i] = "reward_pool" if members == ("reward",) else f"pool_{i}"
     reward = v.role("reward")
     if reward is not None and names[reward.set_index] == "reward_pool":
         rn, rp = node_split(reward.gpus, v.gpus_per_node)
         o |= {"reward.reward_model.enable_resource_pool": True,
               "reward.reward_model.nnodes": rn, "reward.reward_model.n_gpus_per_node": rp}
-    apart = [r for r in v.roles.values()
-             if r.set_index != actor_set and names[r.set_index] != "reward_pool"]
+    apart = [r.name for r in v.roles.values()
+             if names[r.set_index] not in ("global_pool", "reward_pool")]
     if not apart:
         return o, [], ""
-    spec = {names[i]: [node_split(g, v.gpus_per_node)[1]] * node_split(g, v.gpus_per_node)[0]
-            for i, g in enumerate(v.set_gpus)}
-    mapping = {f"Role.{_verl_role(v, r)}": names[r.set_index] for r in v.roles.values()
-               if not (r.name == "reference" and r.set_index == actor_set)}
-    note = (f"verl's config keeps {', '.join(r.name for r in apart)} in global_pool with the "
-            f"actor; this plan gives them GPUs of their own: set the resource pools below in a "
-            f"TaskRunner/trainer subclass (_init_resource_pool_mgr)")
-    ref = v.role("reference")
-    if ref is not None and ref.set_index != actor_set:
-        notes_ref = ("verl 0.9.1 fuses the reference into the actor's workers "
+    notes = [f"verl's config keeps {', '.join(apart)} in global_pool with the actor; this plan "
+             f"gives them GPUs of their own: set the resource pools below in a TaskRunner/"
+             f"trainer subclass (_init_resource_pool_mgr)"]
+    if "reference" in apart:
+        notes.append("verl 0.9.1 fuses the reference into the actor's workers "
                      "(Role.ActorRolloutRef) when the actor also generates; a reference on GPUs of "
                      "its own needs a stand-alone Role.RefPolicy worker group as well as the pools")
-    else:
-        notes_ref = ""
-    text = ("Resource pools this plan needs (verl ResourcePoolManager, "
+    return o, notes, _mapping_text(v, names)
+
+
+def _mapping_text(v: PlanView, names: dict[int, str]) -> str:
+    spec = {names[i]: [node_split(g, v.gpus_per_node)[1]] * node_split(g, v.gpus_per_node)[0]
+            for i, g in enumerate(v.set_gpus)}
+    actor_set = v.roles["actor"].set_index
+    mapping = ", ".join(f"Role.{_verl_role(v, r)}: {names[r.set_index]!r}"
+                        for r in v.roles.values()
+                        if not (r.name == "reference" and r.set_index == actor_set))
+    return ("Resource pools this plan needs (verl ResourcePoolManager, "
             "verl/trainer/ppo/v1/trainer_base.py):\n"
-            f"resource_pool_spec = {spec!r}\nmapping = {{{', '.join(f'{k}: {val!r}' for k, val in mapping.items())}}}")
-    return o, [note] + ([notes_ref] if notes_ref else []), text
+            f"resource_pool_spec = {spec!r}\nmapping = {{{mapping}}}")
 
 
 def _verl_role(v: PlanView, role: RoleView) -> str:
