@@ -76,6 +76,10 @@ def _markdown(runs: list[Run], frame, tput, has_curves: bool) -> str:
                 table(["stage", "predicted s", "measured s", "error"],
                       [(r.stage, r.predicted_s, r.measured_s, percent(r.error))
                        for r in sub.itertuples()]), ""]
+        if run.terms:
+            out += ["Predicted terms (the simulator's, as the run wrote them):", "",
+                    table(["role", "stage", "term", "seconds", "from"],
+                          [(*t[:4], t[4] or "–") for t in run.terms]), ""]
     return "\n".join(out)
 
 

@@ -69,6 +69,7 @@ class Run:
     predicted: Times
     metrics: tuple[dict, ...] = ()
     label: str = ""
+    terms: tuple[tuple[str, str, str, float, str], ...] = ()  # role, stage, term, s, source
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, dict):
@@ -77,7 +78,28 @@ class Run:
             object.__setattr__(self, "label", plan_label(self.plan) or self.path.name)
 
     def with_label(self, label: str) -> "Run":
-        return Run(self.path, self.plan, self.measured, self.predicted, self.metrics, label)
+        return Run(self.path, self.plan, self.measured, self.predicted, self.metrics, label,
+                   self.terms)
+
+
+def _terms(predicted: dict, where: str) -> tuple[tuple[str, str, str, float, str], ...]:
+    """The prediction's named terms ({role: {stage: {term: seconds}}}) where the run wrote
+    them, with {role: {stage: {term: source}}} from "sources" where present."""
+    terms, sources = predicted.get("terms"), predicted.get("sources") or {}
+    if terms is None:
+        return ()
+    if not isinstance(terms, dict) or not all(isinstance(v, dict) for v in terms.values()):
+        raise RunDirError(f"{where}.terms must map role -> stage -> term -> seconds")
+    rows = []
+    for role, stages in terms.items():
+        for stage, named in stages.items():
+            if not isinstance(named, dict):
+                raise RunDirError(f"{where}.terms.{role}.{stage} must map term -> seconds")
+            src = ((sources.get(role) or {}).get(stage) or {}) if isinstance(sources, dict) else {}
+            rows += [(role, stage, term, _number(v, f"{where}.terms.{role}.{stage}.{term}"),
+                      str(src.get(term, "")) if isinstance(src, dict) else "")
+                     for term, v in named.items()]
+    return tuple(rows)
 
 
 def plan_label(plan: dict) -> str:
@@ -137,7 +159,8 @@ def load_run(path: str | Path) -> Run:
     predicted = Times.from_dict(summary["predicted"], f"{where}: predicted")
     if not isinstance(summary["plan"], dict):
         raise RunDirError(f"{where}: 'plan' must be an object")
-    return Run(path, summary["plan"], measured, predicted, _read_metrics(path / "metrics.jsonl"))
+    return Run(path, summary["plan"], measured, predicted, _read_metrics(path / "metrics.jsonl"),
+               terms=_terms(summary["predicted"], f"{where}: predicted"))
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

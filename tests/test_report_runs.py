@@ -41,8 +41,11 @@ def make_run(root: Path, name: str, measured: dict, predicted: dict, plan: dict 
 @pytest.fixture
 def two_runs(tmp_path: Path) -> list[Path]:
     split = dict(PLAN, sets=[{"models": ["actor"], "gpus": 2}, {"models": ["critic"], "gpus": 2}])
-    a = make_run(tmp_path, "colocated", times(2.0, 0.5, 1.0, 4.0, 100.0),
-                 times(2.2, 0.4, 1.0, 3.0, 120.0))
+    predicted = dict(times(2.2, 0.4, 1.0, 3.0, 120.0),
+                     terms={"actor": {"generate": {"decode_measured": 1.5, "prefill": 0.7}}},
+                     sources={"actor": {"generate": {"decode_measured": "measured",
+                                                     "prefill": "roofline"}}})
+    a = make_run(tmp_path, "colocated", times(2.0, 0.5, 1.0, 4.0, 100.0), predicted)
     b = make_run(tmp_path, "split", times(1.0, 0.0, 1.0, 2.0, 200.0),
                  times(1.0, 0.0, 0.9, 2.2, 195.0), plan=split)
     return [a, b]
@@ -82,6 +85,7 @@ def test_cli_writes_report(two_runs: list[Path], tmp_path: Path, capsys) -> None
     md = (out / "report.md").read_text()
     assert "ppo actor+critic@4" in md and "-25.0%" in md and "![" in md
     assert "median absolute error of iteration time" in md
+    assert "| actor | generate | decode_measured | 1.5 | measured |" in md
 
 
 def test_duplicate_plans_get_distinct_labels(tmp_path: Path) -> None:
@@ -109,6 +113,9 @@ def _summary(d: Path) -> dict:
     (lambda d: (d / "summary.json").write_text(json.dumps(dict(
         _summary(d), predicted=dict(times(1, 0, 0, 0, 1), iteration_s="fast")))),
      "predicted.iteration_s must be a number"),
+    (lambda d: (d / "summary.json").write_text(json.dumps(dict(
+        _summary(d), predicted=dict(times(1, 0, 0, 0, 1), terms={"actor": {"train": 3}})))),
+     "terms.actor.train must map term"),
     (lambda d: (d / "metrics.jsonl").write_text('{"iteration": 0}\n{oops\n'),
      "metrics.jsonl:2 is not valid JSON"),
 ])
