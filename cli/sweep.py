@@ -12,7 +12,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     from simulator.job import ALGORITHMS
 
     p.add_argument("--gpu", required=True, help="GPU kind: a profile name (profiles/) or YAML path")
-    p.add_argument("--model", required=True, help="model of every role (catalog name or config.json)")
+    p.add_argument("--model", help="model of every role (catalog name or config.json); "
+                   "required unless --job names the models")
     p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
     for role in ("critic", "reference", "reward", "cost"):
         p.add_argument(f"--{role}", help=f"model of the {role} (default: --model)")
@@ -37,14 +38,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from planner.sweep import Target, gpu_counts, parse_range, planner_points, run_sweep
     from planner.sweep_output import table, to_json, write_outputs
-    from cli.plan import build_job
     from simulator.profile import load_profile
 
     target = Target(args.target_tokens_per_s, args.steps, args.deadline_hours)
     profile = load_profile(args.gpu)
     gpn = args.gpus_per_node or profile.gpus_per_node
     counts = gpu_counts(*parse_range(args.gpus), gpn)
-    job = build_job(args)
+    job = _job(args)
     plan_at = planner_points(args.gpu, job, profile, gpn)
     result = run_sweep(counts, plan_at, target, job.to_dict(), profile.name, gpn)
     if args.json:
@@ -56,3 +56,30 @@ def main(args: argparse.Namespace) -> int:
         csv_path, png_path = write_outputs(result, args.out)
         print(f"wrote {csv_path} and {png_path}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+class JobFileError(ValueError):
+    """A --job file that cannot be read."""
+
+
+def _job(args: argparse.Namespace):
+    from simulator.job import Job
+
+    if args.job:
+        import yaml
+        try:
+            data = yaml.safe_load(Path(args.job).read_text())
+        except FileNotFoundError:
+            raise JobFileError(f"job file {args.job!r} does not exist") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise JobFileError(f"job file {args.job!r} is not valid JSON or YAML: "
+                               f"{' '.join(str(e).split())}") from None
+        try:
+            return Job.from_dict(data)
+        except ValueError as e:
+            raise JobFileError(f"{args.job}: {e}") from None
+    if not args.model:
+        raise JobFileError("give --model (or a --job file)")
+    return Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
+                      args.ppo_epochs, args.mini_batches, args.n_samples, critic=args.critic,
+                      reference=args.reference, reward=args.reward, cost=args.cost)

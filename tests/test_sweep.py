@@ -62,6 +62,7 @@ def test_cli_sweep_writes_table_csv_png(tmp_path: Path, capsys) -> None:
     (["--gpu", "no-such-gpu"], "no-such-gpu"),
     (["--algorithm", "dpo"], "invalid choice"),
     (["--job", "/nonexistent/job.yaml"], "does not exist"),
+    (["--model", ""], "give --model"),
 ])
 def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys) -> None:
     flags = {"--gpu": "a100-80gb", "--model": "llama-2-7b", "--gpus": "8:8"}
@@ -73,3 +74,12 @@ def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_job_file(tmp_path: Path, capsys) -> None:
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(json.dumps(JOB.to_dict()))
+    assert main(["sweep", "--gpu", "a100-80gb", "--job", str(job_file), "--gpus", "8:8",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["job"] == JOB.to_dict() and data["rows"][0]["gpus"] == 8
