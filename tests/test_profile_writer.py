@@ -75,6 +75,19 @@ def test_round_trip_through_simulator(tmp_path: Path) -> None:
     assert again.measured == prof.measured and again.peak_flops == prof.peak_flops
 
 
+def test_single_gpu_without_links_or_generation_still_loads(tmp_path: Path) -> None:
+    info = MachineInfo("gpu", "one gpu", devices=1, memory_gib=80.0, host_cores=16,
+                       threads_per_rank=1, backend="nccl")
+    m = measurements()
+    m = Measurements(m.alone, {1: m.alone}, {}, None, "tiny", m.train_layer)
+    p = build_profile("one-gpu", info, m, 1.0)
+    assert p["sources"]["intra_node_bandwidth"].startswith("estimate")
+    assert p["sources"]["step_overhead_s"].startswith("estimate")
+    prof = load_profile(str(write_profile(p, tmp_path / "one-gpu.yaml")))
+    assert prof.intra_node_bandwidth == pytest.approx(p["hbm_bandwidth"])
+    assert prof.measured.collectives == () and prof.measured.decode == ()
+
+
 def test_writer_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must end in .yaml"):
         write_profile(build_profile("x", INFO, measurements(), 1.0), tmp_path / "x.json")

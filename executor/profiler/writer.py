@@ -89,31 +89,52 @@ def _sharing(m: Measurements, info: MachineInfo) -> dict:
                          for k, t in sorted(m.shared.items())]}
 
 
-def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
+# Used only where nothing could be measured (one GPU: no link; --no-generate: no decode step).
+_FALLBACK_LATENCY_S = 1e-5
+_FALLBACK_STEP_S = {"cpu": 5e-3, "gpu": 1e-3}
+
+
+def _link_numbers(info: MachineInfo, m: Measurements, who: str) -> tuple[dict, dict]:
     latency, bandwidth = _link(m.collectives)
+    if bandwidth > 0 and latency > 0:
+        return ({"intra_node_bandwidth": bandwidth, "inter_node_bandwidth": bandwidth,
+                 "comm_latency_s": latency},
+                {"intra_node_bandwidth": f"{who}: largest all_reduce over {info.backend}, "
+                                         "ring model",
+                 "inter_node_bandwidth": "estimate: one node measured; set equal to "
+                                         "intra_node_bandwidth",
+                 "comm_latency_s": f"{who}: smallest all_reduce / ring steps over "
+                                   f"{info.backend}"})
+    memory_bw = _memory_bandwidth(m.alone)
+    why = "estimate: one device, no link to measure"
+    return ({"intra_node_bandwidth": memory_bw, "inter_node_bandwidth": memory_bw,
+             "comm_latency_s": _FALLBACK_LATENCY_S},
+            {"intra_node_bandwidth": f"{why}; set to the device memory bandwidth",
+             "inter_node_bandwidth": f"{why}; set to the device memory bandwidth",
+             "comm_latency_s": f"{why}; a typical kernel launch latency"})
+
+
+def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
+    who = f"measured by `hybridflow profile` on {info.device_name}"
+    link, link_sources = _link_numbers(info, m, who)
     decode = (m.generate or {}).get("decode") or []
-    step = min((r for r in decode), key=lambda r: (r["batch"], r["context"]))["seconds"] \
-        if decode else 0.0
-    reserved = 1.0 if info.kind == "cpu" else 2.0
+    step = min(decode, key=lambda r: (r["batch"], r["context"]))["seconds"] if decode else 0.0
     numbers = {"name": name, "estimate": False, "gpus_per_node": info.devices,
                "host_cores": info.host_cores, "peak_flops": _peak_flops(m.alone),
                "hbm_gib": round(info.memory_gib, 3),
-               "hbm_bandwidth": _memory_bandwidth(m.alone),
-               "intra_node_bandwidth": bandwidth, "inter_node_bandwidth": bandwidth,
-               "comm_latency_s": latency, "step_overhead_s": step,
-               "reserved_gib": min(reserved, info.memory_gib / 2),
+               "hbm_bandwidth": _memory_bandwidth(m.alone), **link,
+               "step_overhead_s": step if step > 0 else _FALLBACK_STEP_S[info.kind],
+               "reserved_gib": min(1.0 if info.kind == "cpu" else 2.0, info.memory_gib / 2),
                "efficiency": {"matmul": 1.0, "memory": 1.0, "communication": 1.0}}
-    who = f"measured by `hybridflow profile` on {info.device_name}"
+    devices = "logical devices (ranks)" if info.kind == "cpu" else "GPUs"
     sources = {
-        "gpus_per_node": f"{who}: {info.devices} {'logical devices (ranks)' if info.kind == 'cpu' else 'GPUs'}",
+        "gpus_per_node": f"{who}: {info.devices} {devices}",
         "peak_flops": f"{who}: best achieved FLOP/s in measured.matmul, one rank alone",
         "hbm_gib": f"{who}: {'host RAM / devices' if info.kind == 'cpu' else 'device memory'}",
         "hbm_bandwidth": f"{who}: best elementwise add bytes/s (extra.elementwise), one rank",
-        "intra_node_bandwidth": f"{who}: largest all_reduce over {info.backend}, ring model",
-        "inter_node_bandwidth": "estimate: one node measured; set equal to intra_node_bandwidth",
-        "comm_latency_s": f"{who}: smallest all_reduce / ring steps over {info.backend}",
-        "step_overhead_s": f"{who}: vLLM decode step at batch 1, shortest context" if decode
-        else "estimate: no generation measured",
+        **link_sources,
+        "step_overhead_s": f"{who}: vLLM decode step at batch 1, shortest context"
+        if step > 0 else "estimate: no generation measured; a typical engine step overhead",
         "reserved_gib": "estimate: per-process runtime footprint (python, torch, engine)",
         "efficiency": "measured: peak numbers above are achieved values, so efficiency is 1",
     }
