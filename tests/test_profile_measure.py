@@ -115,7 +115,6 @@ def test_vllm_steps_tiny() -> None:
     out = vllm_steps.measure_generate(grid)
     assert [(r["batch"], r["tokens"]) for r in out["prefill"]] == [(1, 8), (2, 8)]
     assert [(r["batch"], r["context"]) for r in out["decode"]] == [(1, 9), (2, 9)]
-    assert _positive(out["prefill"])
-    assert all(r["seconds"] >= 0 for r in out["decode"])
+    assert _positive(out["prefill"]) and _positive(out["decode"])
     with pytest.raises(ValueError, match="positions"):
         vllm_steps.GenerateGrid("tiny", (1,), (600,), (8,))

@@ -2,12 +2,14 @@
 
 The model is built from a simulator ModelSpec with transformers (random weights, saved locally;
 nothing is downloaded) and served by vLLM in one fresh process (in-process engine, eager mode).
-Prefill: a batch of prompts of `tokens` tokens generating one token. Decode: per-step seconds
-at a context, from the difference between generating 1 + d and 1 tokens after that prompt.
+Engine steps are timed one by one: prefill is the first step of a batch of `tokens`-token
+prompts (it samples the first token); decode is the median of the d steps that follow a
+prompt of `context` tokens (reported at the middle context).
 """
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,33 +73,39 @@ def save_random_llama(spec: ModelSpec, folder: Path, dtype: str, seed: int = 0) 
     return folder
 
 
-def _generate_seconds(llm, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                      vocab: int) -> float:
+def _step_seconds(llm, batch: int, prompt_len: int, new_tokens: int, vocab: int,
+                  tag: str) -> list[float]:
+    """Seconds of each engine step while `batch` prompts generate `new_tokens` tokens each:
+    the first step is the prefill (it samples the first token), the rest are decode steps."""
     from vllm import SamplingParams
 
-    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % vocab for j in range(prompt_len)]}
-               for i in range(batch)]
+    engine = llm.llm_engine
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True,
                             temperature=0.0)
-    best = float("inf")
-    for _ in range(repeats):
+    for i in range(batch):
+        ids = [(7 * i + 3 * j + 1) % vocab for j in range(prompt_len)]
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, params)
+    times = []
+    while engine.has_unfinished_requests():
         t0 = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _measure(llm, grid: GenerateGrid, vocab: int) -> dict[str, list[dict]]:
+    """Prefill: the fastest first step over repeats. Decode: the median step after it."""
     prefill, decode = [], []
     for b in grid.batches:
         for t in grid.prompt_tokens:
-            prefill.append({"batch": b, "tokens": t, "seconds": _generate_seconds(
-                llm, b, t, 1, grid.repeats, vocab)})
+            firsts = [_step_seconds(llm, b, t, 1, vocab, f"p{b}-{t}-{r}")[0]
+                      for r in range(grid.repeats)]
+            prefill.append({"batch": b, "tokens": t, "seconds": min(firsts)})
         for c in grid.contexts:
-            one = _generate_seconds(llm, b, c, 1, grid.repeats, vocab)
-            more = _generate_seconds(llm, b, c, 1 + grid.decode_steps, grid.repeats, vocab)
+            steps = [x for r in range(grid.repeats) for x in
+                     _step_seconds(llm, b, c, 1 + grid.decode_steps, vocab, f"d{b}-{c}-{r}")[1:]]
             decode.append({"batch": b, "context": c + grid.decode_steps // 2,
-                           "seconds": max(more - one, 0.0) / grid.decode_steps})
+                           "seconds": statistics.median(steps)})
     return {"prefill": prefill, "decode": decode}
 
 
@@ -113,7 +121,7 @@ def _rank_generate(rank: int, world: int, grid: GenerateGrid) -> dict[str, list[
                   max_num_seqs=max(grid.batches),
                   max_num_batched_tokens=max(grid.batches) * grid.max_len,
                   gpu_memory_utilization=0.5 if torch.cuda.is_available() else 0.9)
-        _generate_seconds(llm, 1, 8, 2, 1, spec.vocab)  # warm-up
+        _step_seconds(llm, 1, 8, 2, spec.vocab, "warm-up")
         return _measure(llm, grid, spec.vocab)
 
 
