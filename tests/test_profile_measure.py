@@ -118,3 +118,30 @@ def test_vllm_steps_tiny() -> None:
     assert _positive(out["prefill"]) and _positive(out["decode"])
     with pytest.raises(ValueError, match="positions"):
         vllm_steps.GenerateGrid("tiny", (1,), (600,), (8,))
+
+
+@pytest.mark.slow
+def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
+    """The whole command on tiny grids (no vLLM): every step runs, the simulator loads it."""
+    from executor.profiler import machine
+    from simulator.profile import load_profile
+
+    monkeypatch.setattr(ops, "default_grid", lambda quick, gpu: GRID)
+    monkeypatch.setattr(collectives, "default_grid", lambda world, quick, gpu:
+                        collectives.CollectiveGrid(world, (4096,), repeats=1))
+    monkeypatch.setattr(train_layer, "default_grids", lambda quick, gpu: (
+        train_layer.TrainLayerGrid("tiny", (1, 2), (8, 16), min_time_s=0.001),))
+    options = machine.ProfileOptions(out=tmp_path / "tiny-host.yaml", quick=True, devices=2,
+                                     generate=False, concurrency=(1, 2))
+    path = machine.profile_machine(options, progress=False)
+    assert path == tmp_path / "tiny-host.yaml" and sorted(p.name for p in tmp_path.iterdir()) \
+        == ["tiny-host.yaml"]
+    prof = load_profile(str(path))
+    assert prof.name == "tiny-host" and prof.gpus_per_node == 2 and prof.host_cores >= 1
+    assert len(prof.measured.matmul) == 2 and prof.measured.train_layer_model == "tiny"
+    assert {op for op, rows in prof.measured.collectives if rows} == set(collectives.OPS)
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    assert [r["ranks"] for r in raw["sharing"]["slowdown"]] == [1, 2]
+    assert raw["extra"]["train_layer_rows"][0]["impl"] == "megatron-core"

@@ -13,6 +13,7 @@ from typing import Callable
 
 from executor.profiler import collectives, ops, train_layer, vllm_steps
 from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+from simulator.profile import load_profile
 
 
 @dataclass(frozen=True)
@@ -116,5 +117,12 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
     shared = {1: alone, **{int(k[6:]): v for k, v in results.items() if k.startswith("shared")}}
     m = Measurements(alone, shared, results.get("collectives", {}), results.get("generate"),
                      options.model, train_rows)
-    name = Path(options.out).stem
-    return write_profile(build_profile(name, info, m, time.perf_counter() - start), options.out)
+    out = Path(options.out)
+    draft = out.with_name(f".{out.stem}.draft{out.suffix}")
+    write_profile(build_profile(out.stem, info, m, time.perf_counter() - start), draft)
+    try:
+        load_profile(str(draft))  # the simulator must read what was measured
+    except ValueError:
+        draft.unlink()
+        raise
+    return draft.replace(out)
