@@ -9,7 +9,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
-    parser.add_argument("--quick", action="store_true", help="smaller grids (about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller grids (a minute or two on a quiet machine)")
     parser.add_argument("--devices", type=int, default=4,
                         help="CPU only: logical devices (ranks) sharing the host (default 4)")
     parser.add_argument("--threads", type=int, default=1,
