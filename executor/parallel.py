@@ -46,6 +46,11 @@ class ParallelLayout:
             raise LayoutError(f"layout vpp must be None or >= 2 with pp >= 2, got "
                               f"vpp={self.vpp!r}, pp={self.pp}")
 
+    @classmethod
+    def from_layout(cls, layout: Any) -> "ParallelLayout":
+        """From any object with tp, pp, dp (e.g. simulator.layout.TrainLayout)."""
+        return cls(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=getattr(layout, "vpp", None))
+
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from executor import cuda_bridge
 from executor import megatron_model as mm
 from executor.batch import Batch
 from executor.parallel import RoleGroups
@@ -83,11 +84,11 @@ def _attention_inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     ids = mb["input_ids"]
     b, s = ids.shape
     if "attention_mask" not in mb:
-        pos = mb.get("position_ids", torch.arange(s).expand(b, s))
+        pos = mb.get("position_ids", torch.arange(s, device=ids.device).expand(b, s))
         return pos, None
     keep = mb["attention_mask"].bool()
     pos = mb.get("position_ids", (keep.long().cumsum(-1) - 1).clamp(min=0))
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).triu(1)
     mask = causal[None, None] | ~keep[:, None, None, :]
     return pos, mask
 
@@ -125,7 +126,7 @@ class TrainEngine:
     # ---- one micro-batch -----------------------------------------------------------------
     def _forward_step(self, loss_fn: LossFn | None, data_iterator: Any,
                       model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-        mb: Batch = next(data_iterator)
+        mb: Batch = next(data_iterator).to(cuda_bridge.device())
         ids = mb["input_ids"]
         pos, mask = _attention_inputs(mb)
         labels = None
@@ -167,7 +168,7 @@ class TrainEngine:
             store = self._run(batch, None, forward_only=True)
         if not store:
             return None
-        return torch.cat([d["output"] for d in store])
+        return torch.cat([d["output"] for d in store]).cpu()
 
     def train_step(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over this rank's slice; metrics averaged over micro-batches
@@ -211,20 +212,37 @@ class TrainEngine:
 
     def local_state(self) -> dict[str, Any]:
         """This rank's shards with their TP partition, for gathering a full state."""
-        return {name: (p.detach().clone(), mm.tp_partition(p))
+        return {name: (p.detach().cpu().clone(), mm.tp_partition(p))
                 for name, p in self.named_local_parameters()}
 
     def load_full_megatron_state(self, state: dict[str, torch.Tensor]) -> None:
         mm.load_full_state(self.model, state, self.groups.tp_rank, self.groups.layout.tp)
 
     def load_state(self, full_hf_state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a full Hugging Face Llama state dict (via executor.weights)."""
-        try:
-            from executor.weights import hf_to_megatron_shard
-        except ImportError as e:
-            raise NotImplementedError("load_state needs executor/weights.py "
-                                      "(hf_to_megatron_shard)") from e
+        """Load a full Hugging Face Llama state dict: ``executor.weights.hf_to_megatron_shard``
+        when it exists, else ``hf_to_megatron`` (full, TP1 names) sliced here."""
+        from executor import weights
         g = self.groups
-        shards = hf_to_megatron_shard(full_hf_state_dict, self.spec, g.tp_rank, g.layout.tp,
-                                      g.pp_rank, g.layout.pp)
-        mm.load_local_state(self.model, shards)
+        to_shard = getattr(weights, "hf_to_megatron_shard", None)
+        if to_shard is not None:
+            shards = to_shard(full_hf_state_dict, self.spec, g.tp_rank, g.layout.tp,
+                              g.pp_rank, g.layout.pp)
+            mm.load_local_state(self.model, shards)
+        else:
+            self.load_full_megatron_state(weights.hf_to_megatron(full_hf_state_dict, self.spec))
+
+
+# ---- simple reference losses (SFT / reward-model style); the RL losses live elsewhere --
+def lm_loss(output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean negative log-likelihood over ``loss_mask`` (all tokens without one)."""
+    mask = mb.get("loss_mask", torch.ones_like(output)).to(output.dtype)
+    loss = -(output * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"loss": loss}
+
+
+def value_loss(output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean squared error of the values against ``returns`` over ``loss_mask``."""
+    mask = mb.get("loss_mask", torch.ones_like(output)).to(output.dtype)
+    err = (output - mb["returns"].to(output.dtype)) ** 2
+    loss = (err * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"loss": loss}

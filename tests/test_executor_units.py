@@ -1,0 +1,126 @@
+"""Batch, protocols, layouts and the TP shard rule: single-process, no Ray."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from executor.batch import Batch, BatchError
+from executor.parallel import LayoutError, ParallelLayout
+from executor.protocols import (CallContext, ProtocolError, get_mode, megatron_3d_output_ranks,
+                                register, register_mode, dispatch_mode_of)
+
+
+def _batch(n: int = 8) -> Batch:
+    return Batch({"x": torch.arange(n * 2).view(n, 2), "y": torch.arange(n).float()},
+                 {"s": [f"p{i}" for i in range(n)]}, {"temp": 1.0})
+
+
+def test_batch_split_concat_roundtrip():
+    b = _batch()
+    parts = b.split(4)
+    assert [len(p) for p in parts] == [2] * 4
+    assert parts[1]["s"].tolist() == ["p2", "p3"] and parts[1].meta == {"temp": 1.0}
+    assert Batch.concat(parts).equals(b)
+    with pytest.raises(BatchError):
+        b.split(3)
+
+
+def test_batch_union_select_repeat_index():
+    b = _batch(4)
+    u = b.union(Batch({"z": torch.ones(4)}, meta={"k": 2}))
+    assert sorted(u.keys()) == ["s", "x", "y", "z"] and u.meta == {"temp": 1.0, "k": 2}
+    with pytest.raises(BatchError):
+        b.union(Batch({"x": torch.zeros(4, 2, dtype=torch.long)}))
+    s = u.select(["x", "s"], meta_keys=[])
+    assert sorted(s.keys()) == ["s", "x"] and s.meta == {}
+    r = b.repeat(2)
+    assert r["y"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert r["s"].tolist()[:4] == ["p0", "p0", "p1", "p1"]
+    t = b.repeat(2, interleave=False)
+    assert t["y"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and t["x"].shape == (8, 2)
+    assert b.index([3, 0])["s"].tolist() == ["p3", "p0"]
+    with pytest.raises(BatchError):
+        Batch({"a": torch.zeros(3), "b": torch.zeros(4)})
+
+
+def test_layout_coordinates_follow_megatron_order():
+    lay = ParallelLayout(tp=2, pp=2, dp=2)
+    assert lay.coords(0) == (0, 0, 0) and lay.coords(1) == (0, 0, 1)
+    assert lay.coords(2) == (0, 1, 0) and lay.coords(4) == (1, 0, 0)
+    assert all(lay.rank_of(*lay.coords(r)) == r for r in range(8))
+    with pytest.raises(LayoutError):
+        ParallelLayout(tp=0)
+    with pytest.raises(LayoutError):
+        ParallelLayout(tp=2).check_model(layers=2, heads=4, kv_heads=1, vocab=512)
+    with pytest.raises(LayoutError):
+        ParallelLayout(pp=4).check_model(layers=2, heads=4, kv_heads=4, vocab=512)
+
+
+def test_one_to_all_and_all_to_all():
+    ctx = CallContext(3, None)
+    assert get_mode("ONE_TO_ALL").dispatch(ctx, (1,), {"k": 2}) == [((1,), {"k": 2})] * 3
+    out = get_mode("ALL_TO_ALL").dispatch(ctx, ([1, 2, 3],), {"k": ["a", "b", "c"]})
+    assert out == [((1,), {"k": "a"}), ((2,), {"k": "b"}), ((3,), {"k": "c"})]
+    with pytest.raises(ProtocolError):
+        get_mode("ALL_TO_ALL").dispatch(ctx, ([1, 2],), {})
+    assert get_mode("ALL_TO_ALL").collect(ctx, [1, 2, 3]) == [1, 2, 3]
+
+
+def test_dp_compute_splits_over_all_ranks_and_concats():
+    ctx = CallContext(4, None)
+    b = _batch()
+    per = get_mode("DP_COMPUTE").dispatch(ctx, (b, 7), {})
+    assert [a[0]["y"].tolist() for a, _ in per] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(a[1] == 7 for a, _ in per)
+    assert get_mode("DP_COMPUTE").collect(ctx, [a[0] for a, _ in per]).equals(b)
+
+
+def test_megatron_3d_feeds_dp_slices_and_collects_last_stage_tp0():
+    lay = ParallelLayout(tp=2, pp=2, dp=2)
+    ctx = CallContext(8, lay)
+    b = _batch()
+    per = get_mode("MEGATRON_3D").dispatch(ctx, (b,), {})
+    for rank, (args, _) in enumerate(per):
+        dp = lay.coords(rank)[1]
+        assert args[0]["y"].tolist() == list(range(dp * 4, dp * 4 + 4))
+    assert megatron_3d_output_ranks(lay) == [lay.rank_of(1, 0, 0), lay.rank_of(1, 1, 0)]
+    outs = [Batch({"r": torch.tensor([r])}) for r in range(8)]
+    got = get_mode("MEGATRON_3D").collect(ctx, outs)
+    assert got["r"].tolist() == [4, 6]
+    with pytest.raises(ProtocolError):
+        get_mode("MEGATRON_3D").dispatch(CallContext(8, None), (b,), {})
+
+
+def test_mode_table_is_open_and_register_marks_methods():
+    name = "TEST_FIRST_ONLY"
+    register_mode(name, lambda ctx, a, k: [(a, k)] + [((), {})] * (ctx.world_size - 1),
+                  lambda ctx, outs: outs[0])
+    with pytest.raises(ProtocolError):
+        register_mode(name, lambda *a: [], lambda *a: None)
+
+    class W:
+        @register(dispatch_mode=name)
+        def m(self):
+            return 1
+    assert dispatch_mode_of(W, "m") == name and dispatch_mode_of(W, "other") is None
+    assert get_mode(name).collect(CallContext(2, None), [5, 6]) == 5
+
+
+def test_tp_shard_rule_matches_megatron_split_and_merges_back():
+    from executor.megatron_model import merge_shards, shard_of
+    full = torch.arange(8 * 3).view(8, 3).float()
+    # stride 2 (fused gate/up): rank r holds [gate_r; up_r]
+    s0, s1 = (shard_of(full, (0, 2), r, 2) for r in range(2))
+    assert torch.equal(s0, torch.cat([full[0:2], full[4:6]]))
+    assert torch.equal(s1, torch.cat([full[2:4], full[6:8]]))
+    assert torch.equal(merge_shards([s0, s1], (0, 2)), full)
+    cols = [shard_of(full, (1, 1), r, 3) for r in range(3)]
+    assert torch.equal(cols[1], full[:, 1:2]) and torch.equal(merge_shards(cols, (1, 1)), full)
+    assert shard_of(full, None, 1, 2) is full
+
+
+def test_object_fields_survive_numpy():
+    b = Batch(non_tensors={"d": [{"a": 1}, {"b": 2}]})
+    assert len(b) == 2 and b.split(2)[1]["d"][0] == {"b": 2}
+    assert isinstance(b["d"], np.ndarray)
