@@ -1,0 +1,140 @@
+"""`hybridflow run`: execute a plan's RL job on its placement and measure it.
+
+The run dir holds plan.json, run.json (settings), metrics.jsonl (one line per iteration),
+summary.json (measured and predicted stage seconds side by side) and checkpoints/iter_N
+(every role's weights and optimizer state per rank, plus the controller's state). A
+checkpoint is written into a temporary folder and renamed into place, so a run that dies
+while saving leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from executor.artifacts import ensure_artifacts
+from executor.cluster import Cluster, ClusterConfig
+from executor.loops import LOOPS
+from executor.plan_check import check_plan
+from executor.run_config import RunConfig
+from executor.runtime import Runtime
+
+STAGES = ("generate", "reshard", "prepare", "train")
+
+
+class RunError(ValueError):
+    """A run that cannot start: a bad plan, run dir or setting."""
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    metrics: list[dict]
+    summary: dict
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = sorted((p for p in (out / "checkpoints").glob("iter_*") if p.is_dir()),
+                  key=lambda p: int(p.name.split("_")[1]))
+    return done[-1] if done else None
+
+
+def _save_checkpoint(rt: Runtime, out: Path, it: int, state: dict) -> None:
+    final = out / "checkpoints" / f"iter_{it:06d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    futures = [rt.groups[role].call(role, "save_role", str(tmp)) for role in rt.groups]
+    for f in futures:
+        f.result()
+    (tmp / "controller.json").write_text(json.dumps({"iteration": it, "state": state}))
+    tmp.rename(final)
+    for old in (out / "checkpoints").glob("iter_*"):  # keep the newest two
+        if old.is_dir() and old not in sorted(old.parent.glob("iter_*"))[-2:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(rt: Runtime, ckpt: Path) -> tuple[int, dict]:
+    for f in [rt.groups[role].call(role, "load_role", str(ckpt)) for role in rt.groups]:
+        f.result()
+    saved = json.loads((ckpt / "controller.json").read_text())
+    return saved["iteration"], saved["state"]
+
+
+def _tokens(plan: dict) -> int:
+    job = plan["job"]
+    n = job.get("n_samples", 1) or 1 if job["algorithm"] == "grpo" else 1
+    return job["global_batch"] * n * (job["prompt_len"] + job["response_len"])
+
+
+def summarize(plan: dict, metrics: list[dict], predicted: dict | None) -> dict:
+    """Measured stage means over the iterations (the first one, a warm-up, left out when
+    there are more), next to the simulator's prediction."""
+    rows = metrics[1:] if len(metrics) > 1 else metrics
+    stages = {s: statistics.mean(m["stages"][s] for m in rows) for s in STAGES}
+    it_s = sum(stages.values())
+    return {"plan": plan,
+            "measured": {"iteration_s": it_s, "tokens_per_s": _tokens(plan) / it_s,
+                         "stages": stages, "iterations": len(metrics),
+                         "score_first": metrics[0]["score"], "score_last": metrics[-1]["score"]},
+            "predicted": predicted}
+
+
+def predict(plan: dict, profile: str, scheme: str) -> dict | None:
+    from planner.plan import Plan
+    from simulator import predict_plan
+    from simulator.profile import load_profile
+    pred = predict_plan(Plan.from_dict(plan), load_profile(profile), reshard=scheme)
+    d = pred.to_dict()
+    return {"iteration_s": d["iteration_s"], "tokens_per_s": d["tokens_per_s"],
+            "stages": d["stages"], "profile": profile}
+
+
+def run(plan: dict, cfg: RunConfig, out: Path, resume: bool = False,
+        ray_address: str | None = None, profile: str = "local-cpu", devices: int = 4,
+        progress: Callable[[dict], None] | None = None) -> RunResult:
+    """Run (or with `resume`, continue) the plan's job; `devices`: of a local cluster."""
+    algorithm = plan["job"]["algorithm"]
+    check_plan(plan, cfg, None if ray_address else devices)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    (out / "run.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    models = {m for m in plan["job"]["models"].values() if m != "rule"}
+    art = ensure_artifacts(model=models.pop(), seed=cfg.seed)
+    predicted = predict(plan, profile, cfg.reshard)
+    metrics_path = out / "metrics.jsonl"
+    cluster = Cluster.start(ClusterConfig(devices=devices, address=ray_address))
+    rt = Runtime(plan, cfg, art, cluster)
+    try:
+        rt.start()
+        first, state = 0, {}
+        ckpt = _latest_checkpoint(out) if resume else None
+        if ckpt is not None:
+            first, state = _restore(rt, ckpt)
+        metrics = [json.loads(l) for l in metrics_path.read_text().splitlines()[:first]] \
+            if resume and metrics_path.exists() else []
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        for it in range(first, cfg.iterations):
+            t0 = time.perf_counter()
+            row = LOOPS[algorithm](rt, it, state)
+            wall = time.perf_counter() - t0
+            stages = rt.take_timings()
+            row = {"iteration": it, "stages": stages, "wall_s": wall,
+                   "tokens_per_s": _tokens(plan) / sum(stages.values()), **row}
+            metrics.append(row)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                progress(row)
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                _save_checkpoint(rt, out, it + 1, state)
+    finally:
+        rt.shutdown()
+        cluster.shutdown()
+    summary = summarize(plan, metrics, predicted)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return RunResult(out, metrics, summary)
