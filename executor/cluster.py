@@ -96,7 +96,8 @@ class Cluster:
         os.environ["RAY_TMPDIR"] = tmpdir
         gpu = _cuda_available()
         resources = {} if gpu else {VGPU: config.devices}
-        ray.init(num_cpus=os.cpu_count(), resources=resources, _temp_dir=tmpdir, **quiet)
+        _init_local(dict(num_cpus=os.cpu_count(), resources=resources, _temp_dir=tmpdir,
+                         **quiet))
         return cls(config, started_here=True, tmpdir=tmpdir if own_tmp else None,
                    resource="GPU" if gpu else VGPU)
 
@@ -150,6 +151,19 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _init_local(kwargs: dict, attempts: int = 3) -> None:
+    """Start a local Ray; retried because Ray gives its raylet a fixed 30 s to register,
+    which an overloaded machine can miss."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise ClusterError(f"cannot start a local Ray: {e}") from e
 
 
 def _shutdown_ref(ref: "weakref.ref[Cluster]") -> None:

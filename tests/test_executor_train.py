@@ -1,4 +1,5 @@
-"""4 ranks (TP2xPP2, TP4, PP4, DP4, TP2xDP2) train like one process: losses and weights.
+"""4 ranks (TP2xPP2, TP4, PP4, DP4, TP2xDP2 with the distributed optimizer, interleaved
+PP2xVPP2xDP2) train like one process: losses, weights, log-probs.
 
 One Ray start for the module: a 4-device worker group holding every layout as a colocated
 role (so it also shows several roles with separate groups in one process), and a 1-device
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.slow
 
 STEPS = 3
 MODEL = "tiny-4l"
-LAYOUTS = {"tp2pp2": (2, 2, 1), "tp4": (4, 1, 1), "pp4": (1, 4, 1), "dp4": (1, 1, 4),
-           "tp2dp2": (2, 1, 2)}
+# role -> (tp, pp, dp, vpp, distributed optimizer)
+LAYOUTS = {"tp2pp2": (2, 2, 1, None, False), "tp4": (4, 1, 1, None, False),
+           "pp4": (1, 4, 1, None, False), "dp4": (1, 1, 4, None, False),
+           "tp2dp2": (2, 1, 2, None, True), "pp2vpp2dp2": (1, 2, 2, 2, False)}
 
 
 def _data() -> "Batch":
@@ -48,8 +51,10 @@ def groups():
         ref.add_role("lm", MODEL, ParallelLayout(), cfg)
         ref.add_role("value", MODEL, ParallelLayout(),
                      EngineConfig(micro_batch_size=2, value_head=True))
-        for role, (tp, pp, dp) in LAYOUTS.items():
-            par.add_role(role, MODEL, ParallelLayout(tp=tp, pp=pp, dp=dp), cfg)
+        for role, (tp, pp, dp, vpp, dist_opt) in LAYOUTS.items():
+            par.add_role(role, MODEL, ParallelLayout(tp=tp, pp=pp, dp=dp, vpp=vpp),
+                         EngineConfig(micro_batch_size=1, lr=1e-3,
+                                      use_distributed_optimizer=dist_opt))
         par.add_role("value_tp2pp2", MODEL, ParallelLayout(tp=2, pp=2),
                      EngineConfig(micro_batch_size=2, value_head=True))
         yield ref, par

@@ -124,3 +124,42 @@ def test_object_fields_survive_numpy():
     b = Batch(non_tensors={"d": [{"a": 1}, {"b": 2}]})
     assert len(b) == 2 and b.split(2)[1]["d"][0] == {"b": 2}
     assert isinstance(b["d"], np.ndarray)
+
+
+def test_bridge_fails_loudly_on_an_unchecked_megatron_version(monkeypatch):
+    import megatron.core
+    from executor import cuda_bridge
+    cuda_bridge.check_version()  # the installed, pinned version passes
+    monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
+    with pytest.raises(cuda_bridge.BridgeError, match="0.99.0"):
+        cuda_bridge.check_version()
+
+
+def test_cpu_rng_tracker_forks_named_streams():
+    from executor.cuda_bridge import CpuRNGStatesTracker
+    tr = CpuRNGStatesTracker()
+    tr.add("model-parallel-rng", 5)
+    torch.manual_seed(0)
+    outer_expected = torch.rand(3)
+    torch.manual_seed(0)
+    with tr.fork("model-parallel-rng"):
+        a = torch.rand(3)
+    with tr.fork("model-parallel-rng"):
+        b = torch.rand(3)
+    assert torch.equal(torch.rand(3), outer_expected)  # outer stream untouched
+    both = torch.rand(6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.cat([a, b]), both)  # named stream continues across forks
+    with pytest.raises(Exception):
+        tr.add("other", 5)
+
+
+def test_bridge_maps_cuda_requests_to_cpu():
+    from executor import cuda_bridge
+    if cuda_bridge.cuda_available():
+        pytest.skip("the bridge is only used without CUDA")
+    with cuda_bridge.active():
+        t = torch.zeros(2, device="cuda")
+        assert t.device.type == "cpu" and t.cuda() is t
+        assert t.type() == "torch.cuda.FloatTensor"
+        assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.zeros(1).type() == "torch.FloatTensor"
