@@ -35,6 +35,7 @@ def _describe(run: Run) -> list[str]:
                      f" device(s): {txt or 'no layouts given'}")
     if run.metrics:
         lines.append(f"- iterations in metrics.jsonl: {len(run.metrics)}")
+    lines += [f"- {key}: {value}" for key, value in run.notes]
     return lines
 
 

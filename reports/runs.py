@@ -70,6 +70,7 @@ class Run:
     metrics: tuple[dict, ...] = ()
     label: str = ""
     terms: tuple[tuple[str, str, str, float, str], ...] = ()  # role, stage, term, s, source
+    notes: tuple[tuple[str, str], ...] = ()  # other scalar keys the run wrote, as written
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, dict):
@@ -79,7 +80,20 @@ class Run:
 
     def with_label(self, label: str) -> "Run":
         return Run(self.path, self.plan, self.measured, self.predicted, self.metrics, label,
-                   self.terms)
+                   self.terms, self.notes)
+
+
+def _notes(summary: dict) -> tuple[tuple[str, str], ...]:
+    """Scalar keys of measured/predicted beside the standard ones (e.g. the profile the
+    prediction used, iterations, first and last score)."""
+    out = []
+    for side in ("measured", "predicted"):
+        for key, value in summary[side].items():
+            if key not in ("iteration_s", "tokens_per_s", "stages") and \
+                    isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out.append((f"{side} {key}", value if isinstance(value, str) else
+                            f"{value:.4g}"))
+    return tuple(out)
 
 
 def _terms(predicted: dict, where: str) -> tuple[tuple[str, str, str, float, str], ...]:
@@ -160,7 +174,7 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(summary["plan"], dict):
         raise RunDirError(f"{where}: 'plan' must be an object")
     return Run(path, summary["plan"], measured, predicted, _read_metrics(path / "metrics.jsonl"),
-               terms=_terms(summary["predicted"], f"{where}: predicted"))
+               terms=_terms(summary["predicted"], f"{where}: predicted"), notes=_notes(summary))
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

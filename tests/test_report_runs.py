@@ -41,7 +41,7 @@ def make_run(root: Path, name: str, measured: dict, predicted: dict, plan: dict 
 @pytest.fixture
 def two_runs(tmp_path: Path) -> list[Path]:
     split = dict(PLAN, sets=[{"models": ["actor"], "gpus": 2}, {"models": ["critic"], "gpus": 2}])
-    predicted = dict(times(2.2, 0.4, 1.0, 3.0, 120.0),
+    predicted = dict(times(2.2, 0.4, 1.0, 3.0, 120.0), profile="local-cpu",
                      terms={"actor": {"generate": {"decode_measured": 1.5, "prefill": 0.7}}},
                      sources={"actor": {"generate": {"decode_measured": "measured",
                                                      "prefill": "roofline"}}})
@@ -86,6 +86,7 @@ def test_cli_writes_report(two_runs: list[Path], tmp_path: Path, capsys) -> None
     assert "ppo actor+critic@4" in md and "-25.0%" in md and "![" in md
     assert "median absolute error of iteration time" in md
     assert "| actor | generate | decode_measured | 1.5 | measured |" in md
+    assert "- predicted profile: local-cpu" in md
 
 
 def test_duplicate_plans_get_distinct_labels(tmp_path: Path) -> None:
