@@ -240,6 +240,28 @@ class VllmEngine:
             except FileNotFoundError:
                 pass
 
+    def shutdown(self) -> None:
+        """Release the engine and vLLM's parallel groups but not the torch.distributed
+        world (vLLM's own teardown destroys it), so that another engine, with other groups,
+        can be created in this process."""
+        import gc
+        import vllm.v1.engine.core as core
+        from vllm.distributed import parallel_state as ps
+        dist.barrier()
+        teardown = core.cleanup_dist_env_and_memory
+        core.cleanup_dist_env_and_memory = lambda *a, **k: None
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+            del self.llm
+            gc.collect()
+        finally:
+            core.cleanup_dist_env_and_memory = teardown
+        # ps.destroy_model_parallel() would destroy one-rank groups as the default group
+        for name in ("_TP", "_ETP", "_DCP", "_PCP", "_PP", "_DP"):
+            setattr(ps, name, None)
+        dist.barrier()
+        self.close()
+
 
 # ---- launching a local world (tests, benchmarks) ------------------------------------------
 def _free_port() -> int:
