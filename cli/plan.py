@@ -15,7 +15,7 @@ from cli.planfmt import format_plan, format_standard
 from planner.plan import Plan
 from planner.search import Planner
 from simulator.cluster import Cluster, ClusterError
-from simulator.job import ALGORITHMS, Job, JobError
+from simulator.job import ALGORITHMS, RULE_CPU_S, Job, JobError
 from simulator.profile import load_profile
 
 DEFAULTS = dict(gpu="a100-80gb", gpus=16, model="llama-2-7b", algorithm="ppo",
@@ -34,10 +34,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's)")
     p.add_argument("--model", default=d["model"], help="model of every role: catalog name or config.json")
     for role in ("critic", "reference", "reward", "cost"):
-        p.add_argument(f"--{role}", help=f"model of the {role} (default: --model)")
+        rule = ", or 'rule': a function on the CPU, no GPUs" if role in ("reward", "cost") else ""
+        p.add_argument(f"--{role}", help=f"model of the {role} (default: --model{rule})")
     p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
     p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
-    p.add_argument("--response-len", type=int, default=d["response_len"])
+    p.add_argument("--response-len", type=int, default=d["response_len"],
+                   help="response length; the maximum when --response-mean is given")
+    p.add_argument("--response-mean", type=float, default=0.0,
+                   help="mean response length (default: every response is --response-len long)")
+    p.add_argument("--rule-cpu-s", type=float, default=RULE_CPU_S,
+                   help=f"CPU seconds per response of a rule reward/cost (default {RULE_CPU_S})")
     p.add_argument("--batch", type=int, default=d["batch"], help="global batch (prompts)")
     p.add_argument("--n-samples", type=int, help="responses per prompt (grpo; default 4)")
     p.add_argument("--ppo-epochs", type=int, default=d["ppo_epochs"])
@@ -94,7 +100,8 @@ def build_job(args: argparse.Namespace) -> Job:
     if args.algorithm != "safe-rlhf" and roles["cost"]:
         raise JobError("--cost: only safe-rlhf has a cost model")
     return Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
-                      args.ppo_epochs, args.mini_batches, args.n_samples, **roles)
+                      args.ppo_epochs, args.mini_batches, args.n_samples,
+                      response_mean=args.response_mean, rule_cpu_s=args.rule_cpu_s, **roles)
 
 
 def _export(plan: Plan, fmt: str) -> str:

@@ -3,7 +3,7 @@ layouts by exhaustive joint enumeration (no pruning). Small clusters only."""
 from __future__ import annotations
 
 from planner.cpsat import Instance, brute_force
-from planner.search import Placement, set_partitions
+from planner.search import Placement, rule_set, set_partitions
 from planner.tables import Tables, set_sizes
 from simulator.cluster import Cluster
 from simulator.job import Job
@@ -15,7 +15,7 @@ def brute_force_best(cluster: Cluster, job: Job, profile: Profile,
     """(iteration seconds, placement, GPUs per set) of the best plan, or None."""
     tables = Tables(job, profile, cluster.gpus_per_node, scheme)
     best = None
-    for placement in set_partitions(job.roles):
+    for placement in set_partitions(job.gpu_roles):
         sizes, costs = [], []
         for roles in placement:
             row = [(n, c) for n in set_sizes(cluster.gpus_per_node, cluster.n_gpus)
@@ -24,7 +24,10 @@ def brute_force_best(cluster: Cluster, job: Job, profile: Profile,
             costs.append(tuple(c.stages for _, c in row))
         if not all(sizes):
             continue
+        if (rules := rule_set(job)) is not None:
+            sizes.append(rules[0])
+            costs.append(rules[1])
         sol = brute_force(Instance(cluster.n_gpus, tuple(sizes), tuple(costs)))
         if sol is not None and (best is None or sol.objective < best[0]):
-            best = (sol.objective, placement, sol.gpus)
+            best = (sol.objective, placement, sol.gpus[:len(placement)])
     return best

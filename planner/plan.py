@@ -37,11 +37,16 @@ class Plan:
         dup = sorted({r for r in placed if placed.count(r) > 1})
         if dup:
             raise PlanError(f"plan: sets overlap: {', '.join(dup)} placed more than once")
-        missing = [r for r in self.job.roles if r not in placed]
+        rules = [r for r in placed if self.job.is_rule(r)]
+        if rules:
+            raise PlanError(f"plan: {', '.join(rules)} {'is a rule' if len(rules) == 1 else 'are rules'}"
+                            f" (a function on the controller's CPU, no GPUs): leave "
+                            f"{'it' if len(rules) == 1 else 'them'} out of the sets")
+        missing = [r for r in self.job.gpu_roles if r not in placed]
         extra = [r for r in placed if r not in self.job.roles]
         if missing or extra:
             raise PlanError(f"plan: sets must place exactly the {self.job.algorithm} roles "
-                            f"{', '.join(self.job.roles)}" + (f"; missing {', '.join(missing)}" if missing else "")
+                            f"{', '.join(self.job.gpu_roles)}" + (f"; missing {', '.join(missing)}" if missing else "")
                             + (f"; unknown {', '.join(extra)}" if extra else ""))
         used = sum(s.gpus for s in self.sets)
         if used > self.cluster.n_gpus:

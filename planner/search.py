@@ -3,6 +3,7 @@ sets, the GPU allocation across sets by CP-SAT over cached best-layout tables, r
 predicted iteration time."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -13,7 +14,7 @@ from simulator.cluster import Cluster
 from simulator.costs import DoesNotFit
 from simulator.job import STAGES, Job
 from simulator.placement import PlacedSet
-from simulator.predict import predict_plan
+from simulator.predict import predict_plan, rule_seconds
 from simulator.profile import Profile, load_profile
 
 Placement = tuple[tuple[str, ...], ...]
@@ -44,12 +45,22 @@ def _undominated(rows: list[tuple[int, SetChoice]]) -> list[tuple[int, SetChoice
     return keep
 
 
+def rule_set(job: Job) -> tuple[tuple[int, ...], tuple[tuple[float, ...], ...]] | None:
+    """Rule rewards and costs as one more 'set' of 0 GPUs for the allocation: its CPU
+    seconds take part in the prepare stage's maximum."""
+    seconds = rule_seconds(job)
+    if seconds <= 0:
+        return None
+    return (0,), (tuple(seconds if st == "prepare" else 0.0 for st in STAGES),)
+
+
 def standard_layouts(job: Job) -> dict[str, Placement]:
-    """Placements used by existing systems, for comparison."""
-    roles = job.roles
+    """Placements used by existing systems, for comparison (GPU roles only: rules need
+    no set)."""
+    roles = job.gpu_roles
     rest = tuple(r for r in roles if r not in ("actor", "reference"))
     return {"colocated": (roles,),                      # verl, DeepSpeed-Chat
-            "split": (("actor", "reference"), rest),    # actor+reference | critic+reward
+            "split": (("actor", "reference"),) + ((rest,) if rest else ()),  # | critic+reward
             "separate": tuple((r,) for r in roles)}     # OpenRLHF: one set per model
 
 
@@ -67,32 +78,55 @@ class Planner:
                  scheme: str = "hybridengine", config: Config = Config()) -> None:
         self.job, self.profile, self.scheme, self.config = job, profile, scheme, config
         self.tables = Tables(job, profile, gpus_per_node, scheme)
+        self._rows: dict[tuple[tuple[str, ...], int], list[tuple[int, SetChoice]]] = {}
 
     @property
     def gpn(self) -> int:
         return self.tables.gpn
 
+    def set_rows(self, roles: tuple[str, ...], capacity: int) -> list[tuple[int, SetChoice]]:
+        """The undominated (size, best layouts) of a set up to `capacity`, smallest first;
+        shared by every placement that has this set."""
+        key = (roles, capacity)
+        if key not in self._rows:
+            self._rows[key] = _undominated(
+                [(n, c) for n in set_sizes(self.gpn, capacity)
+                 if (c := self.tables.best_set(roles, n)) is not None])
+        return self._rows[key]
+
     def instance(self, placement: Placement, capacity: int) -> Instance | None:
+        rows = [self.set_rows(roles, capacity) for roles in placement]
+        if not all(rows):
+            return None
+        # a set can grow only by what the others leave at their smallest sizes (exact)
+        spare = capacity - sum(r[0][0] for r in rows)
+        if spare < 0:
+            return None
         sizes, costs = [], []
-        for roles in placement:
-            feasible = [(n, c) for n in set_sizes(self.gpn, capacity)
-                        if (c := self.tables.best_set(roles, n)) is not None]
-            feasible = _undominated(feasible)
-            if not feasible:
-                return None
-            sizes.append(tuple(n for n, _ in feasible))
-            costs.append(tuple(c.stages for _, c in feasible))
+        for r in rows:
+            fits = [(n, c) for n, c in r if n - r[0][0] <= spare]
+            sizes.append(tuple(n for n, _ in fits))
+            costs.append(tuple(c.stages for _, c in fits))
+        rules = rule_set(self.job)
+        if rules is not None:
+            sizes.append(rules[0])
+            costs.append(rules[1])
         inst = Instance(capacity, tuple(sizes), tuple(costs))
         return inst if inst.gpus(tuple(0 for _ in sizes)) <= capacity else None
 
     def solve_placement(self, placement: Placement, capacity: int) -> Candidate | None:
+        return self._solve_below(placement, capacity, math.inf)
+
+    def _solve_below(self, placement: Placement, capacity: int,
+                     cutoff: float) -> Candidate | None:
+        """The placement's best allocation if it may beat `cutoff` seconds, else None."""
         inst = self.instance(placement, capacity)
         if inst is None:
             return None
-        if len(placement) == 1:  # one set: the fastest size is optimal
+        if len(placement) == 1:  # one set (and any rule): the fastest size is optimal
             sol = brute_force(inst)
         else:
-            sol = solve(inst, self.config)
+            sol = solve(inst, self.config, cutoff)
         if sol is None:
             return None
         choices = tuple(self.tables.best_set(roles, n) for roles, n in zip(placement, sol.gpus))
@@ -114,16 +148,18 @@ class Planner:
         return max(per_stage, per_set)
 
     def candidates(self, capacity: int, top: int) -> list[Candidate]:
-        """The `top` best placements; placements are solved in order of their lower bound
-        and the rest skipped once the bound cannot beat the top-th found (exact)."""
+        """The `top` best placements; placements are solved in order of their lower bound,
+        the rest skipped once the bound cannot beat the top-th found, and CP-SAT asked only
+        for allocations faster than that (exact)."""
         bounds = sorted((self._lower_bound(p, capacity), i, p)
-                        for i, p in enumerate(set_partitions(self.job.roles)))
+                        for i, p in enumerate(set_partitions(self.job.gpu_roles)))
         found: list[Candidate] = []
         for bound, _, placement in bounds:
             if bound == float("inf") or (len(found) >= top and
                                          bound >= found[top - 1].solution.objective):
                 break
-            cand = self.solve_placement(placement, capacity)
+            cutoff = found[top - 1].solution.objective if len(found) >= top else math.inf
+            cand = self._solve_below(placement, capacity, cutoff)
             if cand is not None:
                 found.append(cand)
                 found.sort(key=lambda c: c.solution.objective)
@@ -153,7 +189,7 @@ class Planner:
     def smallest_fit(self, limit: int = SEARCH_LIMIT_GPUS) -> int | None:
         """The smallest GPU count (up to one node, or whole nodes) on which some placement fits."""
         best = None
-        for placement in set_partitions(self.job.roles):
+        for placement in set_partitions(self.job.gpu_roles):
             mins = [self.tables.min_size(roles, limit) for roles in placement]
             if None not in mins:
                 total = sum(mins)

@@ -8,6 +8,7 @@ colocated models leave free. Tables are cached and reusable across cluster sizes
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,13 +18,19 @@ from simulator.layout import GenLayout, LayoutError, TrainLayout
 from simulator.profile import Profile
 from simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
 from simulator.training import (WEIGHT_BYTES, check_layout, infer_cost, resident_memory,
-                                stage_memory, train_cost)
+                                role_params, stage_memory, train_cost)
 
 Stages = tuple[float, float, float, float]  # seconds in STAGES order
 
 
 def _powers_of_two(limit: int) -> list[int]:
     return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+
+
+def _expert_degrees(experts: int, dp: int) -> list[int]:
+    """Expert parallel degrees of a layout: every common divisor of the experts and dp
+    (just 1 for a dense model)."""
+    return [e for e in range(1, min(experts, dp) + 1) if experts % e == 0 and dp % e == 0] or [1]
 
 
 def set_sizes(gpus_per_node: int, limit: int) -> list[int]:
@@ -79,11 +86,21 @@ class _Partial:
 
 
 def _pareto(cands: list) -> list:
-    """Drop candidates that need no less memory and no less time than another."""
+    """Drop candidates that need no less memory and no less time than another. Kept
+    candidates' (resident, transient) front is a staircase: the rightmost step at or left
+    of a candidate's resident bytes has the least transient bytes there."""
     keep: list = []
+    front_r: list[float] = []   # ascending resident
+    front_t: list[float] = []   # descending transient
     for c in sorted(cands, key=lambda c: (c.total, c.resident, c.transient)):
-        if not any(k.resident <= c.resident and k.transient <= c.transient for k in keep):
-            keep.append(c)
+        i = bisect.bisect_right(front_r, c.resident)
+        if i and front_t[i - 1] <= c.transient:
+            continue
+        keep.append(c)
+        j = i
+        while j < len(front_r) and front_t[j] >= c.transient:
+            j += 1
+        front_r[i:j], front_t[i:j] = [c.resident], [c.transient]
     return keep
 
 
@@ -106,12 +123,14 @@ class Tables:
         for t in _powers_of_two(min(self.gpn, n)):
             for p in range(1, spec.layers + 1):
                 if n % (p * t) == 0:
-                    lay = TrainLayout(p, t, n // (p * t))
-                    try:
-                        check_layout(self.job, role, lay)
-                    except LayoutError:
-                        continue
-                    yield lay
+                    dp = n // (p * t)
+                    for ep in _expert_degrees(spec.experts, dp):
+                        lay = TrainLayout(p, t, dp, ep)
+                        try:
+                            check_layout(self.job, role, lay)
+                        except LayoutError:
+                            continue
+                        yield lay
 
     def _candidate(self, role: str, lay: TrainLayout) -> Candidate:
         job, prof = self.job, self.profile
@@ -140,7 +159,7 @@ class Tables:
     def gen_options(self, train: TrainLayout) -> list[GenOption]:
         if train not in self._gen:
             spec, opts = self.job.spec("actor"), []
-            model_bytes = WEIGHT_BYTES * self.job.params("actor")
+            model_bytes = WEIGHT_BYTES * role_params(self.job, "actor", train.ep)
             for tg in _powers_of_two(train.tp):
                 for pg in (x for x in range(1, train.pp + 1) if train.pp % x == 0):
                     if spec.heads % tg or spec.kv_heads % tg or spec.layers % pg:

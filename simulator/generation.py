@@ -2,7 +2,11 @@
 
 Prefill is compute-bound; decode reads the weights once per step (memory-bound) and the KV
 cache of the sequences in flight. The KV cache takes the memory left free; fewer sequences
-in flight means more waves, each re-reading the weights for every decode step.
+in flight means more waves, each re-reading the weights for every decode step. A wave lasts
+as long as its longest response; the KV reads and FLOPs follow the tokens produced.
+Mixture-of-experts actors generate with their training layout's expert split (ep ranks
+along data parallelism, tp devices apart): each GPU holds 1/ep of the routed experts and a
+decode step reads only those its batch uses.
 """
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from dataclasses import dataclass
 from simulator.costs import Cost, DoesNotFit, GIB, collective, cost, memory, Memory
 from simulator.job import Job
 from simulator.layout import GenLayout, TrainLayout, check_model_fits
+from simulator.moe import moe_alltoall_seconds, touched_fraction
 from simulator.profile import Profile, interpolate
-from simulator.training import WEIGHT_BYTES, flops_per_token
+from simulator.training import WEIGHT_BYTES, expert_share, flops_per_token, role_params
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,9 @@ class GenShape:
     sequences: int          # per replica
     weight_bytes: float     # per GPU
     kv_bytes_per_seq: float  # per GPU, full prompt + response length
+    expert_bytes: float = 0.0  # the routed experts' part of weight_bytes
+    ep: int = 1             # expert parallel ranks (the training layout's)
+    ep_stride: int = 1      # devices between two of them
 
     def in_flight(self, kv_budget: float) -> int:
         if kv_budget >= self.sequences * self.kv_bytes_per_seq:
@@ -34,24 +42,36 @@ def gen_shape(job: Job, train: TrainLayout, gen: GenLayout, sequences: int) -> G
     check_model_fits(spec.layers, spec.heads, spec.kv_heads, gen.pp, gen.tp)
     replicas = train.dp * gen.micro_dp
     kv = spec.kv_bytes_per_token(WEIGHT_BYTES) / gen.model_parallel * job.seq_len
+    mp = gen.model_parallel
     return GenShape(math.ceil(sequences / replicas),
-                    WEIGHT_BYTES * job.params("actor") / gen.model_parallel, kv)
+                    WEIGHT_BYTES * role_params(job, "actor", train.ep) / mp, kv,
+                    WEIGHT_BYTES * expert_share(job, "actor", train.ep) / mp, train.ep, train.tp)
 
 
 def kv_memory(shape: GenShape, in_flight: int) -> Memory:
     return memory(kv_cache=in_flight * shape.kv_bytes_per_seq)
 
 
-def _measured(job: Job, profile: Profile, shape: GenShape, n: int, waves: int) -> Cost | None:
+def _measured(job: Job, profile: Profile, shape: GenShape, n: int, waves: int,
+              steps: float) -> Cost | None:
     m = profile.measured
     if not m.decode or m.generate_model != job.spec("actor").name:
         return None
     prefill = interpolate(tuple((b * t, s) for b, t, s in m.prefill), n * job.prompt_len) * waves
     batches = sorted({b for b, _, _ in m.decode}, key=lambda b: abs(math.log(b / n)))
     rows = tuple((c, s) for b, c, s in m.decode if b == batches[0])
-    step = interpolate(rows, job.prompt_len + job.response_len / 2)
+    step = interpolate(rows, job.prompt_len + job.lengths.mean / 2)
     return cost(("prefill_measured", prefill, "measured"),
-                ("decode_measured", waves * job.response_len * step, "measured"))
+                ("decode_measured", steps * step, "measured"))
+
+
+def decode_steps(job: Job, sequences: int, in_flight: int) -> tuple[int, float, float]:
+    """(waves, steps of a full wave, steps of all waves): each wave lasts as long as the
+    expected longest of its responses (the stragglers)."""
+    waves = math.ceil(sequences / in_flight)
+    last = sequences - (waves - 1) * in_flight
+    full = job.lengths.expected_max(in_flight)
+    return waves, full, (waves - 1) * full + job.lengths.expected_max(last)
 
 
 def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
@@ -61,31 +81,49 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
         raise DoesNotFit(f"actor generation tp={gen.tp} pp={gen.pp}: no memory left for the "
                          f"KV cache of one sequence ({shape.kv_bytes_per_seq / GIB:.2f} GiB)")
     spec = job.spec("actor")
-    waves = math.ceil(shape.sequences / in_flight)
+    waves, first, steps = decode_steps(job, shape.sequences, in_flight)
     if gen.model_parallel == 1:
-        measured = _measured(job, profile, shape, in_flight, waves)
+        measured = _measured(job, profile, shape, in_flight, waves, steps)
         if measured is not None:
             return measured
-    mp, h, steps = gen.model_parallel, spec.hidden, job.response_len
+    mp, h, lens = gen.model_parallel, spec.hidden, job.lengths
     thr, src = profile.matmul_flops(in_flight * job.prompt_len, h / gen.tp, h)
     prefill = shape.sequences * job.prompt_len * flops_per_token(job, "actor", job.prompt_len / 2)
     # each pipeline stage streams its weights once per micro-batch, and a full pipeline
-    # needs pp micro-batches per step: PP splits the weights' memory, not their read time
-    weights = profile.memory_seconds(shape.weight_bytes * gen.pp)
-    kv_read = shape.kv_bytes_per_seq / job.seq_len * (job.prompt_len + steps / 2)
-    decode_kv = profile.memory_seconds(shape.sequences * steps * kv_read)
+    # needs pp micro-batches per step: PP splits the weights' memory, not their read time;
+    # a step reads only the experts its batch (over the ep group) routes tokens to
+    untouched = shape.expert_bytes * (1.0 - touched_fraction(spec, in_flight * shape.ep))
+    weights = profile.memory_seconds((shape.weight_bytes - untouched) * gen.pp)
+    # every response attends to the prompt and to its own tokens so far
+    kv_tokens = job.prompt_len * lens.mean + lens.mean_square / 2
+    decode_kv = profile.memory_seconds(shape.sequences * kv_tokens * shape.kv_bytes_per_seq
+                                       / job.seq_len)
     thr_d, _ = profile.matmul_flops(in_flight, h / gen.tp, h)
-    decode_flops = shape.sequences * steps * flops_per_token(
-        job, "actor", job.prompt_len + steps / 2) / mp / thr_d
-    memory_bound = steps * weights * waves + decode_kv
+    decode_flops = shape.sequences * lens.mean * flops_per_token(
+        job, "actor", kv_tokens / lens.mean) / mp / thr_d
+    memory_bound = steps * weights + decode_kv
     layers = spec.layers / gen.pp
     ar_pre, _ = collective(profile, "all_reduce", in_flight * job.prompt_len * h * 2, gen.tp, gen.tp <= gpn)
     ar_dec, ar_src = collective(profile, "all_reduce", in_flight * h * 2, gen.tp, gen.tp <= gpn)
     p2p, p2p_src = collective(profile, "p2p", in_flight * h * 2, 2, True) if gen.pp > 1 else (0.0, "roofline")
+    a2a = _gen_alltoall(job, gen, shape, in_flight, profile, gpn, waves, steps)
     return cost(("prefill_compute", prefill / mp / thr, src),
-                ("decode_weights", steps * weights), ("kv_waves", (waves - 1) * steps * weights),
+                ("decode_weights", first * weights), ("kv_waves", (steps - first) * weights),
                 ("decode_kv", decode_kv),
                 ("decode_compute", max(0.0, decode_flops - memory_bound), src),
-                ("tp_allreduce", waves * layers * 2 * (ar_pre + steps * ar_dec), ar_src),
-                ("pp_p2p", waves * (steps + 1) * (gen.pp - 1) * p2p, p2p_src),
-                ("step_overhead", waves * steps * profile.step_overhead_s, "roofline"))
+                ("tp_allreduce", layers * 2 * (waves * ar_pre + steps * ar_dec), ar_src),
+                ("pp_p2p", (steps + waves) * (gen.pp - 1) * p2p, p2p_src),
+                ("ep_alltoall", a2a),
+                ("step_overhead", steps * profile.step_overhead_s, "roofline"))
+
+
+def _gen_alltoall(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
+                  profile: Profile, gpn: int, waves: int, steps: float) -> float:
+    """Dispatch and combine of every MoE layer: the prompts once per wave, then one token
+    per sequence in flight per decode step."""
+    spec = job.spec("actor")
+    args = (shape.ep, gen.tp, gen.pp, gpn, 2)
+    prefill = moe_alltoall_seconds(profile, spec, in_flight * job.prompt_len, *args,
+                                   stride=shape.ep_stride)
+    decode = moe_alltoall_seconds(profile, spec, in_flight, *args, stride=shape.ep_stride)
+    return waves * prefill + steps * decode

@@ -4,8 +4,10 @@ The algorithm fixes the dataflow: which roles exist and which stages each takes 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from simulator.lengths import ResponseLengths
 from simulator.model import ModelSpec, load_model
 
 
@@ -22,11 +24,15 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
 STAGES = ("generate", "prepare", "train", "reshard")
 VALUE_ROLES = frozenset({"critic", "reward", "cost", "cost_critic"})  # scalar head, no LM head
 TRAINED_ROLES = frozenset({"actor", "critic", "cost_critic"})
+RULE = "rule"  # a reward or cost computed by a function on the controller's CPU: no GPUs
+RULE_ROLES = frozenset({"reward", "cost"})
+# estimate: a math-answer check (parse the final answer, compare) in Python, per response
+RULE_CPU_S = 1e-3
 
 
 @dataclass(frozen=True)
 class Work:
-    """What one role does in one stage: `kind` is generate, infer or train."""
+    """What one role does in one stage: `kind` is generate, infer, train or rule."""
     stage: str
     kind: str
     sequences: int
@@ -48,6 +54,9 @@ class Job:
     ppo_epochs: int = 1
     mini_batches: int = 1
     n_samples: int = 1
+    response_mean: float = 0.0  # 0: every response is response_len long
+    response_dist: tuple[tuple[int, float], ...] = ()  # (length, weight); overrides the mean
+    rule_cpu_s: float = RULE_CPU_S  # seconds of CPU per response scored by a rule
     _specs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,9 +79,21 @@ class Job:
         if self.sequences % self.mini_batches:
             raise JobError(f"job: {self.sequences} sequences per iteration do not split into "
                            f"{self.mini_batches} equal mini-batches")
+        object.__setattr__(self, "response_dist", tuple(tuple(p) if isinstance(p, list) else p
+                                                        for p in self.response_dist))
+        self._specs["lengths"] = ResponseLengths(self.response_len, self.response_mean,
+                                                 self.response_dist)
+        if isinstance(self.rule_cpu_s, bool) or not isinstance(self.rule_cpu_s, (int, float)) \
+                or not math.isfinite(self.rule_cpu_s) or self.rule_cpu_s < 0:
+            raise JobError(f"job: rule_cpu_s must be a number >= 0, got {self.rule_cpu_s!r}")
         for role, name in self.models:
             if not isinstance(name, str) or not name:
                 raise JobError(f"job: the {role} model must be a name or path, got {name!r}")
+            if name == RULE:
+                if role not in RULE_ROLES:
+                    raise JobError(f"job: the {role} cannot be a rule (only "
+                                   f"{' and '.join(sorted(RULE_ROLES))} can)")
+                continue
             spec = load_model(name)
             if self.seq_len > spec.max_position:
                 raise JobError(f"job: prompt_len + response_len = {self.seq_len} exceeds the "
@@ -84,8 +105,30 @@ class Job:
         return ALGORITHMS[self.algorithm]
 
     @property
+    def gpu_roles(self) -> tuple[str, ...]:
+        """The roles that run a model on GPUs (all but rule rewards and costs)."""
+        return tuple(r for r, m in self.models if m != RULE)
+
+    @property
+    def rule_roles(self) -> tuple[str, ...]:
+        return tuple(r for r, m in self.models if m == RULE)
+
+    def is_rule(self, role: str) -> bool:
+        return dict(self.models).get(role) == RULE
+
+    @property
+    def lengths(self) -> ResponseLengths:
+        return self._specs["lengths"]
+
+    @property
     def seq_len(self) -> int:
+        """The longest sequence: what memory (KV cache, activations) must hold."""
         return self.prompt_len + self.response_len
+
+    @property
+    def mean_seq_len(self) -> float:
+        """Prompt plus the mean response: the tokens really produced per sequence."""
+        return self.prompt_len + self.lengths.mean
 
     @property
     def sequences(self) -> int:
@@ -94,13 +137,20 @@ class Job:
 
     @property
     def tokens_per_iteration(self) -> int:
-        """Prompt + response tokens of the global batch (the paper's throughput numerator)."""
-        return self.sequences * self.seq_len
+        """Prompt + response tokens of the global batch (the paper's throughput numerator);
+        with a length spread, the responses' mean length."""
+        if not self.lengths.spread:
+            return self.sequences * self.seq_len
+        return round(self.sequences * self.mean_seq_len)
 
     def spec(self, role: str) -> ModelSpec:
+        if self.is_rule(role):
+            raise JobError(f"job: the {role} is a rule, it has no model")
         return self._specs[role]
 
     def params(self, role: str) -> int:
+        if self.is_rule(role):
+            return 0
         s = self.spec(role)
         return s.value_model_params if role in VALUE_ROLES else s.params
 
@@ -108,6 +158,8 @@ class Job:
         """The stages `role` takes part in, with the number of sequences of each."""
         greedy = self.global_batch if self.algorithm == "remax" else 0  # greedy baseline
         n = self.sequences
+        if self.is_rule(role):
+            return (Work("prepare", "rule", n + (greedy if role == "reward" else 0)),)
         if role == "actor":
             return (Work("generate", "generate", n + greedy), Work("prepare", "infer", n),
                     Work("train", "train", n))
@@ -126,27 +178,37 @@ class Job:
              "mini_batches": self.mini_batches}
         if self.algorithm == "grpo":
             d["n_samples"] = self.n_samples
+        d.update(self.lengths.to_dict())
+        if self.rule_roles and self.rule_cpu_s != RULE_CPU_S:
+            d["rule_cpu_s"] = self.rule_cpu_s
         return d
 
     @classmethod
     def from_dict(cls, d: object) -> "Job":
         keys = {"algorithm", "models", "prompt_len", "response_len", "global_batch",
-                "ppo_epochs", "mini_batches", "n_samples"}
+                "ppo_epochs", "mini_batches", "n_samples", "response_mean", "response_dist",
+                "rule_cpu_s"}
         if not isinstance(d, dict) or not isinstance(d.get("models"), dict):
             raise JobError(f"job: expected a mapping with a models mapping, got {d!r}")
         if set(d) - keys or not {"algorithm", "prompt_len", "response_len", "global_batch"} <= set(d):
             raise JobError(f"job: expected keys among {', '.join(sorted(keys))} "
                            f"(algorithm, models, prompt_len, response_len, global_batch required)")
+        dist = d.get("response_dist", [])
+        if not isinstance(dist, list):
+            raise JobError(f"job: response_dist must be a list of [length, weight] pairs, "
+                           f"got {dist!r}")
         return cls(d["algorithm"], tuple(d["models"].items()), d["prompt_len"],
                    d["response_len"], d["global_batch"], d.get("ppo_epochs", 1),
-                   d.get("mini_batches", 1), d.get("n_samples", 1))
+                   d.get("mini_batches", 1), d.get("n_samples", 1),
+                   d.get("response_mean", 0.0), tuple(dist), d.get("rule_cpu_s", RULE_CPU_S))
 
     @classmethod
     def create(cls, algorithm: str, model: str, prompt_len: int, response_len: int,
                global_batch: int, ppo_epochs: int = 1, mini_batches: int = 1,
-               n_samples: int | None = None, **role_models: str | None) -> "Job":
+               n_samples: int | None = None, response_mean: float = 0.0,
+               rule_cpu_s: float = RULE_CPU_S, **role_models: str | None) -> "Job":
         """`model` for every role unless role_models names another (critic, reference,
-        reward, cost; cost_critic follows critic)."""
+        reward, cost; cost_critic follows critic); "rule" for reward or cost: a function."""
         unknown = set(role_models) - {"critic", "reference", "reward", "cost"}
         if unknown:
             raise JobError(f"job: unknown role option(s) {', '.join(sorted(unknown))}")
@@ -161,4 +223,4 @@ class Job:
         if n_samples is None:
             n_samples = 4 if algorithm == "grpo" else 1
         return cls(algorithm, models, prompt_len, response_len, global_batch, ppo_epochs,
-                   mini_batches, n_samples)
+                   mini_batches, n_samples, response_mean, (), rule_cpu_s)

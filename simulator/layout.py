@@ -16,13 +16,19 @@ def _degrees(owner: str, **degrees: object) -> None:
 
 @dataclass(frozen=True)
 class TrainLayout:
-    """Training or inference layout: pipeline, tensor and data parallel degrees."""
+    """Training or inference layout: pipeline, tensor and data parallel degrees, and the
+    expert parallel degree of a mixture-of-experts model (Megatron's rule: its ep ranks are
+    data-parallel ranks, so ep divides dp; 1 for dense models). The actor generates with the
+    same expert split."""
     pp: int
     tp: int
     dp: int
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        _degrees("layout", pp=self.pp, tp=self.tp, dp=self.dp)
+        _degrees("layout", pp=self.pp, tp=self.tp, dp=self.dp, ep=self.ep)
+        if self.dp % self.ep:
+            raise LayoutError(f"layout: expert parallel ep={self.ep} must divide dp={self.dp}")
 
     @property
     def n_gpus(self) -> int:
@@ -38,13 +44,17 @@ class TrainLayout:
                               f"GPUs, but its set has {n_gpus}")
 
     def to_dict(self) -> dict:
-        return {"pp": self.pp, "tp": self.tp, "dp": self.dp}
+        """{pp, tp, dp}, and ep when it is not 1 (plans of dense models stay as they were)."""
+        d = {"pp": self.pp, "tp": self.tp, "dp": self.dp}
+        if self.ep != 1:
+            d["ep"] = self.ep
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> "TrainLayout":
-        if not isinstance(d, dict) or set(d) != {"pp", "tp", "dp"}:
-            raise LayoutError(f"layout: expected {{pp, tp, dp}}, got {d!r}")
-        return cls(d["pp"], d["tp"], d["dp"])
+        if not isinstance(d, dict) or not {"pp", "tp", "dp"} <= set(d) <= {"pp", "tp", "dp", "ep"}:
+            raise LayoutError(f"layout: expected {{pp, tp, dp}} and optionally ep, got {d!r}")
+        return cls(d["pp"], d["tp"], d["dp"], d.get("ep", 1))
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,14 @@ def alltoall_seconds(profile: Profile, nbytes: float, ep: int, stride: int, gpn:
 
 
 def moe_alltoall_seconds(profile: Profile, spec: ModelSpec, tokens: float, ep: int, tp: int,
-                         pp: int, gpn: int, passes: int) -> float:
+                         pp: int, gpn: int, passes: int, stride: int | None = None) -> float:
     """All-to-all seconds of one rank's pipeline stage for `tokens` tokens (split over tp
     ranks by sequence parallelism) and `passes` all-to-alls per MoE layer (forward 2,
-    forward+backward 4)."""
+    forward+backward 4); ep ranks lie `stride` devices apart (default tp)."""
     if ep <= 1 or not spec.is_moe:
         return 0.0
-    one = alltoall_seconds(profile, alltoall_bytes(spec, tokens / tp, ep), ep, tp, gpn)
+    one = alltoall_seconds(profile, alltoall_bytes(spec, tokens / tp, ep), ep,
+                           tp if stride is None else stride, gpn)
     return spec.moe_layers / pp * passes * one
 
 

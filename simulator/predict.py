@@ -1,20 +1,22 @@
 """Compose per-model predictions into a set and an iteration (the paper's d_cost):
 within a set the stages of its models add up; across sets a stage takes the slowest set;
-the stages (generate, prepare, train, reshard) add up."""
+the stages (generate, prepare, train, reshard) add up. Rule rewards and costs run on the
+controller's CPU during the prepare stage, beside the GPU sets (no GPUs, no GPU memory)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
 from simulator.cluster import Cluster
-from simulator.costs import GIB, Cost, DoesNotFit, Memory, memory
-from simulator.generation import gen_shape, generation_cost, kv_memory
+from simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
+from simulator.generation import decode_steps, gen_shape, generation_cost, kv_memory
 from simulator.job import STAGES, Job
 from simulator.placement import PlacedSet
 from simulator.profile import Profile, load_profile
 from simulator.reshard import SCHEMES, ReshardError, generation_extra_bytes, reshard_cost, \
     reshard_peak_bytes
-from simulator.training import WEIGHT_BYTES, infer_cost, resident_memory, stage_memory, train_cost
+from simulator.training import (WEIGHT_BYTES, infer_cost, resident_memory, role_params,
+                                stage_memory, train_cost)
 
 
 class PlanLike(Protocol):
@@ -45,6 +47,8 @@ class Prediction:
     sets: tuple[SetPrediction, ...]
     stages: Mapping[str, float]
     tokens: int
+    rules: tuple[RolePrediction, ...] = ()  # rule rewards/costs: CPU seconds, no memory
+    lengths: Mapping[str, dict] | None = None  # response tokens each stage followed
 
     @property
     def iteration_s(self) -> float:
@@ -55,19 +59,35 @@ class Prediction:
         return self.tokens / self.iteration_s if self.iteration_s > 0 else 0.0
 
     def roles(self) -> Iterable[RolePrediction]:
-        return (r for s in self.sets for r in s.roles)
+        yield from (r for s in self.sets for r in s.roles)
+        yield from self.rules
 
     def sources(self) -> dict[str, dict[str, dict[str, str]]]:
         """{role: {stage: {term: "measured" | "roofline"}}}, parallel to to_dict()["terms"]."""
         return {r.role: {st: c.sources() for st, c in r.stages.items()} for r in self.roles()}
 
     def to_dict(self) -> dict:
-        """The plan JSON's "predicted" object."""
-        return {"iteration_s": self.iteration_s, "tokens_per_s": self.tokens_per_s,
-                "stages": dict(self.stages),
-                "terms": {r.role: {st: c.as_dict() for st, c in r.stages.items()}
-                          for r in self.roles()},
-                "peak_memory_gib": {r.role: r.memory.gib for r in self.roles()}}
+        """The plan JSON's "predicted" object ("response_tokens" only with a length spread)."""
+        d = {"iteration_s": self.iteration_s, "tokens_per_s": self.tokens_per_s,
+             "stages": dict(self.stages),
+             "terms": {r.role: {st: c.as_dict() for st, c in r.stages.items()}
+                       for r in self.roles()},
+             "peak_memory_gib": {r.role: r.memory.gib for r in self.roles()}}
+        if self.lengths:
+            d["response_tokens"] = {k: dict(v) for k, v in self.lengths.items()}
+        return d
+
+
+def rule_predictions(job: Job) -> tuple[RolePrediction, ...]:
+    """Rule rewards and costs: a per-response CPU cost on the controller."""
+    return tuple(RolePrediction(r, {"prepare": cost(("rule_cpu", job.rule_cpu_s * w.sequences,
+                                                     "formula"))}, Memory())
+                 for r in job.rule_roles for w in job.works(r))
+
+
+def rule_seconds(job: Job) -> float:
+    """The controller scores with each rule in turn."""
+    return sum(r.stages["prepare"].seconds for r in rule_predictions(job))
 
 
 def _fits(what: str, need: float, profile: Profile) -> None:
@@ -80,7 +100,7 @@ def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, s
                       others_resident: float) -> tuple[dict[str, Cost], Memory]:
     """Generation and reshard costs of the actor and its transient memory."""
     train, gen = placed.layout("actor"), placed.generation()
-    model_bytes = WEIGHT_BYTES * job.params("actor")
+    model_bytes = WEIGHT_BYTES * role_params(job, "actor", train.ep)
     args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
     extra = generation_extra_bytes(scheme, *args)
     swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
@@ -122,7 +142,28 @@ def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
 
 def compose(sets: tuple[SetPrediction, ...], job: Job) -> Prediction:
     stages = {st: max(s.stage_seconds(st) for s in sets) for st in STAGES}
-    return Prediction(sets, stages, job.tokens_per_iteration)
+    stages["prepare"] = max(stages["prepare"], rule_seconds(job))
+    return Prediction(sets, stages, job.tokens_per_iteration, rule_predictions(job),
+                      _length_basis(job, sets))
+
+
+def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] | None:
+    """With a length spread: the response tokens per sequence each stage was costed with."""
+    if not job.lengths.spread:
+        return None
+    mean = {"basis": "mean", "tokens": job.lengths.mean}
+    out = {"generate": {"basis": "expected longest response of each wave (stragglers)",
+                        "tokens": float(job.response_len), "max": job.response_len}}
+    actor = next((s for s in sets if "actor" in s.placed.models), None)
+    kv = actor and next(r for r in actor.roles if r.role == "actor").memory.as_dict().get("kv_cache")
+    if actor is not None and kv:
+        placed = actor.placed
+        shape = gen_shape(job, placed.layout("actor"), placed.generation(),
+                          job.works("actor")[0].sequences)
+        n = max(1, round(kv / shape.kv_bytes_per_seq))
+        waves, full, _ = decode_steps(job, shape.sequences, n)
+        out["generate"].update(tokens=full, waves=waves, sequences_per_wave=n)
+    return {**out, "prepare": mean, "train": mean}
 
 
 def predict_plan(plan: PlanLike, profile: Profile | str | None = None,

@@ -2,6 +2,9 @@
 
 Rank order is Megatron's: TP innermost (consecutive ranks), then DP, then PP. One micro-batch
 is one sequence. bf16 weights, fp32 gradients, fp32 Adam (master copy, m, v) as in the paper.
+Compute follows the tokens really produced (prompt + mean response) and, for mixture-of-
+experts models, the active parameters; memory follows the longest sequence and every
+parameter, the routed experts divided over the layout's ep ranks.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import math
 from simulator.costs import Cost, Memory, collective, cost, memory
 from simulator.job import TRAINED_ROLES, VALUE_ROLES, Job
 from simulator.layout import LayoutError, TrainLayout, check_model_fits
+from simulator.moe import moe_alltoall_seconds
 from simulator.profile import Profile, interpolate
 
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 4, 12
@@ -26,9 +30,31 @@ def flops_per_token(job: Job, role: str, context: float) -> float:
     return f
 
 
+def check_ep(job: Job, role: str, layout: TrainLayout) -> None:
+    spec = job.spec(role)
+    if layout.ep > 1 and (not spec.is_moe or spec.experts % layout.ep):
+        raise LayoutError(f"{role}: ep={layout.ep} does not divide the model's "
+                          f"{spec.experts} experts")
+
+
+def role_params(job: Job, role: str, ep: int = 1) -> int:
+    """Parameters one rank of an expert-parallel group of `ep` holds (before tp and pp
+    divide them): everything but the routed experts, and 1/ep of those."""
+    if job.is_rule(role):
+        return 0
+    routed = job.spec(role).routed_expert_params
+    return job.params(role) - routed + routed // ep
+
+
+def expert_share(job: Job, role: str, ep: int = 1) -> int:
+    """The routed-expert part of role_params (reduced over dp/ep ranks, not dp)."""
+    return 0 if job.is_rule(role) else job.spec(role).routed_expert_params // ep
+
+
 def check_layout(job: Job, role: str, layout: TrainLayout) -> None:
     spec = job.spec(role)
     check_model_fits(spec.layers, spec.heads, spec.kv_heads, layout.pp, layout.tp)
+    check_ep(job, role, layout)
     per_update = job.sequences // job.mini_batches
     if layout.dp > per_update:
         raise LayoutError(f"{role}: dp={layout.dp} exceeds the {per_update} sequences of a "
@@ -37,7 +63,7 @@ def check_layout(job: Job, role: str, layout: TrainLayout) -> None:
 
 def resident_memory(job: Job, role: str, layout: TrainLayout) -> Memory:
     """Bytes per GPU held for the whole iteration."""
-    shard = job.params(role) / layout.model_parallel
+    shard = role_params(job, role, layout.ep) / layout.model_parallel
     if role in TRAINED_ROLES:
         return memory(weights=WEIGHT_BYTES * shard, grads=GRAD_BYTES * shard,
                       adam=ADAM_BYTES * shard)
@@ -70,11 +96,12 @@ def _compute(job: Job, role: str, layout: TrainLayout, profile: Profile, tokens:
     """Seconds of `passes` x forward FLOPs over `tokens` on one model-parallel group."""
     spec = job.spec(role)
     m = profile.measured
+    seq = job.mean_seq_len
     if m.train_layer and m.train_layer_model == spec.name and layout.tp == 1:
-        per_seq = interpolate(m.train_layer, job.seq_len) * spec.layers / layout.pp
-        return per_seq * (tokens / job.seq_len) * passes / 3.0, "measured"  # table is fwd+bwd
-    thr, src = profile.matmul_flops(job.seq_len, spec.hidden / layout.tp, spec.hidden)
-    work = tokens * passes * flops_per_token(job, role, job.seq_len / 2)
+        per_seq = interpolate(m.train_layer, seq) * spec.layers / layout.pp
+        return per_seq * (tokens / seq) * passes / 3.0, "measured"  # table is fwd+bwd
+    thr, src = profile.matmul_flops(seq, spec.hidden / layout.tp, spec.hidden)
+    work = tokens * passes * flops_per_token(job, role, seq / 2)
     return work / layout.model_parallel / thr, src
 
 
@@ -82,7 +109,7 @@ def _tp_pp_comm(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn:
                 micro_total: float, allreduces_per_layer: int, p2p_per_micro: int
                 ) -> tuple[tuple[float, str], tuple[float, str]]:
     spec = job.spec(role)
-    act = job.seq_len * spec.hidden * WEIGHT_BYTES
+    act = job.mean_seq_len * spec.hidden * WEIGHT_BYTES
     ar, ar_src = collective(profile, "all_reduce", act, layout.tp, _intra(gpn, layout.tp))
     tp = micro_total * spec.layers / layout.pp * allreduces_per_layer * ar
     pp = 0.0, "roofline"
@@ -99,17 +126,33 @@ def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: 
     micro = _micro(job, layout)
     steps = job.ppo_epochs * job.mini_batches
     micro_total = steps * micro
-    comp, comp_src = _compute(job, role, layout, profile, micro_total * job.seq_len, 3)
+    tokens = micro_total * job.mean_seq_len
+    comp, comp_src = _compute(job, role, layout, profile, tokens, 3)
     (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro_total, 4, 2)
-    bubble = (layout.pp - 1) / micro * (comp + tp)
-    shard = job.params(role) / layout.model_parallel
-    grad, grad_src = collective(profile, "all_reduce", GRAD_BYTES * shard, layout.dp,
-                                _intra(gpn, layout.tp * layout.dp))
+    a2a = _alltoall(job, role, layout, profile, gpn, tokens, 4)
+    bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
+    shard = role_params(job, role, layout.ep) / layout.model_parallel
+    experts = expert_share(job, role, layout.ep) / layout.model_parallel
+    intra = _intra(gpn, layout.tp * layout.dp)
+    grad, grad_src = collective(profile, "all_reduce", GRAD_BYTES * (shard - experts),
+                                layout.dp, intra)
+    # each rank's experts are replicated over dp/ep ranks only
+    grad_e, _ = collective(profile, "all_reduce", GRAD_BYTES * experts,
+                           layout.dp // layout.ep, intra)
     # Adam reads bf16 weights, fp32 grads and 3 fp32 states, writes weights and states
     opt = profile.memory_seconds(shard * (WEIGHT_BYTES + GRAD_BYTES + 2 * ADAM_BYTES + WEIGHT_BYTES))
     return cost(("train_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
-                ("pp_p2p", pp, pp_src), ("pp_bubble", bubble, comp_src),
-                ("dp_grad_reduce", steps * grad, grad_src), ("optimizer", steps * opt))
+                ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src),
+                ("dp_grad_reduce", steps * (grad + grad_e), grad_src),
+                ("optimizer", steps * opt))
+
+
+def _alltoall(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
+              tokens: float, passes: int) -> float:
+    """Expert-parallel dispatch and combine of `tokens` tokens of one dp rank: its ep peers
+    are the next data-parallel ranks, tp devices apart."""
+    return moe_alltoall_seconds(profile, job.spec(role), tokens, layout.ep, layout.tp,
+                                layout.pp, gpn, passes)
 
 
 def infer_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
@@ -117,9 +160,12 @@ def infer_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: 
     """Forward passes over `sequences` (log-probs, values or scores)."""
     check_model_fits(job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads,
                      layout.pp, layout.tp)
+    check_ep(job, role, layout)
     micro = math.ceil(sequences / layout.dp)
-    comp, comp_src = _compute(job, role, layout, profile, micro * job.seq_len, 1)
+    tokens = micro * job.mean_seq_len
+    comp, comp_src = _compute(job, role, layout, profile, tokens, 1)
     (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro, 2, 1)
-    bubble = (layout.pp - 1) / micro * (comp + tp)
+    a2a = _alltoall(job, role, layout, profile, gpn, tokens, 2)
+    bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
     return cost(("infer_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
-                ("pp_p2p", pp, pp_src), ("pp_bubble", bubble, comp_src))
+                ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src))
