@@ -75,9 +75,10 @@ class Planner:
     """Plans one job on one GPU kind; keeps its layout tables across cluster sizes."""
 
     def __init__(self, job: Job, profile: Profile, gpus_per_node: int,
-                 scheme: str = "hybridengine", config: Config = Config()) -> None:
+                 scheme: str = "hybridengine", config: Config = Config(),
+                 max_gen_pp: int | None = None) -> None:
         self.job, self.profile, self.scheme, self.config = job, profile, scheme, config
-        self.tables = Tables(job, profile, gpus_per_node, scheme)
+        self.tables = Tables(job, profile, gpus_per_node, scheme, max_gen_pp)
         self._rows: dict[tuple[tuple[str, ...], int], list[tuple[int, SetChoice]]] = {}
 
     @property
@@ -211,28 +212,31 @@ class Planner:
 
 
 def _planner(cluster: Cluster, job: Job, profile: Profile | str | None,
-             planner: Planner | None) -> Planner:
+             planner: Planner | None, max_gen_pp: int | None = None) -> Planner:
     if planner is not None:
         return planner
     if profile is None or isinstance(profile, str):
         profile = load_profile(profile or cluster.gpu)
-    return Planner(job, profile, cluster.gpus_per_node)
+    return Planner(job, profile, cluster.gpus_per_node, max_gen_pp=max_gen_pp)
 
 
 def plan_job(cluster: Cluster, job: Job, profile: Profile | str | None = None, top: int = 1,
-             planner: Planner | None = None) -> list[Plan]:
+             planner: Planner | None = None, max_gen_pp: int | None = None) -> list[Plan]:
     """The `top` best plans, best first. Pass the same `planner` for several cluster sizes
-    to reuse its layout tables. Raises DoesNotFit naming the smallest GPU count that fits."""
+    to reuse its layout tables. Raises DoesNotFit naming the smallest GPU count that fits.
+    `max_gen_pp` caps the actor's generation pipeline degree (1: TP-only generation, as the
+    executor runs it)."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
-    return _planner(cluster, job, profile, planner).plan(cluster, top)
+    return _planner(cluster, job, profile, planner, max_gen_pp).plan(cluster, top)
 
 
 def standard_placements(cluster: Cluster, job: Job, profile: Profile | str | None = None,
-                        planner: Planner | None = None) -> dict[str, Plan]:
+                        planner: Planner | None = None, max_gen_pp: int | None = None
+                        ) -> dict[str, Plan]:
     """colocated / split / separate, each with its best allocation and layouts; a placement
     that does not fit is absent."""
-    return _planner(cluster, job, profile, planner).standard(cluster)
+    return _planner(cluster, job, profile, planner, max_gen_pp).standard(cluster)
 
 
 __all__ = ["Planner", "plan_job", "standard_placements", "set_partitions", "standard_layouts",

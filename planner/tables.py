@@ -109,8 +109,9 @@ class Tables:
     sizes (a sweep) to reuse them."""
 
     def __init__(self, job: Job, profile: Profile, gpus_per_node: int,
-                 scheme: str = "hybridengine") -> None:
+                 scheme: str = "hybridengine", max_gen_pp: int | None = None) -> None:
         self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
+        self.max_gen_pp = max_gen_pp  # e.g. 1 for an executor that generates with TP only
         self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
         self._gen: dict[tuple[TrainLayout, int], list[GenOption]] = {}
         self._gen_s: dict[tuple[TrainLayout, GenLayout, int], float] = {}
@@ -161,7 +162,8 @@ class Tables:
             spec, opts = self.job.spec("actor"), []
             model_bytes = WEIGHT_BYTES * role_params(self.job, "actor", train.ep)
             for tg in _powers_of_two(train.tp):
-                for pg in (x for x in range(1, train.pp + 1) if train.pp % x == 0):
+                top = min(train.pp, self.max_gen_pp or train.pp)
+                for pg in (x for x in range(1, top + 1) if train.pp % x == 0):
                     if spec.heads % tg or spec.kv_heads % tg or spec.layers % pg:
                         continue
                     gen = GenLayout(pg, tg, train.model_parallel // (pg * tg))
