@@ -47,7 +47,7 @@ def default_plan(algorithm: str, devices: int) -> dict:
         kw.update(n_samples=4, global_batch=8)
     job = Job.create(**kw)
     cluster = Cluster.from_gpus("local-cpu", devices, devices)
-    return plan_job(cluster, job, load_profile("local-cpu"), gen_pp=1)[0].to_dict()
+    return plan_job(cluster, job, load_profile("local-cpu"), max_gen_pp=1)[0].to_dict()
 
 
 def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
