@@ -18,6 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny",
                         help="model for the vLLM and train-layer tables (default tiny)")
     parser.add_argument("--no-generate", action="store_true", help="skip the vLLM tables")
+    parser.add_argument("--no-dispatch", action="store_true",
+                        help="skip timing the controller's Ray calls to the workers")
 
 
 def _default_out() -> Path:
@@ -35,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     options = ProfileOptions(out=Path(args.out) if args.out else _default_out(),
                              quick=args.quick, devices=args.devices,
                              threads_per_rank=args.threads, model=args.model,
-                             generate=not args.no_generate)
+                             generate=not args.no_generate, dispatch=not args.no_dispatch)
     path = profile_machine(options)
     print(f"wrote {path}")
     return 0

@@ -125,7 +125,7 @@ def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train_layer, "default_grids", lambda quick, gpu: (
         train_layer.TrainLayerGrid("tiny", (1, 2), (8, 16), min_time_s=0.001),))
     options = machine.ProfileOptions(out=tmp_path / "tiny-host.yaml", quick=True, devices=2,
-                                     generate=False, concurrency=(1, 2))
+                                     generate=False, dispatch=False, concurrency=(1, 2))
     path = machine.profile_machine(options, progress=False)
     assert path == tmp_path / "tiny-host.yaml" and sorted(p.name for p in tmp_path.iterdir()) \
         == ["tiny-host.yaml"]
@@ -138,3 +138,15 @@ def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
     raw = yaml.safe_load(path.read_text())
     assert [r["ranks"] for r in raw["sharing"]["slowdown"]] == [1, 2]
     assert raw["extra"]["train_layer_rows"][0]["impl"] == "megatron-core"
+
+
+@pytest.mark.slow
+def test_dispatch_round_trips() -> None:
+    from executor.profiler import dispatch
+
+    # executor.cluster starts Ray in a temporary folder of its own and removes it after
+    out = dispatch.measure_dispatch(dispatch.DispatchGrid(2, sizes=(1024, 4096), repeats=2))
+    assert out["actors"] == 2 and out["call_s"] > 0
+    assert [r["bytes"] for r in out["transfer"]] == [1024, 4096] and _positive(out["transfer"])
+    with pytest.raises(ValueError, match="at least one device"):
+        dispatch.DispatchGrid(0)

@@ -37,8 +37,9 @@ def measurements() -> Measurements:
                       {"batch": 8, "context": 132, "seconds": 0.013}]}
     train = [{"model": "tiny", "batch": b, "seq": t, "tokens": b * t, "forward_s": 1e-4 * b * t,
               "seconds": 3e-4 * b * t} for b in (1, 4) for t in (32, 128)]
+    dispatch = {"actors": 4, "call_s": 7e-3, "transfer": [{"bytes": 1024, "seconds": 9e-3}]}
     return Measurements(tables(1.0), {1: tables(1.0), 2: tables(1.5), 4: tables(2.0)}, coll, gen,
-                        "tiny", train)
+                        "tiny", train, dispatch)
 
 
 def test_header_derived_from_tables() -> None:
@@ -70,6 +71,7 @@ def test_round_trip_through_simulator(tmp_path: Path) -> None:
     assert source == "measured" and flops == pytest.approx(2 * 256 * 512 * 512 / 5e-3)
     raw = yaml.safe_load(path.read_text())
     assert raw["extra"]["attention"][0]["seq"] == 64 and raw["generated"]["seconds"] == 12.3
+    assert raw["extra"]["dispatch"]["call_s"] == 7e-3
     write_profile(yaml.safe_load(path.read_text()), tmp_path / "again.yaml")
     again = load_profile(str(tmp_path / "again.yaml"))
     assert again.measured == prof.measured and again.peak_flops == prof.peak_flops

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from executor.profiler import collectives, ops, train_layer, vllm_steps
+from executor.profiler import collectives, dispatch, ops, train_layer, vllm_steps
 from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
 from simulator.profile import load_profile
 
@@ -24,6 +24,7 @@ class ProfileOptions:
     threads_per_rank: int = 1
     model: str = "tiny"           # generation and train-layer model
     generate: bool = True
+    dispatch: bool = True         # Ray round trips of the single controller
     concurrency: tuple[int, ...] = (1, 2, 4)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,10 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
         ggrid = vllm_steps.default_grid(options.quick, gpu, options.model)
         steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
             "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
+    if options.dispatch:
+        dgrid = dispatch.DispatchGrid(world, repeats=5 if options.quick else 20)
+        steps.append((f"Ray dispatch, {world} actors", lambda: (
+            "dispatch", dispatch.measure_dispatch(dgrid))))
     return steps
 
 
@@ -116,7 +121,7 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
     alone, train_rows = results["alone"]
     shared = {1: alone, **{int(k[6:]): v for k, v in results.items() if k.startswith("shared")}}
     m = Measurements(alone, shared, results.get("collectives", {}), results.get("generate"),
-                     options.model, train_rows)
+                     options.model, train_rows, results.get("dispatch"))
     out = Path(options.out)
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")
     write_profile(build_profile(out.stem, info, m, time.perf_counter() - start), draft)

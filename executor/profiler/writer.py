@@ -3,7 +3,8 @@
 Header numbers (peak FLOP/s, memory bandwidth, link bandwidth, latency, step overhead) are
 derived from the tables, each with a `sources` line saying how; `measured:` holds the tables
 simulator.profile reads. Tables it does not read yet (attention, elementwise, matmul under
-sharing) and the sharing slowdowns go under `sharing:` and `extra:`.
+sharing, the controller's Ray dispatch cost) and the sharing slowdowns go under `sharing:` and
+`extra:`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Measurements:
     generate: dict[str, list[dict]] | None      # {"prefill": [...], "decode": [...]}
     generate_model: str
     train_layer: list[dict] = field(default_factory=list)  # rows of measure_train_layer
+    dispatch: dict | None = None  # measure_dispatch: Ray round trips of the controller
 
     def __post_init__(self) -> None:
         if not self.alone.matmul:
@@ -151,7 +153,7 @@ def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: 
     if points:
         measured["train_layer"] = {"model": m.train_layer[0]["model"], "points": points}
     extra = {"attention": m.alone.attention, "elementwise": m.alone.elementwise,
-             "train_layer_rows": m.train_layer,
+             "train_layer_rows": m.train_layer, "dispatch": m.dispatch,
              "shared_ops": {k: {"matmul": t.matmul, "attention": t.attention,
                                 "elementwise": t.elementwise} for k, t in m.shared.items()}}
     return {**numbers, "sources": sources, "measured": measured, "sharing": _sharing(m, info),
