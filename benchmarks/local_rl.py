@@ -39,6 +39,9 @@ class LoopSettings:
     kl_coef: float = 0.0         # KL penalty in the reward (PPO, ReMax, Safe-RLHF)
     kl_loss_coef: float = 0.0    # KL term in the actor loss (GRPO)
     reward: str = "model"        # "model": the trained reward model; "rule": the rule score
+    lagrange_init: float = 1.0   # Safe-RLHF: lambda, its step size, and the cost threshold
+    lagrange_lr: float = 0.05    # (the cost model's output is > 0 for a forbidden letter)
+    cost_threshold: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -181,7 +184,8 @@ def evaluate(actor, art: Artifacts, seed: int) -> dict:
 def run(s: LoopSettings, art: Artifacts, log=print) -> list[dict]:
     """All iterations; one metrics dict per iteration (plus eval before and after)."""
     roles, history = Roles(art, s), []
-    lagrange = alg.LagrangeMultiplier(value=1.0, lr=0.5, threshold=0.05)
+    lagrange = alg.LagrangeMultiplier(value=s.lagrange_init, lr=s.lagrange_lr,
+                                      threshold=s.cost_threshold)
     log(json.dumps({"iteration": 0, **evaluate(roles.actor, art, s.seed)}))
     for it in range(1, s.iterations + 1):
         t0 = time.time()

@@ -41,15 +41,16 @@ class BuildSettings:
     sft_noise: float = 0.5
     sft_lr: float = 1e-3
     batch: int = 64
-    rm_steps: int = 200
+    rm_steps: int = 600
     rm_lr: float = 3e-4
+    cost_steps: int = 150
     max_response_len: int = 8
 
     def __post_init__(self) -> None:
         for f in ("n_train", "n_eval", "batch", "max_response_len"):
             if getattr(self, f) <= 0:
                 raise ArtifactError(f"{f} must be positive, got {getattr(self, f)}")
-        for f in ("sft_steps", "rm_steps"):
+        for f in ("sft_steps", "rm_steps", "cost_steps"):
             if getattr(self, f) < 0:
                 raise ArtifactError(f"{f} must be >= 0, got {getattr(self, f)}")
         if not 0 <= self.sft_noise < 1:
@@ -160,19 +161,24 @@ def ensure_artifacts(model: str = "tiny", seed: int = 0, cache_dir: str | Path |
 
 
 def _build_atomically(settings: BuildSettings, root: Path) -> None:
+    """Build into a temporary folder and rename it into place; a lock file makes concurrent
+    callers (several workers starting on a cold cache) wait for one build."""
+    import fcntl
+
     from executor.build import build_all  # torch and transformers only when building
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build_all(settings, tmp)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "meta.json").exists():  # not another builder's finished entry
-                raise
-    finally:
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "meta.json").exists():  # built while we waited
+            return
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build_all(settings, tmp)
+            shutil.rmtree(root, ignore_errors=True)  # a damaged entry without meta.json
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_artifacts(root: str | Path) -> Artifacts:

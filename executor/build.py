@@ -88,19 +88,32 @@ def _policy_pairs(policy, tok, examples, s: BuildSettings) -> list[tuple[list[in
 
 
 def _train_scorer(policy, tok, examples, s: BuildSettings, by: str, seed: int):
-    """A Bradley-Terry scalar model from the policy's backbone; held-out pair accuracy."""
-    pairs = _pairs_to_ids(tok, task.preference_pairs(examples, seed, s.task, by=by))
+    """A Bradley-Terry scalar model from the policy's backbone; held-out pair accuracy.
+
+    The cost model (by="cost") also learns the sign: > 0 when the response holds the
+    forbidden letter, so a Safe-RLHF threshold of 0 means "no forbidden letter".
+    """
+    text_pairs = task.preference_pairs(examples, seed, s.task, by=by)
+    pairs = _pairs_to_ids(tok, text_pairs)
+    signs = None
     if by == "score":
         pairs += _policy_pairs(policy, tok, examples[:s.n_train // 2], s)
-    random.Random(seed).shuffle(pairs)
-    held_out = max(1, len(pairs) // 10)
-    train_ids, test_ids = pairs[held_out:], pairs[:held_out]
+    else:
+        signs = [tuple(1.0 if task.cost(r, s.task) > 0 else -1.0 for r in (good, bad))
+                 for _, good, bad in text_pairs]
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:max(1, len(pairs) // 10)])
+    train = [i for i in order if i not in held_out]
     model = warmup.reward_from_policy(policy, seed)
-    losses = warmup.train_bradley_terry(model, train_ids, s.rm_steps, s.rm_lr, s.batch // 2,
-                                        seed, SPECIAL.pad)
+    steps = s.rm_steps if by == "score" else s.cost_steps
+    losses = warmup.train_bradley_terry(
+        model, [pairs[i] for i in train], steps, s.rm_lr, s.batch // 2, seed, SPECIAL.pad,
+        None if signs is None else [signs[i] for i in train])
+    test = [pairs[i] for i in sorted(held_out)]
     with torch.no_grad():
-        good = warmup.scalar_scores(model, [a for a, _ in test_ids], SPECIAL.pad)
-        bad = warmup.scalar_scores(model, [b for _, b in test_ids], SPECIAL.pad)
+        good = warmup.scalar_scores(model, [a for a, _ in test], SPECIAL.pad)
+        bad = warmup.scalar_scores(model, [b for _, b in test], SPECIAL.pad)
     acc = float((good > bad).float().mean())
     return model, {"pairs": len(pairs), "final_loss": sum(losses[-10:]) / 10 if losses else None,
                    "held_out_pair_accuracy": acc}
@@ -120,7 +133,9 @@ def _rule_correlations(policy, reward, cost, tok, evals, s: BuildSettings) -> di
     return {"samples": len(seqs), "sampled_score": sum(scores) / len(scores),
             "sampled_cost": sum(costs) / len(costs),
             "reward_vs_score_pearson": _pearson(rm, scores),
-            "cost_model_vs_cost_pearson": _pearson(cm, costs)}
+            "cost_model_vs_cost_pearson": _pearson(cm, costs),
+            "cost_model_sign_accuracy": sum((c > 0) == (r > 0) for c, r in zip(cm, costs))
+            / len(costs)}
 
 
 def _greedy_score(policy, tok, evals, s: BuildSettings) -> float:

@@ -106,10 +106,15 @@ def sft(model: LlamaForCausalLM, prompts: list[list[int]], answers: list[list[in
 
 def train_bradley_terry(model: LlamaForSequenceClassification,
                         pairs: list[tuple[list[int], list[int]]], steps: int, lr: float,
-                        batch: int, seed: int, pad: int) -> list[float]:
-    """-log sigmoid(r(better) - r(worse)) over (better ids, worse ids) pairs; step losses."""
-    if not pairs:
-        raise ValueError("Bradley-Terry training needs at least one preference pair")
+                        batch: int, seed: int, pad: int,
+                        signs: list[tuple[float, float]] | None = None) -> list[float]:
+    """-log sigmoid(r(better) - r(worse)) over (better ids, worse ids) pairs; step losses.
+
+    ``signs`` (+1 / -1 per sequence of each pair) adds Safe-RLHF's cost-model term
+    -log sigmoid(sign * r), which pins the sign of the output (cost > 0: unsafe).
+    """
+    if not pairs or (signs is not None and len(signs) != len(pairs)):
+        raise ValueError("Bradley-Terry training needs pairs (and a sign pair for each)")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -119,6 +124,9 @@ def train_bradley_terry(model: LlamaForSequenceClassification,
         seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
         r = scalar_scores(model, seqs, pad)
         loss = -F.logsigmoid(r[:batch] - r[batch:]).mean()
+        if signs is not None:
+            sign = torch.tensor([signs[i][0] for i in idx] + [signs[i][1] for i in idx])
+            loss = loss - F.logsigmoid(sign * r).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

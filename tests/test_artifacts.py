@@ -13,7 +13,7 @@ from executor import task
 from executor.artifacts import (ArtifactError, BuildSettings, ensure_artifacts,
                                 load_artifacts)
 
-SMALL = dict(n_train=256, n_eval=32, sft_steps=40, rm_steps=8, batch=16)
+SMALL = dict(n_train=256, n_eval=32, sft_steps=40, rm_steps=8, cost_steps=8, batch=16)
 
 
 def _digest(path):
@@ -88,6 +88,28 @@ def test_build_is_deterministic(small, tmp_path):
         a, b = art.root / name / "model.safetensors", other.root / name / "model.safetensors"
         assert _digest(a) == _digest(b), name
     assert other.prompts == art.prompts and other.metrics.keys() == art.metrics.keys()
+
+
+def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
+    import threading
+
+    import executor.build
+    real, calls = executor.build.build_all, []
+
+    def counting(*args):
+        calls.append(args)
+        real(*args)
+    monkeypatch.setattr(executor.build, "build_all", counting)
+    settings = BuildSettings(**{**SMALL, "sft_steps": 5, "rm_steps": 2, "cost_steps": 2})
+    roots = []
+    threads = [threading.Thread(target=lambda: roots.append(
+        ensure_artifacts(settings=settings, cache_dir=tmp_path).root)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(roots) == 2 and roots[0] == roots[1]
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
 def test_errors(tmp_path):
