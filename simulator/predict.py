@@ -37,6 +37,7 @@ class SetPrediction:
     placed: PlacedSet
     roles: tuple[RolePrediction, ...]
     peak_bytes: float  # the set's peak per GPU (all residents + the largest transient)
+    in_flight: int = 0  # the actor's sequences generated at once per replica (its set only)
 
     def stage_seconds(self, stage: str) -> float:
         return float(sum(r.stages[stage].seconds for r in self.roles if stage in r.stages))
@@ -97,7 +98,7 @@ def _fits(what: str, need: float, profile: Profile) -> None:
 
 
 def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, scheme: str,
-                      others_resident: float) -> tuple[dict[str, Cost], Memory]:
+                      others_resident: float) -> tuple[dict[str, Cost], Memory, int]:
     """Generation and reshard costs of the actor and its transient memory."""
     train, gen = placed.layout("actor"), placed.generation()
     model_bytes = WEIGHT_BYTES * role_params(job, "actor", train.ep)
@@ -110,7 +111,7 @@ def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, s
     n = shape.in_flight(profile.usable_bytes - others_resident - extra)
     stages = {"generate": generation_cost(job, gen, shape, n, profile, gpn),
               "reshard": reshard_cost(scheme, *args, profile, gpn)}
-    return stages, memory(generation_weights=extra) + kv_memory(shape, n)
+    return stages, memory(generation_weights=extra) + kv_memory(shape, n), n
 
 
 def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
@@ -122,6 +123,7 @@ def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
     _fits(f"set {list(placed.models)} on {placed.gpus} GPUs",
           total_resident + max(m.bytes for m in transient.values()), profile)
     roles, peak = [], total_resident + max(m.bytes for m in transient.values())
+    in_flight = 0
     for role in placed.models:
         layout = placed.layout(role)
         stages: dict[str, Cost] = {}
@@ -132,12 +134,13 @@ def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
             elif w.kind == "infer":
                 stages["prepare"] = infer_cost(job, role, layout, profile, gpn, w.sequences)
         if role == "actor":
-            gen_stages, gen_mem = _actor_generation(job, placed, profile, gpn, scheme, total_resident)
+            gen_stages, gen_mem, in_flight = _actor_generation(job, placed, profile, gpn, scheme,
+                                                               total_resident)
             stages.update(gen_stages)
             own = max(own, gen_mem, key=lambda m: m.bytes)
             peak = max(peak, total_resident + gen_mem.bytes)
         roles.append(RolePrediction(role, stages, resident[role] + own))
-    return SetPrediction(placed, tuple(roles), peak)
+    return SetPrediction(placed, tuple(roles), peak, in_flight)
 
 
 def compose(sets: tuple[SetPrediction, ...], job: Job) -> Prediction:
@@ -155,12 +158,10 @@ def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] 
     out = {"generate": {"basis": "expected longest response of each wave (stragglers)",
                         "tokens": float(job.response_len), "max": job.response_len}}
     actor = next((s for s in sets if "actor" in s.placed.models), None)
-    kv = actor and next(r for r in actor.roles if r.role == "actor").memory.as_dict().get("kv_cache")
-    if actor is not None and kv:
-        placed = actor.placed
+    if actor is not None and actor.in_flight > 0:
+        placed, n = actor.placed, actor.in_flight
         shape = gen_shape(job, placed.layout("actor"), placed.generation(),
                           job.works("actor")[0].sequences)
-        n = max(1, round(kv / shape.kv_bytes_per_seq))
         waves, full, _ = decode_steps(job, shape.sequences, n)
         out["generate"].update(tokens=full, waves=waves, sequences_per_wave=n)
     return {**out, "prepare": mean, "train": mean}

@@ -1,0 +1,131 @@
+"""Mixture-of-experts jobs: compute follows active parameters, memory follows total
+parameters split over ep ranks, expert-parallel all-to-all and gradient reduction by hand,
+plan JSON's optional "ep", and the planner's search over ep (CP-SAT == brute force)."""
+import dataclasses
+
+import pytest
+
+from planner.brute import brute_force_best
+from planner.plan import Plan
+from planner.search import Planner, plan_job
+from planner.tables import _expert_degrees, _pareto
+from simulator.cluster import Cluster
+from simulator.costs import collective
+from simulator.generation import gen_shape, generation_cost
+from simulator.job import Job
+from simulator.layout import GenLayout, LayoutError, TrainLayout
+from simulator.moe import alltoall_seconds, touched_fraction
+from simulator.profile import load_profile
+from simulator.training import check_layout, resident_memory, role_params, train_cost
+
+A100 = load_profile("a100-80gb")
+THR = A100.peak_flops * A100.eff_matmul
+JOB = Job.create("grpo", "tiny-moe", 64, 64, 8, n_samples=2, mini_batches=2)
+SPEC = JOB.spec("actor")  # 2 layers, hidden 128, 8 experts (top 2) of width 96
+
+
+def test_layout_ep_key_is_optional():
+    assert TrainLayout(1, 2, 4).to_dict() == {"pp": 1, "tp": 2, "dp": 4}
+    assert TrainLayout(1, 2, 4, 2).to_dict() == {"pp": 1, "tp": 2, "dp": 4, "ep": 2}
+    assert TrainLayout.from_dict({"pp": 1, "tp": 2, "dp": 4}).ep == 1
+    assert TrainLayout.from_dict({"pp": 1, "tp": 2, "dp": 4, "ep": 4}).ep == 4
+    for bad in ({"pp": 1, "tp": 2, "dp": 4, "ep": 3}, {"pp": 1, "tp": 2, "dp": 4, "xp": 2},
+                {"pp": 1, "tp": 2, "dp": 4, "ep": 0}):
+        with pytest.raises(LayoutError):
+            TrainLayout.from_dict(bad)
+    with pytest.raises(LayoutError, match="experts"):
+        check_layout(Job.create("grpo", "tiny", 64, 64, 8), "actor", TrainLayout(1, 1, 2, 2))
+    with pytest.raises(LayoutError, match="experts"):
+        check_layout(Job.create("grpo", "qwen3-30b-a3b", 64, 64, 64), "actor",
+                     TrainLayout(1, 1, 6, 3))
+    assert _expert_degrees(128, 24) == [1, 2, 4, 8] and _expert_degrees(0, 16) == [1]
+
+
+def test_memory_follows_total_params_over_ep():
+    routed = SPEC.routed_expert_params
+    assert routed == 2 * 8 * 3 * 128 * 96
+    for ep in (1, 2, 4):
+        shard = (SPEC.params - routed + routed // ep) / 2  # tp 2
+        assert role_params(JOB, "actor", ep) == SPEC.params - routed + routed // ep
+        assert resident_memory(JOB, "actor", TrainLayout(1, 2, 4, ep)).as_dict() == \
+            pytest.approx({"weights": 2 * shard, "grads": 4 * shard, "adam": 12 * shard})
+
+
+def test_train_cost_by_hand_with_ep():
+    lay = TrainLayout(1, 2, 4, 2)
+    t = train_cost(JOB, "actor", lay, A100, 8).as_dict()
+    tokens = 2 * 2 * 128  # 2 mini-batches x 2 sequences per dp rank, 64 + 64 tokens
+    # compute follows the active parameters: 2 of 8 experts per token
+    assert t["train_compute"] == pytest.approx(tokens * 3 * SPEC.flops_per_token(64) / 2 / THR)
+    assert SPEC.flops_per_token(64) < 2 * SPEC.params
+    # per MoE layer: dispatch + combine, forward and backward; peers one dp rank (tp=2) apart
+    sent = tokens / 2 * 2 * 128 * 2 * (2 - 1) / 2  # tokens/tp x top-2 x hidden x bf16, half away
+    one = A100.comm_latency_s + sent / (A100.intra_node_bandwidth * A100.eff_communication)
+    assert alltoall_seconds(A100, sent, 2, 2, 8) == pytest.approx(one)
+    assert t["ep_alltoall"] == pytest.approx(2 * 4 * one)
+    # non-expert gradients over dp=4 ranks, each rank's experts over dp/ep=2 ranks
+    shard = role_params(JOB, "actor", 2) / 2
+    experts = SPEC.routed_expert_params / 2 / 2
+    grad = collective(A100, "all_reduce", 4 * (shard - experts), 4, True)[0] + \
+        collective(A100, "all_reduce", 4 * experts, 2, True)[0]
+    assert t["dp_grad_reduce"] == pytest.approx(2 * grad)
+    assert "ep_alltoall" not in train_cost(JOB, "actor", TrainLayout(1, 2, 4), A100, 8).as_dict()
+
+
+def test_generation_uses_the_training_expert_split():
+    train, gen = TrainLayout(1, 2, 4, 4), GenLayout(1, 1, 2)
+    shape = gen_shape(JOB, train, gen, 16)
+    routed = SPEC.routed_expert_params
+    assert shape.weight_bytes == 2 * (SPEC.params - routed + routed // 4)
+    assert shape.expert_bytes == 2 * routed // 4 and (shape.ep, shape.ep_stride) == (4, 2)
+    t = generation_cost(JOB, gen, shape, 1, A100, 8).as_dict()
+    untouched = shape.expert_bytes * (1 - touched_fraction(SPEC, 1 * 4))
+    assert t["decode_weights"] == pytest.approx(
+        64 * (shape.weight_bytes - untouched) / (A100.hbm_bandwidth * A100.eff_memory))
+    assert t["ep_alltoall"] > 0
+
+
+def test_pareto_equals_the_quadratic_definition():
+    import random
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        total: float
+        resident: float
+        transient: float
+
+    rng = random.Random(3)
+    for _ in range(500):
+        cs = [C(rng.randint(0, 5), rng.randint(0, 5), rng.randint(0, 5))
+              for _ in range(rng.randint(0, 20))]
+        slow = []
+        for c in sorted(cs, key=lambda c: (c.total, c.resident, c.transient)):
+            if not any(k.resident <= c.resident and k.transient <= c.transient for k in slow):
+                slow.append(c)
+        assert _pareto(cs) == slow
+
+
+@pytest.mark.parametrize("gpus", [4, 8])
+def test_moe_planner_equals_brute_force(gpus):
+    # ~13 MiB usable: tiny-moe's Adam states (16 MiB) force model and expert splits
+    small = dataclasses.replace(A100, hbm_gib=A100.reserved_gib + 0.013)
+    job = Job.create("grpo", "tiny-moe", 256, 256, 8, n_samples=4, mini_batches=2)
+    cluster = Cluster.from_gpus("a100-80gb", gpus)
+    best = plan_job(cluster, job, small)[0]
+    exhaustive = brute_force_best(cluster, job, small)
+    assert best.predicted["iteration_s"] == pytest.approx(exhaustive[0], rel=1e-6)
+    assert any(lay.ep > 1 for s in best.sets for kinds in s.layouts.values()
+               for lay in kinds.values() if isinstance(lay, TrainLayout))
+    assert Plan.from_dict(best.to_dict()).to_dict() == best.to_dict()
+
+
+def test_expert_parallelism_lets_a_big_moe_fit():
+    job = Job.create("grpo", "qwen3-235b-a22b", 1024, 2048, 64, n_samples=8, mini_batches=4,
+                     reward="rule")
+    planner = Planner(job, load_profile("h100-80gb"), 8)
+    best = planner.plan(Cluster.from_gpus("h100-80gb", 256))[0]
+    actor = best.set_of("actor").layouts["actor"]["train"]
+    assert actor.ep > 1  # without ep the 235B actor cannot hold Adam states on 256 GPUs
+    assert best.to_dict()["sets"][0]["layouts"]["actor"]["train"]["ep"] == actor.ep
+    mem = best.predicted["peak_memory_gib"]["actor"]
+    assert 0 < mem <= load_profile("h100-80gb").usable_bytes / 2**30
