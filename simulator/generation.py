@@ -65,13 +65,15 @@ def _measured(job: Job, profile: Profile, shape: GenShape, n: int, waves: int,
                 ("decode_measured", steps * step, "measured"))
 
 
-def decode_steps(job: Job, sequences: int, in_flight: int) -> tuple[int, float, float]:
+def decode_steps(job: Job, sequences: int, in_flight: int, group: int = 1
+                 ) -> tuple[int, float, float]:
     """(waves, steps of a full wave, steps of all waves): each wave lasts as long as the
-    expected longest of its responses (the stragglers)."""
+    expected longest of its responses (the stragglers), over the `group` replicas that
+    step together (an expert-parallel group exchanges tokens at every step)."""
     waves = math.ceil(sequences / in_flight)
     last = sequences - (waves - 1) * in_flight
-    full = job.lengths.expected_max(in_flight)
-    return waves, full, (waves - 1) * full + job.lengths.expected_max(last)
+    full = job.lengths.expected_max(in_flight * group)
+    return waves, full, (waves - 1) * full + job.lengths.expected_max(last * group)
 
 
 def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
@@ -81,7 +83,7 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
         raise DoesNotFit(f"actor generation tp={gen.tp} pp={gen.pp}: no memory left for the "
                          f"KV cache of one sequence ({shape.kv_bytes_per_seq / GIB:.2f} GiB)")
     spec = job.spec("actor")
-    waves, first, steps = decode_steps(job, shape.sequences, in_flight)
+    waves, first, steps = decode_steps(job, shape.sequences, in_flight, shape.ep)
     if gen.model_parallel == 1:
         measured = _measured(job, profile, shape, in_flight, waves, steps)
         if measured is not None:

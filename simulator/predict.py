@@ -162,8 +162,8 @@ def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] 
         placed, n = actor.placed, actor.in_flight
         shape = gen_shape(job, placed.layout("actor"), placed.generation(),
                           job.works("actor")[0].sequences)
-        waves, full, _ = decode_steps(job, shape.sequences, n)
-        out["generate"].update(tokens=full, waves=waves, sequences_per_wave=n)
+        waves, full, _ = decode_steps(job, shape.sequences, n, shape.ep)
+        out["generate"].update(tokens=full, waves=waves, sequences_per_wave=n * shape.ep)
     return {**out, "prepare": mean, "train": mean}
 
 

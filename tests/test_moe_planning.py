@@ -129,3 +129,22 @@ def test_expert_parallelism_lets_a_big_moe_fit():
     assert best.to_dict()["sets"][0]["layouts"]["actor"]["train"]["ep"] == actor.ep
     mem = best.predicted["peak_memory_gib"]["actor"]
     assert 0 < mem <= load_profile("h100-80gb").usable_bytes / 2**30
+
+
+def test_an_expert_parallel_group_waits_for_its_longest_response():
+    job = Job.create("grpo", "tiny-moe", 64, 256, 8, n_samples=2, mini_batches=2,
+                     response_mean=64)
+    gen = GenLayout(1, 1, 2)
+    alone = gen_shape(job, TrainLayout(1, 2, 4), gen, 16)
+    grouped = gen_shape(job, TrainLayout(1, 2, 4, 4), gen, 16)
+    a = generation_cost(job, gen, alone, 1, A100, 8).as_dict()
+    g = generation_cost(job, gen, grouped, 1, A100, 8).as_dict()
+    hbm = A100.hbm_bandwidth * A100.eff_memory
+    # one token reads its 2 of 8 experts; a group of 4 reads more of them
+    skip = alone.expert_bytes * (1 - touched_fraction(SPEC, 1))
+    assert a["decode_weights"] == pytest.approx(job.lengths.expected_max(1) *
+                                                (alone.weight_bytes - skip) / hbm)
+    untouched = grouped.expert_bytes * (1 - touched_fraction(SPEC, 4))
+    assert g["decode_weights"] == pytest.approx(job.lengths.expected_max(4) *
+                                                (grouped.weight_bytes - untouched) / hbm)
+    assert job.lengths.expected_max(4) > job.lengths.expected_max(1)
