@@ -117,6 +117,7 @@ class Tables:
         self._gen_s: dict[tuple[TrainLayout, GenLayout, int], float] = {}
         self._shapes: dict[tuple[TrainLayout, GenLayout], GenShape] = {}
         self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
+        self._partial_cache: dict[tuple[tuple[str, ...], int, bool], list[_Partial]] = {}
 
     # ---- per role -----------------------------------------------------------------
     def layouts(self, role: str, n: int) -> Iterator[TrainLayout]:
@@ -201,22 +202,33 @@ class Tables:
             self._sets[key] = self._search_set(roles, n, prune)
         return self._sets[key]
 
-    def _search_set(self, roles: tuple[str, ...], n: int, prune: bool) -> SetChoice | None:
-        usable = self.profile.usable_bytes
-        partial = [_Partial(0.0, 0.0, (0.0,) * len(STAGES), ())]
-        for role in (r for r in roles if r != "actor"):
+    def _partials(self, others: tuple[str, ...], n: int, prune: bool) -> list["_Partial"]:
+        """Joint layouts of non-actor roles on n GPUs; built one role at a time on the
+        cached layouts of the roles before it (sets share these prefixes)."""
+        key = (others, n, prune)
+        if key not in self._partial_cache:
+            if not others:
+                self._partial_cache[key] = [_Partial(0.0, 0.0, (0.0,) * len(STAGES), ())]
+                return self._partial_cache[key]
+            role, usable = others[-1], self.profile.usable_bytes
             kind = "train" if role in ("critic", "cost_critic") else "infer"
             merged = [_Partial(p.resident + c.resident, max(p.transient, c.transient),
                                tuple(a + b for a, b in zip(p.stages, c.stages)),
                                p.layouts + ((role, {kind: c.layout}),))
-                      for p in partial for c in self.role_candidates(role, n, prune)]
+                      for p in self._partials(others[:-1], n, prune)
+                      for c in self.role_candidates(role, n, prune)]
             merged = [m for m in merged if m.resident + m.transient <= usable]
-            partial = _pareto(merged) if prune else merged
+            self._partial_cache[key] = _pareto(merged) if prune else merged
+        return self._partial_cache[key]
+
+    def _search_set(self, roles: tuple[str, ...], n: int, prune: bool) -> SetChoice | None:
+        usable = self.profile.usable_bytes
+        partial = self._partials(tuple(r for r in roles if r != "actor"), n, prune)
         if "actor" not in roles:
             best = min(partial, key=lambda p: sum(p.stages), default=None)
             return best and SetChoice(best.layouts, best.stages, best.resident + best.transient)
         best: SetChoice | None = None
-        partial.sort(key=lambda p: p.total)
+        partial = sorted(partial, key=lambda p: p.total)
         actors = [(a, self._fastest_generation(a)) for a in self.role_candidates("actor", n, prune)]
         for a, floor in sorted(actors, key=lambda x: x[0].total + x[1]):
             for p in partial:
