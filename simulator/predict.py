@@ -164,6 +164,8 @@ def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] 
                           job.works("actor")[0].sequences)
         waves, full, _ = decode_steps(job, shape.sequences, n, shape.ep)
         out["generate"].update(tokens=full, waves=waves, sequences_per_wave=n * shape.ep)
+        if shape.ep > 1:
+            out["generate"]["basis"] += f"; a wave spans the {shape.ep} replicas of an ep group"
     return {**out, "prepare": mean, "train": mean}
 
 
