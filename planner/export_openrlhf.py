@@ -17,6 +17,7 @@ from planner.export_view import ExportError, FrameworkExport, PlanView, node_spl
 
 # HybridFlow algorithm -> OpenRLHF --algo.advantage.estimator (ReMax and Safe-RLHF have none)
 ESTIMATOR = {"ppo": "gae", "grpo": "group_norm"}
+RULE_FN_VAR = "REWARD_FUNC_PATH"
 
 
 def _check_expressible(v: PlanView) -> None:
@@ -42,15 +43,24 @@ def _deepspeed(v: PlanView) -> tuple[list[str], list[str]]:
     """ZeRO stage and AutoTP size for all models, and notes where they differ from the plan."""
     layouts = {r.name: r.compute for r in v.roles.values()}
     tps = {lay.tp for lay in layouts.values()}
-    if len(tps) == 1 and all(lay.pp == 1 for lay in layouts.values()):
+    experts = v.expert_parallel
+    if len(tps) == 1 and all(lay.pp == 1 for lay in layouts.values()) and not experts:
         tp = tps.pop()
         args = ["--ds.zero_stage", "2"] + (["--ds.tensor_parallel_size", str(tp)] if tp > 1 else [])
         return args, []
-    described = ", ".join(f"{name} pp{lay.pp} tp{lay.tp} dp{lay.dp}" for name, lay in layouts.items())
+    described = ", ".join(f"{name} pp{lay.pp} tp{lay.tp} dp{lay.dp}"
+                          + (f" ep{lay.ep}" if lay.ep > 1 else "") for name, lay in layouts.items())
     note = (f"DeepSpeed has no pipeline parallelism and one AutoTP size for all models; the plan's "
             f"layouts ({described}) become ZeRO-3 sharding over the set's {v.set_gpus[0]} GPUs, "
             f"so time and memory differ from the prediction")
-    return ["--ds.zero_stage", "3"], [note]
+    notes = [note]
+    if experts:
+        notes.append(
+            f"OpenRLHF 0.11.2 has no expert parallelism (train_ppo_ray has no such argument; "
+            f"--ds.experts_implementation picks a kernel): the experts of "
+            f"{', '.join(f'{n} (ep {e})' for n, e in experts.items())} are ZeRO-3 sharded with "
+            f"the other weights and the vLLM engines run without expert parallelism")
+    return ["--ds.zero_stage", "3"], notes
 
 
 def _placement(v: PlanView) -> list[str]:
@@ -61,7 +71,7 @@ def _placement(v: PlanView) -> list[str]:
             "--vllm.tensor_parallel_size", str(gen.tp)]
     for name, flag in (("actor", "actor"), ("reference", "ref"), ("critic", "critic"),
                        ("reward", "reward")):
-        if v.role(name) is not None:
+        if v.role(name) is not None:  # a rule reward has no GPUs
             args += [f"--{flag}.num_nodes", str(nodes), f"--{flag}.num_gpus_per_node", str(per_node)]
     return args
 
@@ -93,6 +103,10 @@ def _models(v: PlanView) -> tuple[list[str], list[tuple[str, str]]]:
         var = f"{name.upper()}_MODEL_PATH"
         args += [f"--{name}.model_name_or_path", f'"${var}"']
         env.append((var, f"Hugging Face checkpoint of {role.model}"))
+    if v.is_rule("reward"):
+        args += ["--reward.remote_url", f'"${RULE_FN_VAR}"']
+        env.append((RULE_FN_VAR, "Python file defining reward_func, the rule reward "
+                                 "(or the URL of a reward server)"))
     return args, env + [("PROMPT_DATA", "prompt dataset (--data.prompt_dataset)")]
 
 
@@ -112,6 +126,10 @@ def to_openrlhf(plan: dict) -> FrameworkExport:
     reference, actor = v.role("reference"), v.roles["actor"]
     if reference is not None and reference.model != actor.model:
         notes.append(f"OpenRLHF loads the reference from the actor's path, not {reference.model}")
+    if v.is_rule("reward"):
+        notes.append(f"the reward is a rule: no reward model; OpenRLHF scores responses with "
+                     f"reward_func from ${RULE_FN_VAR} (--reward.remote_url takes a .py file or "
+                     f"an HTTP URL); pass the answers' dataset key with --data.label_key")
     words = [a if a.startswith('"$') else shlex.quote(a) for a in args]
     check_constraints(parse_command(args, ref))  # flags of the named version, and its checks
     header = [f"{v.algorithm} on {v.total_gpus} x {v.gpu}: all models on {v.set_gpus[0]} GPUs"]

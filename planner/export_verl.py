@@ -29,9 +29,24 @@ def _model_path(role: RoleView) -> tuple[str, tuple[str, str] | None]:
     return f'"${var}"', (var, f"directory of the Hugging Face checkpoint of {role.model}")
 
 
+RULE_FN_VAR = "REWARD_FN_PATH"
+
+
 def _megatron(prefix: str, layout) -> dict[str, object]:
-    return {f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
-            f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp}
+    o: dict[str, object] = {f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
+                            f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp}
+    if layout.ep > 1:  # the plan's experts keep the layout's tp (simulator/moe.py)
+        o |= {f"{prefix}.megatron.expert_model_parallel_size": layout.ep,
+              f"{prefix}.megatron.expert_tensor_parallel_size": layout.tp}
+    return o
+
+
+def _vllm_ep(prefix: str, tp: int, ep: int) -> dict[str, object]:
+    """vLLM expert parallelism: experts split over each engine's tp x dp GPUs, dp = ep
+    attention replicas; each GPU holds the same share of experts as in the plan."""
+    if ep <= 1:
+        return {}
+    return {f"{prefix}.data_parallel_size": ep, f"{prefix}.expert_parallel_size": tp * ep}
 
 
 def _check_dp_split(v: PlanView, role: RoleView, sequences: int, what: str) -> None:
@@ -51,6 +66,7 @@ def _roles(v: PlanView) -> dict[str, object]:
     o |= {"actor_rollout_ref.rollout.name": "vllm",
           "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
           "actor_rollout_ref.rollout.pipeline_model_parallel_size": gen.pp}
+    o |= _vllm_ep("actor_rollout_ref.rollout", gen.tp, actor.train.ep)
     ref, critic, reward = v.role("reference"), v.role("critic"), v.role("reward")
     if ref is not None:
         o |= _megatron("actor_rollout_ref.ref", ref.compute)
@@ -62,6 +78,10 @@ def _roles(v: PlanView) -> dict[str, object]:
         o |= {"reward.reward_model.rollout.name": "vllm",
               "reward.reward_model.rollout.tensor_model_parallel_size": reward.compute.tp,
               "reward.reward_model.rollout.pipeline_model_parallel_size": reward.compute.pp}
+        o |= _vllm_ep("reward.reward_model.rollout", reward.compute.tp, reward.compute.ep)
+    if v.is_rule("reward"):
+        o |= {"reward.custom_reward_function.path": f'"${RULE_FN_VAR}"',
+              "reward.custom_reward_function.name": "compute_score"}
     return o
 
 
@@ -165,6 +185,20 @@ def _notes(v: PlanView) -> list[str]:
         notes.append(f"verl loads the reference from the actor's path ({actor.model}), "
                      f"not {ref.model}")
     reward = v.role("reward")
+    if v.is_rule("reward"):
+        notes.append(f"the reward is a rule: no reward model (reward.reward_model.enable=false); "
+                     f"verl scores each response on the CPU with compute_score(data_source, "
+                     f"solution_str, ground_truth, extra_info) from ${RULE_FN_VAR} "
+                     f"(reward.custom_reward_function)")
+    for name, ep in v.expert_parallel.items():
+        what = "trains" if v.roles[name].train is not None else "runs"
+        notes.append(f"the {name} {what} with expert parallelism {ep} (megatron "
+                     f"expert_model_parallel_size, experts split further by its tp)")
+    if actor.train.ep > 1:
+        notes.append(f"generation: vLLM splits the experts over each engine's tp {gen.tp} x "
+                     f"dp {actor.train.ep} GPUs (rollout.expert_parallel_size "
+                     f"{gen.tp * actor.train.ep}), the same share per GPU as the plan's "
+                     f"ep {actor.train.ep} x tp {gen.tp}; its attention runs data-parallel")
     if reward is not None:
         notes.append(f"the reward model runs as a vLLM server with TP {reward.compute.tp} x "
                      f"PP {reward.compute.pp} per replica ({reward.compute.dp} replicas in the plan)")
@@ -183,6 +217,8 @@ def to_verl(plan: dict) -> FrameworkExport:
     overrides |= pool_overrides
     env = [("TRAIN_FILES", "training prompts (parquet)"), ("VAL_FILES", "validation prompts")]
     overrides |= {"data.train_files": '"$TRAIN_FILES"', "data.val_files": '"$VAL_FILES"'}
+    if v.is_rule("reward"):
+        env.append((RULE_FN_VAR, "Python file defining compute_score, the rule reward"))
     for name, key in MODEL_PATH_KEY.items():
         if v.role(name) is not None:
             value, var = _model_path(v.roles[name])

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROLES = ("actor", "critic", "reference", "reward", "cost", "cost_critic")
+RULE = "rule"  # simulator.job.RULE: a reward or cost computed by a function, no GPUs
+RULE_ROLES = ("reward", "cost")
 ALGORITHMS = ("ppo", "grpo", "remax", "safe-rlhf")
 
 
@@ -29,14 +31,18 @@ def _get(d: object, key: str, where: str) -> object:
 
 @dataclass(frozen=True)
 class Layout:
-    """One stage kind's parallel degrees: pp, tp and dp (micro_dp for generation)."""
+    """One stage kind's parallel degrees: pp, tp and dp (micro_dp for generation), and the
+    expert parallel degree ep of a mixture-of-experts model (ep ranks are dp ranks)."""
     pp: int
     tp: int
     dp: int
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("pp", "tp", "dp"):
+        for name in ("pp", "tp", "dp", "ep"):
             _pos_int(getattr(self, name), f"layout {name}")
+        if self.dp % self.ep:
+            raise ExportError(f"plan: layout ep {self.ep} must divide dp {self.dp}")
 
     @property
     def gpus(self) -> int:
@@ -49,7 +55,8 @@ class Layout:
         dp_key = "micro_dp" if "micro_dp" in d else "dp"
         return cls(_pos_int(_get(d, "pp", where), f"{where}.pp"),
                    _pos_int(_get(d, "tp", where), f"{where}.tp"),
-                   _pos_int(_get(d, dp_key, where), f"{where}.{dp_key}"))
+                   _pos_int(_get(d, dp_key, where), f"{where}.{dp_key}"),
+                   _pos_int(d.get("ep", 1), f"{where}.ep"))
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class PlanView:
     sets: tuple[tuple[str, ...], ...]
     set_gpus: tuple[int, ...]
     roles: dict[str, RoleView] = field(default_factory=dict)
+    rule_roles: tuple[str, ...] = ()  # reward/cost computed by a function: no GPUs, no set
     tokens_per_s: float | None = None
     iteration_s: float | None = None
 
@@ -112,6 +120,14 @@ class PlanView:
 
     def role(self, name: str) -> RoleView | None:
         return self.roles.get(name)
+
+    def is_rule(self, name: str) -> bool:
+        return name in self.rule_roles
+
+    @property
+    def expert_parallel(self) -> dict[str, int]:
+        """{role: ep} of the roles whose layout splits experts (ep > 1)."""
+        return {r.name: r.compute.ep for r in self.roles.values() if r.compute.ep > 1}
 
     def set_of(self, name: str) -> tuple[str, ...]:
         return self.sets[self.roles[name].set_index]
@@ -151,10 +167,13 @@ def _parse_sets(plan: dict, models: dict) -> tuple[list[tuple[str, ...]], list[i
                 raise ExportError(f"plan: role {name!r} is in more than one set")
             if name not in models:
                 raise ExportError(f"plan: role {name!r} has no model in job.models")
+            if models[name] == RULE:
+                raise ExportError(f"plan: sets[{i}] places the {name}, but job.models says it "
+                                  f"is a rule (a function on the CPU, no GPUs)")
             roles[name] = _parse_role(name, str(models[name]), i, n, s.get("layouts") or {})
         sets.append(tuple(names))
         gpus.append(n)
-    missing = sorted(set(models) - set(roles))
+    missing = sorted(r for r in set(models) - set(roles) if models[r] != RULE)
     if missing:
         raise ExportError(f"plan: job roles {missing} are in no set")
     return sets, gpus, roles
@@ -168,6 +187,11 @@ def parse_plan(plan: object) -> PlanView:
     models = _get(job, "models", "job")
     if not isinstance(models, dict) or not models:
         raise ExportError("plan: job.models must map roles to models")
+    rules = tuple(r for r in ROLES if models.get(r) == RULE)
+    bad = [r for r in rules if r not in RULE_ROLES]
+    if bad:
+        raise ExportError(f"plan: the {bad[0]} cannot be a rule (only "
+                          f"{' and '.join(RULE_ROLES)} can)")
     sets, gpus, roles = _parse_sets(plan, models)
     predicted = plan.get("predicted") or {}
     n = job.get("n_samples", job.get("n", 1))  # simulator.job.Job names it n_samples
@@ -183,7 +207,7 @@ def parse_plan(plan: object) -> PlanView:
         mini_batches=_pos_int(job.get("mini_batches", 1), "job.mini_batches"),
         samples_per_prompt=_pos_int(n, "job.n_samples"),
         micro_batch=_pos_int(job.get("micro_batch", 1), "job.micro_batch"),
-        sets=tuple(sets), set_gpus=tuple(gpus), roles=roles,
+        sets=tuple(sets), set_gpus=tuple(gpus), roles=roles, rule_roles=rules,
         tokens_per_s=predicted.get("tokens_per_s"), iteration_s=predicted.get("iteration_s"))
 
 
