@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from planner.plan import Plan
-from simulator.job import STAGES
+from simulator.job import STAGES, Job
 from simulator.predict import Prediction
 from simulator.profile import Profile
 
@@ -17,15 +17,28 @@ def _layouts(plan: Plan, role: str) -> str:
                       for kind, l in lay.items())
 
 
+def _response(job: Job) -> str:
+    """'response N tokens', or its mean and max when the lengths spread."""
+    lengths = job.lengths
+    if lengths.points:
+        top = max(n for n, _ in lengths.points)
+        return (f"response mean {lengths.mean:,.0f} / max {top:,} tokens "
+                f"({len(lengths.points)}-point distribution)")
+    if lengths.spread:
+        return f"response mean {lengths.mean:,.0f} / max {lengths.max:,} tokens"
+    return f"response {job.response_len} tokens"
+
+
 def _header(plan: Plan, profile: Profile) -> str:
     job, c = plan.job, plan.cluster
-    models = sorted(set(m for _, m in job.models))
+    models = sorted(set(m for r, m in job.models if not job.is_rule(r)))
+    models += [f"{r}: rule" for r in job.rule_roles]
     extra = f", {job.n_samples} samples/prompt" if job.algorithm == "grpo" else ""
     src = "estimates" if profile.estimate else "datasheet"
     if profile.measured.matmul or profile.measured.collectives:
         src = "measured tables + datasheet"
-    return (f"Job: {job.algorithm}, {', '.join(models)}; prompt {job.prompt_len} + response "
-            f"{job.response_len} tokens, batch {job.global_batch} prompts{extra}, "
+    return (f"Job: {job.algorithm}, {', '.join(models)}; prompt {job.prompt_len} + "
+            f"{_response(job)}, batch {job.global_batch} prompts{extra}, "
             f"{job.ppo_epochs} epoch(s) x {job.mini_batches} mini-batches\n"
             f"Cluster: {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = {c.n_gpus} GPUs "
             f"(profile {profile.name}: {src})")
@@ -36,12 +49,14 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
     lines = [_header(plan, profile), "",
              f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, iteration "
              f"{pred.get('iteration_s', 0):.2f} s, {pred.get('tokens_per_s', 0):,.0f} tokens/s"]
-    lines.append(f"  {'set':<4}{'GPUs':>5}  {'role':<12}{'layouts':<52}{'peak GiB':>9}")
+    layouts = {r: _layouts(plan, r) for s in plan.sets for r in s.models}
+    width = max([52, *(len(text) + 1 for text in layouts.values())])
+    lines.append(f"  {'set':<4}{'GPUs':>5}  {'role':<12}{'layouts':<{width}}{'peak GiB':>9}")
     for i, s in enumerate(plan.sets, 1):
         for j, role in enumerate(s.models):
             peak = pred.get("peak_memory_gib", {}).get(role, 0.0)
             head = f"{i:<4}{s.gpus:>5}" if j == 0 else " " * 9
-            lines.append(f"  {head}  {role:<12}{_layouts(plan, role):<52}{peak:>9.2f}")
+            lines.append(f"  {head}  {role:<12}{layouts[role]:<{width}}{peak:>9.2f}")
     stages = pred.get("stages", {})
     lines.append("  stages: " + " | ".join(f"{st} {stages.get(st, 0.0):.2f} s" for st in STAGES))
     return "\n".join(lines)

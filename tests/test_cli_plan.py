@@ -122,3 +122,41 @@ def test_argparse_rejects_non_numbers(capsys):
         main(["plan", "--gpus", "many"])
     assert e.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+def _moe_plan(**job):
+    from planner.plan import Plan
+    lay = {"pp": 1, "tp": 2, "dp": 8, "ep": 4}
+    j = {"algorithm": "grpo", "models": {"actor": "qwen3-30b-a3b", "reference": "qwen3-30b-a3b",
+                                         "reward": "rule"},
+         "prompt_len": 1024, "response_len": 8192, "global_batch": 64, "n_samples": 4} | job
+    return Plan.from_dict({
+        "version": 1, "cluster": {"gpu": "a100-80gb", "nodes": 2, "gpus_per_node": 8}, "job": j,
+        "sets": [{"models": ["actor", "reference"], "gpus": 16,
+                  "layouts": {"actor": {"train": lay, "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
+                              "reference": {"infer": {"pp": 1, "tp": 1, "dp": 16}}}}]})
+
+
+def test_header_shows_length_spread_rules_and_ep():
+    from cli.planfmt import format_plan
+    from simulator.profile import load_profile
+    profile = load_profile("a100-80gb")
+    text = format_plan(_moe_plan(response_mean=1500.0), profile)
+    header = text.splitlines()[0]
+    assert "prompt 1024 + response mean 1,500 / max 8,192 tokens" in header
+    assert "qwen3-30b-a3b, reward: rule;" in header and "rule, " not in header
+    assert "train pp=1 tp=2 dp=8 ep=4 | generate" in text
+    assert "infer pp=1 tp=1 dp=16 " in text and "dp=16 ep" not in text  # ep only when > 1
+    dist = format_plan(_moe_plan(response_dist=[[500, 3], [6000, 1]]), profile).splitlines()[0]
+    assert "response mean 1,875 / max 6,000 tokens (2-point distribution)" in dist
+    fixed = format_plan(_moe_plan(), profile).splitlines()[0]
+    assert "prompt 1024 + response 8192 tokens," in fixed
+
+
+def test_plan_cli_with_rule_reward_and_spread(capsys):
+    code, out, err = run(capsys, "plan", "--gpu", "local-cpu", "--gpus", "4", "--model", "tiny",
+                         "--algorithm", "grpo", "--reward", "rule", "--prompt-len", "64",
+                         "--response-len", "128", "--response-mean", "40", "--batch", "8",
+                         "--mini-batches", "2")
+    assert code == 0 and err == ""
+    assert "tiny, reward: rule; prompt 64 + response mean 40 / max 128 tokens" in out
