@@ -8,22 +8,10 @@ from pathlib import Path
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from cli.plan import DEFAULTS as d
-    from simulator.job import ALGORITHMS
+    from cli.jobargs import add_job_arguments
 
     p.add_argument("--gpu", required=True, help="GPU kind: a profile name (profiles/) or YAML path")
-    p.add_argument("--model", help="model of every role (catalog name or config.json); "
-                   "required unless --job names the models")
-    p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
-    for role in ("critic", "reference", "reward", "cost"):
-        p.add_argument(f"--{role}", help=f"model of the {role} (default: --model)")
-    p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
-    p.add_argument("--response-len", type=int, default=d["response_len"])
-    p.add_argument("--batch", type=int, default=d["batch"], help="global batch (prompts)")
-    p.add_argument("--n-samples", type=int, help="responses per prompt (grpo; default 4)")
-    p.add_argument("--ppo-epochs", type=int, default=d["ppo_epochs"])
-    p.add_argument("--mini-batches", type=int, default=d["mini_batches"])
-    p.add_argument("--job", metavar="FILE", help="job file, the plan JSON's job object (JSON/YAML)")
+    add_job_arguments(p, model_default=None)
     p.add_argument("--gpus", default="1:256", metavar="LO:HI",
                    help="GPU counts to try: 1, 2, 4 below one node, then whole nodes (default 1:256)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's)")
@@ -36,6 +24,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cli.jobargs import build_job
     from planner.sweep import Target, gpu_counts, parse_range, planner_points, run_sweep
     from planner.sweep_output import table, to_json, write_outputs
     from simulator.profile import load_profile
@@ -44,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     profile = load_profile(args.gpu)
     gpn = args.gpus_per_node or profile.gpus_per_node
     counts = gpu_counts(*parse_range(args.gpus), gpn)
-    job = _job(args)
+    job = build_job(args)
     plan_at = planner_points(args.gpu, job, profile, gpn)
     result = run_sweep(counts, plan_at, target, job.to_dict(), profile.name, gpn)
     if args.json:
@@ -56,30 +45,3 @@ def main(args: argparse.Namespace) -> int:
         csv_path, png_path = write_outputs(result, args.out)
         print(f"wrote {csv_path} and {png_path}", file=sys.stderr if args.json else sys.stdout)
     return 0
-
-
-class JobFileError(ValueError):
-    """A --job file that cannot be read."""
-
-
-def _job(args: argparse.Namespace):
-    from simulator.job import Job
-
-    if args.job:
-        import yaml
-        try:
-            data = yaml.safe_load(Path(args.job).read_text())
-        except FileNotFoundError:
-            raise JobFileError(f"job file {args.job!r} does not exist") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise JobFileError(f"job file {args.job!r} is not valid JSON or YAML: "
-                               f"{' '.join(str(e).split())}") from None
-        try:
-            return Job.from_dict(data)
-        except ValueError as e:
-            raise JobFileError(f"{args.job}: {e}") from None
-    if not args.model:
-        raise JobFileError("give --model (or a --job file)")
-    return Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
-                      args.ppo_epochs, args.mini_batches, args.n_samples, critic=args.critic,
-                      reference=args.reference, reward=args.reward, cost=args.cost)

@@ -83,3 +83,29 @@ def test_cli_job_file(tmp_path: Path, capsys) -> None:
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["job"] == JOB.to_dict() and data["rows"][0]["gpus"] == 8
+
+
+def test_cli_sweep_takes_the_plan_job_flags(capsys) -> None:
+    """sweep and plan share the job flags (cli/jobargs.py): a rule reward and a length spread."""
+    flags = ["--model", "tiny", "--algorithm", "grpo", "--reward", "rule", "--prompt-len", "64",
+             "--response-len", "64", "--response-mean", "20", "--rule-cpu-s", "0.002",
+             "--batch", "8", "--mini-batches", "2"]
+    assert main(["sweep", "--gpu", "local-cpu", "--gpus", "4:4", *flags, "--json"]) == 0
+    swept = json.loads(capsys.readouterr().out)
+    assert swept["job"]["models"]["reward"] == "rule"
+    assert swept["job"]["response_mean"] == 20.0 and swept["job"]["rule_cpu_s"] == 0.002
+    assert main(["plan", "--gpu", "local-cpu", "--gpus", "4", *flags, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert swept["job"] == planned["job"] and swept["rows"][0]["plan"] == planned
+
+
+def test_plan_and_sweep_have_the_same_job_flags() -> None:
+    from cli.main import build_parser
+
+    def dests(cmd: str) -> set[str]:
+        sub = build_parser([cmd])._subparsers._group_actions[0].choices[cmd]
+        return {a.dest for a in sub._actions}
+    job = {"model", "critic", "reference", "reward", "cost", "algorithm", "prompt_len",
+           "response_len", "response_mean", "rule_cpu_s", "batch", "n_samples", "ppo_epochs",
+           "mini_batches", "job"}
+    assert job <= dests("plan") and job <= dests("sweep")
