@@ -101,7 +101,8 @@ class AllocationModel:
         self.model = cp_model.CpModel()
         self.pick = [[self.model.NewBoolVar(f"set{k}_size{i}") for i in range(len(s))]
                      for k, s in enumerate(inst.sizes)]
-        self.stage = [self.model.NewIntVar(self._stage_floor(st), self._int_max(), f"stage_{st}")
+        top = self._int_max()  # one pass over every cost, not one per stage variable
+        self.stage = [self.model.NewIntVar(self._stage_floor(st), top, f"stage_{st}")
                       for st in range(inst.n_stages)]
         self._add_choice()
         self._add_capacity()
