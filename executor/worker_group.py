@@ -99,7 +99,6 @@ class WorkerGroup:
             remote_cls.options(
                 **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pool.placement_group, placement_group_bundle_index=i),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
             ).remote(i, pool.devices, self.name)
             for i in range(pool.devices)]
         self._init_distributed()
