@@ -57,10 +57,11 @@ def _measured(job: Job, profile: Profile, shape: GenShape, n: int, waves: int,
     m = profile.measured
     if not m.decode or m.generate_model != job.spec("actor").name:
         return None
-    prefill = interpolate(tuple((b * t, s) for b, t, s in m.prefill), n * job.prompt_len) * waves
+    prefill = interpolate(tuple((b * t, s) for b, t, s in m.prefill), n * job.prompt_len) * waves \
+        * profile.slowdown
     batches = sorted({b for b, _, _ in m.decode}, key=lambda b: abs(math.log(b / n)))
     rows = tuple((c, s) for b, c, s in m.decode if b == batches[0])
-    step = interpolate(rows, job.prompt_len + job.lengths.mean / 2)
+    step = interpolate(rows, job.prompt_len + job.lengths.mean / 2) * profile.slowdown
     return cost(("prefill_measured", prefill, "measured"),
                 ("decode_measured", steps * step, "measured"))
 
@@ -78,7 +79,16 @@ def decode_steps(job: Job, sequences: int, in_flight: int, group: int = 1
 
 def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
                     profile: Profile, gpn: int) -> Cost:
-    """Seconds to generate this replica's sequences with `in_flight` KV slots."""
+    """Seconds to generate this replica's sequences with `in_flight` KV slots, and the
+    controller's generate call(s) (ReMax adds a greedy generation) where measured."""
+    calls = 2 if job.algorithm == "remax" else 1
+    call = profile.overheads.dispatch(job.global_batch * job.prompt_len * 8)
+    return _generation(job, gen, shape, in_flight, profile, gpn) + \
+        cost(("dispatch", calls * call, "measured"))
+
+
+def _generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
+                profile: Profile, gpn: int) -> Cost:
     if in_flight < 1:
         raise DoesNotFit(f"actor generation tp={gen.tp} pp={gen.pp}: no memory left for the "
                          f"KV cache of one sequence ({shape.kv_bytes_per_seq / GIB:.2f} GiB)")

@@ -177,4 +177,26 @@ def predict_plan(plan: PlanLike, profile: Profile | str | None = None,
     if profile is None or isinstance(profile, str):
         profile = load_profile(profile or plan.cluster.gpu)
     gpn = plan.cluster.gpus_per_node
-    return compose(tuple(predict_set(plan.job, s, profile, gpn, reshard) for s in plan.sets), plan.job)
+    alone = tuple(predict_set(plan.job, s, profile, gpn, reshard) for s in plan.sets)
+    if not profile.overheads.sharing:
+        return compose(alone, plan.job)
+    active = active_ranks(alone, gpn)
+    shared = {k: tuple(predict_set(plan.job, s, profile.shared(k), gpn, reshard)
+                       for s in plan.sets) for k in set(active.values())}
+    return compose(tuple(_stages_from(alone[i], {st: shared[k][i] for st, k in active.items()})
+                         for i in range(len(alone))), plan.job)
+
+
+def active_ranks(sets: tuple[SetPrediction, ...], gpn: int) -> dict[str, int]:
+    """Ranks busy at once on one host during each stage: the GPUs of every set that works
+    in it (sets run their stages concurrently), at most a node's worth."""
+    return {st: max(1, min(gpn, sum(s.placed.gpus for s in sets
+                                    if any(st in r.stages for r in s.roles))))
+            for st in STAGES}
+
+
+def _stages_from(base: SetPrediction, by_stage: Mapping[str, SetPrediction]) -> SetPrediction:
+    """`base` with each stage's costs taken from the prediction made for that stage."""
+    roles = tuple(RolePrediction(r.role, {st: by_stage[st].roles[j].stages[st] for st in r.stages},
+                                 r.memory) for j, r in enumerate(base.roles))
+    return SetPrediction(base.placed, roles, base.peak_bytes, base.in_flight)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,46 @@ class Measured:
         return dict(self.collectives).get(op, ())
 
 
+@dataclass(frozen=True)
+class Overheads:
+    """What a measured CPU profile adds to FLOPs and bytes: ranks sharing the host's cores and
+    the single controller's per-call cost (`sharing:` and `extra.dispatch` of the file)."""
+    sharing: tuple[tuple[float, float], ...] = ()     # ranks active on the host, slowdown
+    dispatch_s: float = 0.0                          # no-op call to every worker of a pool
+    dispatch_transfer: tuple[tuple[float, float], ...] = ()  # bytes sent to each, seconds
+
+    def slowdown(self, ranks: float) -> float:
+        """Factor on compute and memory time with `ranks` ranks busy on one host (1: alone)."""
+        if not self.sharing or ranks <= 1:
+            return 1.0
+        # beyond the largest measured count the slowdown grows in proportion (interpolate)
+        points = ((1.0, 1.0),) + tuple(r for r in self.sharing if r[0] > 1)
+        return max(1.0, interpolate(points, ranks))
+
+    def dispatch(self, nbytes: float) -> float:
+        """Seconds of one controller call carrying `nbytes` to each worker (0: not measured)."""
+        if self.dispatch_transfer:
+            return interpolate(self.dispatch_transfer, nbytes)
+        return self.dispatch_s
+
+
+def _overheads(sharing: Any, extra: Any) -> Overheads:
+    kw: dict[str, Any] = {}
+    if sharing is not None:
+        if not isinstance(sharing, dict) or "slowdown" not in sharing:
+            raise ProfileError("sharing: expected {host_cores: N, slowdown: [{ranks, factor}]}")
+        kw["sharing"] = _rows("sharing.slowdown", sharing["slowdown"], ("ranks", "factor"))
+    dispatch = extra.get("dispatch") if isinstance(extra, dict) else None
+    if dispatch is not None:
+        if not isinstance(dispatch, dict) or "call_s" not in dispatch:
+            raise ProfileError("extra.dispatch: expected {call_s: s, transfer: [{bytes, seconds}]}")
+        kw["dispatch_s"] = _num("extra.dispatch.call_s", dispatch["call_s"])
+        if dispatch.get("transfer"):
+            kw["dispatch_transfer"] = _rows("extra.dispatch.transfer", dispatch["transfer"],
+                                            ("bytes", "seconds"))
+    return Overheads(**kw)
+
+
 def _measured(raw: Any) -> Measured:
     if raw is None:
         return Measured()
@@ -140,6 +180,8 @@ class Profile:
     host_cores: int = 0          # >0: devices share this many CPU cores (local-cpu)
     sources: tuple[tuple[str, str], ...] = ()
     measured: Measured = field(default_factory=Measured)
+    overheads: Overheads = field(default_factory=Overheads)
+    slowdown: float = 1.0        # compute and memory time factor (ranks sharing the host)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -149,6 +191,13 @@ class Profile:
                 raise ProfileError(f"profile {self.name}: efficiency {f[4:]} must be in (0, 1]")
         if self.reserved_gib >= self.hbm_gib:
             raise ProfileError(f"profile {self.name}: reserved_gib >= hbm_gib")
+        assert self.slowdown >= 1.0, f"slowdown {self.slowdown} < 1"
+
+    def shared(self, ranks: int) -> "Profile":
+        """This profile with `ranks` ranks busy on each host at once (a measured `sharing`
+        table; unchanged without one)."""
+        factor = self.overheads.slowdown(ranks)
+        return self if factor == self.slowdown else replace(self, slowdown=factor)
 
     @property
     def usable_bytes(self) -> float:
@@ -159,11 +208,11 @@ class Profile:
         if self.measured.matmul:
             pts = tuple(sorted((2 * a * b * c, s) for a, b, c, s in self.measured.matmul))
             work = 2.0 * m * n * k
-            return work / interpolate(pts, work), "measured"
-        return self.peak_flops * self.eff_matmul, "roofline"
+            return work / interpolate(pts, work) / self.slowdown, "measured"
+        return self.peak_flops * self.eff_matmul / self.slowdown, "roofline"
 
     def memory_seconds(self, nbytes: float) -> float:
-        return nbytes / (self.hbm_bandwidth * self.eff_memory)
+        return nbytes * self.slowdown / (self.hbm_bandwidth * self.eff_memory)
 
 
 def _parse(data: Any, origin: str) -> Profile:
@@ -188,7 +237,8 @@ def _parse(data: Any, origin: str) -> Profile:
         estimate=bool(data.get("estimate", False)),
         host_cores=_int(f"{origin}.host_cores", data["host_cores"]) if "host_cores" in data else 0,
         sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())),
-        measured=_measured(data.get("measured")))
+        measured=_measured(data.get("measured")),
+        overheads=_overheads(data.get("sharing"), data.get("extra")))
 
 
 def available_profiles() -> list[str]:

@@ -76,9 +76,23 @@ def reshard_cost(scheme: str, model_bytes: float, p: int, t: int, d: int, pg: in
     training layout only drops the generation buffer."""
     volume = reshard_bytes_per_rank(scheme, model_bytes, p, t, d, pg, tg)
     ranks, span = _span(scheme, p, t, d, pg, tg)
+    fixed = _barriers(profile, p * t * d, gpn)
     if ranks <= 1 or volume <= 0:
-        return Cost()
+        return fixed
     # all_gather's table/roofline takes the gathered size; each rank receives (r-1)/r of it
     seconds, src = collective(profile, "all_gather", volume * ranks / (ranks - 1), ranks,
                               span <= gpn)
-    return cost(("reshard_allgather", seconds, src))
+    return cost(("reshard_allgather", seconds, src)) + fixed
+
+
+BARRIERS = 2  # the engine synchronises every rank before gathering and after loading
+
+
+def _barriers(profile: Profile, n_gpus: int, gpn: int) -> Cost:
+    """The barriers around resharding, as the smallest all-reduce over all the actor's
+    ranks, where the profile measured it (a latency the alpha-beta model leaves out on GPUs,
+    where it is negligible)."""
+    rows = [(b, s) for r, b, s in profile.measured.collective("all_reduce") if r == n_gpus]
+    if n_gpus <= 1 or not rows or n_gpus > gpn:
+        return Cost()
+    return cost(("reshard_barrier", BARRIERS * min(rows)[1], "measured"))

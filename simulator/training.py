@@ -87,6 +87,19 @@ def stage_memory(job: Job, role: str, layout: TrainLayout, kind: str) -> Memory:
     return memory(activations=per_layer, logits=logits)
 
 
+# What the controller sends each worker per sequence and token (int64): infer calls carry
+# input_ids, attention_mask, responses, response_mask; train calls add log-probs, reference
+# log-probs, advantages, returns and values (float32, counted as 8 bytes, an upper bound).
+DISPATCH_FIELDS = {"infer": 4, "train": 9}
+
+
+def dispatch_cost(job: Job, sequences: int, kind: str, profile: Profile) -> Cost:
+    """The single controller's call to a worker group (Ray round trip carrying the batch):
+    a measured per-call cost from the profile, none when the profile has no such table."""
+    nbytes = sequences * job.seq_len * 8 * DISPATCH_FIELDS[kind]
+    return cost(("dispatch", profile.overheads.dispatch(nbytes), "measured"))
+
+
 def _intra(gpn: int, span: int) -> bool:
     return span <= gpn
 
@@ -98,7 +111,7 @@ def _compute(job: Job, role: str, layout: TrainLayout, profile: Profile, tokens:
     m = profile.measured
     seq = job.mean_seq_len
     if m.train_layer and m.train_layer_model == spec.name and layout.tp == 1:
-        per_seq = interpolate(m.train_layer, seq) * spec.layers / layout.pp
+        per_seq = interpolate(m.train_layer, seq) * spec.layers / layout.pp * profile.slowdown
         return per_seq * (tokens / seq) * passes / 3.0, "measured"  # table is fwd+bwd
     thr, src = profile.matmul_flops(seq, spec.hidden / layout.tp, spec.hidden)
     work = tokens * passes * flops_per_token(job, role, seq / 2)
@@ -144,7 +157,7 @@ def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: 
     return cost(("train_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
                 ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src),
                 ("dp_grad_reduce", steps * (grad + grad_e), grad_src),
-                ("optimizer", steps * opt))
+                ("optimizer", steps * opt)) + dispatch_cost(job, job.sequences, "train", profile)
 
 
 def _alltoall(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
@@ -168,4 +181,5 @@ def infer_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: 
     a2a = _alltoall(job, role, layout, profile, gpn, tokens, 2)
     bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
     return cost(("infer_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
-                ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src))
+                ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src)
+                ) + dispatch_cost(job, sequences, "infer", profile)

@@ -1,0 +1,179 @@
+"""Simulator fidelity on the local cluster: plan, run and compare predicted with measured time.
+
+Runs at least six plans of the tiny job on the local 4-device CPU cluster with `hybridflow
+run`'s executor (executor.controller.run): the PPO plan the planner ranks first, the three
+standard PPO placements (colocated, split, separate), PPO with a TP x DP actor that reshards
+into micro-DP generation and a PP critic, GRPO generating with TP 2, ReMax split and
+Safe-RLHF colocated. Each run's first iteration is a warm-up (summarize() leaves it out).
+Prints predicted vs measured iteration and stage seconds with the relative error, the median
+absolute error of iteration time, and whether the planner's first plan is the fastest PPO
+plan measured. Predictions use the profile only (nothing is fitted to these runs).
+
+Run (a quiet machine: ~30-60 s per plan, more under load):
+    .venv/bin/python benchmarks/fidelity.py --iterations 4 --out reports/local-cpu
+    .venv/bin/python benchmarks/fidelity.py --plans ppo-colocated,grpo-gen-tp2 --profile /tmp/p.yaml
+`--out` writes the `hybridflow report` of the runs (report.md, runs.csv, PNGs) plus
+fidelity.md with this table; run dirs go under --runs (default a temporary folder).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+STAGES = ("generate", "reshard", "prepare", "train")
+JOB = dict(model="tiny", prompt_len=16, response_len=8, global_batch=32, ppo_epochs=1,
+           mini_batches=2)
+GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
+
+
+def _job(algorithm: str):
+    from simulator.job import Job
+    kw = dict(JOB, algorithm=algorithm)
+    if algorithm == "grpo":
+        kw.update(n_samples=4, global_batch=8)
+    return Job.create(**kw)
+
+
+def _with_layouts(plan: dict, layouts: dict[str, dict]) -> dict:
+    plan = copy.deepcopy(plan)
+    plan.pop("predicted", None)
+    for s in plan["sets"]:
+        for role, lay in layouts.items():
+            if role in s["layouts"]:
+                s["layouts"][role] = lay
+    return plan
+
+
+def build_plans(profile) -> dict[str, dict]:
+    """name -> plan dict (the planner's, its standard placements, and hand-set layouts)."""
+    from planner import plan_job, standard_placements
+    from simulator.cluster import Cluster
+    cluster = Cluster.from_gpus("local-cpu", 4, 4)
+    ppo = _job("ppo")
+    std = {k: p.to_dict() for k, p in standard_placements(cluster, ppo, profile,
+                                                          max_gen_pp=1).items()}
+    plans = {"ppo-planner": plan_job(cluster, ppo, profile, max_gen_pp=1)[0].to_dict()}
+    plans.update({f"ppo-{k}": v for k, v in std.items()})
+    plans["ppo-tp2-pp2"] = _with_layouts(std["colocated"], {
+        "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
+                  "generate": {"pp": 1, "tp": 1, "micro_dp": 2}},
+        "critic": {"train": {"pp": 2, "tp": 1, "dp": 2}}})
+    grpo = standard_placements(cluster, _job("grpo"), profile, max_gen_pp=1)
+    plans["grpo-gen-tp2"] = _with_layouts(grpo["colocated"].to_dict(), {
+        "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
+                  "generate": {"pp": 1, "tp": 2, "micro_dp": 1}}})
+    plans["remax-split"] = standard_placements(cluster, _job("remax"), profile,
+                                               max_gen_pp=1)["split"].to_dict()
+    plans["safe-rlhf-colocated"] = standard_placements(cluster, _job("safe-rlhf"), profile,
+                                                       max_gen_pp=1)["colocated"].to_dict()
+    return plans
+
+
+def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -> dict:
+    from executor.controller import run
+    from executor.run_config import RunConfig
+    out = runs / name
+    t0 = time.perf_counter()
+    res = run(plan, RunConfig(iterations=iterations, checkpoint_every=iterations), out,
+              profile=profile)
+    print(f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    return res.summary
+
+
+def _err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas if meas > 0 else float("nan")
+
+
+def table(summaries: dict[str, dict]) -> tuple[str, dict]:
+    """Markdown table of predicted / measured seconds and errors, and the headline numbers."""
+    head = "| plan | " + " | ".join(f"{s} pred / meas (err)" for s in (*STAGES, "iteration")) + " |"
+    lines = [head, "|" + "---|" * (len(STAGES) + 2)]
+    it_errs, worst = [], 0.0
+    for name, s in summaries.items():
+        m, p = s["measured"], s["predicted"]
+        cells = []
+        for st in STAGES:
+            e = _err(p["stages"][st], m["stages"][st])
+            worst = max(worst, abs(e))
+            cells.append(f"{p['stages'][st]:.3f} / {m['stages'][st]:.3f} ({e:+.0%})")
+        e = _err(p["iteration_s"], m["iteration_s"])
+        it_errs.append(abs(e))
+        cells.append(f"{p['iteration_s']:.3f} / {m['iteration_s']:.3f} ({e:+.0%})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ppo = {k: v for k, v in summaries.items() if k.startswith("ppo-")}
+    fastest = min(ppo, key=lambda k: ppo[k]["measured"]["iteration_s"]) if ppo else None
+    top = _same_plan(summaries, "ppo-planner", ppo)
+    stats = {"median_abs_error": statistics.median(it_errs), "worst_stage_error": worst,
+             "fastest_ppo": fastest, "planner_first": top,
+             "planner_first_is_fastest": fastest is not None and fastest in top}
+    return "\n".join(lines), stats
+
+
+def _same_plan(summaries: dict, name: str, ppo: dict) -> list[str]:
+    """The runs whose sets and layouts equal the planner's first plan (itself included)."""
+    if name not in summaries:
+        return []
+    key = json.dumps(summaries[name]["plan"]["sets"], sort_keys=True)
+    return [k for k, v in ppo.items() if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
+
+
+def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str) -> None:
+    from reports.run_report import write_run_report
+    write_run_report([runs / n for n in summaries], out)
+    text, stats = table(summaries)
+    (out / "fidelity.md").write_text(
+        f"# Simulator fidelity on the local cluster\n\n{header}\n\nprofile: `{profile}`\n\n"
+        f"{text}\n\n{_verdict(stats)}\n")
+
+
+def _verdict(stats: dict) -> str:
+    return (f"median |error| of iteration time: {stats['median_abs_error']:.1%} "
+            f"(goal <= {GOAL_MEDIAN:.0%}); worst stage |error|: "
+            f"{stats['worst_stage_error']:.0%} (goal <= {GOAL_STAGE:.0%}); "
+            f"fastest PPO plan measured: {stats['fastest_ppo']}; planner's first plan "
+            f"(= {', '.join(stats['planner_first'])}) is the fastest: "
+            f"{stats['planner_first_is_fastest']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--plans", default="", help="comma-separated subset of plan names")
+    ap.add_argument("--profile", default="local-cpu", help="profile name or .yaml path")
+    ap.add_argument("--runs", default="", help="folder for the run dirs (default: temporary)")
+    ap.add_argument("--out", default="", help="write the report folder here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from simulator.profile import load_profile
+    plans = build_plans(load_profile(args.profile))
+    chosen = [p for p in args.plans.split(",") if p] or list(plans)
+    unknown = set(chosen) - set(plans)
+    if unknown:
+        ap.error(f"unknown plans {', '.join(sorted(unknown))}; known: {', '.join(plans)}")
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="fidelity-"))
+    load0 = os.getloadavg()
+    print(f"runs in {runs}; load average {load0[0]:.1f} at start", flush=True)
+    summaries = {n: run_plan(n, plans[n], runs, args.iterations, args.profile) for n in chosen}
+    text, stats = table(summaries)
+    header = (f"{len(summaries)} plans x {args.iterations} iterations (first dropped); "
+              f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(text + "\n\n" + _verdict(stats) + "\n" + header)
+    (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header}, indent=1))
+    if args.out:
+        report(summaries, runs, Path(args.out), args.profile, header)
+        print(f"report: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The simulator's terms for a measured CPU profile: ranks sharing the host's cores, the
+controller's per-call dispatch, the resharding barriers; each against hand-computed values."""
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from simulator.cluster import Cluster
+from simulator.generation import gen_shape, generation_cost
+from simulator.job import Job
+from simulator.layout import GenLayout, TrainLayout
+from simulator.placement import PlacedSet
+from simulator.predict import active_ranks, predict_plan, predict_set
+from simulator.profile import PROFILE_DIR, ProfileError, load_profile
+from simulator.reshard import reshard_cost
+from simulator.training import DISPATCH_FIELDS, infer_cost, train_cost
+
+SHARING = {"host_cores": 2, "threads_per_rank": 1,
+           "slowdown": [{"ranks": 1, "factor": 1.0}, {"ranks": 2, "factor": 1.5},
+                        {"ranks": 4, "factor": 2.0}]}
+DISPATCH = {"actors": 4, "call_s": 0.003,
+            "transfer": [{"bytes": 1000, "seconds": 0.004}, {"bytes": 1001000, "seconds": 0.024}]}
+MEASURED = {
+    "matmul": [{"m": 64, "n": 64, "k": 64, "seconds": 1e-4}],
+    "collectives": {"all_reduce": [{"ranks": 4, "bytes": 4096, "seconds": 0.002},
+                                   {"ranks": 4, "bytes": 409600, "seconds": 0.01}],
+                    "all_gather": [{"ranks": 2, "bytes": 4096, "seconds": 0.001},
+                                   {"ranks": 2, "bytes": 4096000, "seconds": 0.011}]},
+    "generate": {"model": "tiny", "prefill": [{"batch": 1, "tokens": 16, "seconds": 0.01}],
+                 "decode": [{"batch": 8, "context": 16, "seconds": 0.004}]},
+    "train_layer": {"model": "tiny", "points": [{"tokens": 24, "seconds": 0.002}]},
+}
+
+
+def _profile(tmp_path, **keys):
+    data = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
+    for k in ("sharing", "extra", "measured"):
+        data.pop(k, None)
+    data.update({k: v for k, v in keys.items() if v is not None})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_profile(str(path))
+
+
+@pytest.fixture
+def prof(tmp_path):
+    return _profile(tmp_path, sharing=SHARING, extra={"dispatch": DISPATCH}, measured=MEASURED)
+
+
+def test_sharing_slowdown_interpolates_and_scales_compute(prof):
+    o = prof.overheads
+    assert (o.slowdown(1), o.slowdown(2), o.slowdown(3), o.slowdown(4)) == (1.0, 1.5, 1.75, 2.0)
+    assert o.slowdown(8) == pytest.approx(4.0)  # beyond the table: in proportion
+    four = prof.shared(4)
+    assert four.slowdown == 2.0 and prof.shared(1) is prof
+    assert four.memory_seconds(1e9) == pytest.approx(2 * prof.memory_seconds(1e9))
+    assert four.matmul_flops(64, 64, 64)[0] == pytest.approx(prof.matmul_flops(64, 64, 64)[0] / 2)
+    job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
+    lay = TrainLayout(1, 1, 4)
+    alone, shared = (train_cost(job, "actor", lay, p, 4).as_dict() for p in (prof, four))
+    # 8 sequences per rank, 24 tokens each, 2 layers, 0.002 s per layer per sequence
+    assert alone["train_compute"] == pytest.approx(8 * 2 * 0.002)
+    assert shared["train_compute"] == pytest.approx(2 * alone["train_compute"])
+    assert shared["dispatch"] == alone["dispatch"]  # the controller is not slowed
+
+
+def test_dispatch_term_per_call(prof):
+    job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
+    lay = TrainLayout(1, 1, 4)
+    nbytes = 32 * 24 * 8 * DISPATCH_FIELDS["train"]
+    want = 0.004 + 0.02 * (nbytes - 1000) / 1e6
+    c = train_cost(job, "actor", lay, prof, 4)
+    assert c.as_dict()["dispatch"] == pytest.approx(want) and c.sources()["dispatch"] == "measured"
+    nbytes = 32 * 24 * 8 * DISPATCH_FIELDS["infer"]
+    assert infer_cost(job, "reward", lay, prof, 4, 32).as_dict()["dispatch"] == \
+        pytest.approx(0.004 + 0.02 * (nbytes - 1000) / 1e6)
+
+
+def test_generation_dispatch_counts_remax_greedy_call(prof):
+    gen = GenLayout(1, 1, 1)
+    costs = {}
+    for algo in ("ppo", "remax"):
+        job = Job.create(algo, "tiny", 16, 8, 32)
+        shape = gen_shape(job, TrainLayout(1, 1, 4), gen, job.works("actor")[0].sequences)
+        costs[algo] = generation_cost(job, gen, shape, shape.sequences, prof, 4).as_dict()
+    call = 0.004 + 0.02 * (32 * 16 * 8 - 1000) / 1e6  # prompts of the global batch
+    assert costs["ppo"]["dispatch"] == pytest.approx(call)
+    assert costs["remax"]["dispatch"] == pytest.approx(2 * call)
+
+
+def test_reshard_barriers_and_gather(prof, tmp_path):
+    # tp = pp = 1, dp = 4: nothing to gather, two barriers over the 4 ranks
+    c = reshard_cost("hybridengine", 1e6, 1, 1, 4, 1, 1, prof, 4)
+    assert c.as_dict() == {"reshard_barrier": pytest.approx(2 * 0.002)}
+    assert c.sources() == {"reshard_barrier": "measured"}
+    # tp 2 x dp 2 generating at tg 1: micro-DP groups of 2 gather M/2 each
+    c = reshard_cost("hybridengine", 2e6, 1, 2, 2, 1, 1, prof, 4).as_dict()
+    assert c["reshard_barrier"] == pytest.approx(0.004)
+    assert c["reshard_allgather"] == pytest.approx(0.001 + 0.01 * (2e6 - 4096) / (4096000 - 4096))
+    # a datasheet profile (nothing measured) keeps the paper's all-gather alone
+    a100 = load_profile("a100-80gb")
+    assert reshard_cost("hybridengine", 1e6, 1, 1, 4, 1, 1, a100, 8).terms == ()
+
+
+def test_malformed_sections_are_profile_errors(tmp_path):
+    with pytest.raises(ProfileError, match="sharing"):
+        _profile(tmp_path, sharing={"host_cores": 2})
+    with pytest.raises(ProfileError, match="sharing.slowdown"):
+        _profile(tmp_path, sharing={"slowdown": [{"ranks": 2}]})
+    with pytest.raises(ProfileError, match="extra.dispatch"):
+        _profile(tmp_path, extra={"dispatch": {"transfer": []}})
+    plain = _profile(tmp_path)
+    assert plain.overheads.slowdown(4) == 1.0 and plain.overheads.dispatch(1e6) == 0.0
+
+
+def _plan(job: Job, *sets: PlacedSet):
+    return SimpleNamespace(cluster=Cluster("local-cpu", 1, 4), job=job, sets=sets)
+
+
+def test_predict_plan_slows_each_stage_by_its_busy_ranks(prof):
+    job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
+    lay = TrainLayout(1, 1, 2)
+    a = PlacedSet(("actor", "reward"), 2, {"actor": {"train": lay, "generate": GenLayout(1, 1, 1)},
+                                           "reward": {"infer": lay}})
+    b = PlacedSet(("critic", "reference"), 2, {"critic": {"train": lay},
+                                               "reference": {"infer": lay}})
+    pred = predict_plan(_plan(job, a, b), prof)
+    alone = (predict_set(job, a, prof, 4), predict_set(job, b, prof, 4))
+    # generation runs on the actor's 2 ranks only; prepare and train keep all 4 busy
+    assert active_ranks(alone, 4) == {"generate": 2, "prepare": 4, "train": 4, "reshard": 2}
+    two, four = prof.shared(2), prof.shared(4)
+    want_gen = predict_set(job, a, two, 4).stage_seconds("generate")
+    want_train = max(predict_set(job, s, four, 4).stage_seconds("train") for s in (a, b))
+    assert pred.stages["generate"] == pytest.approx(want_gen)
+    assert pred.stages["train"] == pytest.approx(want_train)
+    assert pred.stages["train"] > max(s.stage_seconds("train") for s in alone)
