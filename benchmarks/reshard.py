@@ -47,17 +47,18 @@ def _rank_main(rank: int, world: int, layout: tuple[int, int, int], tg: int,
         he = HybridEngine(spec, plan)
         s, r, _ = plan.coords(rank)
         g = torch.Generator().manual_seed(rank)
-        shard = {n: torch.randn(t.shape, generator=g) for n, t in W.split_tp(
-            W.stage_state(he._meta, spec, lay.pp, s), spec, lay.tp, r).items()}
-        times = []
+        shard = {n: torch.randn(W.shard_shape(n, shape, lay.tp), generator=g) for n, shape
+                 in W.stage_state(W.megatron_shapes(spec), spec, lay.pp, s).items()}
+        times, gathers = [], []
         for _ in range(repeats):
             stats = he.to_generation(shard)
             he.to_training()
-            t = torch.tensor([stats.seconds])
+            t = torch.tensor([stats.seconds, stats.gather_seconds])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank ends the phase
-            times.append(float(t))
+            times.append(float(t[0]))
+            gathers.append(float(t[1]))
         out[scheme] = {"seconds": statistics.median(times), "bytes_per_rank": stats.bytes_received,
-                       "replicated_bytes": stats.replicated_bytes}
+                       "gather_seconds": statistics.median(gathers)}
     return out
 
 
@@ -97,16 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         got = [r[scheme] for r in per_rank]
         result[scheme] = {"seconds": max(g["seconds"] for g in got),
                           "bytes_per_rank": max(g["bytes_per_rank"] for g in got),
+                          "gather_seconds": max(g["gather_seconds"] for g in got),
                           "predicted_seconds": predicted_seconds(scheme, spec, lay, args.tg)}
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"model {spec.name}: {spec.params / 1e6:.1f} M parameters, fp32; training "
           f"p={lay.pp} t={lay.tp} d={lay.dp} -> generation tg={args.tg}, {lay.n_gpus} ranks")
-    print(f"{'scheme':<16}{'seconds':>10}{'MB/rank':>10}{'predicted s':>13}")
+    print(f"{'scheme':<16}{'seconds':>10}{'gather s':>10}{'MB/rank':>10}{'predicted s':>13}")
     for scheme, r in result.items():
         pred = "-" if r["predicted_seconds"] is None else f"{r['predicted_seconds']:.3f}"
-        print(f"{scheme:<16}{r['seconds']:>10.3f}{r['bytes_per_rank'] / 1e6:>10.1f}{pred:>13}")
+        print(f"{scheme:<16}{r['seconds']:>10.3f}{r['gather_seconds']:>10.3f}"
+              f"{r['bytes_per_rank'] / 1e6:>10.1f}{pred:>13}")
     ratio = result["allgather"]["seconds"] / result["hybridengine"]["seconds"]
     print(f"allgather / hybridengine time: {ratio:.2f}x")
     return 0

@@ -16,6 +16,7 @@ stages' norms over its pipeline group; counted separately.
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,31 +116,20 @@ class ReshardStats:
     bytes_received: int  # TP-sharded tensors: the Table 2 quantity
     replicated_bytes: int  # norms of other pipeline stages
     padding_bytes: int  # all-gather padding of unequal contributions (not payload)
-
-
-def _meta_full(spec: ModelSpec) -> W.StateDict:
-    """The full megatron state dict of `spec` as meta tensors (names and shapes only)."""
-    h, q, kv, f, v = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn, spec.vocab
-    hf = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}
-    for i in range(spec.layers):
-        p = f"model.layers.{i}."
-        hf.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                   p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-                   p + "post_attention_layernorm.weight": (h,)})
-    return W.hf_to_megatron({k: torch.empty(s, device="meta") for k, s in hf.items()}, spec)
+    gather_seconds: float = 0.0  # the all-gathers (flattening included)
+    load_seconds: float = 0.0  # conversion to vLLM and in-place reload
 
 
 def _flatten(sd: W.StateDict, names: Sequence[str]) -> torch.Tensor:
     return torch.cat([sd[n].reshape(-1) for n in names]) if names else torch.empty(0)
 
 
-def _unflatten(flat: torch.Tensor, template: W.StateDict, names: Sequence[str]) -> W.StateDict:
+def _unflatten(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]], names: Sequence[str]
+               ) -> W.StateDict:
     out, i = {}, 0
     for n in names:
-        m = template[n].numel()
-        out[n] = flat[i:i + m].view(template[n].shape)
+        m = math.prod(shapes[n])
+        out[n] = flat[i:i + m].view(shapes[n])
         i += m
     return out
 
@@ -147,8 +137,10 @@ def _unflatten(flat: torch.Tensor, template: W.StateDict, names: Sequence[str]) 
 def _all_gather_varlen(flat: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
     """All-gather tensors of known, possibly unequal sizes (gloo needs equal: pad)."""
     n = max(sizes)
-    buf = torch.zeros(n, dtype=flat.dtype)
-    buf[:flat.numel()] = flat
+    buf = flat
+    if flat.numel() < n:
+        buf = torch.zeros(n, dtype=flat.dtype)
+        buf[:flat.numel()] = flat
     out = [torch.empty(n, dtype=flat.dtype) for _ in sizes]
     dist.all_gather(out, buf, group=group)
     return [o[:s] for o, s in zip(out, sizes)]
@@ -171,7 +163,8 @@ class HybridEngine:
         self.spec, self.plan, self.dtype = spec, plan, dtype
         self.rank = dist.get_rank()
         self.stage, self.tp_rank, self.dp_rank = plan.coords(self.rank)
-        self._meta = _meta_full(spec)
+        self._full_shapes = W.megatron_shapes(spec)
+        self._templates: dict[tuple[int, int, bool], tuple] = {}
         self._groups = {kind: self._subgroup(getattr(plan, f"{kind}_groups")())
                         for kind in ("gather", "micro_dp", "pipeline")}
         self.gen_tp_rank = plan.gen_tp_rank(self.rank)
@@ -188,11 +181,21 @@ class HybridEngine:
         return mine
 
     # ---- shard bookkeeping ----------------------------------------------------------
-    def _template(self, s: int, r: int, sharded: bool = True) -> tuple[W.StateDict, list[str]]:
-        sd = W.split_tp(W.stage_state(self._meta, self.spec, self.plan.train.pp, s),
-                        self.spec, self.plan.train.tp, r)
-        names = sorted(n for n in sd if (W.split_kind(n) != "replicated") == sharded)
-        return sd, names
+    def _template(self, s: int, r: int, sharded: bool = True
+                  ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+        """Shapes and (sorted) names of training shard (stage s, TP rank r); cached."""
+        key = (s, r, sharded)
+        if key not in self._templates:
+            t = self.plan.train.tp
+            shapes = {n: W.shard_shape(n, shape, t) for n, shape in
+                      W.stage_state(self._full_shapes, self.spec, self.plan.train.pp, s).items()}
+            names = sorted(n for n in shapes if (W.split_kind(n) != "replicated") == sharded)
+            self._templates[key] = (shapes, names, sum(math.prod(shapes[n]) for n in names))
+        return self._templates[key][:2]
+
+    def _numel(self, s: int, r: int, sharded: bool = True) -> int:
+        self._template(s, r, sharded)
+        return self._templates[(s, r, sharded)][2]
 
     def _itemsize(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
@@ -207,8 +210,7 @@ class HybridEngine:
         flat = _flatten(local, names).to(self.dtype)
         coords = [self.plan.coords(m)[:2] for m in members]
         d = self.plan.train.dp if self.plan.scheme == "allgather" else 1
-        sizes = [-(-sum(self._template(s, r)[0][n].numel() for n in self._template(s, r)[1])
-                   // d) for s, r in coords]
+        sizes = [-(-self._numel(s, r) // d) for s, r in coords]
         if d > 1:  # this DP replica's 1/d piece of its shard
             flat = torch.nn.functional.pad(flat, (0, sizes[members.index(self.rank)] * d
                                                   - flat.numel()))
@@ -220,7 +222,7 @@ class HybridEngine:
         shards = {}
         for (s, r), ps in pieces.items():
             template, tnames = self._template(s, r)
-            shards[(s, r)] = _unflatten(torch.cat(ps), template, tnames)
+            shards[(s, r)] = _unflatten(ps[0] if d == 1 else torch.cat(ps), template, tnames)
         mine = members.index(self.rank)
         received = sum(sz for i, sz in enumerate(sizes) if i != mine) * self._itemsize()
         padding = sum(max(sizes) - sz for i, sz in enumerate(sizes) if i != mine)
@@ -232,8 +234,7 @@ class HybridEngine:
         own = {n: local[n].to(self.dtype) for n in names}
         if group is None:
             return own, 0
-        sizes = [sum(self._template(s, 0, False)[0][n].numel()
-                     for n in self._template(s, 0, False)[1]) for s in range(len(members))]
+        sizes = [self._numel(s, 0, False) for s in range(len(members))]
         parts = _all_gather_varlen(_flatten(own, names), sizes, group)
         out: W.StateDict = {}
         for s, part in enumerate(parts):
@@ -242,18 +243,16 @@ class HybridEngine:
         return out, (sum(sizes) - sizes[self.stage]) * self._itemsize()
 
     def _assemble(self, shards: dict[tuple[int, int], W.StateDict]) -> W.StateDict:
-        """This rank's generation shard (megatron names, TP degree tg) from training shards."""
+        """This rank's generation shard (megatron names, TP degree tg): the t/tg consecutive
+        training shards it consists of, merged. hybridengine received exactly those;
+        the other schemes received the whole model and use the same part of it."""
         p, t, tg = self.plan.train.pp, self.plan.train.tp, self.plan.tg
+        step, j = t // tg, self.gen_tp_rank
         out: W.StateDict = {}
-        if self.plan.scheme == "hybridengine":
-            step, j = t // tg, self.gen_tp_rank
-            for s in range(p):
-                out.update(W.merge_tp([shards[(s, r)] for r in range(j * step, (j + 1) * step)]))
-            return out
-        for s in range(p):  # whole model, then this rank's slice of it
-            full = W.merge_tp([shards[(s, r)] for r in range(t)])
-            out.update({n: v.clone() for n, v in W.split_tp(full, self.spec, tg,
-                                                                 self.gen_tp_rank).items()})
+        for s in range(p):
+            part = [shards[(s, r)] for r in range(j * step, (j + 1) * step)]
+            out.update(W.merge_tp(part) if step > 1 else
+                       {n: v.clone() for n, v in part[0].items()})
         return out
 
     # ---- the three phases -----------------------------------------------------------
@@ -264,15 +263,19 @@ class HybridEngine:
         t0 = time.perf_counter()
         shards, received, padding = self._gather_shards(train_shard)
         norms, norm_bytes = self._gather_norms(train_shard)
+        t1 = time.perf_counter()
         gen = self._assemble(shards)
         gen.update(norms)
         del shards
         self.gen_shard = gen
+        t2 = time.perf_counter()
         if self.engine is not None:
             self.engine.wake()
             self.engine.load_sharded(W.megatron_to_vllm(gen, self.spec, self.plan.tg))
+        t3 = time.perf_counter()
         dist.barrier()
-        return ReshardStats(time.perf_counter() - t0, received, norm_bytes, padding)
+        return ReshardStats(time.perf_counter() - t0, received, norm_bytes, padding,
+                            gather_seconds=t1 - t0, load_seconds=t3 - t2)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
                  ) -> list[Completion]:

@@ -284,5 +284,29 @@ def stage_state(full: StateDict, spec: ModelSpec, pp: int, stage: int) -> StateD
     return out
 
 
+def megatron_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Full (TP=1) shapes of every megatron parameter of `spec`, global layer names."""
+    h, q, kv, f, v = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn, spec.vocab
+    out = {EMBED: (v, h), OUTPUT: (v, h), FINAL_NORM: (h,)}
+    for i in range(spec.layers):
+        p = f"decoder.layers.{i}."
+        out.update({p + "input_layernorm.weight": (h,),
+                    p + "self_attention.linear_qkv.weight": (q + 2 * kv, h),
+                    p + "self_attention.linear_proj.weight": (h, q),
+                    p + "pre_mlp_layernorm.weight": (h,),
+                    p + "mlp.linear_fc1.weight": (2 * f, h),
+                    p + "mlp.linear_fc2.weight": (h, f)})
+    return out
+
+
+def shard_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """Shape of one TP shard of parameter `name` whose full shape is `shape`."""
+    kind = split_kind(name)
+    if kind == "replicated":
+        return shape
+    dim = 1 if kind == "row" else 0
+    return tuple(n // tp if i == dim else n for i, n in enumerate(shape))
+
+
 def tensors_bytes(ts: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)

@@ -102,3 +102,13 @@ def test_hf_checkpoint_loads_in_transformers(tmp_path):
     sd = model.state_dict()
     for k, v in hf.items():
         assert torch.equal(sd[k], v), k
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_shapes_without_tensors_match_the_real_shards(tp):
+    spec = load_model("tiny-4l")
+    full = W.hf_to_megatron(W.random_hf_state(spec), spec)
+    shapes = W.megatron_shapes(spec)
+    assert shapes == {n: tuple(v.shape) for n, v in full.items()}
+    for n, v in W.split_tp(full, spec, tp, tp - 1).items():
+        assert W.shard_shape(n, shapes[n], tp) == tuple(v.shape), n
