@@ -137,11 +137,12 @@ def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, head
 
 
 def _verdict(stats: dict) -> str:
+    first = ", ".join(stats["planner_first"]) or "not run"
     return (f"median |error| of iteration time: {stats['median_abs_error']:.1%} "
             f"(goal <= {GOAL_MEDIAN:.0%}); worst stage |error|: "
             f"{stats['worst_stage_error']:.0%} (goal <= {GOAL_STAGE:.0%}); "
             f"fastest PPO plan measured: {stats['fastest_ppo']}; planner's first plan "
-            f"(= {', '.join(stats['planner_first'])}) is the fastest: "
+            f"(= {first}) is the fastest: "
             f"{stats['planner_first_is_fastest']}")
 
 
