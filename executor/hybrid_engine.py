@@ -30,6 +30,7 @@ from simulator.layout import GenLayout, LayoutError, TrainLayout
 from simulator.model import ModelSpec
 
 SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
+_GROUPS: dict[tuple[int, tuple[int, ...]], object] = {}  # process groups made so far
 
 
 class ReshardError(ValueError):
@@ -174,9 +175,11 @@ class HybridEngine:
     def _subgroup(self, groups: list[list[int]]) -> tuple[list[int], object]:
         mine = None
         for g in groups:  # every rank creates every group, in the same order
-            pg = dist.new_group(g) if len(g) > 1 else None
+            key = (id(dist.group.WORLD), tuple(g))
+            if len(g) > 1 and key not in _GROUPS:  # reused by later engines of this world
+                _GROUPS[key] = dist.new_group(g)
             if self.rank in g:
-                mine = (g, pg)
+                mine = (g, _GROUPS.get(key))
         assert mine is not None
         return mine
 

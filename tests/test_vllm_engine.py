@@ -11,6 +11,8 @@ from executor.vllm_engine import EngineConfig, EngineError, SamplingConfig, laun
 from simulator.layout import TrainLayout
 from simulator.model import load_model
 
+pytestmark = pytest.mark.slow
+
 MODEL, SEED = "tiny", 21
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27],
            [95, 2, 88, 41], [97, 16, 93, 99, 37], [51, 5, 82], [9, 74, 94, 45, 92]]
