@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +59,6 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="hf-bench-pools-"))
     n = args.devices_per_pool
     with Cluster.start(ClusterConfig(devices=2 * n)) as cluster:
         groups = [WorkerGroup(cluster, cluster.create_pool(name, n), worker_cls=WaitingWorker)

@@ -91,9 +91,8 @@ class Cluster:
                 raise ClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
             resource = "GPU" if ray.cluster_resources().get("GPU") else VGPU
             return cls(config, started_here=False, tmpdir=None, resource=resource)
-        tmpdir = os.environ.get("RAY_TMPDIR") or tempfile.mkdtemp(prefix="hf-ray-")
-        own_tmp = "RAY_TMPDIR" not in os.environ
-        os.environ["RAY_TMPDIR"] = tmpdir
+        own_tmp = not os.environ.get("RAY_TMPDIR")
+        tmpdir = tempfile.mkdtemp(prefix="hf-ray-") if own_tmp else os.environ["RAY_TMPDIR"]
         gpu = _cuda_available()
         resources = {} if gpu else {VGPU: config.devices}
         _init_local(dict(num_cpus=os.cpu_count(), resources=resources, _temp_dir=tmpdir,

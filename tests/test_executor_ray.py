@@ -3,6 +3,7 @@ concurrency of pools, a killed rank, quiet start-up and shutdown on Ctrl-C."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,7 +71,6 @@ class ProbeWorker(Worker):
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="hf-test-ray-"))
     from executor.cluster import Cluster, ClusterConfig
     c = Cluster.start(ClusterConfig(devices=7))
     yield c
@@ -193,3 +193,4 @@ def test_quiet_start_and_clean_exit_on_ctrl_c():
     while _processes_using(raytmp) and time.time() < deadline:
         time.sleep(0.5)
     assert not _processes_using(raytmp)
+    shutil.rmtree(raytmp, ignore_errors=True)

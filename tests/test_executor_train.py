@@ -7,8 +7,6 @@ group holding the one-process reference.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 
 import pytest
 import torch
@@ -38,7 +36,6 @@ def _data() -> "Batch":
 
 @pytest.fixture(scope="module")
 def groups():
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="hf-test-train-"))
     from executor.cluster import Cluster, ClusterConfig
     from executor.parallel import ParallelLayout
     from executor.train_engine import EngineConfig
