@@ -152,3 +152,18 @@ def test_colocated_roles_share_processes_with_separate_groups(groups):
     assert [i["dp_ranks"] for i in dp4] == [[0, 1, 2, 3]] * 4
     assert [i["tp_group_size"] for i in tp2pp2] == [2] * 4
     assert [i["dp_group_size"] for i in dp4] == [4] * 4
+
+
+def test_load_hf_state_gives_the_same_model_on_every_layout(groups):
+    from executor.weights import megatron_to_hf, random_hf_state
+    from simulator.model import load_model
+    ref, par = groups
+    hf = random_hf_state(load_model(MODEL), seed=3)
+    ref.run("lm", "load_state", hf)
+    par.run("tp2pp2", "load_state", hf)
+    back = megatron_to_hf(_full_state(par, "tp2pp2"), load_model(MODEL))
+    assert back.keys() == hf.keys()
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+    expected = ref.run("lm", "forward", _data())["output"]
+    got = par.run("tp2pp2", "forward", _data())["output"]
+    assert torch.allclose(got, expected, atol=1e-5)
