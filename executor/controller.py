@@ -48,6 +48,8 @@ def _save_checkpoint(rt: Runtime, out: Path, it: int, state: dict) -> None:
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if final.exists():  # a resumed run saving an iteration again
+        shutil.rmtree(final)
     futures = [rt.groups[role].call(role, "save_role", str(tmp)) for role in rt.groups]
     for f in futures:
         f.result()
@@ -100,6 +102,9 @@ def run(plan: dict, cfg: RunConfig, out: Path, resume: bool = False,
     """Run (or with `resume`, continue) the plan's job; `devices`: of a local cluster."""
     algorithm = plan["job"]["algorithm"]
     check_plan(plan, cfg, None if ray_address else devices)
+    if not resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise RunError(f"run dir {out} already holds a run: continue it with --resume, "
+                       f"or give another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=1))
     (out / "run.json").write_text(json.dumps(cfg.to_dict(), indent=1))

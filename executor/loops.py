@@ -40,8 +40,12 @@ def _metrics(rt: Runtime, batch: Batch, train: dict[str, float], **extra: float)
     kl = 0.0
     if "ref_log_probs" in batch:
         kl = float(alg.masked_mean(batch["old_log_probs"] - batch["ref_log_probs"], mask))
+    # vLLM's sampling log-probs against megatron's recomputation: ~0 when the resharded
+    # generation weights are the trained ones
+    drift = float(alg.masked_mean((batch["rollout_log_probs"] - batch["old_log_probs"]).abs(),
+                                  mask)) if "rollout_log_probs" in batch else float("nan")
     return {"reward": float(batch["scores"].float().mean()),
-            "score": float(rt.rule(batch).mean()), "kl": kl,
+            "score": float(rt.rule(batch).mean()), "kl": kl, "rollout_logp_diff": drift,
             "response_tokens": float(mask.sum()), **extra, **train}
 
 

@@ -116,7 +116,7 @@ class Runtime:
         sampling = SamplingConfig(
             temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
             max_tokens=self.plan["job"]["response_len"], n=n,
-            seed=None if greedy else self.cfg.seed * 100003 + iteration, ignore_eos=True)
+            seed=None if greedy else self.cfg.seed * 100003 + iteration, ignore_eos=False)
         with self.stage("generate"):
             out = self.groups["actor"].run("actor", "generate",
                                            Batch(non_tensors={"prompt_ids": prompts}), sampling)
@@ -135,7 +135,8 @@ class Runtime:
         prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in rows])
         return Batch({"input_ids": torch.cat([prompt_ids, out["responses"]], 1),
                       "attention_mask": torch.cat([prompt_mask, out["response_mask"]], 1),
-                      "responses": out["responses"], "response_mask": out["response_mask"]},
+                      "responses": out["responses"], "response_mask": out["response_mask"],
+                      "rollout_log_probs": out["rollout_log_probs"]},
                      non_tensors={"prompt_ids": rows}, meta={"prompt_len": P})
 
     # ---- calls -------------------------------------------------------------------------
