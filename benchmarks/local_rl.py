@@ -5,7 +5,18 @@ rewards -> advantages -> critic and actor updates) in one process with Hugging F
 using executor.algorithms for the math and executor.artifacts for the models, and prints the
 rule score of every iteration. No Ray, megatron-core or vLLM.
 
-Run:  .venv/bin/python benchmarks/local_rl.py --algorithm grpo --iterations 15
+Run:  .venv/bin/python benchmarks/local_rl.py --algorithm grpo --iterations 12
+
+Measured (tiny, seed 0, 12 iterations, rule score of one sampled response per eval prompt,
+256 prompts; start 0.568 sampled / 0.842 greedy; 2-core CPU shared with other jobs):
+- GRPO, learned reward, 32 prompts x 8, 4 mini-batches, 1 epoch, lr 1e-4, kl_loss 0.2
+  (the defaults below): 0.695 sampled / 0.873 greedy.
+- GRPO, rule reward, same but lr 3e-4, no KL: 0.778 / 0.862.
+- PPO, rule reward, 64 prompts, 4 mini-batches, 2 epochs, lr 2e-4, critic 1e-3, kl 0.02:
+  0.709 / 0.831 (kl_loss 0 in both PPO runs).
+- PPO, learned reward, same but lr 1e-4, kl 0.1: 0.645 / 0.814.
+- Without a KL term the learned reward is exploited: GRPO (16 x 4, lr 3e-4) fell to
+  0.508 / 0.605, PPO to 0.505 / 0.550. lr 1e-3 collapses even on the rule reward.
 """
 from __future__ import annotations
 
@@ -29,15 +40,15 @@ from executor.artifacts import Artifacts, ensure_artifacts  # noqa: E402
 @dataclass(frozen=True)
 class LoopSettings:
     algorithm: str = "grpo"
-    iterations: int = 15
-    prompts: int = 16            # prompts per iteration
-    group_size: int = 4          # responses per prompt (GRPO; 1 otherwise)
+    iterations: int = 12
+    prompts: int = 32            # prompts per iteration
+    group_size: int = 8          # responses per prompt (GRPO; 1 otherwise)
     actor_lr: float = 1e-4
-    critic_lr: float = 3e-4
-    mini_batches: int = 2
+    critic_lr: float = 1e-3
+    mini_batches: int = 4
     epochs: int = 1
     kl_coef: float = 0.0         # KL penalty in the reward (PPO, ReMax, Safe-RLHF)
-    kl_loss_coef: float = 0.0    # KL term in the actor loss (GRPO)
+    kl_loss_coef: float = 0.2    # KL term in the actor loss (GRPO)
     reward: str = "model"        # "model": the trained reward model; "rule": the rule score
     lagrange_init: float = 1.0   # Safe-RLHF: lambda, its step size, and the cost threshold
     lagrange_lr: float = 0.05    # (the cost model's output is > 0 for a forbidden letter)

@@ -161,6 +161,8 @@ def build_all(s: BuildSettings, out: Path) -> None:
 
 
 def _build(s: BuildSettings, out: Path) -> None:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in run logs
     t0 = time.time()
     spec = load_model(s.model)
     train = task.make_examples(s.n_train, s.seed, s.task)
