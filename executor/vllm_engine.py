@@ -120,17 +120,18 @@ def _install_parallel_groups(tp_groups: Sequence[Sequence[int]]) -> None:
     """Build vLLM's groups from ours before LLM(): TP as given, PP/DP/CP of one rank."""
     from vllm.distributed import parallel_state as ps
     rank, world = dist.get_rank(), dist.get_world_size()
-    ps.init_distributed_environment(world, rank, "env://", rank, backend="gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    ps.init_distributed_environment(world, rank, "env://", rank, backend=backend)
     singles = [[r] for r in range(world)]
     groups = [list(g) for g in tp_groups]
-    ps._TP = ps.init_model_parallel_group(groups, rank, "gloo",
+    ps._TP = ps.init_model_parallel_group(groups, rank, backend,
                                           use_message_queue_broadcaster=True, group_name="tp")
     ps._ETP = ps._TP
-    ps._DCP = ps.init_model_parallel_group(singles, rank, "gloo",
+    ps._DCP = ps.init_model_parallel_group(singles, rank, backend,
                                            use_message_queue_broadcaster=True, group_name="dcp")
-    ps._PCP = ps.init_model_parallel_group(singles, rank, "gloo", group_name="pcp")
-    ps._PP = ps.init_model_parallel_group(singles, rank, "gloo", group_name="pp")
-    ps._DP = ps.init_model_parallel_group(singles, rank, "gloo", group_name="dp")
+    ps._PCP = ps.init_model_parallel_group(singles, rank, backend, group_name="pcp")
+    ps._PP = ps.init_model_parallel_group(singles, rank, backend, group_name="pp")
+    ps._DP = ps.init_model_parallel_group(singles, rank, backend, group_name="dp")
 
 
 def _vocab_shard_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
