@@ -15,7 +15,7 @@ Measured (tiny, seed 0, 12 iterations, rule score of one sampled response per ev
 - GRPO, rule reward, same but lr 3e-4, no KL: 0.778 / 0.862; with 16 prompts x 8 and
   2 mini-batches: 0.714 / 0.860.
 - PPO, rule reward, 64 prompts, 4 mini-batches, 2 epochs, lr 2e-4, critic 1e-3, kl 0.02:
-  0.709 / 0.831 (kl_loss 0 in all PPO runs); with 32 prompts, 2 mini-batches: 0.647 / 0.819.
+  0.709 / 0.831 (PPO: kl_loss 0 unless stated); with 32 prompts, 2 mini-batches: 0.647 / 0.819.
 - PPO, learned reward, same but lr 1e-4, kl 0.1: 0.645 / 0.814; kl 0 and kl_loss 0.2
   instead: 0.650 / 0.829; 32 prompts, 2 mini-batches, kl 0.1: 0.629 / 0.804.
 - Without a KL term the learned reward is exploited: GRPO (16 x 4, lr 3e-4) fell to
