@@ -16,10 +16,10 @@ class RunConfigError(ValueError):
 class RunConfig:
     iterations: int = 12
     seed: int = 0
-    actor_lr: float = 2e-4
-    critic_lr: float = 5e-4
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
     clip_grad: float = 1.0
-    kl_coef: float = 0.01         # KL penalty in the token rewards (PPO, ReMax, Safe-RLHF)
+    kl_coef: float = 0.1          # KL penalty in the token rewards (PPO, ReMax, Safe-RLHF)
     kl_loss_coef: float = 0.0     # KL term in the actor loss (GRPO)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -27,8 +27,8 @@ class RunConfig:
     checkpoint_every: int = 5
     reshard: str = "hybridengine"
     kv_cache_mib: int = 16
-    cost_threshold: float = 0.05  # Safe-RLHF: the mean cost the Lagrangian aims under
-    lagrange_lr: float = 0.5
+    cost_threshold: float = 0.0   # Safe-RLHF: mean cost-model logit to stay under (> 0: forbidden letter)
+    lagrange_lr: float = 0.05
 
     def __post_init__(self) -> None:
         for f in ("iterations", "micro_batch_size", "checkpoint_every", "kv_cache_mib"):

@@ -12,6 +12,8 @@ the worker's ``reload_weights`` runs the usual post-load processing (oneDNN repa
 """
 from __future__ import annotations
 
+import zlib
+
 import glob
 import os
 from collections.abc import Iterable, Sequence
@@ -45,10 +47,11 @@ class SamplingConfig:
         if self.temperature == 0 and self.n > 1:
             raise EngineError("greedy sampling (temperature 0) with n > 1 gives n equal samples")
 
-    def to_vllm(self):
+    def to_vllm(self, seed: int | None = None):
         from vllm import SamplingParams
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
-                              max_tokens=self.max_tokens, n=self.n, seed=self.seed,
+                              max_tokens=self.max_tokens, n=self.n,
+                              seed=self.seed if seed is None else seed,
                               logprobs=0, detokenize=False, ignore_eos=self.ignore_eos)
 
 
@@ -163,6 +166,12 @@ def _mark_sharded_loading(model: torch.nn.Module) -> None:
                 p.is_sharded_weight = True
 
 
+def request_seed(seed: int, index: int, prompt: Sequence[int]) -> int:
+    """A deterministic per-request seed from the call's seed, the request and its prompt."""
+    blob = ",".join(map(str, (seed, index, *prompt))).encode()
+    return zlib.crc32(blob) & 0x7FFFFFFF
+
+
 class VllmEngine:
     """One rank's part of a vLLM instance; create it on every rank of the world together."""
 
@@ -213,7 +222,13 @@ class VllmEngine:
         """Generate for this replica's prompts; every rank of the TP group passes the same."""
         from vllm.inputs import TokensPrompt
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outs = self.llm.generate(inputs, sampling.to_vllm(), use_tqdm=False) if inputs else []
+        params = sampling.to_vllm()
+        if sampling.seed is not None:
+            # one seed per request: a shared seed would give every prompt the same random
+            # draws (samples correlated across the batch)
+            params = [sampling.to_vllm(seed=request_seed(sampling.seed, i, p))
+                      for i, p in enumerate(prompts)]
+        outs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         result = []
         for i, out in enumerate(outs):
             for s, c in enumerate(out.outputs):

@@ -42,10 +42,11 @@ def _finite(row: dict) -> bool:
 
 
 @pytest.mark.parametrize("algorithm,placement", [
-    ("ppo", "split"), ("grpo", "colocated"), ("remax", "colocated"), ("remax", "split"),
-    ("safe-rlhf", "colocated"), ("safe-rlhf", "split")])
+    ("ppo", "colocated-tp"), ("ppo", "split"), ("grpo", "colocated"), ("grpo", "split"),
+    ("remax", "colocated"), ("remax", "split"), ("safe-rlhf", "colocated"),
+    ("safe-rlhf", "split")])
 def test_algorithm_runs_its_dataflow(tmp_path: Path, algorithm: str, placement: str) -> None:
-    plan = local_plans(algorithm)[placement]
+    plan = _tp_plan() if placement == "colocated-tp" else local_plans(algorithm)[placement]
     res = run(plan, RunConfig(iterations=2, checkpoint_every=2), tmp_path / "run")
     assert [m["iteration"] for m in res.metrics] == [0, 1]
     assert all(_finite(m) for m in res.metrics)
@@ -59,6 +60,8 @@ def test_algorithm_runs_its_dataflow(tmp_path: Path, algorithm: str, placement: 
     assert set(summary["measured"]["stages"]) == {"generate", "reshard", "prepare", "train"}
     assert summary["predicted"]["iteration_s"] > 0
     assert (tmp_path / "run" / "checkpoints" / "iter_000002" / "controller.json").exists()
+    # the resharded vLLM engines generate with the trained weights
+    assert all(abs(m["rollout_logp_diff"]) < 1e-3 for m in res.metrics)
 
 
 def _tp_plan() -> dict:
@@ -71,27 +74,6 @@ def _tp_plan() -> dict:
     lay["critic"] = {"train": {"pp": 2, "tp": 1, "dp": 2}}
     plan.pop("predicted", None)
     return plan
-
-
-def _window(rows: list[dict], key: str, part: slice) -> float:
-    vals = [r[key] for r in rows[part]]
-    return sum(vals) / len(vals)
-
-
-def test_ppo_raises_the_rule_score(tmp_path: Path) -> None:
-    """Seed 0, 12 iterations of 16 prompts: seen here 0.70 -> 0.80 (first vs last three)."""
-    res = run(_tp_plan(), RunConfig(iterations=12, checkpoint_every=12), tmp_path / "ppo")
-    first, last = _window(res.metrics, "score", slice(0, 3)), _window(res.metrics, "score", slice(-3, None))
-    assert last > first + 0.05, (first, last)
-    assert all(_finite(m) for m in res.metrics)
-
-
-def test_grpo_raises_the_rule_score(tmp_path: Path) -> None:
-    """Split plan, 8 prompts x 4 samples, 12 iterations: seen here 0.68 -> 0.80."""
-    res = run(local_plans("grpo")["split"], RunConfig(iterations=12, checkpoint_every=12),
-              tmp_path / "grpo")
-    first, last = _window(res.metrics, "score", slice(0, 3)), _window(res.metrics, "score", slice(-3, None))
-    assert last > first + 0.05, (first, last)
 
 
 def _weights(ckpt: Path) -> dict[str, dict]:
