@@ -1,10 +1,11 @@
 # make run   : set up .venv and run the main job (plan + run on the local 4-device cluster)
-# make test  : set up .venv and run the test suite
+# make test  : set up .venv and run the test suite (what CI runs; multi-process vLLM/RL runs
+#              marked slow are left to `make test-all`)
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test plan venv clean
+.PHONY: run test test-all plan venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +26,9 @@ plan: $(STAMP)
 	$(VENV)/bin/hybridflow plan
 
 test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:

@@ -21,7 +21,7 @@ from executor.protocols import (ALL_TO_ALL, DP_COMPUTE, MEGATRON_3D, ONE_TO_ALL,
                                 register)
 from executor.worker import Worker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.executor  # multi-process Ray/megatron: in `make test`
 ROOT = Path(__file__).resolve().parents[1]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
