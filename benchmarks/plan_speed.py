@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reports.markdown import emit  # noqa: E402
 from planner.search import Planner  # noqa: E402
 from simulator.cluster import Cluster  # noqa: E402
 from simulator.job import Job  # noqa: E402
@@ -53,10 +54,7 @@ def main() -> int:
             f"{os.cpu_count()} cores, Python {platform.python_version()}, "
             f"load average {os.getloadavg()[0]:.1f}\n")
     text = head + "\n" + "\n".join(rows) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit(text, args.out)
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     from executor.controller import run
     from executor.plan_check import check_plan
     plan, cfg, out = _load(args)
-    local = not (args.ray_address or __import__("os").environ.get("RAY_ADDRESS"))
+    local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
     check_plan(plan, cfg, args.devices if local else None)
     from executor.worker_group import WorkerGroupError
     bar = _progress(cfg.iterations)
@@ -90,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
                   profile=args.profile, devices=args.devices, progress=bar)
     except WorkerGroupError as e:
         bar.close()
-        print(f"hybridflow run: stopped: {e}", file=__import__("sys").stderr)
+        print(f"hybridflow run: stopped: {e}", file=sys.stderr)
         return 1
     bar.close()
     m, p = res.summary["measured"], res.summary["predicted"] or {}

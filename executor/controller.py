@@ -20,7 +20,7 @@ from executor.artifacts import ensure_artifacts
 from executor.cluster import Cluster, ClusterConfig
 from executor.loops import LOOPS
 from executor.plan_check import check_plan
-from executor.run_config import RunConfig
+from executor.run_config import RunConfig, samples_per_prompt
 from executor.runtime import Runtime
 
 STAGES = ("generate", "reshard", "prepare", "train")
@@ -69,8 +69,8 @@ def _restore(rt: Runtime, ckpt: Path) -> tuple[int, dict]:
 
 def _tokens(plan: dict) -> int:
     job = plan["job"]
-    n = job.get("n_samples", 1) or 1 if job["algorithm"] == "grpo" else 1
-    return job["global_batch"] * n * (job["prompt_len"] + job["response_len"])
+    return job["global_batch"] * samples_per_prompt(job) * (job["prompt_len"]
+                                                            + job["response_len"])
 
 
 def summarize(plan: dict, metrics: list[dict], predicted: dict | None) -> dict:

@@ -12,6 +12,7 @@ import torch
 from executor import algorithms as alg
 from executor.batch import Batch
 from executor.rl_worker import ActorLoss, CriticLoss
+from executor.run_config import samples_per_prompt
 from executor.runtime import Runtime
 
 LOGP = "response_outputs"
@@ -51,7 +52,7 @@ def _metrics(rt: Runtime, batch: Batch, train: dict[str, float], **extra: float)
 
 def _rl(rt: Runtime) -> alg.RLConfig:
     job = rt.plan["job"]
-    return rt.cfg.rl(job["algorithm"], job.get("n_samples", 1) or 1)
+    return rt.cfg.rl(job["algorithm"], samples_per_prompt(job))
 
 
 def _losses(rt: Runtime, rl: alg.RLConfig, roles: tuple[str, ...]) -> dict[str, Callable]:

@@ -1,7 +1,7 @@
 """Checks a plan against what this executor can run, before any worker starts."""
 from __future__ import annotations
 
-from executor.run_config import RunConfig
+from executor.run_config import RunConfig, samples_per_prompt
 
 TRAINED = ("actor", "critic", "cost_critic")
 
@@ -30,7 +30,7 @@ def check_plan(plan: dict, cfg: RunConfig, devices: int | None = None) -> None:
     if len(models) != 1:
         raise PlanNotRunnable(f"the executor runs one model architecture for every role "
                               f"(the task's artifacts); the plan names {sorted(models)}")
-    responses = job["global_batch"] * (job.get("n_samples") or 1)
+    responses = job["global_batch"] * samples_per_prompt(job)
     for s in plan["sets"]:
         for role in s["models"]:
             lay = _layout(s, role)

@@ -17,9 +17,8 @@ import torch
 
 from executor import algorithms as alg
 from executor.batch import Batch
-from executor.parallel import ParallelLayout
 from executor.protocols import (MEGATRON_3D, ONE_TO_ALL, CallContext, Dispatched,
-                                megatron_3d_output_ranks, merge_outputs, register,
+                                merge_outputs, register,
                                 register_mode, split_args, MODES)
 from executor.worker import Worker
 
@@ -174,12 +173,17 @@ class RLWorker(Worker):
                                   "timing": [timing] * len(done)})
 
     # ---- forward-only ------------------------------------------------------------------
+    def _forward(self, role: str, batch: Batch) -> torch.Tensor | None:
+        """Per-token outputs [b, P+R] on the role's output rank, None elsewhere."""
+        engine = self.role(role).engine
+        out = engine.forward(batch.select(["input_ids", "attention_mask"]))
+        return out if out is not None and engine.is_output_rank else None
+
     @register(dispatch_mode=MEGATRON_3D)
     def response_outputs(self, role: str, batch: Batch, key: str) -> Batch | None:
         """Log-probs (LM roles) or values (value roles) of the response tokens as `key`."""
-        engine = self.role(role).engine
-        out = engine.forward(batch.select(["input_ids", "attention_mask"]))
-        if out is None or not engine.is_output_rank:
+        out = self._forward(role, batch)
+        if out is None:
             return None
         P, R = batch.meta["prompt_len"], batch["responses"].shape[1]
         return Batch({key: response_part(out, P, R).contiguous()})
@@ -187,9 +191,8 @@ class RLWorker(Worker):
     @register(dispatch_mode=MEGATRON_3D)
     def sequence_scores(self, role: str, batch: Batch, key: str) -> Batch | None:
         """A value-head model's score at each sequence's last real token."""
-        engine = self.role(role).engine
-        out = engine.forward(batch.select(["input_ids", "attention_mask"]))
-        if out is None or not engine.is_output_rank:
+        out = self._forward(role, batch)
+        if out is None:
             return None
         last = batch["attention_mask"].long().cumsum(-1).argmax(-1)
         return Batch({key: out[torch.arange(out.shape[0]), last].contiguous()})

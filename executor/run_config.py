@@ -8,6 +8,11 @@ from executor import algorithms as alg
 SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
 
 
+def samples_per_prompt(job: dict) -> int:
+    """Responses per prompt of a plan's job: GRPO's n_samples, else 1."""
+    return (job.get("n_samples") or 1) if job["algorithm"] == "grpo" else 1
+
+
 class RunConfigError(ValueError):
     """A run setting that cannot be used."""
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Sequence
 
 
@@ -33,3 +34,11 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def image(title: str, filename: str) -> str:
     return f"![{title}]({filename})"
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a benchmark's text and, with `out`, write it there (folders made)."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
