@@ -16,8 +16,10 @@ from pathlib import Path
 
 from executor.run_config import RunConfig, SCHEMES
 
+# batch sizes at which the tiny task's rule score rises within 12 iterations (see
+# tests/test_run_e2e.py::test_*_raises_the_rule_score and benchmarks/local_rl.py)
 DEFAULT_JOB = dict(algorithm="ppo", model="tiny", prompt_len=16, response_len=8,
-                   global_batch=32, ppo_epochs=1, mini_batches=2)
+                   global_batch=64, ppo_epochs=2, mini_batches=4)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -46,7 +48,7 @@ def default_plan(algorithm: str, devices: int) -> dict:
     from simulator.profile import load_profile
     kw = dict(DEFAULT_JOB, algorithm=algorithm)
     if algorithm == "grpo":
-        kw.update(n_samples=4, global_batch=8)
+        kw.update(n_samples=8, global_batch=32, ppo_epochs=1)
     job = Job.create(**kw)
     cluster = Cluster.from_gpus("local-cpu", devices, devices)
     return plan_job(cluster, job, load_profile("local-cpu"), max_gen_pp=1)[0].to_dict()
@@ -102,7 +104,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"{s:10s} {v:11.3f} {p.get('stages', {}).get(s, float('nan')):12.3f}")
     print(f"{'iteration':10s} {m['iteration_s']:11.3f} {p.get('iteration_s', float('nan')):12.3f}")
     print(f"tokens/s   {m['tokens_per_s']:11.1f} {p.get('tokens_per_s', float('nan')):12.1f}")
-    print(f"rule score: {m['score_first']:.3f} (first iteration) -> {m['score_last']:.3f} (last)")
+    print(f"rule score of the batch: {m['score_first']:.3f} (first iteration) -> "
+          f"{m['score_last']:.3f} (last)")
+    if "eval_score_before" in m:
+        print(f"rule score on the held-out prompts: "
+              f"{m['eval_score_before']:.3f} (before) -> {m['eval_score_after']:.3f} (after)")
     return 0
 
 

@@ -46,7 +46,7 @@ class BuildSettings:
     sft_noise: float = 0.5
     sft_lr: float = 1e-3
     batch: int = 64
-    rm_steps: int = 600
+    rm_steps: int = 2000
     rm_lr: float = 3e-4
     cost_steps: int = 150
     max_response_len: int = 8

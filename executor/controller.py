@@ -73,16 +73,19 @@ def _tokens(plan: dict) -> int:
                                                             + job["response_len"])
 
 
-def summarize(plan: dict, metrics: list[dict], predicted: dict | None) -> dict:
+def summarize(plan: dict, metrics: list[dict], predicted: dict | None,
+              evals: dict | None = None) -> dict:
     """Measured stage means over the iterations (the first one, a warm-up, left out when
-    there are more), next to the simulator's prediction."""
+    there are more), next to the simulator's prediction; `evals`: held-out rule scores
+    before the first and after the last iteration."""
     rows = metrics[1:] if len(metrics) > 1 else metrics
     stages = {s: statistics.mean(m["stages"][s] for m in rows) for s in STAGES}
     it_s = sum(stages.values())
     return {"plan": plan,
             "measured": {"iteration_s": it_s, "tokens_per_s": _tokens(plan) / it_s,
                          "stages": stages, "iterations": len(metrics),
-                         "score_first": metrics[0]["score"], "score_last": metrics[-1]["score"]},
+                         "score_first": metrics[0]["score"], "score_last": metrics[-1]["score"],
+                         **{f"eval_score_{k}": v for k, v in (evals or {}).items()}},
             "predicted": predicted}
 
 
@@ -120,6 +123,8 @@ def run(plan: dict, cfg: RunConfig, out: Path, resume: bool = False,
         ckpt = _latest_checkpoint(out) if resume else None
         if ckpt is not None:
             first, state = _restore(rt, ckpt)
+        if "eval_before" not in state:
+            state["eval_before"] = rt.evaluate()
         metrics = [json.loads(l) for l in metrics_path.read_text().splitlines()[:first]] \
             if resume and metrics_path.exists() else []
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -137,9 +142,10 @@ def run(plan: dict, cfg: RunConfig, out: Path, resume: bool = False,
                 progress(row)
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                 _save_checkpoint(rt, out, it + 1, state)
+        evals = {"before": state["eval_before"], "after": rt.evaluate()}
     finally:
         rt.shutdown()
         cluster.shutdown()
-    summary = summarize(plan, metrics, predicted)
+    summary = summarize(plan, metrics, predicted, evals)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(out, metrics, summary)

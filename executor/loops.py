@@ -64,6 +64,11 @@ def _losses(rt: Runtime, rl: alg.RLConfig, roles: tuple[str, ...]) -> dict[str, 
     return out
 
 
+def _trained(rt: Runtime, it: int, critics: tuple[str, ...]) -> tuple[str, ...]:
+    """The critics, and the actor once the critic warm-up iterations are over."""
+    return critics + (("actor",) if it >= rt.cfg.critic_warmup else ())
+
+
 def ppo(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
     batch = rt.generate(rt.prompts(it), it)
@@ -73,7 +78,7 @@ def ppo(rt: Runtime, it: int, state: dict) -> dict:
                                     "values": ("critic", LOGP), "scores": ("reward", SCORE)})
         batch = _advantages(rt, batch, rl)
     with rt.stage("train"):
-        train = rt.update(_losses(rt, rl, ("critic", "actor")), batch)
+        train = rt.update(_losses(rt, rl, _trained(rt, it, ("critic",))), batch)
     return _metrics(rt, batch, train)
 
 
@@ -120,7 +125,7 @@ def safe_rlhf(rt: Runtime, it: int, state: dict) -> dict:
         mean_cost = float(batch["costs"].float().mean())
         state["lagrange"] = lagrange.update(mean_cost)
     with rt.stage("train"):
-        train = rt.update(_losses(rt, rl, ("critic", "cost_critic", "actor")), batch)
+        train = rt.update(_losses(rt, rl, _trained(rt, it, ("critic", "cost_critic"))), batch)
     return _metrics(rt, batch, train, cost=mean_cost, lagrange=state["lagrange"])
 
 

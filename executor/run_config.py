@@ -25,21 +25,24 @@ class RunConfig:
     critic_lr: float = 1e-3
     clip_grad: float = 1.0
     kl_coef: float = 0.1          # KL penalty in the token rewards (PPO, ReMax, Safe-RLHF)
-    kl_loss_coef: float = 0.0     # KL term in the actor loss (GRPO)
+    kl_loss_coef: float = 0.2     # KL term in the actor loss (GRPO only)
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch_size: int = 8
     checkpoint_every: int = 5
+    critic_warmup: int = 2        # PPO, Safe-RLHF: first iterations train the critics only
     reshard: str = "hybridengine"
     kv_cache_mib: int = 16
     cost_threshold: float = 0.0   # Safe-RLHF: mean cost-model logit to stay under (> 0: forbidden letter)
     lagrange_lr: float = 0.05
 
     def __post_init__(self) -> None:
-        for f in ("iterations", "micro_batch_size", "checkpoint_every", "kv_cache_mib"):
+        lows = {"iterations": 1, "micro_batch_size": 1, "checkpoint_every": 1,
+                "kv_cache_mib": 1, "critic_warmup": 0}
+        for f, low in lows.items():
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RunConfigError(f"{f} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise RunConfigError(f"{f} must be an integer >= {low}, got {v!r}")
         if self.reshard not in SCHEMES:
             raise RunConfigError(f"unknown resharding scheme {self.reshard!r}: "
                                  f"choose one of {', '.join(SCHEMES)}")
@@ -51,7 +54,8 @@ class RunConfig:
     def rl(self, algorithm: str, n_samples: int) -> alg.RLConfig:
         return alg.RLConfig(algorithm=algorithm, group_size=n_samples,
                             kl_coef=self.kl_coef if algorithm != "grpo" else 0.0,
-                            kl_loss_coef=self.kl_loss_coef, temperature=self.temperature)
+                            kl_loss_coef=self.kl_loss_coef if algorithm == "grpo" else 0.0,
+                            temperature=self.temperature)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -125,6 +125,14 @@ class Runtime:
         self.timings["reshard"] = self.timings.get("reshard", 0.0) + reshard
         return self.sequences(prompts, out, n)
 
+    def evaluate(self) -> float:
+        """Mean rule score of one sampled response per held-out prompt (a fixed seed, so
+        runs compare); not timed into the iteration's stages."""
+        saved = dict(self.timings)
+        batch = self.generate([list(p) for p in self.art.prompts.eval], -1)
+        self.timings = saved
+        return float(self.rule(batch).float().mean())
+
     def sequences(self, prompts: list[list[int]], out: Batch, n: int) -> Batch:
         P = self.plan["job"]["prompt_len"]
         pad = self.art.special.pad

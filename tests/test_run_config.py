@@ -1,0 +1,34 @@
+"""Run settings: validation, and which algorithm each KL setting reaches."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from executor.run_config import RunConfig, RunConfigError
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(iterations=0), "iterations must be an integer >= 1"),
+    (dict(critic_warmup=-1), "critic_warmup must be an integer >= 0"),
+    (dict(critic_warmup=1.5), "critic_warmup must be an integer >= 0"),
+    (dict(reshard="nccl"), "unknown resharding scheme"),
+    (dict(top_p=0.0), "top_p in (0, 1]"),
+])
+def test_bad_settings_are_named(bad: dict, message: str) -> None:
+    with pytest.raises(RunConfigError, match=re.escape(message)):
+        RunConfig(**bad)
+
+
+def test_kl_settings_reach_their_algorithms() -> None:
+    cfg = RunConfig(kl_coef=0.3, kl_loss_coef=0.4)
+    assert (cfg.rl("grpo", 8).kl_coef, cfg.rl("grpo", 8).kl_loss_coef) == (0.0, 0.4)
+    for algorithm in ("ppo", "remax", "safe-rlhf"):
+        rl = cfg.rl(algorithm, 1)
+        assert (rl.kl_coef, rl.kl_loss_coef) == (0.3, 0.0)
+
+
+def test_unknown_saved_settings_are_refused() -> None:
+    with pytest.raises(RunConfigError, match="unknown run settings: warmup"):
+        RunConfig.from_dict({"warmup": 3})
+    assert RunConfig.from_dict(RunConfig(critic_warmup=0).to_dict()).critic_warmup == 0
