@@ -76,6 +76,8 @@ def test_rl_raises_the_rule_score(tmp_path: Path, algorithm: str, placement: str
     plan = local_plans(algorithm, **job)[placement]
     res = run(plan, RunConfig(iterations=12, checkpoint_every=12), tmp_path / "run")
     m = res.summary["measured"]
+    print(f"{algorithm}: held-out rule score {m['eval_score_before']:.3f} -> "
+          f"{m['eval_score_after']:.3f}")
     assert m["eval_score_after"] - m["eval_score_before"] >= 0.05, m
     assert all(_finite(r) for r in res.metrics)
 
