@@ -12,6 +12,15 @@ interface (the paper's Table 2):
   contributes 1/d of its shard, as ZeRO-3 partitions would), then keeps its shard.
 Replicated tensors (norms) are not part of Table 2: with p > 1 each rank gathers the other
 stages' norms over its pipeline group; counted separately.
+
+Every scheme builds the generation shard the same way, only the gather group differs: the
+all-gather is point-to-point messages, one per tensor (fc1: per gate/up half), each received
+straight into its place in a generation buffer when it belongs to this rank's generation
+shard and is contiguous there (row-split tensors and the parts a scheme gathers beyond the
+generation shard land in a scratch buffer); then the own shard and the row-split parts are
+copied in. Buffers and messages are planned once and reused. (gloo's all_gather would
+receive into a fresh staging buffer and copy out; on a CPU, first touching fresh pages costs
+more than the copy, and the merge into the generation layout would be another copy.)
 """
 from __future__ import annotations
 
@@ -116,52 +125,69 @@ class ReshardStats:
     seconds: float
     bytes_received: int  # TP-sharded tensors: the Table 2 quantity
     replicated_bytes: int  # norms of other pipeline stages
-    padding_bytes: int  # all-gather padding of unequal contributions (not payload)
-    gather_seconds: float = 0.0  # the all-gathers (flattening included)
+    gather_seconds: float = 0.0  # the all-gathers, messages received into place
+    assemble_seconds: float = 0.0  # own shard and row-split parts into the generation shard
     load_seconds: float = 0.0  # conversion to vLLM and in-place reload
 
 
-def _flatten(sd: W.StateDict, names: Sequence[str]) -> torch.Tensor:
-    return torch.cat([sd[n].reshape(-1) for n in names]) if names else torch.empty(0)
+_NORM_TAG = 1 << 20  # message tag of the norms; the sharded tensors' tags count from 0
 
 
-def _unflatten(flat: torch.Tensor, shapes: dict[str, tuple[int, ...]], names: Sequence[str]
-               ) -> W.StateDict:
-    out, i = {}, 0
+def _messages(shapes: dict[str, tuple[int, ...]], names: Sequence[str], d: int, k: int
+              ) -> list[tuple[str, int, int]]:
+    """What the holder of piece k of d of a training shard sends each peer: (name, begin,
+    end) in the flattened tensors, in tag order. d > 1 (allgather) splits every tensor in
+    d pieces, as ZeRO-3 partitions parameters; fc1 is split between gate and up, which lie
+    apart in the generation shard."""
+    out = []
     for n in names:
-        m = math.prod(shapes[n])
-        out[n] = flat[i:i + m].view(shapes[n])
-        i += m
+        numel = math.prod(shapes[n])
+        piece = -(-numel // d)
+        lo, hi = min(k * piece, numel), min((k + 1) * piece, numel)
+        half = numel // 2 if W.split_kind(n) == "fc1" else numel
+        for a, e in ((max(lo, 0), min(hi, half)), (max(lo, half), min(hi, numel))):
+            if a < e:
+                out.append((n, a, e))
     return out
 
 
-def _all_gather_varlen(flat: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
-    """All-gather tensors of known, possibly unequal sizes (gloo needs equal: pad)."""
-    n = max(sizes)
-    buf = flat
-    if flat.numel() < n:
-        buf = torch.zeros(n, dtype=flat.dtype)
-        buf[:flat.numel()] = flat
-    out = [torch.empty(n, dtype=flat.dtype) for _ in sizes]
-    dist.all_gather(out, buf, group=group)
-    return [o[:s] for o, s in zip(out, sizes)]
+@dataclass
+class _Transfer:
+    """One rank's buffers and the messages that fill them: built once, reused."""
+    gen: torch.Tensor  # generation shard, megatron layout; the norms of every stage last
+    scratch: torch.Tensor  # received parts not placed in `gen` as they arrive
+    gen_views: W.StateDict
+    recvs: list  # P2POp: irecv of each message of the gather group
+    sends: list[tuple[int, int, str, int, int]]  # peer, tag, name, begin, end
+    norm_ops: list  # P2POp: the norms over the pipeline group
+    own_norms: list[tuple[torch.Tensor, str]]  # place in `gen`, name in the training shard
+    own: list[tuple[torch.Tensor, str]]  # the same for the own shard (if in the generation one)
+    fills: list[tuple[torch.Tensor, torch.Tensor]]  # place in `gen`, part in `scratch`
+    received: int  # numel received, sharded tensors
+    replicated: int  # numel received, norms
 
 
 class HybridEngine:
     """One rank's actor in both layouts. Create on every rank together (makes subgroups).
 
     ``engine_factory(gen_tp_groups)`` builds the generation engine (a VllmEngine); None
-    runs the resharding only (tests of weights and bytes, benchmarks)."""
+    runs the resharding only (tests of weights and bytes, benchmarks).
+
+    ``keep_buffers``: keep the receive and generation buffers between switches (reused,
+    overwritten by each to_generation()). On a CPU a fresh buffer costs a page fault per
+    4 KiB page, more than the copy into it, and vLLM's own weights stay resident anyway;
+    False frees them in to_training() (GPU with vLLM sleep)."""
 
     def __init__(self, spec: ModelSpec, plan: ReshardPlan,
                  engine_factory: Callable[[list[list[int]]], VllmEngine] | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, keep_buffers: bool = True):
         if dist.get_world_size() != plan.train.n_gpus:
             raise ReshardError(f"layout needs {plan.train.n_gpus} ranks, world has "
                                f"{dist.get_world_size()}")
         W.check_tp(spec, plan.train.tp)
         W.stage_layers(spec, plan.train.pp, 0)
         self.spec, self.plan, self.dtype = spec, plan, dtype
+        self.keep_buffers = keep_buffers
         self.rank = dist.get_rank()
         self.stage, self.tp_rank, self.dp_rank = plan.coords(self.rank)
         self._full_shapes = W.megatron_shapes(spec)
@@ -169,6 +195,7 @@ class HybridEngine:
         self._groups = {kind: self._subgroup(getattr(plan, f"{kind}_groups")())
                         for kind in ("gather", "micro_dp", "pipeline")}
         self.gen_tp_rank = plan.gen_tp_rank(self.rank)
+        self._xfer: _Transfer | None = None
         self.engine = engine_factory(plan.gen_tp_groups()) if engine_factory else None
         self.gen_shard: W.StateDict | None = None
 
@@ -183,7 +210,7 @@ class HybridEngine:
         assert mine is not None
         return mine
 
-    # ---- shard bookkeeping ----------------------------------------------------------
+    # ---- layouts --------------------------------------------------------------------
     def _template(self, s: int, r: int, sharded: bool = True
                   ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         """Shapes and (sorted) names of training shard (stage s, TP rank r); cached."""
@@ -200,85 +227,147 @@ class HybridEngine:
         self._template(s, r, sharded)
         return self._templates[(s, r, sharded)][2]
 
-    def _itemsize(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
-
-    # ---- gathers --------------------------------------------------------------------
-    def _gather_shards(self, local: W.StateDict) -> tuple[dict[tuple[int, int], W.StateDict],
-                                                           int, int]:
-        """Training shards {(stage, tp rank): sharded tensors} this rank receives (its own
-        included), payload bytes received, padding bytes."""
-        members, group = self._groups["gather"]
-        _, names = self._template(self.stage, self.tp_rank)
-        flat = _flatten(local, names).to(self.dtype)
-        coords = [self.plan.coords(m)[:2] for m in members]
-        d = self.plan.train.dp if self.plan.scheme == "allgather" else 1
-        sizes = [-(-self._numel(s, r) // d) for s, r in coords]
-        if d > 1:  # this DP replica's 1/d piece of its shard
-            flat = torch.nn.functional.pad(flat, (0, sizes[members.index(self.rank)] * d
-                                                  - flat.numel()))
-            flat = flat.view(d, -1)[self.dp_rank]
-        parts = _all_gather_varlen(flat, sizes, group) if group else [flat]
-        pieces: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for (s, r), m, part in zip(coords, members, parts):
-            pieces.setdefault((s, r), [None] * d)[self.plan.coords(m)[2] if d > 1 else 0] = part
-        shards = {}
-        for (s, r), ps in pieces.items():
-            template, tnames = self._template(s, r)
-            shards[(s, r)] = _unflatten(ps[0] if d == 1 else torch.cat(ps), template, tnames)
-        mine = members.index(self.rank)
-        received = sum(sz for i, sz in enumerate(sizes) if i != mine) * self._itemsize()
-        padding = sum(max(sizes) - sz for i, sz in enumerate(sizes) if i != mine)
-        return shards, received, padding * self._itemsize()
-
-    def _gather_norms(self, local: W.StateDict) -> tuple[W.StateDict, int]:
-        members, group = self._groups["pipeline"]
-        _, names = self._template(self.stage, self.tp_rank, sharded=False)
-        own = {n: local[n].to(self.dtype) for n in names}
-        if group is None:
-            return own, 0
-        sizes = [self._numel(s, 0, False) for s in range(len(members))]
-        parts = _all_gather_varlen(_flatten(own, names), sizes, group)
-        out: W.StateDict = {}
-        for s, part in enumerate(parts):
-            template, tnames = self._template(s, 0, sharded=False)
-            out.update(_unflatten(part, template, tnames))
-        return out, (sum(sizes) - sizes[self.stage]) * self._itemsize()
-
-    def _assemble(self, shards: dict[tuple[int, int], W.StateDict]) -> W.StateDict:
-        """This rank's generation shard (megatron names, TP degree tg): the t/tg consecutive
-        training shards it consists of, merged. hybridengine received exactly those;
-        the other schemes received the whole model and use the same part of it."""
-        p, t, tg = self.plan.train.pp, self.plan.train.tp, self.plan.tg
-        step, j = t // tg, self.gen_tp_rank
-        out: W.StateDict = {}
+    def _gen_layout(self) -> tuple[list[tuple[str, int, tuple[int, ...]]],
+                                   list[tuple[int, int]], int]:
+        """(name, offset, shape) of every generation tensor (TP tg, all stages: pg = 1),
+        the norms region of each stage (contiguous: one message each), total numel."""
+        p, tg = self.plan.train.pp, self.plan.tg
+        entries, off = [], 0
         for s in range(p):
-            part = [shards[(s, r)] for r in range(j * step, (j + 1) * step)]
-            out.update(W.merge_tp(part) if step > 1 else
-                       {n: v.clone() for n, v in part[0].items()})
-        return out
+            for n in self._template(s, 0)[1]:
+                shape = W.shard_shape(n, self._full_shapes[n], tg)
+                entries.append((n, off, shape))
+                off += math.prod(shape)
+        slots = []
+        for s in range(p):
+            shapes, names = self._template(s, 0, sharded=False)
+            slots.append((off, self._numel(s, 0, sharded=False)))
+            for n in names:
+                entries.append((n, off, shapes[n]))
+                off += math.prod(shapes[n])
+        return entries, slots, off
+
+    def _part(self, r: int) -> int | None:
+        """Which part of this rank's generation shard training TP rank r's shard is."""
+        step = self.plan.train.tp // self.plan.tg
+        i = r - self.gen_tp_rank * step
+        return i if 0 <= i < step else None
+
+    def _transfer(self) -> _Transfer:
+        """Buffers and messages, built on first use. The same for every scheme: only the
+        gather group differs."""
+        if self._xfer is not None:
+            return self._xfer
+        entries, norm_slots, numel = self._gen_layout()
+        gen = torch.empty(numel, dtype=self.dtype)
+        gen_views = {n: gen[o:o + math.prod(sh)].view(sh) for n, o, sh in entries}
+        members = self._groups["gather"][0]
+        shards = list(dict.fromkeys(self.plan.coords(m)[:2] for m in members))
+        offsets = [0]
+        for s, r in shards:
+            offsets.append(offsets[-1] + self._numel(s, r))
+        scratch = torch.empty(offsets[-1], dtype=self.dtype)
+        region = {sr: W.flat_views(scratch, o, *self._template(*sr))
+                  for sr, o in zip(shards, offsets)}
+        recvs, received = self._receives(gen_views, region)
+        d = self.plan.train.dp if self.plan.scheme == "allgather" else 1
+        sends = [(m, tag, *msg) for m in members if m != self.rank for tag, msg in
+                 enumerate(_messages(*self._template(self.stage, self.tp_rank), d,
+                                     self.dp_rank if d > 1 else 0))]
+        own, fills = [], []
+        for s, r in shards:
+            i, step = self._part(r), self.plan.train.tp // self.plan.tg
+            for n in self._template(s, r)[1] if i is not None else ():
+                at = W.part_view(gen_views[n], W.split_kind(n), i, step)
+                if (s, r) == (self.stage, self.tp_rank):
+                    own.append((at, n))
+                elif W.split_kind(n) == "row":
+                    fills.append((at, region[(s, r)][n]))
+        norm_ops, replicated = self._norm_ops(gen, norm_slots)
+        own_norms = [(gen_views[n], n) for n in self._template(self.stage, 0, False)[1]]
+        self._xfer = _Transfer(gen, scratch, gen_views, recvs, sends, norm_ops, own_norms,
+                               own, fills, received, replicated)
+        return self._xfer
+
+    def _receives(self, gen_views: W.StateDict, region: dict[tuple[int, int], W.StateDict]
+                  ) -> tuple[list, int]:
+        """An irecv per message from every other member of the gather group: straight into
+        place in the generation buffer when the part is this rank's and contiguous there,
+        else into the shard's region of the scratch buffer (whole shards; pages where
+        nothing lands are never touched). Other DP replicas' pieces of the own shard
+        (allgather, d > 1) go to scratch too: the own shard is copied in whole."""
+        members, group = self._groups["gather"]
+        d = self.plan.train.dp if self.plan.scheme == "allgather" else 1
+        step = self.plan.train.tp // self.plan.tg
+        ops, received = [], 0
+        for m in members:
+            s, r, k = self.plan.coords(m)
+            if m == self.rank:
+                continue
+            i = self._part(r) if (s, r) != (self.stage, self.tp_rank) else None
+            for tag, (n, a, e) in enumerate(_messages(*self._template(s, r), d,
+                                                      k if d > 1 else 0)):
+                dst = None if i is None else W.part_slice(gen_views[n], W.split_kind(n), i,
+                                                         step, a, e)
+                dst = region[(s, r)][n].view(-1)[a:e] if dst is None else dst
+                ops.append(dist.P2POp(dist.irecv, dst, m, group, tag))
+                received += e - a
+        return ops, received
+
+    def _norm_ops(self, gen: torch.Tensor, slots: list[tuple[int, int]]
+                  ) -> tuple[list, int]:
+        """Each stage sends its norms (its region of `gen`) to the other stages."""
+        members, group = self._groups["pipeline"]  # ordered by stage
+        if group is None:
+            return [], 0
+        o, n = slots[self.stage]
+        ops = [dist.P2POp(dist.isend, gen[o:o + n], m, group, _NORM_TAG)
+               for m in members if m != self.rank]
+        ops += [dist.P2POp(dist.irecv, gen[a:a + b], m, group, _NORM_TAG)
+                for m, (a, b) in zip(members, slots) if m != self.rank]
+        return ops, sum(b for s, (_, b) in enumerate(slots) if s != self.stage)
 
     # ---- the three phases -----------------------------------------------------------
     def to_generation(self, train_shard: W.StateDict) -> ReshardStats:
         """Build the generation weights from this rank's training shard (megatron names,
-        global layer indices) and load them into the engine in place."""
+        global layer indices) and load them into the engine in place.
+
+        The generation shard (``gen_shard``, megatron layout, TP degree tg; valid until the
+        next call) is built the same way by every scheme: one all-gather over the scheme's
+        group, each message received into place, then the own and the row-split parts
+        copied in. hybridengine received exactly its generation shard; the other schemes
+        received the whole model and use the same part of it."""
         dist.barrier()
         t0 = time.perf_counter()
-        shards, received, padding = self._gather_shards(train_shard)
-        norms, norm_bytes = self._gather_norms(train_shard)
+        x = self._transfer()
+        for at, n in x.own_norms:
+            at.copy_(train_shard[n])
+        flat = {n: train_shard[n].detach().to(self.dtype).reshape(-1)
+                for n in dict.fromkeys(n for _, _, n, _, _ in x.sends)}
+        group = self._groups["gather"][1]
+        sends = [dist.P2POp(dist.isend, flat[n][a:e], peer, group, tag)
+                 for peer, tag, n, a, e in x.sends]
+        works = [w for ops in (x.recvs + sends, x.norm_ops) if ops
+                 for w in dist.batch_isend_irecv(ops)]
+        for w in works:
+            w.wait()
         t1 = time.perf_counter()
-        gen = self._assemble(shards)
-        gen.update(norms)
-        del shards
-        self.gen_shard = gen
+        for at, n in x.own:  # after: copying while messages fly competes with gloo's threads
+            at.copy_(train_shard[n].reshape(at.shape))
+        for at, part in x.fills:
+            at.copy_(part)
+        self.gen_shard = dict(x.gen_views)
         t2 = time.perf_counter()
         if self.engine is not None:
             self.engine.wake()
-            self.engine.load_sharded(W.megatron_to_vllm(gen, self.spec, self.plan.tg))
+            self.engine.load_sharded(W.megatron_to_vllm(self.gen_shard, self.spec,
+                                                        self.plan.tg))
         t3 = time.perf_counter()
         dist.barrier()
-        return ReshardStats(time.perf_counter() - t0, received, norm_bytes, padding,
-                            gather_seconds=t1 - t0, load_seconds=t3 - t2)
+        item = x.gen.element_size()
+        return ReshardStats(time.perf_counter() - t0, x.received * item, x.replicated * item,
+                            gather_seconds=t1 - t0, assemble_seconds=t2 - t1,
+                            load_seconds=t3 - t2)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
                  ) -> list[Completion]:
@@ -294,11 +383,14 @@ class HybridEngine:
         return gather_micro_dp(local, group, len(members))
 
     def to_training(self) -> None:
-        """Drop the generation weights and free the KV cache (GPU: vLLM sleep)."""
+        """Drop the generation weights and free the KV cache (GPU: vLLM sleep); with
+        keep_buffers=False also the receive and generation buffers."""
         self.gen_shard = None
         if self.engine is not None:
             self.engine.free_cache()
-        gc.collect()
+        if not self.keep_buffers:
+            self._xfer = None
+            gc.collect()
 
     def close(self) -> None:
         if self.engine is not None:

@@ -16,6 +16,7 @@ Layouts (nq = query heads per KV group, hd = head dim, G = KV groups, H = hidden
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -105,15 +106,56 @@ def _split(t: Tensor, kind: str, tp: int, rank: int) -> Tensor:
     return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
 
 
+def merged_shape(part: tuple[int, ...], kind: str, n: int) -> tuple[int, ...]:
+    """Shape of `n` TP shards of shape `part` merged (the shard of a TP degree n times
+    coarser)."""
+    if kind == "replicated":
+        return part
+    dim = 1 if kind == "row" else 0
+    return tuple(x * n if i == dim else x for i, x in enumerate(part))
+
+
+def part_view(out: Tensor, kind: str, i: int, n: int) -> Tensor:
+    """Where TP shard `i` of `n` lies inside their merge `out` (a view; for fc1 shaped
+    [2, rows, ...]: its gate and its up half, each contiguous)."""
+    if kind == "replicated":
+        return out
+    if kind == "fc1":
+        return out.view(2, n, -1, *out.shape[1:])[:, i]
+    dim = 1 if kind == "row" else 0
+    size = out.shape[dim] // n
+    return out.narrow(dim, i * size, size)
+
+
+def part_slice(out: Tensor, kind: str, i: int, n: int, a: int, e: int) -> Tensor | None:
+    """Elements a:e of the flattened TP shard `i` (of `n`) inside their merge `out`, as a
+    flat view, when they are contiguous there (not for row-split tensors; fc1's a:e must
+    not straddle its gate and up halves)."""
+    if kind in ("row", "replicated"):
+        return None
+    seg = part_view(out, kind, i, n)
+    if kind == "fc1":
+        half = seg[0].numel()
+        seg, a, e = (seg[0], a, e) if a < half else (seg[1], a - half, e - half)
+    return seg.view(-1)[a:e]
+
+
+def merge_tp_into(parts: Sequence[Tensor], kind: str, out: Tensor) -> Tensor:
+    """Merge consecutive TP shards of one parameter into the preallocated `out` (shape
+    :func:`merged_shape`): one copy per part, no temporary."""
+    if kind == "replicated":
+        return out.copy_(parts[0])
+    for i, part in enumerate(parts):
+        dst = part_view(out, kind, i, len(parts))
+        dst.copy_(part.reshape(dst.shape))
+    return out
+
+
 def _merge(parts: Sequence[Tensor], kind: str) -> Tensor:
     if kind == "replicated":
         return parts[0]
-    if kind in ("qkv", "vocab"):
-        return torch.cat(list(parts), dim=0)
-    if kind == "row":
-        return torch.cat(list(parts), dim=1)
-    halves = [p.chunk(2, dim=0) for p in parts]  # fc1: [gate_r; up_r] per part
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    out = parts[0].new_empty(merged_shape(tuple(parts[0].shape), kind, len(parts)))
+    return merge_tp_into(parts, kind, out)
 
 
 def split_tp(full: StateDict, spec: ModelSpec, tp: int, rank: int) -> StateDict:
@@ -306,6 +348,18 @@ def shard_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
         return shape
     dim = 1 if kind == "row" else 0
     return tuple(n // tp if i == dim else n for i, n in enumerate(shape))
+
+
+def flat_views(flat: Tensor, offset: int, shapes: dict[str, tuple[int, ...]],
+               names: Sequence[str]) -> StateDict:
+    """Tensors of `shapes` (in the order of `names`) one after another in the 1-D `flat`
+    from `offset`: views, no copy."""
+    out = {}
+    for n in names:
+        m = math.prod(shapes[n])
+        out[n] = flat[offset:offset + m].view(shapes[n])
+        offset += m
+    return out
 
 
 def tensors_bytes(ts: Iterable[Tensor]) -> int:
