@@ -18,7 +18,6 @@ fidelity.md with this table; run dirs go under --runs (default a temporary folde
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -43,14 +42,20 @@ def _job(algorithm: str):
     return Job.create(**kw)
 
 
-def _with_layouts(plan: dict, layouts: dict[str, dict]) -> dict:
-    plan = copy.deepcopy(plan)
-    plan.pop("predicted", None)
-    for s in plan["sets"]:
-        for role, lay in layouts.items():
-            if role in s["layouts"]:
-                s["layouts"][role] = lay
-    return plan
+def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
+    """Every role of `job` on all of the cluster's devices, with the layouts given (data
+    parallel over all of them for the roles not named)."""
+    from planner.plan import Plan
+    from simulator.layout import GenLayout, TrainLayout
+    from simulator.placement import PlacedSet, layout_kinds
+    n = cluster.n_gpus
+    plain = {"train": TrainLayout(1, 1, n), "infer": TrainLayout(1, 1, n),
+             "generate": GenLayout(1, 1, 1)}
+    sets = (PlacedSet(job.gpu_roles, n, {
+        role: {k: (GenLayout.from_dict(layouts[role][k]) if k == "generate" else
+                   TrainLayout.from_dict(layouts[role][k])) if k in layouts.get(role, {})
+               else plain[k] for k in layout_kinds(role)} for role in job.gpu_roles}),)
+    return Plan(cluster, job, sets).to_dict()
 
 
 def build_plans(profile) -> dict[str, dict]:
@@ -63,12 +68,11 @@ def build_plans(profile) -> dict[str, dict]:
                                                           max_gen_pp=1).items()}
     plans = {"ppo-planner": plan_job(cluster, ppo, profile, max_gen_pp=1)[0].to_dict()}
     plans.update({f"ppo-{k}": v for k, v in std.items()})
-    plans["ppo-tp2-pp2"] = _with_layouts(std["colocated"], {
+    plans["ppo-tp2-pp2"] = _colocated(cluster, ppo, {
         "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
                   "generate": {"pp": 1, "tp": 1, "micro_dp": 2}},
         "critic": {"train": {"pp": 2, "tp": 1, "dp": 2}}})
-    grpo = standard_placements(cluster, _job("grpo"), profile, max_gen_pp=1)
-    plans["grpo-gen-tp2"] = _with_layouts(grpo["colocated"].to_dict(), {
+    plans["grpo-gen-tp2"] = _colocated(cluster, _job("grpo"), {
         "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
                   "generate": {"pp": 1, "tp": 2, "micro_dp": 1}}})
     plans["remax-split"] = standard_placements(cluster, _job("remax"), profile,
@@ -87,7 +91,21 @@ def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -
               profile=profile)
     print(f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
           flush=True)
-    return res.summary
+    summary = with_terms(res.summary, profile, out)
+    return summary
+
+
+def with_terms(summary: dict, profile: str, run_dir: Path) -> dict:
+    """The run's summary with the prediction's named terms and their sources (what
+    `hybridflow report` tabulates per run), written back to its summary.json."""
+    from planner.plan import Plan
+    from simulator import predict_plan
+    from simulator.profile import load_profile
+    pred = predict_plan(Plan.from_dict(summary["plan"]), load_profile(profile))
+    summary = dict(summary, predicted=dict(summary["predicted"], terms=pred.to_dict()["terms"],
+                                           sources=pred.sources()))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def _err(pred: float, meas: float) -> float:

@@ -20,6 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-generate", action="store_true", help="skip the vLLM tables")
     parser.add_argument("--no-dispatch", action="store_true",
                         help="skip timing the controller's Ray calls to the workers")
+    parser.add_argument("--no-calls", action="store_true",
+                        help="CPU: skip the executor's per-call tables (worker groups of 1, 2, "
+                             "4 ranks running RLWorker's methods; about two minutes)")
 
 
 def _default_out() -> Path:
@@ -37,7 +40,8 @@ def main(args: argparse.Namespace) -> int:
     options = ProfileOptions(out=Path(args.out) if args.out else _default_out(),
                              quick=args.quick, devices=args.devices,
                              threads_per_rank=args.threads, model=args.model,
-                             generate=not args.no_generate, dispatch=not args.no_dispatch)
+                             generate=not args.no_generate, dispatch=not args.no_dispatch,
+                             calls=not args.no_calls)
     path = profile_machine(options)
     print(f"wrote {path}")
     return 0

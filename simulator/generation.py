@@ -30,6 +30,7 @@ class GenShape:
     expert_bytes: float = 0.0  # the routed experts' part of weight_bytes
     ep: int = 1             # expert parallel ranks (the training layout's)
     ep_stride: int = 1      # devices between two of them
+    replicas: int = 1       # generation replicas of the set (training dp x micro_dp)
 
     def in_flight(self, kv_budget: float) -> int:
         if kv_budget >= self.sequences * self.kv_bytes_per_seq:
@@ -45,7 +46,8 @@ def gen_shape(job: Job, train: TrainLayout, gen: GenLayout, sequences: int) -> G
     mp = gen.model_parallel
     return GenShape(math.ceil(sequences / replicas),
                     WEIGHT_BYTES * role_params(job, "actor", train.ep) / mp, kv,
-                    WEIGHT_BYTES * expert_share(job, "actor", train.ep) / mp, train.ep, train.tp)
+                    WEIGHT_BYTES * expert_share(job, "actor", train.ep) / mp, train.ep, train.tp,
+                    replicas)
 
 
 def kv_memory(shape: GenShape, in_flight: int) -> Memory:
@@ -82,9 +84,36 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
     """Seconds to generate this replica's sequences with `in_flight` KV slots, and the
     controller's generate call(s) (ReMax adds a greedy generation) where measured."""
     calls = 2 if job.algorithm == "remax" else 1
+    measured = measured_generation(job, gen, shape, in_flight, profile, calls)
+    if measured is not None:
+        return measured
     call = profile.overheads.dispatch(job.global_batch * job.prompt_len * 8)
     return _generation(job, gen, shape, in_flight, profile, gpn) + \
         cost(("dispatch", calls * call, "measured"))
+
+
+def measured_generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
+                        profile: Profile, calls: int) -> Cost | None:
+    """The executor's generate call(s) from the profile's per-call tables: vLLM's first
+    token (prefill and the call's own work), the decode steps up to the longest response,
+    the micro-DP gather of the results, and the controller's dispatch; a KV cache too small
+    for the replica's sequences generates in waves. None where the tables do not apply."""
+    table = profile.calls
+    if not table.applies(job.spec("actor").name) or gen.pp != 1 or shape.ep != 1:
+        return None
+    ranks = shape.replicas * gen.tp
+    per_call = math.ceil(job.sequences / shape.replicas)  # one call's sequences per replica
+    n = max(1, min(in_flight, per_call))
+    waves = math.ceil(per_call / n)
+    got = table.generate(ranks, gen.tp, gen.micro_dp, n, job.lengths.expected_max(n))
+    disp = table.dispatch("generate", ranks, job.global_batch)
+    if got is None or disp is None:
+        return None
+    first, decode, gather = got
+    return cost(("vllm_first_token", calls * waves * first, "measured"),
+                ("vllm_decode", calls * waves * decode, "measured"),
+                ("micro_dp_gather", calls * gather, "measured"),
+                ("dispatch", calls * disp, "measured"))
 
 
 def _generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,

@@ -5,7 +5,7 @@ controller's CPU during the prepare stage, beside the GPU sets (no GPUs, no GPU 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from simulator.cluster import Cluster
 from simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
@@ -109,8 +109,10 @@ def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, s
           others_resident + max(swap, extra), profile)
     shape = gen_shape(job, train, gen, job.works("actor")[0].sequences)
     n = shape.in_flight(profile.usable_bytes - others_resident - extra)
-    stages = {"generate": generation_cost(job, gen, shape, n, profile, gpn),
-              "reshard": reshard_cost(scheme, *args, profile, gpn)}
+    reshard = reshard_cost(scheme, *args, profile, gpn)
+    if job.algorithm == "remax":  # the greedy baseline is a generation of its own
+        reshard = reshard + reshard
+    stages = {"generate": generation_cost(job, gen, shape, n, profile, gpn), "reshard": reshard}
     return stages, memory(generation_weights=extra) + kv_memory(shape, n), n
 
 
@@ -177,26 +179,55 @@ def predict_plan(plan: PlanLike, profile: Profile | str | None = None,
     if profile is None or isinstance(profile, str):
         profile = load_profile(profile or plan.cluster.gpu)
     gpn = plan.cluster.gpus_per_node
-    alone = tuple(predict_set(plan.job, s, profile, gpn, reshard) for s in plan.sets)
-    if not profile.overheads.sharing:
-        return compose(alone, plan.job)
-    active = active_ranks(alone, gpn)
-    shared = {k: tuple(predict_set(plan.job, s, profile.shared(k), gpn, reshard)
-                       for s in plan.sets) for k in set(active.values())}
-    return compose(tuple(_stages_from(alone[i], {st: shared[k][i] for st, k in active.items()})
-                         for i in range(len(alone))), plan.job)
+    # each set as if alone: its own ranks busy (what the per-call tables measured)
+    sets = tuple(predict_set(plan.job, s, profile.shared(min(s.gpus, gpn)), gpn, reshard)
+                 for s in plan.sets)
+    if profile.overheads.sharing:
+        sets = share_cores(sets, profile, gpn)
+    return compose(sets, plan.job)
 
 
-def active_ranks(sets: tuple[SetPrediction, ...], gpn: int) -> dict[str, int]:
-    """Ranks busy at once on one host during each stage: the GPUs of every set that works
-    in it (sets run their stages concurrently), at most a node's worth."""
-    return {st: max(1, min(gpn, sum(s.placed.gpus for s in sets
-                                    if any(st in r.stages for r in s.roles))))
-            for st in STAGES}
+def fluid_finish(work: list[float], ranks: list[int], slowdown: Callable[[float], float],
+                 host: int) -> list[float]:
+    """When each of several sets, started together, finishes its `work` (seconds with only
+    its own `ranks` busy) on a host of `host` devices whose cores they all share: while a
+    group of sets runs, each progresses at slowdown(own) / slowdown(all busy ranks), and
+    the others speed up as sets finish (processor sharing)."""
+    left = list(work)
+    done = [0.0] * len(work)
+    active = {i for i, w in enumerate(work) if w > 0}
+    now = 0.0
+    while active:
+        busy = min(host, sum(ranks[i] for i in active))
+        speed = {i: min(1.0, slowdown(min(ranks[i], host)) / slowdown(busy)) for i in active}
+        step = min(left[i] / speed[i] for i in active)
+        now += step
+        for i in list(active):
+            left[i] -= speed[i] * step
+            if left[i] <= 1e-12 * work[i]:
+                done[i] = now
+                active.discard(i)
+    return done
 
 
-def _stages_from(base: SetPrediction, by_stage: Mapping[str, SetPrediction]) -> SetPrediction:
-    """`base` with each stage's costs taken from the prediction made for that stage."""
-    roles = tuple(RolePrediction(r.role, {st: by_stage[st].roles[j].stages[st] for st in r.stages},
-                                 r.memory) for j, r in enumerate(base.roles))
-    return SetPrediction(base.placed, roles, base.peak_bytes, base.in_flight)
+def share_cores(sets: tuple[SetPrediction, ...], profile: Profile, gpn: int
+                ) -> tuple[SetPrediction, ...]:
+    """Sets that work in the same stage at once share the host's cores (a measured
+    `sharing` table): each role's stage cost gains a `core_sharing` term, its share of the
+    time its set loses to the other sets' ranks (fluid_finish)."""
+    extra: list[dict[str, float]] = [{} for _ in sets]  # set -> stage -> stretch factor
+    ranks = [min(s.placed.gpus, gpn) for s in sets]
+    for st in STAGES:
+        work = [s.stage_seconds(st) for s in sets]
+        finish = fluid_finish(work, ranks, profile.overheads.slowdown, gpn)
+        for i, (w, f) in enumerate(zip(work, finish)):
+            if w > 0 and f > w * (1 + 1e-9):
+                extra[i][st] = f / w - 1.0
+    out = []
+    for s, stretch in zip(sets, extra):
+        roles = tuple(RolePrediction(r.role, {st: c + cost(("core_sharing", c.seconds * stretch[st],
+                                                            "measured")) if st in stretch else c
+                                              for st, c in r.stages.items()}, r.memory)
+                      for r in s.roles)
+        out.append(SetPrediction(s.placed, roles, s.peak_bytes, s.in_flight))
+    return tuple(out)

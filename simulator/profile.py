@@ -6,67 +6,21 @@ entry (a public source, or the word "estimate" with a reason).
 """
 from __future__ import annotations
 
-import bisect
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from simulator.calls import Calls, parse_calls
+from simulator.table import ProfileError, interpolate  # noqa: F401 (re-exported)
+from simulator.table import num as _num, positive_int as _int, rows as _rows
+
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "p2p")
 _NUMBERS = ("peak_flops", "hbm_gib", "hbm_bandwidth", "intra_node_bandwidth",
             "inter_node_bandwidth", "comm_latency_s", "step_overhead_s", "reserved_gib")
 _EFFICIENCY = ("matmul", "memory", "communication")
-
-
-class ProfileError(ValueError):
-    """A profile name or file that cannot be used."""
-
-
-def _num(where: str, value: Any, positive: bool = True) -> float:
-    if isinstance(value, bool):
-        raise ProfileError(f"{where}: expected a number, got {value!r}")
-    try:
-        x = float(value)  # PyYAML reads 3e12 (no exponent sign) as a string
-    except (TypeError, ValueError):
-        raise ProfileError(f"{where}: expected a number, got {value!r}") from None
-    if not math.isfinite(x) or x < 0 or (positive and x == 0):
-        raise ProfileError(f"{where}: must be {'positive' if positive else '>= 0'}, got {value!r}")
-    return x
-
-
-def _int(where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ProfileError(f"{where}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _rows(where: str, value: Any, keys: tuple[str, ...]) -> tuple[tuple[float, ...], ...]:
-    """A list of {key: number} rows -> sorted tuple of tuples in `keys` order."""
-    if not isinstance(value, list) or not value:
-        raise ProfileError(f"{where}: expected a non-empty list of {{{', '.join(keys)}}} rows")
-    rows = []
-    for i, row in enumerate(value):
-        if not isinstance(row, dict) or set(row) != set(keys):
-            raise ProfileError(f"{where}[{i}]: expected exactly the keys {', '.join(keys)}, "
-                               f"got {row!r}")
-        rows.append(tuple(_num(f"{where}[{i}].{k}", row[k]) for k in keys))
-    return tuple(sorted(rows))
-
-
-def interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
-    """Piecewise-linear y(x) through sorted (x, y) points. Below the first point y stays at
-    its value (a latency floor); beyond the last it grows in proportion to x."""
-    xs = [p[0] for p in points]
-    if x <= xs[0]:
-        return points[0][1]
-    if x >= xs[-1]:
-        return points[-1][1] * x / xs[-1]
-    i = bisect.bisect_right(xs, x)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 @dataclass(frozen=True)
@@ -181,6 +135,7 @@ class Profile:
     sources: tuple[tuple[str, str], ...] = ()
     measured: Measured = field(default_factory=Measured)
     overheads: Overheads = field(default_factory=Overheads)
+    calls: Calls = field(default_factory=Calls)  # per-call tables of the executor's methods
     slowdown: float = 1.0        # compute and memory time factor (ranks sharing the host)
 
     def __post_init__(self) -> None:
@@ -238,7 +193,8 @@ def _parse(data: Any, origin: str) -> Profile:
         host_cores=_int(f"{origin}.host_cores", data["host_cores"]) if "host_cores" in data else 0,
         sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())),
         measured=_measured(data.get("measured")),
-        overheads=_overheads(data.get("sharing"), data.get("extra")))
+        overheads=_overheads(data.get("sharing"), data.get("extra")),
+        calls=parse_calls(data.get("calls")))
 
 
 def available_profiles() -> list[str]:

@@ -133,9 +133,49 @@ def _tp_pp_comm(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn:
     return (tp, ar_src), pp
 
 
+def _measured_calls(job: Job, role: str, layout: TrainLayout, profile: Profile) -> bool:
+    return profile.calls.applies(job.spec(role).name) and layout.ep == 1
+
+
+def measured_train(job: Job, role: str, layout: TrainLayout, profile: Profile) -> Cost | None:
+    """The executor's update call from the profile's per-call tables: ppo_epochs x
+    mini_batches optimizer steps of this DP rank's share, and the controller's dispatch;
+    None where the tables have no row for this model, layout and set size."""
+    if not _measured_calls(job, role, layout, profile):
+        return None
+    calls = profile.calls
+    per_rank = math.ceil(job.sequences / (job.mini_batches * layout.dp))
+    step = calls.train_step(layout.n_gpus, layout.tp, layout.pp, per_rank)
+    disp = calls.dispatch("train", layout.n_gpus, job.sequences)
+    if step is None or disp is None:
+        return None
+    steps = job.ppo_epochs * job.mini_batches
+    return cost(("train_steps", steps * (step[0] - step[1]), "measured"),
+                ("optimizer_steps", steps * step[1], "measured"), ("dispatch", disp, "measured"))
+
+
+def measured_infer(job: Job, role: str, layout: TrainLayout, profile: Profile,
+                   sequences: int) -> Cost | None:
+    """Forward calls of the executor (one per batch of the job's sequences: ReMax scores
+    its greedy baseline in a call of its own) from the per-call tables, or None."""
+    if not _measured_calls(job, role, layout, profile):
+        return None
+    calls = profile.calls
+    n_calls = math.ceil(sequences / job.sequences)
+    per_call = sequences / n_calls
+    fwd = calls.forward(layout.n_gpus, layout.tp, layout.pp, math.ceil(per_call / layout.dp))
+    disp = calls.dispatch("forward", layout.n_gpus, per_call)
+    if fwd is None or disp is None:
+        return None
+    return cost(("forward_calls", n_calls * fwd, "measured"), ("dispatch", n_calls * disp, "measured"))
+
+
 def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int) -> Cost:
     """PPO updates: ppo_epochs x mini_batches optimizer steps over all sequences."""
     check_layout(job, role, layout)
+    measured = measured_train(job, role, layout, profile)
+    if measured is not None:
+        return measured
     micro = _micro(job, layout)
     steps = job.ppo_epochs * job.mini_batches
     micro_total = steps * micro
@@ -174,6 +214,9 @@ def infer_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: 
     check_model_fits(job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads,
                      layout.pp, layout.tp)
     check_ep(job, role, layout)
+    measured = measured_infer(job, role, layout, profile, sequences)
+    if measured is not None:
+        return measured
     micro = math.ceil(sequences / layout.dp)
     tokens = micro * job.mean_seq_len
     comp, comp_src = _compute(job, role, layout, profile, tokens, 1)

@@ -10,7 +10,7 @@ from simulator.generation import gen_shape, generation_cost
 from simulator.job import Job
 from simulator.layout import GenLayout, TrainLayout
 from simulator.placement import PlacedSet
-from simulator.predict import active_ranks, predict_plan, predict_set
+from simulator.predict import fluid_finish, predict_plan, predict_set
 from simulator.profile import PROFILE_DIR, ProfileError, load_profile
 from simulator.reshard import reshard_cost
 from simulator.training import DISPATCH_FIELDS, infer_cost, train_cost
@@ -117,7 +117,17 @@ def _plan(job: Job, *sets: PlacedSet):
     return SimpleNamespace(cluster=Cluster("local-cpu", 1, 4), job=job, sets=sets)
 
 
-def test_predict_plan_slows_each_stage_by_its_busy_ranks(prof):
+def test_fluid_core_sharing():
+    f = {1: 1.0, 2: 1.0, 4: 2.0}.__getitem__
+    assert fluid_finish([1.0, 1.0], [2, 2], f, 4) == pytest.approx([2.0, 2.0])
+    # the shorter set ends at 1.0 (half speed for 1 s of its 0.5 s of work); the other has
+    # done 0.5 of 1.0 by then and runs the rest alone at full speed
+    assert fluid_finish([1.0, 0.5], [2, 2], f, 4) == pytest.approx([1.5, 1.0])
+    assert fluid_finish([1.0, 0.0], [2, 2], f, 4) == pytest.approx([1.0, 0.0])
+    assert fluid_finish([1.0], [4], f, 4) == pytest.approx([1.0])  # its own sharing is in 1.0
+
+
+def test_predict_plan_shares_cores_between_concurrent_sets(prof):
     job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
     lay = TrainLayout(1, 1, 2)
     a = PlacedSet(("actor", "reward"), 2, {"actor": {"train": lay, "generate": GenLayout(1, 1, 1)},
@@ -125,12 +135,17 @@ def test_predict_plan_slows_each_stage_by_its_busy_ranks(prof):
     b = PlacedSet(("critic", "reference"), 2, {"critic": {"train": lay},
                                                "reference": {"infer": lay}})
     pred = predict_plan(_plan(job, a, b), prof)
-    alone = (predict_set(job, a, prof, 4), predict_set(job, b, prof, 4))
-    # generation runs on the actor's 2 ranks only; prepare and train keep all 4 busy
-    assert active_ranks(alone, 4) == {"generate": 2, "prepare": 4, "train": 4, "reshard": 2}
-    two, four = prof.shared(2), prof.shared(4)
-    want_gen = predict_set(job, a, two, 4).stage_seconds("generate")
-    want_train = max(predict_set(job, s, four, 4).stage_seconds("train") for s in (a, b))
-    assert pred.stages["generate"] == pytest.approx(want_gen)
-    assert pred.stages["train"] == pytest.approx(want_train)
-    assert pred.stages["train"] > max(s.stage_seconds("train") for s in alone)
+    two = prof.shared(2)  # each set alone keeps its own 2 ranks busy
+    alone = (predict_set(job, a, two, 4), predict_set(job, b, two, 4))
+    # generation runs on the actor's set only: nothing shared
+    assert pred.stages["generate"] == pytest.approx(alone[0].stage_seconds("generate"))
+    assert "core_sharing" not in pred.to_dict()["terms"]["actor"]["generate"]
+    # prepare and train: both sets at once, 4 ranks at 2.0 where each alone ran at 1.5
+    for st in ("prepare", "train"):
+        want = fluid_finish([s.stage_seconds(st) for s in alone], [2, 2],
+                            prof.overheads.slowdown, 4)
+        assert pred.stages[st] == pytest.approx(max(want))
+        assert pred.stages[st] > max(s.stage_seconds(st) for s in alone)
+    terms = pred.to_dict()["terms"]
+    assert terms["critic"]["train"]["core_sharing"] > 0
+    assert pred.sources()["critic"]["train"]["core_sharing"] == "measured"

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from executor.profiler import collectives, dispatch, ops, train_layer, vllm_steps
+from executor.profiler import calls, collectives, dispatch, ops, sharing, train_layer, vllm_steps
 from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
 from simulator.profile import load_profile
 
@@ -25,6 +25,7 @@ class ProfileOptions:
     model: str = "tiny"           # generation and train-layer model
     generate: bool = True
     dispatch: bool = True         # Ray round trips of the single controller
+    calls: bool = True            # CPU: the executor's per-call tables (worker groups)
     concurrency: tuple[int, ...] = (1, 2, 4)
 
     def __post_init__(self) -> None:
@@ -84,9 +85,10 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
             _alone, 1, (grid, train_grids), backend=info.backend,  # megatron needs a world
             threads=options.threads_per_rank)[0]))]
     if not gpu:
-        for k in sorted(set(options.concurrency) - {1}):
-            steps.append((f"ops, {k} concurrent ranks", lambda k=k: (
-                f"shared{k}", ops.measure_ops_concurrent(grid, k, options.threads_per_rank))))
+        counts = tuple(sorted(set(options.concurrency) | set(range(1, options.devices + 1))))
+        sgrid = sharing.SharingGrid(options.devices, counts, rounds=3 if options.quick else 5)
+        steps.append((f"{options.devices} ranks sharing {info.host_cores} cores", lambda: (
+            "sharing", sharing.measure_sharing(sgrid, options.threads_per_rank))))
     world = info.devices if gpu else options.devices
     if world >= 2:
         cgrid = collectives.default_grid(world, options.quick, gpu)
@@ -97,6 +99,12 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
         ggrid = vllm_steps.default_grid(options.quick, gpu, options.model)
         steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
             "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
+    if options.calls and not gpu:
+        callgrid = calls.default_grid(options.quick, options.model)
+        callgrid = replace(callgrid, group_sizes=tuple(k for k in callgrid.group_sizes
+                                                     if k <= options.devices))
+        steps.append((f"executor calls, {options.model}", lambda: (
+            "calls", calls.calls_section(calls.measure_calls(callgrid), callgrid))))
     if options.dispatch:
         dgrid = dispatch.DispatchGrid(world, repeats=5 if options.quick else 20)
         steps.append((f"Ray dispatch, {world} actors", lambda: (
@@ -119,9 +127,9 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
             results[key] = value
             bar.update(1)
     alone, train_rows = results["alone"]
-    shared = {1: alone, **{int(k[6:]): v for k, v in results.items() if k.startswith("shared")}}
-    m = Measurements(alone, shared, results.get("collectives", {}), results.get("generate"),
-                     options.model, train_rows, results.get("dispatch"))
+    m = Measurements(alone, {1: alone}, results.get("collectives", {}), results.get("generate"),
+                     options.model, train_rows, results.get("dispatch"), results.get("calls"),
+                     results.get("sharing"))
     out = Path(options.out)
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")
     write_profile(build_profile(out.stem, info, m, time.perf_counter() - start), draft)

@@ -46,6 +46,8 @@ class Measurements:
     generate_model: str
     train_layer: list[dict] = field(default_factory=list)  # rows of measure_train_layer
     dispatch: dict | None = None  # measure_dispatch: Ray round trips of the controller
+    calls: dict | None = None     # calls.calls_section: the executor's per-call tables
+    sharing: dict[int, float] | None = None  # sharing.measure_sharing: interleaved factors
 
     def __post_init__(self) -> None:
         if not self.alone.matmul:
@@ -86,9 +88,9 @@ def _per_sequence_points(rows: list[dict]) -> list[dict]:
 
 
 def _sharing(m: Measurements, info: MachineInfo) -> dict:
+    factors = m.sharing or {k: slowdown(m.alone, t) for k, t in m.shared.items()}
     return {"host_cores": info.host_cores, "threads_per_rank": info.threads_per_rank,
-            "slowdown": [{"ranks": k, "factor": round(slowdown(m.alone, t), 4)}
-                         for k, t in sorted(m.shared.items())]}
+            "slowdown": [{"ranks": k, "factor": round(f, 4)} for k, f in sorted(factors.items())]}
 
 
 # Used only where nothing could be measured (one GPU: no link; --no-generate: no decode step).
@@ -156,8 +158,9 @@ def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: 
              "train_layer_rows": m.train_layer, "dispatch": m.dispatch,
              "shared_ops": {k: {"matmul": t.matmul, "attention": t.attention,
                                 "elementwise": t.elementwise} for k, t in m.shared.items()}}
+    calls = {"calls": m.calls} if m.calls else {}
     return {**numbers, "sources": sources, "measured": measured, "sharing": _sharing(m, info),
-            "extra": extra,
+            **calls, "extra": extra,
             "generated": {"by": "hybridflow profile", "seconds": round(seconds_taken, 1),
                           "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                           "device": info.device_name, "backend": info.backend}}

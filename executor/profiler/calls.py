@@ -1,0 +1,269 @@
+"""Per-call costs of the executor's worker methods, measured with the executor's own parts.
+
+On a model this small every stage of an iteration is a handful of calls whose fixed costs
+(the controller's Ray round trip, megatron's per-step work, vLLM's per-call scheduling,
+resharding with vLLM's weight reload) outweigh the FLOPs, so they are measured as the run
+makes them: a local Ray cluster, one worker group of k ranks per set size (one Ray actor per
+logical device, one thread each, all k busy at once: k = 4 puts 4 ranks on the host's cores
+exactly as a 4-device set of `hybridflow run` does), and RLWorker's own methods on a random
+model of every layout a set of k devices allows:
+
+- forward: ``response_outputs`` over s sequences per DP rank (the prepare stage's calls);
+- train_step: ``update`` with one mini-batch (one optimizer step over s sequences per DP rank,
+  the executor's micro-batch size), and the optimizer step's share of it;
+- generate: ``generate`` of an actor in each (generation tp, micro-DP) its layouts reach, over
+  s prompts per generation replica and t new tokens, with the micro-DP gather; its
+  resharding (to the generation layout incl. vLLM's weight reload, and back) is ``reshard``;
+- dispatch: each call's wall time at the controller minus its slowest rank's own time.
+
+Rows give the slowest rank's seconds (a call ends with its slowest rank), medians of repeats
+after a warm-up call.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from simulator.model import ModelSpec, load_model
+
+
+@dataclass(frozen=True)
+class CallsGrid:
+    model: str = "tiny"
+    group_sizes: tuple[int, ...] = (1, 2, 4)
+    sequences: tuple[int, ...] = (4, 8, 16, 32)   # per DP rank (forward, train step)
+    gen_sequences: tuple[int, ...] = (8, 32)      # per generation replica
+    prompt_len: int = 16
+    response_len: int = 8
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        spec = load_model(self.model)
+        for name in ("group_sizes", "sequences", "gen_sequences"):
+            vals = getattr(self, name)
+            if not vals or any(not isinstance(v, int) or v <= 0 for v in vals):
+                raise ValueError(f"calls grid {name} must be positive integers: {vals}")
+        if min(self.prompt_len, self.response_len, self.repeats) < 1:
+            raise ValueError("prompt_len, response_len and repeats must be >= 1")
+        if self.prompt_len + self.response_len > spec.max_position:
+            raise ValueError(f"model {self.model!r} holds {spec.max_position} positions")
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.response_len
+
+
+def default_grid(quick: bool, model: str = "tiny") -> CallsGrid:
+    if quick:
+        return CallsGrid(model, sequences=(4, 16, 32), gen_sequences=(8, 32), repeats=2)
+    return CallsGrid(model)
+
+
+def _pow2(limit: int) -> list[int]:
+    out, v = [], 1
+    while v <= limit:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def train_layouts(spec: ModelSpec, k: int) -> list[tuple[int, int, int]]:
+    """(tp, pp, dp) of every layout of k devices the model allows (the planner's choices)."""
+    return [(t, p, k // (t * p)) for t in _pow2(k) if spec.heads % t == 0 and spec.kv_heads % t == 0
+            for p in range(1, spec.layers + 1) if spec.layers % p == 0 and k % (t * p) == 0]
+
+
+def generation_configs(spec: ModelSpec, k: int) -> list[tuple[int, int]]:
+    """(training tp, generation tp) covering each (generation tp, micro-DP) of k devices
+    once: generation pp is 1, so micro-DP = tp / tg (pp > 1 layouts share these). Ordered
+    by generation tp, so that layouts whose vLLM engines are alike follow each other."""
+    return sorted(((t, g) for t, p, _ in train_layouts(spec, k) if p == 1 for g in _pow2(t)
+                   if spec.heads % g == 0), key=lambda c: (c[1], c[0]))
+
+
+# ---- batches as the controller builds them ------------------------------------------------
+def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> "Batch":
+    """n sequences with every field the prepare and train calls read."""
+    from executor.batch import Batch
+    g = torch.Generator().manual_seed(seed)
+    P, R = grid.prompt_len, grid.response_len
+    ids = torch.randint(4, vocab, (n, P + R), generator=g)
+    resp = torch.ones(n, R, dtype=torch.long)
+    small = torch.randn(n, R, generator=g) * 0.1
+    return Batch({"input_ids": ids, "attention_mask": torch.ones(n, P + R, dtype=torch.long),
+                  "responses": ids[:, P:], "response_mask": resp, "old_log_probs": small - 2.0,
+                  "ref_log_probs": small - 2.0, "advantages": small, "returns": small,
+                  "values": small}, meta={"prompt_len": P})
+
+
+@dataclass
+class Recorder:
+    """Times calls on a worker group: controller wall and each rank's own seconds."""
+    group: object
+    repeats: int
+
+    def measure(self, role: str, method: str, *args) -> tuple[float, dict[str, float]]:
+        """(median wall, median of the slowest rank's own seconds and parts) over repeats,
+        after one warm-up call."""
+        walls, own = [], []
+        for i in range(self.repeats + 1):
+            t0 = time.perf_counter()
+            self.group.run(role, method, *args)
+            wall = time.perf_counter() - t0
+            ranks = [c[-1] for c in self.group.run(None, "take_seconds")]
+            if i:
+                walls.append(wall)
+                slowest = max(ranks, key=lambda c: c["seconds"])
+                own.append({k: max(c.get(k, 0.0) for c in ranks) for k in slowest})
+        keys = set().union(*own)
+        return statistics.median(walls), {k: statistics.median(o.get(k, 0.0) for o in own)
+                                          for k in keys}
+
+
+def _engine_config(value_head: bool):
+    from executor.run_config import RunConfig
+    from executor.runtime import engine_config
+    return engine_config("critic" if value_head else "actor", RunConfig())
+
+
+def _losses(grid: CallsGrid):
+    from executor import algorithms as alg
+    from executor.rl_worker import ActorLoss
+    return ActorLoss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
+
+
+def measure_layout(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
+                   layout: tuple[int, int, int], out: dict[str, list[dict]]) -> None:
+    """forward and train_step rows (and dispatch rows) of one (tp, pp, dp) on k ranks."""
+    from executor.parallel import ParallelLayout
+    tp, pp, dp = layout
+    role = f"lm-tp{tp}-pp{pp}"
+    rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
+                       _engine_config(False))
+    loss = _losses(grid)
+    for s in grid.sequences:
+        batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
+        key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
+        wall, own = rec.measure(role, "profile_outputs", batch, "out")
+        out["forward"].append({**key, "seconds": own["seconds"]})
+        out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
+                                            seconds=max(wall - own["seconds"], 1e-6)))
+        wall, own = rec.measure(role, "profile_update", batch, loss, 1, 1)
+        out["train_step"].append({**key, "seconds": own["seconds"],
+                                  "optimizer_s": own.get("optimizer_s", 0.0)})
+        out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
+                                          seconds=max(wall - own["seconds"], 1e-6)))
+
+
+def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, tp: int,
+                       tg: int, model_dir: str, out: dict[str, list[dict]]) -> None:
+    """generate and reshard rows of an actor trained at tp x dp = k generating at tg."""
+    from executor.batch import Batch
+    from executor.parallel import ParallelLayout
+    from executor.rl_worker import RolloutConfig
+    from executor.run_config import RunConfig
+    from executor.vllm_engine import SamplingConfig
+    cfg = RunConfig()
+    role = f"gen-tp{tp}-tg{tg}"
+    rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=1, dp=k // tp),
+                       _engine_config(False))
+    rec.group.run(role, "init_rollout", RolloutConfig(
+        tg=tg, scheme=cfg.reshard, model_dir=model_dir, kv_cache_bytes=cfg.kv_cache_mib << 20,
+        max_model_len=grid.seq_len, seed=cfg.seed))
+    replicas = k // tg
+    try:
+        for s in grid.gen_sequences:
+            prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
+                       for i in range(s * replicas)]
+            for tokens in sorted({1, grid.response_len}):
+                sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
+                                          seed=s * 31 + tokens, ignore_eos=True)
+                wall, own = rec.measure(role, "profile_generate",
+                                        Batch(non_tensors={"prompt_ids": prompts}), sampling)
+                key = dict(ranks=k, tg=tg, micro_dp=tp // tg, sequences=s, tokens=tokens)
+                out["generate"].append({**key, "seconds": own.get("generate_s", 0.0),
+                                        "vllm_s": own.get("vllm_s", 0.0)})
+                out["dispatch_generate"].append(dict(
+                    ranks=k, sequences=s * replicas,
+                    seconds=max(wall - own.get("generate_s", 0.0) - own.get("reshard_s", 0.0),
+                                1e-6)))
+                out["reshard"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg,
+                                           seconds=own.get("reshard_s", 0.0)))
+    finally:
+        rec.group.run(role, "drop_rollout")
+
+
+def _steps(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, str, Callable]]:
+    """(group size, description, fn(recorder, model_dir, out)) in measuring order."""
+    steps = []
+    for k in grid.group_sizes:
+        for lay in train_layouts(spec, k):
+            steps.append((k, f"train/forward tp{lay[0]} pp{lay[1]} dp{lay[2]}", lambda r, d, o, k=k, lay=lay:
+                          measure_layout(r, grid, spec, k, lay, o)))
+        for tp, tg in generation_configs(spec, k):
+            steps.append((k, f"generate tp{tp}->tg{tg} on {k}", lambda r, d, o, k=k, tp=tp, tg=tg:
+                          measure_generation(r, grid, spec, k, tp, tg, d, o)))
+    return steps
+
+
+def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
+                  ) -> dict[str, list[dict]]:
+    """Every table of the module docstring: {"forward", "train_step", "generate", "reshard",
+    "dispatch_forward", "dispatch_train", "dispatch_generate"} -> rows."""
+    from executor.cluster import Cluster, ClusterConfig
+    from executor.profiler.calls_worker import ProfileWorker
+    from executor.profiler.vllm_steps import save_random_llama
+    from executor.worker_group import WorkerGroup
+    spec = load_model(grid.model)
+    out: dict[str, list[dict]] = {k: [] for k in (
+        "forward", "train_step", "generate", "reshard", "dispatch_forward", "dispatch_train",
+        "dispatch_generate")}
+    steps = _steps(grid, spec)
+    with tempfile.TemporaryDirectory(prefix="hf-calls-") as tmp, \
+            Cluster.start(ClusterConfig(devices=sum(grid.group_sizes))) as cluster:
+        model_dir = str(save_random_llama(spec, Path(tmp), "float32"))
+        for k in grid.group_sizes:
+            pool = cluster.create_pool(f"profile-calls-{k}", k)
+            group = WorkerGroup(cluster, pool, ProfileWorker, name=f"profile{k}")
+            try:
+                for size, desc, fn in steps:
+                    if size == k:
+                        if progress:
+                            progress(desc)
+                        fn(Recorder(group, grid.repeats), model_dir, out)
+            finally:
+                if not group.broken:
+                    group.run(None, "close_engine")
+                group.shutdown()
+                cluster.remove_pool(pool.name)
+    return out
+
+
+def _median_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """One row per distinct `keys`, the median of each other column."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return [{**dict(zip(keys, key)), **{c: statistics.median(r[c] for r in rs)
+                                        for c in rs[0] if c not in keys}}
+            for key, rs in sorted(groups.items())]
+
+
+def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
+    """The profile's `calls:` table (format: profiles/README.md) from measure_calls rows."""
+    from executor.run_config import RunConfig
+    cfg = RunConfig()
+    return {"model": grid.model, "prompt_len": grid.prompt_len,
+            "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,
+            "scheme": cfg.reshard,
+            "forward": measured["forward"], "train_step": measured["train_step"],
+            "generate": measured["generate"],
+            "reshard": _median_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
+            "dispatch": {kind: _median_by(measured[f"dispatch_{kind}"], ("ranks", "sequences"))
+                         for kind in ("forward", "train", "generate")}}

@@ -1,0 +1,113 @@
+"""The executor's RLWorker with a clock on its own work, for `hybridflow profile`.
+
+Each ``profile_*`` method runs the RLWorker method the controller calls in a run
+(``response_outputs``, ``update``, ``generate``) unchanged, and keeps how long this rank
+spent in it (and in its parts: the optimizer step; resharding, vLLM and the micro-DP gather
+of a generation). The controller reads them with ``take_seconds``; a call's wall time at the
+controller minus its slowest rank's own time is the single controller's dispatch cost.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from executor.batch import Batch
+from executor.protocols import MEGATRON_3D, ONE_TO_ALL, register
+from executor.rl_worker import GENERATE, RLWorker
+
+
+def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
+    """`fn` adding its seconds to log[key] at each call."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            log[key] = log.get(key, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
+class ProfileWorker(RLWorker):
+    """One rank of a profiling worker group (see executor.profiler.calls)."""
+
+    def __init__(self, rank: int, world_size: int, group_name: str = "group") -> None:
+        super().__init__(rank, world_size, group_name)
+        self._parts: dict[str, float] = {}   # the current call's parts
+        self._calls: list[dict[str, float]] = []
+        self._clocked: set[int] = set()
+        self._engine: tuple[Any, Any] | None = None  # (EngineConfig, VllmEngine) alive
+
+    def _clock(self, role: str) -> None:
+        """Put clocks on the parts of `role`'s engines (once per engine object)."""
+        engine = self.role(role).engine
+        opt = engine.optimizer
+        if opt is not None and id(opt) not in self._clocked:
+            opt.step = _timed(self._parts, "optimizer_s", opt.step)
+            self._clocked.add(id(opt))
+        he = self.rollout.get(role)
+        if he is not None and id(he) not in self._clocked:
+            he.to_generation = _timed(self._parts, "reshard_s", he.to_generation)
+            he.to_training = _timed(self._parts, "reshard_s", he.to_training)
+            he.generate = _timed(self._parts, "generate_s", he.generate)
+            if he.engine is not None:
+                he.engine.generate = _timed(self._parts, "vllm_s", he.engine.generate)
+            self._clocked.add(id(he))
+
+    def _run(self, role: str, fn: Callable, *args: Any) -> Any:
+        self._clock(role)
+        self._parts.clear()
+        t0 = time.perf_counter()
+        out = fn(role, *args)
+        self._calls.append({"seconds": time.perf_counter() - t0, **self._parts})
+        return out
+
+    @register(dispatch_mode=MEGATRON_3D)
+    def profile_outputs(self, role: str, batch: Batch, key: str) -> Batch | None:
+        return self._run(role, self.response_outputs, batch, key)
+
+    @register(dispatch_mode=MEGATRON_3D)
+    def profile_update(self, role: str, batch: Batch, loss_fn: Any, mini_batches: int,
+                       epochs: int) -> Batch | None:
+        return self._run(role, self.update, batch, loss_fn, mini_batches, epochs)
+
+    @register(dispatch_mode=GENERATE)
+    def profile_generate(self, role: str, prompts: Batch, sampling: Any) -> Batch:
+        return self._run(role, self.generate, prompts, sampling)
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def take_seconds(self, role: str | None = None) -> list[dict[str, float]]:
+        """This rank's calls since the last take: seconds and parts of each."""
+        out, self._calls = self._calls, []
+        return out
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def init_rollout(self, role: str, cfg: Any) -> None:
+        """RLWorker.init_rollout, reusing the vLLM engine of an earlier role when its
+        settings (generation TP groups included) are the same: starting vLLM is most of a
+        generation layout's profiling time. One engine lives at a time (vLLM's parallel
+        groups are per process)."""
+        import executor.vllm_engine as ve
+        real = ve.VllmEngine
+
+        def engine(config: Any) -> Any:
+            if self._engine is None or self._engine[0] != config:
+                self.close_engine()
+                self._engine = (config, real(config))
+            return self._engine[1]
+        ve.VllmEngine = engine
+        try:
+            super().init_rollout(role, cfg)
+        finally:
+            ve.VllmEngine = real
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def drop_rollout(self, role: str) -> None:
+        """Forget the role's 3D-HybridEngine (its vLLM engine stays for the next role)."""
+        self.rollout.pop(role)
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def close_engine(self, role: str | None = None) -> None:
+        """Shut the live vLLM engine down, so that one with other groups can start."""
+        if self._engine is not None:
+            self._engine[1].shutdown()
+            self._engine = None

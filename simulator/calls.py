@@ -1,0 +1,125 @@
+"""Measured per-call tables of a profile (`calls:`, written by `hybridflow profile`): what
+one call of the executor's worker methods costs on a set of k devices, for the model it was
+measured with. Data only; the predictors in training, generation and reshard read them
+through the lookups here and fall back to their analytic terms (saying so: source
+"roofline") where a table has no row for the model, layout or set size.
+
+Rows (every value a positive number; `ranks` is the set's device count, all of them busy):
+  forward:    {ranks, tp, pp, sequences, seconds}     sequences per DP rank, one call
+  train_step: {ranks, tp, pp, sequences, seconds, optimizer_s}   one optimizer step
+  generate:   {ranks, tg, micro_dp, sequences, tokens, seconds, vllm_s}   per replica
+  reshard:    {ranks, tg, micro_dp, seconds}          to the generation layout and back
+  dispatch:   {forward|train|generate: [{ranks, sequences, seconds}]}   the controller's
+              share of one call carrying `sequences` (all of the call's, over its ranks)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from simulator.table import ProfileError, interpolate_linear as interpolate, num, rows
+
+Row = tuple[float, ...]
+KEYS = {"forward": ("ranks", "tp", "pp", "sequences", "seconds"),
+        "train_step": ("ranks", "tp", "pp", "sequences", "seconds", "optimizer_s"),
+        "generate": ("ranks", "tg", "micro_dp", "sequences", "tokens", "seconds", "vllm_s"),
+        "reshard": ("ranks", "tg", "micro_dp", "seconds")}
+DISPATCH = ("forward", "train", "generate")
+_HEADER = ("model", "prompt_len", "response_len", "micro_batch", "scheme")
+
+
+def _series(table: tuple[Row, ...], key: tuple[float, ...], col: int = -1
+            ) -> tuple[tuple[float, float], ...]:
+    """(sequences, value) of the rows whose leading columns equal `key`."""
+    n = len(key)
+    return tuple(sorted((r[n], r[col]) for r in table if r[:n] == key))
+
+
+@dataclass(frozen=True)
+class Calls:
+    model: str = ""
+    prompt_len: int = 0
+    response_len: int = 0
+    micro_batch: int = 0
+    scheme: str = ""
+    forward_rows: tuple[Row, ...] = ()
+    train_rows: tuple[Row, ...] = ()
+    generate_rows: tuple[Row, ...] = ()
+    reshard_rows: tuple[Row, ...] = ()
+    dispatch_rows: tuple[tuple[str, tuple[Row, ...]], ...] = ()
+
+    def applies(self, model: str) -> bool:
+        return bool(self.model) and model == self.model
+
+    @property
+    def weight_bytes(self) -> float:
+        """The measured model's weights as the simulator counts them (bf16): how resharding,
+        whose predictor sees bytes and not a model, knows its table applies."""
+        from simulator.model import load_model
+        from simulator.training import WEIGHT_BYTES
+        return WEIGHT_BYTES * load_model(self.model).params if self.model else 0.0
+
+    def dispatch(self, kind: str, ranks: int, sequences: float) -> float | None:
+        """Seconds of the controller's side of one call to `ranks` workers carrying
+        `sequences` (interpolated), None without rows for that many ranks."""
+        table = dict(self.dispatch_rows).get(kind, ())
+        pts = _series(table, (float(ranks),))
+        return interpolate(pts, sequences) if pts else None
+
+    def forward(self, ranks: int, tp: int, pp: int, sequences: float) -> float | None:
+        pts = _series(self.forward_rows, (ranks, tp, pp))
+        return interpolate(pts, sequences) if pts else None
+
+    def train_step(self, ranks: int, tp: int, pp: int, sequences: float
+                   ) -> tuple[float, float] | None:
+        """(seconds of one optimizer step, the optimizer's part of it)."""
+        pts = _series(self.train_rows, (ranks, tp, pp), 4)
+        if not pts:
+            return None
+        opt = _series(self.train_rows, (ranks, tp, pp), 5)
+        return interpolate(pts, sequences), interpolate(opt, sequences)
+
+    def generate(self, ranks: int, tg: int, micro_dp: int, sequences: float, steps: float
+                 ) -> tuple[float, float, float] | None:
+        """(first-token call, the decode steps after it, micro-DP gather) seconds of one
+        generate call over `sequences` per replica, `steps` tokens each (the longest)."""
+        key = (ranks, tg, micro_dp)
+        rows_ = [r for r in self.generate_rows if r[:3] == key]
+        tokens = sorted({r[4] for r in rows_})
+        if len(tokens) < 2 or tokens[0] != 1:
+            return None
+        one = tuple(sorted((r[3], r[6]) for r in rows_ if r[4] == 1))
+        full = tuple(sorted((r[3], r[6]) for r in rows_ if r[4] == tokens[-1]))
+        gather = tuple(sorted((r[3], max(r[5] - r[6], 0.0)) for r in rows_ if r[4] == tokens[-1]))
+        first = interpolate(one, sequences)
+        per_step = max(interpolate(full, sequences) - first, 0.0) / (tokens[-1] - 1)
+        return first, per_step * max(steps - 1, 0.0), interpolate(gather, sequences)
+
+    def reshard(self, ranks: int, tg: int, micro_dp: int) -> float | None:
+        found = [r[3] for r in self.reshard_rows if r[:3] == (ranks, tg, micro_dp)]
+        return found[0] if found else None
+
+
+def parse_calls(raw: Any) -> Calls:
+    if raw is None:
+        return Calls()
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), str):
+        raise ProfileError("calls: expected {model: NAME, prompt_len, response_len, "
+                           "micro_batch, scheme, forward, train_step, generate, reshard, "
+                           "dispatch}")
+    unknown = set(raw) - set(_HEADER) - set(KEYS) - {"dispatch"}
+    if unknown:
+        raise ProfileError(f"calls: unknown keys {', '.join(sorted(unknown))}")
+    kw: dict[str, Any] = {"model": raw["model"], "scheme": str(raw.get("scheme", ""))}
+    for k in ("prompt_len", "response_len", "micro_batch"):
+        kw[k] = int(num(f"calls.{k}", raw.get(k)))
+    for name, keys in KEYS.items():
+        if raw.get(name):
+            field = "train_rows" if name == "train_step" else f"{name}_rows"
+            kw[field] = rows(f"calls.{name}", raw[name], keys)
+    disp = raw.get("dispatch") or {}
+    if not isinstance(disp, dict) or set(disp) - set(DISPATCH):
+        raise ProfileError(f"calls.dispatch: expected a mapping with keys among {', '.join(DISPATCH)}")
+    kw["dispatch_rows"] = tuple(sorted(
+        (k, rows(f"calls.dispatch.{k}", v, ("ranks", "sequences", "seconds"))) for k, v in disp.items()))
+    return Calls(**kw)

@@ -1,0 +1,109 @@
+"""The per-call tables of a measured profile (`calls:`): parsing, the lookups, the named
+terms each predictor builds from them, and the analytic fallback (source "roofline")
+where they do not apply."""
+import pytest
+import yaml
+
+from executor.profiler.calls import _median_by, generation_configs, train_layouts
+from simulator.calls import parse_calls
+from simulator.generation import gen_shape, generation_cost
+from simulator.job import Job
+from simulator.layout import GenLayout, TrainLayout
+from simulator.model import load_model
+from simulator.profile import PROFILE_DIR, ProfileError, load_profile
+from simulator.reshard import reshard_cost
+from simulator.training import WEIGHT_BYTES, infer_cost, train_cost
+
+CALLS = {
+    "model": "tiny", "prompt_len": 16, "response_len": 8, "micro_batch": 8,
+    "scheme": "hybridengine",
+    "forward": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.02},
+                {"ranks": 4, "tp": 1, "pp": 1, "sequences": 16, "seconds": 0.05}],
+    "train_step": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.10,
+                    "optimizer_s": 0.02},
+                   {"ranks": 4, "tp": 1, "pp": 1, "sequences": 8, "seconds": 0.14,
+                    "optimizer_s": 0.02}],
+    "generate": [{"ranks": 4, "tg": 1, "micro_dp": 1, "sequences": 8, "tokens": t,
+                  "seconds": s + 0.001, "vllm_s": s} for t, s in ((1, 0.03), (8, 0.10))],
+    "reshard": [{"ranks": 4, "tg": 1, "micro_dp": 1, "seconds": 0.15}],
+    "dispatch": {k: [{"ranks": 4, "sequences": 8, "seconds": 0.01},
+                     {"ranks": 4, "sequences": 32, "seconds": 0.02}]
+                 for k in ("forward", "train", "generate")},
+}
+
+
+def _profile(tmp_path, calls=CALLS):
+    data = yaml.safe_load((PROFILE_DIR / "a100-80gb.yaml").read_text())
+    data["calls"] = calls
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_profile(str(path))
+
+
+JOB = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
+DP4 = TrainLayout(1, 1, 4)
+
+
+def test_train_and_infer_terms_from_the_tables(tmp_path):
+    prof = _profile(tmp_path)
+    c = train_cost(JOB, "actor", DP4, prof, 8)
+    # 2 optimizer steps of 16 / 4 = 4 sequences per DP rank; one call carrying 32
+    assert c.as_dict() == pytest.approx({"train_steps": 2 * 0.08, "optimizer_steps": 2 * 0.02,
+                                         "dispatch": 0.02})
+    assert set(c.sources().values()) == {"measured"}
+    c = infer_cost(JOB, "critic", DP4, prof, 8, 32)   # 8 per DP rank: between 4 and 16
+    assert c.as_dict() == pytest.approx({"forward_calls": 0.03, "dispatch": 0.02})
+    remax = Job.create("remax", "tiny", 16, 8, 32)
+    c = infer_cost(remax, "reward", DP4, prof, 8, 64)  # the greedy baseline: a second call
+    assert c.as_dict() == pytest.approx({"forward_calls": 0.06, "dispatch": 0.04})
+
+
+def test_generation_and_reshard_terms_from_the_tables(tmp_path):
+    prof = _profile(tmp_path)
+    gen = GenLayout(1, 1, 1)
+    shape = gen_shape(JOB, DP4, gen, 32)
+    c = generation_cost(JOB, gen, shape, 8, prof, 8)
+    assert c.as_dict() == pytest.approx({"vllm_first_token": 0.03, "vllm_decode": 0.07,
+                                         "micro_dp_gather": 0.001, "dispatch": 0.02})
+    bytes_ = WEIGHT_BYTES * load_model("tiny").params
+    assert reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8).as_dict() == \
+        {"reshard_calls": 0.15}
+    # another scheme, or another model (other weight bytes): the analytic terms
+    assert "reshard_calls" not in reshard_cost("allgather", bytes_, 1, 1, 4, 1, 1, prof, 8).as_dict()
+    assert "reshard_calls" not in reshard_cost("hybridengine", 2 * bytes_, 1, 1, 4, 1, 1, prof,
+                                               8).as_dict()
+
+
+def test_fallback_to_analytic_where_no_row(tmp_path):
+    prof = _profile(tmp_path)
+    tp2 = TrainLayout(1, 2, 2)  # no tp 2 rows
+    assert train_cost(JOB, "actor", tp2, prof, 8).sources()["train_compute"] == "roofline"
+    other = Job.create("ppo", "tiny-wide", 16, 8, 32, mini_batches=2)
+    assert "train_compute" in train_cost(other, "actor", DP4, prof, 8).as_dict()
+    plain = load_profile("a100-80gb")  # a datasheet profile has no tables: as before
+    assert plain.calls.model == "" and "train_compute" in train_cost(JOB, "actor", DP4, plain,
+                                                                     8).as_dict()
+
+
+def test_malformed_calls_are_profile_errors(tmp_path):
+    with pytest.raises(ProfileError, match="calls.forward"):
+        _profile(tmp_path, {**CALLS, "forward": [{"ranks": 4, "seconds": 1.0}]})
+    with pytest.raises(ProfileError, match="unknown keys"):
+        _profile(tmp_path, {**CALLS, "bogus": []})
+    with pytest.raises(ProfileError, match="calls.dispatch"):
+        _profile(tmp_path, {**CALLS, "dispatch": {"other": []}})
+    with pytest.raises(ProfileError, match="calls"):
+        parse_calls({"forward": []})
+
+
+def test_profiler_layouts_and_aggregation():
+    tiny = load_model("tiny")  # 2 layers, 4 heads
+    assert train_layouts(tiny, 4) == [(1, 1, 4), (1, 2, 2), (2, 1, 2), (2, 2, 1), (4, 1, 1)]
+    assert train_layouts(tiny, 2) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
+    # each (generation tp, micro-DP) of 4 devices once
+    assert sorted((g, t // g) for t, g in generation_configs(tiny, 4)) == \
+        [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
+    rows = [{"ranks": 2, "tg": 1, "seconds": s} for s in (0.3, 0.1, 0.2)] + \
+        [{"ranks": 4, "tg": 1, "seconds": 0.5}]
+    assert _median_by(rows, ("ranks", "tg")) == [{"ranks": 2, "tg": 1, "seconds": 0.2},
+                                                 {"ranks": 4, "tg": 1, "seconds": 0.5}]
