@@ -20,11 +20,14 @@ steps). The real response tokens (up to and including EOS) are printed beside it
 TRL's reference model: beta > 0 (default 1e-3) so that it computes the reference log-probs as
 the plan's reference role does (hybridflow computes them with no KL term in the loss).
 Start-up (Ray, workers, vLLM; model loading) is not in tokens/s; the wall column shows it.
+On a shared machine compare rows only at a low load (each row shows the 1-minute load at its
+start and end): under contention the 4-process run gets a larger share of the cores than the
+single TRL process, and a 2-thread torch process slows down far more than a 1-thread one.
 
 Run (the TRL packages once, then a few minutes on a 2-core machine):
     .venv/bin/pip install -r benchmarks/requirements-trl.txt
     .venv/bin/python benchmarks/trl_grpo.py [--iterations 5] [--devices 4 1] \
-        [--trl-threads 1 2] [--out reports/trl_grpo.md]
+        [--trl-threads 1 2] [--prompts 16] [--out reports/trl_grpo.md]
 """
 from __future__ import annotations
 
@@ -144,7 +147,9 @@ def run_hybridflow(plan: dict, w: Workload, devices: int, runs: Path) -> dict:
             "iterations": len(metrics), "seconds": summary["iteration_s"],
             "tokens_per_s": summary["tokens_per_s"],
             "response_tokens": statistics.mean(m["response_tokens"] for m in measured),
-            "score": statistics.mean(m["score"] for m in measured), "wall": wall}
+            "score": statistics.mean(m["score"] for m in measured), "wall": wall,
+            "stages": " / ".join(f"{summary['stages'][k]:.3f}"
+                                 for k in ("generate", "reshard", "prepare", "train"))}
 
 
 def prompt_texts(plan: dict, w: Workload, art) -> list[str]:
@@ -237,11 +242,12 @@ def run_trl(w: Workload, art, texts: list[str], tokens: int, threads: int) -> di
                            f"generation batches, expected {w.iterations}")
     mean, tok_s = throughput(tokens, seconds)
     return {"system": "TRL GRPOTrainer", "iterations": len(seconds),
-            "setup": f"1 process, {threads} torch thread(s), HF generate (no vLLM)",
+            "setup": f"1 process, {threads} torch thread{'s' if threads > 1 else ''}, "
+                     f"HF generate (no vLLM)",
             "seconds": mean, "tokens_per_s": tok_s,
             "response_tokens": statistics.mean(b["response_tokens"] for b in reward.batches[1:]),
             "score": statistics.mean(b["score"] for b in reward.batches[1:]),
-            "wall": time.perf_counter() - wall0}
+            "stages": "–", "wall": time.perf_counter() - wall0}
 
 
 def check_prompts(art, texts: list[str], plan: dict) -> None:
@@ -257,11 +263,14 @@ def check_prompts(art, texts: list[str], plan: dict) -> None:
 def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
     from reports.markdown import table
     trl = [r for r in rows if r["system"].startswith("TRL")]
-    header = ["system", "plan / set-up", "iterations", "s / iteration", "tokens/s",
-              "response tokens / iteration", "rule score", "wall s (with start-up)"]
+    header = ["system", "plan / set-up", "iterations", "s / iteration",
+              "generate / reshard / prepare / train s", "tokens/s",
+              "response tokens / iteration", "rule score", "wall s (with start-up)",
+              "load start / end"]
     header += [f"ratio to TRL ({r['setup'].split(', ')[1]})" for r in trl]
-    body = [[r["system"], r["setup"], r["iterations"], r["seconds"], round(r["tokens_per_s"], 1),
-             round(r["response_tokens"], 1), r["score"], round(r["wall"], 1)]
+    body = [[r["system"], r["setup"], r["iterations"], r["seconds"], r["stages"],
+             round(r["tokens_per_s"], 1), round(r["response_tokens"], 1), r["score"],
+             round(r["wall"], 1), r["load"]]
             + [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t in trl] for r in rows]
     return "\n".join([
         "# GRPO throughput: `hybridflow run` against TRL's GRPOTrainer",
@@ -272,17 +281,29 @@ def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
         f"{w.iterations} iterations (the first, a warm-up, is left out of s / iteration); "
         f"{tokens} tokens per iteration as the controller counts them (prompts x responses x "
         f"(prompt_len + response_len)), tokens/s = that over s / iteration for every row.",
-        f"Machine: {os.cpu_count()} CPU cores, no GPU; load average before the runs: {load}.",
+        f"Machine: {os.cpu_count()} CPU cores, no GPU, shared; load average (1, 5, 15 min) "
+        f"{load}.",
         "",
         table(header, body),
         "",
-        "Response tokens are the real ones (up to and including EOS), mean per iteration; the "
-        "rule score is the mean over the measured iterations. Written by benchmarks/trl_grpo.py.",
+        "Stage seconds are hybridflow's means from summary.json (their sum is s / iteration); "
+        "TRL's step is not split. Response tokens are the real ones (up to and including EOS), "
+        "mean per iteration; the rule score is the batch mean over the measured iterations. "
+        "Written by benchmarks/trl_grpo.py.",
         ""])
 
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _with_load(fn, *args) -> dict:
+    """fn's row with the 1-minute load average at its start and end (the machine is shared)."""
+    start = os.getloadavg()[0]
+    row = fn(*args)
+    row["load"] = f"{start:.1f} / {os.getloadavg()[0]:.1f}"
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=getattr(d, f))
     ap.add_argument("--devices", type=int, nargs="+", default=[4, 1],
                     help="local devices of each hybridflow run (default 4 1)")
-    ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2],
-                    help="torch threads of each TRL run (default 1 2)")
+    ap.add_argument("--trl-threads", type=int, nargs="+", default=[1],
+                    help="torch threads of each TRL run (default 1, as each hybridflow rank)")
     ap.add_argument("--runs", help="folder for hybridflow's run dirs (default: a temporary one)")
     ap.add_argument("--out", help="write the table (Markdown) here, e.g. reports/trl_grpo.md")
     args = ap.parse_args(argv)
@@ -324,11 +345,10 @@ def _run(w: Workload, args: argparse.Namespace) -> int:
         runs = Path(args.runs or tmp)
         runs.mkdir(parents=True, exist_ok=True)
         for d in args.devices:
-            rows.append(run_hybridflow(plans[d], w, d, runs))
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(_with_load(run_hybridflow, plans[d], w, d, runs))
     for threads in args.trl_threads:
-        rows.append(run_trl(w, art, texts, tokens, threads))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(_with_load(run_trl, w, art, texts, tokens, threads))
+    load = f"{load} before the runs, {_load()} after"
     emit(render(rows, w, tokens, load), args.out)
     return 0
 
