@@ -4,7 +4,8 @@ Runs at least six plans of the tiny job on the local 4-device CPU cluster with `
 run`'s executor (executor.controller.run): the PPO plan the planner ranks first, the three
 standard PPO placements (colocated, split, separate), PPO with a TP x DP actor that reshards
 into micro-DP generation and a PP critic, GRPO generating with TP 2, ReMax split and
-Safe-RLHF colocated. Each run's first iteration is a warm-up (summarize() leaves it out).
+Safe-RLHF colocated. Each run's first iteration (and for PPO and Safe-RLHF the critic
+warm-up iterations, which do not train the actor) is left out of the timing by summarize().
 Prints predicted vs measured iteration and stage seconds with the relative error, the median
 absolute error of iteration time, and whether the planner's first plan is the fastest PPO
 plan measured. Predictions use the profile only (nothing is fitted to these runs).

@@ -74,16 +74,18 @@ def _tokens(plan: dict) -> int:
 
 
 def summarize(plan: dict, metrics: list[dict], predicted: dict | None,
-              evals: dict | None = None) -> dict:
-    """Measured stage means over the iterations (the first one, a warm-up, left out when
-    there are more), next to the simulator's prediction; `evals`: held-out rule scores
-    before the first and after the last iteration."""
-    rows = metrics[1:] if len(metrics) > 1 else metrics
+              evals: dict | None = None, warmup: int = 1) -> dict:
+    """Measured stage means over the steady iterations (the first `warmup` ones left out
+    when there are more: start-up, and critic warm-up iterations that do not train the
+    actor), next to the simulator's prediction; `evals`: held-out rule scores before the
+    first and after the last iteration."""
+    rows = metrics[warmup:] if len(metrics) > warmup else metrics
     stages = {s: statistics.mean(m["stages"][s] for m in rows) for s in STAGES}
     it_s = sum(stages.values())
     return {"plan": plan,
             "measured": {"iteration_s": it_s, "tokens_per_s": _tokens(plan) / it_s,
                          "stages": stages, "iterations": len(metrics),
+                         "timed_iterations": len(rows),
                          "score_first": metrics[0]["score"], "score_last": metrics[-1]["score"],
                          **{f"eval_score_{k}": v for k, v in (evals or {}).items()}},
             "predicted": predicted}
@@ -146,6 +148,8 @@ def run(plan: dict, cfg: RunConfig, out: Path, resume: bool = False,
     finally:
         rt.shutdown()
         cluster.shutdown()
-    summary = summarize(plan, metrics, predicted, evals)
+    critic = algorithm in ("ppo", "safe-rlhf")
+    summary = summarize(plan, metrics, predicted, evals,
+                        warmup=max(1, cfg.critic_warmup if critic else 0))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(out, metrics, summary)
