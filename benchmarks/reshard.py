@@ -1,17 +1,25 @@
 """Resharding the actor from its training to its generation layout: the three schemes of the
 paper's Table 2 on the same 4 local ranks (gloo), a model enlarged to >= 50 M parameters.
 
-    python benchmarks/reshard.py [--json] [--tp 4 --pp 1 --dp 1 --tg 2] [--repeats 3]
+    python benchmarks/reshard.py [--json] [--tp 4 --pp 1 --dp 1 --tg 2] [--repeats 15]
+                                 [--out reports/reshard.md]
 
-Per scheme: seconds (median over repeats) of to_generation() (all-gathers and assembly of
-the generation shard; no vLLM engine), bytes each rank received, and the simulator's
-prediction (simulator.reshard with the local-cpu profile) next to it.
+Per scheme: seconds of to_generation() (all-gathers and assembly of the generation shard; no
+vLLM engine), the slowest rank's, median over repeats; the schemes take turns in every
+repeat (a round), so a change of load hits all three alike, and the speed-up is the median
+over rounds of the ratio within a round. The first call, which also allocates the
+buffers the later ones reuse, is reported apart. Bytes each rank received, checked against
+Table 2 as the simulator computes it (simulator.reshard), and the simulator's predicted
+seconds (local-cpu profile) next to the measured ones.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
+import os
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -20,8 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from executor.hybrid_engine import SCHEMES, ReshardPlan  # noqa: E402
 from executor.vllm_engine import launch_local  # noqa: E402
+from reports.markdown import emit, table  # noqa: E402
 from simulator.layout import TrainLayout  # noqa: E402
 from simulator.model import ModelSpec, load_model  # noqa: E402
+
+PHASES = ("seconds", "gather_seconds", "assemble_seconds")
 
 
 def bench_model() -> ModelSpec:
@@ -29,6 +40,13 @@ def bench_model() -> ModelSpec:
     return dataclasses.replace(load_model("tiny"), name="tiny-bench-68m", layers=4,
                                hidden=1024, heads=16, kv_heads=16, ffn=2816, vocab=8192,
                                head_dim=64)
+
+
+def sharded_bytes(spec: ModelSpec) -> int:
+    """M of Table 2: the fp32 bytes of the TP-sharded tensors (norms are replicated)."""
+    from executor import weights as W
+    return sum(4 * math.prod(shape) for name, shape in W.megatron_shapes(spec).items()
+               if W.split_kind(name) != "replicated")
 
 
 def _rank_main(rank: int, world: int, layout: tuple[int, int, int], tg: int,
@@ -39,38 +57,69 @@ def _rank_main(rank: int, world: int, layout: tuple[int, int, int], tg: int,
     from executor import weights as W
     from executor.hybrid_engine import HybridEngine
     torch.set_num_threads(1)
-    spec = bench_model()
-    lay = TrainLayout(*layout)
-    out = {}
-    for scheme in SCHEMES:
-        plan = ReshardPlan(lay, tg, scheme)
-        he = HybridEngine(spec, plan)
-        s, r, _ = plan.coords(rank)
-        g = torch.Generator().manual_seed(rank)
-        shard = {n: torch.randn(W.shard_shape(n, shape, lay.tp), generator=g) for n, shape
-                 in W.stage_state(W.megatron_shapes(spec), spec, lay.pp, s).items()}
-        times, gathers = [], []
-        for _ in range(repeats):
-            stats = he.to_generation(shard)
-            he.to_training()
-            t = torch.tensor([stats.seconds, stats.gather_seconds])
+    spec, lay = bench_model(), TrainLayout(*layout)
+    engines = {s: HybridEngine(spec, ReshardPlan(lay, tg, s)) for s in SCHEMES}
+    stage = engines["hybridengine"].stage
+    g = torch.Generator().manual_seed(rank)
+    shard = {n: torch.randn(W.shard_shape(n, shape, lay.tp), generator=g) for n, shape
+             in W.stage_state(W.megatron_shapes(spec), spec, lay.pp, stage).items()}
+    runs: dict[str, list[list[float]]] = {s: [] for s in SCHEMES}
+    received = {}
+    for i in range(repeats + 1):  # the first round allocates the buffers
+        for scheme in SCHEMES[i % 3:] + SCHEMES[:i % 3]:  # who goes first rotates
+            stats = engines[scheme].to_generation(shard)
+            engines[scheme].to_training()
+            t = torch.tensor([getattr(stats, p) for p in PHASES])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank ends the phase
-            times.append(float(t[0]))
-            gathers.append(float(t[1]))
-        out[scheme] = {"seconds": statistics.median(times), "bytes_per_rank": stats.bytes_received,
-                       "gather_seconds": statistics.median(gathers)}
-    return out
+            runs[scheme].append(t.tolist())
+            received[scheme] = stats.bytes_received
+    return {scheme: {"rounds": rows[1:], "first_seconds": rows[0][0],
+                     "bytes_per_rank": received[scheme]} for scheme, rows in runs.items()}
 
 
-def predicted_seconds(scheme: str, spec: ModelSpec, lay: TrainLayout, tg: int) -> float | None:
-    try:
-        from simulator.profile import load_profile
-        from simulator.reshard import reshard_cost
-    except ImportError:
-        return None
-    profile = load_profile("local-cpu")
-    return reshard_cost(scheme, spec.params * 4.0, lay.pp, lay.tp, lay.dp, 1, tg, profile,
-                        profile.gpus_per_node).seconds
+def summarise(per_rank: list[dict], scheme: str) -> dict:
+    """Medians over the rounds; `over_hybridengine`: the median over rounds of this scheme's
+    time over hybridengine's in the same round (paired: both saw the same load)."""
+    got = sorted({r[scheme]["bytes_per_rank"] for r in per_rank})
+    rows, base = per_rank[0][scheme]["rounds"], per_rank[0]["hybridengine"]["rounds"]
+    out = {p: statistics.median(r[i] for r in rows) for i, p in enumerate(PHASES)}
+    out["over_hybridengine"] = statistics.median(r[0] / b[0] for r, b in zip(rows, base))
+    return {**out, "first_seconds": per_rank[0][scheme]["first_seconds"],
+            "bytes_per_rank": got[-1], "bytes_differ_by_rank": len(got) > 1}
+
+
+def predicted(scheme: str, spec: ModelSpec, lay: TrainLayout, tg: int) -> dict:
+    """Table 2 bytes per rank and predicted seconds, from the simulator."""
+    from simulator.profile import load_profile
+    from simulator.reshard import reshard_bytes_per_rank, reshard_cost
+    profile, m = load_profile("local-cpu"), sharded_bytes(spec)
+    cost = reshard_cost(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg, profile, profile.gpus_per_node)
+    return {"predicted_seconds": cost.seconds,
+            "predicted_from": "+".join(sorted({t.source for t in cost.terms})),
+            "table2_bytes": reshard_bytes_per_rank(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg)}
+
+
+def report(result: dict, spec: ModelSpec, lay: TrainLayout, tg: int, repeats: int,
+           load: tuple[float, float]) -> str:
+    rows = [[scheme, f"{r['seconds']:.3f}", f"{r['predicted_seconds']:.3f}",
+             f"{r['gather_seconds']:.3f}", f"{r['assemble_seconds']:.3f}",
+             f"{r['first_seconds']:.3f}", f"{r['bytes_per_rank'] / 1e6:.1f}",
+             "yes" if r["bytes_per_rank"] == r["table2_bytes"] and not r["bytes_differ_by_rank"]
+             else "NO"]
+            for scheme, r in result.items()]
+    ratio = result["allgather"]["seconds"] / result["hybridengine"]["seconds"]
+    paired = result["allgather"]["over_hybridengine"]
+    return (f"Resharding, model {spec.name} ({spec.params / 1e6:.1f} M parameters, fp32): "
+            f"training p={lay.pp} t={lay.tp} d={lay.dp} -> generation tg={tg}, "
+            f"{lay.n_gpus} gloo ranks on {os.cpu_count()} {platform.machine()} cores; median "
+            f"of {repeats} repeats (schemes in turn), the slowest rank; load average "
+            f"{load[0]:.1f} before, {load[1]:.1f} after. Predicted: simulator.reshard on "
+            f"profiles/local-cpu.yaml ({result['allgather']['predicted_from']} terms); MB/rank "
+            f"checked against its Table 2 formula.\n\n"
+            + table(["scheme", "seconds", "predicted s", "gather s", "assemble s",
+                     "first call s", "MB/rank", "= Table 2"], rows)
+            + f"\n\nallgather / hybridengine time: {paired:.2f}x (median over rounds of the "
+            f"ratio within a round; ratio of the medians {ratio:.2f}x)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--tg", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", help="also write the table (markdown) here, e.g. reports/reshard.md")
     args = ap.parse_args(argv)
     try:
         lay = TrainLayout(args.pp, args.tp, args.dp)
@@ -91,27 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     spec = bench_model()
+    load0 = os.getloadavg()[0]
     per_rank = launch_local(_rank_main, lay.n_gpus, (lay.pp, lay.tp, lay.dp), args.tg,
                             args.repeats, timeout=1800)
-    result = {}
-    for scheme in SCHEMES:
-        got = [r[scheme] for r in per_rank]
-        result[scheme] = {"seconds": max(g["seconds"] for g in got),
-                          "bytes_per_rank": max(g["bytes_per_rank"] for g in got),
-                          "gather_seconds": max(g["gather_seconds"] for g in got),
-                          "predicted_seconds": predicted_seconds(scheme, spec, lay, args.tg)}
+    result = {scheme: {**summarise(per_rank, scheme), **predicted(scheme, spec, lay, args.tg)}
+              for scheme in SCHEMES}  # times are already the slowest rank's
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model {spec.name}: {spec.params / 1e6:.1f} M parameters, fp32; training "
-          f"p={lay.pp} t={lay.tp} d={lay.dp} -> generation tg={args.tg}, {lay.n_gpus} ranks")
-    print(f"{'scheme':<16}{'seconds':>10}{'gather s':>10}{'MB/rank':>10}{'predicted s':>13}")
-    for scheme, r in result.items():
-        pred = "-" if r["predicted_seconds"] is None else f"{r['predicted_seconds']:.3f}"
-        print(f"{scheme:<16}{r['seconds']:>10.3f}{r['gather_seconds']:>10.3f}"
-              f"{r['bytes_per_rank'] / 1e6:>10.1f}{pred:>13}")
-    ratio = result["allgather"]["seconds"] / result["hybridengine"]["seconds"]
-    print(f"allgather / hybridengine time: {ratio:.2f}x")
+    emit(report(result, spec, lay, args.tg, args.repeats, (load0, os.getloadavg()[0])),
+         args.out)
     return 0
 
 
