@@ -369,17 +369,21 @@ class HybridEngine:
                             gather_seconds=t1 - t0, assemble_seconds=t2 - t1,
                             load_seconds=t3 - t2)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
-                 ) -> list[Completion]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 ids: Sequence[int] | None = None) -> list[Completion]:
         """3D_ALL_MICRO_DP: `prompts` are this DP replica's (the same on all its ranks);
         each generation replica takes its part, the results are gathered back so every rank
-        of the DP replica returns all completions, in prompt order."""
+        of the DP replica returns all completions, in prompt order. `ids`: each prompt's
+        index in the whole batch, which seeds its sampling (so samples do not depend on the
+        placement); default: the index among `prompts`."""
         if self.engine is None or self.gen_shard is None:
             raise ReshardError("generate() needs an engine and to_generation() first")
         members, group = self._groups["micro_dp"]
         offset, mine = split_micro_dp(prompts, members.index(self.rank), len(members))
+        ids = list(range(len(prompts))) if ids is None else list(ids)
         local = [Completion(c.prompt_index + offset, c.sample, c.token_ids, c.logprobs)
-                 for c in self.engine.generate(mine, sampling)]
+                 for c in self.engine.generate(mine, sampling,
+                                               ids[offset:offset + len(mine)])]
         return gather_micro_dp(local, group, len(members))
 
     def to_training(self) -> None:

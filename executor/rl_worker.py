@@ -145,13 +145,15 @@ class RLWorker(Worker):
     @register(dispatch_mode=GENERATE)
     def generate(self, role: str, prompts: Batch, sampling: Any) -> Batch:
         """Reshard to the generation layout, sample, reshard back. Prompts are this DP
-        replica's ``prompt_ids`` (object field); responses are padded to max_tokens."""
+        replica's ``prompt_ids`` (object field; ``prompt_seq``, if given, their indices in
+        the whole batch, which seed the sampling); responses are padded to max_tokens."""
         he = self.rollout[role]
         t0 = time.perf_counter()
         shard = {n: p.detach() for n, p in self.role(role).engine.named_local_parameters()}
         stats = he.to_generation(shard)
         t1 = time.perf_counter()
-        done = he.generate([list(p) for p in prompts["prompt_ids"]], sampling)
+        done = he.generate([list(p) for p in prompts["prompt_ids"]], sampling,
+                           prompts.get("prompt_seq"))
         t2 = time.perf_counter()
         he.to_training()
         t3 = time.perf_counter()

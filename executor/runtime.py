@@ -117,9 +117,12 @@ class Runtime:
             temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
             max_tokens=self.plan["job"]["response_len"], n=n,
             seed=None if greedy else self.cfg.seed * 100003 + iteration, ignore_eos=False)
+        # prompt_seq: each prompt's index in the batch seeds its sampling, so the samples
+        # do not depend on how the prompts are split over replicas
+        request = Batch(non_tensors={"prompt_ids": prompts,
+                                     "prompt_seq": list(range(len(prompts)))})
         with self.stage("generate"):
-            out = self.groups["actor"].run("actor", "generate",
-                                           Batch(non_tensors={"prompt_ids": prompts}), sampling)
+            out = self.groups["actor"].run("actor", "generate", request, sampling)
         reshard = max(t["reshard_s"] for t in out.non_tensors["timing"])
         self.timings["generate"] -= reshard
         self.timings["reshard"] = self.timings.get("reshard", 0.0) + reshard

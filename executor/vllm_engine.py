@@ -217,17 +217,19 @@ class VllmEngine:
         fused parts of a layer together (q, k, v; gate, up), in place."""
         self.worker.reload_weights(weights_iterator=iter(list(pairs)), is_checkpoint_format=True)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig
-                 ) -> list[Completion]:
-        """Generate for this replica's prompts; every rank of the TP group passes the same."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 ids: Sequence[int] | None = None) -> list[Completion]:
+        """Generate for this replica's prompts; every rank of the TP group passes the same.
+        `ids` (default 0, 1, ...) seed each prompt's sampling with `sampling.seed`."""
         from vllm.inputs import TokensPrompt
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         params = sampling.to_vllm()
         if sampling.seed is not None:
             # one seed per request: a shared seed would give every prompt the same random
             # draws (samples correlated across the batch)
+            ids = range(len(prompts)) if ids is None else ids
             params = [sampling.to_vllm(seed=request_seed(sampling.seed, i, p))
-                      for i, p in enumerate(prompts)]
+                      for i, p in zip(ids, prompts)]
         outs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         result = []
         for i, out in enumerate(outs):

@@ -1,5 +1,5 @@
-"""Greedy generation from resharded vLLM engines (4 gloo ranks, strided and consecutive TP
-groups) equals one vLLM process on the full model."""
+"""Greedy and seeded sampled generation from resharded vLLM engines (4 gloo ranks, strided and
+consecutive TP groups) equals one vLLM process on the full model."""
 import os
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 
 from executor import weights as W
 from executor.hybrid_engine import ReshardPlan, split_micro_dp
-from executor.vllm_engine import EngineConfig, EngineError, SamplingConfig, launch_local
+from executor.vllm_engine import (EngineConfig, EngineError, SamplingConfig, launch_local,
+                                  request_seed)
 from simulator.layout import TrainLayout
 from simulator.model import load_model
 
@@ -17,6 +18,7 @@ MODEL, SEED = "tiny", 21
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27],
            [95, 2, 88, 41], [97, 16, 93, 99, 37], [51, 5, 82], [9, 74, 94, 45, 92]]
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=6)
+SAMPLED = SamplingConfig(temperature=1.0, max_tokens=6, seed=7)  # one seed per prompt index
 LAYOUTS = {"t4": TrainLayout(1, 4, 1), "t2d2": TrainLayout(1, 2, 2), "p2t2": TrainLayout(2, 2, 1)}
 # every hybridengine layout and tg, plus the two reference schemes once
 CASES = [(n, tg, "hybridengine") for n, lay in LAYOUTS.items() for tg in (1, 2, 4)
@@ -34,8 +36,13 @@ def _reference(rank: int, world: int, ckpt: str) -> list[tuple]:
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
                         GREEDY.to_vllm(), use_tqdm=False)
     c = [o.outputs[0] for o in outs]
-    return [(tuple(x.token_ids), tuple(d[t].logprob for t, d in zip(x.token_ids, x.logprobs)))
-            for x in c]
+    greedy = [(tuple(x.token_ids), tuple(d[t].logprob for t, d in zip(x.token_ids, x.logprobs)))
+              for x in c]
+    params = [SAMPLED.to_vllm(seed=request_seed(SAMPLED.seed, i, p))
+              for i, p in enumerate(PROMPTS)]
+    sampled = [tuple(o.outputs[0].token_ids) for o in llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)]
+    return greedy, sampled
 
 
 def _resharded(rank: int, world: int, ckpt: str) -> dict:
@@ -66,9 +73,12 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
         he.to_generation(shard)
         offset, mine = split_micro_dp(PROMPTS, k, lay.dp)  # the DP split (3D_PROTO's part)
         outs = he.generate(mine, GREEDY)
+        ids = range(offset, offset + len(mine))  # the prompts' indices in the whole batch
+        sampled = [(c.prompt_index + offset, c.token_ids)
+                   for c in he.generate(mine, SAMPLED, ids)]
         he.to_training()
         results[(name, tg, scheme)] = [(c.prompt_index + offset, c.token_ids, c.logprobs)
-                                       for c in outs]
+                                       for c in outs], sampled
     current["engine"].shutdown()
     return results
 
@@ -96,16 +106,25 @@ def test_greedy_generation_equals_one_vllm_process(reference, resharded):
     lay_dp = {n: lay.dp for n, lay in LAYOUTS.items()}
     for rank, results in enumerate(resharded):
         assert set(results) == set(CASES)
-        for case, outs in results.items():
+        for case, (outs, _) in results.items():
             d = lay_dp[case[0]]
             k = rank // LAYOUTS[case[0]].tp % d  # this rank's DP replica
             offset, mine = split_micro_dp(PROMPTS, k, d)
             assert [i for i, _, _ in outs] == list(range(offset, offset + len(mine))), case
             for i, tokens, logprobs in outs:
-                want_tokens, want_lp = reference[i]
+                want_tokens, want_lp = reference[0][i]
                 assert tokens == want_tokens, (rank, case, i)
                 assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_lp),
                                       atol=1e-4), (rank, case, i)
+
+
+def test_seeded_sampling_does_not_depend_on_the_layout(reference, resharded):
+    """Each prompt's sampling is seeded by its index in the whole batch: every layout and
+    replica split draws the same tokens as one process."""
+    for results in resharded:
+        for case, (_, sampled) in results.items():
+            for i, tokens in sampled:
+                assert tokens == reference[1][i], (case, i)
 
 
 def test_sampling_settings_are_validated():
