@@ -1,11 +1,13 @@
 """Simulator fidelity on the local cluster: plan, run and compare predicted with measured time.
 
-Runs at least six plans of the tiny job on the local 4-device CPU cluster with `hybridflow
-run`'s executor (executor.controller.run): the PPO plan the planner ranks first, the three
-standard PPO placements (colocated, split, separate), PPO with a TP x DP actor that reshards
-into micro-DP generation and a PP critic, GRPO generating with TP 2, ReMax split and
-Safe-RLHF colocated. Each run's first iteration (and for PPO and Safe-RLHF the critic
-warm-up iterations, which do not train the actor) is left out of the timing by summarize().
+Runs ten plans of the tiny job on the local 4-device CPU cluster with `hybridflow run`'s
+executor (executor.controller.run): the PPO plan the planner ranks first, the three standard
+PPO placements (colocated, split, separate: each with the planner's best allocation and
+layouts), PPO data parallel over all 4 devices colocated and as two concurrent sets of 2,
+PPO with a TP x DP actor that reshards into micro-DP generation and a PP critic, GRPO
+generating with TP 2, ReMax split and Safe-RLHF colocated. Each run's first iteration (and
+for PPO and Safe-RLHF the critic warm-up iterations, which do not train the actor) is left
+out of the timing by summarize().
 Prints predicted vs measured iteration and stage seconds with the relative error, the median
 absolute error of iteration time, and whether the planner's first plan is the fastest PPO
 plan measured. Predictions use the profile only (nothing is fitted to these runs).
@@ -59,6 +61,19 @@ def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
     return Plan(cluster, job, sets).to_dict()
 
 
+def _split(cluster, job, sets: tuple[tuple[str, ...], ...]) -> dict:
+    """The roles in `sets` of equal devices, each role data parallel over its set."""
+    from planner.plan import Plan
+    from simulator.layout import GenLayout, TrainLayout
+    from simulator.placement import PlacedSet, layout_kinds
+    n = cluster.n_gpus // len(sets)
+    lay = TrainLayout(1, 1, n)
+    placed = tuple(PlacedSet(roles, n, {r: {k: GenLayout(1, 1, 1) if k == "generate" else lay
+                                            for k in layout_kinds(r)} for r in roles})
+                   for roles in sets)
+    return Plan(cluster, job, placed).to_dict()
+
+
 def build_plans(profile) -> dict[str, dict]:
     """name -> plan dict (the planner's, its standard placements, and hand-set layouts)."""
     from planner import plan_job, standard_placements
@@ -69,6 +84,9 @@ def build_plans(profile) -> dict[str, dict]:
                                                           max_gen_pp=1).items()}
     plans = {"ppo-planner": plan_job(cluster, ppo, profile, max_gen_pp=1)[0].to_dict()}
     plans.update({f"ppo-{k}": v for k, v in std.items()})
+    # data parallel over all 4 devices, colocated and as two concurrent sets of 2
+    plans["ppo-colocated-dp4"] = _colocated(cluster, ppo, {})
+    plans["ppo-split-2x2"] = _split(cluster, ppo, (("actor", "reference"), ("critic", "reward")))
     plans["ppo-tp2-pp2"] = _colocated(cluster, ppo, {
         "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
                   "generate": {"pp": 1, "tp": 1, "micro_dp": 2}},
@@ -83,6 +101,15 @@ def build_plans(profile) -> dict[str, dict]:
     return plans
 
 
+def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
+    """Wait (up to `limit_s`) until the 1-minute load average is below `max_load` (other
+    programs on a shared machine inflate what is measured); the load when it returns."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -> dict:
     from executor.controller import run
     from executor.run_config import RunConfig
@@ -93,6 +120,9 @@ def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -
     print(f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
           flush=True)
     summary = with_terms(res.summary, profile, out)
+    timed = res.metrics[len(res.metrics) - summary["measured"].get("timed_iterations",
+                                                                   len(res.metrics)):]
+    summary["each_iteration_s"] = [sum(m["stages"][s] for s in STAGES) for m in timed]
     return summary
 
 
@@ -134,8 +164,15 @@ def table(summaries: dict[str, dict]) -> tuple[str, dict]:
     top = _same_plan(summaries, "ppo-planner", ppo)
     stats = {"median_abs_error": statistics.median(it_errs), "worst_stage_error": worst,
              "fastest_ppo": fastest, "planner_first": top,
-             "planner_first_is_fastest": fastest is not None and fastest in top}
+             "planner_first_is_fastest": fastest is not None and fastest in top,
+             "ppo_measured_s": {k: _spread(v) for k, v in ppo.items()}}
     return "\n".join(lines), stats
+
+
+def _spread(summary: dict) -> tuple[float, float]:
+    """(mean, standard deviation) of a run's timed iteration seconds (0 with one)."""
+    each = summary.get("each_iteration_s") or [summary["measured"]["iteration_s"]]
+    return statistics.fmean(each), statistics.stdev(each) if len(each) > 1 else 0.0
 
 
 def _same_plan(summaries: dict, name: str, ppo: dict) -> list[str]:
@@ -162,7 +199,19 @@ def _verdict(stats: dict) -> str:
             f"{stats['worst_stage_error']:.0%} (goal <= {GOAL_STAGE:.0%}); "
             f"fastest PPO plan measured: {stats['fastest_ppo']}; planner's first plan "
             f"(= {first}) is the fastest: "
-            f"{stats['planner_first_is_fastest']}")
+            f"{stats['planner_first_is_fastest']}" + _ranking(stats))
+
+
+def _ranking(stats: dict) -> str:
+    """The PPO plans' measured seconds (mean +- std over the timed iterations), fastest
+    first: whether the planner's first plan is behind the fastest by more than the spread."""
+    ranked = sorted(stats["ppo_measured_s"].items(), key=lambda kv: kv[1][0])
+    if not ranked:
+        return ""
+    cells = [f"{k}{' (planner)' if k in stats['planner_first'] else ''} {m:.3f} ± {s:.3f}"
+             for k, (m, s) in ranked]
+    return "\n\nPPO plans measured, fastest first (s per iteration, mean ± std): " + \
+        "; ".join(cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="local-cpu", help="profile name or .yaml path")
     ap.add_argument("--runs", default="", help="folder for the run dirs (default: temporary)")
     ap.add_argument("--out", default="", help="write the report folder here")
+    ap.add_argument("--max-load", type=float, default=0.0,
+                    help="before each plan, wait up to 10 min for the 1-minute load average "
+                         "to fall below this (0: do not wait)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from simulator.profile import load_profile
@@ -183,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs or tempfile.mkdtemp(prefix="fidelity-"))
     load0 = os.getloadavg()
     print(f"runs in {runs}; load average {load0[0]:.1f} at start", flush=True)
-    summaries = {n: run_plan(n, plans[n], runs, args.iterations, args.profile) for n in chosen}
+    summaries = {}
+    for n in chosen:
+        if args.max_load > 0:
+            print(f"  {n}: starting at load {wait_for_quiet(args.max_load):.1f}", flush=True)
+        summaries[n] = run_plan(n, plans[n], runs, args.iterations, args.profile)
     text, stats = table(summaries)
     header = (f"{len(summaries)} plans x {args.iterations} iterations (first dropped); "
               f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")

@@ -51,6 +51,12 @@ class Calls:
     def applies(self, model: str) -> bool:
         return bool(self.model) and model == self.model
 
+    def same_work(self, sequences: float, seq_len: float) -> float:
+        """Sequences of the tables' length doing the work of `sequences` of `seq_len`
+        tokens: how a job of other lengths reads the rows (a per-call cost plus a
+        per-token one)."""
+        return sequences * seq_len / (self.prompt_len + self.response_len)
+
     @property
     def weight_bytes(self) -> float:
         """The measured model's weights as the simulator counts them (bf16): how resharding,
@@ -79,10 +85,11 @@ class Calls:
         opt = _series(self.train_rows, (ranks, tp, pp), 5)
         return interpolate(pts, sequences), interpolate(opt, sequences)
 
-    def generate(self, ranks: int, tg: int, micro_dp: int, sequences: float, steps: float
-                 ) -> tuple[float, float, float] | None:
+    def generate(self, ranks: int, tg: int, micro_dp: int, sequences: float, steps: float,
+                 prompt_len: float) -> tuple[float, float, float] | None:
         """(first-token call, the decode steps after it, micro-DP gather) seconds of one
-        generate call over `sequences` per replica, `steps` tokens each (the longest)."""
+        generate call over `sequences` per replica of `prompt_len` tokens, `steps` new
+        tokens each (the longest); the prefill reads the rows at the same prompt tokens."""
         key = (ranks, tg, micro_dp)
         rows_ = [r for r in self.generate_rows if r[:3] == key]
         tokens = sorted({r[4] for r in rows_})
@@ -91,8 +98,9 @@ class Calls:
         one = tuple(sorted((r[3], r[6]) for r in rows_ if r[4] == 1))
         full = tuple(sorted((r[3], r[6]) for r in rows_ if r[4] == tokens[-1]))
         gather = tuple(sorted((r[3], max(r[5] - r[6], 0.0)) for r in rows_ if r[4] == tokens[-1]))
-        first = interpolate(one, sequences)
-        per_step = max(interpolate(full, sequences) - first, 0.0) / (tokens[-1] - 1)
+        first = interpolate(one, sequences * prompt_len / self.prompt_len)
+        per_step = max(interpolate(full, sequences) - interpolate(one, sequences), 0.0) \
+            / (tokens[-1] - 1)
         return first, per_step * max(steps - 1, 0.0), interpolate(gather, sequences)
 
     def reshard(self, ranks: int, tg: int, micro_dp: int) -> float | None:

@@ -92,12 +92,17 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
         cost(("dispatch", calls * call, "measured"))
 
 
+GREEDY_RESHARD = "greedy_reshard"  # ReMax's second generate call reshards again
+
+
 def measured_generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
                         profile: Profile, calls: int) -> Cost | None:
     """The executor's generate call(s) from the profile's per-call tables: vLLM's first
     token (prefill and the call's own work), the decode steps up to the longest response,
     the micro-DP gather of the results, and the controller's dispatch; a KV cache too small
-    for the replica's sequences generates in waves. None where the tables do not apply."""
+    for the replica's sequences generates in waves; a second call (ReMax's greedy baseline)
+    reshards again (`greedy_reshard`, a reshard-stage term). None where the tables do not
+    apply."""
     table = profile.calls
     if not table.applies(job.spec("actor").name) or gen.pp != 1 or shape.ep != 1:
         return None
@@ -105,15 +110,17 @@ def measured_generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: in
     per_call = math.ceil(job.sequences / shape.replicas)  # one call's sequences per replica
     n = max(1, min(in_flight, per_call))
     waves = math.ceil(per_call / n)
-    got = table.generate(ranks, gen.tp, gen.micro_dp, n, job.lengths.expected_max(n))
+    got = table.generate(ranks, gen.tp, gen.micro_dp, n, job.lengths.expected_max(n),
+                         job.prompt_len)
     disp = table.dispatch("generate", ranks, job.global_batch)
     if got is None or disp is None:
         return None
     first, decode, gather = got
+    again = (calls - 1) * (table.reshard(ranks, gen.tp, gen.micro_dp) or 0.0)
     return cost(("vllm_first_token", calls * waves * first, "measured"),
                 ("vllm_decode", calls * waves * decode, "measured"),
                 ("micro_dp_gather", calls * gather, "measured"),
-                ("dispatch", calls * disp, "measured"))
+                ("dispatch", calls * disp, "measured"), (GREEDY_RESHARD, again, "measured"))
 
 
 def _generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,

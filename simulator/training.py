@@ -145,7 +145,8 @@ def measured_train(job: Job, role: str, layout: TrainLayout, profile: Profile) -
         return None
     calls = profile.calls
     per_rank = math.ceil(job.sequences / (job.mini_batches * layout.dp))
-    step = calls.train_step(layout.n_gpus, layout.tp, layout.pp, per_rank)
+    step = calls.train_step(layout.n_gpus, layout.tp, layout.pp,
+                            calls.same_work(per_rank, job.seq_len))
     disp = calls.dispatch("train", layout.n_gpus, job.sequences)
     if step is None or disp is None:
         return None
@@ -163,7 +164,8 @@ def measured_infer(job: Job, role: str, layout: TrainLayout, profile: Profile,
     calls = profile.calls
     n_calls = math.ceil(sequences / job.sequences)
     per_call = sequences / n_calls
-    fwd = calls.forward(layout.n_gpus, layout.tp, layout.pp, math.ceil(per_call / layout.dp))
+    fwd = calls.forward(layout.n_gpus, layout.tp, layout.pp,
+                        calls.same_work(math.ceil(per_call / layout.dp), job.seq_len))
     disp = calls.dispatch("forward", layout.n_gpus, per_call)
     if fwd is None or disp is None:
         return None

@@ -107,3 +107,30 @@ def test_profiler_layouts_and_aggregation():
         [{"ranks": 4, "tg": 1, "seconds": 0.5}]
     assert _median_by(rows, ("ranks", "tg")) == [{"ranks": 2, "tg": 1, "seconds": 0.2},
                                                  {"ranks": 4, "tg": 1, "seconds": 0.5}]
+
+
+def test_remax_greedy_generation_reshards_again(tmp_path):
+    from types import SimpleNamespace
+
+    from simulator.cluster import Cluster
+    from simulator.placement import PlacedSet
+    from simulator.predict import predict_plan
+    prof = _profile(tmp_path)
+    remax = Job.create("remax", "tiny", 16, 8, 32)
+    s = PlacedSet(("actor", "reference", "reward"), 4,
+                  {"actor": {"train": DP4, "generate": GenLayout(1, 1, 1)},
+                   "reference": {"infer": DP4}, "reward": {"infer": DP4}})
+    pred = predict_plan(SimpleNamespace(cluster=Cluster("a100-80gb", 1, 8), job=remax,
+                                        sets=(s,)), prof)
+    actor = pred.to_dict()["terms"]["actor"]
+    assert actor["reshard"] == pytest.approx({"reshard_calls": 0.15, "greedy_reshard": 0.15})
+    assert "greedy_reshard" not in actor["generate"]
+    assert actor["generate"]["dispatch"] == pytest.approx(2 * 0.02)  # two generate calls
+
+
+def test_other_lengths_read_the_rows_at_the_same_token_work(tmp_path):
+    prof = _profile(tmp_path)
+    longer = Job.create("ppo", "tiny", 32, 16, 32, mini_batches=2)  # twice the tokens
+    # 4 sequences of 48 tokens per DP rank and step: the row at 8 of 24
+    assert train_cost(longer, "actor", DP4, prof, 8).as_dict()["train_steps"] == \
+        pytest.approx(2 * 0.12)

@@ -34,7 +34,7 @@ MEASURED = {
 
 def _profile(tmp_path, **keys):
     data = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
-    for k in ("sharing", "extra", "measured"):
+    for k in ("sharing", "extra", "measured", "calls"):
         data.pop(k, None)
     data.update({k: v for k, v in keys.items() if v is not None})
     path = tmp_path / "p.yaml"

@@ -150,3 +150,20 @@ def test_dispatch_round_trips() -> None:
     assert [r["bytes"] for r in out["transfer"]] == [1024, 4096] and _positive(out["transfer"])
     with pytest.raises(ValueError, match="at least one device"):
         dispatch.DispatchGrid(0)
+
+
+def test_sharing_factors_from_interleaved_rounds() -> None:
+    from executor.profiler.sharing import SharingGrid, factors
+
+    # rank 0 runs every count each round; 2 rounds of counts (1, 2, 4)
+    rank0 = [(1, 1.0), (2, 1.2), (4, 2.0), (1, 2.0), (2, 2.4), (4, 4.4)]
+    others = [[(2, 1.2), (4, 2.0), (2, 2.4), (4, 4.4)], [(4, 2.0), (4, 4.4)],
+              [(4, 2.0), (4, 3.6)]]
+    f = factors([rank0, *others], (1, 2, 4))
+    assert f == pytest.approx({1: 1.0, 2: 1.2, 4: 2.05})  # medians of per-round ratios
+    # a dip with more ranks is noise: lifted to the count below
+    dip = factors([[(1, 1.0), (2, 1.5), (4, 1.2)], [(2, 1.5), (4, 1.2)], [(4, 1.2)],
+                   [(4, 1.2)]], (1, 2, 4))
+    assert dip == pytest.approx({1: 1.0, 2: 1.5, 4: 1.5})
+    with pytest.raises(ValueError, match="include 1"):
+        SharingGrid(4, (2, 4))

@@ -86,7 +86,7 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
             threads=options.threads_per_rank)[0]))]
     if not gpu:
         counts = tuple(sorted(set(options.concurrency) | set(range(1, options.devices + 1))))
-        sgrid = sharing.SharingGrid(options.devices, counts, rounds=3 if options.quick else 5)
+        sgrid = sharing.SharingGrid(options.devices, counts, rounds=5 if options.quick else 9)
         steps.append((f"{options.devices} ranks sharing {info.host_cores} cores", lambda: (
             "sharing", sharing.measure_sharing(sgrid, options.threads_per_rank))))
     world = info.devices if gpu else options.devices
@@ -116,15 +116,18 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
     """Measure, then write the profile to options.out; returns its path."""
     from tqdm import tqdm
 
-    start = time.perf_counter()
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
     info = detect(options)
     results: dict = {}
+    took: dict[str, float] = {}
     steps = _steps(options, info)
     with tqdm(total=len(steps), disable=not progress, unit="step", desc="profile") as bar:
         for desc, thunk in steps:
             bar.set_postfix_str(desc)
+            t0 = time.perf_counter()
             key, value = thunk()
             results[key] = value
+            took[key] = round(time.perf_counter() - t0, 1)
             bar.update(1)
     alone, train_rows = results["alone"]
     m = Measurements(alone, {1: alone}, results.get("collectives", {}), results.get("generate"),
@@ -132,7 +135,8 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
                      results.get("sharing"))
     out = Path(options.out)
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")
-    write_profile(build_profile(out.stem, info, m, time.perf_counter() - start), draft)
+    write_profile(build_profile(out.stem, info, m, time.perf_counter() - start, took,
+                                (round(load0, 1), round(os.getloadavg()[0], 1))), draft)
     try:
         load_profile(str(draft))  # the simulator must read what was measured
     except ValueError:

@@ -7,6 +7,7 @@ others wait at a barrier; k cycles through the counts asked for, round after rou
 factor at k is the median, over rounds, of the k ranks' mean seconds over the seconds of the
 neighbouring one-rank rounds: other load on the machine that comes and goes then weighs on
 both sides of each ratio alike, as it would not if each count were timed in its own block.
+Factors never decrease with more ranks (a dip is noise and is lifted to the count below).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 class SharingGrid:
     world: int
     counts: tuple[int, ...]       # concurrent ranks to time (1 included)
-    rounds: int = 5
+    rounds: int = 9
     work_s: float = 0.05          # about this long alone
 
     def __post_init__(self) -> None:
@@ -83,6 +84,9 @@ def factors(per_rank: list[list[tuple[int, float]]], counts: tuple[int, ...]) ->
         ratios = [statistics.fmean(r[i] for r in at_k) / alone[i]
                   for i in range(min(rounds, len(alone)))]
         out[k] = max(1.0, statistics.median(ratios))
+    # more busy ranks never run faster: a dip is noise (other load in those rounds)
+    for a, b in zip(sorted(out), sorted(out)[1:]):
+        out[b] = max(out[b], out[a])
     return out
 
 

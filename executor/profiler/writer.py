@@ -145,7 +145,10 @@ def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
     return numbers, sources
 
 
-def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: float) -> dict:
+def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: float,
+                  steps: dict[str, float] | None = None, load: tuple[float, ...] = ()) -> dict:
+    """The profile as a dict; `steps`: seconds each measurement took, `load`: the host's
+    load average before and after (other programs' work inflates what is measured)."""
     numbers, sources = _header(name, info, m)
     measured: dict = {"matmul": m.alone.matmul,
                       "collectives": {op: rows for op, rows in m.collectives.items() if rows}}
@@ -163,7 +166,9 @@ def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: 
             **calls, "extra": extra,
             "generated": {"by": "hybridflow profile", "seconds": round(seconds_taken, 1),
                           "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                          "device": info.device_name, "backend": info.backend}}
+                          "device": info.device_name, "backend": info.backend,
+                          **({"step_seconds": steps} if steps else {}),
+                          **({"load_average": list(load)} if load else {})}}
 
 
 def _clean(value: object) -> object:
