@@ -16,7 +16,7 @@ from pathlib import Path
 
 from executor.run_config import RunConfig, SCHEMES
 
-# batch sizes at which the tiny task's rule score rises within 12 iterations (see
+# batch sizes at which the tiny task's rule score rises within 16 iterations (see
 # tests/test_run_e2e.py::test_*_raises_the_rule_score and benchmarks/local_rl.py)
 DEFAULT_JOB = dict(algorithm="ppo", model="tiny", prompt_len=16, response_len=8,
                    global_batch=64, ppo_epochs=2, mini_batches=4)
@@ -24,7 +24,7 @@ DEFAULT_JOB = dict(algorithm="ppo", model="tiny", prompt_len=16, response_len=8,
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", nargs="?", help="plan JSON (default: plan the built-in local job)")
-    p.add_argument("--iterations", type=int, default=None, help="RL iterations (default 12)")
+    p.add_argument("--iterations", type=int, default=None, help="RL iterations (default 16)")
     p.add_argument("--out", default=None, help="run dir (default runs/<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last "
                    "checkpoint (its plan and settings)")

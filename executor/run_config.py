@@ -19,7 +19,7 @@ class RunConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    iterations: int = 12
+    iterations: int = 16
     seed: int = 0
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
