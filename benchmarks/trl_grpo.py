@@ -26,7 +26,7 @@ single TRL process, and a 2-thread torch process slows down far more than a 1-th
 
 Run (the TRL packages once, then a few minutes on a 2-core machine):
     .venv/bin/pip install -r benchmarks/requirements-trl.txt
-    .venv/bin/python benchmarks/trl_grpo.py [--iterations 5] [--devices 4 1] \
+    .venv/bin/python benchmarks/trl_grpo.py [--iterations 8] [--devices 4 1] \
         [--trl-threads 1 2] [--prompts 16] [--out reports/trl_grpo.md]
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Workload:
     prompt_len: int = 16
     response_len: int = 8
     mini_batches: int = 2      # optimizer steps per iteration
-    iterations: int = 5
+    iterations: int = 8
     seed: int = 0
     trl_beta: float = 1e-3
 
@@ -142,12 +142,13 @@ def run_hybridflow(plan: dict, w: Workload, devices: int, runs: Path) -> dict:
     tokens = planned_tokens(plan)
     if abs(summary["tokens_per_s"] * summary["iteration_s"] - tokens) > 1e-6 * tokens:
         raise RuntimeError("the controller's token count differs from planned_tokens()")
-    measured = metrics[1:]
+    measured = metrics[-summary.get("timed_iterations", len(metrics) - 1):]  # as timed
     return {"system": "hybridflow run", "setup": f"{devices} device(s): {describe(plan)}",
             "iterations": len(metrics), "seconds": summary["iteration_s"],
             "tokens_per_s": summary["tokens_per_s"],
             "response_tokens": statistics.mean(m["response_tokens"] for m in measured),
             "score": statistics.mean(m["score"] for m in measured), "wall": wall,
+            "per_iteration_s": [round(sum(m["stages"].values()), 3) for m in metrics],
             "stages": " / ".join(f"{summary['stages'][k]:.3f}"
                                  for k in ("generate", "reshard", "prepare", "train"))}
 
@@ -247,7 +248,8 @@ def run_trl(w: Workload, art, texts: list[str], tokens: int, threads: int) -> di
             "seconds": mean, "tokens_per_s": tok_s,
             "response_tokens": statistics.mean(b["response_tokens"] for b in reward.batches[1:]),
             "score": statistics.mean(b["score"] for b in reward.batches[1:]),
-            "stages": "–", "wall": time.perf_counter() - wall0}
+            "stages": "–", "wall": time.perf_counter() - wall0,
+            "per_iteration_s": [round(x, 3) for x in seconds]}
 
 
 def check_prompts(art, texts: list[str], plan: dict) -> None:
@@ -263,12 +265,13 @@ def check_prompts(art, texts: list[str], plan: dict) -> None:
 def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
     from reports.markdown import table
     trl = [r for r in rows if r["system"].startswith("TRL")]
-    header = ["system", "plan / set-up", "iterations", "s / iteration",
+    header = ["system", "plan / set-up", "iterations", "s / iteration", "each iteration s",
               "generate / reshard / prepare / train s", "tokens/s",
               "response tokens / iteration", "rule score", "wall s (with start-up)",
               "load start / end"]
     header += [f"ratio to TRL ({r['setup'].split(', ')[1]})" for r in trl]
-    body = [[r["system"], r["setup"], r["iterations"], r["seconds"], r["stages"],
+    body = [[r["system"], r["setup"], r["iterations"], r["seconds"],
+             " ".join(f"{x:.2f}" for x in r["per_iteration_s"]), r["stages"],
              round(r["tokens_per_s"], 1), round(r["response_tokens"], 1), r["score"],
              round(r["wall"], 1), r["load"]]
             + [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t in trl] for r in rows]
@@ -286,6 +289,8 @@ def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
         "",
         table(header, body),
         "",
+        "Each iteration's seconds are listed to show the noise of the shared machine (the first, "
+        "a warm-up, is not in s / iteration). "
         "Stage seconds are hybridflow's means from summary.json (their sum is s / iteration); "
         "TRL's step is not split. Response tokens are the real ones (up to and including EOS), "
         "mean per iteration; the rule score is the batch mean over the measured iterations. "
