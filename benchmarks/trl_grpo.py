@@ -113,7 +113,7 @@ def make_plan(w: Workload, devices: int) -> dict:
 
 
 def describe(plan: dict) -> str:
-    """Sets of a plan with the actor's layouts, e.g. 'actor+reference:4 train tp1pp1dp4, gen tp1'."""
+    """A plan's sets with the actor's layouts: 'actor+reference:4 train tp1pp1dp4, gen tp1'."""
     parts = []
     for s in plan["sets"]:
         text = f"{'+'.join(s['models'])}:{s['gpus']}"
