@@ -10,7 +10,9 @@ for PPO and Safe-RLHF the critic warm-up iterations, which do not train the acto
 out of the timing by summarize().
 Prints predicted vs measured iteration and stage seconds with the relative error, the median
 absolute error of iteration time, and whether the planner's first plan is the fastest PPO
-plan measured. Predictions use the profile only (nothing is fitted to these runs).
+plan measured. Predictions use the profile only (nothing is fitted to these runs); the jobs
+describe their responses as the task makes them (the answers in the task's tokens and EOS,
+response_lengths()), and predicted tokens/s count tokens as the run does.
 
 Run (a quiet machine: ~30-60 s per plan, more under load):
     .venv/bin/python benchmarks/fidelity.py --iterations 4 --out reports/local-cpu
@@ -21,12 +23,14 @@ fidelity.md with this table; run dirs go under --runs (default a temporary folde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,12 +41,29 @@ JOB = dict(model="tiny", prompt_len=16, response_len=8, global_batch=32, ppo_epo
 GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
 
 
+def response_lengths(response_len: int) -> tuple[tuple[int, float], ...]:
+    """The built-in task's responses as the job describes them to the simulator: each
+    training prompt's answer in the task's tokens, plus EOS, at most `response_len`
+    (generation stops at EOS); (length, share) pairs. From the task and its tokenizer, not
+    from any run."""
+    from tokenizers import Tokenizer
+
+    from executor import task
+    from executor.artifacts import ensure_artifacts
+    art = ensure_artifacts(model=JOB["model"], seed=0)
+    tok = Tokenizer.from_file(str(art.tokenizer_path))
+    counts = Counter(min(response_len, len(tok.encode(task.target(art.decode_prompt(p))).ids) + 1)
+                     for p in art.prompts.train)
+    return tuple((n, c / sum(counts.values())) for n, c in sorted(counts.items()))
+
+
 def _job(algorithm: str):
     from simulator.job import Job
     kw = dict(JOB, algorithm=algorithm)
     if algorithm == "grpo":
         kw.update(n_samples=4, global_batch=8)
-    return Job.create(**kw)
+    job = Job.create(**kw)
+    return dataclasses.replace(job, response_dist=response_lengths(job.response_len))
 
 
 def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
@@ -133,8 +154,12 @@ def with_terms(summary: dict, profile: str, run_dir: Path) -> dict:
     from simulator import predict_plan
     from simulator.profile import load_profile
     pred = predict_plan(Plan.from_dict(summary["plan"]), load_profile(profile))
-    summary = dict(summary, predicted=dict(summary["predicted"], terms=pred.to_dict()["terms"],
-                                           sources=pred.sources()))
+    # tokens/s on the run's count (prompt + response_len per sequence), as measured; the
+    # simulator's own counts the job's mean response
+    tokens = summary["measured"]["tokens_per_s"] * summary["measured"]["iteration_s"]
+    summary = dict(summary, predicted=dict(
+        summary["predicted"], terms=pred.to_dict()["terms"], sources=pred.sources(),
+        tokens_per_s=tokens / summary["predicted"]["iteration_s"]))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

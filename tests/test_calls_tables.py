@@ -69,7 +69,8 @@ def test_generation_and_reshard_terms_from_the_tables(tmp_path):
     assert reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8).as_dict() == \
         {"reshard_calls": 0.15}
     # another scheme, or another model (other weight bytes): the analytic terms
-    assert "reshard_calls" not in reshard_cost("allgather", bytes_, 1, 1, 4, 1, 1, prof, 8).as_dict()
+    other = reshard_cost("allgather", bytes_, 1, 1, 4, 1, 1, prof, 8)
+    assert "reshard_calls" not in other.as_dict()
     assert "reshard_calls" not in reshard_cost("hybridengine", 2 * bytes_, 1, 1, 4, 1, 1, prof,
                                                8).as_dict()
 
@@ -134,3 +135,42 @@ def test_other_lengths_read_the_rows_at_the_same_token_work(tmp_path):
     # 4 sequences of 48 tokens per DP rank and step: the row at 8 of 24
     assert train_cost(longer, "actor", DP4, prof, 8).as_dict()["train_steps"] == \
         pytest.approx(2 * 0.12)
+
+
+def test_profile_worker_clocks_each_part_once():
+    """Two roles' hybrid engines sharing one vLLM engine (as the profiler reuses them):
+    every call's vLLM seconds are counted once."""
+    import time
+    from types import SimpleNamespace
+
+    from executor.profiler.calls_worker import ProfileWorker
+
+    class Engine:
+        def generate(self, prompts, sampling):
+            time.sleep(0.01)
+            return []
+
+    class Hybrid:
+        def __init__(self, engine):
+            self.engine = engine
+
+        def generate(self, prompts, sampling):
+            return self.engine.generate(prompts, sampling)
+
+        def to_generation(self, shard):
+            return None
+
+        def to_training(self):
+            return None
+
+    w = ProfileWorker(0, 1)
+    engine = Engine()
+    for role in ("a", "b"):
+        w.roles[role] = SimpleNamespace(engine=SimpleNamespace(optimizer=None))
+        w.rollout[role] = Hybrid(engine)
+    for role in ("a", "b", "a"):
+        w._run(role, lambda r, *a: w.rollout[r].generate([], None))
+    calls = w.take_seconds()
+    assert len(calls) == 3 and w.take_seconds() == []
+    for c in calls:
+        assert 0.01 <= c["vllm_s"] <= c["generate_s"] <= c["seconds"]

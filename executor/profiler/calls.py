@@ -42,6 +42,7 @@ class CallsGrid:
     prompt_len: int = 16
     response_len: int = 8
     repeats: int = 3
+    gen_repeats: int = 2        # generate calls (slower, and each one reshards too)
 
     def __post_init__(self) -> None:
         spec = load_model(self.model)
@@ -49,7 +50,7 @@ class CallsGrid:
             vals = getattr(self, name)
             if not vals or any(not isinstance(v, int) or v <= 0 for v in vals):
                 raise ValueError(f"calls grid {name} must be positive integers: {vals}")
-        if min(self.prompt_len, self.response_len, self.repeats) < 1:
+        if min(self.prompt_len, self.response_len, self.repeats, self.gen_repeats) < 1:
             raise ValueError("prompt_len, response_len and repeats must be >= 1")
         if self.prompt_len + self.response_len > spec.max_position:
             raise ValueError(f"model {self.model!r} holds {spec.max_position} positions")
@@ -61,7 +62,8 @@ class CallsGrid:
 
 def default_grid(quick: bool, model: str = "tiny") -> CallsGrid:
     if quick:
-        return CallsGrid(model, sequences=(4, 16, 32), gen_sequences=(8, 32), repeats=2)
+        return CallsGrid(model, sequences=(4, 16, 32), gen_sequences=(8, 32), repeats=2,
+                         gen_repeats=1)
     return CallsGrid(model)
 
 
@@ -108,11 +110,13 @@ class Recorder:
     group: object
     repeats: int
 
-    def measure(self, role: str, method: str, *args) -> tuple[float, dict[str, float]]:
+    def measure(self, role: str, method: str, *args, warm_up: bool = True
+                ) -> tuple[float, dict[str, float]]:
         """(median wall, median of the slowest rank's own seconds and parts) over repeats,
-        after one warm-up call."""
+        after one warm-up call (the first call of a role's method pays for lazy set-up;
+        later sizes skip it)."""
         walls, own = [], []
-        for i in range(self.repeats + 1):
+        for i in range(self.repeats + 1) if warm_up else range(1, self.repeats + 1):
             t0 = time.perf_counter()
             self.group.run(role, method, *args)
             wall = time.perf_counter() - t0
@@ -147,14 +151,14 @@ def measure_layout(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
                        _engine_config(False))
     loss = _losses(grid)
-    for s in grid.sequences:
+    for i, s in enumerate(grid.sequences):
         batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
         key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
-        wall, own = rec.measure(role, "profile_outputs", batch, "out")
+        wall, own = rec.measure(role, "profile_outputs", batch, "out", warm_up=i == 0)
         out["forward"].append({**key, "seconds": own["seconds"]})
         out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
                                             seconds=max(wall - own["seconds"], 1e-6)))
-        wall, own = rec.measure(role, "profile_update", batch, loss, 1, 1)
+        wall, own = rec.measure(role, "profile_update", batch, loss, 1, 1, warm_up=i == 0)
         out["train_step"].append({**key, "seconds": own["seconds"],
                                   "optimizer_s": own.get("optimizer_s", 0.0)})
         out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
@@ -177,6 +181,7 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
         tg=tg, scheme=cfg.reshard, model_dir=model_dir, kv_cache_bytes=cfg.kv_cache_mib << 20,
         max_model_len=grid.seq_len, seed=cfg.seed))
     replicas = k // tg
+    first = True
     try:
         for s in grid.gen_sequences:
             prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
@@ -185,7 +190,12 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
                 sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
                                           seed=s * 31 + tokens, ignore_eos=True)
                 wall, own = rec.measure(role, "profile_generate",
-                                        Batch(non_tensors={"prompt_ids": prompts}), sampling)
+                                        Batch(non_tensors={"prompt_ids": prompts}), sampling,
+                                        warm_up=first)
+                first = False
+                if own.get("vllm_s", 0.0) > 1.01 * own.get("generate_s", 0.0):
+                    raise RuntimeError(f"profiling {role}: vLLM's clock ({own['vllm_s']:.3f} s) "
+                                       f"exceeds its generate call's")
                 key = dict(ranks=k, tg=tg, micro_dp=tp // tg, sequences=s, tokens=tokens)
                 out["generate"].append({**key, "seconds": own.get("generate_s", 0.0),
                                         "vllm_s": own.get("vllm_s", 0.0)})
@@ -200,22 +210,26 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
 
 
 def _steps(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, str, Callable]]:
-    """(group size, description, fn(recorder, model_dir, out)) in measuring order."""
-    steps = []
+    """(group size, description, fn(group, model_dir, out)) in measuring order."""
+    steps: list[tuple[int, str, Callable]] = []
     for k in grid.group_sizes:
         for lay in train_layouts(spec, k):
-            steps.append((k, f"train/forward tp{lay[0]} pp{lay[1]} dp{lay[2]}", lambda r, d, o, k=k, lay=lay:
-                          measure_layout(r, grid, spec, k, lay, o)))
+            steps.append((k, "train/forward tp{} pp{} dp{}".format(*lay),
+                          lambda g, d, o, k=k, lay=lay: measure_layout(
+                              Recorder(g, grid.repeats), grid, spec, k, lay, o)))
         for tp, tg in generation_configs(spec, k):
-            steps.append((k, f"generate tp{tp}->tg{tg} on {k}", lambda r, d, o, k=k, tp=tp, tg=tg:
-                          measure_generation(r, grid, spec, k, tp, tg, d, o)))
+            steps.append((k, f"generate tp{tp}->tg{tg} on {k}",
+                          lambda g, d, o, k=k, tp=tp, tg=tg: measure_generation(
+                              Recorder(g, grid.gen_repeats), grid, spec, k, tp, tg, d, o)))
     return steps
 
 
-def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
-                  ) -> dict[str, list[dict]]:
+def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None,
+                  timings: dict[str, float] | None = None) -> dict[str, list[dict]]:
     """Every table of the module docstring: {"forward", "train_step", "generate", "reshard",
-    "dispatch_forward", "dispatch_train", "dispatch_generate"} -> rows."""
+    "dispatch_forward", "dispatch_train", "dispatch_generate"} -> rows. `timings` gets the
+    seconds each group's start and each layout took."""
+    timings = {} if timings is None else timings
     from executor.cluster import Cluster, ClusterConfig
     from executor.profiler.calls_worker import ProfileWorker
     from executor.profiler.vllm_steps import save_random_llama
@@ -229,14 +243,18 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
             Cluster.start(ClusterConfig(devices=sum(grid.group_sizes))) as cluster:
         model_dir = str(save_random_llama(spec, Path(tmp), "float32"))
         for k in grid.group_sizes:
+            t0 = time.perf_counter()
             pool = cluster.create_pool(f"profile-calls-{k}", k)
             group = WorkerGroup(cluster, pool, ProfileWorker, name=f"profile{k}")
+            timings[f"start {k} ranks"] = round(time.perf_counter() - t0, 1)
             try:
                 for size, desc, fn in steps:
                     if size == k:
                         if progress:
                             progress(desc)
-                        fn(Recorder(group, grid.repeats), model_dir, out)
+                        t0 = time.perf_counter()
+                        fn(group, model_dir, out)
+                        timings[desc] = round(time.perf_counter() - t0, 1)
             finally:
                 if not group.broken:
                     group.run(None, "close_engine")

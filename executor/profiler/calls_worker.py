@@ -49,9 +49,11 @@ class ProfileWorker(RLWorker):
             he.to_generation = _timed(self._parts, "reshard_s", he.to_generation)
             he.to_training = _timed(self._parts, "reshard_s", he.to_training)
             he.generate = _timed(self._parts, "generate_s", he.generate)
-            if he.engine is not None:
-                he.engine.generate = _timed(self._parts, "vllm_s", he.engine.generate)
             self._clocked.add(id(he))
+            engine = he.engine  # shared by the roles of one generation TP grouping
+            if engine is not None and id(engine) not in self._clocked:
+                engine.generate = _timed(self._parts, "vllm_s", engine.generate)
+                self._clocked.add(id(engine))
 
     def _run(self, role: str, fn: Callable, *args: Any) -> Any:
         self._clock(role)

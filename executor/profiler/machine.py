@@ -96,7 +96,10 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
             "collectives", collectives.measure_collectives(cgrid, info.backend,
                                                            options.threads_per_rank))))
     if options.generate:
-        ggrid = vllm_steps.default_grid(options.quick, gpu, options.model)
+        # on CPU the per-call tables below time generation as the executor runs it; the
+        # step tables (for other models and the analytic path) take the small grid
+        ggrid = vllm_steps.default_grid(options.quick or (options.calls and not gpu), gpu,
+                                        options.model)
         steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
             "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
     if options.calls and not gpu:
@@ -104,12 +107,20 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
         callgrid = replace(callgrid, group_sizes=tuple(k for k in callgrid.group_sizes
                                                      if k <= options.devices))
         steps.append((f"executor calls, {options.model}", lambda: (
-            "calls", calls.calls_section(calls.measure_calls(callgrid), callgrid))))
+            "calls", _calls(callgrid))))
     if options.dispatch:
         dgrid = dispatch.DispatchGrid(world, repeats=5 if options.quick else 20)
         steps.append((f"Ray dispatch, {world} actors", lambda: (
             "dispatch", dispatch.measure_dispatch(dgrid))))
     return steps
+
+
+CALL_SECONDS: dict[str, float] = {}  # the last measure_calls' seconds per part
+
+
+def _calls(grid: "calls.CallsGrid") -> dict:
+    CALL_SECONDS.clear()
+    return calls.calls_section(calls.measure_calls(grid, timings=CALL_SECONDS), grid)
 
 
 def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
@@ -128,6 +139,8 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
             key, value = thunk()
             results[key] = value
             took[key] = round(time.perf_counter() - t0, 1)
+            if key == "calls":
+                took.update({f"calls: {k}": v for k, v in CALL_SECONDS.items()})
             bar.update(1)
     alone, train_rows = results["alone"]
     m = Measurements(alone, {1: alone}, results.get("collectives", {}), results.get("generate"),
