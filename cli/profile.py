@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -42,6 +44,11 @@ def main(args: argparse.Namespace) -> int:
                              threads_per_rank=args.threads, model=args.model,
                              generate=not args.no_generate, dispatch=not args.no_dispatch,
                              calls=not args.no_calls)
+    busy = os.getloadavg()[0]
+    if busy > 1.0:
+        print(f"note: load average {busy:.1f} before measuring: other programs using the "
+              f"cores inflate what is measured (above all the sharing factors); profile a quiet "
+              f"machine", file=sys.stderr)
     path = profile_machine(options)
     print(f"wrote {path}")
     return 0

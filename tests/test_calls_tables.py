@@ -174,3 +174,13 @@ def test_profile_worker_clocks_each_part_once():
     assert len(calls) == 3 and w.take_seconds() == []
     for c in calls:
         assert 0.01 <= c["vllm_s"] <= c["generate_s"] <= c["seconds"]
+
+
+def test_profiler_statistics_resist_bursts():
+    from executor.profiler.calls import _monotone, typical
+    assert typical([0.3, 0.1]) == 0.1 and typical([0.3, 0.1, 0.2]) == 0.2
+    rows = [{"ranks": 1, "sequences": s, "seconds": v} for s, v in ((4, 0.1), (8, 0.9),
+                                                                     (16, 0.2), (32, 0.3))]
+    fixed = _monotone(rows, ("ranks",), ("seconds",))
+    assert [r["seconds"] for r in fixed] == [0.1, 0.2, 0.2, 0.3]  # the burst at 8 removed
+    assert rows[1]["seconds"] == 0.9  # the input is left as it was

@@ -16,8 +16,10 @@ model of every layout a set of k devices allows:
   resharding (to the generation layout incl. vLLM's weight reload, and back) is ``reshard``;
 - dispatch: each call's wall time at the controller minus its slowest rank's own time.
 
-Rows give the slowest rank's seconds (a call ends with its slowest rank), medians of repeats
-after a warm-up call.
+Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
+call per role and method, rounds through all of a layout's calls (a burst of other load
+lands in one round of each), the median over rounds (the smaller of two); a value above the
+next larger size's is such a burst and takes that value (more work never takes less time).
 """
 from __future__ import annotations
 
@@ -104,30 +106,44 @@ def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> "Batch
                   "values": small}, meta={"prompt_len": P})
 
 
+def typical(values: list[float]) -> float:
+    """The median, or with two values the smaller: other programs' bursts only add time."""
+    return min(values) if len(values) <= 2 else statistics.median(values)
+
+
 @dataclass
 class Recorder:
     """Times calls on a worker group: controller wall and each rank's own seconds."""
     group: object
     repeats: int
 
-    def measure(self, role: str, method: str, *args, warm_up: bool = True
-                ) -> tuple[float, dict[str, float]]:
-        """(median wall, median of the slowest rank's own seconds and parts) over repeats,
-        after one warm-up call (the first call of a role's method pays for lazy set-up;
-        later sizes skip it)."""
-        walls, own = [], []
-        for i in range(self.repeats + 1) if warm_up else range(1, self.repeats + 1):
-            t0 = time.perf_counter()
-            self.group.run(role, method, *args)
-            wall = time.perf_counter() - t0
-            ranks = [c[-1] for c in self.group.run(None, "take_seconds")]
-            if i:
-                walls.append(wall)
-                slowest = max(ranks, key=lambda c: c["seconds"])
-                own.append({k: max(c.get(k, 0.0) for c in ranks) for k in slowest})
-        keys = set().union(*own)
-        return statistics.median(walls), {k: statistics.median(o.get(k, 0.0) for o in own)
-                                          for k in keys}
+    def _once(self, role: str, method: str, args: tuple) -> tuple[float, dict[str, float]]:
+        t0 = time.perf_counter()
+        self.group.run(role, method, *args)
+        wall = time.perf_counter() - t0
+        ranks = [c[-1] for c in self.group.run(None, "take_seconds")]
+        slowest = max(ranks, key=lambda c: c["seconds"])
+        return wall, {k: max(c.get(k, 0.0) for c in ranks) for k in slowest}
+
+    def rounds(self, calls: list[tuple[object, str, str, tuple]]
+               ) -> dict[object, tuple[float, dict[str, float]]]:
+        """{name: (wall, the slowest rank's own seconds and parts)} of each (name, role,
+        method, args): one warm-up call per role and method (lazy set-up), then `repeats`
+        rounds through the whole list, so that a burst of other load lands in one round of
+        every call rather than in all rounds of a few; typical() over rounds."""
+        warm = set()
+        for _, role, method, args in calls:
+            if (role, method) not in warm:
+                self._once(role, method, args)
+                warm.add((role, method))
+        got: dict[object, list[tuple[float, dict[str, float]]]] = {}
+        for _ in range(self.repeats):
+            for name, role, method, args in calls:
+                got.setdefault(name, []).append(self._once(role, method, args))
+        return {name: (typical([w for w, _ in runs]),
+                       {k: typical([o.get(k, 0.0) for _, o in runs])
+                        for k in set().union(*(o for _, o in runs))})
+                for name, runs in got.items()}
 
 
 def _engine_config(value_head: bool):
@@ -151,18 +167,23 @@ def measure_layout(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
                        _engine_config(False))
     loss = _losses(grid)
-    for i, s in enumerate(grid.sequences):
+    calls = []
+    for s in grid.sequences:
         batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
+        calls += [(("forward", s), role, "profile_outputs", (batch, "out")),
+                  (("train", s), role, "profile_update", (batch, loss, 1, 1))]
+    got = rec.rounds(calls)
+    for s in grid.sequences:
         key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
-        wall, own = rec.measure(role, "profile_outputs", batch, "out", warm_up=i == 0)
-        out["forward"].append({**key, "seconds": own["seconds"]})
+        (fw_wall, fw), (tr_wall, tr) = got[("forward", s)], got[("train", s)]
+        out["forward"].append({**key, "seconds": fw["seconds"]})
+        out["train_step"].append({**key, "seconds": tr["seconds"],
+                                  "optimizer_s": tr.get("optimizer_s", 0.0)})
         out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
-                                            seconds=max(wall - own["seconds"], 1e-6)))
-        wall, own = rec.measure(role, "profile_update", batch, loss, 1, 1, warm_up=i == 0)
-        out["train_step"].append({**key, "seconds": own["seconds"],
-                                  "optimizer_s": own.get("optimizer_s", 0.0)})
+                                            seconds=max(fw_wall - fw["seconds"], 1e-6)))
         out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
-                                          seconds=max(wall - own["seconds"], 1e-6)))
+                                          seconds=max(tr_wall - tr["seconds"], 1e-6)))
+    rec.group.run(role, "drop_role")
 
 
 def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, tp: int,
@@ -181,32 +202,29 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
         tg=tg, scheme=cfg.reshard, model_dir=model_dir, kv_cache_bytes=cfg.kv_cache_mib << 20,
         max_model_len=grid.seq_len, seed=cfg.seed))
     replicas = k // tg
-    first = True
+    calls = []
+    for s in grid.gen_sequences:
+        prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
+                   for i in range(s * replicas)]
+        for tokens in sorted({1, grid.response_len}):
+            sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
+                                      seed=s * 31 + tokens, ignore_eos=True)
+            calls.append(((s, tokens), role, "profile_generate",
+                          (Batch(non_tensors={"prompt_ids": prompts}), sampling)))
     try:
-        for s in grid.gen_sequences:
-            prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
-                       for i in range(s * replicas)]
-            for tokens in sorted({1, grid.response_len}):
-                sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
-                                          seed=s * 31 + tokens, ignore_eos=True)
-                wall, own = rec.measure(role, "profile_generate",
-                                        Batch(non_tensors={"prompt_ids": prompts}), sampling,
-                                        warm_up=first)
-                first = False
-                if own.get("vllm_s", 0.0) > 1.01 * own.get("generate_s", 0.0):
-                    raise RuntimeError(f"profiling {role}: vLLM's clock ({own['vllm_s']:.3f} s) "
-                                       f"exceeds its generate call's")
-                key = dict(ranks=k, tg=tg, micro_dp=tp // tg, sequences=s, tokens=tokens)
-                out["generate"].append({**key, "seconds": own.get("generate_s", 0.0),
-                                        "vllm_s": own.get("vllm_s", 0.0)})
-                out["dispatch_generate"].append(dict(
-                    ranks=k, sequences=s * replicas,
-                    seconds=max(wall - own.get("generate_s", 0.0) - own.get("reshard_s", 0.0),
-                                1e-6)))
-                out["reshard"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg,
-                                           seconds=own.get("reshard_s", 0.0)))
+        got = rec.rounds(calls)
     finally:
-        rec.group.run(role, "drop_rollout")
+        rec.group.run(role, "drop_role")
+    for (s, tokens), (wall, own) in got.items():
+        gen, resh = own.get("generate_s", 0.0), own.get("reshard_s", 0.0)
+        if own.get("vllm_s", 0.0) > 1.01 * gen:
+            raise RuntimeError(f"profiling {role}: vLLM's clock ({own['vllm_s']:.3f} s) "
+                               f"exceeds its generate call's")
+        out["generate"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg, sequences=s,
+                                    tokens=tokens, seconds=gen, vllm_s=own.get("vllm_s", 0.0)))
+        out["dispatch_generate"].append(dict(ranks=k, sequences=s * replicas,
+                                             seconds=max(wall - gen - resh, 1e-6)))
+        out["reshard"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg, seconds=resh))
 
 
 def _steps(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, str, Callable]]:
@@ -273,6 +291,24 @@ def _median_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
             for key, rs in sorted(groups.items())]
 
 
+def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) -> list[dict]:
+    """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`:
+    more work never takes less time, so a value above a larger size's is another
+    program's burst and takes the larger size's value."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(dict(r))
+    for key in sorted(groups):
+        series = sorted(groups[key], key=lambda r: r["sequences"])
+        for col in cols:
+            low = float("inf")
+            for r in reversed(series):
+                low = r[col] = min(r[col], low)
+        out += series
+    return out
+
+
 def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
     """The profile's `calls:` table (format: profiles/README.md) from measure_calls rows."""
     from executor.run_config import RunConfig
@@ -280,8 +316,13 @@ def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
     return {"model": grid.model, "prompt_len": grid.prompt_len,
             "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,
             "scheme": cfg.reshard,
-            "forward": measured["forward"], "train_step": measured["train_step"],
-            "generate": measured["generate"],
+            "forward": _monotone(measured["forward"], ("ranks", "tp", "pp"), ("seconds",)),
+            "train_step": _monotone(measured["train_step"], ("ranks", "tp", "pp"),
+                                    ("seconds",)),
+            "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
+                                  ("seconds", "vllm_s")),
             "reshard": _median_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
-            "dispatch": {kind: _median_by(measured[f"dispatch_{kind}"], ("ranks", "sequences"))
+            "dispatch": {kind: _monotone(_median_by(measured[f"dispatch_{kind}"],
+                                                    ("ranks", "sequences")),
+                                         ("ranks",), ("seconds",))
                          for kind in ("forward", "train", "generate")}}

@@ -8,6 +8,7 @@ controller minus its slowest rank's own time is the single controller's dispatch
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Callable
 
@@ -27,6 +28,9 @@ def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
     return wrapper
 
 
+_CLOCKED = "_hybridflow_profile_clocked"
+
+
 class ProfileWorker(RLWorker):
     """One rank of a profiling worker group (see executor.profiler.calls)."""
 
@@ -34,26 +38,24 @@ class ProfileWorker(RLWorker):
         super().__init__(rank, world_size, group_name)
         self._parts: dict[str, float] = {}   # the current call's parts
         self._calls: list[dict[str, float]] = []
-        self._clocked: set[int] = set()
         self._engine: tuple[Any, Any] | None = None  # (EngineConfig, VllmEngine) alive
 
     def _clock(self, role: str) -> None:
-        """Put clocks on the parts of `role`'s engines (once per engine object)."""
-        engine = self.role(role).engine
-        opt = engine.optimizer
-        if opt is not None and id(opt) not in self._clocked:
+        """Put clocks on the parts of `role`'s engines (once per engine object: a vLLM
+        engine is shared by the roles of one generation TP grouping)."""
+        opt = self.role(role).engine.optimizer
+        if opt is not None and not getattr(opt, _CLOCKED, False):
             opt.step = _timed(self._parts, "optimizer_s", opt.step)
-            self._clocked.add(id(opt))
+            setattr(opt, _CLOCKED, True)
         he = self.rollout.get(role)
-        if he is not None and id(he) not in self._clocked:
+        if he is not None and not getattr(he, _CLOCKED, False):
             he.to_generation = _timed(self._parts, "reshard_s", he.to_generation)
             he.to_training = _timed(self._parts, "reshard_s", he.to_training)
             he.generate = _timed(self._parts, "generate_s", he.generate)
-            self._clocked.add(id(he))
-            engine = he.engine  # shared by the roles of one generation TP grouping
-            if engine is not None and id(engine) not in self._clocked:
-                engine.generate = _timed(self._parts, "vllm_s", engine.generate)
-                self._clocked.add(id(engine))
+            setattr(he, _CLOCKED, True)
+            if he.engine is not None and not getattr(he.engine, _CLOCKED, False):
+                he.engine.generate = _timed(self._parts, "vllm_s", he.engine.generate)
+                setattr(he.engine, _CLOCKED, True)
 
     def _run(self, role: str, fn: Callable, *args: Any) -> Any:
         self._clock(role)
@@ -103,9 +105,13 @@ class ProfileWorker(RLWorker):
             ve.VllmEngine = real
 
     @register(dispatch_mode=ONE_TO_ALL)
-    def drop_rollout(self, role: str) -> None:
-        """Forget the role's 3D-HybridEngine (its vLLM engine stays for the next role)."""
-        self.rollout.pop(role)
+    def drop_role(self, role: str) -> None:
+        """Forget a measured role (model, optimizer, 3D-HybridEngine; a vLLM engine stays
+        for the next role), so that the process holds about what a run's does: resharding
+        ends with a garbage collection whose time grows with the objects alive."""
+        self.rollout.pop(role, None)
+        self.roles.pop(role)
+        gc.collect()
 
     @register(dispatch_mode=ONE_TO_ALL)
     def close_engine(self, role: str | None = None) -> None:
