@@ -127,7 +127,9 @@ def parse_calls(raw: Any) -> Calls:
             kw[field] = rows(f"calls.{name}", raw[name], keys)
     disp = raw.get("dispatch") or {}
     if not isinstance(disp, dict) or set(disp) - set(DISPATCH):
-        raise ProfileError(f"calls.dispatch: expected a mapping with keys among {', '.join(DISPATCH)}")
+        raise ProfileError(f"calls.dispatch: expected a mapping with keys among "
+                           f"{', '.join(DISPATCH)}")
     kw["dispatch_rows"] = tuple(sorted(
-        (k, rows(f"calls.dispatch.{k}", v, ("ranks", "sequences", "seconds"))) for k, v in disp.items()))
+        (k, rows(f"calls.dispatch.{k}", v, ("ranks", "sequences", "seconds")))
+        for k, v in disp.items()))
     return Calls(**kw)

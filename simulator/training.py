@@ -169,7 +169,8 @@ def measured_infer(job: Job, role: str, layout: TrainLayout, profile: Profile,
     disp = calls.dispatch("forward", layout.n_gpus, per_call)
     if fwd is None or disp is None:
         return None
-    return cost(("forward_calls", n_calls * fwd, "measured"), ("dispatch", n_calls * disp, "measured"))
+    return cost(("forward_calls", n_calls * fwd, "measured"),
+                ("dispatch", n_calls * disp, "measured"))
 
 
 def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int) -> Cost:

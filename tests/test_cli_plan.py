@@ -33,6 +33,17 @@ def test_json_out_and_simulate_round_trip(capsys, tmp_path):
     code, out, _ = run(capsys, "simulate", str(path), "--json")
     assert code == 0
     assert json.loads(out)["predicted"]["iteration_s"] == pytest.approx(printed["predicted"]["iteration_s"])
+    code, out, _ = run(capsys, "simulate", str(path))
+    assert code == 0 and "Terms" in out and "(measured)" in out  # the measured local profile
+
+
+def test_simulate_takes_the_resharding_scheme(capsys, tmp_path):
+    """An analytic GPU profile, a plan whose actor reshards: the scheme's own term."""
+    path = tmp_path / "plan.json"
+    code, _, _ = run(capsys, "plan", "--gpu", "a100-80gb", "--gpus", "16", "--model",
+                     "llama-2-7b", "--prompt-len", "512", "--response-len", "512", "--batch",
+                     "128", "--out", str(path))
+    assert code == 0
     code, out, _ = run(capsys, "simulate", str(path), "--reshard", "allgather")
     assert code == 0 and "reshard_allgather" in out
     assert "Terms" in out and "(roofline)" in out

@@ -10,10 +10,13 @@ from simulator.costs import DoesNotFit
 from simulator.job import Job, JobError
 from simulator.layout import GenLayout, LayoutError, TrainLayout
 from simulator.placement import PlacedSet
-from simulator.predict import predict_plan, predict_set
-from simulator.profile import load_profile
+from simulator.predict import fluid_finish, predict_plan, predict_set
+from simulator.calls import Calls
+from simulator.profile import Overheads, load_profile
 
 CPU = load_profile("local-cpu")
+# its analytic model alone: no per-call tables, no cores shared between sets
+ANALYTIC = dataclasses.replace(CPU, calls=Calls(), overheads=Overheads())
 
 
 def _tiny_plan(sets):
@@ -31,10 +34,17 @@ SPLIT = (PlacedSet(("actor", "reference"), 2,
 def test_tiny_models_on_local_cpu_compose_as_d_cost():
     plan = _tiny_plan(SPLIT)
     pred = predict_plan(plan)                       # profile from the cluster's GPU kind
-    sets = [predict_set(plan.job, s, CPU, 4) for s in SPLIT]
+    # each set as if alone (its own 2 ranks busy), then the sets of a stage share the cores
+    sets = [predict_set(plan.job, s, CPU.shared(2), 4) for s in SPLIT]
     for stage in ("generate", "prepare", "train", "reshard"):
         within = [sum(r.stages[stage].seconds for r in s.roles if stage in r.stages) for s in sets]
-        assert pred.stages[stage] == pytest.approx(max(within))   # slowest set
+        shared = fluid_finish(within, [2, 2], CPU.overheads.slowdown, 4)
+        assert pred.stages[stage] == pytest.approx(max(shared))   # slowest set
+        assert max(shared) >= max(within)
+    plain = predict_plan(plan, ANALYTIC)            # without sharing: the slowest set alone
+    for stage in ("generate", "prepare", "train", "reshard"):
+        alone = [predict_set(plan.job, s, ANALYTIC, 4).stage_seconds(stage) for s in SPLIT]
+        assert plain.stages[stage] == pytest.approx(max(alone))
     prepare_a = sets[0].roles[0].stages["prepare"].seconds + sets[0].roles[1].stages["prepare"].seconds
     assert sets[0].stage_seconds("prepare") == pytest.approx(prepare_a)   # colocated roles add
     assert pred.iteration_s == pytest.approx(sum(pred.stages.values()))
@@ -54,7 +64,8 @@ def test_reshard_scheme_changes_only_reshard_and_memory():
         {"actor": {"train": TrainLayout(1, 2, 2), "generate": GenLayout(1, 1, 2)},
          "critic": {"train": TrainLayout(1, 1, 4)}, "reference": {"infer": TrainLayout(1, 1, 4)},
          "reward": {"infer": TrainLayout(1, 1, 4)}}),))
-    he, ag = predict_plan(plan, CPU, "hybridengine"), predict_plan(plan, CPU, "allgather")
+    # the schemes of the analytic model (the per-call table measured the executor's one)
+    he, ag = predict_plan(plan, ANALYTIC, "hybridengine"), predict_plan(plan, ANALYTIC, "allgather")
     assert ag.stages["reshard"] > he.stages["reshard"] > 0
     assert ag.stages["train"] == he.stages["train"]
     with pytest.raises(ValueError, match="unknown resharding scheme"):

@@ -20,12 +20,21 @@ def test_shipped_profiles_load_with_sources():
     for key in ("peak_flops", "hbm_gib", "hbm_bandwidth", "intra_node_bandwidth",
                 "inter_node_bandwidth", "efficiency"):
         assert sources[key]
+    # the local cluster's profile is the one `hybridflow profile` wrote: measured tables,
+    # per-call tables of the executor's model, and how its 4 devices share the host's cores
+    raw = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
     cpu = load_profile("local-cpu")
-    assert cpu.estimate and cpu.host_cores == 2 and cpu.gpus_per_node == 4
+    assert raw["generated"]["by"] == "hybridflow profile" and not cpu.estimate
+    assert (cpu.host_cores, cpu.gpus_per_node) == (raw["host_cores"], raw["gpus_per_node"])
+    assert cpu.calls.model == raw["calls"]["model"] and cpu.calls.forward_rows
+    assert cpu.overheads.slowdown(1) == 1.0 and len(cpu.overheads.sharing) >= 2
 
 
 def _write(tmp_path, **changes):
+    """local-cpu.yaml with only its header numbers, and `changes`."""
     data = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
+    for k in ("measured", "calls", "sharing", "extra"):
+        data.pop(k, None)
     data.update(changes)
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
