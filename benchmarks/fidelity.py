@@ -239,6 +239,11 @@ def _ranking(stats: dict) -> str:
         "; ".join(cells)
 
 
+def _machine() -> str:
+    from executor.profiler.machine import _cpu_name
+    return f"{_cpu_name()} ({os.cpu_count()} cores)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=4)
@@ -267,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         summaries[n] = run_plan(n, plans[n], runs, args.iterations, args.profile)
     text, stats = table(summaries)
     header = (f"{len(summaries)} plans x {args.iterations} iterations (first dropped); "
-              f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+              f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
+              f"ended {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
+              f"{_machine()}")
     print(text + "\n\n" + _verdict(stats) + "\n" + header)
     (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header}, indent=1))
     if args.out:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -126,10 +127,18 @@ class Cluster:
         self.pools[name] = ResourcePool(name, devices, self.resource, pg)
         return self.pools[name]
 
-    def remove_pool(self, name: str) -> None:
+    def remove_pool(self, name: str, wait_s: float = 30.0) -> None:
+        """Release a pool; returns once Ray counts its devices free again (removal is
+        asynchronous: a pool created right after would otherwise not find them)."""
         pool = self.pools.pop(name, None)
-        if pool is not None:
-            remove_placement_group(pool.placement_group)
+        if pool is None:
+            return
+        before = ray.available_resources().get(self.resource, 0)
+        remove_placement_group(pool.placement_group)
+        deadline = time.monotonic() + wait_s
+        while ray.available_resources().get(self.resource, 0) < before + pool.devices \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         if self._closed:

@@ -7,6 +7,8 @@ through the lookups here and fall back to their analytic terms (saying so: sourc
 Rows (every value a positive number; `ranks` is the set's device count, all of them busy):
   forward:    {ranks, tp, pp, sequences, seconds}     sequences per DP rank, one call
   train_step: {ranks, tp, pp, sequences, seconds, optimizer_s}   one optimizer step
+  forward_value, train_step_value: the same of a model with a value head (critic, reward
+              model: its own loss and head); optional, the LM rows serve where absent
   generate:   {ranks, tg, micro_dp, sequences, tokens, seconds, vllm_s}   per replica
   reshard:    {ranks, tg, micro_dp, seconds}          to the generation layout and back
   dispatch:   {forward|train|generate: [{ranks, sequences, seconds}]}   the controller's
@@ -24,6 +26,8 @@ KEYS = {"forward": ("ranks", "tp", "pp", "sequences", "seconds"),
         "train_step": ("ranks", "tp", "pp", "sequences", "seconds", "optimizer_s"),
         "generate": ("ranks", "tg", "micro_dp", "sequences", "tokens", "seconds", "vllm_s"),
         "reshard": ("ranks", "tg", "micro_dp", "seconds")}
+KEYS["forward_value"], KEYS["train_step_value"] = KEYS["forward"], KEYS["train_step"]
+_FIELDS = {"train_step": "train_rows", "train_step_value": "train_value_rows"}
 DISPATCH = ("forward", "train", "generate")
 _HEADER = ("model", "prompt_len", "response_len", "micro_batch", "scheme")
 
@@ -46,6 +50,8 @@ class Calls:
     train_rows: tuple[Row, ...] = ()
     generate_rows: tuple[Row, ...] = ()
     reshard_rows: tuple[Row, ...] = ()
+    forward_value_rows: tuple[Row, ...] = ()
+    train_value_rows: tuple[Row, ...] = ()
     dispatch_rows: tuple[tuple[str, tuple[Row, ...]], ...] = ()
 
     def applies(self, model: str) -> bool:
@@ -72,17 +78,22 @@ class Calls:
         pts = _series(table, (float(ranks),))
         return interpolate(pts, sequences) if pts else None
 
-    def forward(self, ranks: int, tp: int, pp: int, sequences: float) -> float | None:
-        pts = _series(self.forward_rows, (ranks, tp, pp))
+    def forward(self, ranks: int, tp: int, pp: int, sequences: float, value: bool = False
+                ) -> float | None:
+        """Seconds of one forward call (`value`: a value-head model's, where measured)."""
+        table = self.forward_value_rows if value and self.forward_value_rows else \
+            self.forward_rows
+        pts = _series(table, (ranks, tp, pp))
         return interpolate(pts, sequences) if pts else None
 
-    def train_step(self, ranks: int, tp: int, pp: int, sequences: float
+    def train_step(self, ranks: int, tp: int, pp: int, sequences: float, value: bool = False
                    ) -> tuple[float, float] | None:
         """(seconds of one optimizer step, the optimizer's part of it)."""
-        pts = _series(self.train_rows, (ranks, tp, pp), 4)
+        table = self.train_value_rows if value and self.train_value_rows else self.train_rows
+        pts = _series(table, (ranks, tp, pp), 4)
         if not pts:
             return None
-        opt = _series(self.train_rows, (ranks, tp, pp), 5)
+        opt = _series(table, (ranks, tp, pp), 5)
         return interpolate(pts, sequences), interpolate(opt, sequences)
 
     def generate(self, ranks: int, tg: int, micro_dp: int, sequences: float, steps: float,
@@ -123,7 +134,7 @@ def parse_calls(raw: Any) -> Calls:
         kw[k] = int(num(f"calls.{k}", raw.get(k)))
     for name, keys in KEYS.items():
         if raw.get(name):
-            field = "train_rows" if name == "train_step" else f"{name}_rows"
+            field = _FIELDS.get(name, f"{name}_rows")
             kw[field] = rows(f"calls.{name}", raw[name], keys)
     disp = raw.get("dispatch") or {}
     if not isinstance(disp, dict) or set(disp) - set(DISPATCH):

@@ -146,7 +146,7 @@ def measured_train(job: Job, role: str, layout: TrainLayout, profile: Profile) -
     calls = profile.calls
     per_rank = math.ceil(job.sequences / (job.mini_batches * layout.dp))
     step = calls.train_step(layout.n_gpus, layout.tp, layout.pp,
-                            calls.same_work(per_rank, job.seq_len))
+                            calls.same_work(per_rank, job.seq_len), role in VALUE_ROLES)
     disp = calls.dispatch("train", layout.n_gpus, job.sequences)
     if step is None or disp is None:
         return None
@@ -165,7 +165,8 @@ def measured_infer(job: Job, role: str, layout: TrainLayout, profile: Profile,
     n_calls = math.ceil(sequences / job.sequences)
     per_call = sequences / n_calls
     fwd = calls.forward(layout.n_gpus, layout.tp, layout.pp,
-                        calls.same_work(math.ceil(per_call / layout.dp), job.seq_len))
+                        calls.same_work(math.ceil(per_call / layout.dp), job.seq_len),
+                        role in VALUE_ROLES)
     disp = calls.dispatch("forward", layout.n_gpus, per_call)
     if fwd is None or disp is None:
         return None

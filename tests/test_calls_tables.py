@@ -58,6 +58,28 @@ def test_train_and_infer_terms_from_the_tables(tmp_path):
     assert c.as_dict() == pytest.approx({"forward_calls": 0.06, "dispatch": 0.04})
 
 
+def test_value_models_read_their_own_rows(tmp_path):
+    value = {**CALLS,
+             "forward_value": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.04},
+                               {"ranks": 4, "tp": 1, "pp": 1, "sequences": 16,
+                                "seconds": 0.10}],
+             "train_step_value": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4,
+                                   "seconds": 0.20, "optimizer_s": 0.05}]}
+    prof = _profile(tmp_path, value)
+    # the critic and the reward model read the value rows, the actor and reference the LM's
+    assert infer_cost(JOB, "reward", DP4, prof, 8, 32).as_dict()["forward_calls"] == \
+        pytest.approx(0.06)
+    assert infer_cost(JOB, "reference", DP4, prof, 8, 32).as_dict()["forward_calls"] == \
+        pytest.approx(0.03)
+    assert train_cost(JOB, "critic", DP4, prof, 8).as_dict()["optimizer_steps"] == \
+        pytest.approx(2 * 0.05)
+    assert train_cost(JOB, "actor", DP4, prof, 8).as_dict()["optimizer_steps"] == \
+        pytest.approx(2 * 0.02)
+    # a profile without value rows: value models read the LM rows
+    assert infer_cost(JOB, "reward", DP4, _profile(tmp_path), 8, 32).as_dict()[
+        "forward_calls"] == pytest.approx(0.03)
+
+
 def test_generation_and_reshard_terms_from_the_tables(tmp_path):
     prof = _profile(tmp_path)
     gen = GenLayout(1, 1, 1)
@@ -108,6 +130,22 @@ def test_profiler_layouts_and_aggregation():
         [{"ranks": 4, "tg": 1, "seconds": 0.5}]
     assert _median_by(rows, ("ranks", "tg")) == [{"ranks": 2, "tg": 1, "seconds": 0.2},
                                                  {"ranks": 4, "tg": 1, "seconds": 0.5}]
+
+
+def test_profiler_groups_one_engine_each_training_beside_the_first():
+    from executor.profiler.calls import CallsGrid, _groups
+    groups = _groups(CallsGrid(group_sizes=(1, 4)), load_model("tiny"))
+    names = [(k, [d for d, _ in steps]) for k, steps in groups]
+    # one fresh group per (set size, generation tp): its vLLM engine serves its layouts
+    assert [(k, {d.split("->")[1].split()[0] for d in ds if d.startswith("generate")})
+            for k, ds in names] == [(1, {"tg1"}), (4, {"tg1"}), (4, {"tg2"}), (4, {"tg4"})]
+    # the training layouts run after the first group's generation, its engine still alive
+    first4 = names[1][1]
+    assert first4[:3] == ["generate tp1->tg1 on 4", "generate tp2->tg1 on 4",
+                          "generate tp4->tg1 on 4"]
+    assert sorted(first4[3:]) == sorted("train/forward tp{} pp{} dp{}".format(*lay)
+                                        for lay in train_layouts(load_model("tiny"), 4))
+    assert not any(d.startswith("train") for _, ds in names[2:] for d in ds)
 
 
 def test_remax_greedy_generation_reshards_again(tmp_path):

@@ -16,9 +16,20 @@ model of every layout a set of k devices allows:
   resharding (to the generation layout incl. vLLM's weight reload, and back) is ``reshard``;
 - dispatch: each call's wall time at the controller minus its slowest rank's own time.
 
+The forward and train_step tables are measured twice, for an LM (the actor's loss) and for a
+model with a value head (the critic's loss): `forward_value`, `train_step_value`.
+
+The generation layouts of one generation tp are measured in a worker group of their own
+(fresh processes, one vLLM engine, as a run's actor set has: the layouts of one tg share its
+engine), and the training layouts of k ranks in the first such group with its vLLM engine
+still alive, as a run's actor set trains beside its engine (an engine in the process slowed
+megatron's calls by about a fifth on a 2-core VM; an engine started after another one was
+shut down in the same processes generated up to twice slower than in a run). Each generate
+call follows an optimizer step of its actor, as a run's generation follows its update.
+
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
 call per role and method, rounds through all of a layout's calls (a burst of other load
-lands in one round of each), the median over rounds (the smaller of two); a value above the
+lands in one round of each), the median over rounds; a value above the
 next larger size's is such a burst and takes that value (more work never takes less time).
 """
 from __future__ import annotations
@@ -43,8 +54,10 @@ class CallsGrid:
     gen_sequences: tuple[int, ...] = (8, 32)      # per generation replica
     prompt_len: int = 16
     response_len: int = 8
-    repeats: int = 3
-    gen_repeats: int = 2        # generate calls (slower, and each one reshards too)
+    repeats: int = 4
+    gen_repeats: int = 3        # generate calls (slower, and each one reshards too)
+    micro_batch_per_rank: int = 4  # the optimizer step before each generate call
+    concurrency: bool = True    # time calls of one-rank sets running at once (sharing)
 
     def __post_init__(self) -> None:
         spec = load_model(self.model)
@@ -152,38 +165,44 @@ def _engine_config(value_head: bool):
     return engine_config("critic" if value_head else "actor", RunConfig())
 
 
-def _losses(grid: CallsGrid):
+def _losses(grid: CallsGrid, value: bool):
     from executor import algorithms as alg
-    from executor.rl_worker import ActorLoss
-    return ActorLoss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
+    from executor.rl_worker import ActorLoss, CriticLoss
+    loss = CriticLoss if value else ActorLoss
+    return loss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
 
 
 def measure_layout(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
                    layout: tuple[int, int, int], out: dict[str, list[dict]]) -> None:
-    """forward and train_step rows (and dispatch rows) of one (tp, pp, dp) on k ranks."""
+    """forward and train_step rows, of an LM and of a value model, (and dispatch rows) of
+    one (tp, pp, dp) on k ranks."""
     from executor.parallel import ParallelLayout
     tp, pp, dp = layout
-    role = f"lm-tp{tp}-pp{pp}"
-    rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
-                       _engine_config(False))
-    loss = _losses(grid)
-    calls = []
-    for s in grid.sequences:
-        batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
-        calls += [(("forward", s), role, "profile_outputs", (batch, "out")),
-                  (("train", s), role, "profile_update", (batch, loss, 1, 1))]
+    calls, roles = [], {}
+    for value in (False, True):
+        role = roles[value] = f"{'value' if value else 'lm'}-tp{tp}-pp{pp}"
+        rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
+                           _engine_config(value))
+        loss = _losses(grid, value)
+        for s in grid.sequences:
+            batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
+            calls += [(("forward", value, s), role, "profile_outputs", (batch, "out")),
+                      (("train", value, s), role, "profile_update", (batch, loss, 1, 1))]
     got = rec.rounds(calls)
-    for s in grid.sequences:
-        key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
-        (fw_wall, fw), (tr_wall, tr) = got[("forward", s)], got[("train", s)]
-        out["forward"].append({**key, "seconds": fw["seconds"]})
-        out["train_step"].append({**key, "seconds": tr["seconds"],
-                                  "optimizer_s": tr.get("optimizer_s", 0.0)})
-        out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
-                                            seconds=max(fw_wall - fw["seconds"], 1e-6)))
-        out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
-                                          seconds=max(tr_wall - tr["seconds"], 1e-6)))
-    rec.group.run(role, "drop_role")
+    for value in (False, True):
+        suffix = "_value" if value else ""
+        for s in grid.sequences:
+            key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
+            (fw_wall, fw), (tr_wall, tr) = got[("forward", value, s)], got[("train", value, s)]
+            out["forward" + suffix].append({**key, "seconds": fw["seconds"]})
+            out["train_step" + suffix].append({**key, "seconds": tr["seconds"],
+                                               "optimizer_s": tr.get("optimizer_s", 0.0)})
+            out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
+                                                seconds=max(fw_wall - fw["seconds"], 1e-6)))
+            out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
+                                              seconds=max(tr_wall - tr["seconds"], 1e-6)))
+    for role in roles.values():
+        rec.group.run(role, "drop_role")
 
 
 def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, tp: int,
@@ -202,6 +221,11 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
         tg=tg, scheme=cfg.reshard, model_dir=model_dir, kv_cache_bytes=cfg.kv_cache_mib << 20,
         max_model_len=grid.seq_len, seed=cfg.seed))
     replicas = k // tg
+    # each generate call follows an optimizer step, as in a run (the update, then the next
+    # iteration's generation): its resharding and vLLM find the caches a run leaves them
+    update = ("update", role, "profile_update",
+              (sequence_batch(grid.micro_batch_per_rank * (k // tp), grid, spec.vocab),
+               _losses(grid, False), 1, 1))
     calls = []
     for s in grid.gen_sequences:
         prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
@@ -209,12 +233,13 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
         for tokens in sorted({1, grid.response_len}):
             sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
                                       seed=s * 31 + tokens, ignore_eos=True)
-            calls.append(((s, tokens), role, "profile_generate",
-                          (Batch(non_tensors={"prompt_ids": prompts}), sampling)))
+            calls += [update, ((s, tokens), role, "profile_generate",
+                               (Batch(non_tensors={"prompt_ids": prompts}), sampling))]
     try:
         got = rec.rounds(calls)
     finally:
         rec.group.run(role, "drop_role")
+    got.pop("update")
     for (s, tokens), (wall, own) in got.items():
         gen, resh = own.get("generate_s", 0.0), own.get("reshard_s", 0.0)
         if own.get("vllm_s", 0.0) > 1.01 * gen:
@@ -227,58 +252,131 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, 
         out["reshard"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg, seconds=resh))
 
 
-def _steps(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, str, Callable]]:
-    """(group size, description, fn(group, model_dir, out)) in measuring order."""
-    steps: list[tuple[int, str, Callable]] = []
+Step = tuple[str, Callable]  # (description, fn(group, model_dir, out))
+
+
+def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
+    """(group size, its steps) of each worker group in measuring order: one group per
+    generation layout; the training layouts of k ranks after the first one's generation,
+    beside its engine (see the module docstring)."""
+    groups: list[tuple[int, list[Step]]] = []
     for k in grid.group_sizes:
-        for lay in train_layouts(spec, k):
-            steps.append((k, "train/forward tp{} pp{} dp{}".format(*lay),
-                          lambda g, d, o, k=k, lay=lay: measure_layout(
-                              Recorder(g, grid.repeats), grid, spec, k, lay, o)))
+        by_tg: dict[int, list[Step]] = {}
         for tp, tg in generation_configs(spec, k):
-            steps.append((k, f"generate tp{tp}->tg{tg} on {k}",
-                          lambda g, d, o, k=k, tp=tp, tg=tg: measure_generation(
-                              Recorder(g, grid.gen_repeats), grid, spec, k, tp, tg, d, o)))
-    return steps
+            by_tg.setdefault(tg, []).append((f"generate tp{tp}->tg{tg} on {k}",
+                                             lambda g, d, o, k=k, tp=tp, tg=tg:
+                                             measure_generation(Recorder(g, grid.gen_repeats),
+                                                                grid, spec, k, tp, tg, d, o)))
+        for i, steps in enumerate(by_tg.values()):
+            if i == 0:
+                steps += [("train/forward tp{} pp{} dp{}".format(*lay),
+                           lambda g, d, o, k=k, lay=lay: measure_layout(
+                               Recorder(g, grid.repeats), grid, spec, k, lay, o))
+                          for lay in train_layouts(spec, k)]
+            groups.append((k, steps))
+    return groups
+
+
+def _together(groups: list, calls: list[tuple[str, tuple]]) -> float:
+    """Each of `calls` issued to every group at once: the groups' mean own seconds."""
+    for method, args in calls:
+        for f in [g.call("lm", method, *args) for g in groups]:
+            f.result()
+    own = [sum(c["seconds"] for c in g.run(None, "take_seconds")[0]) for g in groups]
+    return statistics.fmean(own)
+
+
+def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
+                        rounds: int = 7) -> dict[int, float]:
+    """{c: slowdown} of the executor's calls when c one-rank sets call at once (c = 1..n),
+    as concurrent sets of a plan do: a forward and a train call of an LM on each set,
+    the c sets' mean own seconds over one set's alone, interleaved rounds (1, 2, .., n
+    sets, then again), the median over rounds; never decreasing with c."""
+    from executor.parallel import ParallelLayout
+    from executor.profiler.calls_worker import ProfileWorker
+    from executor.worker_group import WorkerGroup
+    groups, pools = [], []
+    try:
+        for i in range(n):
+            pools.append(cluster.create_pool(f"profile-share-{i}", 1))
+            groups.append(WorkerGroup(cluster, pools[-1], ProfileWorker, name=f"share{i}"))
+            groups[-1].add_role("lm", grid.model, ParallelLayout(1, 1, 1),
+                                _engine_config(False))
+        s = grid.sequences[len(grid.sequences) // 2]
+        batch = sequence_batch(s, grid, spec.vocab)
+        calls = [("profile_outputs", (batch, "out")),
+                 ("profile_update", (batch, _losses(grid, False), 1, 1))]
+        _together(groups, calls)  # warm-up: lazy set-up on every set
+        got: dict[int, list[float]] = {c: [] for c in range(1, n + 1)}
+        for _ in range(rounds):
+            for c in range(1, n + 1):
+                got[c].append(_together(groups[:c], calls))
+    finally:
+        for g in groups:
+            g.shutdown()
+        for p in pools:
+            cluster.remove_pool(p.name)
+    alone = statistics.median(got[1])
+    out, low = {}, 1.0
+    for c in range(1, n + 1):
+        low = out[c] = max(low, statistics.median(got[c]) / alone)
+    return out
+
+
+TABLES = ("forward", "train_step", "forward_value", "train_step_value", "generate", "reshard",
+          "dispatch_forward", "dispatch_train", "dispatch_generate")
 
 
 def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None,
                   timings: dict[str, float] | None = None) -> dict[str, list[dict]]:
-    """Every table of the module docstring: {"forward", "train_step", "generate", "reshard",
-    "dispatch_forward", "dispatch_train", "dispatch_generate"} -> rows. `timings` gets the
-    seconds each group's start and each layout took."""
+    """Every table of the module docstring: TABLES -> rows. `timings` gets the seconds each
+    group's start and each layout took."""
     timings = {} if timings is None else timings
     from executor.cluster import Cluster, ClusterConfig
-    from executor.profiler.calls_worker import ProfileWorker
     from executor.profiler.vllm_steps import save_random_llama
-    from executor.worker_group import WorkerGroup
     spec = load_model(grid.model)
-    out: dict[str, list[dict]] = {k: [] for k in (
-        "forward", "train_step", "generate", "reshard", "dispatch_forward", "dispatch_train",
-        "dispatch_generate")}
-    steps = _steps(grid, spec)
+    out: dict[str, list[dict]] = {k: [] for k in TABLES}  # + "concurrency" (sharing factors)
+    groups = _groups(grid, spec)
     with tempfile.TemporaryDirectory(prefix="hf-calls-") as tmp, \
             Cluster.start(ClusterConfig(devices=sum(grid.group_sizes))) as cluster:
         model_dir = str(save_random_llama(spec, Path(tmp), "float32"))
-        for k in grid.group_sizes:
+        for n, (k, steps) in enumerate(groups):
+            _measure_group(cluster, f"profile-calls-{n}", k, steps, model_dir, out, timings,
+                           progress)
+        if grid.concurrency:
+            if progress:
+                progress("concurrent one-rank sets")
             t0 = time.perf_counter()
-            pool = cluster.create_pool(f"profile-calls-{k}", k)
-            group = WorkerGroup(cluster, pool, ProfileWorker, name=f"profile{k}")
-            timings[f"start {k} ranks"] = round(time.perf_counter() - t0, 1)
-            try:
-                for size, desc, fn in steps:
-                    if size == k:
-                        if progress:
-                            progress(desc)
-                        t0 = time.perf_counter()
-                        fn(group, model_dir, out)
-                        timings[desc] = round(time.perf_counter() - t0, 1)
-            finally:
-                if not group.broken:
-                    group.run(None, "close_engine")
-                group.shutdown()
-                cluster.remove_pool(pool.name)
+            n = max(grid.group_sizes)
+            out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
+                                  measure_concurrency(cluster, grid, spec, n).items()]
+            timings["concurrent sets"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _measure_group(cluster, name: str, k: int, steps: list[Step], model_dir: str,
+                   out: dict[str, list[dict]], timings: dict[str, float],
+                   progress: Callable[[str], None] | None) -> None:
+    """Run `steps` on a fresh worker group of k ranks, then shut it down."""
+    from executor.profiler.calls_worker import ProfileWorker
+    from executor.worker_group import WorkerGroup
+    t0 = time.perf_counter()
+    pool = cluster.create_pool(name, k)
+    group = WorkerGroup(cluster, pool, ProfileWorker, name=name)
+    timings[f"start {k} ranks"] = timings.get(f"start {k} ranks", 0.0) + \
+        round(time.perf_counter() - t0, 1)
+    try:
+        for desc, fn in steps:
+            if progress:
+                progress(desc)
+            t0 = time.perf_counter()
+            fn(group, model_dir, out)
+            timings[desc] = round(time.perf_counter() - t0, 1)
+    finally:
+        if not group.broken:
+            group.run(None, "close_engine")
+        group.shutdown()
+        cluster.remove_pool(pool.name)
 
 
 def _median_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -317,8 +415,8 @@ def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
             "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,
             "scheme": cfg.reshard,
             "forward": _monotone(measured["forward"], ("ranks", "tp", "pp"), ("seconds",)),
-            "train_step": _monotone(measured["train_step"], ("ranks", "tp", "pp"),
-                                    ("seconds",)),
+            **{name: _monotone(measured[name], ("ranks", "tp", "pp"), ("seconds",))
+               for name in ("train_step", "forward_value", "train_step_value")},
             "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
                                   ("seconds", "vllm_s")),
             "reshard": _median_by(measured["reshard"], ("ranks", "tg", "micro_dp")),

@@ -118,9 +118,12 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
 CALL_SECONDS: dict[str, float] = {}  # the last measure_calls' seconds per part
 
 
-def _calls(grid: "calls.CallsGrid") -> dict:
+def _calls(grid: "calls.CallsGrid") -> tuple[dict, dict[int, float] | None]:
+    """The `calls:` section, and the slowdowns of concurrent one-rank sets' calls."""
     CALL_SECONDS.clear()
-    return calls.calls_section(calls.measure_calls(grid, timings=CALL_SECONDS), grid)
+    measured = calls.measure_calls(grid, timings=CALL_SECONDS)
+    concurrency = {r["ranks"]: r["factor"] for r in measured.get("concurrency", [])}
+    return calls.calls_section(measured, grid), concurrency or None
 
 
 def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
@@ -143,9 +146,12 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
                 took.update({f"calls: {k}": v for k, v in CALL_SECONDS.items()})
             bar.update(1)
     alone, train_rows = results["alone"]
+    section, concurrency = results.get("calls") or (None, None)
+    # the executor's own calls sharing the cores, where measured, over the kernel's factors
+    sharing = concurrency or results.get("sharing")
     m = Measurements(alone, {1: alone}, results.get("collectives", {}), results.get("generate"),
-                     options.model, train_rows, results.get("dispatch"), results.get("calls"),
-                     results.get("sharing"))
+                     options.model, train_rows, results.get("dispatch"), section, sharing,
+                     results.get("sharing") if concurrency else None)
     out = Path(options.out)
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")
     write_profile(build_profile(out.stem, info, m, time.perf_counter() - start, took,

@@ -47,7 +47,9 @@ class Measurements:
     train_layer: list[dict] = field(default_factory=list)  # rows of measure_train_layer
     dispatch: dict | None = None  # measure_dispatch: Ray round trips of the controller
     calls: dict | None = None     # calls.calls_section: the executor's per-call tables
-    sharing: dict[int, float] | None = None  # sharing.measure_sharing: interleaved factors
+    sharing: dict[int, float] | None = None  # ranks -> slowdown (the calls' concurrency, or
+    # sharing.measure_sharing's interleaved kernel factors)
+    kernel_sharing: dict[int, float] | None = None  # the kernel's, when `sharing` is the calls'
 
     def __post_init__(self) -> None:
         if not self.alone.matmul:
@@ -159,6 +161,9 @@ def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: 
         measured["train_layer"] = {"model": m.train_layer[0]["model"], "points": points}
     extra = {"attention": m.alone.attention, "elementwise": m.alone.elementwise,
              "train_layer_rows": m.train_layer, "dispatch": m.dispatch,
+             **({"kernel_sharing": [{"ranks": k, "factor": round(f, 4)} for k, f in
+                                    sorted(m.kernel_sharing.items())]}
+                if m.kernel_sharing else {}),
              "shared_ops": {k: {"matmul": t.matmul, "attention": t.attention,
                                 "elementwise": t.elementwise} for k, t in m.shared.items()}}
     calls = {"calls": m.calls} if m.calls else {}
