@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller grids, fewer repeats (the full profile took 11 min on "
+                        help="smaller grids, fewer repeats (the full profile took 8 min on "
                              "a quiet 2-core VM)")
     parser.add_argument("--devices", type=int, default=4,
                         help="CPU only: logical devices (ranks) sharing the host (default 4)")
@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-calls", action="store_true",
                         help="CPU: skip the executor's per-call tables (worker groups of 1, 2, "
                              "4 ranks running RLWorker's methods, a vLLM engine started per "
-                             "generation tp: 7-8 min of the 11 on a 2-core VM)")
+                             "generation tp: about 7 min of the 8 on a 2-core VM)")
 
 
 def _default_out() -> Path:

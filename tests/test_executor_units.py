@@ -163,3 +163,30 @@ def test_bridge_maps_cuda_requests_to_cpu():
         assert t.type() == "torch.cuda.FloatTensor"
         assert torch.cuda.current_device() == torch.device("cpu")
     assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+def test_roles_share_one_process_group_per_rank_list(tmp_path):
+    """Colocated roles reuse megatron's groups over the same ranks (gloo threads grow with
+    groups); a re-initialised world gets fresh groups that still work."""
+    import torch.distributed as dist
+    from executor.parallel import build_role_groups
+
+    def world(n: int) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{n}",
+                                rank=0, world_size=1)
+    world(0)
+    try:
+        a = build_role_groups("a", ParallelLayout())
+        b = build_role_groups("b", ParallelLayout())
+        assert a.group("tp") is b.group("tp") and a.group("dp") is b.group("dp")
+        assert a.group("tp") is a.group("dp")  # both over rank 0
+        first = a.group("tp")
+        dist.destroy_process_group()
+        world(1)
+        c = build_role_groups("c", ParallelLayout())
+        assert c.group("tp") is not first
+        x = torch.ones(2)
+        dist.all_reduce(x, group=c.group("dp"))
+        assert torch.equal(x, torch.ones(2))
+    finally:
+        dist.destroy_process_group()

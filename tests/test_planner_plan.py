@@ -52,8 +52,9 @@ def _broken(plan, edit):
     (lambda d: d.update(version=2), PlanError, "version"),
     (lambda d: d.update(extra=1), PlanError, "expected keys"),
     (lambda d: d["sets"].append(d["sets"][0]), PlanError, "overlap|placed more than once"),
-    (lambda d: d["sets"][0]["models"].append("critic") if "critic" not in d["sets"][0]["models"]
-     else d["sets"][0]["models"].remove("critic"), LayoutError, "layouts must name exactly"),
+    (lambda d: d["sets"][0]["models"].append(next(r for r in ("critic", "actor")
+                                                   if r not in d["sets"][0]["models"])),
+     LayoutError, "layouts must name exactly"),
     (lambda d: d["cluster"].update(nodes=0), ValueError, "nodes"),
     (lambda d: d["job"]["models"].pop("reward"), ValueError, "needs exactly the roles"),
     (lambda d: d["sets"][0].update(gpus=d["sets"][0]["gpus"] * 3), LayoutError, "uses"),

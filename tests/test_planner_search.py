@@ -115,3 +115,24 @@ def test_pruned_set_tables_equal_exhaustive():
             assert (a is None) == (b is None)
             if a is not None:
                 assert a.total == pytest.approx(b.total)
+
+
+@pytest.mark.parametrize("factors", [None, ((2.0, 1.9), (3.0, 2.9), (4.0, 3.9))])
+def test_shared_host_plans_rank_by_the_prediction(factors):
+    """Where devices share a host's cores (a profile with `sharing`), concurrent sets slow
+    each other: the plans come in the order of their prediction (the fastest predicted of
+    every placement's best allocation first), not of the sum of stage maxima."""
+    prof = load_profile("local-cpu")
+    if factors is not None:  # ranks time-slice the cores: concurrency never pays
+        prof = dataclasses.replace(prof, overheads=dataclasses.replace(prof.overheads,
+                                                                       sharing=factors))
+    job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
+    cluster = Cluster.from_gpus("local-cpu", 4, 4)
+    planner = Planner(job, prof, 4, max_gen_pp=1)
+    found = planner.candidates(4, 15)
+    every = sorted(planner.to_plan(c, cluster).predicted["iteration_s"] for c in found)
+    plans = plan_job(cluster, job, prof, top=3, planner=planner)
+    assert [p.predicted["iteration_s"] for p in plans] == pytest.approx(every[:3])
+    if factors is not None:  # the stage sums alone would have ranked another plan first
+        first = planner.to_plan(found[0], cluster).predicted["iteration_s"]
+        assert first > every[0] + 1e-6

@@ -26,6 +26,9 @@ still alive, as a run's actor set trains beside its engine (an engine in the pro
 megatron's calls by about a fifth on a 2-core VM; an engine started after another one was
 shut down in the same processes generated up to twice slower than in a run). Each generate
 call follows an optimizer step of its actor, as a run's generation follows its update.
+Each layout's roles are dropped after use and the next reuses their process groups (one per
+rank list, executor.parallel): groups kept per role had put about 200 idle gloo threads per
+role on the host, and the layouts measured last ran up to twice slower than in a run.
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
 call per role and method, rounds through all of a layout's calls (a burst of other load
