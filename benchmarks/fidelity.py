@@ -239,11 +239,6 @@ def _ranking(stats: dict) -> str:
         "; ".join(cells)
 
 
-def _machine() -> str:
-    from executor.profiler.machine import _cpu_name
-    return f"{_cpu_name()} ({os.cpu_count()} cores)"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=4)
@@ -256,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                          "to fall below this (0: do not wait)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from executor.profiler.machine import host_name
     from simulator.profile import load_profile
     plans = build_plans(load_profile(args.profile))
     chosen = [p for p in args.plans.split(",") if p] or list(plans)
@@ -274,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{len(summaries)} plans x {args.iterations} iterations (first dropped); "
               f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
               f"ended {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-              f"{_machine()}")
+              f"{host_name()}")
     print(text + "\n\n" + _verdict(stats) + "\n" + header)
     (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header}, indent=1))
     if args.out:

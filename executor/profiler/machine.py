@@ -51,8 +51,13 @@ def detect(options: ProfileOptions) -> MachineInfo:
         return MachineInfo("gpu", props.name, torch.cuda.device_count(),
                            props.total_memory / 2**30, cores, options.threads_per_rank, "nccl")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return MachineInfo("cpu", f"{_cpu_name()} ({cores} cores)", options.devices,
+    return MachineInfo("cpu", host_name(), options.devices,
                        ram / options.devices, cores, options.threads_per_rank, "gloo")
+
+
+def host_name() -> str:
+    """This host as profiles and benchmark reports name it: CPU model and core count."""
+    return f"{_cpu_name()} ({os.cpu_count() or 1} cores)"
 
 
 def _cpu_name() -> str:
