@@ -95,7 +95,8 @@ def _state_names() -> list[str]:
 
 _lock = threading.RLock()
 _pristine: dict[str, Any] | None = None
-_shared_groups: dict[Any, Any] = {}  # "world": the default group they belong to
+_shared_groups: dict[tuple, Any] = {}  # (ranks, backend, timeout) -> group
+_shared_world: Any = None  # the default group that `_shared_groups` belong to
 
 
 def _shared_create_group(original):
@@ -108,9 +109,10 @@ def _shared_create_group(original):
                       group_desc=group_desc)
         if ranks is None or pg_options is not None or use_local_synchronization:
             return original(**kwargs)
-        if _shared_groups.get("world") is not torch.distributed.group.WORLD:
+        global _shared_world
+        if _shared_world is not torch.distributed.group.WORLD:
             _shared_groups.clear()  # a new world (re-initialised torch.distributed)
-            _shared_groups["world"] = torch.distributed.group.WORLD
+            _shared_world = torch.distributed.group.WORLD
         key = (tuple(ranks), backend, timeout)
         if key not in _shared_groups:
             _shared_groups[key] = original(**kwargs)
