@@ -280,52 +280,6 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
     return groups
 
 
-def _together(groups: list, calls: list[tuple[str, tuple]]) -> float:
-    """Each of `calls` issued to every group at once: the groups' mean own seconds."""
-    for method, args in calls:
-        for f in [g.call("lm", method, *args) for g in groups]:
-            f.result()
-    own = [sum(c["seconds"] for c in g.run(None, "take_seconds")[0]) for g in groups]
-    return statistics.fmean(own)
-
-
-def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
-                        rounds: int = 7) -> dict[int, float]:
-    """{c: slowdown} of the executor's calls when c one-rank sets call at once (c = 1..n),
-    as concurrent sets of a plan do: a forward and a train call of an LM on each set,
-    the c sets' mean own seconds over one set's alone, interleaved rounds (1, 2, .., n
-    sets, then again), the median over rounds; never decreasing with c."""
-    from executor.parallel import ParallelLayout
-    from executor.profiler.calls_worker import ProfileWorker
-    from executor.worker_group import WorkerGroup
-    groups, pools = [], []
-    try:
-        for i in range(n):
-            pools.append(cluster.create_pool(f"profile-share-{i}", 1))
-            groups.append(WorkerGroup(cluster, pools[-1], ProfileWorker, name=f"share{i}"))
-            groups[-1].add_role("lm", grid.model, ParallelLayout(1, 1, 1),
-                                _engine_config(False))
-        s = grid.sequences[len(grid.sequences) // 2]
-        batch = sequence_batch(s, grid, spec.vocab)
-        calls = [("profile_outputs", (batch, "out")),
-                 ("profile_update", (batch, _losses(grid, False), 1, 1))]
-        _together(groups, calls)  # warm-up: lazy set-up on every set
-        got: dict[int, list[float]] = {c: [] for c in range(1, n + 1)}
-        for _ in range(rounds):
-            for c in range(1, n + 1):
-                got[c].append(_together(groups[:c], calls))
-    finally:
-        for g in groups:
-            g.shutdown()
-        for p in pools:
-            cluster.remove_pool(p.name)
-    alone = statistics.median(got[1])
-    out, low = {}, 1.0
-    for c in range(1, n + 1):
-        low = out[c] = max(low, statistics.median(got[c]) / alone)
-    return out
-
-
 TABLES = ("forward", "train_step", "forward_value", "train_step_value", "generate", "reshard",
           "dispatch_forward", "dispatch_train", "dispatch_generate")
 
@@ -350,6 +304,7 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
             if progress:
                 progress("concurrent one-rank sets")
             t0 = time.perf_counter()
+            from executor.profiler.calls_sharing import measure_concurrency
             n = max(grid.group_sizes)
             out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
                                   measure_concurrency(cluster, grid, spec, n).items()]

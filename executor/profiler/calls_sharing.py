@@ -1,0 +1,55 @@
+"""How the executor's own calls slow each other when sets of a plan run at once on one
+host: the `sharing.slowdown` factors of a profile with per-call tables (executor.profiler.
+sharing measures the kernel factors used without them)."""
+from __future__ import annotations
+
+import statistics
+
+from executor.profiler.calls import CallsGrid, _engine_config, _losses, sequence_batch
+from simulator.model import ModelSpec
+
+
+def _together(groups: list, calls: list[tuple[str, tuple]]) -> float:
+    """Each of `calls` issued to every group at once: the groups' mean own seconds."""
+    for method, args in calls:
+        for f in [g.call("lm", method, *args) for g in groups]:
+            f.result()
+    own = [sum(c["seconds"] for c in g.run(None, "take_seconds")[0]) for g in groups]
+    return statistics.fmean(own)
+
+
+def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
+                        rounds: int = 7) -> dict[int, float]:
+    """{c: slowdown} of the executor's calls when c one-rank sets call at once (c = 1..n),
+    as concurrent sets of a plan do: a forward and a train call of an LM on each set,
+    the c sets' mean own seconds over one set's alone, interleaved rounds (1, 2, .., n
+    sets, then again), the median over rounds; never decreasing with c."""
+    from executor.parallel import ParallelLayout
+    from executor.profiler.calls_worker import ProfileWorker
+    from executor.worker_group import WorkerGroup
+    groups, pools = [], []
+    try:
+        for i in range(n):
+            pools.append(cluster.create_pool(f"profile-share-{i}", 1))
+            groups.append(WorkerGroup(cluster, pools[-1], ProfileWorker, name=f"share{i}"))
+            groups[-1].add_role("lm", grid.model, ParallelLayout(1, 1, 1),
+                                _engine_config(False))
+        s = grid.sequences[len(grid.sequences) // 2]
+        batch = sequence_batch(s, grid, spec.vocab)
+        calls = [("profile_outputs", (batch, "out")),
+                 ("profile_update", (batch, _losses(grid, False), 1, 1))]
+        _together(groups, calls)  # warm-up: lazy set-up on every set
+        got: dict[int, list[float]] = {c: [] for c in range(1, n + 1)}
+        for _ in range(rounds):
+            for c in range(1, n + 1):
+                got[c].append(_together(groups[:c], calls))
+    finally:
+        for g in groups:
+            g.shutdown()
+        for p in pools:
+            cluster.remove_pool(p.name)
+    alone = statistics.median(got[1])
+    out, low = {}, 1.0
+    for c in range(1, n + 1):
+        low = out[c] = max(low, statistics.median(got[c]) / alone)
+    return out
