@@ -15,7 +15,7 @@ describe their responses as the task makes them (the answers in the task's token
 response_lengths()), and predicted tokens/s count tokens as the run does.
 
 Run (a quiet machine: ~30-60 s per plan, more under load):
-    .venv/bin/python benchmarks/fidelity.py --iterations 4 --out reports/local-cpu
+    .venv/bin/python benchmarks/fidelity.py --iterations 16 --out reports/local-cpu
     .venv/bin/python benchmarks/fidelity.py --plans ppo-colocated,grpo-gen-tp2 --profile /tmp/p.yaml
 `--out` writes the `hybridflow report` of the runs (report.md, runs.csv, PNGs) plus
 fidelity.md with this table; run dirs go under --runs (default a temporary folder).

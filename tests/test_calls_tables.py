@@ -4,7 +4,7 @@ where they do not apply."""
 import pytest
 import yaml
 
-from executor.profiler.calls import _median_by, generation_configs, train_layouts
+from executor.profiler.calls import _mean_by, generation_configs, train_layouts
 from simulator.calls import parse_calls
 from simulator.generation import gen_shape, generation_cost
 from simulator.job import Job
@@ -128,8 +128,9 @@ def test_profiler_layouts_and_aggregation():
         [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
     rows = [{"ranks": 2, "tg": 1, "seconds": s} for s in (0.3, 0.1, 0.2)] + \
         [{"ranks": 4, "tg": 1, "seconds": 0.5}]
-    assert _median_by(rows, ("ranks", "tg")) == [{"ranks": 2, "tg": 1, "seconds": 0.2},
-                                                 {"ranks": 4, "tg": 1, "seconds": 0.5}]
+    got = _mean_by(rows, ("ranks", "tg"))
+    assert [(r["ranks"], r["tg"]) for r in got] == [(2, 1), (4, 1)]
+    assert [r["seconds"] for r in got] == pytest.approx([0.2, 0.5])
 
 
 def test_profiler_groups_one_engine_each_training_beside_the_first():
@@ -214,11 +215,15 @@ def test_profile_worker_clocks_each_part_once():
         assert 0.01 <= c["vllm_s"] <= c["generate_s"] <= c["seconds"]
 
 
-def test_profiler_statistics_resist_bursts():
-    from executor.profiler.calls import _monotone, typical
-    assert typical([0.3, 0.1]) == 0.1 and typical([0.3, 0.1, 0.2]) == 0.2
-    rows = [{"ranks": 1, "sequences": s, "seconds": v} for s, v in ((4, 0.1), (8, 0.9),
-                                                                     (16, 0.2), (32, 0.3))]
+def test_profiler_rows_keep_the_mean_and_never_decrease():
+    from executor.profiler.calls import _monotone, isotonic
+    assert isotonic([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert isotonic([3.0, 1.0]) == [2.0, 2.0]
+    assert isotonic([1.0, 4.0, 2.0, 0.0, 5.0]) == pytest.approx([1.0, 2.0, 2.0, 2.0, 5.0])
+    rows = [{"ranks": 1, "sequences": s, "seconds": v} for s, v in ((4, 0.1), (8, 0.5),
+                                                                     (16, 0.3), (32, 0.6))]
     fixed = _monotone(rows, ("ranks",), ("seconds",))
-    assert [r["seconds"] for r in fixed] == [0.1, 0.2, 0.2, 0.3]  # the burst at 8 removed
-    assert rows[1]["seconds"] == 0.9  # the input is left as it was
+    # the slow row at 8 and the fast one at 16 pooled into their mean, not clamped down
+    assert [r["seconds"] for r in fixed] == pytest.approx([0.1, 0.4, 0.4, 0.6])
+    assert sum(r["seconds"] for r in fixed) == pytest.approx(sum(r["seconds"] for r in rows))
+    assert rows[1]["seconds"] == 0.5  # the input is left as it was

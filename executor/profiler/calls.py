@@ -31,9 +31,13 @@ rank list, executor.parallel): groups kept per role had put about 200 idle gloo 
 role on the host, and the layouts measured last ran up to twice slower than in a run.
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
-call per role and method, rounds through all of a layout's calls (a burst of other load
-lands in one round of each), the median over rounds; a value above the
-next larger size's is such a burst and takes that value (more work never takes less time).
+call per role and method, rounds through all of a layout's calls, the mean over rounds.
+The mean, not the median or the fastest: this VM's own speed drifts by about ±15% over
+seconds (a fixed single-threaded matmul loop, nothing else running, took 27-37 ms per
+1-second bin), and a run's iteration time is a mean over such phases; rows taken as
+medians or minima had come out 10-20% below the runs. Where a row exceeds a larger size's
+(more work never takes less time), the two are pooled into their mean (isotonic fit), which
+keeps the table's mean where a clamp to the smaller value would lower it.
 """
 from __future__ import annotations
 
@@ -122,9 +126,6 @@ def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> "Batch
                   "values": small}, meta={"prompt_len": P})
 
 
-def typical(values: list[float]) -> float:
-    """The median, or with two values the smaller: other programs' bursts only add time."""
-    return min(values) if len(values) <= 2 else statistics.median(values)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Recorder:
         """{name: (wall, the slowest rank's own seconds and parts)} of each (name, role,
         method, args): one warm-up call per role and method (lazy set-up), then `repeats`
         rounds through the whole list, so that a burst of other load lands in one round of
-        every call rather than in all rounds of a few; typical() over rounds."""
+        every call rather than in all rounds of a few; the mean over rounds."""
         warm = set()
         for _, role, method, args in calls:
             if (role, method) not in warm:
@@ -156,8 +157,8 @@ class Recorder:
         for _ in range(self.repeats):
             for name, role, method, args in calls:
                 got.setdefault(name, []).append(self._once(role, method, args))
-        return {name: (typical([w for w, _ in runs]),
-                       {k: typical([o.get(k, 0.0) for _, o in runs])
+        return {name: (statistics.fmean(w for w, _ in runs),
+                       {k: statistics.fmean(o.get(k, 0.0) for _, o in runs)
                         for k in set().union(*(o for _, o in runs))})
                 for name, runs in got.items()}
 
@@ -337,20 +338,31 @@ def _measure_group(cluster, name: str, k: int, steps: list[Step], model_dir: str
         cluster.remove_pool(pool.name)
 
 
-def _median_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """One row per distinct `keys`, the median of each other column."""
+def _mean_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """One row per distinct `keys`, the mean of each other column."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return [{**dict(zip(keys, key)), **{c: statistics.median(r[c] for r in rs)
+    return [{**dict(zip(keys, key)), **{c: statistics.fmean(r[c] for r in rs)
                                         for c in rs[0] if c not in keys}}
             for key, rs in sorted(groups.items())]
 
 
+def isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence nearest `values` in least squares (pool adjacent
+    violators): a run of values that decreases is replaced by its mean."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
+
+
 def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) -> list[dict]:
-    """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`:
-    more work never takes less time, so a value above a larger size's is another
-    program's burst and takes the larger size's value."""
+    """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`
+    (more work never takes less time): the isotonic fit of each column."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -358,9 +370,8 @@ def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) ->
     for key in sorted(groups):
         series = sorted(groups[key], key=lambda r: r["sequences"])
         for col in cols:
-            low = float("inf")
-            for r in reversed(series):
-                low = r[col] = min(r[col], low)
+            for r, v in zip(series, isotonic([r[col] for r in series])):
+                r[col] = v
         out += series
     return out
 
@@ -377,8 +388,8 @@ def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
                for name in ("train_step", "forward_value", "train_step_value")},
             "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
                                   ("seconds", "vllm_s")),
-            "reshard": _median_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
-            "dispatch": {kind: _monotone(_median_by(measured[f"dispatch_{kind}"],
+            "reshard": _mean_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
+            "dispatch": {kind: _monotone(_mean_by(measured[f"dispatch_{kind}"],
                                                     ("ranks", "sequences")),
                                          ("ranks",), ("seconds",))
                          for kind in ("forward", "train", "generate")}}

@@ -23,7 +23,8 @@ def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
     """{c: slowdown} of the executor's calls when c one-rank sets call at once (c = 1..n),
     as concurrent sets of a plan do: a forward and a train call of an LM on each set,
     the c sets' mean own seconds over one set's alone, interleaved rounds (1, 2, .., n
-    sets, then again), the median over rounds; never decreasing with c."""
+    sets, then again), the mean over rounds (as the call tables: executor.profiler.calls);
+    never decreasing with c."""
     from executor.parallel import ParallelLayout
     from executor.profiler.calls_worker import ProfileWorker
     from executor.worker_group import WorkerGroup
@@ -48,8 +49,8 @@ def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
             g.shutdown()
         for p in pools:
             cluster.remove_pool(p.name)
-    alone = statistics.median(got[1])
+    alone = statistics.fmean(got[1])
     out, low = {}, 1.0
     for c in range(1, n + 1):
-        low = out[c] = max(low, statistics.median(got[c]) / alone)
+        low = out[c] = max(low, statistics.fmean(got[c]) / alone)
     return out
