@@ -12,7 +12,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller grids, fewer repeats (the full profile took 8 min on "
+                        help="smaller grids, fewer repeats (the full profile took 7 min on "
                              "a quiet 2-core VM)")
     parser.add_argument("--devices", type=int, default=4,
                         help="CPU only: logical devices (ranks) sharing the host (default 4)")

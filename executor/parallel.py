@@ -120,6 +120,30 @@ def _shared_create_group(original):
     return create_group
 
 
+@contextlib.contextmanager
+def shared_new_groups() -> Iterator[None]:
+    """``torch.distributed.new_group`` returning the shared group of its ranks (and backend,
+    timeout) while inside: vLLM builds ~10 gloo groups per engine and keeps them when the
+    engine shuts down, so a process that starts engines one after another (the profiler)
+    would pile up their idle threads as megatron's per-role groups did."""
+    original = torch.distributed.new_group
+    shared = _shared_create_group(original)
+
+    def new_group(ranks=None, timeout=None, backend=None, pg_options=None,
+                  use_local_synchronization=False, group_desc=None, **extra: Any) -> Any:
+        if extra:
+            return original(ranks, timeout, backend, pg_options, use_local_synchronization,
+                            group_desc, **extra)
+        return shared(ranks, timeout, backend, pg_options, use_local_synchronization,
+                      group_desc)
+    with _lock:
+        torch.distributed.new_group = new_group
+        try:
+            yield
+        finally:
+            torch.distributed.new_group = original
+
+
 def _snapshot() -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     return {n: getattr(ps, n) for n in _state_names()}

@@ -18,6 +18,7 @@ import glob
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -122,6 +123,13 @@ def _use_job_ident(ident: str) -> None:
 def _install_parallel_groups(tp_groups: Sequence[Sequence[int]]) -> None:
     """Build vLLM's groups from ours before LLM(): TP as given, PP/DP/CP of one rank."""
     from vllm.distributed import parallel_state as ps
+
+    from executor.parallel import shared_new_groups
+    with shared_new_groups():
+        _init_vllm_groups(ps, tp_groups)
+
+
+def _init_vllm_groups(ps: Any, tp_groups: Sequence[Sequence[int]]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     ps.init_distributed_environment(world, rank, "env://", rank, backend=backend)

@@ -133,20 +133,22 @@ def test_profiler_layouts_and_aggregation():
     assert [r["seconds"] for r in got] == pytest.approx([0.2, 0.5])
 
 
-def test_profiler_groups_one_engine_each_training_beside_the_first():
+def test_profiler_one_group_per_size_training_beside_the_first_engine():
     from executor.profiler.calls import CallsGrid, _groups
     groups = _groups(CallsGrid(group_sizes=(1, 4)), load_model("tiny"))
     names = [(k, [d for d, _ in steps]) for k, steps in groups]
-    # one fresh group per (set size, generation tp): its vLLM engine serves its layouts
-    assert [(k, {d.split("->")[1].split()[0] for d in ds if d.startswith("generate")})
-            for k, ds in names] == [(1, {"tg1"}), (4, {"tg1"}), (4, {"tg2"}), (4, {"tg4"})]
-    # the training layouts run after the first group's generation, its engine still alive
-    first4 = names[1][1]
-    assert first4[:3] == ["generate tp1->tg1 on 4", "generate tp2->tg1 on 4",
-                          "generate tp4->tg1 on 4"]
-    assert sorted(first4[3:]) == sorted("train/forward tp{} pp{} dp{}".format(*lay)
-                                        for lay in train_layouts(load_model("tiny"), 4))
-    assert not any(d.startswith("train") for _, ds in names[2:] for d in ds)
+    assert [k for k, _ in names] == [1, 4]  # one worker group (k processes) per set size
+    four = names[1][1]
+    tgs = [d.split("->")[1].split()[0] for d in four if d.startswith("generate")]
+    # generation layouts by generation tp: each tp's engine serves its layouts in a row
+    assert tgs == sorted(tgs, key=lambda t: int(t[2:])) and set(tgs) == {"tg1", "tg2", "tg4"}
+    # the training layouts run after the first tp's generation, its engine still alive
+    assert four[:3] == ["generate tp1->tg1 on 4", "generate tp2->tg1 on 4",
+                        "generate tp4->tg1 on 4"]
+    train = [d for d in four if d.startswith("train")]
+    assert four[3:3 + len(train)] == train
+    assert sorted(train) == sorted("train/forward tp{} pp{} dp{}".format(*lay)
+                                   for lay in train_layouts(load_model("tiny"), 4))
 
 
 def test_remax_greedy_generation_reshards_again(tmp_path):

@@ -190,3 +190,26 @@ def test_roles_share_one_process_group_per_rank_list(tmp_path):
         assert torch.equal(x, torch.ones(2))
     finally:
         dist.destroy_process_group()
+
+
+def test_new_groups_shared_per_rank_list_inside_the_context(tmp_path):
+    """vLLM's groups (built through torch.distributed.new_group) are shared per rank list
+    while an engine starts, so engines started one after another reuse them."""
+    import torch.distributed as dist
+    from executor.parallel import shared_new_groups
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    original = dist.new_group
+    try:
+        with shared_new_groups():
+            a = dist.new_group([0], backend="gloo")
+            assert dist.new_group([0], backend="gloo") is a
+        assert dist.new_group is original
+        with shared_new_groups():  # the next engine finds the same group
+            assert dist.new_group([0], backend="gloo") is a
+        assert dist.new_group([0], backend="gloo") is not a  # outside: torch's own
+        x = torch.ones(2)
+        dist.all_reduce(x, group=a)
+        assert torch.equal(x, torch.ones(2))
+    finally:
+        dist.destroy_process_group()

@@ -19,16 +19,19 @@ model of every layout a set of k devices allows:
 The forward and train_step tables are measured twice, for an LM (the actor's loss) and for a
 model with a value head (the critic's loss): `forward_value`, `train_step_value`.
 
-The generation layouts of one generation tp are measured in a worker group of their own
-(fresh processes, one vLLM engine, as a run's actor set has: the layouts of one tg share its
-engine), and the training layouts of k ranks in the first such group with its vLLM engine
-still alive, as a run's actor set trains beside its engine (an engine in the process slowed
-megatron's calls by about a fifth on a 2-core VM; an engine started after another one was
-shut down in the same processes generated up to twice slower than in a run). Each generate
-call follows an optimizer step of its actor, as a run's generation follows its update.
-Each layout's roles are dropped after use and the next reuses their process groups (one per
-rank list, executor.parallel): groups kept per role had put about 200 idle gloo threads per
-role on the host, and the layouts measured last ran up to twice slower than in a run.
+The layouts of k ranks are measured in one worker group of k processes, as a run's set of
+k devices holds its roles: the generation layouts in order of generation tp (the layouts of
+one tg share its vLLM engine; the next tg's engine starts once the last one is shut down),
+and the training layouts after the first tg's, with its vLLM engine still alive, as a run's
+actor set trains beside its engine (an engine in the process slowed megatron's calls by
+about a fifth on a 2-core VM). Each generate call follows an optimizer step of its actor,
+as a run's generation follows its update. Each layout's roles are dropped after use and the
+next reuses their process groups, and each engine reuses its predecessor's (one group per
+rank list: executor.parallel.shared_new_groups): groups kept per role had put about 200 idle
+gloo threads per role on the host, and the layouts measured last ran up to twice slower than
+in a run; vLLM keeps its ~10 groups per engine after shutdown, and an engine started after
+another one in the same processes had generated up to twice slower (profiles before the
+groups were shared started fresh processes per generation tp, ~1.5 min more on 2 cores).
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
 call per role and method, rounds through all of a layout's calls, the mean over rounds.
@@ -260,9 +263,9 @@ Step = tuple[str, Callable]  # (description, fn(group, model_dir, out))
 
 
 def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
-    """(group size, its steps) of each worker group in measuring order: one group per
-    generation layout; the training layouts of k ranks after the first one's generation,
-    beside its engine (see the module docstring)."""
+    """(group size, its steps) of each worker group in measuring order: one group per set
+    size k, its generation layouts by generation tp, the training layouts after the first
+    tg's, beside its engine (see the module docstring)."""
     groups: list[tuple[int, list[Step]]] = []
     for k in grid.group_sizes:
         by_tg: dict[int, list[Step]] = {}
@@ -271,13 +274,15 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
                                              lambda g, d, o, k=k, tp=tp, tg=tg:
                                              measure_generation(Recorder(g, grid.gen_repeats),
                                                                 grid, spec, k, tp, tg, d, o)))
-        for i, steps in enumerate(by_tg.values()):
+        steps: list[Step] = []
+        for i, gen_steps in enumerate(by_tg.values()):
+            steps += gen_steps
             if i == 0:
                 steps += [("train/forward tp{} pp{} dp{}".format(*lay),
                            lambda g, d, o, k=k, lay=lay: measure_layout(
                                Recorder(g, grid.repeats), grid, spec, k, lay, o))
                           for lay in train_layouts(spec, k)]
-            groups.append((k, steps))
+        groups.append((k, steps))
     return groups
 
 
