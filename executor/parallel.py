@@ -99,15 +99,15 @@ _shared_groups: dict[tuple, Any] = {}  # (ranks, backend, timeout) -> group
 _shared_world: Any = None  # the default group that `_shared_groups` belong to
 
 
-def _shared_create_group(original):
-    """megatron's ``create_group`` returning one group per (ranks, backend, timeout); the
-    cache evolves alike on every rank since every rank makes the same calls in order."""
-    def create_group(ranks=None, timeout=None, backend=None, pg_options=None,
-                     use_local_synchronization=False, group_desc=None):
+def _shared_new_group(original):
+    """torch's ``new_group`` returning one group per (ranks, backend, timeout); the cache
+    evolves alike on every rank since every rank makes the same calls in order."""
+    def new_group(ranks=None, timeout=None, backend=None, pg_options=None,
+                  use_local_synchronization=False, group_desc=None, **extra: Any) -> Any:
         kwargs = dict(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options,
                       use_local_synchronization=use_local_synchronization,
-                      group_desc=group_desc)
-        if ranks is None or pg_options is not None or use_local_synchronization:
+                      group_desc=group_desc, **extra)
+        if ranks is None or pg_options is not None or use_local_synchronization or extra:
             return original(**kwargs)
         global _shared_world
         if _shared_world is not torch.distributed.group.WORLD:
@@ -117,27 +117,18 @@ def _shared_create_group(original):
         if key not in _shared_groups:
             _shared_groups[key] = original(**kwargs)
         return _shared_groups[key]
-    return create_group
+    return new_group
 
 
 @contextlib.contextmanager
 def shared_new_groups() -> Iterator[None]:
     """``torch.distributed.new_group`` returning the shared group of its ranks (and backend,
-    timeout) while inside: vLLM builds ~10 gloo groups per engine and keeps them when the
-    engine shuts down, so a process that starts engines one after another (the profiler)
-    would pile up their idle threads as megatron's per-role groups did."""
-    original = torch.distributed.new_group
-    shared = _shared_create_group(original)
-
-    def new_group(ranks=None, timeout=None, backend=None, pg_options=None,
-                  use_local_synchronization=False, group_desc=None, **extra: Any) -> Any:
-        if extra:
-            return original(ranks, timeout, backend, pg_options, use_local_synchronization,
-                            group_desc, **extra)
-        return shared(ranks, timeout, backend, pg_options, use_local_synchronization,
-                      group_desc)
+    timeout) while inside. megatron's groups (built per role) and vLLM's (~10 per engine,
+    kept after the engine shuts down) are made through it, so colocated roles and engines
+    started one after another in a process reuse them instead of piling up idle threads."""
     with _lock:
-        torch.distributed.new_group = new_group
+        original = torch.distributed.new_group
+        torch.distributed.new_group = _shared_new_group(original)
         try:
             yield
         finally:
@@ -219,10 +210,8 @@ def build_role_groups(role: str, layout: ParallelLayout, seed: int = 1234) -> Ro
             _pristine = _snapshot()
         outer = _snapshot()
         _restore(_pristine)
-        original = ps.create_group
-        ps.create_group = _shared_create_group(original)
         try:
-            with cuda_bridge.active():
+            with shared_new_groups(), cuda_bridge.active():
                 ps.initialize_model_parallel(
                     tensor_model_parallel_size=layout.tp,
                     pipeline_model_parallel_size=layout.pp,
@@ -230,7 +219,6 @@ def build_role_groups(role: str, layout: ParallelLayout, seed: int = 1234) -> Ro
                     create_gloo_process_groups=False)
             state = _snapshot()
         finally:
-            ps.create_group = original
             _restore(outer)
     rank = torch.distributed.get_rank()
     tracker = cuda_bridge.new_rng_tracker()

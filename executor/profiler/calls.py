@@ -129,8 +129,6 @@ def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> "Batch
                   "values": small}, meta={"prompt_len": P})
 
 
-
-
 @dataclass
 class Recorder:
     """Times calls on a worker group: controller wall and each rank's own seconds."""
