@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from executor.hybrid_engine import SCHEMES, ReshardPlan  # noqa: E402
+from executor.reshard_plan import SCHEMES, ReshardPlan  # noqa: E402
 from executor.vllm_engine import launch_local  # noqa: E402
 from reports.markdown import emit, table  # noqa: E402
 from simulator.layout import TrainLayout  # noqa: E402

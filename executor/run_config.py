@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from executor import algorithms as alg
-
-SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
+from simulator.reshard import SCHEMES
 
 
 def samples_per_prompt(job: dict) -> int:

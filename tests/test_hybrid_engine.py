@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from executor import weights as W
-from executor.hybrid_engine import ReshardError, ReshardPlan, split_micro_dp
+from executor.reshard_plan import ReshardError, ReshardPlan, split_micro_dp
 from executor.vllm_engine import launch_local
 from simulator.layout import TrainLayout
 from simulator.model import load_model

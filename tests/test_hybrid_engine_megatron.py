@@ -52,7 +52,8 @@ def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
 
 def _run(rank: int, world: int, ckpt: str) -> dict:
     from executor import weights as W
-    from executor.hybrid_engine import HybridEngine, ReshardPlan
+    from executor.hybrid_engine import HybridEngine
+    from executor.reshard_plan import ReshardPlan
     from executor.parallel import ParallelLayout, build_role_groups
     from executor.train_engine import EngineConfig as TrainConfig
     from executor.train_engine import TrainEngine, lm_loss

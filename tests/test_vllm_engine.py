@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from executor import weights as W
-from executor.hybrid_engine import ReshardPlan, split_micro_dp
+from executor.reshard_plan import ReshardPlan, split_micro_dp
 from executor.vllm_engine import (EngineConfig, EngineError, SamplingConfig, launch_local,
                                   request_seed)
 from simulator.layout import TrainLayout
