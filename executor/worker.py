@@ -67,6 +67,14 @@ class Worker:
             s.bind(("", 0))
             return int(s.getsockname()[1])
 
+    def rejoin(self, rank: int, world_size: int, group_name: str) -> None:
+        """Become `rank` of a new world of `world_size` (init_distributed follows); this
+        process must hold no role and be out of its previous world (shutdown)."""
+        if self.roles or torch.distributed.is_initialized():
+            raise RuntimeError(f"rank {self.rank} of {self.group_name!r} still holds roles "
+                               f"{sorted(self.roles)} or a world; shut it down first")
+        self.rank, self.world_size, self.group_name = rank, world_size, group_name
+
     def init_distributed(self, master_addr: str, master_port: int, local_rank: int,
                          timeout_s: float = 600.0) -> None:
         self.local_rank = local_rank

@@ -83,25 +83,35 @@ class WorkerGroup:
     """Ray actors, one per device of `pool`, forming one torch.distributed world."""
 
     def __init__(self, cluster: Cluster, pool: ResourcePool, worker_cls: type = Worker,
-                 name: str | None = None) -> None:
+                 name: str | None = None, actors: Sequence[Any] | None = None) -> None:
+        """One new actor per device of `pool`; or, given `actors` (of `worker_cls`, alive,
+        out of any world: ``shutdown(kill=False)``), those processes as ranks 0.. of a new
+        world, with what they imported and built kept."""
         self.cluster, self.pool = cluster, pool
         self.name = name or pool.name
         self.worker_cls = worker_cls
         self.layouts: dict[str, ParallelLayout] = {}
         self.broken: str | None = None
+        if actors is None:
+            self.actors = self._start_actors()
+        else:
+            self.actors = list(actors)
+            ray.get([a.rejoin.remote(i, len(self.actors), self.name)
+                     for i, a in enumerate(self.actors)])
+        self._init_distributed()
+
+    def _start_actors(self) -> list[Any]:
         opts: dict[str, Any] = {"num_cpus": 0}
-        if pool.resource == "GPU":
+        if self.pool.resource == "GPU":
             opts["num_gpus"] = 1
         else:
-            opts["resources"] = {pool.resource: 1}
-        remote_cls = ray.remote(worker_cls)
-        self.actors = [
-            remote_cls.options(
-                **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pool.placement_group, placement_group_bundle_index=i),
-            ).remote(i, pool.devices, self.name)
-            for i in range(pool.devices)]
-        self._init_distributed()
+            opts["resources"] = {self.pool.resource: 1}
+        remote_cls = ray.remote(self.worker_cls)
+        return [remote_cls.options(
+                    **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pool.placement_group, placement_group_bundle_index=i),
+                ).remote(i, self.pool.devices, self.name)
+                for i in range(self.pool.devices)]
 
     @property
     def world_size(self) -> int:
@@ -164,14 +174,15 @@ class WorkerGroup:
         """``call(...).result()``."""
         return self.call(role, method, *args, **kwargs).result()
 
-    def shutdown(self) -> None:
-        """Close the process groups (if the group is healthy) and end every actor."""
+    def shutdown(self, kill: bool = True) -> None:
+        """Close the process groups (if the group is healthy) and end every actor; with
+        kill=False the actors stay alive, out of any world, for another WorkerGroup."""
         if not ray.is_initialized():
             return
         if not self.broken:
             refs = [a.shutdown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=10)
-        for a in self.actors:
+        for a in self.actors if kill else ():
             ray.kill(a, no_restart=True)
         self.broken = self.broken or "shut down"
 

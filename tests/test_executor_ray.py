@@ -59,6 +59,10 @@ class ProbeWorker(Worker):
         return label, start, time.time()
 
     @register(dispatch_mode=ONE_TO_ALL)
+    def drop_role_for_test(self, role: str) -> None:
+        self.roles.pop(role)
+
+    @register(dispatch_mode=ONE_TO_ALL)
     def pid(self) -> int:
         return os.getpid()
 
@@ -72,7 +76,7 @@ class ProbeWorker(Worker):
 @pytest.fixture(scope="module")
 def cluster():
     from executor.cluster import Cluster, ClusterConfig
-    c = Cluster.start(ClusterConfig(devices=7))
+    c = Cluster.start(ClusterConfig(devices=9))
     yield c
     c.shutdown()
 
@@ -146,6 +150,36 @@ def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
             g.call("critic", "role_info")
     finally:
         g.shutdown()
+
+
+def test_live_processes_form_new_worlds(cluster):
+    """WorkerGroup(actors=...): the same processes as one-rank worlds, then as a world of
+    two in the other order; a process still holding a role cannot leave its world."""
+    from executor.parallel import ParallelLayout
+    from executor.train_engine import EngineConfig
+    from executor.worker_group import WorkerGroup
+    pool = cluster.create_pool("reuse", 2)
+    pair = WorkerGroup(cluster, pool, worker_cls=ProbeWorker, name="pair")
+    actors, pids = pair.actors, pair.run(None, "pid")
+    try:
+        pair.add_role("m", "tiny", ParallelLayout(dp=2), EngineConfig(trainable=False))
+        with pytest.raises(RuntimeError, match="still holds roles"):
+            WorkerGroup(cluster, pool, ProbeWorker, name="early", actors=actors)
+        pair.run(None, "drop_role_for_test", "m")
+        pair.shutdown(kill=False)
+        for i, actor in enumerate(actors):
+            one = WorkerGroup(cluster, pool, ProbeWorker, name=f"one{i}", actors=[actor])
+            env = one.run(None, "env")[0]
+            assert (env["WORLD_SIZE"], env["torch_rank"]) == ("1", 0)
+            assert one.run(None, "pid") == [pids[i]] and one.run(None, "barrier_after", 0) == [0]
+            one.shutdown(kill=False)
+        swapped = WorkerGroup(cluster, pool, ProbeWorker, name="swapped", actors=actors[::-1])
+        assert swapped.run(None, "pid") == pids[::-1]
+        assert [e["torch_rank"] for e in swapped.run(None, "env")] == [0, 1]
+        assert swapped.run(None, "barrier_after", 0) == [0, 1]
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
 
 
 DRIVER = textwrap.dedent("""

@@ -22,25 +22,25 @@ model with a value head (the critic's loss): `forward_value`, `train_step_value`
 The layouts of k ranks are measured in one worker group of k processes, as a run's set of
 k devices holds its roles: the generation layouts in order of generation tp (the layouts of
 one tg share its vLLM engine; the next tg's engine starts once the last one is shut down),
-and the training layouts after the first tg's, with its vLLM engine still alive, as a run's
-actor set trains beside its engine (an engine in the process slowed megatron's calls by
-about a fifth on a 2-core VM). Each generate call follows an optimizer step of its actor,
-as a run's generation follows its update. Each layout's roles are dropped after use and the
-next reuses their process groups, and each engine reuses its predecessor's (one group per
-rank list: executor.parallel.shared_new_groups): groups kept per role had put about 200 idle
-gloo threads per role on the host, and the layouts measured last ran up to twice slower than
-in a run; vLLM keeps its ~10 groups per engine after shutdown, and an engine started after
-another one in the same processes had generated up to twice slower (profiles before the
-groups were shared started fresh processes per generation tp, ~1.5 min more on 2 cores).
+and after the first tg's, with its engine still alive (as a run's actor set trains beside
+its engine; it slowed megatron's calls by about a fifth on a 2-core VM), all training
+layouts at once, each round through all of their calls. Each generate call follows an
+optimizer step of its actor, as a run's generation follows its update. Process groups are
+shared per rank list (executor.parallel.shared_new_groups) by the roles and by each engine
+and its successor: groups kept per role, and vLLM's ~10 per engine, had piled up idle gloo
+threads and slowed what was measured last up to twice. The worker groups of 1, 2 and 4
+ranks, and the one-rank sets timed at once, are new worlds over the same 4 processes
+(executor.profiler.rank_pool), which import megatron-core and vLLM once, all together.
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
-call per role and method, rounds through all of a layout's calls, the mean over rounds.
-The mean, not the median or the fastest: this VM's own speed drifts by about ±15% over
-seconds (a fixed single-threaded matmul loop, nothing else running, took 27-37 ms per
-1-second bin), and a run's iteration time is a mean over such phases; rows taken as
-medians or minima had come out 10-20% below the runs. Where a row exceeds a larger size's
-(more work never takes less time), the two are pooled into their mean (isotonic fit), which
-keeps the table's mean where a clamp to the smaller value would lower it.
+round, the mean over rounds through all the calls measured together.
+This VM's own speed drifts by ~20% over tens of seconds (the same calls on 4 processes in
+turn: per-process means within 3%, means over successive 10-s spans 0.088 to 0.071 s), and
+a run's iteration time is a mean over such phases: so rows are means, not medians or
+minima (those had come out 10-20% below the runs), and each row's rounds are spread over
+its group's whole measurement rather than taken in a block of their own. Where a row
+exceeds a larger size's (more work never takes less time), the two are pooled into their
+mean (isotonic fit), which keeps the table's mean where a clamp would lower it.
 """
 from __future__ import annotations
 
@@ -146,14 +146,12 @@ class Recorder:
     def rounds(self, calls: list[tuple[object, str, str, tuple]]
                ) -> dict[object, tuple[float, dict[str, float]]]:
         """{name: (wall, the slowest rank's own seconds and parts)} of each (name, role,
-        method, args): one warm-up call per role and method (lazy set-up), then `repeats`
-        rounds through the whole list, so that a burst of other load lands in one round of
+        method, args): a warm-up round through the whole list (lazy set-up, and the first
+        calls of each size after a vLLM engine starts, which had come out up to a third
+        slower), then `repeats` rounds, so that a burst of other load lands in one round of
         every call rather than in all rounds of a few; the mean over rounds."""
-        warm = set()
         for _, role, method, args in calls:
-            if (role, method) not in warm:
-                self._once(role, method, args)
-                warm.add((role, method))
+            self._once(role, method, args)
         got: dict[object, list[tuple[float, dict[str, float]]]] = {}
         for _ in range(self.repeats):
             for name, role, method, args in calls:
@@ -177,36 +175,43 @@ def _losses(grid: CallsGrid, value: bool):
     return loss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
 
 
-def measure_layout(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
-                   layout: tuple[int, int, int], out: dict[str, list[dict]]) -> None:
+def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
+                    layouts: list[tuple[int, int, int]], out: dict[str, list[dict]]) -> None:
     """forward and train_step rows, of an LM and of a value model, (and dispatch rows) of
-    one (tp, pp, dp) on k ranks."""
+    each (tp, pp, dp) on k ranks: all their roles at once, each round through every
+    layout's calls, so that each row's rounds spread over the whole measurement (this VM's
+    speed drifts by ~20% over tens of seconds; a row timed in a block of its own took on
+    the speed of that block)."""
     from executor.parallel import ParallelLayout
-    tp, pp, dp = layout
-    calls, roles = [], {}
-    for value in (False, True):
-        role = roles[value] = f"{'value' if value else 'lm'}-tp{tp}-pp{pp}"
-        rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
-                           _engine_config(value))
-        loss = _losses(grid, value)
-        for s in grid.sequences:
-            batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
-            calls += [(("forward", value, s), role, "profile_outputs", (batch, "out")),
-                      (("train", value, s), role, "profile_update", (batch, loss, 1, 1))]
+    calls, roles = [], []
+    for tp, pp, dp in layouts:
+        for value in (False, True):
+            role = f"{'value' if value else 'lm'}-tp{tp}-pp{pp}"
+            rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
+                               _engine_config(value))
+            roles.append(role)
+            loss = _losses(grid, value)
+            for s in grid.sequences:
+                batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
+                calls += [(("forward", tp, pp, value, s), role, "profile_outputs",
+                           (batch, "out")),
+                          (("train", tp, pp, value, s), role, "profile_update",
+                           (batch, loss, 1, 1))]
     got = rec.rounds(calls)
-    for value in (False, True):
+    for (tp, pp, dp), value, s in ((lay, v, s) for lay in layouts for v in (False, True)
+                                   for s in grid.sequences):
         suffix = "_value" if value else ""
-        for s in grid.sequences:
-            key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
-            (fw_wall, fw), (tr_wall, tr) = got[("forward", value, s)], got[("train", value, s)]
-            out["forward" + suffix].append({**key, "seconds": fw["seconds"]})
-            out["train_step" + suffix].append({**key, "seconds": tr["seconds"],
-                                               "optimizer_s": tr.get("optimizer_s", 0.0)})
-            out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
-                                                seconds=max(fw_wall - fw["seconds"], 1e-6)))
-            out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
-                                              seconds=max(tr_wall - tr["seconds"], 1e-6)))
-    for role in roles.values():
+        key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
+        (fw_wall, fw) = got[("forward", tp, pp, value, s)]
+        (tr_wall, tr) = got[("train", tp, pp, value, s)]
+        out["forward" + suffix].append({**key, "seconds": fw["seconds"]})
+        out["train_step" + suffix].append({**key, "seconds": tr["seconds"],
+                                           "optimizer_s": tr.get("optimizer_s", 0.0)})
+        out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
+                                            seconds=max(fw_wall - fw["seconds"], 1e-6)))
+        out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
+                                          seconds=max(tr_wall - tr["seconds"], 1e-6)))
+    for role in roles:
         rec.group.run(role, "drop_role")
 
 
@@ -276,10 +281,10 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
         for i, gen_steps in enumerate(by_tg.values()):
             steps += gen_steps
             if i == 0:
-                steps += [("train/forward tp{} pp{} dp{}".format(*lay),
-                           lambda g, d, o, k=k, lay=lay: measure_layout(
-                               Recorder(g, grid.repeats), grid, spec, k, lay, o))
-                          for lay in train_layouts(spec, k)]
+                lays = train_layouts(spec, k)
+                steps.append((f"train/forward, {len(lays)} layouts on {k}",
+                              lambda g, d, o, k=k, lays=lays: measure_layouts(
+                                  Recorder(g, grid.repeats), grid, spec, k, lays, o)))
         groups.append((k, steps))
     return groups
 
@@ -295,38 +300,37 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
     timings = {} if timings is None else timings
     from executor.cluster import Cluster, ClusterConfig
     from executor.profiler.vllm_steps import save_random_llama
+    from executor.profiler.rank_pool import RankPool
     spec = load_model(grid.model)
     out: dict[str, list[dict]] = {k: [] for k in TABLES}  # + "concurrency" (sharing factors)
     groups = _groups(grid, spec)
+    n = max(grid.group_sizes)
     with tempfile.TemporaryDirectory(prefix="hf-calls-") as tmp, \
-            Cluster.start(ClusterConfig(devices=sum(grid.group_sizes))) as cluster:
+            Cluster.start(ClusterConfig(devices=n)) as cluster:
         model_dir = str(save_random_llama(spec, Path(tmp), "float32"))
-        for n, (k, steps) in enumerate(groups):
-            _measure_group(cluster, f"profile-calls-{n}", k, steps, model_dir, out, timings,
-                           progress)
-        if grid.concurrency:
-            if progress:
-                progress("concurrent one-rank sets")
-            t0 = time.perf_counter()
-            from executor.profiler.calls_sharing import measure_concurrency
-            n = max(grid.group_sizes)
-            out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
-                                  measure_concurrency(cluster, grid, spec, n).items()]
-            timings["concurrent sets"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        if progress:
+            progress(f"start {n} ranks")
+        with RankPool(cluster, n) as ranks:
+            timings[f"start {n} ranks"] = round(time.perf_counter() - t0, 1)
+            for k, steps in groups:
+                _measure_group(ranks, k, steps, model_dir, out, timings, progress)
+            if grid.concurrency:
+                if progress:
+                    progress("concurrent one-rank sets")
+                t0 = time.perf_counter()
+                from executor.profiler.calls_sharing import measure_concurrency
+                out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
+                                      measure_concurrency(ranks, grid, spec, n).items()]
+                timings["concurrent sets"] = round(time.perf_counter() - t0, 1)
     return out
 
 
-def _measure_group(cluster, name: str, k: int, steps: list[Step], model_dir: str,
+def _measure_group(ranks, k: int, steps: list[Step], model_dir: str,
                    out: dict[str, list[dict]], timings: dict[str, float],
                    progress: Callable[[str], None] | None) -> None:
-    """Run `steps` on a fresh worker group of k ranks, then shut it down."""
-    from executor.profiler.calls_worker import ProfileWorker
-    from executor.worker_group import WorkerGroup
-    t0 = time.perf_counter()
-    pool = cluster.create_pool(name, k)
-    group = WorkerGroup(cluster, pool, ProfileWorker, name=name)
-    timings[f"start {k} ranks"] = timings.get(f"start {k} ranks", 0.0) + \
-        round(time.perf_counter() - t0, 1)
+    """Run `steps` on a worker group of the pool's first k ranks, then release it."""
+    group = ranks.group(range(k), f"profile-calls-{k}")
     try:
         for desc, fn in steps:
             if progress:
@@ -335,10 +339,7 @@ def _measure_group(cluster, name: str, k: int, steps: list[Step], model_dir: str
             fn(group, model_dir, out)
             timings[desc] = round(time.perf_counter() - t0, 1)
     finally:
-        if not group.broken:
-            group.run(None, "close_engine")
-        group.shutdown()
-        cluster.remove_pool(pool.name)
+        ranks.release(group)
 
 
 def _mean_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:

@@ -18,21 +18,18 @@ def _together(groups: list, calls: list[tuple[str, tuple]]) -> float:
     return statistics.fmean(own)
 
 
-def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
+def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
                         rounds: int = 7) -> dict[int, float]:
     """{c: slowdown} of the executor's calls when c one-rank sets call at once (c = 1..n),
-    as concurrent sets of a plan do: a forward and a train call of an LM on each set,
-    the c sets' mean own seconds over one set's alone, interleaved rounds (1, 2, .., n
-    sets, then again), the mean over rounds (as the call tables: executor.profiler.calls);
-    never decreasing with c."""
+    as concurrent sets of a plan do: a forward and a train call of an LM on each set (one
+    worker group per process of the RankPool `ranks`), the c sets' mean own seconds over
+    one set's alone, interleaved rounds (1, 2, .., n sets, then again), the mean over rounds
+    (as the call tables: executor.profiler.calls); never decreasing with c."""
     from executor.parallel import ParallelLayout
-    from executor.profiler.calls_worker import ProfileWorker
-    from executor.worker_group import WorkerGroup
-    groups, pools = [], []
+    groups = []
     try:
         for i in range(n):
-            pools.append(cluster.create_pool(f"profile-share-{i}", 1))
-            groups.append(WorkerGroup(cluster, pools[-1], ProfileWorker, name=f"share{i}"))
+            groups.append(ranks.group([i], f"profile-share-{i}"))
             groups[-1].add_role("lm", grid.model, ParallelLayout(1, 1, 1),
                                 _engine_config(False))
         s = grid.sequences[len(grid.sequences) // 2]
@@ -46,9 +43,7 @@ def measure_concurrency(cluster, grid: CallsGrid, spec: ModelSpec, n: int,
                 got[c].append(_together(groups[:c], calls))
     finally:
         for g in groups:
-            g.shutdown()
-        for p in pools:
-            cluster.remove_pool(p.name)
+            ranks.release(g)
     alone = statistics.fmean(got[1])
     out, low = {}, 1.0
     for c in range(1, n + 1):

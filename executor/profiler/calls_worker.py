@@ -29,6 +29,11 @@ def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
 
 
 _CLOCKED = "_hybridflow_profile_clocked"
+PRELOAD = ("executor.train_engine", "executor.megatron_model", "executor.hybrid_engine",
+           "executor.vllm_engine", "vllm", "vllm.v1.engine.core",
+           "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker",
+           "vllm.v1.worker.cpu_model_runner", "vllm.v1.core.sched.scheduler",
+           "vllm.model_executor.models.llama")
 
 
 class ProfileWorker(RLWorker):
@@ -112,6 +117,20 @@ class ProfileWorker(RLWorker):
         self.rollout.pop(role, None)
         self.roles.pop(role)
         gc.collect()
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def drop_roles(self, role: str | None = None) -> None:
+        """Forget every role (what a worker group of this process built)."""
+        for name in list(self.roles):
+            self.drop_role(name)
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def preload(self, role: str | None = None) -> None:
+        """Import what the measurements use (megatron-core, vLLM and the modules its engine
+        imports when it first starts), so that no measured layout pays for it."""
+        import importlib
+        for name in PRELOAD:
+            importlib.import_module(name)
 
     @register(dispatch_mode=ONE_TO_ALL)
     def close_engine(self, role: str | None = None) -> None:
