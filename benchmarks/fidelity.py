@@ -147,6 +147,35 @@ def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -
     return summary
 
 
+def pool_passes(name: str, passes: list[dict], pass_dirs: list[Path], runs: Path) -> dict:
+    """One plan's passes as one run: measured stage and iteration seconds are means over all
+    the passes' timed iterations, tokens/s their tokens over their seconds. Written to
+    runs/name (summary.json; plan, settings and metrics of the first pass) for the report."""
+    import shutil
+    n = [p["measured"].get("timed_iterations", 1) for p in passes]
+    ms = [p["measured"] for p in passes]
+
+    def mean(get) -> float:
+        return sum(k * get(m) for k, m in zip(n, ms)) / sum(n)
+    secs = sum(k * m["iteration_s"] for k, m in zip(n, ms))
+    measured = dict(ms[0], iteration_s=mean(lambda m: m["iteration_s"]),
+                    stages={st: mean(lambda m: m["stages"][st]) for st in STAGES},
+                    tokens_per_s=sum(k * m["iteration_s"] * m["tokens_per_s"]
+                                     for k, m in zip(n, ms)) / secs,
+                    iterations=sum(m.get("iterations", 0) for m in ms),
+                    timed_iterations=sum(n), passes=len(passes))
+    out = runs / name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("plan.json", "run.json", "metrics.jsonl"):
+        if (pass_dirs[0] / f).exists():
+            shutil.copy(pass_dirs[0] / f, out / f)
+    pooled = dict(passes[0], measured=measured,
+                  each_iteration_s=[x for p in passes for x in p["each_iteration_s"]])
+    (out / "summary.json").write_text(json.dumps(
+        {k: v for k, v in pooled.items() if k != "each_iteration_s"}, indent=1))
+    return pooled
+
+
 def with_terms(summary: dict, profile: str, run_dir: Path) -> dict:
     """The run's summary with the prediction's named terms and their sources (what
     `hybridflow report` tabulates per run), written back to its summary.json."""
@@ -239,10 +268,33 @@ def _ranking(stats: dict) -> str:
         "; ".join(cells)
 
 
+def run_passes(chosen: list[str], plans: dict, runs: Path, args) -> dict[str, dict]:
+    """Each plan's summary: one run, or with --passes P the pool of P runs, pass i in the
+    order of `chosen` rotated by i/P of its length, so that a plan's runs lie apart in time."""
+    if args.passes < 1:
+        raise SystemExit("--passes must be at least 1")
+    got: dict[str, list[tuple[dict, Path]]] = {n: [] for n in chosen}
+    for i in range(args.passes):
+        shift = i * len(chosen) // args.passes
+        where = runs / f"pass{i + 1}" if args.passes > 1 else runs
+        for n in chosen[shift:] + chosen[:shift]:
+            if args.max_load > 0:
+                print(f"  {n}: starting at load {wait_for_quiet(args.max_load):.1f}", flush=True)
+            got[n].append((run_plan(n, plans[n], where, args.iterations, args.profile),
+                           where / n))
+    if args.passes == 1:
+        return {n: got[n][0][0] for n in chosen}
+    return {n: pool_passes(n, [s for s, _ in got[n]], [d for _, d in got[n]], runs)
+            for n in chosen}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--plans", default="", help="comma-separated subset of plan names")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="run every plan this many times, each pass in a rotated order, and "
+                         "pool each plan's passes (this VM's speed drifts over minutes)")
     ap.add_argument("--profile", default="local-cpu", help="profile name or .yaml path")
     ap.add_argument("--runs", default="", help="folder for the run dirs (default: temporary)")
     ap.add_argument("--out", default="", help="write the report folder here")
@@ -261,13 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs or tempfile.mkdtemp(prefix="fidelity-"))
     load0 = os.getloadavg()
     print(f"runs in {runs}; load average {load0[0]:.1f} at start", flush=True)
-    summaries = {}
-    for n in chosen:
-        if args.max_load > 0:
-            print(f"  {n}: starting at load {wait_for_quiet(args.max_load):.1f}", flush=True)
-        summaries[n] = run_plan(n, plans[n], runs, args.iterations, args.profile)
+    summaries = run_passes(chosen, plans, runs, args)
     text, stats = table(summaries)
-    header = (f"{len(summaries)} plans x {args.iterations} iterations (first dropped); "
+    passes = f" x {args.passes} passes" if args.passes > 1 else ""
+    header = (f"{len(summaries)} plans{passes} x {args.iterations} iterations (first dropped); "
               f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
               f"ended {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
               f"{host_name()}")

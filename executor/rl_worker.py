@@ -128,7 +128,8 @@ class RLWorker(Worker):
 
     @register(dispatch_mode=ONE_TO_ALL)
     def init_rollout(self, role: str, cfg: RolloutConfig) -> None:
-        from executor.hybrid_engine import HybridEngine, ReshardPlan
+        from executor.hybrid_engine import HybridEngine
+        from executor.reshard_plan import ReshardPlan
         from executor.vllm_engine import EngineConfig, VllmEngine
         from simulator.layout import TrainLayout
         lay = self.role(role).groups.layout
@@ -167,7 +168,11 @@ class RLWorker(Worker):
             responses[i, :n] = torch.tensor(c.token_ids, dtype=torch.long)
             mask[i, :n] = 1
             logprobs[i, :n] = torch.tensor(c.logprobs)
-        timing = {"reshard_s": (t1 - t0) + (t3 - t2), "generate_s": t2 - t1,
+        # the stage ends with its slowest rank, as the profile's rows take it: every rank's
+        # time, not only the replicas' first ranks that return the completions
+        reshard = torch.tensor([(t1 - t0) + (t3 - t2)], dtype=torch.float64)
+        torch.distributed.all_reduce(reshard, op=torch.distributed.ReduceOp.MAX)
+        timing = {"reshard_s": float(reshard), "generate_s": t2 - t1,
                   "reshard_bytes": stats.bytes_received}
         return Batch({"responses": responses, "response_mask": mask,
                       "rollout_log_probs": logprobs},
