@@ -229,3 +229,15 @@ def test_profiler_rows_keep_the_mean_and_never_decrease():
     assert [r["seconds"] for r in fixed] == pytest.approx([0.1, 0.4, 0.4, 0.6])
     assert sum(r["seconds"] for r in fixed) == pytest.approx(sum(r["seconds"] for r in rows))
     assert rows[1]["seconds"] == 0.5  # the input is left as it was
+    # one row per sweep of the same size: pooled into their mean before the fit
+    swept = rows + [{"ranks": 1, "sequences": 4, "seconds": 0.3}]
+    fixed = _monotone(swept, ("ranks",), ("seconds",))
+    assert [r["sequences"] for r in fixed] == [4, 8, 16, 32]
+    assert fixed[0]["seconds"] == pytest.approx(0.2)
+
+
+def test_profiler_sweeps_every_group_again():
+    from executor.profiler.calls import CallsGrid
+    with pytest.raises(ValueError, match="sweeps"):
+        CallsGrid(sweeps=0)
+    assert CallsGrid().sweeps == 2 and CallsGrid().repeats * CallsGrid().sweeps == 4

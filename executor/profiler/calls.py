@@ -33,12 +33,14 @@ ranks, and the one-rank sets timed at once, are new worlds over the same 4 proce
 (executor.profiler.rank_pool), which import megatron-core and vLLM once, all together.
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
-round, the mean over rounds through all the calls measured together.
+round, the mean over rounds through all the calls measured together, in each of `sweeps`
+passes over all the groups (1, 2, 4 ranks, then again), pooled.
 This VM's own speed drifts by ~20% over tens of seconds (the same calls on 4 processes in
 turn: per-process means within 3%, means over successive 10-s spans 0.088 to 0.071 s), and
 a run's iteration time is a mean over such phases: so rows are means, not medians or
 minima (those had come out 10-20% below the runs), and each row's rounds are spread over
-its group's whole measurement rather than taken in a block of their own. Where a row
+its group's measurement and over the sweeps, minutes apart, rather than taken in a block
+of their own (a generation layout's block had put whole tables 30% off the runs). Where a row
 exceeds a larger size's (more work never takes less time), the two are pooled into their
 mean (isotonic fit), which keeps the table's mean where a clamp would lower it.
 """
@@ -64,8 +66,9 @@ class CallsGrid:
     gen_sequences: tuple[int, ...] = (8, 32)      # per generation replica
     prompt_len: int = 16
     response_len: int = 8
-    repeats: int = 4
-    gen_repeats: int = 3        # generate calls (slower, and each one reshards too)
+    repeats: int = 2            # rounds per sweep
+    gen_repeats: int = 2        # generate calls' rounds per sweep (each one reshards too)
+    sweeps: int = 2             # passes over every worker group, minutes apart
     micro_batch_per_rank: int = 4  # the optimizer step before each generate call
     concurrency: bool = True    # time calls of one-rank sets running at once (sharing)
 
@@ -75,8 +78,9 @@ class CallsGrid:
             vals = getattr(self, name)
             if not vals or any(not isinstance(v, int) or v <= 0 for v in vals):
                 raise ValueError(f"calls grid {name} must be positive integers: {vals}")
-        if min(self.prompt_len, self.response_len, self.repeats, self.gen_repeats) < 1:
-            raise ValueError("prompt_len, response_len and repeats must be >= 1")
+        if min(self.prompt_len, self.response_len, self.repeats, self.gen_repeats,
+               self.sweeps) < 1:
+            raise ValueError("prompt_len, response_len, repeats and sweeps must be >= 1")
         if self.prompt_len + self.response_len > spec.max_position:
             raise ValueError(f"model {self.model!r} holds {spec.max_position} positions")
 
@@ -88,7 +92,7 @@ class CallsGrid:
 def default_grid(quick: bool, model: str = "tiny") -> CallsGrid:
     if quick:
         return CallsGrid(model, sequences=(4, 16, 32), gen_sequences=(8, 32), repeats=2,
-                         gen_repeats=1)
+                         gen_repeats=1, sweeps=1)
     return CallsGrid(model)
 
 
@@ -313,8 +317,10 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
             progress(f"start {n} ranks")
         with RankPool(cluster, n) as ranks:
             timings[f"start {n} ranks"] = round(time.perf_counter() - t0, 1)
-            for k, steps in groups:
-                _measure_group(ranks, k, steps, model_dir, out, timings, progress)
+            for sweep in range(grid.sweeps):
+                for k, steps in groups:
+                    _measure_group(ranks, k, steps, model_dir, out, timings, progress,
+                                   f" (sweep {sweep + 1})" if sweep else "")
             if grid.concurrency:
                 if progress:
                     progress("concurrent one-rank sets")
@@ -328,16 +334,16 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
 
 def _measure_group(ranks, k: int, steps: list[Step], model_dir: str,
                    out: dict[str, list[dict]], timings: dict[str, float],
-                   progress: Callable[[str], None] | None) -> None:
+                   progress: Callable[[str], None] | None, sweep: str = "") -> None:
     """Run `steps` on a worker group of the pool's first k ranks, then release it."""
     group = ranks.group(range(k), f"profile-calls-{k}")
     try:
         for desc, fn in steps:
             if progress:
-                progress(desc)
+                progress(desc + sweep)
             t0 = time.perf_counter()
             fn(group, model_dir, out)
-            timings[desc] = round(time.perf_counter() - t0, 1)
+            timings[desc + sweep] = round(time.perf_counter() - t0, 1)
     finally:
         ranks.release(group)
 
@@ -366,10 +372,11 @@ def isotonic(values: list[float]) -> list[float]:
 
 def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) -> list[dict]:
     """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`
-    (more work never takes less time): the isotonic fit of each column."""
+    (more work never takes less time): the isotonic fit of each column, after rows of the
+    same size (one per sweep) are pooled into their mean."""
     out = []
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in _mean_by(rows, keys + ("sequences",)):
         groups.setdefault(tuple(r[k] for k in keys), []).append(dict(r))
     for key in sorted(groups):
         series = sorted(groups[key], key=lambda r: r["sequences"])
