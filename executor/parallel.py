@@ -93,10 +93,26 @@ def _state_names() -> list[str]:
             and not callable(getattr(ps, n))]
 
 
+class WorldWatch:
+    """Whether torch.distributed's default group changed since the last look: a process
+    that left its world and joined a new one (executor.profiler.rank_pool) must drop what
+    it keeps of the old one."""
+
+    def __init__(self) -> None:
+        self._seen: Any = None
+
+    def changed(self) -> bool:
+        now = torch.distributed.group.WORLD
+        if now is self._seen:
+            return False
+        self._seen = now
+        return True
+
+
 _lock = threading.RLock()
 _pristine: dict[str, Any] | None = None
 _shared_groups: dict[tuple, Any] = {}  # (ranks, backend, timeout) -> group
-_shared_world: Any = None  # the default group that `_shared_groups` belong to
+_shared_world = WorldWatch()  # the default group that `_shared_groups` belong to
 
 
 def _shared_new_group(original):
@@ -109,10 +125,8 @@ def _shared_new_group(original):
                       group_desc=group_desc, **extra)
         if ranks is None or pg_options is not None or use_local_synchronization or extra:
             return original(**kwargs)
-        global _shared_world
-        if _shared_world is not torch.distributed.group.WORLD:
+        if _shared_world.changed():
             _shared_groups.clear()  # a new world (re-initialised torch.distributed)
-            _shared_world = torch.distributed.group.WORLD
         key = (tuple(ranks), backend, timeout)
         if key not in _shared_groups:
             _shared_groups[key] = original(**kwargs)

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from executor.parallel import WorldWatch
+
+_VLLM_WORLD = WorldWatch()  # the torch world vLLM's world group belongs to
 
 class EngineError(ValueError):
     """Bad engine or sampling settings."""
@@ -132,10 +135,9 @@ def _install_parallel_groups(tp_groups: Sequence[Sequence[int]]) -> None:
 def _init_vllm_groups(ps: Any, tp_groups: Sequence[Sequence[int]]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if _init_vllm_groups.world is not dist.group.WORLD:
+    if _VLLM_WORLD.changed():
         # vLLM keeps its world group for the process; this process joined a new world
         ps._WORLD, ps._NODE_COUNT = None, None
-        _init_vllm_groups.world = dist.group.WORLD
     ps.init_distributed_environment(world, rank, "env://", rank, backend=backend)
     singles = [[r] for r in range(world)]
     groups = [list(g) for g in tp_groups]
@@ -148,8 +150,6 @@ def _init_vllm_groups(ps: Any, tp_groups: Sequence[Sequence[int]]) -> None:
     ps._PP = ps.init_model_parallel_group(singles, rank, backend, group_name="pp")
     ps._DP = ps.init_model_parallel_group(singles, rank, backend, group_name="dp")
 
-
-_init_vllm_groups.world = None
 
 
 def _vocab_shard_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:

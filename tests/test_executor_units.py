@@ -192,6 +192,21 @@ def test_roles_share_one_process_group_per_rank_list(tmp_path):
         dist.destroy_process_group()
 
 
+def test_world_watch_sees_a_new_world(tmp_path):
+    """What a process keeps of its world (shared groups, vLLM's world group) is dropped
+    when it joins a new one: WorldWatch tells."""
+    import torch.distributed as dist
+    from executor.parallel import WorldWatch
+    watch = WorldWatch()
+    for n in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/w{n}", rank=0,
+                                world_size=1)
+        try:
+            assert watch.changed() and not watch.changed()
+        finally:
+            dist.destroy_process_group()
+
+
 def test_new_groups_shared_per_rank_list_inside_the_context(tmp_path):
     """vLLM's groups (built through torch.distributed.new_group) are shared per rank list
     while an engine starts, so engines started one after another reuse them."""

@@ -344,8 +344,10 @@ def _measure_group(ranks, k: int, steps: list[Step], model_dir: str,
             t0 = time.perf_counter()
             fn(group, model_dir, out)
             timings[desc + sweep] = round(time.perf_counter() - t0, 1)
-    finally:
-        ranks.release(group)
+    except BaseException:
+        ranks.release(group, check=False)
+        raise
+    ranks.release(group)
 
 
 def _mean_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:

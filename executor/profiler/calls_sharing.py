@@ -41,9 +41,12 @@ def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
         for _ in range(rounds):
             for c in range(1, n + 1):
                 got[c].append(_together(groups[:c], calls))
-    finally:
+    except BaseException:
         for g in groups:
-            ranks.release(g)
+            ranks.release(g, check=False)
+        raise
+    for g in groups:
+        ranks.release(g)
     alone = statistics.fmean(got[1])
     out, low = {}, 1.0
     for c in range(1, n + 1):

@@ -30,8 +30,10 @@ class RankPool:
         self.actors = list(first.actors)
         try:
             first.run(None, "preload")
-        finally:
-            self._release(first)
+        except BaseException:
+            self._release(first, check=False)
+            raise
+        self._release(first)
 
     def group(self, ranks: Sequence[int], name: str) -> Any:
         """A worker group whose rank i is process ranks[i] of this pool."""
@@ -39,17 +41,18 @@ class RankPool:
         return WorkerGroup(self.cluster, self.pool, self._cls, name=name,
                            actors=[self.actors[r] for r in ranks])
 
-    def release(self, group: Any) -> None:
-        """Shut `group`'s vLLM engine, drop its roles and end its world."""
+    def release(self, group: Any, check: bool = True) -> None:
+        """Shut `group`'s vLLM engine, drop its roles and end its world. A group that
+        broke raises here unless `check` is off (its caller is already raising why)."""
         if not group.broken:
             group.run(None, "close_engine")
             group.run(None, "drop_roles")
-        self._release(group)
+        self._release(group, check)
 
-    def _release(self, group: Any) -> None:
+    def _release(self, group: Any, check: bool = True) -> None:
         broken = group.broken
         group.shutdown(kill=False)
-        if broken:
+        if broken and check:
             raise RuntimeError(f"profiling worker group {group.name!r} failed: {broken}")
 
     def close(self) -> None:
