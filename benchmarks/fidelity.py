@@ -14,8 +14,8 @@ plan measured. Predictions use the profile only (nothing is fitted to these runs
 describe their responses as the task makes them (the answers in the task's tokens and EOS,
 response_lengths()), and predicted tokens/s count tokens as the run does.
 
-Run (a quiet machine: ~30-60 s per plan, more under load):
-    .venv/bin/python benchmarks/fidelity.py --iterations 16 --out reports/local-cpu
+Run (a quiet machine: ~30-60 s per plan and pass, more under load):
+    .venv/bin/python benchmarks/fidelity.py --iterations 12 --passes 3 --out reports/local-cpu
     .venv/bin/python benchmarks/fidelity.py --plans ppo-colocated,grpo-gen-tp2 --profile /tmp/p.yaml
 `--out` writes the `hybridflow report` of the runs (report.md, runs.csv, PNGs) plus
 fidelity.md with this table; run dirs go under --runs (default a temporary folder).
@@ -148,22 +148,23 @@ def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -
 
 
 def pool_passes(name: str, passes: list[dict], pass_dirs: list[Path], runs: Path) -> dict:
-    """One plan's passes as one run: measured stage and iteration seconds are means over all
-    the passes' timed iterations, tokens/s their tokens over their seconds. Written to
-    runs/name (summary.json; plan, settings and metrics of the first pass) for the report."""
+    """One plan's passes as one run: each stage's and the iteration's measured seconds are
+    the median over the passes of each pass's mean (tokens/s likewise), so that one pass in
+    another speed of this VM (a whole 40-s run came out 40% faster than the same plan's
+    other passes, every stage alike) does not decide the plan's number; with two passes,
+    their mean. Written to runs/name (summary.json; plan, settings and metrics of the first
+    pass) for the report."""
     import shutil
-    n = [p["measured"].get("timed_iterations", 1) for p in passes]
     ms = [p["measured"] for p in passes]
 
-    def mean(get) -> float:
-        return sum(k * get(m) for k, m in zip(n, ms)) / sum(n)
-    secs = sum(k * m["iteration_s"] for k, m in zip(n, ms))
-    measured = dict(ms[0], iteration_s=mean(lambda m: m["iteration_s"]),
-                    stages={st: mean(lambda m: m["stages"][st]) for st in STAGES},
-                    tokens_per_s=sum(k * m["iteration_s"] * m["tokens_per_s"]
-                                     for k, m in zip(n, ms)) / secs,
+    def median(get) -> float:
+        return statistics.median(get(m) for m in ms)
+    measured = dict(ms[0], iteration_s=median(lambda m: m["iteration_s"]),
+                    stages={st: median(lambda m: m["stages"][st]) for st in STAGES},
+                    tokens_per_s=median(lambda m: m["tokens_per_s"]),
                     iterations=sum(m.get("iterations", 0) for m in ms),
-                    timed_iterations=sum(n), passes=len(passes))
+                    timed_iterations=sum(m.get("timed_iterations", 1) for m in ms),
+                    passes=len(passes), pass_iteration_s=[m["iteration_s"] for m in ms])
     out = runs / name
     out.mkdir(parents=True, exist_ok=True)
     for f in ("plan.json", "run.json", "metrics.jsonl"):
@@ -224,9 +225,9 @@ def table(summaries: dict[str, dict]) -> tuple[str, dict]:
 
 
 def _spread(summary: dict) -> tuple[float, float]:
-    """(mean, standard deviation) of a run's timed iteration seconds (0 with one)."""
+    """(measured iteration seconds, standard deviation of the timed iterations: 0 with one)."""
     each = summary.get("each_iteration_s") or [summary["measured"]["iteration_s"]]
-    return statistics.fmean(each), statistics.stdev(each) if len(each) > 1 else 0.0
+    return summary["measured"]["iteration_s"], statistics.stdev(each) if len(each) > 1 else 0.0
 
 
 def _same_plan(summaries: dict, name: str, ppo: dict) -> list[str]:
@@ -243,7 +244,7 @@ def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, head
     text, stats = table(summaries)
     (out / "fidelity.md").write_text(
         f"# Simulator fidelity on the local cluster\n\n{header}\n\nprofile: `{profile}`\n\n"
-        f"{text}\n\n{_verdict(stats)}\n")
+        f"{text}\n\n{_verdict(stats)}{_passes(summaries)}\n")
 
 
 def _verdict(stats: dict) -> str:
@@ -264,8 +265,18 @@ def _ranking(stats: dict) -> str:
         return ""
     cells = [f"{k}{' (planner)' if k in stats['planner_first'] else ''} {m:.3f} ± {s:.3f}"
              for k, (m, s) in ranked]
-    return "\n\nPPO plans measured, fastest first (s per iteration, mean ± std): " + \
+    return "\n\nPPO plans measured, fastest first (s per iteration ± std of its timed " + \
+        "iterations): " + \
         "; ".join(cells)
+
+
+def _passes(summaries: dict[str, dict]) -> str:
+    """Each plan's iteration error in each pass alone: how far a plan's runs minutes apart
+    differ (the runs' share of the error; what they share is the profile's)."""
+    cells = [f"{k} " + " / ".join(f"{_err(v['predicted']['iteration_s'], x):+.0%}"
+                                  for x in v["measured"]["pass_iteration_s"])
+             for k, v in summaries.items() if "pass_iteration_s" in v["measured"]]
+    return ("\n\nIteration error of each pass alone: " + "; ".join(cells)) if cells else ""
 
 
 def run_passes(chosen: list[str], plans: dict, runs: Path, args) -> dict[str, dict]:
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
               f"ended {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
               f"{host_name()}")
-    print(text + "\n\n" + _verdict(stats) + "\n" + header)
+    print(text + "\n\n" + _verdict(stats) + _passes(summaries) + "\n" + header)
     (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header}, indent=1))
     if args.out:
         report(summaries, runs, Path(args.out), args.profile, header)

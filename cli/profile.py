@@ -12,8 +12,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller grids, fewer repeats (the full profile took 7 min on "
-                             "a quiet 2-core VM)")
+                        help="smaller grids, fewer repeats (the full profile takes 4-6 min "
+                             "on a 2-core VM)")
+    parser.add_argument("--sweeps", type=int, default=1,
+                        help="CPU: split the per-call tables' rounds among this many passes "
+                             "over all their worker groups, minutes apart (2 took 8 min)")
     parser.add_argument("--devices", type=int, default=4,
                         help="CPU only: logical devices (ranks) sharing the host (default 4)")
     parser.add_argument("--threads", type=int, default=1,
@@ -26,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-calls", action="store_true",
                         help="CPU: skip the executor's per-call tables (worker groups of 1, 2, "
                              "4 ranks running RLWorker's methods, a vLLM engine started per "
-                             "generation tp: about 7 min of the 8 on a 2-core VM)")
+                             "generation tp: about 4 of the 5 min on a 2-core VM)")
 
 
 def _default_out() -> Path:
@@ -45,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
                              quick=args.quick, devices=args.devices,
                              threads_per_rank=args.threads, model=args.model,
                              generate=not args.no_generate, dispatch=not args.no_dispatch,
-                             calls=not args.no_calls)
+                             calls=not args.no_calls, sweeps=args.sweeps)
     busy = os.getloadavg()[0]
     if busy > 1.0:
         print(f"note: load average {busy:.1f} before measuring: other programs using the "

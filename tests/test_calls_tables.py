@@ -4,7 +4,8 @@ where they do not apply."""
 import pytest
 import yaml
 
-from executor.profiler.calls import _mean_by, generation_configs, train_layouts
+from executor.profiler.calls import generation_configs, train_layouts
+from executor.profiler.calls_tables import _mean_by
 from simulator.calls import parse_calls
 from simulator.generation import gen_shape, generation_cost
 from simulator.job import Job
@@ -218,7 +219,7 @@ def test_profile_worker_clocks_each_part_once():
 
 
 def test_profiler_rows_keep_the_mean_and_never_decrease():
-    from executor.profiler.calls import _monotone, isotonic
+    from executor.profiler.calls_tables import _monotone, isotonic
     assert isotonic([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert isotonic([3.0, 1.0]) == [2.0, 2.0]
     assert isotonic([1.0, 4.0, 2.0, 0.0, 5.0]) == pytest.approx([1.0, 2.0, 2.0, 2.0, 5.0])
@@ -240,4 +241,7 @@ def test_profiler_sweeps_every_group_again():
     from executor.profiler.calls import CallsGrid
     with pytest.raises(ValueError, match="sweeps"):
         CallsGrid(sweeps=0)
-    assert CallsGrid().sweeps == 2 and CallsGrid().repeats * CallsGrid().sweeps == 4
+    one, two = CallsGrid(), CallsGrid(sweeps=2)
+    assert one.per_sweep(one.repeats) == 4 and one.per_sweep(one.gen_repeats) == 3
+    # the rounds split among the sweeps, at least as many in all
+    assert two.per_sweep(two.repeats) == 2 and two.per_sweep(two.gen_repeats) == 2

@@ -103,6 +103,7 @@ def test_writer_rejects_bad_input(tmp_path: Path) -> None:
     (["--out", "p.json"], "must be a .yaml path"),
     (["--devices", "1"], "at least 2"),
     (["--model", "no-such-model"], "unknown model"),
+    (["--sweeps", "0"], "--sweeps must be at least 1"),
 ])
 def test_profile_cli_bad_input(tmp_path: Path, capsys, argv, message) -> None:
     argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "p.yaml")]

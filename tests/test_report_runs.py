@@ -142,25 +142,30 @@ def test_missing_and_non_dir(tmp_path: Path, capsys) -> None:
 
 
 def test_fidelity_pools_passes_into_one_run(tmp_path: Path) -> None:
-    """benchmarks/fidelity.py --passes: a plan's runs pooled over their timed iterations
-    into one run dir that `hybridflow report` reads."""
+    """benchmarks/fidelity.py --passes: a plan's runs pooled into one run dir that
+    `hybridflow report` reads, each stage the median of the passes' means."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from fidelity import pool_passes
+    from fidelity import _passes, pool_passes
     pred = times(1.0, 0.1, 1.0, 2.0, 50.0)
     runs = []
     for i, (m, n) in enumerate(((times(1.0, 0.2, 1.0, 2.0, 100.0), 2),
-                                (times(2.0, 0.2, 2.0, 4.0, 40.0), 6))):
+                                (times(2.0, 0.2, 2.0, 4.0, 40.0), 6),
+                                (times(1.2, 0.3, 0.5, 2.0, 90.0), 4))):
         d = make_run(tmp_path / f"pass{i + 1}", "ppo", dict(m, timed_iterations=n), pred)
         runs.append((dict(plan=PLAN, measured=dict(m, timed_iterations=n), predicted=pred,
                           each_iteration_s=[m["iteration_s"]] * n), d))
     got = pool_passes("ppo", [s for s, _ in runs], [d for _, d in runs], tmp_path)
     m = got["measured"]
-    assert m["stages"]["generate"] == pytest.approx((2 * 1.0 + 6 * 2.0) / 8)
-    assert m["iteration_s"] == pytest.approx((2 * 4.2 + 6 * 8.2) / 8)
-    # tokens: 2 x 4.2 s x 100 + 6 x 8.2 s x 40, over the 57.6 s they took
-    assert m["tokens_per_s"] == pytest.approx((840 + 1968) / 57.6)
-    assert (m["timed_iterations"], m["passes"], len(got["each_iteration_s"])) == (8, 2, 8)
+    # each a median over the three passes: one pass far off does not move it
+    assert m["stages"]["generate"] == pytest.approx(1.2)
+    assert m["stages"]["prepare"] == pytest.approx(1.0)
+    assert m["iteration_s"] == pytest.approx(4.2)
+    assert m["tokens_per_s"] == pytest.approx(90.0)
+    assert (m["timed_iterations"], m["passes"], len(got["each_iteration_s"])) == (12, 3, 12)
     run = load_run(tmp_path / "ppo")
-    assert run.measured.stages["generate"] == pytest.approx(1.75)
+    assert run.measured.stages["generate"] == pytest.approx(1.2)
     assert run.predicted.iteration_s == pytest.approx(4.1) and len(run.metrics) == 3
+    assert m["pass_iteration_s"] == pytest.approx([4.2, 8.2, 4.0])
+    assert _passes({"ppo": got}) == \
+        "\n\nIteration error of each pass alone: ppo -2% / -50% / +2%"

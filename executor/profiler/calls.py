@@ -33,16 +33,19 @@ ranks, and the one-rank sets timed at once, are new worlds over the same 4 proce
 (executor.profiler.rank_pool), which import megatron-core and vLLM once, all together.
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
-round, the mean over rounds through all the calls measured together, in each of `sweeps`
-passes over all the groups (1, 2, 4 ranks, then again), pooled.
+round, the mean over rounds through all the calls measured together; with `sweeps` > 1
+(`hybridflow profile --sweeps`), the rounds are split among that many passes over all the
+groups (1, 2, 4 ranks, then again), minutes apart, and pooled.
 This VM's own speed drifts by ~20% over tens of seconds (the same calls on 4 processes in
 turn: per-process means within 3%, means over successive 10-s spans 0.088 to 0.071 s), and
 a run's iteration time is a mean over such phases: so rows are means, not medians or
 minima (those had come out 10-20% below the runs), and each row's rounds are spread over
-its group's measurement and over the sweeps, minutes apart, rather than taken in a block
-of their own (a generation layout's block had put whole tables 30% off the runs). Where a row
-exceeds a larger size's (more work never takes less time), the two are pooled into their
-mean (isotonic fit), which keeps the table's mean where a clamp would lower it.
+its group's measurement rather than taken in a block of their own. Two sweeps (7 min 51 s
+instead of 4-5.5) did not make profiles agree better: rows of profiles taken half an hour
+apart differed by 13% on average with two sweeps, 14-21% with one (the host's speed moves
+over minutes and hours too). Where a row exceeds a larger size's (more work never takes
+less time), the two are pooled into their mean (isotonic fit, executor.profiler.calls_tables),
+which keeps the table's mean where a clamp would lower it.
 """
 from __future__ import annotations
 
@@ -66,9 +69,9 @@ class CallsGrid:
     gen_sequences: tuple[int, ...] = (8, 32)      # per generation replica
     prompt_len: int = 16
     response_len: int = 8
-    repeats: int = 2            # rounds per sweep
-    gen_repeats: int = 2        # generate calls' rounds per sweep (each one reshards too)
-    sweeps: int = 2             # passes over every worker group, minutes apart
+    repeats: int = 4            # rounds of the forward and train calls
+    gen_repeats: int = 3        # rounds of the generate calls (each one reshards too)
+    sweeps: int = 1             # passes over every worker group, the rounds split among them
     micro_batch_per_rank: int = 4  # the optimizer step before each generate call
     concurrency: bool = True    # time calls of one-rank sets running at once (sharing)
 
@@ -88,12 +91,16 @@ class CallsGrid:
     def seq_len(self) -> int:
         return self.prompt_len + self.response_len
 
+    def per_sweep(self, rounds: int) -> int:
+        """Rounds of a call in each sweep: `rounds` split among the sweeps (at least 1)."""
+        return -(-rounds // self.sweeps)
 
-def default_grid(quick: bool, model: str = "tiny") -> CallsGrid:
+
+def default_grid(quick: bool, model: str = "tiny", sweeps: int = 1) -> CallsGrid:
     if quick:
         return CallsGrid(model, sequences=(4, 16, 32), gen_sequences=(8, 32), repeats=2,
-                         gen_repeats=1, sweeps=1)
-    return CallsGrid(model)
+                         gen_repeats=1, sweeps=sweeps)
+    return CallsGrid(model, sweeps=sweeps)
 
 
 def _pow2(limit: int) -> list[int]:
@@ -279,7 +286,7 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
         for tp, tg in generation_configs(spec, k):
             by_tg.setdefault(tg, []).append((f"generate tp{tp}->tg{tg} on {k}",
                                              lambda g, d, o, k=k, tp=tp, tg=tg:
-                                             measure_generation(Recorder(g, grid.gen_repeats),
+                                             measure_generation(Recorder(g, grid.per_sweep(grid.gen_repeats)),
                                                                 grid, spec, k, tp, tg, d, o)))
         steps: list[Step] = []
         for i, gen_steps in enumerate(by_tg.values()):
@@ -288,7 +295,8 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
                 lays = train_layouts(spec, k)
                 steps.append((f"train/forward, {len(lays)} layouts on {k}",
                               lambda g, d, o, k=k, lays=lays: measure_layouts(
-                                  Recorder(g, grid.repeats), grid, spec, k, lays, o)))
+                                  Recorder(g, grid.per_sweep(grid.repeats)), grid, spec, k,
+                                  lays, o)))
         groups.append((k, steps))
     return groups
 
@@ -348,61 +356,3 @@ def _measure_group(ranks, k: int, steps: list[Step], model_dir: str,
         ranks.release(group, check=False)
         raise
     ranks.release(group)
-
-
-def _mean_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """One row per distinct `keys`, the mean of each other column."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return [{**dict(zip(keys, key)), **{c: statistics.fmean(r[c] for r in rs)
-                                        for c in rs[0] if c not in keys}}
-            for key, rs in sorted(groups.items())]
-
-
-def isotonic(values: list[float]) -> list[float]:
-    """The non-decreasing sequence nearest `values` in least squares (pool adjacent
-    violators): a run of values that decreases is replaced by its mean."""
-    blocks: list[list[float]] = []  # [mean, count]
-    for v in values:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, n in blocks for _ in range(int(n))]
-
-
-def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) -> list[dict]:
-    """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`
-    (more work never takes less time): the isotonic fit of each column, after rows of the
-    same size (one per sweep) are pooled into their mean."""
-    out = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in _mean_by(rows, keys + ("sequences",)):
-        groups.setdefault(tuple(r[k] for k in keys), []).append(dict(r))
-    for key in sorted(groups):
-        series = sorted(groups[key], key=lambda r: r["sequences"])
-        for col in cols:
-            for r, v in zip(series, isotonic([r[col] for r in series])):
-                r[col] = v
-        out += series
-    return out
-
-
-def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
-    """The profile's `calls:` table (format: profiles/README.md) from measure_calls rows."""
-    from executor.run_config import RunConfig
-    cfg = RunConfig()
-    return {"model": grid.model, "prompt_len": grid.prompt_len,
-            "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,
-            "scheme": cfg.reshard,
-            "forward": _monotone(measured["forward"], ("ranks", "tp", "pp"), ("seconds",)),
-            **{name: _monotone(measured[name], ("ranks", "tp", "pp"), ("seconds",))
-               for name in ("train_step", "forward_value", "train_step_value")},
-            "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
-                                  ("seconds", "vllm_s")),
-            "reshard": _mean_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
-            "dispatch": {kind: _monotone(_mean_by(measured[f"dispatch_{kind}"],
-                                                    ("ranks", "sequences")),
-                                         ("ranks",), ("seconds",))
-                         for kind in ("forward", "train", "generate")}}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from executor.profiler import calls, collectives, dispatch, ops, sharing, train_layer, vllm_steps
+from executor.profiler.calls_tables import calls_section
 from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
 from simulator.profile import load_profile
 
@@ -27,12 +28,15 @@ class ProfileOptions:
     dispatch: bool = True         # Ray round trips of the single controller
     calls: bool = True            # CPU: the executor's per-call tables (worker groups)
     concurrency: tuple[int, ...] = (1, 2, 4)
+    sweeps: int = 1               # CPU: passes over the calls tables' worker groups
 
     def __post_init__(self) -> None:
         if Path(self.out).suffix not in (".yaml", ".yml"):
             raise ValueError(f"--out must be a .yaml path, got {str(self.out)!r}")
         if not isinstance(self.devices, int) or self.devices < 2:
             raise ValueError(f"--devices must be at least 2 (collectives), got {self.devices}")
+        if not isinstance(self.sweeps, int) or self.sweeps < 1:
+            raise ValueError(f"--sweeps must be at least 1, got {self.sweeps}")
         if self.threads_per_rank < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads_per_rank}")
         if not self.concurrency or 1 not in self.concurrency or min(self.concurrency) < 1:
@@ -108,7 +112,7 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
         steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
             "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
     if options.calls and not gpu:
-        callgrid = calls.default_grid(options.quick, options.model)
+        callgrid = calls.default_grid(options.quick, options.model, options.sweeps)
         callgrid = replace(callgrid, group_sizes=tuple(k for k in callgrid.group_sizes
                                                      if k <= options.devices))
         steps.append((f"executor calls, {options.model}", lambda: (
@@ -128,7 +132,7 @@ def _calls(grid: "calls.CallsGrid") -> tuple[dict, dict[int, float] | None]:
     CALL_SECONDS.clear()
     measured = calls.measure_calls(grid, timings=CALL_SECONDS)
     concurrency = {r["ranks"]: r["factor"] for r in measured.get("concurrency", [])}
-    return calls.calls_section(measured, grid), concurrency or None
+    return calls_section(measured, grid), concurrency or None
 
 
 def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
