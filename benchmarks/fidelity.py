@@ -265,9 +265,13 @@ def _ranking(stats: dict) -> str:
         return ""
     cells = [f"{k}{' (planner)' if k in stats['planner_first'] else ''} {m:.3f} ± {s:.3f}"
              for k, (m, s) in ranked]
+    same = [stats["ppo_measured_s"][k][0] for k in stats["planner_first"]]
+    twice = (f"\n\nThe same plan under {len(same)} names ({', '.join(stats['planner_first'])})"
+             f" measured {' and '.join(f'{x:.3f}' for x in same)} s per iteration: "
+             f"{max(same) / min(same) - 1:.0%} apart, the runs' own reproducibility "
+             f"on this machine") if len(same) > 1 else ""
     return "\n\nPPO plans measured, fastest first (s per iteration ± std of its timed " + \
-        "iterations): " + \
-        "; ".join(cells)
+        "iterations): " + "; ".join(cells) + twice
 
 
 def _passes(summaries: dict[str, dict]) -> str:

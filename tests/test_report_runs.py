@@ -169,3 +169,19 @@ def test_fidelity_pools_passes_into_one_run(tmp_path: Path) -> None:
     assert m["pass_iteration_s"] == pytest.approx([4.2, 8.2, 4.0])
     assert _passes({"ppo": got}) == \
         "\n\nIteration error of each pass alone: ppo -2% / -50% / +2%"
+
+
+def test_fidelity_ranking_shows_the_same_plan_measured_twice() -> None:
+    """The planner's first plan is also one of the standard placements: the benchmark runs
+    it under both names, and the verdict shows how far apart the two measured."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fidelity import _ranking
+    stats = {"planner_first": ["ppo-planner", "ppo-separate"],
+             "ppo_measured_s": {"ppo-planner": (0.5, 0.1), "ppo-separate": (0.6, 0.1),
+                                "ppo-split": (0.55, 0.05)}}
+    text = _ranking(stats)
+    assert "ppo-planner (planner) 0.500 ± 0.100; ppo-split 0.550 ± 0.050" in text
+    assert "measured 0.500 and 0.600 s per iteration: 20% apart" in text
+    stats["planner_first"] = ["ppo-planner"]
+    assert "apart" not in _ranking(stats)
