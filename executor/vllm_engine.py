@@ -27,6 +27,7 @@ from executor.parallel import WorldWatch
 
 _VLLM_WORLD = WorldWatch()  # the torch world vLLM's world group belongs to
 
+
 class EngineError(ValueError):
     """Bad engine or sampling settings."""
 
@@ -149,7 +150,6 @@ def _init_vllm_groups(ps: Any, tp_groups: Sequence[Sequence[int]]) -> None:
     ps._PCP = ps.init_model_parallel_group(singles, rank, backend, group_name="pcp")
     ps._PP = ps.init_model_parallel_group(singles, rank, backend, group_name="pp")
     ps._DP = ps.init_model_parallel_group(singles, rank, backend, group_name="dp")
-
 
 
 def _vocab_shard_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:

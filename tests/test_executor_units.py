@@ -228,3 +228,35 @@ def test_new_groups_shared_per_rank_list_inside_the_context(tmp_path):
         assert torch.equal(x, torch.ones(2))
     finally:
         dist.destroy_process_group()
+
+
+def test_rank_pool_lends_groups_and_raises_the_blocks_own_error():
+    """RankPool.lent releases every group the block made; a broken group raises after a
+    block that ended well, while a block's own error is raised as it is."""
+    from executor.profiler.rank_pool import RankPool
+
+    class Group:
+        def __init__(self, name: str, broken: str | None = None) -> None:
+            self.name, self.broken, self.calls = name, broken, []
+
+        def run(self, role, method):
+            self.calls.append(method)
+
+        def shutdown(self, kill: bool = True) -> None:
+            self.calls.append(("shutdown", kill))
+
+    pool = RankPool.__new__(RankPool)
+    groups: list = []
+    with pytest.raises(ValueError, match="measuring"):
+        with pool.lent(groups):
+            groups += [Group("a"), Group("b", broken="rank 1 died")]
+            raise ValueError("measuring failed")
+    assert groups[0].calls == ["close_engine", "drop_roles", ("shutdown", False)]
+    assert groups[1].calls == [("shutdown", False)]  # a broken group is only left
+    with pytest.raises(RuntimeError, match="'c' failed: rank 0 died"):
+        with pool.lent([Group("c", broken="rank 0 died")]):
+            pass
+    ok = Group("d")
+    with pool.lent([ok]):
+        pass
+    assert ok.calls[-1] == ("shutdown", False)

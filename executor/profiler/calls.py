@@ -283,10 +283,11 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
     groups: list[tuple[int, list[Step]]] = []
     for k in grid.group_sizes:
         by_tg: dict[int, list[Step]] = {}
+        gen_rounds = grid.per_sweep(grid.gen_repeats)
         for tp, tg in generation_configs(spec, k):
             by_tg.setdefault(tg, []).append((f"generate tp{tp}->tg{tg} on {k}",
                                              lambda g, d, o, k=k, tp=tp, tg=tg:
-                                             measure_generation(Recorder(g, grid.per_sweep(grid.gen_repeats)),
+                                             measure_generation(Recorder(g, gen_rounds),
                                                                 grid, spec, k, tp, tg, d, o)))
         steps: list[Step] = []
         for i, gen_steps in enumerate(by_tg.values()):
@@ -345,14 +346,10 @@ def _measure_group(ranks, k: int, steps: list[Step], model_dir: str,
                    progress: Callable[[str], None] | None, sweep: str = "") -> None:
     """Run `steps` on a worker group of the pool's first k ranks, then release it."""
     group = ranks.group(range(k), f"profile-calls-{k}")
-    try:
+    with ranks.lent([group]):
         for desc, fn in steps:
             if progress:
                 progress(desc + sweep)
             t0 = time.perf_counter()
             fn(group, model_dir, out)
             timings[desc + sweep] = round(time.perf_counter() - t0, 1)
-    except BaseException:
-        ranks.release(group, check=False)
-        raise
-    ranks.release(group)

@@ -26,8 +26,8 @@ def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
     one set's alone, interleaved rounds (1, 2, .., n sets, then again), the mean over rounds
     (as the call tables: executor.profiler.calls); never decreasing with c."""
     from executor.parallel import ParallelLayout
-    groups = []
-    try:
+    groups: list = []
+    with ranks.lent(groups):
         for i in range(n):
             groups.append(ranks.group([i], f"profile-share-{i}"))
             groups[-1].add_role("lm", grid.model, ParallelLayout(1, 1, 1),
@@ -41,12 +41,6 @@ def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
         for _ in range(rounds):
             for c in range(1, n + 1):
                 got[c].append(_together(groups[:c], calls))
-    except BaseException:
-        for g in groups:
-            ranks.release(g, check=False)
-        raise
-    for g in groups:
-        ranks.release(g)
     alone = statistics.fmean(got[1])
     out, low = {}, 1.0
     for c in range(1, n + 1):

@@ -60,7 +60,5 @@ def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
             "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
                                   ("seconds", "vllm_s")),
             "reshard": _mean_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
-            "dispatch": {kind: _monotone(_mean_by(measured[f"dispatch_{kind}"],
-                                                    ("ranks", "sequences")),
-                                         ("ranks",), ("seconds",))
+            "dispatch": {kind: _monotone(measured[f"dispatch_{kind}"], ("ranks",), ("seconds",))
                          for kind in ("forward", "train", "generate")}}

@@ -12,7 +12,8 @@ drifts: one profile in a slow hour took 5 min 42 s).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -28,12 +29,8 @@ class RankPool:
         self._cls = ProfileWorker
         first = WorkerGroup(cluster, self.pool, ProfileWorker, name=name)
         self.actors = list(first.actors)
-        try:
+        with self.lent([first]):
             first.run(None, "preload")
-        except BaseException:
-            self._release(first, check=False)
-            raise
-        self._release(first)
 
     def group(self, ranks: Sequence[int], name: str) -> Any:
         """A worker group whose rank i is process ranks[i] of this pool."""
@@ -41,16 +38,27 @@ class RankPool:
         return WorkerGroup(self.cluster, self.pool, self._cls, name=name,
                            actors=[self.actors[r] for r in ranks])
 
+    @contextlib.contextmanager
+    def lent(self, groups: list[Any]) -> Iterator[None]:
+        """Release every group in `groups` (a list the block may still add to) when the
+        block ends. A group that broke raises then, unless the block is already raising:
+        its error is the one to see."""
+        try:
+            yield
+        except BaseException:
+            for g in groups:
+                self.release(g, check=False)
+            raise
+        for g in groups:
+            self.release(g)
+
     def release(self, group: Any, check: bool = True) -> None:
         """Shut `group`'s vLLM engine, drop its roles and end its world. A group that
-        broke raises here unless `check` is off (its caller is already raising why)."""
-        if not group.broken:
+        broke raises here unless `check` is off."""
+        broken = group.broken
+        if not broken:
             group.run(None, "close_engine")
             group.run(None, "drop_roles")
-        self._release(group, check)
-
-    def _release(self, group: Any, check: bool = True) -> None:
-        broken = group.broken
         group.shutdown(kill=False)
         if broken and check:
             raise RuntimeError(f"profiling worker group {group.name!r} failed: {broken}")
