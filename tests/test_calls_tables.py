@@ -98,6 +98,23 @@ def test_generation_and_reshard_terms_from_the_tables(tmp_path):
                                                8).as_dict()
 
 
+def test_generation_pools_vllm_seconds_over_micro_dp(tmp_path):
+    # micro-DP 2 rows: vLLM slower by noise (0.05 / 0.12 against 0.03 / 0.10), gather 0.004
+    mdp2 = [{"ranks": 4, "tg": 1, "micro_dp": 2, "sequences": 8, "tokens": t,
+             "seconds": s + 0.004, "vllm_s": s} for t, s in ((1, 0.05), (8, 0.12))]
+    prof = _profile(tmp_path, {**CALLS, "generate": CALLS["generate"] + mdp2})
+    shape = gen_shape(JOB, DP4, GenLayout(1, 1, 1), 32)
+    for micro_dp, gather in ((1, 0.001), (2, 0.004)):
+        c = generation_cost(JOB, GenLayout(1, 1, micro_dp), shape, 8, prof, 8).as_dict()
+        # the engine's seconds are the mean of both layouts' rows; the gather is its own
+        assert c["vllm_first_token"] == pytest.approx(0.04)
+        assert c["vllm_decode"] == pytest.approx(0.11 - 0.04)
+        assert c["micro_dp_gather"] == pytest.approx(gather)
+    # a micro-DP without rows of its own has no measured terms
+    c = generation_cost(JOB, GenLayout(1, 1, 4), shape, 8, prof, 8)
+    assert "vllm_first_token" not in c.as_dict()
+
+
 def test_fallback_to_analytic_where_no_row(tmp_path):
     prof = _profile(tmp_path)
     tp2 = TrainLayout(1, 2, 2)  # no tp 2 rows
@@ -141,15 +158,16 @@ def test_profiler_one_group_per_size_training_beside_the_first_engine():
     assert [k for k, _ in names] == [1, 4]  # one worker group (k processes) per set size
     four = names[1][1]
     tgs = [d.split("->")[1].split()[0] for d in four if d.startswith("generate")]
-    # generation layouts by generation tp: each tp's engine serves its layouts in a row
-    assert tgs == sorted(tgs, key=lambda t: int(t[2:])) and set(tgs) == {"tg1", "tg2", "tg4"}
-    # the training layouts run after the first tp's generation, its engine still alive
-    assert four[:3] == ["generate tp1->tg1 on 4", "generate tp2->tg1 on 4",
-                        "generate tp4->tg1 on 4"]
-    # then every training layout at once (their rounds interleaved), once
-    n = len(train_layouts(load_model("tiny"), 4))
-    assert four[3] == f"train/forward, {n} layouts on 4" and n == 5
-    assert sum(d.startswith("train") for d in four) == 1
+    # generation layouts by generation tp, those of one vLLM engine (the same generation TP
+    # groups) measured together: tp1, tp2 and tp4 -> tg1 share one; tp2 -> tg2 (groups
+    # [0, 1], [2, 3]) and tp4 -> tg2 (strided: [0, 2], [1, 3]) do not
+    assert tgs == ["tg1", "tg2", "tg2", "tg4"]
+    # every training layout at once (their rounds interleaved), once, after the first
+    # engine's generation layouts, with that engine still alive
+    assert len(train_layouts(load_model("tiny"), 4)) == 5
+    assert four[:2] == ["generate tp1,2,4->tg1 on 4", "train/forward, 5 layouts on 4"]
+    assert four[2:] == ["generate tp2->tg2 on 4", "generate tp4->tg2 on 4",
+                        "generate tp4->tg4 on 4"]
 
 
 def test_remax_greedy_generation_reshards_again(tmp_path):

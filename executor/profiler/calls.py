@@ -20,9 +20,10 @@ The forward and train_step tables are measured twice, for an LM (the actor's los
 model with a value head (the critic's loss): `forward_value`, `train_step_value`.
 
 The layouts of k ranks are measured in one worker group of k processes, as a run's set of
-k devices holds its roles: the generation layouts in order of generation tp (the layouts of
-one tg share its vLLM engine; the next tg's engine starts once the last one is shut down),
-and after the first tg's, with its engine still alive (as a run's actor set trains beside
+k devices holds its roles: the generation layouts in order of generation tp, those with the
+same generation TP groups (one vLLM engine; micro-DP 1, 2 and 4 at tg 1) all at once, each
+round through all of their calls (the next engine starts once the last one is shut down),
+and after the first engine's, with it still alive (as a run's actor set trains beside
 its engine; it slowed megatron's calls by about a fifth on a 2-core VM), all training
 layouts at once, each round through all of their calls. Each generate call follows an
 optimizer step of its actor, as a run's generation follows its update. Process groups are
@@ -226,46 +227,76 @@ def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
         rec.group.run(role, "drop_role")
 
 
-def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int, tp: int,
-                       tg: int, model_dir: str, out: dict[str, list[dict]]) -> None:
-    """generate and reshard rows of an actor trained at tp x dp = k generating at tg."""
+def engine_batches(spec: ModelSpec, k: int, scheme: str) -> list[tuple[int, list[int]]]:
+    """(generation tp, the training tps) of k devices whose generation layouts use one vLLM
+    engine (the same generation TP groups), in generation_configs' order: a batch is
+    measured together, its rounds interleaved."""
+    from executor.reshard_plan import ReshardPlan
+    from simulator.layout import TrainLayout
+    batches: dict[tuple, tuple[int, list[int]]] = {}
+    for tp, tg in generation_configs(spec, k):
+        groups = ReshardPlan(TrainLayout(1, tp, k // tp), tg, scheme).gen_tp_groups()
+        batches.setdefault((tg, str(groups)), (tg, []))[1].append(tp)
+    return list(batches.values())
+
+
+def _generation_calls(grid: CallsGrid, spec: ModelSpec, k: int, tp: int, tg: int,
+                      role: str) -> list:
+    """An actor's generate calls, each after an optimizer step, as in a run (the update,
+    then the next iteration's generation): resharding and vLLM find the caches a run
+    leaves them."""
     from executor.batch import Batch
-    from executor.parallel import ParallelLayout
-    from executor.rl_worker import RolloutConfig
     from executor.run_config import RunConfig
     from executor.vllm_engine import SamplingConfig
     cfg = RunConfig()
-    role = f"gen-tp{tp}-tg{tg}"
-    rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=1, dp=k // tp),
-                       _engine_config(False))
-    rec.group.run(role, "init_rollout", RolloutConfig(
-        tg=tg, scheme=cfg.reshard, model_dir=model_dir, kv_cache_bytes=cfg.kv_cache_mib << 20,
-        max_model_len=grid.seq_len, seed=cfg.seed))
-    replicas = k // tg
-    # each generate call follows an optimizer step, as in a run (the update, then the next
-    # iteration's generation): its resharding and vLLM find the caches a run leaves them
-    update = ("update", role, "profile_update",
+    update = (("update", tp), role, "profile_update",
               (sequence_batch(grid.micro_batch_per_rank * (k // tp), grid, spec.vocab),
                _losses(grid, False), 1, 1))
     calls = []
     for s in grid.gen_sequences:
         prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
-                   for i in range(s * replicas)]
+                   for i in range(s * k // tg)]
         for tokens in sorted({1, grid.response_len}):
             sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
                                       seed=s * 31 + tokens, ignore_eos=True)
-            calls += [update, ((s, tokens), role, "profile_generate",
+            calls += [update, ((tp, s, tokens), role, "profile_generate",
                                (Batch(non_tensors={"prompt_ids": prompts}), sampling))]
+    return calls
+
+
+def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
+                       tps: list[int], tg: int, model_dir: str,
+                       out: dict[str, list[dict]]) -> None:
+    """generate and reshard rows of actors trained at tp x dp = k (each tp of `tps`)
+    generating at tg with one vLLM engine: all their roles at once, each round through
+    every layout's calls, so that rows of the same engine work (micro-DP 1, 2, 4) take
+    the same phases of this VM's speed rather than each a block of its own."""
+    from executor.parallel import ParallelLayout
+    from executor.rl_worker import RolloutConfig
+    from executor.run_config import RunConfig
+    cfg = RunConfig()
+    roles, calls = [], []
     try:
+        for tp in tps:
+            role = f"gen-tp{tp}-tg{tg}"
+            rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=1, dp=k // tp),
+                               _engine_config(False))
+            roles.append(role)
+            rec.group.run(role, "init_rollout", RolloutConfig(
+                tg=tg, scheme=cfg.reshard, model_dir=model_dir,
+                kv_cache_bytes=cfg.kv_cache_mib << 20, max_model_len=grid.seq_len,
+                seed=cfg.seed))
+            calls += _generation_calls(grid, spec, k, tp, tg, role)
         got = rec.rounds(calls)
     finally:
-        rec.group.run(role, "drop_role")
-    got.pop("update")
-    for (s, tokens), (wall, own) in got.items():
+        for role in roles:
+            rec.group.run(role, "drop_role")
+    replicas = k // tg
+    for (tp, s, tokens), (wall, own) in ((n, v) for n, v in got.items() if n[0] != "update"):
         gen, resh = own.get("generate_s", 0.0), own.get("reshard_s", 0.0)
         if own.get("vllm_s", 0.0) > 1.01 * gen:
-            raise RuntimeError(f"profiling {role}: vLLM's clock ({own['vllm_s']:.3f} s) "
-                               f"exceeds its generate call's")
+            raise RuntimeError(f"profiling gen-tp{tp}-tg{tg}: vLLM's clock "
+                               f"({own['vllm_s']:.3f} s) exceeds its generate call's")
         out["generate"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg, sequences=s,
                                     tokens=tokens, seconds=gen, vllm_s=own.get("vllm_s", 0.0)))
         out["dispatch_generate"].append(dict(ranks=k, sequences=s * replicas,
@@ -278,20 +309,21 @@ Step = tuple[str, Callable]  # (description, fn(group, model_dir, out))
 
 def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
     """(group size, its steps) of each worker group in measuring order: one group per set
-    size k, its generation layouts by generation tp, the training layouts after the first
-    tg's, beside its engine (see the module docstring)."""
+    size k, its generation layouts by vLLM engine (generation tp), the training layouts
+    after the first engine's, beside it (see the module docstring)."""
+    from executor.run_config import RunConfig
     groups: list[tuple[int, list[Step]]] = []
     for k in grid.group_sizes:
-        by_tg: dict[int, list[Step]] = {}
         gen_rounds = grid.per_sweep(grid.gen_repeats)
-        for tp, tg in generation_configs(spec, k):
-            by_tg.setdefault(tg, []).append((f"generate tp{tp}->tg{tg} on {k}",
-                                             lambda g, d, o, k=k, tp=tp, tg=tg:
-                                             measure_generation(Recorder(g, gen_rounds),
-                                                                grid, spec, k, tp, tg, d, o)))
+        by_engine: list[Step] = []
+        for tg, tps in engine_batches(spec, k, RunConfig().reshard):
+            by_engine.append((f"generate tp{','.join(map(str, tps))}->tg{tg} on {k}",
+                              lambda g, d, o, k=k, tps=tps, tg=tg:
+                              measure_generation(Recorder(g, gen_rounds), grid, spec, k,
+                                                 tps, tg, d, o)))
         steps: list[Step] = []
-        for i, gen_steps in enumerate(by_tg.values()):
-            steps += gen_steps
+        for i, gen_step in enumerate(by_engine):
+            steps.append(gen_step)
             if i == 0:
                 lays = train_layouts(spec, k)
                 steps.append((f"train/forward, {len(lays)} layouts on {k}",
