@@ -233,10 +233,10 @@ def engine_batches(spec: ModelSpec, k: int, scheme: str) -> list[tuple[int, list
     measured together, its rounds interleaved."""
     from executor.reshard_plan import ReshardPlan
     from simulator.layout import TrainLayout
-    batches: dict[tuple, tuple[int, list[int]]] = {}
+    batches: dict[tuple[tuple[int, ...], ...], tuple[int, list[int]]] = {}
     for tp, tg in generation_configs(spec, k):
         groups = ReshardPlan(TrainLayout(1, tp, k // tp), tg, scheme).gen_tp_groups()
-        batches.setdefault((tg, str(groups)), (tg, []))[1].append(tp)
+        batches.setdefault(tuple(map(tuple, groups)), (tg, []))[1].append(tp)
     return list(batches.values())
 
 
