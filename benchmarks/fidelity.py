@@ -11,8 +11,9 @@ out of the timing by summarize().
 Prints predicted vs measured iteration and stage seconds with the relative error, the median
 absolute error of iteration time, and whether the planner's first plan is the fastest PPO
 plan measured. Predictions use the profile only (nothing is fitted to these runs); the jobs
-describe their responses as the task makes them (the answers in the task's tokens and EOS,
-response_lengths()), and predicted tokens/s count tokens as the run does.
+describe their responses as the starting actor samples them (response_lengths(): the
+SFT checkpoint every run starts from, sampled once here at the runs' temperature), and
+predicted tokens/s count tokens as the run does.
 
 Run (a quiet machine: ~30-60 s per plan and pass, more under load):
     .venv/bin/python benchmarks/fidelity.py --iterations 12 --passes 3 --out reports/local-cpu
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -41,19 +43,31 @@ JOB = dict(model="tiny", prompt_len=16, response_len=8, global_batch=32, ppo_epo
 GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
 
 
-def response_lengths(response_len: int) -> tuple[tuple[int, float], ...]:
-    """The built-in task's responses as the job describes them to the simulator: each
-    training prompt's answer in the task's tokens, plus EOS, at most `response_len`
-    (generation stops at EOS); (length, share) pairs. From the task and its tokenizer, not
-    from any run."""
-    from tokenizers import Tokenizer
+@functools.lru_cache(maxsize=None)
+def response_lengths(response_len: int, prompts: int = 1024) -> tuple[tuple[int, float], ...]:
+    """The responses as the job describes them to the simulator: the lengths (up to and
+    including EOS, at most `response_len`) the runs' starting actor (the task's SFT
+    checkpoint) samples at the runs' temperature on the first `prompts` training prompts;
+    (length, share) pairs. Sampled once with transformers in this process, not taken from
+    any run. (The task's answers plus EOS understate them: at temperature 1 about one
+    response in sixteen runs to the cap, and a generate call lasts as long as its longest.)"""
+    import torch
+    from transformers import LlamaForCausalLM
 
-    from executor import task
     from executor.artifacts import ensure_artifacts
+    from executor.run_config import RunConfig
+    from executor.warmup import generate
     art = ensure_artifacts(model=JOB["model"], seed=0)
-    tok = Tokenizer.from_file(str(art.tokenizer_path))
-    counts = Counter(min(response_len, len(tok.encode(task.target(art.decode_prompt(p))).ids) + 1)
-                     for p in art.prompts.train)
+    actor = LlamaForCausalLM.from_pretrained(str(art.actor_dir)).eval()
+    pool, counts = art.prompts.train[:prompts], Counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        for i in range(0, len(pool), 256):
+            counts.update(len(r) for r in generate(actor, pool[i:i + 256], response_len,
+                                                   art.special, RunConfig().temperature, i))
+    finally:
+        torch.set_num_threads(threads)
     return tuple((n, c / sum(counts.values())) for n, c in sorted(counts.items()))
 
 

@@ -110,8 +110,10 @@ def measured_generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: in
     per_call = math.ceil(job.sequences / shape.replicas)  # one call's sequences per replica
     n = max(1, min(in_flight, per_call))
     waves = math.ceil(per_call / n)
-    got = table.generate(ranks, gen.tp, gen.micro_dp, n, job.lengths.expected_max(n),
-                         job.prompt_len)
+    # the call returns with its slowest replica: a wave lasts as long as the longest
+    # response of that wave over every replica
+    got = table.generate(ranks, gen.tp, gen.micro_dp, n,
+                         job.lengths.expected_max(n * shape.replicas), job.prompt_len)
     disp = table.dispatch("generate", ranks, job.global_batch)
     if got is None or disp is None:
         return None

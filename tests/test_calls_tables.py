@@ -115,6 +115,18 @@ def test_generation_pools_vllm_seconds_over_micro_dp(tmp_path):
     assert "vllm_first_token" not in c.as_dict()
 
 
+def test_generate_call_lasts_as_long_as_the_longest_response_of_every_replica(tmp_path):
+    # one response in ten runs to 8 tokens, the rest stop after 2; 4 replicas of 8 each:
+    # the call returns with its slowest replica, so the steps are the longest of all 32
+    job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
+    job = Job.from_dict({**job.to_dict(), "response_dist": [[2, 0.9], [8, 0.1]]})
+    shape = gen_shape(job, DP4, GenLayout(1, 1, 1), 32)
+    c = generation_cost(job, GenLayout(1, 1, 1), shape, 8, _profile(tmp_path), 8).as_dict()
+    longest = job.lengths.expected_max(32)
+    assert longest > job.lengths.expected_max(8) + 2
+    assert c["vllm_decode"] == pytest.approx((0.10 - 0.03) / 7 * (longest - 1))
+
+
 def test_fallback_to_analytic_where_no_row(tmp_path):
     prof = _profile(tmp_path)
     tp2 = TrainLayout(1, 2, 2)  # no tp 2 rows
