@@ -7,16 +7,22 @@ import sys
 from pathlib import Path
 
 
+# a slow phase of a 2-core VM lasts minutes and inflated one set size's rows of a one-sweep
+# profile by up to half; the median of three sweeps leaves it out
+DEFAULT_SWEEPS = 3
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller grids, fewer repeats (the full profile takes 4-6 min "
-                             "on a 2-core VM)")
-    parser.add_argument("--sweeps", type=int, default=1,
+                        help="smaller grids, fewer repeats, one sweep (the full profile "
+                             "takes 6-7 min on a 2-core VM)")
+    parser.add_argument("--sweeps", type=int, default=None,
                         help="CPU: split the per-call tables' rounds among this many passes "
-                             "over all their worker groups, minutes apart (2 took 8 min)")
+                             "over all their worker groups, minutes apart, each row the "
+                             "median of the passes' (default 3; 1 with --quick)")
     parser.add_argument("--devices", type=int, default=4,
                         help="CPU only: logical devices (ranks) sharing the host (default 4)")
     parser.add_argument("--threads", type=int, default=1,
@@ -41,6 +47,13 @@ def _default_out() -> Path:
     return Path("profiles") / "local-cpu.yaml"
 
 
+def sweeps(args: argparse.Namespace) -> int:
+    """--sweeps, or DEFAULT_SWEEPS (1 with --quick)."""
+    if args.sweeps is not None:
+        return args.sweeps
+    return 1 if args.quick else DEFAULT_SWEEPS
+
+
 def main(args: argparse.Namespace) -> int:
     from executor.profiler.machine import ProfileOptions, profile_machine
 
@@ -48,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
                              quick=args.quick, devices=args.devices,
                              threads_per_rank=args.threads, model=args.model,
                              generate=not args.no_generate, dispatch=not args.no_dispatch,
-                             calls=not args.no_calls, sweeps=args.sweeps)
+                             calls=not args.no_calls, sweeps=sweeps(args))
     busy = os.getloadavg()[0]
     if busy > 1.0:
         print(f"note: load average {busy:.1f} before measuring: other programs using the "

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from executor.profiler.calls import generation_configs, train_layouts
-from executor.profiler.calls_tables import _mean_by
+from executor.profiler.calls_tables import _pool_by
 from simulator.calls import parse_calls
 from simulator.generation import gen_shape, generation_cost
 from simulator.job import Job
@@ -158,9 +158,13 @@ def test_profiler_layouts_and_aggregation():
         [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
     rows = [{"ranks": 2, "tg": 1, "seconds": s} for s in (0.3, 0.1, 0.2)] + \
         [{"ranks": 4, "tg": 1, "seconds": 0.5}]
-    got = _mean_by(rows, ("ranks", "tg"))
+    got = _pool_by(rows, ("ranks", "tg"))
     assert [(r["ranks"], r["tg"]) for r in got] == [(2, 1), (4, 1)]
     assert [r["seconds"] for r in got] == pytest.approx([0.2, 0.5])
+    # three sweeps or more: the median (one sweep in a slow phase left out); two: the mean
+    slow = [{"ranks": 2, "tg": 1, "seconds": s} for s in (0.1, 0.1, 0.4)]
+    assert _pool_by(slow, ("ranks", "tg"))[0]["seconds"] == pytest.approx(0.1)
+    assert _pool_by(slow[1:], ("ranks", "tg"))[0]["seconds"] == pytest.approx(0.25)
 
 
 def test_profiler_one_group_per_size_training_beside_the_first_engine():

@@ -110,3 +110,15 @@ def test_profile_cli_bad_input(tmp_path: Path, capsys, argv, message) -> None:
     assert cli_main(["profile", "--quick", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_profile_cli_sweeps_default_three_one_when_quick() -> None:
+    import argparse
+
+    from cli.profile import DEFAULT_SWEEPS, configure, sweeps
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert DEFAULT_SWEEPS == 3
+    assert sweeps(parser.parse_args([])) == 3
+    assert sweeps(parser.parse_args(["--quick"])) == 1
+    assert sweeps(parser.parse_args(["--quick", "--sweeps", "2"])) == 2

@@ -1,6 +1,7 @@
 """The profile's `calls:` section (format: profiles/README.md) from the rows that
-executor.profiler.calls measures: rows of one size (one per sweep) pooled into their mean,
-and each table made never to decrease with the work it times."""
+executor.profiler.calls measures: rows of one size (one per sweep) pooled into their mean
+(their median with three sweeps or more), and each table made never to decrease with the
+work it times."""
 from __future__ import annotations
 
 import statistics
@@ -8,12 +9,19 @@ import statistics
 from executor.profiler.calls import CallsGrid
 
 
-def _mean_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """One row per distinct `keys`, the mean of each other column."""
+def _pool(values: list[float]) -> float:
+    """Rows of one size, one per sweep: with three or more their median (a sweep in a slow
+    phase of the host, which lasts minutes on this VM, is left out, as fidelity.py's median
+    over passes leaves out a slow run), else their mean."""
+    return statistics.median(values) if len(values) >= 3 else statistics.fmean(values)
+
+
+def _pool_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """One row per distinct `keys`, each other column pooled (_pool)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return [{**dict(zip(keys, key)), **{c: statistics.fmean(r[c] for r in rs)
+    return [{**dict(zip(keys, key)), **{c: _pool([r[c] for r in rs])
                                         for c in rs[0] if c not in keys}}
             for key, rs in sorted(groups.items())]
 
@@ -33,10 +41,10 @@ def isotonic(values: list[float]) -> list[float]:
 def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) -> list[dict]:
     """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`
     (more work never takes less time): the isotonic fit of each column, after rows of the
-    same size (one per sweep) are pooled into their mean."""
+    same size (one per sweep) are pooled (_pool)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
-    for r in _mean_by(rows, keys + ("sequences",)):
+    for r in _pool_by(rows, keys + ("sequences",)):
         groups.setdefault(tuple(r[k] for k in keys), []).append(dict(r))
     for key in sorted(groups):
         series = sorted(groups[key], key=lambda r: r["sequences"])
@@ -59,6 +67,6 @@ def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
                for name in ("train_step", "forward_value", "train_step_value")},
             "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
                                   ("seconds", "vllm_s")),
-            "reshard": _mean_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
+            "reshard": _pool_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
             "dispatch": {kind: _monotone(measured[f"dispatch_{kind}"], ("ranks",), ("seconds",))
                          for kind in ("forward", "train", "generate")}}
