@@ -16,7 +16,7 @@ SFT checkpoint every run starts from, sampled once here at the runs' temperature
 predicted tokens/s count tokens as the run does.
 
 Run (a quiet machine: ~30-60 s per plan and pass, more under load):
-    .venv/bin/python benchmarks/fidelity.py --iterations 12 --passes 3 --out reports/local-cpu
+    .venv/bin/python benchmarks/fidelity.py --iterations 12 --passes 5 --out reports/local-cpu
     .venv/bin/python benchmarks/fidelity.py --plans ppo-colocated,grpo-gen-tp2 --profile /tmp/p.yaml
 `--out` writes the `hybridflow report` of the runs (report.md, runs.csv, PNGs) plus
 fidelity.md with this table; run dirs go under --runs (default a temporary folder).
