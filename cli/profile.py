@@ -7,11 +7,6 @@ import sys
 from pathlib import Path
 
 
-# a slow phase of a 2-core VM lasts minutes and inflated one set size's rows of a one-sweep
-# profile by up to half; the median of three sweeps leaves it out
-DEFAULT_SWEEPS = 3
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
@@ -47,13 +42,6 @@ def _default_out() -> Path:
     return Path("profiles") / "local-cpu.yaml"
 
 
-def sweeps(args: argparse.Namespace) -> int:
-    """--sweeps, or DEFAULT_SWEEPS (1 with --quick)."""
-    if args.sweeps is not None:
-        return args.sweeps
-    return 1 if args.quick else DEFAULT_SWEEPS
-
-
 def main(args: argparse.Namespace) -> int:
     from executor.profiler.machine import ProfileOptions, profile_machine
 
@@ -61,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
                              quick=args.quick, devices=args.devices,
                              threads_per_rank=args.threads, model=args.model,
                              generate=not args.no_generate, dispatch=not args.no_dispatch,
-                             calls=not args.no_calls, sweeps=sweeps(args))
+                             calls=not args.no_calls, sweeps=args.sweeps)
     busy = os.getloadavg()[0]
     if busy > 1.0:
         print(f"note: load average {busy:.1f} before measuring: other programs using the "

@@ -112,13 +112,10 @@ def test_profile_cli_bad_input(tmp_path: Path, capsys, argv, message) -> None:
     assert message in err and "Traceback" not in err
 
 
-def test_profile_cli_sweeps_default_three_one_when_quick() -> None:
-    import argparse
-
-    from cli.profile import DEFAULT_SWEEPS, configure, sweeps
-    parser = argparse.ArgumentParser()
-    configure(parser)
+def test_profile_sweeps_default_three_one_when_quick(tmp_path: Path) -> None:
+    from executor.profiler.machine import DEFAULT_SWEEPS, ProfileOptions
+    out = tmp_path / "p.yaml"
     assert DEFAULT_SWEEPS == 3
-    assert sweeps(parser.parse_args([])) == 3
-    assert sweeps(parser.parse_args(["--quick"])) == 1
-    assert sweeps(parser.parse_args(["--quick", "--sweeps", "2"])) == 2
+    assert ProfileOptions(out).sweeps == 3
+    assert ProfileOptions(out, quick=True).sweeps == 1
+    assert ProfileOptions(out, quick=True, sweeps=2).sweeps == 2
