@@ -5,137 +5,48 @@ executor (executor.controller.run): the PPO plan the planner ranks first, the th
 PPO placements (colocated, split, separate: each with the planner's best allocation and
 layouts), PPO data parallel over all 4 devices colocated and as two concurrent sets of 2,
 PPO with a TP x DP actor that reshards into micro-DP generation and a PP critic, GRPO
-generating with TP 2, ReMax split and Safe-RLHF colocated. Each run's first iteration (and
-for PPO and Safe-RLHF the critic warm-up iterations, which do not train the actor) is left
-out of the timing by summarize().
+generating with TP 2, ReMax split and Safe-RLHF colocated. Each run's first --warmup
+iterations (default 3: start-up, the critic's warm-up iterations that do not train the actor,
+the first weight updates: GRPO's TP-2 vLLM engine generates about twice as slowly after its
+first two) are left out of the timing.
 Prints predicted vs measured iteration and stage seconds with the relative error, the median
 absolute error of iteration time, and whether the planner's first plan is the fastest PPO
-plan measured. Predictions use the profile only (nothing is fitted to these runs); the jobs
-describe their responses as the starting actor samples them (response_lengths(): the
-SFT checkpoint every run starts from, sampled once here at the runs' temperature), and
-predicted tokens/s count tokens as the run does.
+plan measured. Predictions use a profile only (nothing is fitted to these runs): by default
+(--profile measure) a one-sweep `hybridflow profile` of this machine taken before every
+pass, merged with `hybridflow profile --merge` (each number the median of the passes'), so
+that the profile sees the same phases of this VM's speed as the runs (they last minutes,
+and the same plan's runs minutes apart differed by up to 60%); the plans come from the
+first of them. The jobs describe their responses as the starting actor samples them
+(response_lengths(): the SFT checkpoint every run starts from, sampled once here at the
+runs' temperature), and predicted tokens/s count tokens as the run does.
 
-Run (a quiet machine: ~30-60 s per plan and pass, more under load):
-    .venv/bin/python benchmarks/fidelity.py --iterations 12 --passes 5 --out reports/local-cpu
-    .venv/bin/python benchmarks/fidelity.py --plans ppo-colocated,grpo-gen-tp2 --profile /tmp/p.yaml
+Run (a quiet machine; on the 2-core VM about 3.5 min per profile and 7 min per pass of the
+ten plans, 55 min in all with the defaults):
+    .venv/bin/python benchmarks/fidelity.py --out reports/local-cpu
+    .venv/bin/python benchmarks/fidelity.py --plans ppo-colocated,grpo-gen-tp2 --passes 1 \
+        --profile profiles/local-cpu.yaml
 `--out` writes the `hybridflow report` of the runs (report.md, runs.csv, PNGs) plus
-fidelity.md with this table; run dirs go under --runs (default a temporary folder).
+fidelity.md with this table; run dirs (and the measured profiles) go under --runs
+(default a temporary folder).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fidelity_plans import build_plans, job  # noqa: E402
 
 STAGES = ("generate", "reshard", "prepare", "train")
-JOB = dict(model="tiny", prompt_len=16, response_len=8, global_batch=32, ppo_epochs=1,
-           mini_batches=2)
 GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
-
-
-@functools.lru_cache(maxsize=None)
-def response_lengths(response_len: int, prompts: int = 1024) -> tuple[tuple[int, float], ...]:
-    """The responses as the job describes them to the simulator: the lengths (up to and
-    including EOS, at most `response_len`) the runs' starting actor (the task's SFT
-    checkpoint) samples at the runs' temperature on the first `prompts` training prompts;
-    (length, share) pairs. Sampled once with transformers in this process, not taken from
-    any run. (The task's answers plus EOS understate them: at temperature 1 about one
-    response in sixteen runs to the cap, and a generate call lasts as long as its longest.)"""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from executor.artifacts import ensure_artifacts
-    from executor.run_config import RunConfig
-    from executor.warmup import generate
-    art = ensure_artifacts(model=JOB["model"], seed=0)
-    actor = LlamaForCausalLM.from_pretrained(str(art.actor_dir)).eval()
-    pool, counts = art.prompts.train[:prompts], Counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        for i in range(0, len(pool), 256):
-            counts.update(len(r) for r in generate(actor, pool[i:i + 256], response_len,
-                                                   art.special, RunConfig().temperature, i))
-    finally:
-        torch.set_num_threads(threads)
-    return tuple((n, c / sum(counts.values())) for n, c in sorted(counts.items()))
-
-
-def _job(algorithm: str):
-    from simulator.job import Job
-    kw = dict(JOB, algorithm=algorithm)
-    if algorithm == "grpo":
-        kw.update(n_samples=4, global_batch=8)
-    job = Job.create(**kw)
-    return dataclasses.replace(job, response_dist=response_lengths(job.response_len))
-
-
-def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
-    """Every role of `job` on all of the cluster's devices, with the layouts given (data
-    parallel over all of them for the roles not named)."""
-    from planner.plan import Plan
-    from simulator.layout import GenLayout, TrainLayout
-    from simulator.placement import PlacedSet, layout_kinds
-    n = cluster.n_gpus
-    plain = {"train": TrainLayout(1, 1, n), "infer": TrainLayout(1, 1, n),
-             "generate": GenLayout(1, 1, 1)}
-    sets = (PlacedSet(job.gpu_roles, n, {
-        role: {k: (GenLayout.from_dict(layouts[role][k]) if k == "generate" else
-                   TrainLayout.from_dict(layouts[role][k])) if k in layouts.get(role, {})
-               else plain[k] for k in layout_kinds(role)} for role in job.gpu_roles}),)
-    return Plan(cluster, job, sets).to_dict()
-
-
-def _split(cluster, job, sets: tuple[tuple[str, ...], ...]) -> dict:
-    """The roles in `sets` of equal devices, each role data parallel over its set."""
-    from planner.plan import Plan
-    from simulator.layout import GenLayout, TrainLayout
-    from simulator.placement import PlacedSet, layout_kinds
-    n = cluster.n_gpus // len(sets)
-    lay = TrainLayout(1, 1, n)
-    placed = tuple(PlacedSet(roles, n, {r: {k: GenLayout(1, 1, 1) if k == "generate" else lay
-                                            for k in layout_kinds(r)} for r in roles})
-                   for roles in sets)
-    return Plan(cluster, job, placed).to_dict()
-
-
-def build_plans(profile) -> dict[str, dict]:
-    """name -> plan dict (the planner's, its standard placements, and hand-set layouts)."""
-    from planner import plan_job, standard_placements
-    from simulator.cluster import Cluster
-    cluster = Cluster.from_gpus("local-cpu", 4, 4)
-    ppo = _job("ppo")
-    std = {k: p.to_dict() for k, p in standard_placements(cluster, ppo, profile,
-                                                          max_gen_pp=1).items()}
-    plans = {"ppo-planner": plan_job(cluster, ppo, profile, max_gen_pp=1)[0].to_dict()}
-    plans.update({f"ppo-{k}": v for k, v in std.items()})
-    # data parallel over all 4 devices, colocated and as two concurrent sets of 2
-    plans["ppo-colocated-dp4"] = _colocated(cluster, ppo, {})
-    plans["ppo-split-2x2"] = _split(cluster, ppo, (("actor", "reference"), ("critic", "reward")))
-    plans["ppo-tp2-pp2"] = _colocated(cluster, ppo, {
-        "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
-                  "generate": {"pp": 1, "tp": 1, "micro_dp": 2}},
-        "critic": {"train": {"pp": 2, "tp": 1, "dp": 2}}})
-    plans["grpo-gen-tp2"] = _colocated(cluster, _job("grpo"), {
-        "actor": {"train": {"pp": 1, "tp": 2, "dp": 2},
-                  "generate": {"pp": 1, "tp": 2, "micro_dp": 1}}})
-    plans["remax-split"] = standard_placements(cluster, _job("remax"), profile,
-                                               max_gen_pp=1)["split"].to_dict()
-    plans["safe-rlhf-colocated"] = standard_placements(cluster, _job("safe-rlhf"), profile,
-                                                       max_gen_pp=1)["colocated"].to_dict()
-    return plans
-
-
 def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
     """Wait (up to `limit_s`) until the 1-minute load average is below `max_load` (other
     programs on a shared machine inflate what is measured); the load when it returns."""
@@ -145,20 +56,34 @@ def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
     return os.getloadavg()[0]
 
 
-def run_plan(name: str, plan: dict, runs: Path, iterations: int, profile: str) -> dict:
-    from executor.controller import run
+def run_plan(name: str, plan: dict, runs: Path, args) -> dict:
+    """Run `plan` once; its summary timed over the iterations after the first `args.warmup`
+    (or after the run's own warm-up, the critic's, where that is longer)."""
+    from executor.controller import run, summarize
     from executor.run_config import RunConfig
     out = runs / name
     t0 = time.perf_counter()
-    res = run(plan, RunConfig(iterations=iterations, checkpoint_every=iterations), out,
-              profile=profile)
+    res = run(plan, RunConfig(iterations=args.iterations, checkpoint_every=args.iterations),
+              out, profile=args.planning_profile)
     print(f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
           flush=True)
-    summary = with_terms(res.summary, profile, out)
-    timed = res.metrics[len(res.metrics) - summary["measured"].get("timed_iterations",
-                                                                   len(res.metrics)):]
-    summary["each_iteration_s"] = [sum(m["stages"][s] for s in STAGES) for m in timed]
+    own = res.summary["measured"]["iterations"] - res.summary["measured"]["timed_iterations"]
+    warmup = max(args.warmup, own)
+    summary = summarize(res.summary["plan"], res.metrics, res.summary["predicted"],
+                        warmup=warmup)
+    summary["each_iteration_s"] = [sum(m["stages"][s] for s in STAGES)
+                                   for m in res.metrics[warmup:]]
     return summary
+
+
+def measure_profile(path: Path) -> str:
+    """`hybridflow profile --sweeps 1 --out path` in this process; the path."""
+    from executor.profiler.machine import ProfileOptions, profile_machine
+    t0 = time.perf_counter()
+    profile_machine(ProfileOptions(out=path, sweeps=1), progress=False)
+    print(f"  profile {path.name}: {time.perf_counter() - t0:.0f} s, load "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    return str(path)
 
 
 def pool_passes(name: str, passes: list[dict], pass_dirs: list[Path], runs: Path) -> dict:
@@ -191,20 +116,26 @@ def pool_passes(name: str, passes: list[dict], pass_dirs: list[Path], runs: Path
     return pooled
 
 
-def with_terms(summary: dict, profile: str, run_dir: Path) -> dict:
-    """The run's summary with the prediction's named terms and their sources (what
-    `hybridflow report` tabulates per run), written back to its summary.json."""
+def with_prediction(summary: dict, profile: str, run_dir: Path) -> dict:
+    """The run's summary with the simulator's prediction from `profile` (stages, iteration,
+    the named terms and their sources: what `hybridflow report` tabulates per run), written
+    back to its summary.json."""
+    from executor.run_config import RunConfig
     from planner.plan import Plan
     from simulator import predict_plan
     from simulator.profile import load_profile
-    pred = predict_plan(Plan.from_dict(summary["plan"]), load_profile(profile))
+    prediction = predict_plan(Plan.from_dict(summary["plan"]), load_profile(profile),
+                              reshard=RunConfig().reshard)
+    pred = prediction.to_dict()
     # tokens/s on the run's count (prompt + response_len per sequence), as measured; the
     # simulator's own counts the job's mean response
     tokens = summary["measured"]["tokens_per_s"] * summary["measured"]["iteration_s"]
-    summary = dict(summary, predicted=dict(
-        summary["predicted"], terms=pred.to_dict()["terms"], sources=pred.sources(),
-        tokens_per_s=tokens / summary["predicted"]["iteration_s"]))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = dict(summary, predicted={
+        "iteration_s": pred["iteration_s"], "stages": pred["stages"], "profile": profile,
+        "terms": pred["terms"], "sources": prediction.sources(),
+        "tokens_per_s": tokens / pred["iteration_s"]})
+    (run_dir / "summary.json").write_text(json.dumps(
+        {k: v for k, v in summary.items() if k != "each_iteration_s"}, indent=1))
     return summary
 
 
@@ -252,10 +183,11 @@ def _same_plan(summaries: dict, name: str, ppo: dict) -> list[str]:
     return [k for k, v in ppo.items() if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
 
 
-def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str) -> None:
+def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str,
+           stats: dict) -> None:
     from reports.run_report import write_run_report
     write_run_report([runs / n for n in summaries], out)
-    text, stats = table(summaries)
+    text, _ = table(summaries)
     (out / "fidelity.md").write_text(
         f"# Simulator fidelity on the local cluster\n\n{header}\n\nprofile: `{profile}`\n\n"
         f"{text}\n\n{_verdict(stats)}{_passes(summaries)}\n")
@@ -268,7 +200,15 @@ def _verdict(stats: dict) -> str:
             f"{stats['worst_stage_error']:.0%} (goal <= {GOAL_STAGE:.0%}); "
             f"fastest PPO plan measured: {stats['fastest_ppo']}; planner's first plan "
             f"(= {first}) is the fastest: "
-            f"{stats['planner_first_is_fastest']}" + _ranking(stats))
+            f"{stats['planner_first_is_fastest']}" + _replanning(stats) + _ranking(stats))
+
+
+def _replanning(stats: dict) -> str:
+    if "planner_first_with_prediction_profile" not in stats:
+        return ""
+    again = stats["planner_first_with_prediction_profile"]
+    return ("; the planner with the predicting profile ranks first: "
+            + (", ".join(again) if again else "a plan not run"))
 
 
 def _ranking(stats: dict) -> str:
@@ -299,62 +239,101 @@ def _passes(summaries: dict[str, dict]) -> str:
 
 def run_passes(chosen: list[str], plans: dict, runs: Path, args) -> dict[str, dict]:
     """Each plan's summary: one run, or with --passes P the pool of P runs, pass i in the
-    order of `chosen` rotated by i/P of its length, so that a plan's runs lie apart in time."""
-    if args.passes < 1:
-        raise SystemExit("--passes must be at least 1")
+    order of `chosen` rotated by i/P of its length, so that a plan's runs lie apart in time.
+    With --profile measure, a one-sweep profile before every pass (the first one already
+    taken, for planning): args.profiles gets their paths."""
     got: dict[str, list[tuple[dict, Path]]] = {n: [] for n in chosen}
     for i in range(args.passes):
+        if args.measuring and i > 0:
+            args.profiles.append(measure_profile(runs / f"profile-pass{i + 1}.yaml"))
         shift = i * len(chosen) // args.passes
         where = runs / f"pass{i + 1}" if args.passes > 1 else runs
         for n in chosen[shift:] + chosen[:shift]:
             if args.max_load > 0:
                 print(f"  {n}: starting at load {wait_for_quiet(args.max_load):.1f}", flush=True)
-            got[n].append((run_plan(n, plans[n], where, args.iterations, args.profile),
-                           where / n))
+            got[n].append((run_plan(n, plans[n], where, args), where / n))
     if args.passes == 1:
         return {n: got[n][0][0] for n in chosen}
     return {n: pool_passes(n, [s for s, _ in got[n]], [d for _, d in got[n]], runs)
             for n in chosen}
 
 
+def predicting_profile(runs: Path, args) -> str:
+    """The profile the predictions use: --profile, or the merge of the profiles measured
+    between the passes (`hybridflow profile --merge`: each number the median of theirs)."""
+    if not args.measuring:
+        return args.profile
+    if len(args.profiles) == 1:
+        return args.profiles[0]
+    from executor.profiler.merge import merge_profiles
+    return str(merge_profiles([Path(p) for p in args.profiles], runs / "profile.yaml"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=14)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="iterations left out of each run's timing (default 3: start-up, "
+                         "the critic's warm-up, the first weight updates)")
     ap.add_argument("--plans", default="", help="comma-separated subset of plan names")
-    ap.add_argument("--passes", type=int, default=1,
+    ap.add_argument("--passes", type=int, default=5,
                     help="run every plan this many times, each pass in a rotated order, and "
                          "pool each plan's passes (this VM's speed drifts over minutes)")
-    ap.add_argument("--profile", default="local-cpu", help="profile name or .yaml path")
+    ap.add_argument("--profile", default="measure",
+                    help="profile name or .yaml path, or `measure` (default): a one-sweep "
+                         "`hybridflow profile` of this machine before every pass, merged")
     ap.add_argument("--runs", default="", help="folder for the run dirs (default: temporary)")
     ap.add_argument("--out", default="", help="write the report folder here")
     ap.add_argument("--max-load", type=float, default=0.0,
                     help="before each plan, wait up to 10 min for the 1-minute load average "
                          "to fall below this (0: do not wait)")
     args = ap.parse_args(argv)
+    if args.passes < 1 or args.iterations <= args.warmup or args.warmup < 1:
+        ap.error("need --passes >= 1 and --iterations > --warmup >= 1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from executor.profiler.machine import host_name
     from simulator.profile import load_profile
-    plans = build_plans(load_profile(args.profile))
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="fidelity-"))
+    runs.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    print(f"runs in {runs}; load average {load0[0]:.1f} at start", flush=True)
+    args.measuring = args.profile == "measure"
+    args.profiles = [measure_profile(runs / "profile-pass1.yaml")] if args.measuring else []
+    args.planning_profile = args.profiles[0] if args.measuring else args.profile
+    plans = build_plans(load_profile(args.planning_profile))
     chosen = [p for p in args.plans.split(",") if p] or list(plans)
     unknown = set(chosen) - set(plans)
     if unknown:
         ap.error(f"unknown plans {', '.join(sorted(unknown))}; known: {', '.join(plans)}")
-    runs = Path(args.runs or tempfile.mkdtemp(prefix="fidelity-"))
-    load0 = os.getloadavg()
-    print(f"runs in {runs}; load average {load0[0]:.1f} at start", flush=True)
-    summaries = run_passes(chosen, plans, runs, args)
+    pooled = run_passes(chosen, plans, runs, args)
+    profile = predicting_profile(runs, args)
+    summaries = {n: with_prediction(s, profile, runs / n) for n, s in pooled.items()}
     text, stats = table(summaries)
+    stats["planner_first_with_prediction_profile"] = _replanned(profile, summaries)
     passes = f" x {args.passes} passes" if args.passes > 1 else ""
-    header = (f"{len(summaries)} plans{passes} x {args.iterations} iterations (first dropped); "
-              f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
-              f"ended {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-              f"{host_name()}")
+    header = (f"{len(summaries)} plans{passes} x {args.iterations} iterations (first "
+              f"{args.warmup} left out); load average {load0[0]:.1f} at start, "
+              f"{os.getloadavg()[0]:.1f} at end; ended "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {host_name()}")
     print(text + "\n\n" + _verdict(stats) + _passes(summaries) + "\n" + header)
-    (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header}, indent=1))
+    (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header,
+                                                    "profile": profile}, indent=1))
     if args.out:
-        report(summaries, runs, Path(args.out), args.profile, header)
+        report(summaries, runs, Path(args.out), profile, header, stats)
         print(f"report: {args.out}")
     return 0
+
+
+def _replanned(profile: str, summaries: dict[str, dict]) -> list[str]:
+    """The runs whose sets and layouts equal the plan the planner ranks first with the
+    profile the predictions use (the runs were planned with the first pass's profile)."""
+    from planner import plan_job
+    from simulator.cluster import Cluster
+    from simulator.profile import load_profile
+    first = plan_job(Cluster.from_gpus("local-cpu", 4, 4), job("ppo"), load_profile(profile),
+                     max_gen_pp=1)[0].to_dict()
+    key = json.dumps(first["sets"], sort_keys=True)
+    return [k for k, v in summaries.items() if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--merge", nargs="+", metavar="PROFILE", default=None,
+                        help="measure nothing: write to --out the merge of these measured "
+                             "profiles of this machine (each number the median of theirs; "
+                             "profiles taken between runs see the speeds the runs see)")
     parser.add_argument("--out", default=None,
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
@@ -43,6 +47,12 @@ def _default_out() -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.merge:
+        from executor.profiler.merge import merge_profiles
+        if not args.out:
+            raise ValueError("--merge needs --out (where to write the merged profile)")
+        print(f"wrote {merge_profiles([Path(p) for p in args.merge], Path(args.out))}")
+        return 0
     from executor.profiler.machine import ProfileOptions, profile_machine
 
     options = ProfileOptions(out=Path(args.out) if args.out else _default_out(),
