@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from executor.profiler.machine import host_name
     from simulator.profile import load_profile
+    if args.profile != "measure":
+        try:
+            load_profile(args.profile)
+        except ValueError as e:
+            ap.error(str(e))
     runs = Path(args.runs or tempfile.mkdtemp(prefix="fidelity-"))
     runs.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
