@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fidelity_plans import build_plans, job  # noqa: E402
+from fidelity_plans import build_plans, planner_first  # noqa: E402
 
 STAGES = ("generate", "reshard", "prepare", "train")
 GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
@@ -177,10 +177,14 @@ def _spread(summary: dict) -> tuple[float, float]:
 
 def _same_plan(summaries: dict, name: str, ppo: dict) -> list[str]:
     """The runs whose sets and layouts equal the planner's first plan (itself included)."""
-    if name not in summaries:
-        return []
-    key = json.dumps(summaries[name]["plan"]["sets"], sort_keys=True)
-    return [k for k, v in ppo.items() if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
+    return _runs_of(summaries[name]["plan"], ppo) if name in summaries else []
+
+
+def _runs_of(plan: dict, summaries: dict[str, dict]) -> list[str]:
+    """The runs of `summaries` whose sets and layouts equal `plan`'s."""
+    key = json.dumps(plan["sets"], sort_keys=True)
+    return [k for k, v in summaries.items()
+            if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
 
 
 def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str,
@@ -332,13 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 def _replanned(profile: str, summaries: dict[str, dict]) -> list[str]:
     """The runs whose sets and layouts equal the plan the planner ranks first with the
     profile the predictions use (the runs were planned with the first pass's profile)."""
-    from planner import plan_job
-    from simulator.cluster import Cluster
     from simulator.profile import load_profile
-    first = plan_job(Cluster.from_gpus("local-cpu", 4, 4), job("ppo"), load_profile(profile),
-                     max_gen_pp=1)[0].to_dict()
-    key = json.dumps(first["sets"], sort_keys=True)
-    return [k for k, v in summaries.items() if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
+    return _runs_of(planner_first(load_profile(profile)), summaries)
 
 
 if __name__ == "__main__":

@@ -77,15 +77,26 @@ def _split(cluster, job, sets: tuple[tuple[str, ...], ...]) -> dict:
     return Plan(cluster, job, placed).to_dict()
 
 
+def _cluster():
+    """The local cluster the benchmark runs on: 4 logical devices."""
+    from simulator.cluster import Cluster
+    return Cluster.from_gpus("local-cpu", 4, 4)
+
+
+def planner_first(profile) -> dict:
+    """The PPO plan the planner ranks first for the local cluster with `profile`."""
+    from planner import plan_job
+    return plan_job(_cluster(), job("ppo"), profile, max_gen_pp=1)[0].to_dict()
+
+
 def build_plans(profile) -> dict[str, dict]:
     """name -> plan dict (the planner's, its standard placements, and hand-set layouts)."""
-    from planner import plan_job, standard_placements
-    from simulator.cluster import Cluster
-    cluster = Cluster.from_gpus("local-cpu", 4, 4)
+    from planner import standard_placements
+    cluster = _cluster()
     ppo = job("ppo")
     std = {k: p.to_dict() for k, p in standard_placements(cluster, ppo, profile,
                                                           max_gen_pp=1).items()}
-    plans = {"ppo-planner": plan_job(cluster, ppo, profile, max_gen_pp=1)[0].to_dict()}
+    plans = {"ppo-planner": planner_first(profile)}
     plans.update({f"ppo-{k}": v for k, v in std.items()})
     # data parallel over all 4 devices, colocated and as two concurrent sets of 2
     plans["ppo-colocated-dp4"] = _colocated(cluster, ppo, {})

@@ -9,19 +9,20 @@ import statistics
 from executor.profiler.calls import CallsGrid
 
 
-def _pool(values: list[float]) -> float:
-    """Rows of one size, one per sweep: with three or more their median (a sweep in a slow
-    phase of the host, which lasts minutes on this VM, is left out, as fidelity.py's median
-    over passes leaves out a slow run), else their mean."""
+def pool(values: list[float]) -> float:
+    """Measurements of one quantity taken at other times (rows of one size, one per sweep;
+    `hybridflow profile --merge`'s profiles): with three or more their median (one taken in a
+    slow phase of the host, which lasts minutes on this VM, is left out, as fidelity.py's
+    median over passes leaves out a slow run), else their mean."""
     return statistics.median(values) if len(values) >= 3 else statistics.fmean(values)
 
 
 def _pool_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """One row per distinct `keys`, each other column pooled (_pool)."""
+    """One row per distinct `keys`, each other column pooled (pool)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return [{**dict(zip(keys, key)), **{c: _pool([r[c] for r in rs])
+    return [{**dict(zip(keys, key)), **{c: pool([r[c] for r in rs])
                                         for c in rs[0] if c not in keys}}
             for key, rs in sorted(groups.items())]
 
@@ -41,7 +42,7 @@ def isotonic(values: list[float]) -> list[float]:
 def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) -> list[dict]:
     """Rows whose `cols` never decrease with `sequences` within a group of equal `keys`
     (more work never takes less time): the isotonic fit of each column, after rows of the
-    same size (one per sweep) are pooled (_pool)."""
+    same size (one per sweep) are pooled (pool)."""
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in _pool_by(rows, keys + ("sequences",)):

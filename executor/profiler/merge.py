@@ -7,17 +7,13 @@ with two); rows, keys and texts must agree (one machine, one grid, one set of op
 """
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import yaml
 
+from executor.profiler.calls_tables import pool
 from executor.profiler.writer import write_profile
 from simulator.profile import ProfileError, load_profile
-
-
-def _pool(values: list[float]) -> float:
-    return statistics.median(values) if len(values) >= 3 else statistics.fmean(values)
 
 
 def _number(v: object) -> bool:
@@ -25,14 +21,14 @@ def _number(v: object) -> bool:
 
 
 def merge_values(values: list, where: str = "profile") -> object:
-    """The inputs' values at one place of their trees, merged: numbers pooled (_pool), dicts
-    key by key, lists item by item; equal values kept. ProfileError where they differ in
+    """The inputs' values at one place of their trees, merged: numbers pooled
+    (calls_tables.pool), dicts key by key, lists item by item; equal values kept. ProfileError where they differ in
     shape or text (not measured alike)."""
     first = values[0]
     if all(v == first for v in values[1:]):
         return first
     if all(_number(v) for v in values):
-        return _pool([float(v) for v in values])
+        return pool([float(v) for v in values])
     if all(isinstance(v, dict) for v in values):
         if any(list(v) != list(first) for v in values):
             raise ProfileError(f"the profiles differ in the keys of {where}: measured with "
