@@ -16,12 +16,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="profile path (default profiles/local-cpu.yaml on CPU, "
                              "profiles/<gpu>-measured.yaml on a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller grids, fewer repeats, one sweep (the full profile "
-                             "takes 6-7 min on a 2-core VM)")
-    parser.add_argument("--sweeps", type=int, default=None,
+                        help="smaller grids, fewer repeats (the full profile takes "
+                             "3.5-5 min on a 2-core VM)")
+    parser.add_argument("--sweeps", type=int, default=1,
                         help="CPU: split the per-call tables' rounds among this many passes "
                              "over all their worker groups, minutes apart, each row the "
-                             "median of the passes' (default 3; 1 with --quick)")
+                             "median of the passes' (default 1; merging profiles taken at "
+                             "other times with --merge predicted better)")
     parser.add_argument("--devices", type=int, default=4,
                         help="CPU only: logical devices (ranks) sharing the host (default 4)")
     parser.add_argument("--threads", type=int, default=1,

@@ -17,10 +17,6 @@ from executor.profiler.writer import MachineInfo, Measurements, build_profile, w
 from simulator.profile import load_profile
 
 
-# a slow phase of a 2-core VM lasts minutes and inflated one set size's rows of a one-sweep
-# profile by up to half; the median of three sweeps leaves it out
-DEFAULT_SWEEPS = 3
-
 
 @dataclass(frozen=True)
 class ProfileOptions:
@@ -33,12 +29,11 @@ class ProfileOptions:
     dispatch: bool = True         # Ray round trips of the single controller
     calls: bool = True            # CPU: the executor's per-call tables (worker groups)
     concurrency: tuple[int, ...] = (1, 2, 4)
-    sweeps: int | None = None     # CPU: passes over the calls tables' worker groups
-                                  # (None: DEFAULT_SWEEPS, 1 when quick)
+    # CPU: passes over the calls tables' worker groups. Back-to-back sweeps took the profile
+    # past a few minutes and did not predict better than profiles merged from other times
+    sweeps: int = 1
 
     def __post_init__(self) -> None:
-        if self.sweeps is None:
-            object.__setattr__(self, "sweeps", 1 if self.quick else DEFAULT_SWEEPS)
         if Path(self.out).suffix not in (".yaml", ".yml"):
             raise ValueError(f"--out must be a .yaml path, got {str(self.out)!r}")
         if not isinstance(self.devices, int) or self.devices < 2:
