@@ -17,7 +17,6 @@ from executor.profiler.writer import MachineInfo, Measurements, build_profile, w
 from simulator.profile import load_profile
 
 
-
 @dataclass(frozen=True)
 class ProfileOptions:
     out: Path

@@ -22,8 +22,8 @@ def _number(v: object) -> bool:
 
 def merge_values(values: list, where: str = "profile") -> object:
     """The inputs' values at one place of their trees, merged: numbers pooled
-    (calls_tables.pool), dicts key by key, lists item by item; equal values kept. ProfileError where they differ in
-    shape or text (not measured alike)."""
+    (calls_tables.pool), dicts key by key, lists item by item; equal values kept.
+    ProfileError where they differ in shape or text (not measured alike)."""
     first = values[0]
     if all(v == first for v in values[1:]):
         return first
