@@ -1,7 +1,7 @@
 """Simulator fidelity on the local cluster: plan, run and compare predicted with measured time.
 
 Runs ten plans of the tiny job on the local 4-device CPU cluster with `hybridflow run`'s
-executor (executor.controller.run): the PPO plan the planner ranks first, the three standard
+executor (hybridflow.executor.run.driver.run): the PPO plan the planner ranks first, the three standard
 PPO placements (colocated, split, separate: each with the planner's best allocation and
 layouts), PPO data parallel over all 4 devices colocated and as two concurrent sets of 2,
 PPO with a TP x DP actor that reshards into micro-DP generation and a PP critic, GRPO
@@ -59,8 +59,8 @@ def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
 def run_plan(name: str, plan: dict, runs: Path, args) -> dict:
     """Run `plan` once; its summary timed over the iterations after the first `args.warmup`
     (or after the run's own warm-up, the critic's, where that is longer)."""
-    from executor.controller import run, summarize
-    from executor.run_config import RunConfig
+    from hybridflow.executor.run.driver import run, summarize
+    from hybridflow.executor.run.config import RunConfig
     out = runs / name
     t0 = time.perf_counter()
     res = run(plan, RunConfig(iterations=args.iterations, checkpoint_every=args.iterations),
@@ -78,7 +78,7 @@ def run_plan(name: str, plan: dict, runs: Path, args) -> dict:
 
 def measure_profile(path: Path) -> str:
     """`hybridflow profile --sweeps 1 --out path` in this process; the path."""
-    from executor.profiler.machine import ProfileOptions, profile_machine
+    from hybridflow.executor.profiler.machine import ProfileOptions, profile_machine
     t0 = time.perf_counter()
     profile_machine(ProfileOptions(out=path, sweeps=1), progress=False)
     print(f"  profile {path.name}: {time.perf_counter() - t0:.0f} s, load "
@@ -120,10 +120,10 @@ def with_prediction(summary: dict, profile: str, run_dir: Path) -> dict:
     """The run's summary with the simulator's prediction from `profile` (stages, iteration,
     the named terms and their sources: what `hybridflow report` tabulates per run), written
     back to its summary.json."""
-    from executor.run_config import RunConfig
-    from planner.plan import Plan
-    from simulator import predict_plan
-    from simulator.profile import load_profile
+    from hybridflow.executor.run.config import RunConfig
+    from hybridflow.plan import Plan
+    from hybridflow.simulator.predict import predict_plan
+    from hybridflow.simulator.profile import load_profile
     prediction = predict_plan(Plan.from_dict(summary["plan"]), load_profile(profile),
                               reshard=RunConfig().reshard)
     pred = prediction.to_dict()
@@ -189,7 +189,7 @@ def _runs_of(plan: dict, summaries: dict[str, dict]) -> list[str]:
 
 def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str,
            stats: dict) -> None:
-    from reports.run_report import write_run_report
+    from hybridflow.report.run_report import write_run_report
     write_run_report([runs / n for n in summaries], out)
     text, _ = table(summaries)
     (out / "fidelity.md").write_text(
@@ -269,7 +269,7 @@ def predicting_profile(runs: Path, args) -> str:
         return args.profile
     if len(args.profiles) == 1:
         return args.profiles[0]
-    from executor.profiler.merge import merge_profiles
+    from hybridflow.executor.profiler.merge import merge_profiles
     return str(merge_profiles([Path(p) for p in args.profiles], runs / "profile.yaml"))
 
 
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.passes < 1 or args.iterations <= args.warmup or args.warmup < 1:
         ap.error("need --passes >= 1 and --iterations > --warmup >= 1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from executor.profiler.machine import host_name
-    from simulator.profile import load_profile
+    from hybridflow.executor.profiler.machine import host_name
+    from hybridflow.simulator.profile import load_profile
     if args.profile != "measure":
         try:
             load_profile(args.profile)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 def _replanned(profile: str, summaries: dict[str, dict]) -> list[str]:
     """The runs whose sets and layouts equal the plan the planner ranks first with the
     profile the predictions use (the runs were planned with the first pass's profile)."""
-    from simulator.profile import load_profile
+    from hybridflow.simulator.profile import load_profile
     return _runs_of(planner_first(load_profile(profile)), summaries)
 
 

@@ -22,9 +22,9 @@ def response_lengths(response_len: int, prompts: int = 1024) -> tuple[tuple[int,
     import torch
     from transformers import LlamaForCausalLM
 
-    from executor.artifacts import ensure_artifacts
-    from executor.run_config import RunConfig
-    from executor.warmup import generate
+    from hybridflow.executor.task.artifacts import ensure_artifacts
+    from hybridflow.executor.run.config import RunConfig
+    from hybridflow.executor.task.warmup import generate
     art = ensure_artifacts(model=JOB["model"], seed=0)
     actor = LlamaForCausalLM.from_pretrained(str(art.actor_dir)).eval()
     pool, counts = art.prompts.train[:prompts], Counter()
@@ -40,7 +40,7 @@ def response_lengths(response_len: int, prompts: int = 1024) -> tuple[tuple[int,
 
 
 def job(algorithm: str):
-    from simulator.job import Job
+    from hybridflow.simulator.job import Job
     kw = dict(JOB, algorithm=algorithm)
     if algorithm == "grpo":
         kw.update(n_samples=4, global_batch=8)
@@ -51,9 +51,9 @@ def job(algorithm: str):
 def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
     """Every role of `job` on all of the cluster's devices, with the layouts given (data
     parallel over all of them for the roles not named)."""
-    from planner.plan import Plan
-    from simulator.layout import GenLayout, TrainLayout
-    from simulator.placement import PlacedSet, layout_kinds
+    from hybridflow.plan import Plan
+    from hybridflow.layout import GenLayout, TrainLayout
+    from hybridflow.plan import PlacedSet, layout_kinds
     n = cluster.n_gpus
     plain = {"train": TrainLayout(1, 1, n), "infer": TrainLayout(1, 1, n),
              "generate": GenLayout(1, 1, 1)}
@@ -66,9 +66,9 @@ def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
 
 def _split(cluster, job, sets: tuple[tuple[str, ...], ...]) -> dict:
     """The roles in `sets` of equal devices, each role data parallel over its set."""
-    from planner.plan import Plan
-    from simulator.layout import GenLayout, TrainLayout
-    from simulator.placement import PlacedSet, layout_kinds
+    from hybridflow.plan import Plan
+    from hybridflow.layout import GenLayout, TrainLayout
+    from hybridflow.plan import PlacedSet, layout_kinds
     n = cluster.n_gpus // len(sets)
     lay = TrainLayout(1, 1, n)
     placed = tuple(PlacedSet(roles, n, {r: {k: GenLayout(1, 1, 1) if k == "generate" else lay
@@ -79,19 +79,19 @@ def _split(cluster, job, sets: tuple[tuple[str, ...], ...]) -> dict:
 
 def _cluster():
     """The local cluster the benchmark runs on: 4 logical devices."""
-    from simulator.cluster import Cluster
+    from hybridflow.simulator.cluster import Cluster
     return Cluster.from_gpus("local-cpu", 4, 4)
 
 
 def planner_first(profile) -> dict:
     """The PPO plan the planner ranks first for the local cluster with `profile`."""
-    from planner import plan_job
+    from hybridflow.planner.search import plan_job
     return plan_job(_cluster(), job("ppo"), profile, max_gen_pp=1)[0].to_dict()
 
 
 def build_plans(profile) -> dict[str, dict]:
     """name -> plan dict (the planner's, its standard placements, and hand-set layouts)."""
-    from planner import standard_placements
+    from hybridflow.planner.search import standard_placements
     cluster = _cluster()
     ppo = job("ppo")
     std = {k: p.to_dict() for k, p in standard_placements(cluster, ppo, profile,

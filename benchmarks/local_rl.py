@@ -2,7 +2,7 @@
 
 It runs the same dataflow as `hybridflow run` (generate -> reference log-probs, values,
 rewards -> advantages -> critic and actor updates) in one process with Hugging Face models,
-using executor.algorithms for the math and executor.artifacts for the models, and prints the
+using hybridflow.executor.rl.algorithms for the math and hybridflow.executor.task.artifacts for the models, and prints the
 rule score of every iteration. No Ray, megatron-core or vLLM.
 
 Run:  .venv/bin/python benchmarks/local_rl.py --algorithm grpo --iterations 12
@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from executor import algorithms as alg  # noqa: E402
-from executor import warmup  # noqa: E402
-from executor.artifacts import Artifacts, ensure_artifacts  # noqa: E402
+from hybridflow.executor.rl import algorithms as alg  # noqa: E402
+from hybridflow.executor.task import warmup  # noqa: E402
+from hybridflow.executor.task.artifacts import Artifacts, ensure_artifacts  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reports.markdown import emit  # noqa: E402
-from planner.search import Planner  # noqa: E402
-from simulator.cluster import Cluster  # noqa: E402
-from simulator.job import Job  # noqa: E402
-from simulator.profile import load_profile  # noqa: E402
+from hybridflow.report.markdown import emit  # noqa: E402
+from hybridflow.planner.search import Planner  # noqa: E402
+from hybridflow.simulator.cluster import Cluster  # noqa: E402
+from hybridflow.simulator.job import Job  # noqa: E402
+from hybridflow.simulator.profile import load_profile  # noqa: E402
 
 GPU = "h100-80gb"
 MOE = Job.create("grpo", "qwen3-235b-a22b", 1024, 8192, 512, mini_batches=8, n_samples=8,

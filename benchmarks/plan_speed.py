@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reports.markdown import emit  # noqa: E402
-from planner.search import Planner  # noqa: E402
-from simulator.cluster import Cluster  # noqa: E402
-from simulator.job import Job  # noqa: E402
-from simulator.profile import load_profile  # noqa: E402
+from hybridflow.report.markdown import emit  # noqa: E402
+from hybridflow.planner.search import Planner  # noqa: E402
+from hybridflow.simulator.cluster import Cluster  # noqa: E402
+from hybridflow.simulator.job import Job  # noqa: E402
+from hybridflow.simulator.profile import load_profile  # noqa: E402
 
 CASES = [(128, 2.0), (1024, 10.0)]
 

@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from executor.batch import Batch  # noqa: E402
-from executor.cluster import Cluster, ClusterConfig  # noqa: E402
-from executor.parallel import ParallelLayout  # noqa: E402
-from executor.train_engine import EngineConfig, lm_loss  # noqa: E402
-from executor.protocols import ONE_TO_ALL, register  # noqa: E402
-from executor.worker import Worker  # noqa: E402
-from executor.worker_group import WorkerGroup  # noqa: E402
+from hybridflow.executor.controller.batch import Batch  # noqa: E402
+from hybridflow.executor.controller.cluster import Cluster, ClusterConfig  # noqa: E402
+from hybridflow.executor.engines.groups import ParallelLayout  # noqa: E402
+from hybridflow.executor.engines.train_engine import EngineConfig, lm_loss  # noqa: E402
+from hybridflow.executor.controller.protocols import ONE_TO_ALL, register  # noqa: E402
+from hybridflow.executor.controller.worker import Worker  # noqa: E402
+from hybridflow.executor.controller.worker_group import WorkerGroup  # noqa: E402
 
 
 class WaitingWorker(Worker):

@@ -9,7 +9,7 @@ vLLM engine), the slowest rank's, median over repeats; the schemes take turns in
 repeat (a round), so a change of load hits all three alike, and the speed-up is the median
 over rounds of the ratio within a round. The first call, which also allocates the
 buffers the later ones reuse, is reported apart. Bytes each rank received, checked against
-Table 2 as the simulator computes it (simulator.reshard), and the simulator's predicted
+Table 2 as the simulator computes it (hybridflow.simulator.reshard), and the simulator's predicted
 seconds (local-cpu profile) next to the measured ones.
 """
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from executor.reshard_plan import SCHEMES, ReshardPlan  # noqa: E402
-from executor.vllm_engine import launch_local  # noqa: E402
-from reports.markdown import emit, table  # noqa: E402
-from simulator.layout import TrainLayout  # noqa: E402
-from simulator.model import ModelSpec, load_model  # noqa: E402
+from hybridflow.executor.hybrid_engine.reshard_plan import SCHEMES, ReshardPlan  # noqa: E402
+from hybridflow.executor.engines.vllm_engine import launch_local  # noqa: E402
+from hybridflow.report.markdown import emit, table  # noqa: E402
+from hybridflow.layout import TrainLayout  # noqa: E402
+from hybridflow.simulator.model import ModelSpec, load_model  # noqa: E402
 
 PHASES = ("seconds", "gather_seconds", "assemble_seconds")
 
@@ -44,7 +44,7 @@ def bench_model() -> ModelSpec:
 
 def sharded_bytes(spec: ModelSpec) -> int:
     """M of Table 2: the fp32 bytes of the TP-sharded tensors (norms are replicated)."""
-    from executor import weights as W
+    from hybridflow.executor.engines import weights as W
     return sum(4 * math.prod(shape) for name, shape in W.megatron_shapes(spec).items()
                if W.split_kind(name) != "replicated")
 
@@ -54,8 +54,8 @@ def _rank_main(rank: int, world: int, layout: tuple[int, int, int], tg: int,
     import torch
     import torch.distributed as dist
 
-    from executor import weights as W
-    from executor.hybrid_engine import HybridEngine
+    from hybridflow.executor.engines import weights as W
+    from hybridflow.executor.hybrid_engine.engine import HybridEngine
     torch.set_num_threads(1)
     spec, lay = bench_model(), TrainLayout(*layout)
     engines = {s: HybridEngine(spec, ReshardPlan(lay, tg, s)) for s in SCHEMES}
@@ -90,8 +90,8 @@ def summarise(per_rank: list[dict], scheme: str) -> dict:
 
 def predicted(scheme: str, spec: ModelSpec, lay: TrainLayout, tg: int) -> dict:
     """Table 2 bytes per rank and predicted seconds, from the simulator."""
-    from simulator.profile import load_profile
-    from simulator.reshard import reshard_bytes_per_rank, reshard_cost
+    from hybridflow.simulator.profile import load_profile
+    from hybridflow.simulator.reshard import reshard_bytes_per_rank, reshard_cost
     profile, m = load_profile("local-cpu"), sharded_bytes(spec)
     cost = reshard_cost(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg, profile, profile.gpus_per_node)
     return {"predicted_seconds": cost.seconds,
@@ -113,7 +113,7 @@ def report(result: dict, spec: ModelSpec, lay: TrainLayout, tg: int, repeats: in
             f"training p={lay.pp} t={lay.tp} d={lay.dp} -> generation tg={tg}, "
             f"{lay.n_gpus} gloo ranks on {os.cpu_count()} {platform.machine()} cores; median "
             f"of {repeats} repeats (schemes in turn), the slowest rank; load average "
-            f"{load[0]:.1f} before, {load[1]:.1f} after. Predicted: simulator.reshard on "
+            f"{load[0]:.1f} before, {load[1]:.1f} after. Predicted: hybridflow.simulator.reshard on "
             f"profiles/local-cpu.yaml ({result['allgather']['predicted_from']} terms); MB/rank "
             f"checked against its Table 2 formula.\n\n"
             + table(["scheme", "seconds", "predicted s", "gather s", "assemble s",

@@ -1,11 +1,11 @@
 """GRPO throughput on this machine: `hybridflow run` against TRL's GRPOTrainer, same workload.
 
-Both run the built-in task from the same cached artifacts (executor.artifacts.ensure_artifacts,
+Both run the built-in task from the same cached artifacts (hybridflow.executor.task.artifacts.ensure_artifacts,
 as benchmarks/local_rl.py uses them): the same warmed-up tiny actor, the same prompts in the
 same order (the controller's seeded pass over the training prompts, Runtime.prompts), the same
 number of responses per prompt, maximum response length, prompts per iteration, mini-batches
 (optimizer steps per iteration), micro-batch, learning rate, clipping and number of iterations,
-and the rule score (executor.task.score) as the reward. TRL runs in this process without vLLM
+and the rule score (hybridflow.executor.task.rules.score) as the reward. TRL runs in this process without vLLM
 (use_vllm=False: Hugging Face generate on the CPU); `hybridflow run` runs as a subprocess on a
 plan the planner makes for D local devices (default 4 and 1: 1 is the like-for-like single
 process, one torch thread as each hybridflow rank has).
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from executor.run_config import RunConfig, samples_per_prompt  # noqa: E402
+from hybridflow.executor.run.config import RunConfig, samples_per_prompt  # noqa: E402
 
 TRL_MISSING = ("trl_grpo: TRL is not installed in this environment; install the benchmark's "
                "extra packages with: .venv/bin/pip install -r benchmarks/requirements-trl.txt")
@@ -72,7 +72,7 @@ class Workload:
             raise ValueError("mini_batches must divide prompts x samples")
 
     def job(self):
-        from simulator.job import Job
+        from hybridflow.simulator.job import Job
         return Job.create(algorithm="grpo", model="tiny", prompt_len=self.prompt_len,
                           response_len=self.response_len, global_batch=self.prompts,
                           n_samples=self.samples, mini_batches=self.mini_batches,
@@ -105,9 +105,9 @@ def throughput(tokens: int, seconds: list[float]) -> tuple[float, float]:
 def make_plan(w: Workload, devices: int) -> dict:
     """The planner's best GRPO plan for `devices` local devices (generation pp=1, as
     `hybridflow run` plans its default job)."""
-    from planner import plan_job
-    from simulator.cluster import Cluster
-    from simulator.profile import load_profile
+    from hybridflow.planner.search import plan_job
+    from hybridflow.simulator.cluster import Cluster
+    from hybridflow.simulator.profile import load_profile
     cluster = Cluster.from_gpus("local-cpu", devices, devices)
     return plan_job(cluster, w.job(), load_profile("local-cpu"), max_gen_pp=1)[0].to_dict()
 
@@ -129,7 +129,7 @@ def run_hybridflow(plan: dict, w: Workload, devices: int, runs: Path) -> dict:
     out = runs / f"hybridflow-{devices}dev"
     plan_path = runs / f"plan-{devices}dev.json"
     plan_path.write_text(json.dumps(plan, indent=1))
-    cmd = [sys.executable, "-m", "cli.main", "run", str(plan_path), "--iterations",
+    cmd = [sys.executable, "-m", "hybridflow.cli.main", "run", str(plan_path), "--iterations",
            str(w.iterations), "--out", str(out), "--devices", str(devices),
            "--seed", str(w.seed)]
     t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def run_hybridflow(plan: dict, w: Workload, devices: int, runs: Path) -> dict:
 
 def prompt_texts(plan: dict, w: Workload, art) -> list[str]:
     """The prompts of every iteration in the controller's order, as text."""
-    from executor.runtime import Runtime
+    from hybridflow.executor.rl.runtime import Runtime
     rt = Runtime(plan, RunConfig(seed=w.seed), art, cluster=None)  # prompts() needs no cluster
     ids = [p for it in range(w.iterations) for p in rt.prompts(it)]
     return [art.decode_prompt(p) for p in ids]
@@ -182,7 +182,7 @@ class RuleReward:
 
     def __call__(self, prompts: list[str], completions: list[str],
                  completion_ids: list[list[int]], **_: object) -> list[float]:
-        from executor import task
+        from hybridflow.executor.task import rules as task
         scores = [task.score(p, self.art.decode(ids)) for p, ids in zip(prompts, completion_ids)]
         self.batches.append({"score": statistics.mean(scores),
                              "response_tokens": sum(len(ids) for ids in completion_ids)})
@@ -263,7 +263,7 @@ def check_prompts(art, texts: list[str], plan: dict) -> None:
 
 
 def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
-    from reports.markdown import table
+    from hybridflow.report.markdown import table
     trl = [r for r in rows if r["system"].startswith("TRL")]
     header = ["system", "plan / set-up", "iterations", "s / iteration", "each iteration s",
               "generate / reshard / prepare / train s", "tokens/s",
@@ -337,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(w: Workload, args: argparse.Namespace) -> int:
-    from executor.artifacts import ensure_artifacts
-    from reports.markdown import emit
+    from hybridflow.executor.task.artifacts import ensure_artifacts
+    from hybridflow.report.markdown import emit
     load = _load()
     art = ensure_artifacts("tiny", seed=w.seed)
     plans = {d: make_plan(w, d) for d in args.devices}

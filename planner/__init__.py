@@ -1,5 +1,4 @@
-"""Auto-mapping planner: placements x CP-SAT GPU allocation x best layouts -> plan.json."""
-from planner.plan import Plan, PlanError
-from planner.search import Planner, plan_job, standard_placements
+"""Auto-mapping planner: placements x CP-SAT GPU allocation x best layouts -> plan.json.
 
-__all__ = ["Plan", "PlanError", "Planner", "plan_job", "standard_placements"]
+It knows the simulator's predictions and CP-SAT; nothing of Ray or torch.
+"""

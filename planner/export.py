@@ -5,9 +5,9 @@ in the output (planner/export_refdata.py says how the lists were taken).
 """
 from __future__ import annotations
 
-from planner.export_openrlhf import to_openrlhf
-from planner.export_verl import to_verl
-from planner.export_view import ExportError, FrameworkExport
+from hybridflow.planner.export_openrlhf import to_openrlhf
+from hybridflow.planner.export_verl import to_verl
+from hybridflow.planner.export_view import ExportError, FrameworkExport
 
 EXPORTERS = {"verl": to_verl, "openrlhf": to_openrlhf}
 FORMATS = tuple(EXPORTERS)

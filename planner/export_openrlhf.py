@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from planner.export_refdata import OPENRLHF_SOURCE, load_openrlhf_reference
-from planner.export_view import ExportError, FrameworkExport, PlanView, node_split, parse_plan
+from hybridflow.planner.export_refdata import OPENRLHF_SOURCE, load_openrlhf_reference
+from hybridflow.planner.export_view import ExportError, FrameworkExport, PlanView, node_split, parse_plan
 
 # HybridFlow algorithm -> OpenRLHF --algo.advantage.estimator (ReMax and Safe-RLHF have none)
 ESTIMATOR = {"ppo": "gae", "grpo": "group_norm"}

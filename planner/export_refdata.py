@@ -4,8 +4,8 @@ The exports must only emit keys and flags that the frameworks accept. Both lists
 from a released wheel (``pip download --no-deps verl==V openrlhf==V``, then unzip) and
 committed as JSON beside this module, named by package version and source file:
 
-    python -m planner.export_refdata verl UNZIPPED_VERL_WHEEL_DIR
-    python -m planner.export_refdata openrlhf UNZIPPED_OPENRLHF_WHEEL_DIR
+    python -m hybridflow.planner.export_refdata verl UNZIPPED_VERL_WHEEL_DIR
+    python -m hybridflow.planner.export_refdata openrlhf UNZIPPED_OPENRLHF_WHEEL_DIR
 
 The exports and their tests read the JSON files only; nothing here is needed at run time.
 """
@@ -18,15 +18,16 @@ import functools
 import hashlib
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # where `main` writes new lists (a checkout)
 VERL_VERSION = "0.9.1"
 OPENRLHF_VERSION = "0.11.2"
-VERL_KEYS_FILE = HERE / f"verl_{VERL_VERSION}_ppo_megatron_keys.json"
-OPENRLHF_ARGS_FILE = HERE / f"openrlhf_{OPENRLHF_VERSION}_train_ppo_ray_args.json"
+VERL_KEYS_FILE = f"verl_{VERL_VERSION}_ppo_megatron_keys.json"
+OPENRLHF_ARGS_FILE = f"openrlhf_{OPENRLHF_VERSION}_train_ppo_ray_args.json"
 VERL_SOURCE = "verl/trainer/config/_generated_ppo_megatron_trainer.yaml"
 OPENRLHF_SOURCE = "openrlhf/cli/train_ppo_ray.py"
 
@@ -111,10 +112,15 @@ def openrlhf_args(wheel_dir: Path) -> dict:
             "arguments": [_action_record(a) for a in actions]}
 
 
+def _packaged(name: str) -> str:
+    """A reference list shipped as package data of hybridflow.planner."""
+    return resources.files(__package__).joinpath(name).read_text()
+
+
 @functools.lru_cache(maxsize=None)
 def load_verl_reference() -> dict:
     """The committed verl key list (see the module doc for how it was made)."""
-    data = json.loads(VERL_KEYS_FILE.read_text())
+    data = json.loads(_packaged(VERL_KEYS_FILE))
     data["key_set"] = frozenset(data["keys"])
     return data
 
@@ -122,7 +128,7 @@ def load_verl_reference() -> dict:
 @functools.lru_cache(maxsize=None)
 def load_openrlhf_reference() -> dict:
     """The committed OpenRLHF argument list (see the module doc for how it was made)."""
-    return json.loads(OPENRLHF_ARGS_FILE.read_text())
+    return json.loads(_packaged(OPENRLHF_ARGS_FILE))
 
 
 def main(argv: list[str] | None = None) -> int:

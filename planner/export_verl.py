@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import shlex
 
-from planner.export_refdata import VERL_SOURCE, load_verl_reference
-from planner.export_view import (ExportError, FrameworkExport, PlanView, RoleView, node_split,
+from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference
+from hybridflow.planner.export_view import (ExportError, FrameworkExport, PlanView, RoleView, node_split,
                                  parse_plan)
 
 ADV_ESTIMATOR = {"ppo": "gae", "grpo": "grpo", "remax": "remax"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROLES = ("actor", "critic", "reference", "reward", "cost", "cost_critic")
-RULE = "rule"  # simulator.job.RULE: a reward or cost computed by a function, no GPUs
+RULE = "rule"  # hybridflow.simulator.job.RULE: a reward or cost computed by a function, no GPUs
 RULE_ROLES = ("reward", "cost")
 ALGORITHMS = ("ppo", "grpo", "remax", "safe-rlhf")
 
@@ -194,7 +194,7 @@ def parse_plan(plan: object) -> PlanView:
                           f"{' and '.join(RULE_ROLES)} can)")
     sets, gpus, roles = _parse_sets(plan, models)
     predicted = plan.get("predicted") or {}
-    n = job.get("n_samples", job.get("n", 1))  # simulator.job.Job names it n_samples
+    n = job.get("n_samples", job.get("n", 1))  # hybridflow.simulator.job.Job names it n_samples
     return PlanView(
         gpu=str(_get(cluster, "gpu", "cluster")),
         nodes=_pos_int(_get(cluster, "nodes", "cluster"), "cluster.nodes"),

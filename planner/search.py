@@ -8,15 +8,15 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-from planner.cpsat import Config, Instance, Solution, brute_force, solve
-from planner.plan import Plan
-from planner.tables import SetChoice, Tables, set_sizes
-from simulator.cluster import Cluster
-from simulator.costs import DoesNotFit
-from simulator.job import STAGES, Job
-from simulator.placement import PlacedSet
-from simulator.predict import predict_plan, rule_seconds
-from simulator.profile import Profile, load_profile
+from hybridflow.planner.cpsat import Config, Instance, Solution, brute_force, solve
+from hybridflow.plan import Plan
+from hybridflow.planner.tables import SetChoice, Tables, set_sizes
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.costs import DoesNotFit
+from hybridflow.simulator.job import STAGES, Job
+from hybridflow.plan import PlacedSet
+from hybridflow.simulator.predict import predict_plan, rule_seconds
+from hybridflow.simulator.profile import Profile, load_profile
 
 Placement = tuple[tuple[str, ...], ...]
 SEARCH_LIMIT_GPUS = 8192  # how far to look for the smallest GPU count that fits

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from simulator.costs import DoesNotFit
+from hybridflow.simulator.costs import DoesNotFit
 
 
 class SweepError(ValueError):
@@ -134,7 +134,7 @@ def gpu_counts(lo: int, hi: int, gpus_per_node: int) -> list[int]:
 
 
 def category(plan: dict) -> str:
-    """The placement category of a plan, named as planner.search.standard_layouts names them:
+    """The placement category of a plan, named as hybridflow.planner.search.standard_layouts names them:
     colocated (one set), split (actor+reference | the rest), separate (one set per model)."""
     sets = [tuple(s["models"]) for s in plan["sets"]]
     if len(sets) == 1:
@@ -181,11 +181,11 @@ def run_sweep(counts: Sequence[int], plan_at: Callable[[int], Point], target: Ta
 
 
 def planner_points(gpu: str, job, profile, gpus_per_node: int) -> Callable[[int], Point]:
-    """`plan_at(count)` backed by one planner.Planner: its best plan and the standard
+    """`plan_at(count)` backed by one hybridflow.planner.Planner: its best plan and the standard
     placements. The Planner keeps its per-(role, GPUs) and per-(set, GPUs) layout tables,
     so every count of the sweep reuses what the smaller counts built."""
-    from planner import plan_job, standard_placements
-    from simulator.cluster import Cluster
+    from hybridflow.planner.search import plan_job, standard_placements
+    from hybridflow.simulator.cluster import Cluster
 
     shared = _memo_planner()(job, profile, gpus_per_node)
 
@@ -203,9 +203,9 @@ def planner_points(gpu: str, job, profile, gpus_per_node: int) -> Callable[[int]
 
 
 def _memo_planner() -> type:
-    """planner.Planner that solves each (placement, GPU count) once: the best plan's search
+    """hybridflow.planner.Planner that solves each (placement, GPU count) once: the best plan's search
     and the standard placements at one count ask CP-SAT the same questions."""
-    from planner import Planner
+    from hybridflow.planner.search import Planner
 
     class MemoPlanner(Planner):
         def __init__(self, *args, **kwargs) -> None:

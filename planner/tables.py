@@ -12,12 +12,12 @@ import bisect
 from dataclasses import dataclass
 from typing import Iterator
 
-from simulator.generation import GenShape, gen_shape, generation_cost
-from simulator.job import STAGES, Job
-from simulator.layout import GenLayout, LayoutError, TrainLayout
-from simulator.profile import Profile
-from simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
-from simulator.training import (WEIGHT_BYTES, check_layout, infer_cost, resident_memory,
+from hybridflow.simulator.generation import GenShape, gen_shape, generation_cost
+from hybridflow.simulator.job import STAGES, Job
+from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.simulator.profile import Profile
+from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
+from hybridflow.simulator.training import (WEIGHT_BYTES, check_layout, infer_cost, resident_memory,
                                 role_params, stage_memory, train_cost)
 
 Stages = tuple[float, float, float, float]  # seconds in STAGES order

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simulator.table import ProfileError, interpolate_linear as interpolate, num, rows
+from hybridflow.simulator.table import ProfileError, interpolate_linear as interpolate, num, rows
 
 Row = tuple[float, ...]
 KEYS = {"forward": ("ranks", "tp", "pp", "sequences", "seconds"),
@@ -76,8 +76,8 @@ class Calls:
     def weight_bytes(self) -> float:
         """The measured model's weights as the simulator counts them (bf16): how resharding,
         whose predictor sees bytes and not a model, knows its table applies."""
-        from simulator.model import load_model
-        from simulator.training import WEIGHT_BYTES
+        from hybridflow.simulator.model import load_model
+        from hybridflow.simulator.training import WEIGHT_BYTES
         return WEIGHT_BYTES * load_model(self.model).params if self.model else 0.0
 
     def dispatch(self, kind: str, ranks: int, sequences: float) -> float | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator.profile import Profile, interpolate
+from hybridflow.simulator.profile import Profile, interpolate
 
 GIB = 2**30
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simulator.costs import Cost, DoesNotFit, GIB, collective, cost, memory, Memory
-from simulator.job import Job
-from simulator.layout import GenLayout, TrainLayout, check_model_fits
-from simulator.moe import moe_alltoall_seconds, touched_fraction
-from simulator.profile import Profile, interpolate
-from simulator.training import WEIGHT_BYTES, expert_share, flops_per_token, role_params
+from hybridflow.simulator.costs import Cost, DoesNotFit, GIB, collective, cost, memory, Memory
+from hybridflow.simulator.job import Job
+from hybridflow.layout import GenLayout, TrainLayout, check_model_fits
+from hybridflow.simulator.moe import moe_alltoall_seconds, touched_fraction
+from hybridflow.simulator.profile import Profile, interpolate
+from hybridflow.simulator.training import WEIGHT_BYTES, expert_share, flops_per_token, role_params
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from simulator.model import _HF_KEYS as HF_KEYS
-from simulator.model import ModelError, ModelSpec
+from hybridflow.simulator.model import _HF_KEYS as HF_KEYS
+from hybridflow.simulator.model import ModelError, ModelSpec
 
 _MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
              "v_head_dim")

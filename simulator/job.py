@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from simulator.lengths import ResponseLengths
-from simulator.model import ModelSpec, load_model
+from hybridflow.simulator.lengths import ResponseLengths
+from hybridflow.simulator.model import ModelSpec, load_model
 
 
 class JobError(ValueError):

@@ -349,7 +349,7 @@ _HF_KEYS = {"num_hidden_layers": "layers", "hidden_size": "hidden",
 
 
 def from_hf_config(path: str | Path) -> ModelSpec:
-    from simulator.hf_config import spec_from_hf_dict
+    from hybridflow.simulator.hf_config import spec_from_hf_dict
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -368,7 +368,7 @@ def from_hf_config(path: str | Path) -> ModelSpec:
 def to_hf_config(spec: ModelSpec) -> dict:
     """config.json keys for `spec` (Llama, Qwen2/3, Qwen-MoE or DeepSeek style);
     `from_hf_config` reads them back to an equal ModelSpec."""
-    from simulator.hf_config import spec_to_hf_dict
+    from hybridflow.simulator.hf_config import spec_to_hf_dict
     return spec_to_hf_dict(spec)
 
 

@@ -8,8 +8,8 @@ MoE layer sends each token to its top-k experts and back: two all-to-alls per fo
 """
 from __future__ import annotations
 
-from simulator.model import ModelSpec
-from simulator.profile import Profile
+from hybridflow.simulator.model import ModelSpec
+from hybridflow.simulator.profile import Profile
 
 ACT_BYTES = 2  # bf16 activations
 

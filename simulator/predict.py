@@ -7,16 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol
 
-from simulator.cluster import Cluster
-from simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
-from simulator.generation import GREEDY_RESHARD, decode_steps, gen_shape, generation_cost, \
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
+from hybridflow.simulator.generation import GREEDY_RESHARD, decode_steps, gen_shape, generation_cost, \
     kv_memory
-from simulator.job import STAGES, Job
-from simulator.placement import PlacedSet
-from simulator.profile import Profile, load_profile
-from simulator.reshard import SCHEMES, ReshardError, generation_extra_bytes, reshard_cost, \
+from hybridflow.simulator.job import STAGES, Job
+from hybridflow.plan import PlacedSet
+from hybridflow.simulator.profile import Profile, load_profile
+from hybridflow.simulator.reshard import SCHEMES, ReshardError, generation_extra_bytes, reshard_cost, \
     reshard_peak_bytes
-from simulator.training import (WEIGHT_BYTES, infer_cost, resident_memory, role_params,
+from hybridflow.simulator.training import (WEIGHT_BYTES, infer_cost, resident_memory, role_params,
                                 stage_memory, train_cost)
 
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import yaml
 
-from simulator.calls import Calls, parse_calls
-from simulator.table import ProfileError, interpolate  # noqa: F401 (re-exported)
-from simulator.table import num as _num, positive_int as _int, rows as _rows
+from hybridflow import profiles as shipped_profiles
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+from hybridflow.simulator.calls import Calls, parse_calls
+from hybridflow.simulator.table import ProfileError, interpolate  # noqa: F401 (re-exported)
+from hybridflow.simulator.table import num as _num, positive_int as _int, rows as _rows
+
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "p2p")
 _NUMBERS = ("peak_flops", "hbm_gib", "hbm_bandwidth", "intra_node_bandwidth",
             "inter_node_bandwidth", "comm_latency_s", "step_overhead_s", "reserved_gib")
@@ -198,19 +199,22 @@ def _parse(data: Any, origin: str) -> Profile:
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return shipped_profiles.names()
 
 
 def load_profile(name_or_path: str) -> Profile:
-    """A profile name under profiles/ (e.g. "a100-80gb") or the path of a YAML file."""
-    path = PROFILE_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
+    """A shipped profile's name (e.g. "a100-80gb", see profiles/) or the path of a YAML file."""
+    source = shipped_profiles.shipped(name_or_path)
+    if source is None:
         path = Path(name_or_path)
         if path.suffix not in (".yaml", ".yml") or not path.exists():
             raise ProfileError(f"unknown GPU kind {name_or_path!r}: known profiles are "
                                f"{', '.join(available_profiles())} (or give a .yaml path)")
+        source, stem = path, path.stem
+    else:
+        stem = name_or_path
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(source.read_text())
     except yaml.YAMLError as e:
-        raise ProfileError(f"profile {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
-    return _parse(data, path.stem)
+        raise ProfileError(f"profile {str(source)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    return _parse(data, stem)

@@ -2,9 +2,9 @@
 the three schemes of the paper's Table 2 (model size M bytes)."""
 from __future__ import annotations
 
-from simulator.costs import Cost, collective, cost
-from simulator.layout import LayoutError
-from simulator.profile import Profile
+from hybridflow.simulator.costs import Cost, collective, cost
+from hybridflow.layout import LayoutError
+from hybridflow.simulator.profile import Profile
 
 SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
 

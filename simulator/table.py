@@ -1,5 +1,5 @@
 """Validated numeric tables of a profile file and piecewise-linear lookups over them
-(shared by simulator.profile and simulator.calls)."""
+(shared by hybridflow.simulator.profile and hybridflow.simulator.calls)."""
 from __future__ import annotations
 
 import bisect

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 
-from simulator.costs import Cost, Memory, collective, cost, memory
-from simulator.job import TRAINED_ROLES, VALUE_ROLES, Job
-from simulator.layout import LayoutError, TrainLayout, check_model_fits
-from simulator.moe import moe_alltoall_seconds
-from simulator.profile import Profile, interpolate
+from hybridflow.simulator.costs import Cost, Memory, collective, cost, memory
+from hybridflow.simulator.job import TRAINED_ROLES, VALUE_ROLES, Job
+from hybridflow.layout import LayoutError, TrainLayout, check_model_fits
+from hybridflow.simulator.moe import moe_alltoall_seconds
+from hybridflow.simulator.profile import Profile, interpolate
 
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 4, 12
 ACT_BYTES_PER_TOKEN_HIDDEN = 34  # per layer, bf16, flash attention (Korthikanti et al. 2022)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from executor import algorithms as A
+from hybridflow.executor.rl import algorithms as A
 
 T = torch.tensor
 

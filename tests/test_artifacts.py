@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from executor import task
-from executor.artifacts import (ArtifactError, BuildSettings, ensure_artifacts,
+from hybridflow.executor.task import rules as task
+from hybridflow.executor.task.artifacts import (ArtifactError, BuildSettings, ensure_artifacts,
                                 load_artifacts)
 
 SMALL = dict(n_train=256, n_eval=32, sft_steps=40, rm_steps=8, cost_steps=8, batch=16)
@@ -69,8 +69,8 @@ def test_prompts_decode_and_score(small):
 def test_cache_is_reused_and_keyed_by_settings(small, monkeypatch):
     cache, art = small
     stamp = (art.actor_dir / "model.safetensors").stat().st_mtime_ns
-    import executor.build
-    monkeypatch.setattr(executor.build, "build_all", lambda *a: pytest.fail("rebuilt"))
+    import hybridflow.executor.task.build
+    monkeypatch.setattr(hybridflow.executor.task.build, "build_all", lambda *a: pytest.fail("rebuilt"))
     again = ensure_artifacts(settings=BuildSettings(**SMALL), cache_dir=cache)
     assert again.root == art.root
     assert (again.actor_dir / "model.safetensors").stat().st_mtime_ns == stamp
@@ -93,13 +93,13 @@ def test_build_is_deterministic(small, tmp_path):
 def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
     import threading
 
-    import executor.build
-    real, calls = executor.build.build_all, []
+    import hybridflow.executor.task.build
+    real, calls = hybridflow.executor.task.build.build_all, []
 
     def counting(*args):
         calls.append(args)
         real(*args)
-    monkeypatch.setattr(executor.build, "build_all", counting)
+    monkeypatch.setattr(hybridflow.executor.task.build, "build_all", counting)
     settings = BuildSettings(**{**SMALL, "sft_steps": 5, "rm_steps": 2, "cost_steps": 2})
     roots = []
     threads = [threading.Thread(target=lambda: roots.append(

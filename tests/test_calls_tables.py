@@ -4,16 +4,17 @@ where they do not apply."""
 import pytest
 import yaml
 
-from executor.profiler.calls import generation_configs, train_layouts
-from executor.profiler.calls_tables import _pool_by
-from simulator.calls import parse_calls
-from simulator.generation import gen_shape, generation_cost
-from simulator.job import Job
-from simulator.layout import GenLayout, TrainLayout
-from simulator.model import load_model
-from simulator.profile import PROFILE_DIR, ProfileError, load_profile
-from simulator.reshard import reshard_cost
-from simulator.training import WEIGHT_BYTES, infer_cost, train_cost
+from hybridflow.executor.profiler.calls import generation_configs, train_layouts
+from hybridflow.executor.profiler.calls_tables import _pool_by
+from hybridflow.simulator.calls import parse_calls
+from hybridflow.simulator.generation import gen_shape, generation_cost
+from hybridflow.simulator.job import Job
+from hybridflow.layout import GenLayout, TrainLayout
+from hybridflow.simulator.model import load_model
+from hybridflow.profiles import shipped
+from hybridflow.simulator.profile import ProfileError, load_profile
+from hybridflow.simulator.reshard import reshard_cost
+from hybridflow.simulator.training import WEIGHT_BYTES, infer_cost, train_cost
 
 CALLS = {
     "model": "tiny", "prompt_len": 16, "response_len": 8, "micro_batch": 8,
@@ -34,7 +35,7 @@ CALLS = {
 
 
 def _profile(tmp_path, calls=CALLS):
-    data = yaml.safe_load((PROFILE_DIR / "a100-80gb.yaml").read_text())
+    data = yaml.safe_load(shipped("a100-80gb").read_text())
     data["calls"] = calls
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -168,7 +169,7 @@ def test_profiler_layouts_and_aggregation():
 
 
 def test_profiler_one_group_per_size_training_beside_the_first_engine():
-    from executor.profiler.calls import CallsGrid, _groups
+    from hybridflow.executor.profiler.calls import CallsGrid, _groups
     groups = _groups(CallsGrid(group_sizes=(1, 4)), load_model("tiny"))
     names = [(k, [d for d, _ in steps]) for k, steps in groups]
     assert [k for k, _ in names] == [1, 4]  # one worker group (k processes) per set size
@@ -189,9 +190,9 @@ def test_profiler_one_group_per_size_training_beside_the_first_engine():
 def test_remax_greedy_generation_reshards_again(tmp_path):
     from types import SimpleNamespace
 
-    from simulator.cluster import Cluster
-    from simulator.placement import PlacedSet
-    from simulator.predict import predict_plan
+    from hybridflow.simulator.cluster import Cluster
+    from hybridflow.plan import PlacedSet
+    from hybridflow.simulator.predict import predict_plan
     prof = _profile(tmp_path)
     remax = Job.create("remax", "tiny", 16, 8, 32)
     s = PlacedSet(("actor", "reference", "reward"), 4,
@@ -219,7 +220,7 @@ def test_profile_worker_clocks_each_part_once():
     import time
     from types import SimpleNamespace
 
-    from executor.profiler.calls_worker import ProfileWorker
+    from hybridflow.executor.profiler.calls_worker import ProfileWorker
 
     class Engine:
         def generate(self, prompts, sampling):
@@ -253,7 +254,7 @@ def test_profile_worker_clocks_each_part_once():
 
 
 def test_profiler_rows_keep_the_mean_and_never_decrease():
-    from executor.profiler.calls_tables import _monotone, isotonic
+    from hybridflow.executor.profiler.calls_tables import _monotone, isotonic
     assert isotonic([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert isotonic([3.0, 1.0]) == [2.0, 2.0]
     assert isotonic([1.0, 4.0, 2.0, 0.0, 5.0]) == pytest.approx([1.0, 2.0, 2.0, 2.0, 5.0])
@@ -272,7 +273,7 @@ def test_profiler_rows_keep_the_mean_and_never_decrease():
 
 
 def test_profiler_sweeps_every_group_again():
-    from executor.profiler.calls import CallsGrid
+    from hybridflow.executor.profiler.calls import CallsGrid
     with pytest.raises(ValueError, match="sweeps"):
         CallsGrid(sweeps=0)
     one, two = CallsGrid(), CallsGrid(sweeps=2)

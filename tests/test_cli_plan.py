@@ -1,10 +1,10 @@
-"""`hybridflow plan` and `hybridflow simulate` through cli.main.main: real output, and every
+"""`hybridflow plan` and `hybridflow simulate` through hybridflow.cli.main.main: real output, and every
 bad input gives one clear line on stderr, exit code 2 and no traceback."""
 import json
 
 import pytest
 
-from cli.main import main
+from hybridflow.cli.main import main
 
 TINY = ["--gpu", "local-cpu", "--gpus", "4", "--model", "tiny", "--prompt-len", "64",
         "--response-len", "64", "--batch", "8", "--mini-batches", "2"]
@@ -136,7 +136,7 @@ def test_argparse_rejects_non_numbers(capsys):
 
 
 def _moe_plan(**job):
-    from planner.plan import Plan
+    from hybridflow.plan import Plan
     lay = {"pp": 1, "tp": 2, "dp": 8, "ep": 4}
     j = {"algorithm": "grpo", "models": {"actor": "qwen3-30b-a3b", "reference": "qwen3-30b-a3b",
                                          "reward": "rule"},
@@ -149,8 +149,8 @@ def _moe_plan(**job):
 
 
 def test_header_shows_length_spread_rules_and_ep():
-    from cli.planfmt import format_plan
-    from simulator.profile import load_profile
+    from hybridflow.cli.planfmt import format_plan
+    from hybridflow.simulator.profile import load_profile
     profile = load_profile("a100-80gb")
     text = format_plan(_moe_plan(response_mean=1500.0), profile)
     header = text.splitlines()[0]

@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from executor.batch import Batch
-from executor.protocols import (ALL_TO_ALL, DP_COMPUTE, MEGATRON_3D, ONE_TO_ALL,
+from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.controller.protocols import (ALL_TO_ALL, DP_COMPUTE, MEGATRON_3D, ONE_TO_ALL,
                                 register)
-from executor.worker import Worker
+from hybridflow.executor.controller.worker import Worker
 
 pytestmark = pytest.mark.executor  # multi-process Ray/megatron: in `make test`
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ class ProbeWorker(Worker):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from executor.cluster import Cluster, ClusterConfig
+    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
     c = Cluster.start(ClusterConfig(devices=9))
     yield c
     c.shutdown()
@@ -83,9 +83,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def probe4(cluster):
-    from executor.parallel import ParallelLayout
-    from executor.train_engine import EngineConfig
-    from executor.worker_group import WorkerGroup
+    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.executor.controller.worker_group import WorkerGroup
     g = WorkerGroup(cluster, cluster.create_pool("probe4", 4), worker_cls=ProbeWorker)
     g.add_role("m", "tiny", ParallelLayout(tp=1, pp=2, dp=2),
                EngineConfig(trainable=False))
@@ -116,7 +116,7 @@ def test_torchrun_environment(probe4):
 
 
 def test_same_pool_in_order_other_pool_concurrently(cluster, probe4):
-    from executor.worker_group import WorkerGroup
+    from hybridflow.executor.controller.worker_group import WorkerGroup
     other = WorkerGroup(cluster, cluster.create_pool("other", 1), worker_cls=ProbeWorker)
     try:
         first = probe4.call(None, "stamp", "first", 1.0)
@@ -132,9 +132,9 @@ def test_same_pool_in_order_other_pool_concurrently(cluster, probe4):
 
 
 def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
-    from executor.parallel import ParallelLayout
-    from executor.train_engine import EngineConfig
-    from executor.worker_group import WorkerDiedError, WorkerGroup
+    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.executor.controller.worker_group import WorkerDiedError, WorkerGroup
     g = WorkerGroup(cluster, cluster.create_pool("victim", 2), worker_cls=ProbeWorker,
                     name="victim")
     try:
@@ -155,9 +155,9 @@ def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
 def test_live_processes_form_new_worlds(cluster):
     """WorkerGroup(actors=...): the same processes as one-rank worlds, then as a world of
     two in the other order; a process still holding a role cannot leave its world."""
-    from executor.parallel import ParallelLayout
-    from executor.train_engine import EngineConfig
-    from executor.worker_group import WorkerGroup
+    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.executor.controller.worker_group import WorkerGroup
     pool = cluster.create_pool("reuse", 2)
     pair = WorkerGroup(cluster, pool, worker_cls=ProbeWorker, name="pair")
     actors, pids = pair.actors, pair.run(None, "pid")
@@ -184,8 +184,8 @@ def test_live_processes_form_new_worlds(cluster):
 
 DRIVER = textwrap.dedent("""
     import sys, time
-    from executor.cluster import Cluster, ClusterConfig
-    from executor.worker_group import WorkerGroup
+    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
+    from hybridflow.executor.controller.worker_group import WorkerGroup
     c = Cluster.start(ClusterConfig(devices=2))
     g = WorkerGroup(c, c.create_pool("p", 2))
     print("ready", flush=True)

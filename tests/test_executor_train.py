@@ -22,7 +22,7 @@ LAYOUTS = {"tp2pp2": (2, 2, 1, None, False), "tp4": (4, 1, 1, None, False),
 
 
 def _data() -> "Batch":
-    from executor.batch import Batch
+    from hybridflow.executor.controller.batch import Batch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (8, 16), generator=g)
     mask = torch.ones(8, 16, dtype=torch.long)
@@ -36,10 +36,10 @@ def _data() -> "Batch":
 
 @pytest.fixture(scope="module")
 def groups():
-    from executor.cluster import Cluster, ClusterConfig
-    from executor.parallel import ParallelLayout
-    from executor.train_engine import EngineConfig
-    from executor.worker_group import WorkerGroup
+    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
+    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.executor.controller.worker_group import WorkerGroup
     cluster = Cluster.start(ClusterConfig(devices=5))
     try:
         ref = WorkerGroup(cluster, cluster.create_pool("ref", 1))
@@ -60,7 +60,7 @@ def groups():
 
 
 def _train(group, role: str, loss_fn) -> list[float]:
-    from executor.worker_group import metrics_of
+    from hybridflow.executor.controller.worker_group import metrics_of
     batch = _data()
     return [metrics_of(group.run(role, "train_step", batch, loss_fn))["loss"]
             for _ in range(STEPS)]
@@ -68,7 +68,7 @@ def _train(group, role: str, loss_fn) -> list[float]:
 
 def _full_state(group, role: str) -> dict[str, torch.Tensor]:
     """Merge every rank's shards (TP) and stages (PP) into full megatron tensors."""
-    from executor.megatron_model import merge_shards
+    from hybridflow.executor.engines.megatron_model import merge_shards
     states = group.run(role, "local_state")
     full: dict[str, torch.Tensor] = {}
     names = {n for s in states for n in s["params"]}
@@ -93,7 +93,7 @@ def _assert_same_weights(state: dict, ref: dict, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def reference(groups):
-    from executor.train_engine import lm_loss, value_loss
+    from hybridflow.executor.engines.train_engine import lm_loss, value_loss
     ref, _ = groups
     start = _full_state(ref, "lm")
     losses = _train(ref, "lm", lm_loss)
@@ -116,7 +116,7 @@ def test_initial_weights_do_not_depend_on_layout(groups, reference):
 
 @pytest.mark.parametrize("role", list(LAYOUTS))
 def test_layout_trains_like_one_process(groups, reference, role):
-    from executor.train_engine import lm_loss
+    from hybridflow.executor.engines.train_engine import lm_loss
     _, par = groups
     losses = _train(par, role, lm_loss)
     assert losses[-1] < losses[0]  # it learns
@@ -128,7 +128,7 @@ def test_layout_trains_like_one_process(groups, reference, role):
 
 
 def test_value_head_trains_like_one_process(groups, reference):
-    from executor.train_engine import value_loss
+    from hybridflow.executor.engines.train_engine import value_loss
     _, par = groups
     losses = _train(par, "value_tp2pp2", value_loss)
     assert losses == pytest.approx(reference["vlosses"], abs=1e-5)
@@ -155,8 +155,8 @@ def test_colocated_roles_share_processes_with_separate_groups(groups):
 
 
 def test_load_hf_state_gives_the_same_model_on_every_layout(groups):
-    from executor.weights import megatron_to_hf, random_hf_state
-    from simulator.model import load_model
+    from hybridflow.executor.engines.weights import megatron_to_hf, random_hf_state
+    from hybridflow.simulator.model import load_model
     ref, par = groups
     hf = random_hf_state(load_model(MODEL), seed=3)
     ref.run("lm", "load_state", hf)

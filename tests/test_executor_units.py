@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from executor.batch import Batch, BatchError
-from executor.parallel import LayoutError, ParallelLayout
-from executor.protocols import (CallContext, ProtocolError, get_mode, megatron_3d_output_ranks,
+from hybridflow.executor.controller.batch import Batch, BatchError
+from hybridflow.executor.engines.groups import LayoutError, ParallelLayout
+from hybridflow.executor.controller.protocols import (CallContext, ProtocolError, get_mode, megatron_3d_output_ranks,
                                 register, register_mode, dispatch_mode_of)
 
 
@@ -108,7 +108,7 @@ def test_mode_table_is_open_and_register_marks_methods():
 
 
 def test_tp_shard_rule_matches_megatron_split_and_merges_back():
-    from executor.megatron_model import merge_shards, shard_of
+    from hybridflow.executor.engines.megatron_model import merge_shards, shard_of
     full = torch.arange(8 * 3).view(8, 3).float()
     # stride 2 (fused gate/up): rank r holds [gate_r; up_r]
     s0, s1 = (shard_of(full, (0, 2), r, 2) for r in range(2))
@@ -128,7 +128,7 @@ def test_object_fields_survive_numpy():
 
 def test_bridge_fails_loudly_on_an_unchecked_megatron_version(monkeypatch):
     import megatron.core
-    from executor import cuda_bridge
+    from hybridflow.executor.engines import cuda_bridge
     cuda_bridge.check_version()  # the installed, pinned version passes
     monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
     with pytest.raises(cuda_bridge.BridgeError, match="0.99.0"):
@@ -136,7 +136,7 @@ def test_bridge_fails_loudly_on_an_unchecked_megatron_version(monkeypatch):
 
 
 def test_cpu_rng_tracker_forks_named_streams():
-    from executor.cuda_bridge import CpuRNGStatesTracker
+    from hybridflow.executor.engines.cuda_bridge import CpuRNGStatesTracker
     tr = CpuRNGStatesTracker()
     tr.add("model-parallel-rng", 5)
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def test_cpu_rng_tracker_forks_named_streams():
 
 
 def test_bridge_maps_cuda_requests_to_cpu():
-    from executor import cuda_bridge
+    from hybridflow.executor.engines import cuda_bridge
     if cuda_bridge.cuda_available():
         pytest.skip("the bridge is only used without CUDA")
     with cuda_bridge.active():
@@ -169,7 +169,7 @@ def test_roles_share_one_process_group_per_rank_list(tmp_path):
     """Colocated roles reuse megatron's groups over the same ranks (gloo threads grow with
     groups); a re-initialised world gets fresh groups that still work."""
     import torch.distributed as dist
-    from executor.parallel import build_role_groups
+    from hybridflow.executor.engines.groups import build_role_groups
 
     def world(n: int) -> None:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{n}",
@@ -196,7 +196,7 @@ def test_world_watch_sees_a_new_world(tmp_path):
     """What a process keeps of its world (shared groups, vLLM's world group) is dropped
     when it joins a new one: WorldWatch tells."""
     import torch.distributed as dist
-    from executor.parallel import WorldWatch
+    from hybridflow.executor.engines.groups import WorldWatch
     watch = WorldWatch()
     for n in range(2):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/w{n}", rank=0,
@@ -211,7 +211,7 @@ def test_new_groups_shared_per_rank_list_inside_the_context(tmp_path):
     """vLLM's groups (built through torch.distributed.new_group) are shared per rank list
     while an engine starts, so engines started one after another reuse them."""
     import torch.distributed as dist
-    from executor.parallel import shared_new_groups
+    from hybridflow.executor.engines.groups import shared_new_groups
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
                             world_size=1)
     original = dist.new_group
@@ -233,7 +233,7 @@ def test_new_groups_shared_per_rank_list_inside_the_context(tmp_path):
 def test_rank_pool_lends_groups_and_raises_the_blocks_own_error():
     """RankPool.lent releases every group the block made; a broken group raises after a
     block that ended well, while a block's own error is raised as it is."""
-    from executor.profiler.rank_pool import RankPool
+    from hybridflow.executor.profiler.rank_pool import RankPool
 
     class Group:
         def __init__(self, name: str, broken: str | None = None) -> None:

@@ -11,10 +11,10 @@ import subprocess
 
 import pytest
 
-from planner.export import ExportError, export, export_plan
-from planner.export_openrlhf import check_constraints, parse_command
-from planner.export_refdata import load_openrlhf_reference, load_verl_reference
-from planner.export_view import node_split, parse_plan
+from hybridflow.planner.export import ExportError, export, export_plan
+from hybridflow.planner.export_openrlhf import check_constraints, parse_command
+from hybridflow.planner.export_refdata import load_openrlhf_reference, load_verl_reference
+from hybridflow.planner.export_view import node_split, parse_plan
 
 ROLES4 = {"actor": "llama-2-13b", "critic": "llama-2-13b", "reference": "llama-2-13b",
           "reward": "llama-2-13b"}

@@ -5,11 +5,11 @@ import shlex
 
 import pytest
 
-from planner import plan_job, standard_placements
-from planner.export import ExportError, export
-from planner.export_refdata import load_verl_reference
-from simulator.cluster import Cluster
-from simulator.job import Job
+from hybridflow.planner.search import plan_job, standard_placements
+from hybridflow.planner.export import ExportError, export
+from hybridflow.planner.export_refdata import load_verl_reference
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import Job
 
 JOB = Job.create("ppo", "llama-2-7b", 512, 512, 256, mini_batches=4)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.export_refdata import (RefDataError, load_openrlhf_reference, load_verl_reference,
+from hybridflow.planner.export_refdata import (RefDataError, load_openrlhf_reference, load_verl_reference,
                                     openrlhf_args, verl_keys)
 
 SCRIPT = '''import argparse

@@ -5,13 +5,13 @@ import copy
 
 import pytest
 
-from planner import plan_job
-from planner.export import ExportError, export
-from planner.export_openrlhf import check_constraints, parse_command
-from planner.export_refdata import load_verl_reference
-from planner.export_view import parse_plan
-from simulator.cluster import Cluster
-from simulator.job import Job
+from hybridflow.planner.search import plan_job
+from hybridflow.planner.export import ExportError, export
+from hybridflow.planner.export_openrlhf import check_constraints, parse_command
+from hybridflow.planner.export_refdata import load_verl_reference
+from hybridflow.planner.export_view import parse_plan
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import Job
 
 
 def _lay(pp: int, tp: int, dp: int, ep: int = 1) -> dict:

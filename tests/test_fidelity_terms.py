@@ -5,15 +5,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from simulator.cluster import Cluster
-from simulator.generation import gen_shape, generation_cost
-from simulator.job import Job
-from simulator.layout import GenLayout, TrainLayout
-from simulator.placement import PlacedSet
-from simulator.predict import fluid_finish, predict_plan, predict_set
-from simulator.profile import PROFILE_DIR, ProfileError, load_profile
-from simulator.reshard import reshard_cost
-from simulator.training import DISPATCH_FIELDS, infer_cost, train_cost
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.generation import gen_shape, generation_cost
+from hybridflow.simulator.job import Job
+from hybridflow.layout import GenLayout, TrainLayout
+from hybridflow.plan import PlacedSet
+from hybridflow.simulator.predict import fluid_finish, predict_plan, predict_set
+from hybridflow.profiles import shipped
+from hybridflow.simulator.profile import ProfileError, load_profile
+from hybridflow.simulator.reshard import reshard_cost
+from hybridflow.simulator.training import DISPATCH_FIELDS, infer_cost, train_cost
 
 SHARING = {"host_cores": 2, "threads_per_rank": 1,
            "slowdown": [{"ranks": 1, "factor": 1.0}, {"ranks": 2, "factor": 1.5},
@@ -33,7 +34,7 @@ MEASURED = {
 
 
 def _profile(tmp_path, **keys):
-    data = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
+    data = yaml.safe_load(shipped("local-cpu").read_text())
     for k in ("sharing", "extra", "measured", "calls"):
         data.pop(k, None)
     data.update({k: v for k, v in keys.items() if v is not None})

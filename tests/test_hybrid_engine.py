@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from executor import weights as W
-from executor.reshard_plan import ReshardError, ReshardPlan, split_micro_dp
-from executor.vllm_engine import launch_local
-from simulator.layout import TrainLayout
-from simulator.model import load_model
+from hybridflow.executor.engines import weights as W
+from hybridflow.executor.hybrid_engine.reshard_plan import ReshardError, ReshardPlan, split_micro_dp
+from hybridflow.executor.engines.vllm_engine import launch_local
+from hybridflow.layout import TrainLayout
+from hybridflow.simulator.model import load_model
 
 LAYOUTS = {"t4": TrainLayout(1, 4, 1), "t2d2": TrainLayout(1, 2, 2), "p2t2": TrainLayout(2, 2, 1)}
 CASES = [(name, tg, scheme) for name, lay in LAYOUTS.items() for tg in (1, 2, 4)
@@ -31,7 +31,7 @@ def train_shard(full, spec, lay: TrainLayout, plan: ReshardPlan, rank: int):
 def _reshard_all(rank: int, world: int, model: str) -> list[dict]:
     """Every case twice, from two different models: the second switch reuses the buffers
     of the first (keep_buffers, the default) or allocates them again (hybridengine-v)."""
-    from executor.hybrid_engine import HybridEngine
+    from hybridflow.executor.hybrid_engine.engine import HybridEngine
     spec = load_model(model)
     fulls = [W.hf_to_megatron(W.random_hf_state(spec, seed=seed), spec) for seed in (7, 8)]
     out = []

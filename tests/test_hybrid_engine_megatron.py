@@ -5,7 +5,7 @@ losses as training that never generated."""
 import pytest
 import torch
 
-from executor.vllm_engine import launch_local
+from hybridflow.executor.engines.vllm_engine import launch_local
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +14,7 @@ PROMPTS = [[7, 3, 99, 24], [15, 8], [230, 11, 42, 5, 64], [1, 2, 3]]
 
 
 def _batch():
-    from executor.batch import Batch
+    from hybridflow.executor.controller.batch import Batch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (4, 12), generator=g)
     return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -23,7 +23,7 @@ def _batch():
 def _full_from_ranks(named: list[tuple[str, torch.Tensor]], lay) -> dict:
     """Every rank's megatron shards merged into full tensors (the one-process model)."""
     import torch.distributed as dist
-    from executor import megatron_model as mm
+    from hybridflow.executor.engines import megatron_model as mm
     mine = [(n, p.detach().clone(), mm.tp_partition(p)) for n, p in named]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (lay.coords(dist.get_rank())[2], mine))
@@ -36,7 +36,7 @@ def _full_from_ranks(named: list[tuple[str, torch.Tensor]], lay) -> dict:
 
 def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
     from transformers import LlamaConfig, LlamaForCausalLM
-    from executor import weights as W
+    from hybridflow.executor.engines import weights as W
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in W.hf_config_dict(spec).items()
                                             if k not in ("architectures", "torch_dtype")}))
     model.load_state_dict(W.megatron_to_hf(full, spec), strict=True)
@@ -51,15 +51,15 @@ def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
 
 
 def _run(rank: int, world: int, ckpt: str) -> dict:
-    from executor import weights as W
-    from executor.hybrid_engine import HybridEngine
-    from executor.reshard_plan import ReshardPlan
-    from executor.parallel import ParallelLayout, build_role_groups
-    from executor.train_engine import EngineConfig as TrainConfig
-    from executor.train_engine import TrainEngine, lm_loss
-    from executor.vllm_engine import EngineConfig, SamplingConfig, VllmEngine
-    from simulator.layout import TrainLayout
-    from simulator.model import load_model
+    from hybridflow.executor.engines import weights as W
+    from hybridflow.executor.hybrid_engine.engine import HybridEngine
+    from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
+    from hybridflow.executor.engines.groups import ParallelLayout, build_role_groups
+    from hybridflow.executor.engines.train_engine import EngineConfig as TrainConfig
+    from hybridflow.executor.engines.train_engine import TrainEngine, lm_loss
+    from hybridflow.executor.engines.vllm_engine import EngineConfig, SamplingConfig, VllmEngine
+    from hybridflow.layout import TrainLayout
+    from hybridflow.simulator.model import load_model
     spec, lay = load_model(MODEL), ParallelLayout(tp=2, pp=2, dp=1)
     cfg = TrainConfig(micro_batch_size=2, lr=1e-2, seed=5)
     plain = TrainEngine("plain", spec, build_role_groups("plain", lay, seed=5), cfg)
@@ -86,8 +86,8 @@ def _run(rank: int, world: int, ckpt: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from executor import weights as W
-    from simulator.model import load_model
+    from hybridflow.executor.engines import weights as W
+    from hybridflow.simulator.model import load_model
     ckpt = W.save_hf_checkpoint(tmp_path_factory.mktemp("cfg"), load_model(MODEL))
     return launch_local(_run, 4, str(ckpt), timeout=900)
 

@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from cli.main import main
-from planner.plan import Plan
-from simulator.cluster import Cluster
-from simulator.generation import decode_steps, gen_shape, generation_cost
-from simulator.job import Job, JobError
-from simulator.layout import GenLayout, TrainLayout
-from simulator.lengths import LengthError
-from simulator.placement import PlacedSet
-from simulator.predict import predict_plan
-from simulator.profile import load_profile
+from hybridflow.cli.main import main
+from hybridflow.plan import Plan
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.generation import decode_steps, gen_shape, generation_cost
+from hybridflow.simulator.job import Job, JobError
+from hybridflow.layout import GenLayout, TrainLayout
+from hybridflow.simulator.lengths import LengthError
+from hybridflow.plan import PlacedSet
+from hybridflow.simulator.predict import predict_plan
+from hybridflow.simulator.profile import load_profile
 
 A100 = load_profile("a100-80gb")
 HBM = A100.hbm_bandwidth * A100.eff_memory

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from simulator.lengths import LengthError, ResponseLengths
-from simulator.model import load_model
-from simulator.moe import alltoall_bytes, alltoall_seconds, moe_alltoall_seconds, \
+from hybridflow.simulator.lengths import LengthError, ResponseLengths
+from hybridflow.simulator.model import load_model
+from hybridflow.simulator.moe import alltoall_bytes, alltoall_seconds, moe_alltoall_seconds, \
     touched_fraction
-from simulator.profile import load_profile
+from hybridflow.simulator.profile import load_profile
 
 
 def test_no_spread_is_the_fixed_length() -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from simulator.model import CATALOG, ModelError, ModelSpec, load_model
+from hybridflow.simulator.model import CATALOG, ModelError, ModelSpec, load_model
 
 # Parameter counts of the Hugging Face safetensors checkpoints (model pages' "Model size").
 EXACT = {

@@ -5,18 +5,18 @@ import dataclasses
 
 import pytest
 
-from planner.brute import brute_force_best
-from planner.plan import Plan
-from planner.search import Planner, plan_job
-from planner.tables import _expert_degrees, _pareto
-from simulator.cluster import Cluster
-from simulator.costs import collective
-from simulator.generation import gen_shape, generation_cost
-from simulator.job import Job
-from simulator.layout import GenLayout, LayoutError, TrainLayout
-from simulator.moe import alltoall_seconds, touched_fraction
-from simulator.profile import load_profile
-from simulator.training import check_layout, resident_memory, role_params, train_cost
+from tests.planner.brute import brute_force_best
+from hybridflow.plan import Plan
+from hybridflow.planner.search import Planner, plan_job
+from hybridflow.planner.tables import _expert_degrees, _pareto
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.costs import collective
+from hybridflow.simulator.generation import gen_shape, generation_cost
+from hybridflow.simulator.job import Job
+from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.simulator.moe import alltoall_seconds, touched_fraction
+from hybridflow.simulator.profile import load_profile
+from hybridflow.simulator.training import check_layout, resident_memory, role_params, train_cost
 
 A100 = load_profile("a100-80gb")
 THR = A100.peak_flops * A100.eff_matmul

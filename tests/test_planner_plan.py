@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from planner.plan import Plan, PlanError
-from planner.search import plan_job
-from simulator.cluster import Cluster
-from simulator.job import Job
-from simulator.layout import LayoutError
+from hybridflow.plan import Plan, PlanError
+from hybridflow.planner.search import plan_job
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import Job
+from hybridflow.layout import LayoutError
 
 
 @pytest.fixture(scope="module")

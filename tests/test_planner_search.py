@@ -5,14 +5,14 @@ import dataclasses
 
 import pytest
 
-from planner.brute import brute_force_best
-from planner.cpsat import brute_force, greedy, solve
-from planner.search import Planner, plan_job, set_partitions, standard_placements
-from simulator.cluster import Cluster
-from simulator.costs import DoesNotFit
-from simulator.job import Job
-from simulator.predict import predict_plan
-from simulator.profile import load_profile
+from tests.planner.brute import brute_force_best
+from hybridflow.planner.cpsat import brute_force, greedy, solve
+from hybridflow.planner.search import Planner, plan_job, set_partitions, standard_placements
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.costs import DoesNotFit
+from hybridflow.simulator.job import Job
+from hybridflow.simulator.predict import predict_plan
+from hybridflow.simulator.profile import load_profile
 
 A100 = load_profile("a100-80gb")
 SMALL = dataclasses.replace(A100, hbm_gib=24.0)   # forces splits and model parallelism

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from executor.profiler import collectives, ops, train_layer
-from executor.profiler.spawn import run_ranks
+from hybridflow.executor.profiler import collectives
+from hybridflow.executor.profiler import ops
+from hybridflow.executor.profiler import train_layer
+from hybridflow.executor.spawn import run_ranks
 
 GRID = ops.OpGrid(matmul=((8, 16, 32), (4, 8, 8)), attention=((1, 2, 16, 32),),
                   elementwise=(256,), min_time_s=0.001)
@@ -88,7 +90,7 @@ def test_train_layer_rows() -> None:
 
 
 def test_decoder_layer_is_causal_with_gqa() -> None:
-    from simulator.model import load_model
+    from hybridflow.simulator.model import load_model
 
     torch.manual_seed(0)
     layer = train_layer.DecoderLayer(load_model("tiny-gqa"))
@@ -102,7 +104,7 @@ def test_decoder_layer_is_causal_with_gqa() -> None:
 
 @pytest.mark.slow
 def test_vllm_steps_tiny() -> None:
-    from executor.profiler import vllm_steps
+    from hybridflow.executor.profiler import vllm_steps
 
     grid = vllm_steps.GenerateGrid("tiny", (1, 2), (8,), (8,), decode_steps=2, repeats=1)
     out = vllm_steps.measure_generate(grid)
@@ -116,8 +118,8 @@ def test_vllm_steps_tiny() -> None:
 @pytest.mark.slow
 def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
     """The whole command on tiny grids (no vLLM): every step runs, the simulator loads it."""
-    from executor.profiler import machine
-    from simulator.profile import load_profile
+    from hybridflow.executor.profiler import machine
+    from hybridflow.simulator.profile import load_profile
 
     monkeypatch.setattr(ops, "default_grid", lambda quick, gpu: GRID)
     monkeypatch.setattr(collectives, "default_grid", lambda world, quick, gpu:
@@ -142,9 +144,9 @@ def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_dispatch_round_trips() -> None:
-    from executor.profiler import dispatch
+    from hybridflow.executor.profiler import dispatch
 
-    # executor.cluster starts Ray in a temporary folder of its own and removes it after
+    # hybridflow.executor.controller.cluster starts Ray in a temporary folder of its own and removes it after
     out = dispatch.measure_dispatch(dispatch.DispatchGrid(2, sizes=(1024, 4096), repeats=2))
     assert out["actors"] == 2 and out["call_s"] > 0
     assert [r["bytes"] for r in out["transfer"]] == [1024, 4096] and _positive(out["transfer"])
@@ -153,7 +155,7 @@ def test_dispatch_round_trips() -> None:
 
 
 def test_sharing_factors_from_interleaved_rounds() -> None:
-    from executor.profiler.sharing import SharingGrid, factors
+    from hybridflow.executor.profiler.sharing import SharingGrid, factors
 
     # rank 0 runs every count each round; 2 rounds of counts (1, 2, 4)
     rank0 = [(1, 1.0), (2, 1.2), (4, 2.0), (1, 2.0), (2, 2.4), (4, 4.4)]

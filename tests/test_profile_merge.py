@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.main import main as cli_main
-from executor.profiler.merge import merge_profiles, merge_values
-from executor.profiler.writer import Measurements, build_profile, write_profile
-from simulator.profile import ProfileError, load_profile
+from hybridflow.cli.main import main as cli_main
+from hybridflow.executor.profiler.merge import merge_profiles, merge_values
+from hybridflow.executor.profiler.writer import Measurements, build_profile, write_profile
+from hybridflow.simulator.profile import ProfileError, load_profile
 from tests.test_profile_writer import INFO, measurements, tables
 
 

@@ -1,5 +1,5 @@
 """The profile writer: header numbers derived from the tables, and a round trip through
-simulator.profile.load_profile."""
+hybridflow.simulator.profile.load_profile."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli.main import main as cli_main
-from executor.profiler.ops import OpTables
-from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
-from simulator.profile import load_profile
+from hybridflow.cli.main import main as cli_main
+from hybridflow.executor.profiler.ops import OpTables
+from hybridflow.executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+from hybridflow.simulator.profile import load_profile
 
 INFO = MachineInfo("cpu", "test cpu (2 cores)", devices=4, memory_gib=6.0, host_cores=2,
                    threads_per_rank=1, backend="gloo")
@@ -114,7 +114,7 @@ def test_profile_cli_bad_input(tmp_path: Path, capsys, argv, message) -> None:
 
 def test_profile_sweeps_default_one(tmp_path: Path) -> None:
     # a few minutes at most: one sweep unless asked; several profiles merge instead
-    from executor.profiler.machine import ProfileOptions
+    from hybridflow.executor.profiler.machine import ProfileOptions
     out = tmp_path / "p.yaml"
     assert ProfileOptions(out).sweeps == 1
     assert ProfileOptions(out, quick=True).sweeps == 1

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cli.main import main as cli_main
-from planner import plan_job, standard_placements
-from reports.compare import CompareError, CompareSpec, compare_frames
-from simulator.cluster import Cluster
+from hybridflow.cli.main import main as cli_main
+from hybridflow.planner.search import plan_job, standard_placements
+from hybridflow.report.compare import CompareError, CompareSpec, compare_frames
+from hybridflow.simulator.cluster import Cluster
 
 
 @pytest.fixture(scope="module")

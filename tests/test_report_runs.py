@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cli.main import main as cli_main
-from reports.runs import RunDirError, load_run, load_runs, relative_error, runs_frame
+from hybridflow.cli.main import main as cli_main
+from hybridflow.report.runs import RunDirError, load_run, load_runs, relative_error, runs_frame
 
 PLAN = {"version": 1, "cluster": {"gpu": "cpu-local", "nodes": 1, "gpus_per_node": 4},
         "job": {"algorithm": "ppo", "models": {"actor": "tiny", "critic": "tiny"},

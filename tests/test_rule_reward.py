@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from cli.main import main
-from planner.brute import brute_force_best
-from planner.plan import Plan, PlanError
-from planner.search import plan_job, standard_placements
-from simulator.cluster import Cluster
-from simulator.job import RULE_CPU_S, Job, JobError
-from simulator.predict import predict_plan
-from simulator.profile import load_profile
+from hybridflow.cli.main import main
+from tests.planner.brute import brute_force_best
+from hybridflow.plan import Plan, PlanError
+from hybridflow.planner.search import plan_job, standard_placements
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
+from hybridflow.simulator.predict import predict_plan
+from hybridflow.simulator.profile import load_profile
 
 A100 = load_profile("a100-80gb")
 SMALL = dataclasses.replace(A100, hbm_gib=24.0)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from executor.run_config import RunConfig, RunConfigError
+from hybridflow.executor.run.config import RunConfig, RunConfigError
 
 
 @pytest.mark.parametrize("bad,message", [

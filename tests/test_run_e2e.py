@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.main import main as cli_main
-from executor import loops
-from executor.controller import run
-from executor.run_config import RunConfig
-from executor.worker_group import WorkerDiedError
+from hybridflow.cli.main import main as cli_main
+from hybridflow.executor.rl import loops
+from hybridflow.executor.run.driver import run
+from hybridflow.executor.run.config import RunConfig
+from hybridflow.executor.controller.worker_group import WorkerDiedError
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,9 @@ def local_plans(algorithm: str, **job) -> dict[str, dict]:
     """The colocated (all roles on 4 devices) and split (actor+reference on 2 | the rest on
     2) placements of a tiny job, every role data-parallel over its set. Built here rather
     than planned: the planner, on the measured 2-core profile, prefers fewer devices."""
-    from planner.plan import Plan
-    from planner.search import standard_layouts
-    from simulator.job import Job
+    from hybridflow.plan import Plan
+    from hybridflow.planner.search import standard_layouts
+    from hybridflow.simulator.job import Job
     kw = dict(algorithm=algorithm, model="tiny", prompt_len=16, response_len=8,
               global_batch=16, ppo_epochs=1, mini_batches=2)
     if algorithm == "grpo":

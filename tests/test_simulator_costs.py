@@ -4,14 +4,14 @@ import math
 
 import pytest
 
-from simulator.costs import DoesNotFit, collective
-from simulator.generation import gen_shape, generation_cost
-from simulator.job import Job
-from simulator.layout import GenLayout, LayoutError, TrainLayout
-from simulator.profile import load_profile
-from simulator.reshard import (redundant_bytes, reshard_bytes_per_rank, reshard_cost,
+from hybridflow.simulator.costs import DoesNotFit, collective
+from hybridflow.simulator.generation import gen_shape, generation_cost
+from hybridflow.simulator.job import Job
+from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.simulator.profile import load_profile
+from hybridflow.simulator.reshard import (redundant_bytes, reshard_bytes_per_rank, reshard_cost,
                                reshard_peak_bytes)
-from simulator.training import infer_cost, resident_memory, stage_memory, train_cost
+from hybridflow.simulator.training import infer_cost, resident_memory, stage_memory, train_cost
 
 A100 = load_profile("a100-80gb")
 FLOPS = 312e12 * 0.5          # peak bf16 x matmul efficiency

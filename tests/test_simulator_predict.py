@@ -5,14 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from simulator.cluster import Cluster, ClusterError
-from simulator.costs import DoesNotFit
-from simulator.job import Job, JobError
-from simulator.layout import GenLayout, LayoutError, TrainLayout
-from simulator.placement import PlacedSet
-from simulator.predict import fluid_finish, predict_plan, predict_set
-from simulator.calls import Calls
-from simulator.profile import Overheads, load_profile
+from hybridflow.simulator.cluster import Cluster, ClusterError
+from hybridflow.simulator.costs import DoesNotFit
+from hybridflow.simulator.job import Job, JobError
+from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.plan import PlacedSet
+from hybridflow.simulator.predict import fluid_finish, predict_plan, predict_set
+from hybridflow.simulator.calls import Calls
+from hybridflow.simulator.profile import Overheads, load_profile
 
 CPU = load_profile("local-cpu")
 # its analytic model alone: no per-call tables, no cores shared between sets

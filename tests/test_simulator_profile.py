@@ -5,11 +5,12 @@ import textwrap
 import pytest
 import yaml
 
-from simulator.costs import collective
-from simulator.job import Job
-from simulator.layout import TrainLayout
-from simulator.profile import PROFILE_DIR, ProfileError, available_profiles, interpolate, load_profile
-from simulator.training import train_cost
+from hybridflow.simulator.costs import collective
+from hybridflow.simulator.job import Job
+from hybridflow.layout import TrainLayout
+from hybridflow.profiles import shipped
+from hybridflow.simulator.profile import ProfileError, available_profiles, interpolate, load_profile
+from hybridflow.simulator.training import train_cost
 
 
 def test_shipped_profiles_load_with_sources():
@@ -22,7 +23,7 @@ def test_shipped_profiles_load_with_sources():
         assert sources[key]
     # the local cluster's profile is the one `hybridflow profile` wrote: measured tables,
     # per-call tables of the executor's model, and how its 4 devices share the host's cores
-    raw = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
+    raw = yaml.safe_load(shipped("local-cpu").read_text())
     cpu = load_profile("local-cpu")
     assert raw["generated"]["by"] == "hybridflow profile" and not cpu.estimate
     assert (cpu.host_cores, cpu.gpus_per_node) == (raw["host_cores"], raw["gpus_per_node"])
@@ -32,7 +33,7 @@ def test_shipped_profiles_load_with_sources():
 
 def _write(tmp_path, **changes):
     """local-cpu.yaml with only its header numbers, and `changes`."""
-    data = yaml.safe_load((PROFILE_DIR / "local-cpu.yaml").read_text())
+    data = yaml.safe_load(shipped("local-cpu").read_text())
     for k in ("measured", "calls", "sharing", "extra"):
         data.pop(k, None)
     data.update(changes)
@@ -73,10 +74,10 @@ def test_measured_tables_parse_and_are_used(tmp_path):
 def test_prediction_reports_sources(tmp_path):
     from types import SimpleNamespace
 
-    from simulator.cluster import Cluster
-    from simulator.layout import GenLayout
-    from simulator.placement import PlacedSet
-    from simulator.predict import predict_plan
+    from hybridflow.simulator.cluster import Cluster
+    from hybridflow.layout import GenLayout
+    from hybridflow.plan import PlacedSet
+    from hybridflow.simulator.predict import predict_plan
     prof = load_profile(str(_write(tmp_path, measured=MEASURED)))
     job = Job.create("grpo", "tiny", 64, 64, 4, n_samples=2)
     s = PlacedSet(("actor", "reference", "reward"), 1,

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import main
-from planner import plan_job, standard_placements
-from planner.sweep import Target, gpu_counts, planner_points, run_sweep
-from simulator.cluster import Cluster
-from simulator.job import Job
-from simulator.profile import load_profile
+from hybridflow.cli.main import main
+from hybridflow.planner.search import plan_job, standard_placements
+from hybridflow.planner.sweep import Target, gpu_counts, planner_points, run_sweep
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import Job
+from hybridflow.simulator.profile import load_profile
 
 JOB = Job.create("ppo", "llama-2-7b", 512, 512, 256, mini_batches=4)
 
@@ -100,7 +100,7 @@ def test_cli_sweep_takes_the_plan_job_flags(capsys) -> None:
 
 
 def test_plan_and_sweep_have_the_same_job_flags() -> None:
-    from cli.main import build_parser
+    from hybridflow.cli.main import build_parser
 
     def dests(cmd: str) -> set[str]:
         sub = build_parser([cmd])._subparsers._group_actions[0].choices[cmd]

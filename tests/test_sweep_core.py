@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.sweep import (Point, SweepError, Target, category, gpu_counts, parse_range,
+from hybridflow.planner.sweep import (Point, SweepError, Target, category, gpu_counts, parse_range,
                            run_sweep)
-from planner.sweep_output import table, to_json, write_outputs
+from hybridflow.report.sweep import table, to_json, write_outputs
 
 JOB = {"algorithm": "ppo", "models": {"actor": "llama-2-7b"}, "prompt_len": 1024,
        "response_len": 1024, "global_batch": 1024}

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from executor import task
+from hybridflow.executor.task import rules as task
 
 
 def test_examples_are_deterministic_and_well_formed():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.artifacts import BuildSettings, ensure_artifacts
-from executor.controller import summarize
+from hybridflow.executor.task.artifacts import BuildSettings, ensure_artifacts
+from hybridflow.executor.run.driver import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=64, n_eval=8, sft_steps=4, rm_steps=2, cost_steps=2, batch=8)

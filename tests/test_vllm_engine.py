@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
-from executor import weights as W
-from executor.reshard_plan import ReshardPlan, split_micro_dp
-from executor.vllm_engine import (EngineConfig, EngineError, SamplingConfig, launch_local,
+from hybridflow.executor.engines import weights as W
+from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan, split_micro_dp
+from hybridflow.executor.engines.vllm_engine import (EngineConfig, EngineError, SamplingConfig, launch_local,
                                   request_seed)
-from simulator.layout import TrainLayout
-from simulator.model import load_model
+from hybridflow.layout import TrainLayout
+from hybridflow.simulator.model import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def _reference(rank: int, world: int, ckpt: str) -> list[tuple]:
 
 
 def _resharded(rank: int, world: int, ckpt: str) -> dict:
-    from executor.hybrid_engine import HybridEngine
-    from executor.vllm_engine import VllmEngine
+    from hybridflow.executor.hybrid_engine.engine import HybridEngine
+    from hybridflow.executor.engines.vllm_engine import VllmEngine
     spec = load_model(MODEL)
     full = W.hf_to_megatron(W.random_hf_state(spec, seed=SEED), spec)
     current: dict = {}

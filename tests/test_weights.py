@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from executor import weights as W
-from simulator.model import load_model
+from hybridflow.executor.engines import weights as W
+from hybridflow.simulator.model import load_model
 
 
 @pytest.fixture(scope="module")

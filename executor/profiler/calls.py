@@ -27,11 +27,11 @@ and after the first engine's, with it still alive (as a run's actor set trains b
 its engine; it slowed megatron's calls by about a fifth on a 2-core VM), all training
 layouts at once, each round through all of their calls. Each generate call follows an
 optimizer step of its actor, as a run's generation follows its update. Process groups are
-shared per rank list (executor.parallel.shared_new_groups) by the roles and by each engine
+shared per rank list (hybridflow.executor.engines.groups.shared_new_groups) by the roles and by each engine
 and its successor: groups kept per role, and vLLM's ~10 per engine, had piled up idle gloo
 threads and slowed what was measured last up to twice. The worker groups of 1, 2 and 4
 ranks, and the one-rank sets timed at once, are new worlds over the same 4 processes
-(executor.profiler.rank_pool), which import megatron-core and vLLM once, all together.
+(hybridflow.executor.profiler.rank_pool), which import megatron-core and vLLM once, all together.
 
 Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
 round, the mean over rounds through all the calls measured together; with `sweeps` > 1
@@ -45,7 +45,7 @@ its group's measurement rather than taken in a block of their own. Two sweeps (7
 instead of 4-5.5) did not make profiles agree better: rows of profiles taken half an hour
 apart differed by 13% on average with two sweeps, 14-21% with one (the host's speed moves
 over minutes and hours too). Where a row exceeds a larger size's (more work never takes
-less time), the two are pooled into their mean (isotonic fit, executor.profiler.calls_tables),
+less time), the two are pooled into their mean (isotonic fit, hybridflow.executor.profiler.calls_tables),
 which keeps the table's mean where a clamp would lower it.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 
-from simulator.model import ModelSpec, load_model
+from hybridflow.simulator.model import ModelSpec, load_model
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def generation_configs(spec: ModelSpec, k: int) -> list[tuple[int, int]]:
 # ---- batches as the controller builds them ------------------------------------------------
 def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> "Batch":
     """n sequences with every field the prepare and train calls read."""
-    from executor.batch import Batch
+    from hybridflow.executor.controller.batch import Batch
     g = torch.Generator().manual_seed(seed)
     P, R = grid.prompt_len, grid.response_len
     ids = torch.randint(4, vocab, (n, P + R), generator=g)
@@ -175,14 +175,14 @@ class Recorder:
 
 
 def _engine_config(value_head: bool):
-    from executor.run_config import RunConfig
-    from executor.runtime import engine_config
+    from hybridflow.executor.run.config import RunConfig
+    from hybridflow.executor.rl.runtime import engine_config
     return engine_config("critic" if value_head else "actor", RunConfig())
 
 
 def _losses(grid: CallsGrid, value: bool):
-    from executor import algorithms as alg
-    from executor.rl_worker import ActorLoss, CriticLoss
+    from hybridflow.executor.rl import algorithms as alg
+    from hybridflow.executor.rl.worker import ActorLoss, CriticLoss
     loss = CriticLoss if value else ActorLoss
     return loss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
 
@@ -194,7 +194,7 @@ def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     layout's calls, so that each row's rounds spread over the whole measurement (this VM's
     speed drifts by ~20% over tens of seconds; a row timed in a block of its own took on
     the speed of that block)."""
-    from executor.parallel import ParallelLayout
+    from hybridflow.executor.engines.groups import ParallelLayout
     calls, roles = [], []
     for tp, pp, dp in layouts:
         for value in (False, True):
@@ -231,8 +231,8 @@ def engine_batches(spec: ModelSpec, k: int, scheme: str) -> list[tuple[int, list
     """(generation tp, the training tps) of k devices whose generation layouts use one vLLM
     engine (the same generation TP groups), in generation_configs' order: a batch is
     measured together, its rounds interleaved."""
-    from executor.reshard_plan import ReshardPlan
-    from simulator.layout import TrainLayout
+    from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
+    from hybridflow.layout import TrainLayout
     batches: dict[tuple[tuple[int, ...], ...], tuple[int, list[int]]] = {}
     for tp, tg in generation_configs(spec, k):
         groups = ReshardPlan(TrainLayout(1, tp, k // tp), tg, scheme).gen_tp_groups()
@@ -245,9 +245,9 @@ def _generation_calls(grid: CallsGrid, spec: ModelSpec, k: int, tp: int, tg: int
     """An actor's generate calls, each after an optimizer step, as in a run (the update,
     then the next iteration's generation): resharding and vLLM find the caches a run
     leaves them."""
-    from executor.batch import Batch
-    from executor.run_config import RunConfig
-    from executor.vllm_engine import SamplingConfig
+    from hybridflow.executor.controller.batch import Batch
+    from hybridflow.executor.run.config import RunConfig
+    from hybridflow.executor.engines.vllm_engine import SamplingConfig
     cfg = RunConfig()
     update = (("update", tp), role, "profile_update",
               (sequence_batch(grid.micro_batch_per_rank * (k // tp), grid, spec.vocab),
@@ -271,9 +271,9 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     generating at tg with one vLLM engine: all their roles at once, each round through
     every layout's calls, so that rows of the same engine work (micro-DP 1, 2, 4) take
     the same phases of this VM's speed rather than each a block of its own."""
-    from executor.parallel import ParallelLayout
-    from executor.rl_worker import RolloutConfig
-    from executor.run_config import RunConfig
+    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.executor.rl.worker import RolloutConfig
+    from hybridflow.executor.run.config import RunConfig
     cfg = RunConfig()
     roles, calls = [], []
     try:
@@ -311,7 +311,7 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
     """(group size, its steps) of each worker group in measuring order: one group per set
     size k, its generation layouts by vLLM engine (generation tp), the training layouts
     after the first engine's, beside it (see the module docstring)."""
-    from executor.run_config import RunConfig
+    from hybridflow.executor.run.config import RunConfig
     groups: list[tuple[int, list[Step]]] = []
     for k in grid.group_sizes:
         gen_rounds = grid.per_sweep(grid.gen_repeats)
@@ -343,9 +343,9 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
     """Every table of the module docstring: TABLES -> rows. `timings` gets the seconds each
     group's start and each layout took."""
     timings = {} if timings is None else timings
-    from executor.cluster import Cluster, ClusterConfig
-    from executor.profiler.vllm_steps import save_random_llama
-    from executor.profiler.rank_pool import RankPool
+    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
+    from hybridflow.executor.profiler.vllm_steps import save_random_llama
+    from hybridflow.executor.profiler.rank_pool import RankPool
     spec = load_model(grid.model)
     out: dict[str, list[dict]] = {k: [] for k in TABLES}  # + "concurrency" (sharing factors)
     groups = _groups(grid, spec)
@@ -366,7 +366,7 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
                 if progress:
                     progress("concurrent one-rank sets")
                 t0 = time.perf_counter()
-                from executor.profiler.calls_sharing import measure_concurrency
+                from hybridflow.executor.profiler.calls_sharing import measure_concurrency
                 out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
                                       measure_concurrency(ranks, grid, spec, n).items()]
                 timings["concurrent sets"] = round(time.perf_counter() - t0, 1)

@@ -1,12 +1,12 @@
 """How the executor's own calls slow each other when sets of a plan run at once on one
-host: the `sharing.slowdown` factors of a profile with per-call tables (executor.profiler.
+host: the `sharing.slowdown` factors of a profile with per-call tables (hybridflow.executor.profiler.
 sharing measures the kernel factors used without them)."""
 from __future__ import annotations
 
 import statistics
 
-from executor.profiler.calls import CallsGrid, _engine_config, _losses, sequence_batch
-from simulator.model import ModelSpec
+from hybridflow.executor.profiler.calls import CallsGrid, _engine_config, _losses, sequence_batch
+from hybridflow.simulator.model import ModelSpec
 
 
 def _together(groups: list, calls: list[tuple[str, tuple]]) -> float:
@@ -24,8 +24,8 @@ def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
     as concurrent sets of a plan do: a forward and a train call of an LM on each set (one
     worker group per process of the RankPool `ranks`), the c sets' mean own seconds over
     one set's alone, interleaved rounds (1, 2, .., n sets, then again), the mean over rounds
-    (as the call tables: executor.profiler.calls); never decreasing with c."""
-    from executor.parallel import ParallelLayout
+    (as the call tables: hybridflow.executor.profiler.calls); never decreasing with c."""
+    from hybridflow.executor.engines.groups import ParallelLayout
     groups: list = []
     with ranks.lent(groups):
         for i in range(n):

@@ -1,12 +1,12 @@
 """The profile's `calls:` section (format: profiles/README.md) from the rows that
-executor.profiler.calls measures: rows of one size (one per sweep) pooled into their mean
+hybridflow.executor.profiler.calls measures: rows of one size (one per sweep) pooled into their mean
 (their median with three sweeps or more), and each table made never to decrease with the
 work it times."""
 from __future__ import annotations
 
 import statistics
 
-from executor.profiler.calls import CallsGrid
+from hybridflow.executor.profiler.calls import CallsGrid
 
 
 def pool(values: list[float]) -> float:
@@ -58,7 +58,7 @@ def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) ->
 
 def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
     """The profile's `calls:` table (format: profiles/README.md) from measure_calls rows."""
-    from executor.run_config import RunConfig
+    from hybridflow.executor.run.config import RunConfig
     cfg = RunConfig()
     return {"model": grid.model, "prompt_len": grid.prompt_len,
             "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,

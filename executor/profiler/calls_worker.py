@@ -12,9 +12,9 @@ import gc
 import time
 from typing import Any, Callable
 
-from executor.batch import Batch
-from executor.protocols import MEGATRON_3D, ONE_TO_ALL, register
-from executor.rl_worker import GENERATE, RLWorker
+from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.controller.protocols import MEGATRON_3D, ONE_TO_ALL, register
+from hybridflow.executor.rl.worker import GENERATE, RLWorker
 
 
 def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
@@ -29,15 +29,15 @@ def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
 
 
 _CLOCKED = "_hybridflow_profile_clocked"
-PRELOAD = ("executor.train_engine", "executor.megatron_model", "executor.hybrid_engine",
-           "executor.vllm_engine", "vllm", "vllm.v1.engine.core",
+PRELOAD = ("hybridflow.executor.engines.train_engine", "hybridflow.executor.engines.megatron_model", "hybridflow.executor.hybrid_engine.engine",
+           "hybridflow.executor.engines.vllm_engine", "vllm", "vllm.v1.engine.core",
            "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker",
            "vllm.v1.worker.cpu_model_runner", "vllm.v1.core.sched.scheduler",
            "vllm.model_executor.models.llama")
 
 
 class ProfileWorker(RLWorker):
-    """One rank of a profiling worker group (see executor.profiler.calls)."""
+    """One rank of a profiling worker group (see hybridflow.executor.profiler.calls)."""
 
     def __init__(self, rank: int, world_size: int, group_name: str = "group") -> None:
         super().__init__(rank, world_size, group_name)
@@ -95,7 +95,7 @@ class ProfileWorker(RLWorker):
         settings (generation TP groups included) are the same: starting vLLM is most of a
         generation layout's profiling time. One engine lives at a time (vLLM's parallel
         groups are per process)."""
-        import executor.vllm_engine as ve
+        import hybridflow.executor.engines.vllm_engine as ve
         real = ve.VllmEngine
 
         def engine(config: Any) -> Any:

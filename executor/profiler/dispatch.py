@@ -49,7 +49,7 @@ def measure_dispatch(grid: DispatchGrid) -> dict:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from executor.cluster import Cluster, ClusterConfig
+    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
 
     with Cluster.start(ClusterConfig(devices=grid.devices)) as cluster:
         pool = cluster.create_pool("profile-dispatch", grid.devices)

@@ -11,10 +11,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from executor.profiler import calls, collectives, dispatch, ops, sharing, train_layer, vllm_steps
-from executor.profiler.calls_tables import calls_section
-from executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
-from simulator.profile import load_profile
+from hybridflow.executor.profiler import calls
+from hybridflow.executor.profiler import collectives
+from hybridflow.executor.profiler import dispatch
+from hybridflow.executor.profiler import ops
+from hybridflow.executor.profiler import sharing
+from hybridflow.executor.profiler import train_layer
+from hybridflow.executor.profiler import vllm_steps
+from hybridflow.executor.profiler.calls_tables import calls_section
+from hybridflow.executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+from hybridflow.simulator.profile import load_profile
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class ProfileOptions:
             raise ValueError(f"--threads must be >= 1, got {self.threads_per_rank}")
         if not self.concurrency or 1 not in self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency must include 1 and be positive: {self.concurrency}")
-        from simulator.model import load_model
+        from hybridflow.simulator.model import load_model
 
         load_model(self.model)
 
@@ -84,7 +90,7 @@ def _alone(rank: int, world: int, payload: tuple) -> tuple:
 
 def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callable]]:
     """(description, thunk) per measurement; each thunk returns (key, value)."""
-    from executor.profiler.spawn import run_ranks
+    from hybridflow.executor.spawn import run_ranks
 
     gpu = info.kind == "gpu"
     grid = ops.default_grid(options.quick, gpu)

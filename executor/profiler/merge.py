@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from executor.profiler.calls_tables import pool
-from executor.profiler.writer import write_profile
-from simulator.profile import ProfileError, load_profile
+from hybridflow.executor.profiler.calls_tables import pool
+from hybridflow.executor.profiler.writer import write_profile
+from hybridflow.simulator.profile import ProfileError, load_profile
 
 
 def _number(v: object) -> bool:

@@ -1,7 +1,7 @@
 """Seconds of one training step (forward + backward) of one decoder layer of a model.
 
 The executor's own layer where it can be built: the decoder block of a one-layer megatron-core
-GPTModel from executor.megatron_model (TP = 1, in a one-rank gloo world), with rotary
+GPTModel from hybridflow.executor.engines.megatron_model (TP = 1, in a one-rank gloo world), with rotary
 positions and megatron's causal mask. Without torch.distributed (or megatron-core) a plain
 torch Llama decoder layer of the same shapes stands in. The optimizer step is not included.
 """
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor.profiler.ops import time_call
-from simulator.model import ModelSpec, load_model
+from hybridflow.executor.profiler.ops import time_call
+from hybridflow.simulator.model import ModelSpec, load_model
 
 
 class DecoderLayer(nn.Module):
@@ -100,8 +100,8 @@ def _torch_rows(grid: TrainLayerGrid, spec: ModelSpec, dev: torch.device) -> lis
 
 def _megatron_rows(grid: TrainLayerGrid, spec: ModelSpec, seed: int) -> list[dict]:
     """The decoder block of a one-layer megatron GPTModel ([seq, batch, hidden] in and out)."""
-    from executor import megatron_model as mm
-    from executor.parallel import ParallelLayout, build_role_groups
+    from hybridflow.executor.engines import megatron_model as mm
+    from hybridflow.executor.engines.groups import ParallelLayout, build_role_groups
 
     groups = build_role_groups("profile", ParallelLayout(), seed=seed)
     rows = []
@@ -128,7 +128,7 @@ def measure_train_layer(grid: TrainLayerGrid, seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
-            import executor.megatron_model  # noqa: F401
+            import hybridflow.executor.engines.megatron_model  # noqa: F401
         except ImportError:
             pass
         else:

@@ -2,7 +2,7 @@
 
 Header numbers (peak FLOP/s, memory bandwidth, link bandwidth, latency, step overhead) are
 derived from the tables, each with a `sources` line saying how; `measured:` holds the tables
-simulator.profile reads. Tables it does not read yet (attention, elementwise, matmul under
+hybridflow.simulator.profile reads. Tables it does not read yet (attention, elementwise, matmul under
 sharing, the controller's Ray dispatch cost) and the sharing slowdowns go under `sharing:` and
 `extra:`.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from executor.profiler.ops import OpTables, slowdown
+from hybridflow.executor.profiler.ops import OpTables, slowdown
 
 
 @dataclass(frozen=True)

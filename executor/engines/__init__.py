@@ -1,0 +1,1 @@
+"""Per-rank engines: megatron-core training (with the CPU bridge), vLLM generation, weights."""

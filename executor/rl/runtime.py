@@ -1,0 +1,175 @@
+"""What the controller loops stand on: the worker groups of a plan, data and stage timers.
+
+:class:`Runtime` builds one worker group per set of the plan (colocated roles share the
+group's processes), loads every role from the task artifacts, and gives the algorithm
+loops a few verbs: ``prompts``, ``generate``, ``outputs``, ``scores``, ``update``.
+Calls on roles of different sets run concurrently: ``outputs`` issues all its calls before
+waiting on any.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hybridflow.executor.task.artifacts import Artifacts
+from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.controller.cluster import Cluster
+from hybridflow.executor.engines.groups import ParallelLayout
+from hybridflow.executor.rl.worker import RLWorker, RolloutConfig
+from hybridflow.executor.run.config import RunConfig
+from hybridflow.executor.engines.train_engine import EngineConfig
+from hybridflow.executor.engines.vllm_engine import SamplingConfig
+from hybridflow.executor.controller.worker_group import WorkerGroup, metrics_of
+
+LM_ROLES = ("actor", "reference")
+VALUE_ROLES = ("critic", "cost_critic", "reward", "cost")
+TRAINED = ("actor", "critic", "cost_critic")
+
+
+def role_init_dir(art: Artifacts, role: str) -> str:
+    if role in ("actor", "reference"):
+        return str(art.actor_dir)
+    return str(art.cost_dir if role in ("cost", "cost_critic") else art.reward_dir)
+
+
+def engine_config(role: str, cfg: RunConfig) -> EngineConfig:
+    lr = cfg.actor_lr if role == "actor" else cfg.critic_lr
+    return EngineConfig(micro_batch_size=cfg.micro_batch_size, lr=lr,
+                        value_head=role in VALUE_ROLES, trainable=role in TRAINED,
+                        seed=cfg.seed + 17, clip_grad=cfg.clip_grad)
+
+
+@dataclass
+class Runtime:
+    plan: dict
+    cfg: RunConfig
+    art: Artifacts
+    cluster: Cluster
+    groups: dict[str, WorkerGroup] = field(default_factory=dict)  # role -> its set's group
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ---- set-up ------------------------------------------------------------------------
+    def start(self) -> None:
+        """One worker group per set; every role built and loaded (sets one after another)."""
+        for i, s in enumerate(self.plan["sets"]):
+            pool = self.cluster.create_pool(f"set{i}", s["gpus"])
+            group = WorkerGroup(self.cluster, pool, RLWorker, name="+".join(s["models"]))
+            for role in s["models"]:
+                self.groups[role] = group
+                self._build_role(group, role, s["layouts"][role])
+
+    def _build_role(self, group: WorkerGroup, role: str, layouts: dict) -> None:
+        lay = layouts.get("train") or layouts["infer"]
+        layout = ParallelLayout(tp=lay["tp"], pp=lay["pp"], dp=lay["dp"])
+        model = self.plan["job"]["models"][role]
+        group.add_role(role, model, layout, engine_config(role, self.cfg))
+        group.run(role, "load_hf", role_init_dir(self.art, role))
+        if role == "actor":
+            gen = layouts["generate"]
+            group.run(role, "init_rollout", RolloutConfig(
+                tg=gen["tp"], scheme=self.cfg.reshard, model_dir=str(self.art.actor_dir),
+                kv_cache_bytes=self.cfg.kv_cache_mib << 20, seed=self.cfg.seed,
+                max_model_len=self.plan["job"]["prompt_len"] + self.plan["job"]["response_len"]))
+
+    def shutdown(self) -> None:
+        for g in {id(g): g for g in self.groups.values()}.values():
+            g.shutdown()
+
+    # ---- timing ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def take_timings(self) -> dict[str, float]:
+        out = {k: self.timings.get(k, 0.0) for k in ("generate", "reshard", "prepare", "train")}
+        self.timings = {}
+        return out
+
+    # ---- data --------------------------------------------------------------------------
+    def prompts(self, iteration: int) -> list[list[int]]:
+        """The iteration's prompts: a seeded pass over the training prompts, epoch by epoch."""
+        pool = self.art.prompts.train
+        n = self.plan["job"]["global_batch"]
+        out: list[list[int]] = []
+        start = iteration * n
+        while len(out) < n:
+            epoch, offset = divmod(start + len(out), len(pool))
+            order = list(range(len(pool)))
+            random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
+            out.extend(list(pool[i]) for i in order[offset:offset + n - len(out)])
+        return out
+
+    def generate(self, prompts: list[list[int]], iteration: int, n: int = 1,
+                 greedy: bool = False) -> Batch:
+        """Sequences of the actor's responses (n per prompt, prompt-major), stage 'generate'
+        (its resharding time, as the workers measured it, goes to stage 'reshard')."""
+        sampling = SamplingConfig(
+            temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
+            max_tokens=self.plan["job"]["response_len"], n=n,
+            seed=None if greedy else self.cfg.seed * 100003 + iteration, ignore_eos=False)
+        # prompt_seq: each prompt's index in the batch seeds its sampling, so the samples
+        # do not depend on how the prompts are split over replicas
+        request = Batch(non_tensors={"prompt_ids": prompts,
+                                     "prompt_seq": list(range(len(prompts)))})
+        with self.stage("generate"):
+            out = self.groups["actor"].run("actor", "generate", request, sampling)
+        reshard = max(t["reshard_s"] for t in out.non_tensors["timing"])
+        self.timings["generate"] -= reshard
+        self.timings["reshard"] = self.timings.get("reshard", 0.0) + reshard
+        return self.sequences(prompts, out, n)
+
+    def evaluate(self) -> float:
+        """Mean rule score of one sampled response per held-out prompt (a fixed seed, so
+        runs compare); not timed into the iteration's stages."""
+        saved = dict(self.timings)
+        batch = self.generate([list(p) for p in self.art.prompts.eval], -1)
+        self.timings = saved
+        return float(self.rule(batch).float().mean())
+
+    def sequences(self, prompts: list[list[int]], out: Batch, n: int) -> Batch:
+        P = self.plan["job"]["prompt_len"]
+        pad = self.art.special.pad
+        rows = [p for p in prompts for _ in range(n)]
+        if any(len(p) > P for p in rows):
+            raise ValueError(f"a prompt is longer than prompt_len {P}")
+        prompt_ids = torch.tensor([[pad] * (P - len(p)) + p for p in rows], dtype=torch.long)
+        prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in rows])
+        return Batch({"input_ids": torch.cat([prompt_ids, out["responses"]], 1),
+                      "attention_mask": torch.cat([prompt_mask, out["response_mask"]], 1),
+                      "responses": out["responses"], "response_mask": out["response_mask"],
+                      "rollout_log_probs": out["rollout_log_probs"]},
+                     non_tensors={"prompt_ids": rows}, meta={"prompt_len": P})
+
+    # ---- calls -------------------------------------------------------------------------
+    def outputs(self, batch: Batch, wanted: dict[str, tuple[str, str]]) -> Batch:
+        """{field: (role, method)} computed concurrently, added to the batch."""
+        futures = {key: self.groups[role].call(role, method, batch, key)
+                   for key, (role, method) in wanted.items()}
+        for f in futures.values():
+            batch = batch.union(f.result())
+        return batch
+
+    def rule(self, batch: Batch, kind: str = "score") -> torch.Tensor:
+        fn = self.art.score if kind == "score" else self.art.cost
+        return torch.tensor([fn(p, r.tolist()) for p, r in
+                             zip(batch.non_tensors["prompt_ids"], batch["responses"])])
+
+    def update(self, updates: dict[str, Any], batch: Batch) -> dict[str, float]:
+        """{role: loss_fn} trained concurrently over the job's epochs and mini-batches."""
+        job = self.plan["job"]
+        futures = [self.groups[role].call(role, "update", batch, loss, job["mini_batches"],
+                                          job["ppo_epochs"]) for role, loss in updates.items()]
+        metrics: dict[str, float] = {}
+        for f in futures:
+            metrics.update(metrics_of(f.result()))
+        return metrics

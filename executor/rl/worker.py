@@ -1,0 +1,252 @@
+"""The RLHF worker: one rank holding a set's roles, with the actor's 3D-HybridEngine.
+
+Sequences are ``input_ids`` [b, P + R]: the prompt left-padded to P, the response
+right-padded to R, with ``attention_mask``. Megatron's LM head gives at position t the
+log-prob of token t+1, so the response's log-probs and values sit at positions P-1 .. P+R-2
+(:func:`response_part`); a reward model scores the last real token.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridflow.executor.rl import algorithms as alg
+from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.controller.protocols import (MEGATRON_3D, ONE_TO_ALL, CallContext, Dispatched,
+                                merge_outputs, register,
+                                register_mode, split_args, MODES)
+from hybridflow.executor.controller.worker import Worker
+
+
+# ---- the generation protocol (the paper's 3D_ALL_MICRO_DP) ------------------------------
+def _dp_replicas(ctx: CallContext, args: tuple, kwargs: dict) -> Dispatched:
+    layout = ctx.need_layout("3D_ALL_MICRO_DP")
+    per_dp = split_args(args, kwargs, layout.dp)
+    return [per_dp[layout.coords(r)[1]] for r in range(ctx.world_size)]
+
+
+def _first_rank_of_replicas(ctx: CallContext, outputs: list) -> Any:
+    layout = ctx.need_layout("3D_ALL_MICRO_DP")
+    return merge_outputs([outputs[layout.rank_of(0, d, 0)] for d in range(layout.dp)])
+
+
+GENERATE = "3D_ALL_MICRO_DP"
+if GENERATE not in MODES:
+    register_mode(GENERATE, _dp_replicas, _first_rank_of_replicas)
+
+
+# ---- what a rank needs to build its roles ------------------------------------------------
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The actor's generation side: generation TP, resharding scheme, vLLM engine sizes."""
+    tg: int
+    scheme: str
+    model_dir: str            # Hugging Face folder vLLM starts from (weights then replaced)
+    kv_cache_bytes: int = 16 << 20
+    max_model_len: int = 128
+    max_num_seqs: int = 256
+    seed: int = 0
+
+
+def response_part(full: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
+    """Per-token outputs [b, P+R] -> those that belong to the response tokens [b, R]."""
+    return full[:, prompt_len - 1: prompt_len - 1 + response_len]
+
+
+@dataclass(frozen=True)
+class ActorLoss:
+    """PPO-clip (with GRPO's optional KL term) on megatron's per-token log-probs."""
+    cfg: alg.RLConfig
+    prompt_len: int
+    response_len: int
+
+    def __call__(self, output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
+        logp = response_part(output, self.prompt_len, self.response_len)
+        mask = mb["response_mask"]
+        loss, metrics = alg.ppo_policy_loss(logp, mb["old_log_probs"], mb["advantages"],
+                                            mask, self.cfg.clip_ratio)
+        if self.cfg.kl_loss_coef > 0:
+            kl = alg.masked_mean(alg.kl_divergence(logp, mb["ref_log_probs"],
+                                                   self.cfg.kl_loss_kind), mask)
+            loss = loss + self.cfg.kl_loss_coef * kl
+            metrics["kl_loss"] = kl.item()
+        metrics["actor_loss"] = loss.item()
+        return loss, metrics
+
+
+@dataclass(frozen=True)
+class CriticLoss:
+    cfg: alg.RLConfig
+    prompt_len: int
+    response_len: int
+    prefix: str = ""  # "cost_" for Safe-RLHF's cost critic
+
+    def __call__(self, output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
+        values = response_part(output, self.prompt_len, self.response_len)
+        return alg.critic_loss(values, mb, self.cfg, self.prefix)
+
+
+def load_hf_folder(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def hf_to_full_megatron(hf: dict[str, torch.Tensor], spec, value_head: bool) -> dict:
+    """A Hugging Face Llama (or sequence-classification) state as full megatron names."""
+    from hybridflow.executor.engines import weights
+    body = {k: v for k, v in hf.items() if k != "score.weight"}
+    if value_head:
+        body.setdefault("lm_head.weight", torch.zeros(spec.vocab, spec.hidden))
+    full = weights.hf_to_megatron(body, spec)
+    if value_head:
+        if "score.weight" not in hf:
+            raise ValueError("a value-head role needs a sequence-classification checkpoint "
+                             "(score.weight)")
+        full[weights.OUTPUT] = hf["score.weight"].reshape(1, spec.hidden)
+    return full
+
+
+class RLWorker(Worker):
+    """A rank of one worker group: the roles of one colocated set."""
+
+    def __init__(self, rank: int, world_size: int, group_name: str = "group") -> None:
+        super().__init__(rank, world_size, group_name)
+        self.rollout: dict[str, Any] = {}  # role -> HybridEngine
+
+    # ---- set-up ------------------------------------------------------------------------
+    @register(dispatch_mode=ONE_TO_ALL)
+    def load_hf(self, role: str, path: str) -> None:
+        """Load a Hugging Face folder's weights into this rank's shards of `role`."""
+        engine = self.role(role).engine
+        full = hf_to_full_megatron(load_hf_folder(path), engine.spec, engine.config.value_head)
+        engine.load_full_megatron_state(full)
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def init_rollout(self, role: str, cfg: RolloutConfig) -> None:
+        from hybridflow.executor.hybrid_engine.engine import HybridEngine
+        from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
+        from hybridflow.executor.engines.vllm_engine import EngineConfig, VllmEngine
+        from hybridflow.layout import TrainLayout
+        lay = self.role(role).groups.layout
+        plan = ReshardPlan(TrainLayout(lay.pp, lay.tp, lay.dp), cfg.tg, cfg.scheme)
+
+        def factory(tp_groups: list[list[int]]) -> VllmEngine:
+            return VllmEngine(EngineConfig(
+                model_dir=cfg.model_dir, tp_groups=tuple(map(tuple, tp_groups)), seed=cfg.seed,
+                kv_cache_bytes=cfg.kv_cache_bytes, max_model_len=cfg.max_model_len,
+                max_num_seqs=cfg.max_num_seqs, load_format="dummy"))
+        self.rollout[role] = HybridEngine(self.role(role).engine.spec, plan, factory)
+
+    # ---- generation --------------------------------------------------------------------
+    @register(dispatch_mode=GENERATE)
+    def generate(self, role: str, prompts: Batch, sampling: Any) -> Batch:
+        """Reshard to the generation layout, sample, reshard back. Prompts are this DP
+        replica's ``prompt_ids`` (object field; ``prompt_seq``, if given, their indices in
+        the whole batch, which seed the sampling); responses are padded to max_tokens."""
+        he = self.rollout[role]
+        t0 = time.perf_counter()
+        shard = {n: p.detach() for n, p in self.role(role).engine.named_local_parameters()}
+        stats = he.to_generation(shard)
+        t1 = time.perf_counter()
+        done = he.generate([list(p) for p in prompts["prompt_ids"]], sampling,
+                           prompts.get("prompt_seq"))
+        t2 = time.perf_counter()
+        he.to_training()
+        t3 = time.perf_counter()
+        done = sorted(done, key=lambda c: (c.prompt_index, c.sample))
+        R = sampling.max_tokens
+        responses = torch.zeros(len(done), R, dtype=torch.long)
+        mask = torch.zeros(len(done), R, dtype=torch.long)
+        logprobs = torch.zeros(len(done), R)
+        for i, c in enumerate(done):
+            n = len(c.token_ids)
+            responses[i, :n] = torch.tensor(c.token_ids, dtype=torch.long)
+            mask[i, :n] = 1
+            logprobs[i, :n] = torch.tensor(c.logprobs)
+        # the stage ends with its slowest rank, as the profile's rows take it: every rank's
+        # time, not only the replicas' first ranks that return the completions
+        reshard = torch.tensor([(t1 - t0) + (t3 - t2)], dtype=torch.float64)
+        torch.distributed.all_reduce(reshard, op=torch.distributed.ReduceOp.MAX)
+        timing = {"reshard_s": float(reshard), "generate_s": t2 - t1,
+                  "reshard_bytes": stats.bytes_received}
+        return Batch({"responses": responses, "response_mask": mask,
+                      "rollout_log_probs": logprobs},
+                     non_tensors={"prompt_index": [c.prompt_index for c in done],
+                                  "timing": [timing] * len(done)})
+
+    # ---- forward-only ------------------------------------------------------------------
+    def _forward(self, role: str, batch: Batch) -> torch.Tensor | None:
+        """Per-token outputs [b, P+R] on the role's output rank, None elsewhere."""
+        engine = self.role(role).engine
+        out = engine.forward(batch.select(["input_ids", "attention_mask"]))
+        return out if out is not None and engine.is_output_rank else None
+
+    @register(dispatch_mode=MEGATRON_3D)
+    def response_outputs(self, role: str, batch: Batch, key: str) -> Batch | None:
+        """Log-probs (LM roles) or values (value roles) of the response tokens as `key`."""
+        out = self._forward(role, batch)
+        if out is None:
+            return None
+        P, R = batch.meta["prompt_len"], batch["responses"].shape[1]
+        return Batch({key: response_part(out, P, R).contiguous()})
+
+    @register(dispatch_mode=MEGATRON_3D)
+    def sequence_scores(self, role: str, batch: Batch, key: str) -> Batch | None:
+        """A value-head model's score at each sequence's last real token."""
+        out = self._forward(role, batch)
+        if out is None:
+            return None
+        last = batch["attention_mask"].long().cumsum(-1).argmax(-1)
+        return Batch({key: out[torch.arange(out.shape[0]), last].contiguous()})
+
+    # ---- training ----------------------------------------------------------------------
+    @register(dispatch_mode=MEGATRON_3D)
+    def update(self, role: str, batch: Batch, loss_fn: Any, mini_batches: int,
+               epochs: int) -> Batch | None:
+        """`epochs` passes over this DP slice in `mini_batches` optimizer steps; the mean
+        of each metric over the steps."""
+        engine = self.role(role).engine
+        steps = [engine.train_step(mb, loss_fn)
+                 for _ in range(epochs) for mb in batch.split(mini_batches)]
+        if not engine.is_output_rank:
+            return None
+        mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+        return Batch(non_tensors={k: [v] for k, v in mean.items()})
+
+    # ---- checkpoints -------------------------------------------------------------------
+    @register(dispatch_mode=ONE_TO_ALL)
+    def save_role(self, role: str, folder: str) -> str:
+        engine = self.role(role).engine
+        state = {"params": {n: p.detach().clone() for n, p in engine.named_local_parameters()},
+                 "optimizer": engine.optimizer.state_dict() if engine.optimizer else None}
+        path = Path(folder) / f"{role}.rank{self.rank}.pt"
+        torch.save(state, path)
+        return str(path)
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def load_role(self, role: str, folder: str) -> None:
+        from hybridflow.executor.engines import megatron_model as mm
+        engine = self.role(role).engine
+        path = Path(folder) / f"{role}.rank{self.rank}.pt"
+        if not path.exists():
+            raise ValueError(f"checkpoint {folder} lacks {path.name} (a different plan?)")
+        state = torch.load(path, weights_only=False)
+        with torch.no_grad():
+            mm.load_local_state(engine.model, state["params"])
+        if engine.optimizer is not None and state["optimizer"] is not None:
+            engine.optimizer.load_state_dict(state["optimizer"])
+
+    def shutdown(self) -> None:
+        for he in self.rollout.values():
+            he.close()
+        self.rollout.clear()
+        super().shutdown()
+
+    @register(dispatch_mode=ONE_TO_ALL)
+    def pid(self, role: str | None = None) -> int:
+        return os.getpid()

@@ -1,0 +1,1 @@
+"""The run driver: a plan's job run for some iterations into a run directory."""

@@ -1,0 +1,1 @@
+"""The built-in task: string transformations with a checkable answer, and its artifacts."""

@@ -1,0 +1,211 @@
+"""Build and cache the task artifacts RL starts from: tokenizer, SFT actor, reward and cost models.
+
+``ensure_artifacts(model, seed)`` returns them at once when the cache holds them, else builds
+them (``tiny``: about 2.5 CPU-minutes on one thread, hybridflow.executor.task.build) into a temporary folder
+and renames it into place, so concurrent callers never see a half-written cache entry.
+The actor is SFT'd on demonstrations half of which are wrong (it knows the format, samples
+the right answer about half the time); the reward model's score correlates with the rule
+score on the actor's samples (Pearson in ``metrics``); the cost model is > 0 exactly when a
+response holds the forbidden letter. Each model is a Hugging
+Face folder (config.json, model.safetensors, tokenizer.json): the format vLLM loads and the
+executor converts to megatron shards. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from hybridflow.executor.task import rules as task
+from hybridflow.executor.task.warmup import SpecialIds
+from hybridflow.simulator.model import load_model
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """Artifact settings that cannot be used, or a damaged cache entry."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything the artifacts depend on; its hash names the cache entry."""
+    model: str = "tiny"
+    seed: int = 0
+    task: task.TaskConfig = field(default_factory=task.TaskConfig)
+    n_train: int = 4096
+    n_eval: int = 256
+    sft_steps: int = 300
+    sft_noise: float = 0.5
+    sft_lr: float = 1e-3
+    batch: int = 64
+    rm_steps: int = 2000
+    rm_lr: float = 3e-4
+    cost_steps: int = 150
+    max_response_len: int = 8
+
+    def __post_init__(self) -> None:
+        for f in ("n_train", "n_eval", "batch", "max_response_len"):
+            if getattr(self, f) <= 0:
+                raise ArtifactError(f"{f} must be positive, got {getattr(self, f)}")
+        for f in ("sft_steps", "rm_steps", "cost_steps"):
+            if getattr(self, f) < 0:
+                raise ArtifactError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if not 0 <= self.sft_noise < 1:
+            raise ArtifactError(f"sft_noise must lie in [0, 1), got {self.sft_noise}")
+        if self.sft_lr <= 0 or self.rm_lr <= 0:
+            raise ArtifactError("learning rates must be positive")
+        if self.max_response_len < self.task.max_answer_len + 1:
+            raise ArtifactError(f"max_response_len {self.max_response_len} cannot hold the "
+                                f"longest answer ({self.task.max_answer_len}) and EOS")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["task"] = self.task.to_dict()
+        d["architecture"] = load_model(self.model).to_dict()
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    def key(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    train: tuple[tuple[int, ...], ...]
+    eval: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.eval:
+            raise ArtifactError("prompt set needs train and eval prompts")
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    root: Path
+    tokenizer_path: Path
+    actor_dir: Path
+    reward_dir: Path
+    cost_dir: Path
+    prompts: PromptSet
+    special: SpecialIds
+    max_response_len: int
+    task: task.TaskConfig
+    metrics: dict
+
+    @cached_property
+    def _tokenizer(self):
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(str(self.tokenizer_path))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """BOS + the prompt's tokens (the layout of every prompt in ``prompts``)."""
+        task.parse_prompt(text)
+        return [self.special.bos] + self._tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        """Text of response ids up to the first EOS (see ``decode_response``)."""
+        return decode_response(self._tokenizer, ids, self.special)
+
+    def decode_prompt(self, ids) -> str:
+        return decode_prompt(self._tokenizer, ids, self.special)
+
+    def score(self, prompt_ids, response_ids) -> float:
+        """The rule score in [0, 1] of a response (token ids) to a prompt (token ids)."""
+        return task.score(self.decode_prompt(prompt_ids), self.decode(response_ids))
+
+    def cost(self, prompt_ids, response_ids) -> float:
+        """The rule cost in [0, 1] (share of forbidden letters) of a response."""
+        return task.cost(self.decode(response_ids), self.task)
+
+
+def decode_response(tok, ids, special: SpecialIds) -> str:
+    """Text of response ids up to the first EOS. An id that is not a literal token of the
+    tokenizer (pad, BOS, unk, or one of the model's unused vocabulary rows) reads as "?", so
+    it costs the rule score a position instead of vanishing."""
+    ids = [int(i) for i in ids]
+    if special.eos in ids:
+        ids = ids[:ids.index(special.eos)]
+    pieces = (tok.id_to_token(i) for i in ids)
+    return "".join("?" if t is None or t in SPECIAL_TOKENS else t for t in pieces)
+
+
+def decode_prompt(tok, ids, special: SpecialIds) -> str:
+    """Text of prompt ids (left padding and BOS dropped)."""
+    ids = [int(i) for i in ids]
+    while ids and ids[0] in (special.pad, special.bos):
+        ids = ids[1:]
+    return decode_response(tok, ids, special)
+
+
+def default_cache_dir() -> Path:
+    """$HYBRIDFLOW_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("HYBRIDFLOW_CACHE"):
+        return Path(os.environ["HYBRIDFLOW_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hybridflow"
+
+
+def ensure_artifacts(model: str = "tiny", seed: int = 0, cache_dir: str | Path | None = None,
+                     settings: BuildSettings | None = None) -> Artifacts:
+    """The cached artifacts of (model, seed), built first if the cache lacks them.
+
+    ``settings`` (tests, experiments) replaces the defaults, model and seed included.
+    """
+    if settings is None:
+        settings = BuildSettings(model=model, seed=seed)
+    spec = load_model(settings.model)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", spec.name)  # a HF name may hold "/"
+    root = cache / f"{name}-seed{settings.seed}-{settings.key()}"
+    if not (root / "meta.json").exists():
+        _build_atomically(settings, root)
+    return load_artifacts(root)
+
+
+def _build_atomically(settings: BuildSettings, root: Path) -> None:
+    """Build into a temporary folder and rename it into place; a lock file makes concurrent
+    callers (several workers starting on a cold cache) wait for one build."""
+    import fcntl
+
+    from hybridflow.executor.task.build import build_all  # torch and transformers only when building
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "meta.json").exists():  # built while we waited
+            return
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build_all(settings, tmp)
+            shutil.rmtree(root, ignore_errors=True)  # a damaged entry without meta.json
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_artifacts(root: str | Path) -> Artifacts:
+    """Artifacts from a built folder (as ``ensure_artifacts`` leaves it)."""
+    root = Path(root)
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        prompts = json.loads((root / "prompts.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"artifact folder {str(root)!r} is incomplete or damaged: {e}") \
+            from None
+    s = meta["settings"]
+    cfg = task.TaskConfig(**{**s["task"], "ops": tuple(s["task"]["ops"])})
+    return Artifacts(
+        root=root, tokenizer_path=root / "tokenizer.json", actor_dir=root / "actor",
+        reward_dir=root / "reward", cost_dir=root / "cost",
+        prompts=PromptSet(train=tuple(map(tuple, prompts["train"])),
+                          eval=tuple(map(tuple, prompts["eval"]))),
+        special=SpecialIds(**meta["special"]), max_response_len=s["max_response_len"],
+        task=cfg, metrics=meta["metrics"])

@@ -1,0 +1,83 @@
+"""`hybridflow plan`: choose placement and parallelism for an RLHF job (auto-mapping).
+
+With no flags: PPO on Llama-2-7B (every role), prompt and response 1,024 tokens, batch 256
+prompts, 2 nodes of 8 A100-80GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from hybridflow.cli.jobargs import JOB_DEFAULTS, InputFileError, add_job_arguments, build_job, read_mapping
+from hybridflow.cli.planfmt import format_plan, format_standard
+from hybridflow.plan import Plan
+from hybridflow.planner.search import Planner
+from hybridflow.simulator.cluster import Cluster, ClusterError
+from hybridflow.simulator.profile import load_profile
+
+DEFAULTS = dict(gpu="a100-80gb", gpus=16, **JOB_DEFAULTS)
+__all__ = ["DEFAULTS", "InputFileError", "build_cluster", "build_job", "configure", "main",
+           "read_mapping"]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument("--gpu", default=None, help=f"GPU kind (a profile name or .yaml path; default {d['gpu']})")
+    p.add_argument("--gpus", type=int, default=None, help=f"number of GPUs (default {d['gpus']})")
+    p.add_argument("--nodes", type=int, help="number of nodes (instead of --gpus)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's)")
+    add_job_arguments(p)
+    p.add_argument("--top", type=int, default=1, help="show the K best plans")
+    p.add_argument("--out", help="write the best plan's JSON here")
+    p.add_argument("--json", action="store_true", help="print the plan JSON (a list if --top > 1)")
+    p.add_argument("--cluster", metavar="FILE", help="cluster file {gpu, nodes, gpus_per_node} (JSON/YAML)")
+    p.add_argument("--export", metavar="FORMAT", help="print the best plan as a verl or openrlhf launch script")
+
+
+def build_cluster(args: argparse.Namespace) -> Cluster:
+    if args.cluster:
+        try:
+            return Cluster.from_dict(read_mapping(args.cluster, "cluster"))
+        except ValueError as e:
+            e.args = (f"{args.cluster}: {e}",)
+            raise
+    gpu = args.gpu or DEFAULTS["gpu"]
+    gpn = args.gpus_per_node or load_profile(gpu).gpus_per_node
+    if args.nodes is not None:
+        cluster = Cluster(gpu, args.nodes, gpn)
+        if args.gpus is not None and args.gpus != cluster.n_gpus:
+            raise ClusterError(f"--gpus {args.gpus} disagrees with --nodes {args.nodes} x "
+                               f"--gpus-per-node {gpn} = {cluster.n_gpus}")
+        return cluster
+    return Cluster.from_gpus(gpu, DEFAULTS["gpus"] if args.gpus is None else args.gpus, gpn)
+
+
+def _export(plan: Plan, fmt: str) -> str:
+    try:
+        from hybridflow.planner.export import export_plan
+    except ImportError as e:
+        raise ValueError(f"--export is not available: hybridflow.planner.export cannot be imported ({e})") from None
+    return export_plan(plan.to_dict(), fmt)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise ValueError(f"--top must be a positive integer, got {args.top}")
+    cluster, job = build_cluster(args), build_job(args)
+    profile = load_profile(cluster.gpu)
+    planner = Planner(job, profile, cluster.gpus_per_node)
+    plans = planner.plan(cluster, args.top)
+    if args.out:
+        plans[0].save(args.out)
+    if args.export:
+        print(_export(plans[0], args.export))
+    elif args.json:
+        out = plans[0].to_dict() if args.top == 1 else [p.to_dict() for p in plans]
+        print(json.dumps(out, indent=2))
+    else:
+        for i, plan in enumerate(plans):
+            print(format_plan(plan, profile, "Best plan" if i == 0 else f"Plan #{i + 1}"))
+        print(format_standard(planner.standard(cluster), plans[0]))
+        if args.out:
+            print(f"\nplan written to {args.out}")
+    return 0

@@ -1,0 +1,172 @@
+"""The plan: sets of colocated roles, GPUs per set, layouts, and the prediction.
+
+plan.json is the only thing the executor reads from the planner; its keys are fixed
+(issue 2): version, cluster, job, sets[{models, gpus, layouts}], predicted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import TRAINED_ROLES, Job
+
+VERSION = 1
+
+
+def layout_kinds(role: str) -> tuple[str, ...]:
+    """The layouts a role needs: the actor trains and generates, critics train (and infer
+    with the same layout), the others only infer."""
+    if role == "actor":
+        return ("train", "generate")
+    return ("train",) if role in TRAINED_ROLES else ("infer",)
+
+
+@dataclass(frozen=True)
+class PlacedSet:
+    models: tuple[str, ...]
+    gpus: int
+    layouts: Mapping[str, Mapping[str, TrainLayout | GenLayout]]
+
+    def __post_init__(self) -> None:
+        if not self.models or len(set(self.models)) != len(self.models):
+            raise LayoutError(f"set: models must be a non-empty list of distinct roles, got "
+                              f"{list(self.models)}")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus <= 0:
+            raise LayoutError(f"set {list(self.models)}: gpus must be a positive integer, got {self.gpus!r}")
+        if set(self.layouts) != set(self.models):
+            raise LayoutError(f"set {list(self.models)}: layouts must name exactly its models, "
+                              f"got {sorted(self.layouts)}")
+        frozen = {}
+        for role in self.models:
+            lay = dict(self.layouts[role])
+            if set(lay) != set(layout_kinds(role)):
+                raise LayoutError(f"set {list(self.models)}: {role} needs layouts "
+                                  f"{', '.join(layout_kinds(role))}, got {', '.join(lay) or 'none'}")
+            main = lay.get("train") or lay["infer"]
+            main.check(self.gpus)
+            if "generate" in lay:
+                lay["generate"].check(self.gpus, lay["train"])
+            frozen[role] = MappingProxyType(lay)
+        object.__setattr__(self, "layouts", MappingProxyType(frozen))
+
+    def layout(self, role: str) -> TrainLayout:
+        """The role's train/infer layout."""
+        lay = self.layouts[role]
+        return lay.get("train") or lay["infer"]
+
+    def generation(self) -> GenLayout:
+        return self.layouts["actor"]["generate"]
+
+    def to_dict(self) -> dict:
+        return {"models": list(self.models), "gpus": self.gpus,
+                "layouts": {r: {k: v.to_dict() for k, v in self.layouts[r].items()}
+                            for r in self.models}}
+
+    @classmethod
+    def from_dict(cls, d: object) -> "PlacedSet":
+        if not isinstance(d, dict) or set(d) != {"models", "gpus", "layouts"}:
+            raise LayoutError(f"set: expected keys models, gpus, layouts, got {d!r}")
+        if not isinstance(d["models"], list) or not isinstance(d["layouts"], dict):
+            raise LayoutError("set: models must be a list and layouts a mapping")
+        layouts = {}
+        for role, lay in d["layouts"].items():
+            if not isinstance(lay, dict):
+                raise LayoutError(f"set: layouts of {role} must be a mapping")
+            layouts[role] = {k: (GenLayout.from_dict(v) if k == "generate" else TrainLayout.from_dict(v))
+                             for k, v in lay.items()}
+        return cls(tuple(d["models"]), d["gpus"], layouts)
+
+
+
+class PlanError(ValueError):
+    """A plan file or plan that is malformed or impossible."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    cluster: Cluster
+    job: Job
+    sets: tuple[PlacedSet, ...]
+    predicted: dict | None = None
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != VERSION:
+            raise PlanError(f"plan: version {self.version!r} is not supported (expected {VERSION})")
+        if not self.sets:
+            raise PlanError("plan: no sets")
+        placed = [r for s in self.sets for r in s.models]
+        dup = sorted({r for r in placed if placed.count(r) > 1})
+        if dup:
+            raise PlanError(f"plan: sets overlap: {', '.join(dup)} placed more than once")
+        rules = [r for r in placed if self.job.is_rule(r)]
+        if rules:
+            raise PlanError(f"plan: {', '.join(rules)} {'is a rule' if len(rules) == 1 else 'are rules'}"
+                            f" (a function on the controller's CPU, no GPUs): leave "
+                            f"{'it' if len(rules) == 1 else 'them'} out of the sets")
+        missing = [r for r in self.job.gpu_roles if r not in placed]
+        extra = [r for r in placed if r not in self.job.roles]
+        if missing or extra:
+            raise PlanError(f"plan: sets must place exactly the {self.job.algorithm} roles "
+                            f"{', '.join(self.job.gpu_roles)}" + (f"; missing {', '.join(missing)}" if missing else "")
+                            + (f"; unknown {', '.join(extra)}" if extra else ""))
+        used = sum(s.gpus for s in self.sets)
+        if used > self.cluster.n_gpus:
+            raise PlanError(f"plan: sets use {used} GPUs but the cluster has {self.cluster.n_gpus}")
+
+    @property
+    def gpus(self) -> int:
+        return sum(s.gpus for s in self.sets)
+
+    def set_of(self, role: str) -> PlacedSet:
+        return next(s for s in self.sets if role in s.models)
+
+    def with_prediction(self, predicted: dict) -> "Plan":
+        return Plan(self.cluster, self.job, self.sets, predicted, self.version)
+
+    def to_dict(self) -> dict:
+        d = {"version": self.version, "cluster": self.cluster.to_dict(),
+             "job": self.job.to_dict(), "sets": [s.to_dict() for s in self.sets]}
+        if self.predicted is not None:
+            d["predicted"] = self.predicted
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanError("plan: expected a JSON object")
+        allowed = {"version", "cluster", "job", "sets", "predicted"}
+        if set(d) - allowed or not {"version", "cluster", "job", "sets"} <= set(d):
+            raise PlanError(f"plan: expected keys {', '.join(sorted(allowed))} "
+                            f"(predicted optional), got {', '.join(sorted(d))}")
+        if not isinstance(d["sets"], list):
+            raise PlanError("plan: sets must be a list")
+        predicted = d.get("predicted")
+        if predicted is not None and not isinstance(predicted, dict):
+            raise PlanError("plan: predicted must be an object")
+        return cls(Cluster.from_dict(d["cluster"]), Job.from_dict(d["job"]),
+                   tuple(PlacedSet.from_dict(s) for s in d["sets"]), predicted, d["version"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file {str(path)!r} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan file {str(path)!r} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            e.args = (f"plan file {str(path)!r}: {e}",)
+            raise
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
