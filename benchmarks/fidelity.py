@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fidelity_plans import build_plans, planner_first  # noqa: E402
 
-STAGES = ("generate", "reshard", "prepare", "train")
+from hybridflow.vocab import STAGES  # noqa: E402
 GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
 def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
     """Wait (up to `limit_s`) until the 1-minute load average is below `max_load` (other
@@ -59,18 +59,20 @@ def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
 def run_plan(name: str, plan: dict, runs: Path, args) -> dict:
     """Run `plan` once; its summary timed over the iterations after the first `args.warmup`
     (or after the run's own warm-up, the critic's, where that is longer)."""
-    from hybridflow.executor.run.driver import run, summarize
     from hybridflow.executor.run.config import RunConfig
+    from hybridflow.executor.run.driver import RunOptions, run, summarize
+    from hybridflow.plan import Plan
     out = runs / name
     t0 = time.perf_counter()
-    res = run(plan, RunConfig(iterations=args.iterations, checkpoint_every=args.iterations),
-              out, profile=args.planning_profile)
+    res = run(Plan.from_dict(plan),
+              RunConfig(iterations=args.iterations, checkpoint_every=args.iterations),
+              out, RunOptions(profile=args.planning_profile))
     print(f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
           flush=True)
     own = res.summary["measured"]["iterations"] - res.summary["measured"]["timed_iterations"]
     warmup = max(args.warmup, own)
-    summary = summarize(res.summary["plan"], res.metrics, res.summary["predicted"],
-                        warmup=warmup)
+    summary = summarize(Plan.from_dict(res.summary["plan"]), res.metrics,
+                        res.summary["predicted"], warmup=warmup)
     summary["each_iteration_s"] = [sum(m["stages"][s] for s in STAGES)
                                    for m in res.metrics[warmup:]]
     return summary

@@ -52,14 +52,15 @@ def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
     """Every role of `job` on all of the cluster's devices, with the layouts given (data
     parallel over all of them for the roles not named)."""
     from hybridflow.plan import Plan
-    from hybridflow.layout import GenLayout, TrainLayout
-    from hybridflow.plan import PlacedSet, layout_kinds
+    from hybridflow.layout import GenLayout, ParallelLayout
+    from hybridflow.plan import PlacedSet
+    from hybridflow.vocab import layout_kinds
     n = cluster.n_gpus
-    plain = {"train": TrainLayout(1, 1, n), "infer": TrainLayout(1, 1, n),
+    plain = {"train": ParallelLayout(1, 1, n), "infer": ParallelLayout(1, 1, n),
              "generate": GenLayout(1, 1, 1)}
     sets = (PlacedSet(job.gpu_roles, n, {
         role: {k: (GenLayout.from_dict(layouts[role][k]) if k == "generate" else
-                   TrainLayout.from_dict(layouts[role][k])) if k in layouts.get(role, {})
+                   ParallelLayout.from_dict(layouts[role][k])) if k in layouts.get(role, {})
                else plain[k] for k in layout_kinds(role)} for role in job.gpu_roles}),)
     return Plan(cluster, job, sets).to_dict()
 
@@ -67,10 +68,11 @@ def _colocated(cluster, job, layouts: dict[str, dict]) -> dict:
 def _split(cluster, job, sets: tuple[tuple[str, ...], ...]) -> dict:
     """The roles in `sets` of equal devices, each role data parallel over its set."""
     from hybridflow.plan import Plan
-    from hybridflow.layout import GenLayout, TrainLayout
-    from hybridflow.plan import PlacedSet, layout_kinds
+    from hybridflow.layout import GenLayout, ParallelLayout
+    from hybridflow.plan import PlacedSet
+    from hybridflow.vocab import layout_kinds
     n = cluster.n_gpus // len(sets)
-    lay = TrainLayout(1, 1, n)
+    lay = ParallelLayout(1, 1, n)
     placed = tuple(PlacedSet(roles, n, {r: {k: GenLayout(1, 1, 1) if k == "generate" else lay
                                             for k in layout_kinds(r)} for r in roles})
                    for roles in sets)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybridflow.executor.controller.batch import Batch  # noqa: E402
 from hybridflow.executor.controller.cluster import Cluster, ClusterConfig  # noqa: E402
-from hybridflow.executor.engines.groups import ParallelLayout  # noqa: E402
+from hybridflow.layout import ParallelLayout  # noqa: E402
 from hybridflow.executor.engines.train_engine import EngineConfig, lm_loss  # noqa: E402
 from hybridflow.executor.controller.protocols import ONE_TO_ALL, register  # noqa: E402
 from hybridflow.executor.controller.worker import Worker  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hybridflow.executor.hybrid_engine.reshard_plan import SCHEMES, ReshardPlan  # noqa: E402
 from hybridflow.executor.engines.vllm_engine import launch_local  # noqa: E402
 from hybridflow.report.markdown import emit, table  # noqa: E402
-from hybridflow.layout import TrainLayout  # noqa: E402
+from hybridflow.layout import ParallelLayout  # noqa: E402
 from hybridflow.simulator.model import ModelSpec, load_model  # noqa: E402
 
 PHASES = ("seconds", "gather_seconds", "assemble_seconds")
@@ -57,7 +57,7 @@ def _rank_main(rank: int, world: int, layout: tuple[int, int, int], tg: int,
     from hybridflow.executor.engines import weights as W
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
     torch.set_num_threads(1)
-    spec, lay = bench_model(), TrainLayout(*layout)
+    spec, lay = bench_model(), ParallelLayout(*layout)
     engines = {s: HybridEngine(spec, ReshardPlan(lay, tg, s)) for s in SCHEMES}
     stage = engines["hybridengine"].stage
     g = torch.Generator().manual_seed(rank)
@@ -88,7 +88,7 @@ def summarise(per_rank: list[dict], scheme: str) -> dict:
             "bytes_per_rank": got[-1], "bytes_differ_by_rank": len(got) > 1}
 
 
-def predicted(scheme: str, spec: ModelSpec, lay: TrainLayout, tg: int) -> dict:
+def predicted(scheme: str, spec: ModelSpec, lay: ParallelLayout, tg: int) -> dict:
     """Table 2 bytes per rank and predicted seconds, from the simulator."""
     from hybridflow.simulator.profile import load_profile
     from hybridflow.simulator.reshard import reshard_bytes_per_rank, reshard_cost
@@ -99,7 +99,7 @@ def predicted(scheme: str, spec: ModelSpec, lay: TrainLayout, tg: int) -> dict:
             "table2_bytes": reshard_bytes_per_rank(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg)}
 
 
-def report(result: dict, spec: ModelSpec, lay: TrainLayout, tg: int, repeats: int,
+def report(result: dict, spec: ModelSpec, lay: ParallelLayout, tg: int, repeats: int,
            load: tuple[float, float]) -> str:
     rows = [[scheme, f"{r['seconds']:.3f}", f"{r['predicted_seconds']:.3f}",
              f"{r['gather_seconds']:.3f}", f"{r['assemble_seconds']:.3f}",
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the table (markdown) here, e.g. reports/reshard.md")
     args = ap.parse_args(argv)
     try:
-        lay = TrainLayout(args.pp, args.tp, args.dp)
+        lay = ParallelLayout(args.pp, args.tp, args.dp)
         ReshardPlan(lay, args.tg)
         if args.repeats < 1:
             raise ValueError("--repeats must be >= 1")

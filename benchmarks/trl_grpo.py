@@ -46,7 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hybridflow.executor.run.config import RunConfig, samples_per_prompt  # noqa: E402
+from hybridflow.executor.run.config import RunConfig  # noqa: E402
+from hybridflow.plan import Plan  # noqa: E402
 
 TRL_MISSING = ("trl_grpo: TRL is not installed in this environment; install the benchmark's "
                "extra packages with: .venv/bin/pip install -r benchmarks/requirements-trl.txt")
@@ -79,11 +80,9 @@ class Workload:
                           reward="rule")
 
 
-def planned_tokens(plan: dict) -> int:
+def planned_tokens(plan: Plan) -> int:
     """Tokens of one iteration as the controller counts them (its tokens/s numerator)."""
-    job = plan["job"]
-    return job["global_batch"] * samples_per_prompt(job) * (job["prompt_len"]
-                                                            + job["response_len"])
+    return plan.job.sequences * plan.job.seq_len
 
 
 def iteration_seconds(t0: float, step_ends: list[float], steps_per_iteration: int
@@ -102,33 +101,33 @@ def throughput(tokens: int, seconds: list[float]) -> tuple[float, float]:
     return mean, tokens / mean
 
 
-def make_plan(w: Workload, devices: int) -> dict:
+def make_plan(w: Workload, devices: int) -> Plan:
     """The planner's best GRPO plan for `devices` local devices (generation pp=1, as
     `hybridflow run` plans its default job)."""
     from hybridflow.planner.search import plan_job
     from hybridflow.simulator.cluster import Cluster
     from hybridflow.simulator.profile import load_profile
     cluster = Cluster.from_gpus("local-cpu", devices, devices)
-    return plan_job(cluster, w.job(), load_profile("local-cpu"), max_gen_pp=1)[0].to_dict()
+    return plan_job(cluster, w.job(), load_profile("local-cpu"), max_gen_pp=1)[0]
 
 
-def describe(plan: dict) -> str:
+def describe(plan: Plan) -> str:
     """A plan's sets with the actor's layouts: 'actor+reference:4 train tp1pp1dp4, gen tp1'."""
     parts = []
-    for s in plan["sets"]:
-        text = f"{'+'.join(s['models'])}:{s['gpus']}"
-        if "actor" in s["layouts"]:
-            train, gen = s["layouts"]["actor"]["train"], s["layouts"]["actor"]["generate"]
-            text += f" train tp{train['tp']}pp{train['pp']}dp{train['dp']}, gen tp{gen['tp']}"
+    for s in plan.sets:
+        text = f"{'+'.join(s.models)}:{s.gpus}"
+        if "actor" in s.models:
+            train, gen = s.layout("actor"), s.generation()
+            text += f" train tp{train.tp}pp{train.pp}dp{train.dp}, gen tp{gen.tp}"
         parts.append(text)
     return "; ".join(parts)
 
 
-def run_hybridflow(plan: dict, w: Workload, devices: int, runs: Path) -> dict:
+def run_hybridflow(plan: Plan, w: Workload, devices: int, runs: Path) -> dict:
     """`hybridflow run` on the plan; one table row."""
     out = runs / f"hybridflow-{devices}dev"
     plan_path = runs / f"plan-{devices}dev.json"
-    plan_path.write_text(json.dumps(plan, indent=1))
+    plan_path.write_text(json.dumps(plan.to_dict(), indent=1))
     cmd = [sys.executable, "-m", "hybridflow.cli.main", "run", str(plan_path), "--iterations",
            str(w.iterations), "--out", str(out), "--devices", str(devices),
            "--seed", str(w.seed)]
@@ -153,7 +152,7 @@ def run_hybridflow(plan: dict, w: Workload, devices: int, runs: Path) -> dict:
                                  for k in ("generate", "reshard", "prepare", "train"))}
 
 
-def prompt_texts(plan: dict, w: Workload, art) -> list[str]:
+def prompt_texts(plan: Plan, w: Workload, art) -> list[str]:
     """The prompts of every iteration in the controller's order, as text."""
     from hybridflow.executor.rl.runtime import Runtime
     rt = Runtime(plan, RunConfig(seed=w.seed), art, cluster=None)  # prompts() needs no cluster
@@ -252,13 +251,13 @@ def run_trl(w: Workload, art, texts: list[str], tokens: int, threads: int) -> di
             "per_iteration_s": [round(x, 3) for x in seconds]}
 
 
-def check_prompts(art, texts: list[str], plan: dict) -> None:
+def check_prompts(art, texts: list[str], plan: Plan) -> None:
     """TRL must see the very token ids hybridflow generates from."""
     tok = trl_tokenizer(art)
     for text in set(texts):
         if tok(text)["input_ids"] != art.encode_prompt(text):
             raise RuntimeError(f"TRL's tokenizer gives other ids for prompt {text!r}")
-    if max(len(art.encode_prompt(t)) for t in texts) > plan["job"]["prompt_len"]:
+    if max(len(art.encode_prompt(t)) for t in texts) > plan.job.prompt_len:
         raise ValueError("a prompt is longer than --prompt-len")
 
 

@@ -1,11 +1,33 @@
-"""Parallel layouts of one model for one stage kind; each checks its own arithmetic."""
+"""Parallel layouts: one model's degrees for one stage kind, and the rank order, in one place.
+
+A :class:`ParallelLayout` (pp, tp, dp; ep for experts, vpp for interleaved pipelines) is
+what the simulator costs, the planner searches, the plan file holds and the executor builds
+its megatron-core groups from. Ranks follow megatron's order, TP innermost, then DP, then PP
+(``RANK_ORDER``): global rank = tp + TP * (dp + DP * pp). Expert-parallel ranks are
+data-parallel ranks (megatron's rule: ep divides dp), tp devices apart.
+
+A :class:`GenLayout` is the actor's generation layout inside its training layout (the
+3D-HybridEngine): pp * tp * micro_dp equals the training pp * tp; the training dp replicates it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from hybridflow.errors import UserError
+
+RANK_ORDER = ("tp", "dp", "pp")  # innermost (consecutive ranks) first
 
 
-class LayoutError(ValueError):
-    """Parallel degrees that do not fit the model or the devices."""
+class LayoutError(UserError):
+    """Parallel degrees that do not fit the model, the devices or each other."""
+
+
+class Coords(NamedTuple):
+    """A rank's place in its layout."""
+    pp: int
+    dp: int
+    tp: int
 
 
 def _degrees(owner: str, **degrees: object) -> None:
@@ -15,34 +37,80 @@ def _degrees(owner: str, **degrees: object) -> None:
 
 
 @dataclass(frozen=True)
-class TrainLayout:
-    """Training or inference layout: pipeline, tensor and data parallel degrees, and the
-    expert parallel degree of a mixture-of-experts model (Megatron's rule: its ep ranks are
-    data-parallel ranks, so ep divides dp; 1 for dense models). The actor generates with the
-    same expert split."""
-    pp: int
-    tp: int
-    dp: int
+class ParallelLayout:
+    """Training or inference layout: pipeline, tensor and data parallel degrees, the expert
+    parallel degree of a mixture-of-experts model (1 for dense models; the actor generates
+    with the same expert split) and megatron's virtual pipeline chunks per rank."""
+    pp: int = 1
+    tp: int = 1
+    dp: int = 1
     ep: int = 1
+    vpp: int | None = None
 
     def __post_init__(self) -> None:
         _degrees("layout", pp=self.pp, tp=self.tp, dp=self.dp, ep=self.ep)
         if self.dp % self.ep:
             raise LayoutError(f"layout: expert parallel ep={self.ep} must divide dp={self.dp}")
+        if self.vpp is not None and (isinstance(self.vpp, bool) or not isinstance(self.vpp, int)
+                                     or self.vpp < 2 or self.pp < 2):
+            raise LayoutError(f"layout: vpp must be None or >= 2 with pp >= 2, got "
+                              f"vpp={self.vpp!r}, pp={self.pp}")
 
+    # ---- sizes ---------------------------------------------------------------------
     @property
     def n_gpus(self) -> int:
         return self.pp * self.tp * self.dp
+
+    world_size = n_gpus
 
     @property
     def model_parallel(self) -> int:
         return self.pp * self.tp
 
+    def size(self, dim: str) -> int:
+        return {"tp": self.tp, "dp": self.dp, "pp": self.pp}[dim]
+
+    # ---- the rank order ------------------------------------------------------------
+    def stride(self, dim: str) -> int:
+        """Ranks between two neighbours along `dim` (tp 1, dp tp, pp tp * dp)."""
+        out = 1
+        for d in RANK_ORDER:
+            if d == dim:
+                return out
+            out *= self.size(d)
+        raise ValueError(f"unknown parallel dimension {dim!r}")
+
+    def span(self, dim: str) -> int:
+        """Consecutive devices one group along `dim` lies within."""
+        return self.stride(dim) * self.size(dim)
+
+    def coords(self, rank: int) -> Coords:
+        if not 0 <= rank < self.n_gpus:
+            raise LayoutError(f"rank {rank} outside a layout of {self.n_gpus} ranks")
+        return Coords(*(rank // self.stride(d) % self.size(d) for d in ("pp", "dp", "tp")))
+
+    def rank_of(self, pp: int, dp: int, tp: int) -> int:
+        return tp * self.stride("tp") + dp * self.stride("dp") + pp * self.stride("pp")
+
+    # ---- checks --------------------------------------------------------------------
     def check(self, n_gpus: int) -> None:
         if self.n_gpus != n_gpus:
             raise LayoutError(f"layout pp={self.pp} tp={self.tp} dp={self.dp} uses {self.n_gpus} "
                               f"GPUs, but its set has {n_gpus}")
 
+    def check_model(self, layers: int, heads: int, kv_heads: int, vocab: int) -> None:
+        """What megatron-core needs of the model: whole layers per pipeline chunk, whole KV
+        heads and vocabulary rows per TP rank."""
+        chunks = self.pp * (self.vpp or 1)
+        if layers % chunks:
+            raise LayoutError(f"{layers} layers do not split over pp={self.pp}"
+                              f"{f' x vpp={self.vpp}' if self.vpp else ''}")
+        if heads % self.tp or kv_heads % self.tp:
+            raise LayoutError(f"tp={self.tp} must divide heads {heads} and kv_heads {kv_heads}")
+        if vocab % self.tp:
+            raise LayoutError(f"tp={self.tp} must divide the vocabulary {vocab}")
+
+    # ---- plan files ----------------------------------------------------------------
     def to_dict(self) -> dict:
         """{pp, tp, dp}, and ep when it is not 1 (plans of dense models stay as they were)."""
         d = {"pp": self.pp, "tp": self.tp, "dp": self.dp}
@@ -51,10 +119,15 @@ class TrainLayout:
         return d
 
     @classmethod
-    def from_dict(cls, d: object) -> "TrainLayout":
+    def from_dict(cls, d: object) -> "ParallelLayout":
         if not isinstance(d, dict) or not {"pp", "tp", "dp"} <= set(d) <= {"pp", "tp", "dp", "ep"}:
             raise LayoutError(f"layout: expected {{pp, tp, dp}} and optionally ep, got {d!r}")
         return cls(d["pp"], d["tp"], d["dp"], d.get("ep", 1))
+
+    def __str__(self) -> str:
+        vpp = f"xVPP{self.vpp}" if self.vpp else ""
+        ep = f"xEP{self.ep}" if self.ep != 1 else ""
+        return f"TP{self.tp}xPP{self.pp}{vpp}xDP{self.dp}{ep}"
 
 
 @dataclass(frozen=True)
@@ -72,7 +145,7 @@ class GenLayout:
     def model_parallel(self) -> int:
         return self.pp * self.tp
 
-    def check(self, n_gpus: int, train: TrainLayout | None = None) -> None:
+    def check(self, n_gpus: int, train: ParallelLayout | None = None) -> None:
         size = self.pp * self.tp * self.micro_dp
         if n_gpus % size:
             raise LayoutError(f"generation layout pp={self.pp} tp={self.tp} micro_dp="

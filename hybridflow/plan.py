@@ -11,27 +11,21 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.errors import UserError, unreadable
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 
 from hybridflow.simulator.cluster import Cluster
-from hybridflow.simulator.job import TRAINED_ROLES, Job
+from hybridflow.simulator.job import Job
+from hybridflow.vocab import layout_kinds
 
 VERSION = 1
-
-
-def layout_kinds(role: str) -> tuple[str, ...]:
-    """The layouts a role needs: the actor trains and generates, critics train (and infer
-    with the same layout), the others only infer."""
-    if role == "actor":
-        return ("train", "generate")
-    return ("train",) if role in TRAINED_ROLES else ("infer",)
 
 
 @dataclass(frozen=True)
 class PlacedSet:
     models: tuple[str, ...]
     gpus: int
-    layouts: Mapping[str, Mapping[str, TrainLayout | GenLayout]]
+    layouts: Mapping[str, Mapping[str, ParallelLayout | GenLayout]]
 
     def __post_init__(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models):
@@ -55,7 +49,7 @@ class PlacedSet:
             frozen[role] = MappingProxyType(lay)
         object.__setattr__(self, "layouts", MappingProxyType(frozen))
 
-    def layout(self, role: str) -> TrainLayout:
+    def layout(self, role: str) -> ParallelLayout:
         """The role's train/infer layout."""
         lay = self.layouts[role]
         return lay.get("train") or lay["infer"]
@@ -78,13 +72,13 @@ class PlacedSet:
         for role, lay in d["layouts"].items():
             if not isinstance(lay, dict):
                 raise LayoutError(f"set: layouts of {role} must be a mapping")
-            layouts[role] = {k: (GenLayout.from_dict(v) if k == "generate" else TrainLayout.from_dict(v))
+            layouts[role] = {k: (GenLayout.from_dict(v) if k == "generate" else ParallelLayout.from_dict(v))
                              for k, v in lay.items()}
         return cls(tuple(d["models"]), d["gpus"], layouts)
 
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan file or plan that is malformed or impossible."""
 
 
@@ -162,6 +156,8 @@ class Plan:
             raise PlanError(f"plan file {str(path)!r} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"plan file {str(path)!r} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise unreadable("plan file", path, e) from None
         try:
             return cls.from_dict(data)
         except ValueError as e:
@@ -169,4 +165,7 @@ class Plan:
             raise
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        try:
+            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        except OSError as e:
+            raise unreadable("cannot write the plan file", path, e) from None

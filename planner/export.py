@@ -7,22 +7,23 @@ from __future__ import annotations
 
 from hybridflow.planner.export_openrlhf import to_openrlhf
 from hybridflow.planner.export_verl import to_verl
+from hybridflow.plan import Plan
 from hybridflow.planner.export_view import ExportError, FrameworkExport
 
 EXPORTERS = {"verl": to_verl, "openrlhf": to_openrlhf}
 FORMATS = tuple(EXPORTERS)
 
 
-def export(plan: dict, fmt: str) -> FrameworkExport:
-    """The structured export; ExportError (a ValueError) for an unknown format or a plan
-    the framework cannot express."""
+def export(plan: Plan | dict, fmt: str) -> FrameworkExport:
+    """The structured export of a plan (or plan dict, validated as a Plan); ExportError for
+    an unknown format or a plan the framework cannot express."""
     if fmt not in EXPORTERS:
         raise ExportError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
     return EXPORTERS[fmt](plan)
 
 
-def export_plan(plan: dict, fmt: str) -> str:
-    """The plan dict (plan JSON) as a runnable shell script for ``fmt``."""
+def export_plan(plan: Plan | dict, fmt: str) -> str:
+    """The plan as a runnable shell script for ``fmt``."""
     return export(plan, fmt).render()
 
 

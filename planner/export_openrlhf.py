@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import OPENRLHF_SOURCE, load_openrlhf_reference
 from hybridflow.planner.export_view import ExportError, FrameworkExport, PlanView, node_split, parse_plan
 
@@ -110,7 +111,7 @@ def _models(v: PlanView) -> tuple[list[str], list[tuple[str, str]]]:
     return args, env + [("PROMPT_DATA", "prompt dataset (--data.prompt_dataset)")]
 
 
-def to_openrlhf(plan: dict) -> FrameworkExport:
+def to_openrlhf(plan: Plan | dict) -> FrameworkExport:
     """The plan as an OpenRLHF command; ExportError for a plan OpenRLHF cannot express."""
     v = parse_plan(plan)
     _check_expressible(v)

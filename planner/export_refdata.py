@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+from hybridflow.errors import UserError
 
 HERE = Path(__file__).resolve().parent  # where `main` writes new lists (a checkout)
 VERL_VERSION = "0.9.1"
@@ -32,7 +33,7 @@ VERL_SOURCE = "verl/trainer/config/_generated_ppo_megatron_trainer.yaml"
 OPENRLHF_SOURCE = "openrlhf/cli/train_ppo_ray.py"
 
 
-class RefDataError(ValueError):
+class RefDataError(UserError):
     """A wheel directory that does not hold the expected source file."""
 
 

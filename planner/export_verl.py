@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 
+from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference
 from hybridflow.planner.export_view import (ExportError, FrameworkExport, PlanView, RoleView, node_split,
                                  parse_plan)
@@ -174,11 +175,11 @@ def _notes(v: PlanView) -> list[str]:
     notes = [f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator predicts; "
              f"larger ones may be faster where memory allows"]
     gen = v.roles["actor"].generate
-    if gen.tp > 1 and gen.dp > 1:
+    if gen.tp > 1 and gen.micro_dp > 1:
         notes.append(
             f"generation TP groups: verl's vLLM rollout takes consecutive ranks "
             f"[0..{gen.tp - 1}], [{gen.tp}..{2 * gen.tp - 1}], ...; the plan's 3D-HybridEngine "
-            f"groups are strided (ranks r, r+{gen.dp}, ...), so resharding costs what "
+            f"groups are strided (ranks r, r+{gen.micro_dp}, ...), so resharding costs what "
             f"`hybridflow simulate --reshard hybridengine-v` predicts")
     ref, actor = v.role("reference"), v.roles["actor"]
     if ref is not None and ref.model != actor.model:
@@ -205,7 +206,7 @@ def _notes(v: PlanView) -> list[str]:
     return notes
 
 
-def to_verl(plan: dict) -> FrameworkExport:
+def to_verl(plan: Plan | dict) -> FrameworkExport:
     """The plan as a verl launch command; ExportError for what verl cannot run."""
     v = parse_plan(plan)
     if v.algorithm not in ADV_ESTIMATOR:

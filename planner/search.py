@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+from hybridflow.errors import UserError
 from hybridflow.planner.cpsat import Config, Instance, Solution, brute_force, solve
 from hybridflow.plan import Plan
 from hybridflow.planner.tables import SetChoice, Tables, set_sizes
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import DoesNotFit
-from hybridflow.simulator.job import STAGES, Job
+from hybridflow.simulator.job import Job
+from hybridflow.vocab import STAGES, Stage
 from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import predict_plan, rule_seconds
 from hybridflow.simulator.profile import Profile, load_profile
@@ -52,7 +54,7 @@ def rule_set(job: Job) -> tuple[tuple[int, ...], tuple[tuple[float, ...], ...]] 
     seconds = rule_seconds(job)
     if seconds <= 0:
         return None
-    return (0,), (tuple(seconds if st == "prepare" else 0.0 for st in STAGES),)
+    return (0,), (tuple(seconds if st == Stage.PREPARE else 0.0 for st in STAGES),)
 
 
 def standard_layouts(job: Job) -> dict[str, Placement]:
@@ -206,7 +208,7 @@ class Planner:
 
     def _check_cluster(self, cluster: Cluster) -> None:
         if cluster.gpus_per_node != self.gpn and cluster.nodes > 1:
-            raise ValueError(f"planner built for {self.gpn}-GPU nodes, cluster has "
+            raise UserError(f"planner built for {self.gpn}-GPU nodes, cluster has "
                              f"{cluster.gpus_per_node}")
 
     def smallest_fit(self, limit: int = SEARCH_LIMIT_GPUS) -> int | None:
@@ -249,7 +251,7 @@ def plan_job(cluster: Cluster, job: Job, profile: Profile | str | None = None, t
     `max_gen_pp` caps the actor's generation pipeline degree (1: TP-only generation, as the
     executor runs it)."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive integer, got {top!r}")
+        raise UserError(f"top must be a positive integer, got {top!r}")
     return _planner(cluster, job, profile, planner, max_gen_pp).plan(cluster, top)
 
 
@@ -261,5 +263,4 @@ def standard_placements(cluster: Cluster, job: Job, profile: Profile | str | Non
     return _planner(cluster, job, profile, planner, max_gen_pp).standard(cluster)
 
 
-__all__ = ["Planner", "plan_job", "standard_placements", "set_partitions", "standard_layouts",
-           "STAGES"]
+__all__ = ["Planner", "plan_job", "standard_placements", "set_partitions", "standard_layouts"]

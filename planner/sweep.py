@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from hybridflow.errors import UserError
 from hybridflow.simulator.costs import DoesNotFit
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot be run as asked (bad range or target)."""
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from hybridflow.simulator.generation import GenShape, gen_shape, generation_cost
-from hybridflow.simulator.job import STAGES, Job
-from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.simulator.job import Job
+from hybridflow.vocab import CRITIC_ROLES, STAGES, Kind, Role
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.profile import Profile
 from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
 from hybridflow.simulator.training import (WEIGHT_BYTES, check_layout, infer_cost, resident_memory,
@@ -42,7 +43,7 @@ def set_sizes(gpus_per_node: int, limit: int) -> list[int]:
 @dataclass(frozen=True)
 class Candidate:
     """One role's train/infer layout on n GPUs."""
-    layout: TrainLayout
+    layout: ParallelLayout
     resident: float
     transient: float
     stages: Stages
@@ -113,28 +114,28 @@ class Tables:
         self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
         self.max_gen_pp = max_gen_pp  # e.g. 1 for an executor that generates with TP only
         self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
-        self._gen: dict[tuple[TrainLayout, int], list[GenOption]] = {}
-        self._gen_s: dict[tuple[TrainLayout, GenLayout, int], float] = {}
-        self._shapes: dict[tuple[TrainLayout, GenLayout], GenShape] = {}
+        self._gen: dict[tuple[ParallelLayout, int], list[GenOption]] = {}
+        self._gen_s: dict[tuple[ParallelLayout, GenLayout, int], float] = {}
+        self._shapes: dict[tuple[ParallelLayout, GenLayout], GenShape] = {}
         self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
         self._partial_cache: dict[tuple[tuple[str, ...], int, bool], list[_Partial]] = {}
 
     # ---- per role -----------------------------------------------------------------
-    def layouts(self, role: str, n: int) -> Iterator[TrainLayout]:
+    def layouts(self, role: str, n: int) -> Iterator[ParallelLayout]:
         spec = self.job.spec(role)
         for t in _powers_of_two(min(self.gpn, n)):
             for p in range(1, spec.layers + 1):
                 if n % (p * t) == 0:
                     dp = n // (p * t)
                     for ep in _expert_degrees(spec.experts, dp):
-                        lay = TrainLayout(p, t, dp, ep)
+                        lay = ParallelLayout(p, t, dp, ep)
                         try:
                             check_layout(self.job, role, lay)
                         except LayoutError:
                             continue
                         yield lay
 
-    def _candidate(self, role: str, lay: TrainLayout) -> Candidate:
+    def _candidate(self, role: str, lay: ParallelLayout) -> Candidate:
         job, prof = self.job, self.profile
         secs = dict.fromkeys(STAGES, 0.0)
         transient = 0.0
@@ -158,7 +159,7 @@ class Tables:
             self._roles[key] = _pareto(cands) if prune and role != "actor" else cands
         return self._roles[key]
 
-    def gen_options(self, train: TrainLayout) -> list[GenOption]:
+    def gen_options(self, train: ParallelLayout) -> list[GenOption]:
         if train not in self._gen:
             spec, opts = self.job.spec("actor"), []
             model_bytes = WEIGHT_BYTES * role_params(self.job, "actor", train.ep)
@@ -176,7 +177,7 @@ class Tables:
             self._gen[train] = opts
         return self._gen[train]
 
-    def generation_seconds(self, train: TrainLayout, opt: GenOption, free: float,
+    def generation_seconds(self, train: ParallelLayout, opt: GenOption, free: float,
                            check: bool = True) -> float | None:
         """Seconds to generate with `free` bytes per GPU left after all residents (None if
         the KV cache of one sequence or the resharding buffer does not fit)."""
@@ -211,7 +212,7 @@ class Tables:
                 self._partial_cache[key] = [_Partial(0.0, 0.0, (0.0,) * len(STAGES), ())]
                 return self._partial_cache[key]
             role, usable = others[-1], self.profile.usable_bytes
-            kind = "train" if role in ("critic", "cost_critic") else "infer"
+            kind = Kind.TRAIN if role in CRITIC_ROLES else Kind.INFER
             merged = [_Partial(p.resident + c.resident, max(p.transient, c.transient),
                                tuple(a + b for a, b in zip(p.stages, c.stages)),
                                p.layouts + ((role, {kind: c.layout}),))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from hybridflow.errors import UserError
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """A cluster description that cannot exist."""
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hybridflow.errors import UserError
 from hybridflow.simulator.profile import Profile, interpolate
 
 GIB = 2**30
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(UserError):
     """A model, layout or set that does not fit in device memory."""
 
 

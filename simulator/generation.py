@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from hybridflow.simulator.costs import Cost, DoesNotFit, GIB, collective, cost, memory, Memory
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, TrainLayout, check_model_fits
+from hybridflow.layout import GenLayout, ParallelLayout, check_model_fits
 from hybridflow.simulator.moe import moe_alltoall_seconds, touched_fraction
 from hybridflow.simulator.profile import Profile, interpolate
 from hybridflow.simulator.training import WEIGHT_BYTES, expert_share, flops_per_token, role_params
@@ -38,7 +38,7 @@ class GenShape:
         return int(max(kv_budget, 0.0) // self.kv_bytes_per_seq)
 
 
-def gen_shape(job: Job, train: TrainLayout, gen: GenLayout, sequences: int) -> GenShape:
+def gen_shape(job: Job, train: ParallelLayout, gen: GenLayout, sequences: int) -> GenShape:
     spec = job.spec("actor")
     check_model_fits(spec.layers, spec.heads, spec.kv_heads, gen.pp, gen.tp)
     replicas = train.dp * gen.micro_dp
@@ -83,7 +83,7 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
                     profile: Profile, gpn: int) -> Cost:
     """Seconds to generate this replica's sequences with `in_flight` KV slots, and the
     controller's generate call(s) (ReMax adds a greedy generation) where measured."""
-    calls = 2 if job.algorithm == "remax" else 1
+    calls = 2 if job.dataflow.greedy_baseline else 1
     measured = measured_generation(job, gen, shape, in_flight, profile, calls)
     if measured is not None:
         return measured

@@ -7,34 +7,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hybridflow.errors import UserError
 from hybridflow.simulator.lengths import ResponseLengths
 from hybridflow.simulator.model import ModelSpec, load_model
+from hybridflow import vocab
+from hybridflow.vocab import (ALGORITHMS, CRITIC_ROLES, RULE, RULE_ROLES, VALUE_ROLES, Algorithm,
+                              Kind, Role, Stage)
 
 
-class JobError(ValueError):
+class JobError(UserError):
     """A job description that cannot run."""
 
 
-ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "ppo": ("actor", "critic", "reference", "reward"),
-    "grpo": ("actor", "reference", "reward"),
-    "remax": ("actor", "reference", "reward"),
-    "safe-rlhf": ("actor", "critic", "reference", "reward", "cost", "cost_critic"),
-}
-STAGES = ("generate", "prepare", "train", "reshard")
-VALUE_ROLES = frozenset({"critic", "reward", "cost", "cost_critic"})  # scalar head, no LM head
-TRAINED_ROLES = frozenset({"actor", "critic", "cost_critic"})
-RULE = "rule"  # a reward or cost computed by a function on the controller's CPU: no GPUs
-RULE_ROLES = frozenset({"reward", "cost"})
 # estimate: a math-answer check (parse the final answer, compare) in Python, per response
 RULE_CPU_S = 1e-3
 
 
 @dataclass(frozen=True)
 class Work:
-    """What one role does in one stage: `kind` is generate, infer, train or rule."""
-    stage: str
-    kind: str
+    """What one role does in one stage."""
+    stage: Stage
+    kind: Kind
     sequences: int
 
 
@@ -60,22 +53,22 @@ class Job:
     _specs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise JobError(f"unknown algorithm {self.algorithm!r}: choose one of "
-                           f"{', '.join(ALGORITHMS)}")
+        algo = vocab.algorithm(self.algorithm, JobError)
         for f in ("prompt_len", "response_len", "global_batch", "ppo_epochs",
                   "mini_batches", "n_samples"):
             _pos(f, getattr(self, f))
         given = dict(self.models)
-        roles = ALGORITHMS[self.algorithm]
+        roles = algo.roles
         if set(given) != set(roles) or len(given) != len(self.models):
             raise JobError(f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
                            f"got {', '.join(r for r, _ in self.models) or 'none'}")
         object.__setattr__(self, "models", tuple((r, given[r]) for r in roles))
-        if self.algorithm == "grpo" and self.n_samples < 2:
-            raise JobError("job: grpo needs n_samples >= 2 responses per prompt")
-        if self.algorithm != "grpo" and self.n_samples != 1:
-            raise JobError(f"job: n_samples applies to grpo only ({self.algorithm} samples one)")
+        if algo.grouped and self.n_samples < 2:
+            raise JobError(f"job: {self.algorithm} needs n_samples >= 2 responses per prompt")
+        if not algo.grouped and self.n_samples != 1:
+            raise JobError(f"job: n_samples applies to "
+                           f"{' and '.join(a.name for a in ALGORITHMS.values() if a.grouped)} "
+                           f"only ({self.algorithm} samples one)")
         if self.sequences % self.mini_batches:
             raise JobError(f"job: {self.sequences} sequences per iteration do not split into "
                            f"{self.mini_batches} equal mini-batches")
@@ -101,8 +94,12 @@ class Job:
             self._specs[role] = spec
 
     @property
-    def roles(self) -> tuple[str, ...]:
+    def dataflow(self) -> Algorithm:
         return ALGORITHMS[self.algorithm]
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return self.dataflow.roles
 
     @property
     def gpu_roles(self) -> tuple[str, ...]:
@@ -112,6 +109,10 @@ class Job:
     @property
     def rule_roles(self) -> tuple[str, ...]:
         return tuple(r for r, m in self.models if m == RULE)
+
+    def model(self, role: str) -> str:
+        """The model name or path of `role` ("rule" for a rule reward or cost)."""
+        return dict(self.models)[role]
 
     def is_rule(self, role: str) -> bool:
         return dict(self.models).get(role) == RULE
@@ -156,19 +157,19 @@ class Job:
 
     def works(self, role: str) -> tuple[Work, ...]:
         """The stages `role` takes part in, with the number of sequences of each."""
-        greedy = self.global_batch if self.algorithm == "remax" else 0  # greedy baseline
+        greedy = self.global_batch if self.dataflow.greedy_baseline else 0
         n = self.sequences
         if self.is_rule(role):
-            return (Work("prepare", "rule", n + (greedy if role == "reward" else 0)),)
-        if role == "actor":
-            return (Work("generate", "generate", n + greedy), Work("prepare", "infer", n),
-                    Work("train", "train", n))
-        if role in ("critic", "cost_critic"):
-            return (Work("prepare", "infer", n), Work("train", "train", n))
-        if role == "reward":
-            return (Work("prepare", "infer", n + greedy),)
-        if role in ("reference", "cost"):
-            return (Work("prepare", "infer", n),)
+            return (Work(Stage.PREPARE, Kind.RULE, n + (greedy if role == Role.REWARD else 0)),)
+        if role == Role.ACTOR:
+            return (Work(Stage.GENERATE, Kind.GENERATE, n + greedy),
+                    Work(Stage.PREPARE, Kind.INFER, n), Work(Stage.TRAIN, Kind.TRAIN, n))
+        if role in CRITIC_ROLES:
+            return (Work(Stage.PREPARE, Kind.INFER, n), Work(Stage.TRAIN, Kind.TRAIN, n))
+        if role == Role.REWARD:
+            return (Work(Stage.PREPARE, Kind.INFER, n + greedy),)
+        if role in (Role.REFERENCE, Role.COST):
+            return (Work(Stage.PREPARE, Kind.INFER, n),)
         raise JobError(f"job: unknown role {role!r}")
 
     def to_dict(self) -> dict:
@@ -176,7 +177,7 @@ class Job:
              "prompt_len": self.prompt_len, "response_len": self.response_len,
              "global_batch": self.global_batch, "ppo_epochs": self.ppo_epochs,
              "mini_batches": self.mini_batches}
-        if self.algorithm == "grpo":
+        if self.dataflow.grouped:
             d["n_samples"] = self.n_samples
         d.update(self.lengths.to_dict())
         if self.rule_roles and self.rule_cpu_s != RULE_CPU_S:
@@ -212,15 +213,14 @@ class Job:
         unknown = set(role_models) - {"critic", "reference", "reward", "cost"}
         if unknown:
             raise JobError(f"job: unknown role option(s) {', '.join(sorted(unknown))}")
-        if algorithm not in ALGORITHMS:
-            raise JobError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        algo = vocab.algorithm(algorithm, JobError)
         chosen = {r: m for r, m in role_models.items() if m}
         chosen.setdefault("cost_critic", chosen.get("critic"))
-        models = tuple((r, chosen.get(r) or model) for r in ALGORITHMS[algorithm])
-        extra = set(chosen) - set(ALGORITHMS[algorithm]) - {"cost_critic"}
+        models = tuple((r, chosen.get(r) or model) for r in algo.roles)
+        extra = set(chosen) - set(algo.roles) - {"cost_critic"}
         if extra:
             raise JobError(f"job: {algorithm} has no {', '.join(sorted(extra))} role")
         if n_samples is None:
-            n_samples = 4 if algorithm == "grpo" else 1
+            n_samples = algo.default_samples
         return cls(algorithm, models, prompt_len, response_len, global_batch, ppo_epochs,
                    mini_batches, n_samples, response_mean, (), rule_cpu_s)

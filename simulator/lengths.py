@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from hybridflow.errors import UserError
 
 
-class LengthError(ValueError):
+class LengthError(UserError):
     """Response lengths that cannot exist."""
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from hybridflow.errors import UserError, unreadable
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model name, file or architecture that cannot be used."""
 
 
@@ -359,6 +360,8 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         raise ModelError(f"model config {str(path)!r} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"model config {str(path)!r} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise unreadable("model config", path, e) from None
     if not isinstance(cfg, dict):
         raise ModelError(f"model config {str(path)!r} is not a JSON object")
     name = cfg.get("_name_or_path") or path.parent.name or path.stem

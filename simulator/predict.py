@@ -11,7 +11,8 @@ from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
 from hybridflow.simulator.generation import GREEDY_RESHARD, decode_steps, gen_shape, generation_cost, \
     kv_memory
-from hybridflow.simulator.job import STAGES, Job
+from hybridflow.simulator.job import Job
+from hybridflow.vocab import STAGES
 from hybridflow.plan import PlacedSet
 from hybridflow.simulator.profile import Profile, load_profile
 from hybridflow.simulator.reshard import SCHEMES, ReshardError, generation_extra_bytes, reshard_cost, \

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from hybridflow import profiles as shipped_profiles
+from hybridflow.errors import unreadable
 
 from hybridflow.simulator.calls import Calls, parse_calls
 from hybridflow.simulator.table import ProfileError, interpolate  # noqa: F401 (re-exported)
@@ -217,4 +218,6 @@ def load_profile(name_or_path: str) -> Profile:
         data = yaml.safe_load(source.read_text())
     except yaml.YAMLError as e:
         raise ProfileError(f"profile {str(source)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    except OSError as e:
+        raise unreadable("profile", source, e) from None
     return _parse(data, stem)

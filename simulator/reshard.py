@@ -9,7 +9,7 @@ from hybridflow.simulator.profile import Profile
 SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
 
 
-class ReshardError(ValueError):
+class ReshardError(LayoutError):
     """Unknown resharding scheme or impossible layouts."""
 
 

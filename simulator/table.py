@@ -5,9 +5,10 @@ from __future__ import annotations
 import bisect
 import math
 from typing import Any
+from hybridflow.errors import UserError
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError):
     """A profile name or file that cannot be used."""
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 from hybridflow.simulator.costs import Cost, Memory, collective, cost, memory
-from hybridflow.simulator.job import TRAINED_ROLES, VALUE_ROLES, Job
-from hybridflow.layout import LayoutError, TrainLayout, check_model_fits
+from hybridflow.simulator.job import Job
+from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES
+from hybridflow.layout import LayoutError, ParallelLayout, check_model_fits
 from hybridflow.simulator.moe import moe_alltoall_seconds
 from hybridflow.simulator.profile import Profile, interpolate
 
@@ -30,7 +31,7 @@ def flops_per_token(job: Job, role: str, context: float) -> float:
     return f
 
 
-def check_ep(job: Job, role: str, layout: TrainLayout) -> None:
+def check_ep(job: Job, role: str, layout: ParallelLayout) -> None:
     spec = job.spec(role)
     if layout.ep > 1 and (not spec.is_moe or spec.experts % layout.ep):
         raise LayoutError(f"{role}: ep={layout.ep} does not divide the model's "
@@ -51,7 +52,7 @@ def expert_share(job: Job, role: str, ep: int = 1) -> int:
     return 0 if job.is_rule(role) else job.spec(role).routed_expert_params // ep
 
 
-def check_layout(job: Job, role: str, layout: TrainLayout) -> None:
+def check_layout(job: Job, role: str, layout: ParallelLayout) -> None:
     spec = job.spec(role)
     check_model_fits(spec.layers, spec.heads, spec.kv_heads, layout.pp, layout.tp)
     check_ep(job, role, layout)
@@ -61,7 +62,7 @@ def check_layout(job: Job, role: str, layout: TrainLayout) -> None:
                           f"mini-batch (a data-parallel rank would have no data)")
 
 
-def resident_memory(job: Job, role: str, layout: TrainLayout) -> Memory:
+def resident_memory(job: Job, role: str, layout: ParallelLayout) -> Memory:
     """Bytes per GPU held for the whole iteration."""
     shard = role_params(job, role, layout.ep) / layout.model_parallel
     if role in TRAINED_ROLES:
@@ -70,11 +71,11 @@ def resident_memory(job: Job, role: str, layout: TrainLayout) -> Memory:
     return memory(weights=WEIGHT_BYTES * shard)
 
 
-def _micro(job: Job, layout: TrainLayout) -> int:
+def _micro(job: Job, layout: ParallelLayout) -> int:
     return math.ceil(job.sequences / (job.mini_batches * layout.dp))
 
 
-def stage_memory(job: Job, role: str, layout: TrainLayout, kind: str) -> Memory:
+def stage_memory(job: Job, role: str, layout: ParallelLayout, kind: str) -> Memory:
     """Transient bytes per GPU during a train or infer stage (1F1B keeps up to pp
     micro-batches of activations on the first stage)."""
     spec = job.spec(role)
@@ -104,7 +105,7 @@ def _intra(gpn: int, span: int) -> bool:
     return span <= gpn
 
 
-def _compute(job: Job, role: str, layout: TrainLayout, profile: Profile, tokens: float,
+def _compute(job: Job, role: str, layout: ParallelLayout, profile: Profile, tokens: float,
              passes: int) -> tuple[float, str]:
     """Seconds of `passes` x forward FLOPs over `tokens` on one model-parallel group."""
     spec = job.spec(role)
@@ -118,7 +119,7 @@ def _compute(job: Job, role: str, layout: TrainLayout, profile: Profile, tokens:
     return work / layout.model_parallel / thr, src
 
 
-def _tp_pp_comm(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
+def _tp_pp_comm(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int,
                 micro_total: float, allreduces_per_layer: int, p2p_per_micro: int
                 ) -> tuple[tuple[float, str], tuple[float, str]]:
     spec = job.spec(role)
@@ -133,11 +134,11 @@ def _tp_pp_comm(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn:
     return (tp, ar_src), pp
 
 
-def _measured_calls(job: Job, role: str, layout: TrainLayout, profile: Profile) -> bool:
+def _measured_calls(job: Job, role: str, layout: ParallelLayout, profile: Profile) -> bool:
     return profile.calls.applies(job.spec(role).name) and layout.ep == 1
 
 
-def measured_train(job: Job, role: str, layout: TrainLayout, profile: Profile) -> Cost | None:
+def measured_train(job: Job, role: str, layout: ParallelLayout, profile: Profile) -> Cost | None:
     """The executor's update call from the profile's per-call tables: ppo_epochs x
     mini_batches optimizer steps of this DP rank's share, and the controller's dispatch;
     None where the tables have no row for this model, layout and set size."""
@@ -155,7 +156,7 @@ def measured_train(job: Job, role: str, layout: TrainLayout, profile: Profile) -
                 ("optimizer_steps", steps * step[1], "measured"), ("dispatch", disp, "measured"))
 
 
-def measured_infer(job: Job, role: str, layout: TrainLayout, profile: Profile,
+def measured_infer(job: Job, role: str, layout: ParallelLayout, profile: Profile,
                    sequences: int) -> Cost | None:
     """Forward calls of the executor (one per batch of the job's sequences: ReMax scores
     its greedy baseline in a call of its own) from the per-call tables, or None."""
@@ -174,7 +175,7 @@ def measured_infer(job: Job, role: str, layout: TrainLayout, profile: Profile,
                 ("dispatch", n_calls * disp, "measured"))
 
 
-def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int) -> Cost:
+def train_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int) -> Cost:
     """PPO updates: ppo_epochs x mini_batches optimizer steps over all sequences."""
     check_layout(job, role, layout)
     measured = measured_train(job, role, layout, profile)
@@ -204,7 +205,7 @@ def train_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: 
                 ("optimizer", steps * opt)) + dispatch_cost(job, job.sequences, "train", profile)
 
 
-def _alltoall(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
+def _alltoall(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int,
               tokens: float, passes: int) -> float:
     """Expert-parallel dispatch and combine of `tokens` tokens of one dp rank: its ep peers
     are the next data-parallel ranks, tp devices apart."""
@@ -212,7 +213,7 @@ def _alltoall(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: i
                                 layout.pp, gpn, passes)
 
 
-def infer_cost(job: Job, role: str, layout: TrainLayout, profile: Profile, gpn: int,
+def infer_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int,
                sequences: int) -> Cost:
     """Forward passes over `sequences` (log-probs, values or scores)."""
     check_model_fits(job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads,

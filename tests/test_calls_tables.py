@@ -9,7 +9,7 @@ from hybridflow.executor.profiler.calls_tables import _pool_by
 from hybridflow.simulator.calls import parse_calls
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, TrainLayout
+from hybridflow.layout import GenLayout, ParallelLayout
 from hybridflow.simulator.model import load_model
 from hybridflow.profiles import shipped
 from hybridflow.simulator.profile import ProfileError, load_profile
@@ -43,7 +43,7 @@ def _profile(tmp_path, calls=CALLS):
 
 
 JOB = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
-DP4 = TrainLayout(1, 1, 4)
+DP4 = ParallelLayout(1, 1, 4)
 
 
 def test_train_and_infer_terms_from_the_tables(tmp_path):
@@ -130,7 +130,7 @@ def test_generate_call_lasts_as_long_as_the_longest_response_of_every_replica(tm
 
 def test_fallback_to_analytic_where_no_row(tmp_path):
     prof = _profile(tmp_path)
-    tp2 = TrainLayout(1, 2, 2)  # no tp 2 rows
+    tp2 = ParallelLayout(1, 2, 2)  # no tp 2 rows
     assert train_cost(JOB, "actor", tp2, prof, 8).sources()["train_compute"] == "roofline"
     other = Job.create("ppo", "tiny-wide", 16, 8, 32, mini_batches=2)
     assert "train_compute" in train_cost(other, "actor", DP4, prof, 8).as_dict()

@@ -83,7 +83,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def probe4(cluster):
-    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.layout import ParallelLayout
     from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerGroup
     g = WorkerGroup(cluster, cluster.create_pool("probe4", 4), worker_cls=ProbeWorker)
@@ -132,7 +132,7 @@ def test_same_pool_in_order_other_pool_concurrently(cluster, probe4):
 
 
 def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
-    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.layout import ParallelLayout
     from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerDiedError, WorkerGroup
     g = WorkerGroup(cluster, cluster.create_pool("victim", 2), worker_cls=ProbeWorker,
@@ -155,7 +155,7 @@ def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
 def test_live_processes_form_new_worlds(cluster):
     """WorkerGroup(actors=...): the same processes as one-rank worlds, then as a world of
     two in the other order; a process still holding a role cannot leave its world."""
-    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.layout import ParallelLayout
     from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerGroup
     pool = cluster.create_pool("reuse", 2)

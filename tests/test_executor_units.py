@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridflow.executor.controller.batch import Batch, BatchError
-from hybridflow.executor.engines.groups import LayoutError, ParallelLayout
+from hybridflow.layout import LayoutError, ParallelLayout
 from hybridflow.executor.controller.protocols import (CallContext, ProtocolError, get_mode, megatron_3d_output_ranks,
                                 register, register_mode, dispatch_mode_of)
 

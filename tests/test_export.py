@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from hybridflow.errors import UserError
 from hybridflow.planner.export import ExportError, export, export_plan
 from hybridflow.planner.export_openrlhf import check_constraints, parse_command
 from hybridflow.planner.export_refdata import load_openrlhf_reference, load_verl_reference
@@ -46,7 +47,7 @@ ALL_IN_ONE = _plan([
                  "reward": {"infer": _lay(1, 8, 16)}}}])
 REWARD_APART = _plan([
     {"models": ["actor", "critic", "reference"], "gpus": 96,
-     "layouts": {"actor": {"train": _lay(2, 4, 12), "generate": {"pp": 1, "tp": 8, "micro_dp": 1}},
+     "layouts": {"actor": {"train": _lay(2, 4, 12), "generate": {"pp": 1, "tp": 4, "micro_dp": 2}},
                  "critic": {"train": _lay(1, 8, 12)}, "reference": {"infer": _lay(1, 8, 12)}}},
     {"models": ["reward"], "gpus": 32, "layouts": {"reward": {"infer": _lay(1, 4, 8)}}}],
     global_batch=1536, mini_batches=4)  # 384 prompts per mini-batch: 32 per actor dp rank
@@ -132,11 +133,30 @@ def test_verl_resource_pools() -> None:
     assert one.extra == "" and "reward.reward_model.enable_resource_pool=true" not in one.render()
 
 
-def test_verl_rejects_what_it_cannot_run() -> None:
+def _safe_rlhf() -> dict:
+    """ALL_IN_ONE with Safe-RLHF's cost model and cost critic beside the others."""
     safe = copy.deepcopy(ALL_IN_ONE)
     safe["job"]["algorithm"] = "safe-rlhf"
+    safe["job"]["models"] = ROLES4 | {"cost": "llama-2-13b", "cost_critic": "llama-2-13b"}
+    s = safe["sets"][0]
+    s["models"] += ["cost", "cost_critic"]
+    s["layouts"] |= {"cost": {"infer": _lay(1, 8, 16)}, "cost_critic": {"train": _lay(1, 8, 16)}}
+    return safe
+
+
+def _without_critic(plan: dict, algorithm: str) -> dict:
+    out = copy.deepcopy(plan)
+    out["job"]["algorithm"] = algorithm
+    out["job"]["models"] = {r: m for r, m in out["job"]["models"].items() if r != "critic"}
+    for s in out["sets"]:
+        s["models"] = [r for r in s["models"] if r != "critic"]
+        s["layouts"].pop("critic", None)
+    return out
+
+
+def test_verl_rejects_what_it_cannot_run() -> None:
     with pytest.raises(ExportError, match="cost"):
-        export_plan(safe, "verl")
+        export_plan(_safe_rlhf(), "verl")
     odd = copy.deepcopy(ALL_IN_ONE)
     odd["sets"][0]["layouts"]["actor"]["train"] = _lay(1, 8, 16)
     odd["job"]["global_batch"], odd["job"]["mini_batches"] = 1000, 125  # 8 prompts over dp 16
@@ -180,7 +200,7 @@ def test_openrlhf_pipeline_layouts_become_zero3() -> None:
 
 @pytest.mark.parametrize("plan, message", [
     (SPLIT, "colocate_all"),
-    (_plan(ALL_IN_ONE["sets"], algorithm="remax"), "no remax trainer"),
+    (_without_critic(ALL_IN_ONE, "remax"), "no remax trainer"),
 ])
 def test_openrlhf_rejects_what_it_cannot_express(plan: dict, message: str) -> None:
     with pytest.raises(ExportError, match=message):
@@ -189,9 +209,14 @@ def test_openrlhf_rejects_what_it_cannot_express(plan: dict, message: str) -> No
 
 def test_openrlhf_grpo_needs_several_samples() -> None:
     one = copy.deepcopy(GRPO)
-    one["job"]["n_samples"] = 1
-    with pytest.raises(ExportError, match="more than one sample"):
+    one["job"]["n_samples"] = 1  # no plan has it: the job refuses it before OpenRLHF's check
+    with pytest.raises(UserError, match="n_samples >= 2"):
         export_plan(one, "openrlhf")
+    ns = parse_command(_command_words(export_plan(GRPO, "openrlhf"),
+                                      "python3 -m openrlhf.cli.train_ppo_ray"))
+    setattr(ns, "rollout.n_samples_per_prompt", 1)
+    with pytest.raises(ExportError, match="more than one sample"):
+        check_constraints(ns)
 
 
 # ---- shared ------------------------------------------------------------------------------
@@ -202,17 +227,18 @@ def test_scripts_are_valid_bash(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda p: p.pop("sets"), "missing sets"),
+    (lambda p: p.pop("sets"), "expected keys"),
     (lambda p: p["sets"][0].update(gpus=0), "positive integer"),
-    (lambda p: p["sets"][0]["models"].append("critic"), "more than one set"),
-    (lambda p: p["sets"][0]["layouts"]["actor"].pop("generate"), "generate layout"),
+    (lambda p: p["sets"][0]["models"].append("critic"), "distinct roles"),
+    (lambda p: p["sets"][0]["layouts"]["actor"].pop("generate"), "needs layouts train, generate"),
     (lambda p: p["sets"][0]["layouts"]["actor"]["train"].update(tp=16), "uses 256 GPUs"),
     (lambda p: p["job"].update(algorithm="dpo"), "unknown algorithm"),
 ])
 def test_bad_plans_get_one_clear_error(mutate, message: str) -> None:
+    """An export validates a plan dict as every plan is (hybridflow.plan), once."""
     plan = copy.deepcopy(ALL_IN_ONE)
     mutate(plan)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(UserError, match=message):
         parse_plan(plan)
 
 

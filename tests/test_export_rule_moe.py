@@ -5,8 +5,9 @@ import copy
 
 import pytest
 
+from hybridflow.errors import UserError
+from hybridflow.planner.export import export
 from hybridflow.planner.search import plan_job
-from hybridflow.planner.export import ExportError, export
 from hybridflow.planner.export_openrlhf import check_constraints, parse_command
 from hybridflow.planner.export_refdata import load_verl_reference
 from hybridflow.planner.export_view import parse_plan
@@ -73,15 +74,20 @@ def test_rule_reward_exports_to_openrlhf_as_a_reward_function() -> None:
     assert any("reward is a rule" in n for n in exp.notes)
 
 
+def _place_the_rule(p: dict) -> None:
+    p["sets"][0]["models"].append("reward")
+    p["sets"][0]["layouts"]["reward"] = {"infer": _lay(1, 2, 8)}
+
+
 @pytest.mark.parametrize("mutate, message", [
-    (lambda p: p["sets"][0]["models"].append("reward"), "is a rule"),
+    (_place_the_rule, "reward is a rule"),
     (lambda p: p["job"]["models"].update(reference="rule"), "reference cannot be a rule"),
-    (lambda p: p["job"]["models"].update(reward="qwen2.5-7b"), r"\['reward'\] are in no set"),
+    (lambda p: p["job"]["models"].update(reward="qwen2.5-7b"), "missing reward"),
 ])
 def test_rule_plans_that_cannot_be_exported(mutate, message: str) -> None:
     plan = copy.deepcopy(RULE)
     mutate(plan)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(UserError, match=message):
         export(plan, "verl")
 
 
@@ -111,7 +117,7 @@ def test_openrlhf_notes_it_has_no_expert_parallelism() -> None:
 def test_ep_must_divide_dp() -> None:
     plan = copy.deepcopy(MOE)
     plan["sets"][0]["layouts"]["actor"]["train"]["ep"] = 3
-    with pytest.raises(ExportError, match="ep 3 must divide dp 8"):
+    with pytest.raises(UserError, match="ep=3 must divide dp=8"):
         export(plan, "verl")
 
 

@@ -8,7 +8,7 @@ import yaml
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, TrainLayout
+from hybridflow.layout import GenLayout, ParallelLayout
 from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import fluid_finish, predict_plan, predict_set
 from hybridflow.profiles import shipped
@@ -57,7 +57,7 @@ def test_sharing_slowdown_interpolates_and_scales_compute(prof):
     assert four.memory_seconds(1e9) == pytest.approx(2 * prof.memory_seconds(1e9))
     assert four.matmul_flops(64, 64, 64)[0] == pytest.approx(prof.matmul_flops(64, 64, 64)[0] / 2)
     job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
-    lay = TrainLayout(1, 1, 4)
+    lay = ParallelLayout(1, 1, 4)
     alone, shared = (train_cost(job, "actor", lay, p, 4).as_dict() for p in (prof, four))
     # 8 sequences per rank, 24 tokens each, 2 layers, 0.002 s per layer per sequence
     assert alone["train_compute"] == pytest.approx(8 * 2 * 0.002)
@@ -67,7 +67,7 @@ def test_sharing_slowdown_interpolates_and_scales_compute(prof):
 
 def test_dispatch_term_per_call(prof):
     job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
-    lay = TrainLayout(1, 1, 4)
+    lay = ParallelLayout(1, 1, 4)
     nbytes = 32 * 24 * 8 * DISPATCH_FIELDS["train"]
     want = 0.004 + 0.02 * (nbytes - 1000) / 1e6
     c = train_cost(job, "actor", lay, prof, 4)
@@ -82,7 +82,7 @@ def test_generation_dispatch_counts_remax_greedy_call(prof):
     costs = {}
     for algo in ("ppo", "remax"):
         job = Job.create(algo, "tiny", 16, 8, 32)
-        shape = gen_shape(job, TrainLayout(1, 1, 4), gen, job.works("actor")[0].sequences)
+        shape = gen_shape(job, ParallelLayout(1, 1, 4), gen, job.works("actor")[0].sequences)
         costs[algo] = generation_cost(job, gen, shape, shape.sequences, prof, 4).as_dict()
     call = 0.004 + 0.02 * (32 * 16 * 8 - 1000) / 1e6  # prompts of the global batch
     assert costs["ppo"]["dispatch"] == pytest.approx(call)
@@ -130,7 +130,7 @@ def test_fluid_core_sharing():
 
 def test_predict_plan_shares_cores_between_concurrent_sets(prof):
     job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
-    lay = TrainLayout(1, 1, 2)
+    lay = ParallelLayout(1, 1, 2)
     a = PlacedSet(("actor", "reward"), 2, {"actor": {"train": lay, "generate": GenLayout(1, 1, 1)},
                                            "reward": {"infer": lay}})
     b = PlacedSet(("critic", "reference"), 2, {"critic": {"train": lay},

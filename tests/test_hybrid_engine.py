@@ -5,10 +5,10 @@ import torch
 from hybridflow.executor.engines import weights as W
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardError, ReshardPlan, split_micro_dp
 from hybridflow.executor.engines.vllm_engine import launch_local
-from hybridflow.layout import TrainLayout
+from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.model import load_model
 
-LAYOUTS = {"t4": TrainLayout(1, 4, 1), "t2d2": TrainLayout(1, 2, 2), "p2t2": TrainLayout(2, 2, 1)}
+LAYOUTS = {"t4": ParallelLayout(1, 4, 1), "t2d2": ParallelLayout(1, 2, 2), "p2t2": ParallelLayout(2, 2, 1)}
 CASES = [(name, tg, scheme) for name, lay in LAYOUTS.items() for tg in (1, 2, 4)
          if lay.tp % tg == 0 for scheme in ("hybridengine", "hybridengine-v", "allgather")]
 
@@ -22,8 +22,9 @@ def table2(scheme: str, p: int, t: int, d: int, tg: int, m: float) -> float:
     return (t * p - tg) / (tg * t * p) * m
 
 
-def train_shard(full, spec, lay: TrainLayout, plan: ReshardPlan, rank: int):
-    s, r, _ = plan.coords(rank)
+def train_shard(full, spec, lay: ParallelLayout, plan: ReshardPlan, rank: int):
+    c = plan.train.coords(rank)
+    s, r = c.pp, c.tp
     return {n: v.clone() for n, v in
             W.split_tp(W.stage_state(full, spec, lay.pp, s), spec, lay.tp, r).items()}
 
@@ -99,22 +100,22 @@ def test_hybridengine_moves_least():
 
 def test_plan_groups_follow_the_paper():
     """Paper §5 example shape: training TP 4 -> generation TP 2 strided, micro-DP consecutive."""
-    plan = ReshardPlan(TrainLayout(1, 4, 1), 2, "hybridengine")
+    plan = ReshardPlan(ParallelLayout(1, 4, 1), 2, "hybridengine")
     assert plan.gen_tp_groups() == [[0, 2], [1, 3]]
     assert plan.micro_dp_groups() == [[0, 1], [2, 3]]
-    v = ReshardPlan(TrainLayout(1, 4, 1), 2, "hybridengine-v")
+    v = ReshardPlan(ParallelLayout(1, 4, 1), 2, "hybridengine-v")
     assert v.gen_tp_groups() == [[0, 1], [2, 3]] and v.gather_groups() == [[0, 1, 2, 3]]
-    pp = ReshardPlan(TrainLayout(2, 2, 1), 2, "hybridengine")
+    pp = ReshardPlan(ParallelLayout(2, 2, 1), 2, "hybridengine")
     assert pp.gen_tp_groups() == [[0, 1], [2, 3]] and pp.micro_dp_groups() == [[0, 2], [1, 3]]
-    dp = ReshardPlan(TrainLayout(1, 2, 2), 1, "hybridengine")
+    dp = ReshardPlan(ParallelLayout(1, 2, 2), 1, "hybridengine")
     assert dp.micro_dp_groups() == [[0, 1], [2, 3]]
 
 
 def test_invalid_plans_raise_value_errors():
     with pytest.raises(ReshardError, match="unknown resharding scheme"):
-        ReshardPlan(TrainLayout(1, 4, 1), 2, "magic")
+        ReshardPlan(ParallelLayout(1, 4, 1), 2, "magic")
     with pytest.raises(ValueError, match="must divide"):
-        ReshardPlan(TrainLayout(1, 2, 2), 4, "hybridengine")
+        ReshardPlan(ParallelLayout(1, 2, 2), 4, "hybridengine")
 
 
 def test_micro_dp_split_covers_every_prompt_once():

@@ -54,17 +54,18 @@ def _run(rank: int, world: int, ckpt: str) -> dict:
     from hybridflow.executor.engines import weights as W
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
     from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
-    from hybridflow.executor.engines.groups import ParallelLayout, build_role_groups
+    from hybridflow.layout import ParallelLayout
+    from hybridflow.executor.engines.groups import build_role_groups
     from hybridflow.executor.engines.train_engine import EngineConfig as TrainConfig
     from hybridflow.executor.engines.train_engine import TrainEngine, lm_loss
     from hybridflow.executor.engines.vllm_engine import EngineConfig, SamplingConfig, VllmEngine
-    from hybridflow.layout import TrainLayout
+    from hybridflow.layout import ParallelLayout
     from hybridflow.simulator.model import load_model
     spec, lay = load_model(MODEL), ParallelLayout(tp=2, pp=2, dp=1)
     cfg = TrainConfig(micro_batch_size=2, lr=1e-2, seed=5)
     plain = TrainEngine("plain", spec, build_role_groups("plain", lay, seed=5), cfg)
     actor = TrainEngine("actor", spec, build_role_groups("actor", lay, seed=5), cfg)
-    he = HybridEngine(spec, ReshardPlan(TrainLayout(2, 2, 1), TG, "hybridengine"),
+    he = HybridEngine(spec, ReshardPlan(ParallelLayout(2, 2, 1), TG, "hybridengine"),
                       lambda g: VllmEngine(EngineConfig(model_dir=ckpt, load_format="dummy",
                                                         tp_groups=tuple(map(tuple, g)))))
     greedy = SamplingConfig(temperature=0.0, max_tokens=4)

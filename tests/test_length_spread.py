@@ -9,7 +9,7 @@ from hybridflow.plan import Plan
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.generation import decode_steps, gen_shape, generation_cost
 from hybridflow.simulator.job import Job, JobError
-from hybridflow.layout import GenLayout, TrainLayout
+from hybridflow.layout import GenLayout, ParallelLayout
 from hybridflow.simulator.lengths import LengthError
 from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import predict_plan
@@ -18,9 +18,9 @@ from hybridflow.simulator.profile import load_profile
 A100 = load_profile("a100-80gb")
 HBM = A100.hbm_bandwidth * A100.eff_memory
 SETS = (PlacedSet(("actor", "reference", "reward"), 8,
-                  {"actor": {"train": TrainLayout(1, 2, 4), "generate": GenLayout(1, 1, 2)},
-                   "reference": {"infer": TrainLayout(1, 1, 8)},
-                   "reward": {"infer": TrainLayout(1, 1, 8)}}),)
+                  {"actor": {"train": ParallelLayout(1, 2, 4), "generate": GenLayout(1, 1, 2)},
+                   "reference": {"infer": ParallelLayout(1, 1, 8)},
+                   "reward": {"infer": ParallelLayout(1, 1, 8)}}),)
 
 
 def _plan(job):
@@ -55,7 +55,7 @@ def test_predicted_says_which_lengths_it_used():
 
 def test_generation_terms_with_spread_by_hand():
     job = Job.create("grpo", "qwen2.5-0.5b", 256, 1000, 4, n_samples=4, response_mean=500)
-    train, gen = TrainLayout(1, 1, 4), GenLayout(1, 1, 1)
+    train, gen = ParallelLayout(1, 1, 4), GenLayout(1, 1, 1)
     shape = gen_shape(job, train, gen, 16)            # 4 sequences per replica
     t = generation_cost(job, gen, shape, 2, A100, 8).as_dict()
     # F(x) = x / 1000 (a = 1): a wave of 2 lasts E[max] = 1000 * 2 / 3 steps

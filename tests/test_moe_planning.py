@@ -13,7 +13,7 @@ from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import collective
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.moe import alltoall_seconds, touched_fraction
 from hybridflow.simulator.profile import load_profile
 from hybridflow.simulator.training import check_layout, resident_memory, role_params, train_cost
@@ -25,19 +25,19 @@ SPEC = JOB.spec("actor")  # 2 layers, hidden 128, 8 experts (top 2) of width 96
 
 
 def test_layout_ep_key_is_optional():
-    assert TrainLayout(1, 2, 4).to_dict() == {"pp": 1, "tp": 2, "dp": 4}
-    assert TrainLayout(1, 2, 4, 2).to_dict() == {"pp": 1, "tp": 2, "dp": 4, "ep": 2}
-    assert TrainLayout.from_dict({"pp": 1, "tp": 2, "dp": 4}).ep == 1
-    assert TrainLayout.from_dict({"pp": 1, "tp": 2, "dp": 4, "ep": 4}).ep == 4
+    assert ParallelLayout(1, 2, 4).to_dict() == {"pp": 1, "tp": 2, "dp": 4}
+    assert ParallelLayout(1, 2, 4, 2).to_dict() == {"pp": 1, "tp": 2, "dp": 4, "ep": 2}
+    assert ParallelLayout.from_dict({"pp": 1, "tp": 2, "dp": 4}).ep == 1
+    assert ParallelLayout.from_dict({"pp": 1, "tp": 2, "dp": 4, "ep": 4}).ep == 4
     for bad in ({"pp": 1, "tp": 2, "dp": 4, "ep": 3}, {"pp": 1, "tp": 2, "dp": 4, "xp": 2},
                 {"pp": 1, "tp": 2, "dp": 4, "ep": 0}):
         with pytest.raises(LayoutError):
-            TrainLayout.from_dict(bad)
+            ParallelLayout.from_dict(bad)
     with pytest.raises(LayoutError, match="experts"):
-        check_layout(Job.create("grpo", "tiny", 64, 64, 8), "actor", TrainLayout(1, 1, 2, 2))
+        check_layout(Job.create("grpo", "tiny", 64, 64, 8), "actor", ParallelLayout(1, 1, 2, 2))
     with pytest.raises(LayoutError, match="experts"):
         check_layout(Job.create("grpo", "qwen3-30b-a3b", 64, 64, 64), "actor",
-                     TrainLayout(1, 1, 6, 3))
+                     ParallelLayout(1, 1, 6, 3))
     assert _expert_degrees(128, 24) == [1, 2, 4, 8] and _expert_degrees(0, 16) == [1]
 
 
@@ -47,12 +47,12 @@ def test_memory_follows_total_params_over_ep():
     for ep in (1, 2, 4):
         shard = (SPEC.params - routed + routed // ep) / 2  # tp 2
         assert role_params(JOB, "actor", ep) == SPEC.params - routed + routed // ep
-        assert resident_memory(JOB, "actor", TrainLayout(1, 2, 4, ep)).as_dict() == \
+        assert resident_memory(JOB, "actor", ParallelLayout(1, 2, 4, ep)).as_dict() == \
             pytest.approx({"weights": 2 * shard, "grads": 4 * shard, "adam": 12 * shard})
 
 
 def test_train_cost_by_hand_with_ep():
-    lay = TrainLayout(1, 2, 4, 2)
+    lay = ParallelLayout(1, 2, 4, 2)
     t = train_cost(JOB, "actor", lay, A100, 8).as_dict()
     tokens = 2 * 2 * 128  # 2 mini-batches x 2 sequences per dp rank, 64 + 64 tokens
     # compute follows the active parameters: 2 of 8 experts per token
@@ -69,11 +69,11 @@ def test_train_cost_by_hand_with_ep():
     grad = collective(A100, "all_reduce", 4 * (shard - experts), 4, True)[0] + \
         collective(A100, "all_reduce", 4 * experts, 2, True)[0]
     assert t["dp_grad_reduce"] == pytest.approx(2 * grad)
-    assert "ep_alltoall" not in train_cost(JOB, "actor", TrainLayout(1, 2, 4), A100, 8).as_dict()
+    assert "ep_alltoall" not in train_cost(JOB, "actor", ParallelLayout(1, 2, 4), A100, 8).as_dict()
 
 
 def test_generation_uses_the_training_expert_split():
-    train, gen = TrainLayout(1, 2, 4, 4), GenLayout(1, 1, 2)
+    train, gen = ParallelLayout(1, 2, 4, 4), GenLayout(1, 1, 2)
     shape = gen_shape(JOB, train, gen, 16)
     routed = SPEC.routed_expert_params
     assert shape.weight_bytes == 2 * (SPEC.params - routed + routed // 4)
@@ -115,7 +115,7 @@ def test_moe_planner_equals_brute_force(gpus):
     exhaustive = brute_force_best(cluster, job, small)
     assert best.predicted["iteration_s"] == pytest.approx(exhaustive[0], rel=1e-6)
     assert any(lay.ep > 1 for s in best.sets for kinds in s.layouts.values()
-               for lay in kinds.values() if isinstance(lay, TrainLayout))
+               for lay in kinds.values() if isinstance(lay, ParallelLayout))
     assert Plan.from_dict(best.to_dict()).to_dict() == best.to_dict()
 
 
@@ -135,8 +135,8 @@ def test_an_expert_parallel_group_waits_for_its_longest_response():
     job = Job.create("grpo", "tiny-moe", 64, 256, 8, n_samples=2, mini_batches=2,
                      response_mean=64)
     gen = GenLayout(1, 1, 2)
-    alone = gen_shape(job, TrainLayout(1, 2, 4), gen, 16)
-    grouped = gen_shape(job, TrainLayout(1, 2, 4, 4), gen, 16)
+    alone = gen_shape(job, ParallelLayout(1, 2, 4), gen, 16)
+    grouped = gen_shape(job, ParallelLayout(1, 2, 4, 4), gen, 16)
     a = generation_cost(job, gen, alone, 1, A100, 8).as_dict()
     g = generation_cost(job, gen, grouped, 1, A100, 8).as_dict()
     hbm = A100.hbm_bandwidth * A100.eff_memory

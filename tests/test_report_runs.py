@@ -54,7 +54,7 @@ def two_runs(tmp_path: Path) -> list[Path]:
 def test_runs_frame_values(two_runs: list[Path]) -> None:
     frame = runs_frame(load_runs(two_runs))
     assert list(frame.columns) == ["plan", "stage", "predicted_s", "measured_s", "error"]
-    assert list(frame["stage"][:5]) == ["generate", "reshard", "prepare", "train", "iteration"]
+    assert list(frame["stage"][:5]) == ["generate", "prepare", "train", "reshard", "iteration"]
     row = frame[(frame["plan"] == "ppo actor+critic@4") & (frame["stage"] == "train")].iloc[0]
     assert row["measured_s"] == 4.0 and row["predicted_s"] == 3.0
     assert row["error"] == pytest.approx(-0.25)
@@ -108,7 +108,7 @@ def _summary(d: Path) -> dict:
         {k: v for k, v in _summary(d).items() if k != "predicted"})), "lacks predicted"),
     (lambda d: (d / "summary.json").write_text(json.dumps(dict(
         _summary(d), measured={"iteration_s": 1, "tokens_per_s": 1,
-                               "stages": {"generate": 1}}))), "stages lacks reshard"),
+                               "stages": {"generate": 1}}))), "stages lacks prepare, train, reshard"),
     (lambda d: (d / "summary.json").write_text(json.dumps(dict(
         _summary(d), measured=times(-1, 0, 0, 0, 1)))), "must be finite and >= 0"),
     (lambda d: (d / "summary.json").write_text(json.dumps(dict(

@@ -42,7 +42,7 @@ def test_table2_prediction_is_the_sharded_model_over_the_schemes(bench):
     spec = bench.bench_model()
     m = bench.sharded_bytes(spec)
     assert 50e6 * 4 <= m <= spec.params * 4  # >= 50 M parameters, norms excluded
-    lay = bench.TrainLayout(1, 4, 1)
+    lay = bench.ParallelLayout(1, 4, 1)
     he, ag = (bench.predicted(s, spec, lay, 2) for s in ("hybridengine", "allgather"))
     assert he["table2_bytes"] == m / 4 and ag["table2_bytes"] == 3 * m / 4
     assert 0 < he["predicted_seconds"] < ag["predicted_seconds"]

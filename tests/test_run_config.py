@@ -6,6 +6,7 @@ import re
 import pytest
 
 from hybridflow.executor.run.config import RunConfig, RunConfigError
+from hybridflow.simulator.job import Job
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -22,9 +23,10 @@ def test_bad_settings_are_named(bad: dict, message: str) -> None:
 
 def test_kl_settings_reach_their_algorithms() -> None:
     cfg = RunConfig(kl_coef=0.3, kl_loss_coef=0.4)
-    assert (cfg.rl("grpo", 8).kl_coef, cfg.rl("grpo", 8).kl_loss_coef) == (0.0, 0.4)
+    grpo = cfg.rl(Job.create("grpo", "tiny", 16, 8, 8, n_samples=8))
+    assert (grpo.kl_coef, grpo.kl_loss_coef, grpo.group_size) == (0.0, 0.4, 8)
     for algorithm in ("ppo", "remax", "safe-rlhf"):
-        rl = cfg.rl(algorithm, 1)
+        rl = cfg.rl(Job.create(algorithm, "tiny", 16, 8, 8))
         assert (rl.kl_coef, rl.kl_loss_coef) == (0.3, 0.0)
 
 

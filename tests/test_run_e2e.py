@@ -14,18 +14,18 @@ import torch
 
 from hybridflow.cli.main import main as cli_main
 from hybridflow.executor.rl import loops
-from hybridflow.executor.run.driver import run
-from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.controller.worker_group import WorkerDiedError
+from hybridflow.executor.run.config import RunConfig
+from hybridflow.executor.run.driver import RunOptions, run
+from hybridflow.plan import Plan
 
 pytestmark = pytest.mark.slow
 
 
-def local_plans(algorithm: str, **job) -> dict[str, dict]:
+def local_plans(algorithm: str, **job) -> dict[str, Plan]:
     """The colocated (all roles on 4 devices) and split (actor+reference on 2 | the rest on
     2) placements of a tiny job, every role data-parallel over its set. Built here rather
     than planned: the planner, on the measured 2-core profile, prefers fewer devices."""
-    from hybridflow.plan import Plan
     from hybridflow.planner.search import standard_layouts
     from hybridflow.simulator.job import Job
     kw = dict(algorithm=algorithm, model="tiny", prompt_len=16, response_len=8,
@@ -41,7 +41,7 @@ def local_plans(algorithm: str, **job) -> dict[str, dict]:
         "job": j.to_dict(),
         "sets": [{"models": list(roles), "gpus": n,
                   "layouts": {r: _dp_layouts(r, n) for r in roles}}
-                 for roles, n in zip(placements[name], sizes[name])]}).to_dict()
+                 for roles, n in zip(placements[name], sizes[name])]})
         for name in sizes}
 
 
@@ -100,16 +100,16 @@ def test_rl_raises_the_rule_score(tmp_path: Path, algorithm: str, placement: str
     assert all(_finite(r) for r in res.metrics)
 
 
-def _tp_plan() -> dict:
+def _tp_plan() -> Plan:
     """PPO colocated on 4 devices: actor trains TP2 x DP2 and generates TP1 x micro-DP2
     (the 3D-HybridEngine gathers inside each micro-DP group); critic PP2 x DP2."""
-    plan = local_plans("ppo")["colocated"]
+    plan = local_plans("ppo")["colocated"].to_dict()
     lay = plan["sets"][0]["layouts"]
     lay["actor"] = {"train": {"pp": 1, "tp": 2, "dp": 2},
                     "generate": {"pp": 1, "tp": 1, "micro_dp": 2}}
     lay["critic"] = {"train": {"pp": 2, "tp": 1, "dp": 2}}
     plan.pop("predicted", None)
-    return plan
+    return Plan.from_dict(plan)
 
 
 def _weights(ckpt: Path) -> dict[str, dict]:
@@ -121,7 +121,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     full = run(plan, RunConfig(iterations=4, checkpoint_every=2), tmp_path / "full")
     run(plan, RunConfig(iterations=2, checkpoint_every=2), tmp_path / "part")
     resumed = run(plan, RunConfig(iterations=4, checkpoint_every=2), tmp_path / "part",
-                  resume=True)
+                  RunOptions(resume=True))
     assert [m["iteration"] for m in resumed.metrics] == [0, 1, 2, 3]
     a = _weights(tmp_path / "full" / "checkpoints" / "iter_000004")
     b = _weights(tmp_path / "part" / "checkpoints" / "iter_000004")
@@ -152,7 +152,7 @@ def test_killed_worker_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path,
 
 
 def test_bad_plans_are_refused_before_any_worker(tmp_path: Path, capsys) -> None:
-    plan = local_plans("ppo")["colocated"]
+    plan = local_plans("ppo")["colocated"].to_dict()
     big = json.loads(json.dumps(plan))
     big["cluster"]["nodes"], big["sets"][0]["gpus"] = 4, 16
     for lay in big["sets"][0]["layouts"].values():

@@ -7,7 +7,7 @@ import pytest
 from hybridflow.simulator.costs import DoesNotFit, collective
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.profile import load_profile
 from hybridflow.simulator.reshard import (redundant_bytes, reshard_bytes_per_rank, reshard_cost,
                                reshard_peak_bytes)
@@ -40,7 +40,7 @@ def test_params_and_flops_match_the_architecture(job):
 
 
 def test_train_terms(job):
-    lay = TrainLayout(pp=2, tp=2, dp=2)
+    lay = ParallelLayout(pp=2, tp=2, dp=2)
     t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
     micro, steps = 16 // (2 * 2), 2          # sequences per dp rank per mini-batch; updates
     seq = 1024
@@ -59,14 +59,14 @@ def test_train_terms(job):
 
 
 def test_inter_node_groups_use_the_nic(job):
-    lay = TrainLayout(pp=1, tp=8, dp=2)      # dp group spans 16 ranks: two nodes
+    lay = ParallelLayout(pp=1, tp=8, dp=2)      # dp group spans 16 ranks: two nodes
     t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
     shard = P / 8
     assert t["dp_grad_reduce"] == pytest.approx(2 * (2 * LAT + 4 * shard / (25e9 * 0.7)))
 
 
 def test_infer_terms(job):
-    lay = TrainLayout(pp=1, tp=2, dp=4)
+    lay = ParallelLayout(pp=1, tp=2, dp=4)
     t = infer_cost(job, "reference", lay, A100, 8, sequences=16).as_dict()
     micro = 16 // 4
     assert t["infer_compute"] == pytest.approx(micro * 1024 * fwd_flops(512) / 2 / FLOPS)
@@ -75,7 +75,7 @@ def test_infer_terms(job):
 
 
 def test_memory_terms(job):
-    lay = TrainLayout(pp=2, tp=2, dp=2)
+    lay = ParallelLayout(pp=2, tp=2, dp=2)
     res = resident_memory(job, "actor", lay).as_dict()
     assert res == pytest.approx({"weights": 2 * P / 4, "grads": 4 * P / 4, "adam": 12 * P / 4})
     assert resident_memory(job, "reference", lay).as_dict() == pytest.approx({"weights": 2 * P / 4})
@@ -87,7 +87,7 @@ def test_memory_terms(job):
 
 
 def test_generation_terms_and_waves(job):
-    train, gen = TrainLayout(1, 2, 4), GenLayout(1, 1, 2)
+    train, gen = ParallelLayout(1, 2, 4), GenLayout(1, 1, 2)
     shape = gen_shape(job, train, gen, 16)
     assert shape.sequences == 2                        # 16 sequences over 4 x 2 replicas
     kv_seq = 2 * L * H * 2 * 1024                      # K and V, bf16, full length
@@ -108,7 +108,7 @@ def test_generation_terms_and_waves(job):
 
 
 def test_generation_tp_allreduce(job):
-    train, gen = TrainLayout(1, 2, 4), GenLayout(1, 2, 1)
+    train, gen = ParallelLayout(1, 2, 4), GenLayout(1, 2, 1)
     shape = gen_shape(job, train, gen, 16)
     t = generation_cost(job, gen, shape, 4, A100, 8).as_dict()
     pre = 2 * LAT + 4 * 512 * H * 2 / NVLINK

@@ -8,7 +8,7 @@ import pytest
 from hybridflow.simulator.cluster import Cluster, ClusterError
 from hybridflow.simulator.costs import DoesNotFit
 from hybridflow.simulator.job import Job, JobError
-from hybridflow.layout import GenLayout, LayoutError, TrainLayout
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import fluid_finish, predict_plan, predict_set
 from hybridflow.simulator.calls import Calls
@@ -25,10 +25,10 @@ def _tiny_plan(sets):
 
 
 SPLIT = (PlacedSet(("actor", "reference"), 2,
-                   {"actor": {"train": TrainLayout(1, 2, 1), "generate": GenLayout(1, 1, 2)},
-                    "reference": {"infer": TrainLayout(1, 1, 2)}}),
+                   {"actor": {"train": ParallelLayout(1, 2, 1), "generate": GenLayout(1, 1, 2)},
+                    "reference": {"infer": ParallelLayout(1, 1, 2)}}),
          PlacedSet(("critic", "reward"), 2,
-                   {"critic": {"train": TrainLayout(2, 1, 1)}, "reward": {"infer": TrainLayout(1, 1, 2)}}))
+                   {"critic": {"train": ParallelLayout(2, 1, 1)}, "reward": {"infer": ParallelLayout(1, 1, 2)}}))
 
 
 def test_tiny_models_on_local_cpu_compose_as_d_cost():
@@ -61,9 +61,9 @@ def test_tiny_models_on_local_cpu_compose_as_d_cost():
 def test_reshard_scheme_changes_only_reshard_and_memory():
     plan = _tiny_plan((PlacedSet(
         ("actor", "critic", "reference", "reward"), 4,
-        {"actor": {"train": TrainLayout(1, 2, 2), "generate": GenLayout(1, 1, 2)},
-         "critic": {"train": TrainLayout(1, 1, 4)}, "reference": {"infer": TrainLayout(1, 1, 4)},
-         "reward": {"infer": TrainLayout(1, 1, 4)}}),))
+        {"actor": {"train": ParallelLayout(1, 2, 2), "generate": GenLayout(1, 1, 2)},
+         "critic": {"train": ParallelLayout(1, 1, 4)}, "reference": {"infer": ParallelLayout(1, 1, 4)},
+         "reward": {"infer": ParallelLayout(1, 1, 4)}}),))
     # the schemes of the analytic model (the per-call table measured the executor's one)
     he, ag = predict_plan(plan, ANALYTIC, "hybridengine"), predict_plan(plan, ANALYTIC, "allgather")
     assert ag.stages["reshard"] > he.stages["reshard"] > 0
@@ -74,7 +74,7 @@ def test_reshard_scheme_changes_only_reshard_and_memory():
 
 def test_memory_limit_names_the_need():
     job = Job.create("ppo", "llama-2-7b", 512, 512, 16)
-    big = PlacedSet(("actor",), 1, {"actor": {"train": TrainLayout(1, 1, 1), "generate": GenLayout(1, 1, 1)}})
+    big = PlacedSet(("actor",), 1, {"actor": {"train": ParallelLayout(1, 1, 1), "generate": GenLayout(1, 1, 1)}})
     with pytest.raises(DoesNotFit, match=r"needs \d+\.\d GiB per GPU, more than the 76.0 GiB usable"):
         predict_set(job, big, load_profile("a100-80gb"), 8)
 
@@ -83,8 +83,8 @@ def test_kv_cache_takes_the_free_memory():
     job = Job.create("grpo", "llama-2-7b", 512, 512, 64, n_samples=8)
     a100 = load_profile("a100-80gb")
     s = PlacedSet(("actor", "reference", "reward"), 8,
-                  {"actor": {"train": TrainLayout(1, 8, 1), "generate": GenLayout(1, 2, 4)},
-                   "reference": {"infer": TrainLayout(1, 1, 8)}, "reward": {"infer": TrainLayout(1, 1, 8)}})
+                  {"actor": {"train": ParallelLayout(1, 8, 1), "generate": GenLayout(1, 2, 4)},
+                   "reference": {"infer": ParallelLayout(1, 1, 8)}, "reward": {"infer": ParallelLayout(1, 1, 8)}})
     roomy = predict_set(job, s, a100, 8)
     tight = predict_set(job, s, dataclasses.replace(a100, hbm_gib=48.0), 8)
     gen = lambda p: p.roles[0].stages["generate"].as_dict()
@@ -100,10 +100,10 @@ def test_kv_cache_takes_the_free_memory():
     (lambda: Job.create("ppo", "tiny", 400, 200, 8), JobError),          # > max_position
     (lambda: Job.create("grpo", "tiny", 64, 64, 8, n_samples=1), JobError),
     (lambda: Job.create("ppo", "gpt-5", 64, 64, 8), ValueError),
-    (lambda: TrainLayout(1, 0, 1), LayoutError),
+    (lambda: ParallelLayout(1, 0, 1), LayoutError),
     (lambda: GenLayout(1, 3, 1).check(4), LayoutError),
-    (lambda: GenLayout(1, 2, 1).check(4, TrainLayout(1, 4, 1)), LayoutError),
-    (lambda: TrainLayout(1, 2, 2).check(8), LayoutError),
+    (lambda: GenLayout(1, 2, 1).check(4, ParallelLayout(1, 4, 1)), LayoutError),
+    (lambda: ParallelLayout(1, 2, 2).check(8), LayoutError),
 ])
 def test_nouns_validate(make, err):
     with pytest.raises(err):

@@ -7,7 +7,7 @@ import yaml
 
 from hybridflow.simulator.costs import collective
 from hybridflow.simulator.job import Job
-from hybridflow.layout import TrainLayout
+from hybridflow.layout import ParallelLayout
 from hybridflow.profiles import shipped
 from hybridflow.simulator.profile import ProfileError, available_profiles, interpolate, load_profile
 from hybridflow.simulator.training import train_cost
@@ -62,12 +62,12 @@ def test_measured_tables_parse_and_are_used(tmp_path):
     thr, src = prof.matmul_flops(1024, 1024, 1024)
     assert src == "measured" and thr == pytest.approx(2 * 1024 ** 3 / 0.1)
     job = Job.create("ppo", "tiny", 64, 64, 8)
-    cost = train_cost(job, "actor", TrainLayout(1, 1, 1), prof, 4)
+    cost = train_cost(job, "actor", ParallelLayout(1, 1, 1), prof, 4)
     src = cost.sources()
     assert src["train_compute"] == "measured"
     # 8 sequences of 128 tokens, 2 layers, table is fwd+bwd seconds per layer
     assert cost.as_dict()["train_compute"] == pytest.approx(8 * 2 * 0.01)
-    tp2 = train_cost(job, "actor", TrainLayout(1, 2, 1), prof, 4)
+    tp2 = train_cost(job, "actor", ParallelLayout(1, 2, 1), prof, 4)
     assert tp2.sources()["tp_allreduce"] == "measured"
 
 
@@ -81,8 +81,8 @@ def test_prediction_reports_sources(tmp_path):
     prof = load_profile(str(_write(tmp_path, measured=MEASURED)))
     job = Job.create("grpo", "tiny", 64, 64, 4, n_samples=2)
     s = PlacedSet(("actor", "reference", "reward"), 1,
-                  {"actor": {"train": TrainLayout(1, 1, 1), "generate": GenLayout(1, 1, 1)},
-                   "reference": {"infer": TrainLayout(1, 1, 1)}, "reward": {"infer": TrainLayout(1, 1, 1)}})
+                  {"actor": {"train": ParallelLayout(1, 1, 1), "generate": GenLayout(1, 1, 1)},
+                   "reference": {"infer": ParallelLayout(1, 1, 1)}, "reward": {"infer": ParallelLayout(1, 1, 1)}})
     pred = predict_plan(SimpleNamespace(cluster=Cluster("local-cpu", 1, 1), job=job, sets=(s,)), prof)
     src = pred.sources()
     assert src["actor"]["generate"] == {"prefill_measured": "measured", "decode_measured": "measured"}

@@ -9,7 +9,7 @@ from hybridflow.executor.engines import weights as W
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan, split_micro_dp
 from hybridflow.executor.engines.vllm_engine import (EngineConfig, EngineError, SamplingConfig, launch_local,
                                   request_seed)
-from hybridflow.layout import TrainLayout
+from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.model import load_model
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27]
            [95, 2, 88, 41], [97, 16, 93, 99, 37], [51, 5, 82], [9, 74, 94, 45, 92]]
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=6)
 SAMPLED = SamplingConfig(temperature=1.0, max_tokens=6, seed=7)  # one seed per prompt index
-LAYOUTS = {"t4": TrainLayout(1, 4, 1), "t2d2": TrainLayout(1, 2, 2), "p2t2": TrainLayout(2, 2, 1)}
+LAYOUTS = {"t4": ParallelLayout(1, 4, 1), "t2d2": ParallelLayout(1, 2, 2), "p2t2": ParallelLayout(2, 2, 1)}
 # every hybridengine layout and tg, plus the two reference schemes once
 CASES = [(n, tg, "hybridengine") for n, lay in LAYOUTS.items() for tg in (1, 2, 4)
          if lay.tp % tg == 0] + [("t4", 2, "hybridengine-v"), ("p2t2", 1, "allgather")]
@@ -68,7 +68,8 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
         lay = LAYOUTS[name]
         plan = ReshardPlan(lay, tg, scheme)
         he = HybridEngine(spec, plan, factory)
-        s, r, k = plan.coords(rank)
+        c = plan.train.coords(rank)
+        s, r, k = c.pp, c.tp, c.dp
         shard = W.split_tp(W.stage_state(full, spec, lay.pp, s), spec, lay.tp, r)
         he.to_generation(shard)
         offset, mine = split_micro_dp(PROMPTS, k, lay.dp)  # the DP split (3D_PROTO's part)

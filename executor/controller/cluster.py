@@ -21,12 +21,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # read when ray is imported/
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
+
+from hybridflow.errors import UserError  # noqa: E402
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
 
 VGPU = "vgpu"
 
 
-class ClusterError(ValueError):
+class RayClusterError(UserError):
     """A cluster that cannot be started, joined or does not have the devices asked for."""
 
 
@@ -38,9 +40,9 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.devices, int) or self.devices < 1:
-            raise ClusterError(f"devices must be a positive integer, got {self.devices!r}")
+            raise RayClusterError(f"devices must be a positive integer, got {self.devices!r}")
         if self.pool_timeout_s <= 0:
-            raise ClusterError("pool_timeout_s must be positive")
+            raise RayClusterError("pool_timeout_s must be positive")
 
     @property
     def join_address(self) -> str | None:
@@ -58,7 +60,7 @@ class ResourcePool:
 
     def __post_init__(self) -> None:
         if self.devices < 1:
-            raise ClusterError(f"pool {self.name!r} needs at least one device")
+            raise RayClusterError(f"pool {self.name!r} needs at least one device")
 
 
 def _cuda_available() -> bool:
@@ -81,7 +83,7 @@ class Cluster:
     def start(cls, config: ClusterConfig | None = None) -> "Cluster":
         config = config or ClusterConfig()
         if ray.is_initialized():
-            raise ClusterError("Ray is already initialised in this process")
+            raise RayClusterError("Ray is already initialised in this process")
         address = config.join_address
         quiet = dict(include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=True)
@@ -89,7 +91,7 @@ class Cluster:
             try:
                 ray.init(address=address, **quiet)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise ClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
+                raise RayClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
             resource = "GPU" if ray.cluster_resources().get("GPU") else VGPU
             return cls(config, started_here=False, tmpdir=None, resource=resource)
         own_tmp = not os.environ.get("RAY_TMPDIR")
@@ -108,10 +110,10 @@ class Cluster:
     def create_pool(self, name: str, devices: int) -> ResourcePool:
         """Reserve `devices` devices (STRICT_PACK on one node when they fit, else PACK)."""
         if name in self.pools:
-            raise ClusterError(f"resource pool {name!r} already exists")
+            raise RayClusterError(f"resource pool {name!r} already exists")
         free = int(ray.available_resources().get(self.resource, 0))
         if devices > free:
-            raise ClusterError(f"pool {name!r} needs {devices} devices, the cluster has "
+            raise RayClusterError(f"pool {name!r} needs {devices} devices, the cluster has "
                                f"{free} free of {self.total_devices} ({self.resource})")
         bundle = {self.resource: 1} if self.resource == VGPU else {"GPU": 1, "CPU": 1}
         per_node = max(int(n["Resources"].get(self.resource, 0)) for n in ray.nodes()
@@ -122,7 +124,7 @@ class Cluster:
         ready, _ = ray.wait([pg.ready()], timeout=self.config.pool_timeout_s)
         if not ready:
             remove_placement_group(pg)
-            raise ClusterError(f"pool {name!r}: {devices} devices not placed within "
+            raise RayClusterError(f"pool {name!r}: {devices} devices not placed within "
                                f"{self.config.pool_timeout_s:.0f} s")
         self.pools[name] = ResourcePool(name, devices, self.resource, pg)
         return self.pools[name]
@@ -171,7 +173,7 @@ def _init_local(kwargs: dict, attempts: int = 3) -> None:
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
             ray.shutdown()
             if "timed out during startup" not in str(e) or attempt == attempts:
-                raise ClusterError(f"cannot start a local Ray: {e}") from e
+                raise RayClusterError(f"cannot start a local Ray: {e}") from e
 
 
 def _shutdown_ref(ref: "weakref.ref[Cluster]") -> None:

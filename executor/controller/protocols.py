@@ -2,7 +2,8 @@
 
 A worker method declares its protocol with ``@register(dispatch_mode=...)``. A mode is a
 pair of functions kept in an open table (:data:`MODES`); other modules add modes with
-:func:`register_mode` (e.g. the generation engine's ``3D_ALL_MICRO_DP``).
+:func:`register_mode`. The table holds the paper's ONE_TO_ALL, ALL_TO_ALL, DP_COMPUTE,
+MEGATRON_3D (3D_PROTO) and the generation engine's 3D_ALL_MICRO_DP.
 
 * ``dispatch(ctx, args, kwargs) -> [(args, kwargs) per rank]``
 * ``collect(ctx, outputs: [output per rank]) -> result``
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from hybridflow.executor.controller.batch import Batch
-from hybridflow.executor.engines.groups import ParallelLayout
+from hybridflow.layout import ParallelLayout
 
 
 class ProtocolError(ValueError):
@@ -138,15 +139,17 @@ def _dp_collect(ctx: CallContext, outputs: list) -> Any:
 
 
 def _megatron_3d(ctx: CallContext, args: tuple, kwargs: dict) -> Dispatched:
+    """Split over DP; the same for the training layout's calls and for generation (each DP
+    replica generates its share, split again over its micro-DP group inside the engine)."""
     layout = ctx.need_layout("MEGATRON_3D")
     per_dp = split_args(args, kwargs, layout.dp)
     # every rank of a DP slice gets it: stage 0 uses the inputs, the last stage the loss fields
-    return [per_dp[layout.coords(r)[1]] for r in range(ctx.world_size)]
+    return [per_dp[layout.coords(r).dp] for r in range(ctx.world_size)]
 
 
 def megatron_3d_output_ranks(layout: ParallelLayout) -> list[int]:
     """Last pipeline stage, TP rank 0, one per DP rank in DP order."""
-    return [layout.rank_of(layout.pp - 1, d, 0) for d in range(layout.dp)]
+    return [layout.rank_of(pp=layout.pp - 1, dp=d, tp=0) for d in range(layout.dp)]
 
 
 def _megatron_3d_collect(ctx: CallContext, outputs: list) -> Any:
@@ -154,7 +157,14 @@ def _megatron_3d_collect(ctx: CallContext, outputs: list) -> Any:
     return merge_outputs([outputs[r] for r in megatron_3d_output_ranks(layout)])
 
 
+def _first_rank_of_replicas(ctx: CallContext, outputs: list) -> Any:
+    """Generation: the first rank of each DP replica (pp 0, tp 0) returns all its completions."""
+    layout = ctx.need_layout("3D_ALL_MICRO_DP")
+    return merge_outputs([outputs[layout.rank_of(pp=0, dp=d, tp=0)] for d in range(layout.dp)])
+
+
 ONE_TO_ALL = register_mode("ONE_TO_ALL", _one_to_all, _as_list).name
 ALL_TO_ALL = register_mode("ALL_TO_ALL", _all_to_all, _as_list).name
 DP_COMPUTE = register_mode("DP_COMPUTE", _dp_compute, _dp_collect).name
 MEGATRON_3D = register_mode("MEGATRON_3D", _megatron_3d, _megatron_3d_collect).name
+GENERATE = register_mode("3D_ALL_MICRO_DP", _megatron_3d, _first_rank_of_replicas).name

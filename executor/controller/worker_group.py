@@ -17,19 +17,24 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from hybridflow.errors import HybridflowError, RunStopped, UserError
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.cluster import Cluster, ResourcePool
-from hybridflow.executor.engines.groups import ParallelLayout
+from hybridflow.layout import ParallelLayout
 from hybridflow.executor.controller.protocols import CallContext, dispatch_mode_of, get_mode
 from hybridflow.executor.controller.worker import Worker
 
 
-class WorkerGroupError(RuntimeError):
-    """A worker group call that failed on some rank."""
+class WorkerGroupError(HybridflowError, RuntimeError):
+    """A worker group call that failed on some rank (the cause chained)."""
 
 
-class WorkerDiedError(WorkerGroupError):
+class WorkerDiedError(WorkerGroupError, RunStopped):
     """A rank's process died."""
+
+
+class WorkerInputError(WorkerGroupError, UserError):
+    """A call a rank refused as bad input (e.g. a checkpoint of another plan)."""
 
 
 class CallFuture:
@@ -75,8 +80,8 @@ class CallFuture:
                                   f"({type(e).__name__}); the group is stopped") from None
         except RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
-            raise WorkerGroupError(f"{self._what(rank)} failed: "
-                                   f"{type(cause).__name__}: {cause}") from cause
+            kind = WorkerInputError if isinstance(cause, UserError) else WorkerGroupError
+            raise kind(f"{self._what(rank)} failed: {type(cause).__name__}: {cause}") from cause
 
 
 class WorkerGroup:

@@ -29,62 +29,7 @@ from typing import Any
 import torch
 
 from hybridflow.executor.engines import cuda_bridge
-
-
-class LayoutError(ValueError):
-    """A parallel layout that does not fit the world or the model."""
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Train/infer degrees of one role: tensor, pipeline and data parallel sizes."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    vpp: int | None = None  # virtual pipeline chunks per rank (interleaved 1F1B)
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LayoutError(f"layout {name} must be a positive integer, got {v!r}")
-        if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 2
-                                     or self.pp < 2):
-            raise LayoutError(f"layout vpp must be None or >= 2 with pp >= 2, got "
-                              f"vpp={self.vpp!r}, pp={self.pp}")
-
-    @classmethod
-    def from_layout(cls, layout: Any) -> "ParallelLayout":
-        """From any object with tp, pp, dp (e.g. hybridflow.layout.TrainLayout)."""
-        return cls(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=getattr(layout, "vpp", None))
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """(pp_rank, dp_rank, tp_rank) of a global rank."""
-        if not 0 <= rank < self.world_size:
-            raise LayoutError(f"rank {rank} outside a layout of {self.world_size} ranks")
-        return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
-
-    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
-        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
-
-    def check_model(self, layers: int, heads: int, kv_heads: int, vocab: int) -> None:
-        chunks = self.pp * (self.vpp or 1)
-        if layers % chunks:
-            raise LayoutError(f"{layers} layers do not split over pp={self.pp}"
-                              f"{f' x vpp={self.vpp}' if self.vpp else ''}")
-        if heads % self.tp or kv_heads % self.tp:
-            raise LayoutError(f"tp={self.tp} must divide heads {heads} and kv_heads {kv_heads}")
-        if vocab % self.tp:
-            raise LayoutError(f"tp={self.tp} must divide the vocabulary {vocab}")
-
-    def __str__(self) -> str:
-        vpp = f"xVPP{self.vpp}" if self.vpp else ""
-        return f"TP{self.tp}xPP{self.pp}{vpp}xDP{self.dp}"
+from hybridflow.layout import LayoutError, ParallelLayout
 
 
 def _state_names() -> list[str]:
@@ -172,15 +117,15 @@ class RoleGroups:
 
     @property
     def pp_rank(self) -> int:
-        return self.layout.coords(self.rank)[0]
+        return self.layout.coords(self.rank).pp
 
     @property
     def dp_rank(self) -> int:
-        return self.layout.coords(self.rank)[1]
+        return self.layout.coords(self.rank).dp
 
     @property
     def tp_rank(self) -> int:
-        return self.layout.coords(self.rank)[2]
+        return self.layout.coords(self.rank).tp
 
     def group(self, kind: str) -> torch.distributed.ProcessGroup:
         names = {"tp": "_TENSOR_MODEL_PARALLEL_GROUP", "pp": "_PIPELINE_MODEL_PARALLEL_GROUP",
@@ -236,5 +181,5 @@ def build_role_groups(role: str, layout: ParallelLayout, seed: int = 1234) -> Ro
             _restore(outer)
     rank = torch.distributed.get_rank()
     tracker = cuda_bridge.new_rng_tracker()
-    cuda_bridge.seed_tracker(tracker, seed, tp_rank=layout.coords(rank)[2])
+    cuda_bridge.seed_tracker(tracker, seed, tp_rank=layout.coords(rank).tp)
     return RoleGroups(role=role, layout=layout, rank=rank, state=state, rng_tracker=tracker)

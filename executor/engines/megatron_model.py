@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from hybridflow.executor.engines import cuda_bridge
-from hybridflow.executor.engines.groups import ParallelLayout, RoleGroups
+from hybridflow.layout import ParallelLayout
+from hybridflow.executor.engines.groups import RoleGroups
 from hybridflow.simulator.model import ModelSpec
 
 with warnings.catch_warnings():

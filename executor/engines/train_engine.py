@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hybridflow.errors import UserError
 from hybridflow.executor.engines import cuda_bridge
 from hybridflow.executor.engines import megatron_model as mm
 from hybridflow.executor.controller.batch import Batch
@@ -41,7 +42,7 @@ with warnings.catch_warnings():
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(UserError):
     """An engine setting that cannot be used."""
 
 

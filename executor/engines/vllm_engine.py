@@ -23,12 +23,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hybridflow.errors import UserError
 from hybridflow.executor.engines.groups import WorldWatch
 
 _VLLM_WORLD = WorldWatch()  # the torch world vLLM's world group belongs to
 
 
-class EngineError(ValueError):
+class EngineError(UserError):
     """Bad engine or sampling settings."""
 
 

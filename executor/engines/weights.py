@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hybridflow.layout import LayoutError
 from hybridflow.simulator.model import ModelSpec
 
 Tensor = torch.Tensor
@@ -45,10 +46,6 @@ _LAYER_PARAMS = {
 _TOP_PARAMS = {EMBED: ("model.embed_tokens.weight", "vocab"),
                OUTPUT: ("lm_head.weight", "vocab"),
                FINAL_NORM: ("model.norm.weight", "replicated")}
-
-
-class LayoutError(ValueError):
-    """A model or parallel degree the weight conversion cannot shard."""
 
 
 def split_kind(name: str) -> str:

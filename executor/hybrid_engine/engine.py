@@ -101,7 +101,8 @@ class HybridEngine:
         self.spec, self.plan, self.dtype = spec, plan, dtype
         self.keep_buffers = keep_buffers
         self.rank = dist.get_rank()
-        self.stage, self.tp_rank, self.dp_rank = plan.coords(self.rank)
+        me = plan.train.coords(self.rank)
+        self.stage, self.tp_rank, self.dp_rank = me.pp, me.tp, me.dp
         self._full_shapes = W.megatron_shapes(spec)
         self._templates: dict[tuple[int, int, bool], tuple] = {}
         self._groups = {kind: self._subgroup(getattr(plan, f"{kind}_groups")())
@@ -159,6 +160,11 @@ class HybridEngine:
                 off += math.prod(shapes[n])
         return entries, slots, off
 
+    def _stage_tp(self, rank: int) -> tuple[int, int]:
+        """(pipeline stage, training TP rank) of a rank: which training shard it holds."""
+        c = self.plan.train.coords(rank)
+        return c.pp, c.tp
+
     def _part(self, r: int) -> int | None:
         """Which part of this rank's generation shard training TP rank r's shard is."""
         step = self.plan.train.tp // self.plan.tg
@@ -174,7 +180,7 @@ class HybridEngine:
         gen = torch.empty(numel, dtype=self.dtype)
         gen_views = {n: gen[o:o + math.prod(sh)].view(sh) for n, o, sh in entries}
         members = self._groups["gather"][0]
-        shards = list(dict.fromkeys(self.plan.coords(m)[:2] for m in members))
+        shards = list(dict.fromkeys(self._stage_tp(m) for m in members))
         offsets = [0]
         for s, r in shards:
             offsets.append(offsets[-1] + self._numel(s, r))
@@ -213,7 +219,8 @@ class HybridEngine:
         step = self.plan.train.tp // self.plan.tg
         ops, received = [], 0
         for m in members:
-            s, r, k = self.plan.coords(m)
+            c = self.plan.train.coords(m)
+            s, r, k = c.pp, c.tp, c.dp
             if m == self.rank:
                 continue
             i = self._part(r) if (s, r) != (self.stage, self.tp_rank) else None

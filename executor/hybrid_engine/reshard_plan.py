@@ -18,18 +18,14 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from hybridflow.layout import GenLayout, LayoutError, TrainLayout
-from hybridflow.simulator.reshard import SCHEMES
-
-
-class ReshardError(ValueError):
-    """Unknown scheme or a generation layout the training layout cannot reach."""
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
+from hybridflow.simulator.reshard import SCHEMES, ReshardError
 
 
 @dataclass(frozen=True)
 class ReshardPlan:
     """Who groups with whom for one (training layout, generation TP, scheme)."""
-    train: TrainLayout
+    train: ParallelLayout
     tg: int
     scheme: str = "hybridengine"
 
@@ -50,13 +46,9 @@ class ReshardPlan:
     def gen(self) -> GenLayout:
         return GenLayout(1, self.tg, self.train.pp * self.train.tp // self.tg)
 
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """(pp_rank, tp_rank, dp_rank) of a global rank."""
-        t, d = self.train.tp, self.train.dp
-        return rank // (t * d), rank % t, (rank // t) % d
-
     def rank(self, s: int, r: int, k: int) -> int:
-        return r + self.train.tp * (k + self.train.dp * s)
+        """Global rank of pipeline stage s, training TP rank r, DP replica k."""
+        return self.train.rank_of(pp=s, dp=k, tp=r)
 
     def _mp(self, k: int, idx: int) -> int:
         """Global rank of model-parallel index idx = r + t·s in DP replica k."""

@@ -194,7 +194,7 @@ def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     layout's calls, so that each row's rounds spread over the whole measurement (this VM's
     speed drifts by ~20% over tens of seconds; a row timed in a block of its own took on
     the speed of that block)."""
-    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.layout import ParallelLayout
     calls, roles = [], []
     for tp, pp, dp in layouts:
         for value in (False, True):
@@ -232,10 +232,10 @@ def engine_batches(spec: ModelSpec, k: int, scheme: str) -> list[tuple[int, list
     engine (the same generation TP groups), in generation_configs' order: a batch is
     measured together, its rounds interleaved."""
     from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
-    from hybridflow.layout import TrainLayout
+    from hybridflow.layout import ParallelLayout
     batches: dict[tuple[tuple[int, ...], ...], tuple[int, list[int]]] = {}
     for tp, tg in generation_configs(spec, k):
-        groups = ReshardPlan(TrainLayout(1, tp, k // tp), tg, scheme).gen_tp_groups()
+        groups = ReshardPlan(ParallelLayout(1, tp, k // tp), tg, scheme).gen_tp_groups()
         batches.setdefault(tuple(map(tuple, groups)), (tg, []))[1].append(tp)
     return list(batches.values())
 
@@ -271,7 +271,7 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     generating at tg with one vLLM engine: all their roles at once, each round through
     every layout's calls, so that rows of the same engine work (micro-DP 1, 2, 4) take
     the same phases of this VM's speed rather than each a block of its own."""
-    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.layout import ParallelLayout
     from hybridflow.executor.rl.worker import RolloutConfig
     from hybridflow.executor.run.config import RunConfig
     cfg = RunConfig()

@@ -25,7 +25,7 @@ def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
     worker group per process of the RankPool `ranks`), the c sets' mean own seconds over
     one set's alone, interleaved rounds (1, 2, .., n sets, then again), the mean over rounds
     (as the call tables: hybridflow.executor.profiler.calls); never decreasing with c."""
-    from hybridflow.executor.engines.groups import ParallelLayout
+    from hybridflow.layout import ParallelLayout
     groups: list = []
     with ranks.lent(groups):
         for i in range(n):

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import MEGATRON_3D, ONE_TO_ALL, register
-from hybridflow.executor.rl.worker import GENERATE, RLWorker
+from hybridflow.executor.controller.protocols import GENERATE
+from hybridflow.executor.rl.worker import RLWorker
 
 
 def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:

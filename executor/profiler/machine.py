@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from hybridflow.errors import UserError
 from hybridflow.executor.profiler import calls
 from hybridflow.executor.profiler import collectives
 from hybridflow.executor.profiler import dispatch
@@ -40,13 +41,13 @@ class ProfileOptions:
 
     def __post_init__(self) -> None:
         if Path(self.out).suffix not in (".yaml", ".yml"):
-            raise ValueError(f"--out must be a .yaml path, got {str(self.out)!r}")
+            raise UserError(f"--out must be a .yaml path, got {str(self.out)!r}")
         if not isinstance(self.devices, int) or self.devices < 2:
-            raise ValueError(f"--devices must be at least 2 (collectives), got {self.devices}")
+            raise UserError(f"--devices must be at least 2 (collectives), got {self.devices}")
         if not isinstance(self.sweeps, int) or self.sweeps < 1:
-            raise ValueError(f"--sweeps must be at least 1, got {self.sweeps}")
+            raise UserError(f"--sweeps must be at least 1, got {self.sweeps}")
         if self.threads_per_rank < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads_per_rank}")
+            raise UserError(f"--threads must be >= 1, got {self.threads_per_rank}")
         if not self.concurrency or 1 not in self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency must include 1 and be positive: {self.concurrency}")
         from hybridflow.simulator.model import load_model

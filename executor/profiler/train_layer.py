@@ -101,7 +101,8 @@ def _torch_rows(grid: TrainLayerGrid, spec: ModelSpec, dev: torch.device) -> lis
 def _megatron_rows(grid: TrainLayerGrid, spec: ModelSpec, seed: int) -> list[dict]:
     """The decoder block of a one-layer megatron GPTModel ([seq, batch, hidden] in and out)."""
     from hybridflow.executor.engines import megatron_model as mm
-    from hybridflow.executor.engines.groups import ParallelLayout, build_role_groups
+    from hybridflow.layout import ParallelLayout
+    from hybridflow.executor.engines.groups import build_role_groups
 
     groups = build_role_groups("profile", ParallelLayout(), seed=seed)
     rows = []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from hybridflow.errors import UserError, unreadable
 from hybridflow.executor.profiler.ops import OpTables, slowdown
 
 
@@ -191,9 +192,12 @@ def _clean(value: object) -> object:
 def write_profile(profile: dict, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in (".yaml", ".yml"):
-        raise ValueError(f"profile output must end in .yaml, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"profile output must end in .yaml, got {str(path)!r}")
     head = (f"# Measured by `hybridflow profile` on {profile['generated']['device']} "
             f"({profile['generated']['backend']}). Format: profiles/README.md.\n")
-    path.write_text(head + yaml.safe_dump(_clean(profile), sort_keys=False, width=100))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(head + yaml.safe_dump(_clean(profile), sort_keys=False, width=100))
+    except OSError as e:
+        raise unreadable("cannot write the profile", path, e) from None
     return path

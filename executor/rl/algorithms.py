@@ -11,16 +11,19 @@ slice of the batch dict; both return ``(loss, metrics)``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from hybridflow.errors import UserError
+from hybridflow.vocab import ALGORITHMS, unknown_algorithm
+
 KL_KINDS = ("k1", "abs", "k2", "k3")
-ALGORITHMS = ("ppo", "grpo", "remax", "safe-rlhf")
 
 
-class AlgorithmError(ValueError):
+class AlgorithmError(UserError):
     """An RL setting that cannot be used."""
 
 
@@ -267,8 +270,7 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
-            raise AlgorithmError(f"unknown algorithm {self.algorithm!r}; expected one of "
-                                 f"{ALGORITHMS}")
+            raise AlgorithmError(unknown_algorithm(self.algorithm))
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise AlgorithmError(f"gamma and lambda must lie in [0, 1], got {self.gamma}, "
                                  f"{self.lam}")
@@ -279,12 +281,12 @@ class RLConfig:
         for kind in (self.kl_kind, self.kl_loss_kind):
             if kind not in KL_KINDS:
                 raise AlgorithmError(f"unknown KL estimator {kind!r}; expected {KL_KINDS}")
-        if self.algorithm == "grpo" and self.group_size < 2:
-            raise AlgorithmError("GRPO needs group_size >= 2 responses per prompt")
+        if ALGORITHMS[self.algorithm].grouped and self.group_size < 2:
+            raise AlgorithmError(f"{self.algorithm} needs group_size >= 2 responses per prompt")
 
     @property
     def uses_critic(self) -> bool:
-        return self.algorithm in ("ppo", "safe-rlhf")
+        return bool(ALGORITHMS[self.algorithm].critics)
 
 
 def actor_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig
@@ -323,32 +325,77 @@ def critic_loss(values: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLCon
     return loss, {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
+Estimator = Callable[["RLConfig", dict[str, torch.Tensor], float, float], dict[str, torch.Tensor]]
+ESTIMATORS: dict[str, Estimator] = {}  # algorithm name -> its advantage estimator
+
+
+def estimator(name: str) -> Callable[[Estimator], Estimator]:
+    """Register the advantage estimator of the algorithm `name` (hybridflow.vocab)."""
+    def add(fn: Estimator) -> Estimator:
+        assert name in ALGORITHMS and name not in ESTIMATORS, name
+        ESTIMATORS[name] = fn
+        return fn
+    return add
+
+
 def compute_advantages(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
                        lagrange: float = 0.0) -> dict[str, torch.Tensor]:
-    """The controller's prepare step: advantages (and returns) of a whole batch.
+    """The controller's prepare step: advantages (and returns) of a whole batch, by the
+    estimator registered for cfg.algorithm.
 
-    Batch keys: response_mask, scores; log_probs and ref_log_probs when kl_coef > 0 or for
-    PPO/ReMax/Safe-RLHF; values (PPO, Safe-RLHF); costs and cost_values (Safe-RLHF);
-    baseline_scores (ReMax). Returns advantages, plus returns / cost_returns for critics,
-    token_rewards and kl where they apply.
+    Batch keys: response_mask, scores; log_probs and ref_log_probs where the KL is a token
+    reward; values (critics); costs and cost_values (Safe-RLHF); baseline_scores (ReMax).
+    Returns advantages, plus returns / cost_returns for critics, token_rewards and kl where
+    they apply.
     """
-    mask = batch["response_mask"]
-    if cfg.algorithm == "grpo":
-        return {"advantages": grpo_advantages(batch["scores"], mask, cfg.group_size)}
+    return ESTIMATORS[cfg.algorithm](cfg, batch, kl_coef, lagrange)
+
+
+def _token_rewards(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float
+                   ) -> dict[str, torch.Tensor]:
     rewards, kl = token_level_rewards(batch["scores"], batch["log_probs"],
-                                      batch["ref_log_probs"], mask, kl_coef, cfg.kl_kind)
-    out = {"token_rewards": rewards, "kl": kl}
-    if cfg.algorithm == "remax":
-        out["advantages"] = remax_advantages(rewards, batch["baseline_scores"], mask)
-        return out
-    adv, out["returns"] = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-    if cfg.algorithm == "safe-rlhf":
-        cost_rewards = terminal_rewards(batch["costs"], mask, rewards.dtype)
-        cost_adv, out["cost_returns"] = gae(cost_rewards, batch["cost_values"], mask,
-                                            cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv, cost_adv = masked_whiten(adv, mask), masked_whiten(cost_adv, mask)
-        out["advantages"] = safe_rlhf_advantages(adv, cost_adv, lagrange)
-        return out
+                                      batch["ref_log_probs"], batch["response_mask"], kl_coef,
+                                      cfg.kl_kind)
+    return {"token_rewards": rewards, "kl": kl}
+
+
+@estimator("grpo")
+def grpo_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
+                  lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+    return {"advantages": grpo_advantages(batch["scores"], batch["response_mask"],
+                                          cfg.group_size)}
+
+
+@estimator("remax")
+def remax_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
+                   lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+    out = _token_rewards(cfg, batch, kl_coef)
+    out["advantages"] = remax_advantages(out["token_rewards"], batch["baseline_scores"],
+                                         batch["response_mask"])
+    return out
+
+
+@estimator("ppo")
+def ppo_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
+                 lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+    mask = batch["response_mask"]
+    out = _token_rewards(cfg, batch, kl_coef)
+    adv, out["returns"] = gae(out["token_rewards"], batch["values"], mask, cfg.gamma, cfg.lam)
     out["advantages"] = masked_whiten(adv, mask) if cfg.whiten_advantages else adv
+    return out
+
+
+@estimator("safe-rlhf")
+def safe_rlhf_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
+                       lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+    mask = batch["response_mask"]
+    out = _token_rewards(cfg, batch, kl_coef)
+    rewards = out["token_rewards"]
+    adv, out["returns"] = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+    cost_rewards = terminal_rewards(batch["costs"], mask, rewards.dtype)
+    cost_adv, out["cost_returns"] = gae(cost_rewards, batch["cost_values"], mask, cfg.gamma,
+                                        cfg.lam)
+    if cfg.whiten_advantages:
+        adv, cost_adv = masked_whiten(adv, mask), masked_whiten(cost_adv, mask)
+    out["advantages"] = safe_rlhf_advantages(adv, cost_adv, lagrange)
     return out

@@ -1,7 +1,8 @@
 """One iteration of each algorithm over the worker groups (the paper's §4 controller).
 
 generate -> reference log-probs, values, rewards -> advantages on the controller ->
-critic and actor updates. Each function returns the iteration's metrics.
+critic and actor updates. Each loop returns the iteration's metrics and is registered with
+``@loop(name)`` under its algorithm's name (hybridflow.vocab).
 """
 from __future__ import annotations
 
@@ -12,8 +13,21 @@ import torch
 from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.rl.worker import ActorLoss, CriticLoss
-from hybridflow.executor.run.config import samples_per_prompt
 from hybridflow.executor.rl.runtime import Runtime
+from hybridflow.vocab import ALGORITHMS, Role, Stage
+
+Loop = Callable[[Runtime, int, dict], dict]
+LOOPS: dict[str, Loop] = {}  # algorithm name -> one iteration of it
+
+
+def loop(name: str) -> Callable[[Loop], Loop]:
+    """Register the controller loop of the algorithm `name`."""
+    def add(fn: Loop) -> Loop:
+        assert name in ALGORITHMS and name not in LOOPS, name
+        LOOPS[name] = fn
+        return fn
+    return add
+
 
 LOGP = "response_outputs"
 SCORE = "sequence_scores"
@@ -21,8 +35,7 @@ SCORE = "sequence_scores"
 
 def _scored(rt: Runtime, batch: Batch, wanted: dict[str, tuple[str, str]]) -> Batch:
     """Run the model outputs; rule-based reward/cost (a function, no model) on the controller."""
-    models = rt.plan["job"]["models"]
-    rules = {k: v for k, v in wanted.items() if models.get(v[0]) == "rule"}
+    rules = {k: v for k, v in wanted.items() if rt.plan.job.is_rule(v[0])}
     batch = rt.outputs(batch, {k: v for k, v in wanted.items() if k not in rules})
     extra = {k: rt.rule(batch, "score" if role == "reward" else "cost")
              for k, (role, _) in rules.items()}
@@ -51,72 +64,76 @@ def _metrics(rt: Runtime, batch: Batch, train: dict[str, float], **extra: float)
 
 
 def _rl(rt: Runtime) -> alg.RLConfig:
-    job = rt.plan["job"]
-    return rt.cfg.rl(job["algorithm"], samples_per_prompt(job))
+    return rt.cfg.rl(rt.plan.job)
 
 
 def _losses(rt: Runtime, rl: alg.RLConfig, roles: tuple[str, ...]) -> dict[str, Callable]:
-    P, R = rt.plan["job"]["prompt_len"], rt.plan["job"]["response_len"]
+    P, R = rt.plan.job.prompt_len, rt.plan.job.response_len
     out: dict[str, Any] = {}
     for role in roles:
-        out[role] = (ActorLoss(rl, P, R) if role == "actor" else
-                     CriticLoss(rl, P, R, "cost_" if role == "cost_critic" else ""))
+        out[role] = (ActorLoss(rl, P, R) if role == Role.ACTOR else
+                     CriticLoss(rl, P, R, "cost_" if role == Role.COST_CRITIC else ""))
     return out
 
 
-def _trained(rt: Runtime, it: int, critics: tuple[str, ...]) -> tuple[str, ...]:
-    """The critics, and the actor once the critic warm-up iterations are over."""
-    return critics + (("actor",) if it >= rt.cfg.critic_warmup else ())
+def _trained(rt: Runtime, it: int) -> tuple[str, ...]:
+    """The algorithm's critics, and the actor once the critic warm-up iterations are over."""
+    critics = rt.plan.job.dataflow.critics
+    return critics + ((Role.ACTOR,) if not critics or it >= rt.cfg.critic_warmup else ())
 
 
+@loop("ppo")
 def ppo(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
     batch = rt.generate(rt.prompts(it), it)
-    with rt.stage("prepare"):
+    with rt.stage(Stage.PREPARE):
         batch = _scored(rt, batch, {"old_log_probs": ("actor", LOGP),
                                     "ref_log_probs": ("reference", LOGP),
                                     "values": ("critic", LOGP), "scores": ("reward", SCORE)})
         batch = _advantages(rt, batch, rl)
-    with rt.stage("train"):
-        train = rt.update(_losses(rt, rl, _trained(rt, it, ("critic",))), batch)
+    with rt.stage(Stage.TRAIN):
+        train = rt.update(_losses(rt, rl, _trained(rt, it)), batch)
     return _metrics(rt, batch, train)
 
 
+@loop("grpo")
 def grpo(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
     batch = rt.generate(rt.prompts(it), it, n=rl.group_size)
-    with rt.stage("prepare"):
+    with rt.stage(Stage.PREPARE):
         wanted = {"old_log_probs": ("actor", LOGP), "scores": ("reward", SCORE)}
         if "reference" in rt.groups:
             wanted["ref_log_probs"] = ("reference", LOGP)
         batch = _advantages(rt, _scored(rt, batch, wanted), rl)
-    with rt.stage("train"):
-        train = rt.update(_losses(rt, rl, ("actor",)), batch)
+    with rt.stage(Stage.TRAIN):
+        train = rt.update(_losses(rt, rl, _trained(rt, it)), batch)
     return _metrics(rt, batch, train)
 
 
+@loop("remax")
 def remax(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
     prompts = rt.prompts(it)
     batch = rt.generate(prompts, it)
     greedy = rt.generate(prompts, it, greedy=True)
-    with rt.stage("prepare"):
+    with rt.stage(Stage.PREPARE):
         baseline = _scored(rt, greedy, {"scores": ("reward", SCORE)})["scores"]
         batch = _scored(rt, batch, {"old_log_probs": ("actor", LOGP),
                                     "ref_log_probs": ("reference", LOGP),
                                     "scores": ("reward", SCORE)})
         batch = _advantages(rt, batch.with_fields({"baseline_scores": baseline}), rl)
-    with rt.stage("train"):
-        train = rt.update(_losses(rt, rl, ("actor",)), batch)
+    with rt.stage(Stage.TRAIN):
+        train = rt.update(_losses(rt, rl, _trained(rt, it)), batch)
     return _metrics(rt, batch, train, baseline=float(baseline.float().mean()))
 
 
+@loop("safe-rlhf")
 def safe_rlhf(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
     lagrange = alg.LagrangeMultiplier(value=state.get("lagrange", 1.0), lr=rt.cfg.lagrange_lr,
                                       threshold=rt.cfg.cost_threshold)
     batch = rt.generate(rt.prompts(it), it)
-    with rt.stage("prepare"):
+    with rt.stage(Stage.PREPARE):
         batch = _scored(rt, batch, {
             "old_log_probs": ("actor", LOGP), "ref_log_probs": ("reference", LOGP),
             "values": ("critic", LOGP), "cost_values": ("cost_critic", LOGP),
@@ -124,10 +141,6 @@ def safe_rlhf(rt: Runtime, it: int, state: dict) -> dict:
         batch = _advantages(rt, batch, rl, lagrange.value)
         mean_cost = float(batch["costs"].float().mean())
         state["lagrange"] = lagrange.update(mean_cost)
-    with rt.stage("train"):
-        train = rt.update(_losses(rt, rl, _trained(rt, it, ("critic", "cost_critic"))), batch)
+    with rt.stage(Stage.TRAIN):
+        train = rt.update(_losses(rt, rl, _trained(rt, it)), batch)
     return _metrics(rt, batch, train, cost=mean_cost, lagrange=state["lagrange"])
-
-
-LOOPS: dict[str, Callable[[Runtime, int, dict], dict]] = {
-    "ppo": ppo, "grpo": grpo, "remax": remax, "safe-rlhf": safe_rlhf}

@@ -17,37 +17,37 @@ from typing import Any
 
 import torch
 
-from hybridflow.executor.task.artifacts import Artifacts
+from hybridflow.errors import UserError
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.cluster import Cluster
-from hybridflow.executor.engines.groups import ParallelLayout
-from hybridflow.executor.rl.worker import RLWorker, RolloutConfig
-from hybridflow.executor.run.config import RunConfig
+from hybridflow.executor.controller.worker_group import WorkerGroup, metrics_of
 from hybridflow.executor.engines.train_engine import EngineConfig
 from hybridflow.executor.engines.vllm_engine import SamplingConfig
-from hybridflow.executor.controller.worker_group import WorkerGroup, metrics_of
-
-LM_ROLES = ("actor", "reference")
-VALUE_ROLES = ("critic", "cost_critic", "reward", "cost")
-TRAINED = ("actor", "critic", "cost_critic")
+from hybridflow.executor.rl.worker import RLWorker, RolloutConfig
+from hybridflow.executor.run.config import RunConfig
+from hybridflow.executor.task.artifacts import Artifacts
+from hybridflow.plan import PlacedSet, Plan
+from hybridflow.vocab import LM_ROLES, STAGES, TRAINED_ROLES, VALUE_ROLES, Role, Stage
 
 
 def role_init_dir(art: Artifacts, role: str) -> str:
-    if role in ("actor", "reference"):
+    """The task artifact a role starts from: the SFT actor for LM roles, else the reward or
+    cost model (critics start from the model they learn the values of)."""
+    if role in LM_ROLES:
         return str(art.actor_dir)
-    return str(art.cost_dir if role in ("cost", "cost_critic") else art.reward_dir)
+    return str(art.cost_dir if role in (Role.COST, Role.COST_CRITIC) else art.reward_dir)
 
 
 def engine_config(role: str, cfg: RunConfig) -> EngineConfig:
-    lr = cfg.actor_lr if role == "actor" else cfg.critic_lr
+    lr = cfg.actor_lr if role == Role.ACTOR else cfg.critic_lr
     return EngineConfig(micro_batch_size=cfg.micro_batch_size, lr=lr,
-                        value_head=role in VALUE_ROLES, trainable=role in TRAINED,
+                        value_head=role in VALUE_ROLES, trainable=role in TRAINED_ROLES,
                         seed=cfg.seed + 17, clip_grad=cfg.clip_grad)
 
 
 @dataclass
 class Runtime:
-    plan: dict
+    plan: Plan
     cfg: RunConfig
     art: Artifacts
     cluster: Cluster
@@ -57,25 +57,32 @@ class Runtime:
     # ---- set-up ------------------------------------------------------------------------
     def start(self) -> None:
         """One worker group per set; every role built and loaded (sets one after another)."""
-        for i, s in enumerate(self.plan["sets"]):
-            pool = self.cluster.create_pool(f"set{i}", s["gpus"])
-            group = WorkerGroup(self.cluster, pool, RLWorker, name="+".join(s["models"]))
-            for role in s["models"]:
+        for i, s in enumerate(self.plan.sets):
+            pool = self.cluster.create_pool(f"set{i}", s.gpus)
+            group = WorkerGroup(self.cluster, pool, RLWorker, name="+".join(s.models))
+            for role in s.models:
                 self.groups[role] = group
-                self._build_role(group, role, s["layouts"][role])
+                self._build_role(group, role, s)
 
-    def _build_role(self, group: WorkerGroup, role: str, layouts: dict) -> None:
-        lay = layouts.get("train") or layouts["infer"]
-        layout = ParallelLayout(tp=lay["tp"], pp=lay["pp"], dp=lay["dp"])
-        model = self.plan["job"]["models"][role]
-        group.add_role(role, model, layout, engine_config(role, self.cfg))
+    def _build_role(self, group: WorkerGroup, role: str, placed: PlacedSet) -> None:
+        group.add_role(role, self.plan.job.model(role), placed.layout(role),
+                       engine_config(role, self.cfg))
         group.run(role, "load_hf", role_init_dir(self.art, role))
-        if role == "actor":
-            gen = layouts["generate"]
+        if role == Role.ACTOR:
             group.run(role, "init_rollout", RolloutConfig(
-                tg=gen["tp"], scheme=self.cfg.reshard, model_dir=str(self.art.actor_dir),
-                kv_cache_bytes=self.cfg.kv_cache_mib << 20, seed=self.cfg.seed,
-                max_model_len=self.plan["job"]["prompt_len"] + self.plan["job"]["response_len"]))
+                tg=placed.generation().tp, scheme=self.cfg.reshard,
+                model_dir=str(self.art.actor_dir), kv_cache_bytes=self.cfg.kv_cache_mib << 20,
+                seed=self.cfg.seed, max_model_len=self.plan.job.seq_len))
+
+    def save_roles(self, folder: str) -> None:
+        """Every role's weights and optimizer state, per rank, into `folder` (concurrently
+        over the sets)."""
+        for f in [g.call(role, "save_role", folder) for role, g in self.groups.items()]:
+            f.result()
+
+    def load_roles(self, folder: str) -> None:
+        for f in [g.call(role, "load_role", folder) for role, g in self.groups.items()]:
+            f.result()
 
     def shutdown(self) -> None:
         for g in {id(g): g for g in self.groups.values()}.values():
@@ -91,7 +98,7 @@ class Runtime:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def take_timings(self) -> dict[str, float]:
-        out = {k: self.timings.get(k, 0.0) for k in ("generate", "reshard", "prepare", "train")}
+        out = {k: self.timings.get(k, 0.0) for k in STAGES}
         self.timings = {}
         return out
 
@@ -99,7 +106,7 @@ class Runtime:
     def prompts(self, iteration: int) -> list[list[int]]:
         """The iteration's prompts: a seeded pass over the training prompts, epoch by epoch."""
         pool = self.art.prompts.train
-        n = self.plan["job"]["global_batch"]
+        n = self.plan.job.global_batch
         out: list[list[int]] = []
         start = iteration * n
         while len(out) < n:
@@ -115,17 +122,17 @@ class Runtime:
         (its resharding time, as the workers measured it, goes to stage 'reshard')."""
         sampling = SamplingConfig(
             temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
-            max_tokens=self.plan["job"]["response_len"], n=n,
+            max_tokens=self.plan.job.response_len, n=n,
             seed=None if greedy else self.cfg.seed * 100003 + iteration, ignore_eos=False)
         # prompt_seq: each prompt's index in the batch seeds its sampling, so the samples
         # do not depend on how the prompts are split over replicas
         request = Batch(non_tensors={"prompt_ids": prompts,
                                      "prompt_seq": list(range(len(prompts)))})
-        with self.stage("generate"):
-            out = self.groups["actor"].run("actor", "generate", request, sampling)
+        with self.stage(Stage.GENERATE):
+            out = self.groups[Role.ACTOR].run(Role.ACTOR, "generate", request, sampling)
         reshard = max(t["reshard_s"] for t in out.non_tensors["timing"])
-        self.timings["generate"] -= reshard
-        self.timings["reshard"] = self.timings.get("reshard", 0.0) + reshard
+        self.timings[Stage.GENERATE] -= reshard
+        self.timings[Stage.RESHARD] = self.timings.get(Stage.RESHARD, 0.0) + reshard
         return self.sequences(prompts, out, n)
 
     def evaluate(self) -> float:
@@ -137,11 +144,11 @@ class Runtime:
         return float(self.rule(batch).float().mean())
 
     def sequences(self, prompts: list[list[int]], out: Batch, n: int) -> Batch:
-        P = self.plan["job"]["prompt_len"]
+        P = self.plan.job.prompt_len
         pad = self.art.special.pad
         rows = [p for p in prompts for _ in range(n)]
         if any(len(p) > P for p in rows):
-            raise ValueError(f"a prompt is longer than prompt_len {P}")
+            raise UserError(f"a prompt is longer than prompt_len {P}")
         prompt_ids = torch.tensor([[pad] * (P - len(p)) + p for p in rows], dtype=torch.long)
         prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in rows])
         return Batch({"input_ids": torch.cat([prompt_ids, out["responses"]], 1),
@@ -166,9 +173,9 @@ class Runtime:
 
     def update(self, updates: dict[str, Any], batch: Batch) -> dict[str, float]:
         """{role: loss_fn} trained concurrently over the job's epochs and mini-batches."""
-        job = self.plan["job"]
-        futures = [self.groups[role].call(role, "update", batch, loss, job["mini_batches"],
-                                          job["ppo_epochs"]) for role, loss in updates.items()]
+        job = self.plan.job
+        futures = [self.groups[role].call(role, "update", batch, loss, job.mini_batches,
+                                          job.ppo_epochs) for role, loss in updates.items()]
         metrics: dict[str, float] = {}
         for f in futures:
             metrics.update(metrics_of(f.result()))

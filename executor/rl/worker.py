@@ -15,29 +15,11 @@ from typing import Any
 
 import torch
 
+from hybridflow.errors import UserError
 from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.controller.batch import Batch
-from hybridflow.executor.controller.protocols import (MEGATRON_3D, ONE_TO_ALL, CallContext, Dispatched,
-                                merge_outputs, register,
-                                register_mode, split_args, MODES)
+from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.worker import Worker
-
-
-# ---- the generation protocol (the paper's 3D_ALL_MICRO_DP) ------------------------------
-def _dp_replicas(ctx: CallContext, args: tuple, kwargs: dict) -> Dispatched:
-    layout = ctx.need_layout("3D_ALL_MICRO_DP")
-    per_dp = split_args(args, kwargs, layout.dp)
-    return [per_dp[layout.coords(r)[1]] for r in range(ctx.world_size)]
-
-
-def _first_rank_of_replicas(ctx: CallContext, outputs: list) -> Any:
-    layout = ctx.need_layout("3D_ALL_MICRO_DP")
-    return merge_outputs([outputs[layout.rank_of(0, d, 0)] for d in range(layout.dp)])
-
-
-GENERATE = "3D_ALL_MICRO_DP"
-if GENERATE not in MODES:
-    register_mode(GENERATE, _dp_replicas, _first_rank_of_replicas)
 
 
 # ---- what a rank needs to build its roles ------------------------------------------------
@@ -131,9 +113,9 @@ class RLWorker(Worker):
         from hybridflow.executor.hybrid_engine.engine import HybridEngine
         from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
         from hybridflow.executor.engines.vllm_engine import EngineConfig, VllmEngine
-        from hybridflow.layout import TrainLayout
+        from hybridflow.layout import ParallelLayout
         lay = self.role(role).groups.layout
-        plan = ReshardPlan(TrainLayout(lay.pp, lay.tp, lay.dp), cfg.tg, cfg.scheme)
+        plan = ReshardPlan(ParallelLayout(lay.pp, lay.tp, lay.dp), cfg.tg, cfg.scheme)
 
         def factory(tp_groups: list[list[int]]) -> VllmEngine:
             return VllmEngine(EngineConfig(
@@ -234,7 +216,7 @@ class RLWorker(Worker):
         engine = self.role(role).engine
         path = Path(folder) / f"{role}.rank{self.rank}.pt"
         if not path.exists():
-            raise ValueError(f"checkpoint {folder} lacks {path.name} (a different plan?)")
+            raise UserError(f"checkpoint {folder} lacks {path.name} (a different plan?)")
         state = torch.load(path, weights_only=False)
         with torch.no_grad():
             mm.load_local_state(engine.model, state["params"])

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from hybridflow.errors import UserError
 from hybridflow.executor.rl import algorithms as alg
+from hybridflow.simulator.job import Job
 from hybridflow.simulator.reshard import SCHEMES
 
 
-def samples_per_prompt(job: dict) -> int:
-    """Responses per prompt of a plan's job: GRPO's n_samples, else 1."""
-    return (job.get("n_samples") or 1) if job["algorithm"] == "grpo" else 1
-
-
-class RunConfigError(ValueError):
+class RunConfigError(UserError):
     """A run setting that cannot be used."""
 
 
@@ -24,7 +21,7 @@ class RunConfig:
     critic_lr: float = 1e-3
     clip_grad: float = 1.0
     kl_coef: float = 0.1          # KL penalty in the token rewards (PPO, ReMax, Safe-RLHF)
-    kl_loss_coef: float = 0.2     # KL term in the actor loss (GRPO only)
+    kl_loss_coef: float = 0.2     # KL term in the actor loss (algorithms with kl_in_loss: GRPO)
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch_size: int = 8
@@ -50,10 +47,12 @@ class RunConfig:
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise RunConfigError("temperature must be > 0 and top_p in (0, 1]")
 
-    def rl(self, algorithm: str, n_samples: int) -> alg.RLConfig:
-        return alg.RLConfig(algorithm=algorithm, group_size=n_samples,
-                            kl_coef=self.kl_coef if algorithm != "grpo" else 0.0,
-                            kl_loss_coef=self.kl_loss_coef if algorithm == "grpo" else 0.0,
+    def rl(self, job: Job) -> alg.RLConfig:
+        """The advantage and loss settings of `job`'s algorithm."""
+        in_loss = job.dataflow.kl_in_loss
+        return alg.RLConfig(algorithm=job.algorithm, group_size=job.n_samples,
+                            kl_coef=0.0 if in_loss else self.kl_coef,
+                            kl_loss_coef=self.kl_loss_coef if in_loss else 0.0,
                             temperature=self.temperature)
 
     def to_dict(self) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from hybridflow.errors import UserError
 from hybridflow.executor.task import rules as task
 from hybridflow.executor.task.warmup import SpecialIds
 from hybridflow.simulator.model import load_model
@@ -29,7 +30,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
 FORMAT_VERSION = 1
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """Artifact settings that cannot be used, or a damaged cache entry."""
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from hybridflow.errors import UserError
 
 OPS = ("rev", "sort")
 _PROMPT_RE = re.compile(r"^(rev|sort):([a-z]+)=$")
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task setting or prompt that cannot be used."""
 
 

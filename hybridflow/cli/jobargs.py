@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hybridflow.simulator.job import ALGORITHMS, RULE, RULE_CPU_S, Job, JobError
+from hybridflow.errors import UserError, unreadable
+from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
+from hybridflow.vocab import ALGORITHMS, RULE, RULE_ROLES
 
 JOB_DEFAULTS = dict(model="llama-2-7b", algorithm="ppo", prompt_len=1024, response_len=1024,
                     batch=256, ppo_epochs=1, mini_batches=4)
 ROLE_FLAGS = ("critic", "reference", "reward", "cost")
 
 
-class InputFileError(ValueError):
+class InputFileError(UserError):
     """A --cluster or --job file that cannot be read."""
 
 
@@ -32,6 +34,8 @@ def read_mapping(path: str, what: str) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InputFileError(f"{what} file {path!r} is not valid JSON or YAML: "
                              f"{' '.join(str(e).split())}") from None
+    except OSError as e:
+        raise unreadable(f"{what} file", path, e) from None
     if not isinstance(data, dict):
         raise InputFileError(f"{what} file {path!r} must hold a mapping, got {type(data).__name__}")
     return data
@@ -45,7 +49,7 @@ def add_job_arguments(p: argparse.ArgumentParser, model_default: str | None = JO
         "" if model_default else "; required unless --job names the models")
     p.add_argument("--model", default=model_default, help=model_help)
     for role in ROLE_FLAGS:
-        rule = f", or '{RULE}': a function on the CPU, no GPUs" if role in ("reward", "cost") else ""
+        rule = f", or '{RULE}': a function on the CPU, no GPUs" if role in RULE_ROLES else ""
         p.add_argument(f"--{role}", help=f"model of the {role} (default: --model{rule})")
     p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
     p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
@@ -76,10 +80,12 @@ def build_job(args: argparse.Namespace) -> Job:
     if not args.model:
         raise JobError("give --model (or a --job file)")
     roles = {r: getattr(args, r) for r in ROLE_FLAGS}
-    if args.algorithm in ("grpo", "remax") and roles["critic"]:
+    algo = ALGORITHMS.get(args.algorithm)
+    if algo is not None and roles["critic"] and "critic" not in algo.roles:
         raise JobError(f"--critic: {args.algorithm} has no critic")
-    if args.algorithm != "safe-rlhf" and roles["cost"]:
-        raise JobError("--cost: only safe-rlhf has a cost model")
+    if algo is not None and roles["cost"] and "cost" not in algo.roles:
+        with_cost = " and ".join(a.name for a in ALGORITHMS.values() if "cost" in a.roles)
+        raise JobError(f"--cost: only {with_cost} has a cost model")
     return Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
                       args.ppo_epochs, args.mini_batches, args.n_samples,
                       response_mean=args.response_mean, rule_cpu_s=args.rule_cpu_s, **roles)

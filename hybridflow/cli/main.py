@@ -1,14 +1,19 @@
 """`hybridflow` command line: parse, build the nouns, call one package, print.
 
-Each subcommand lives in cli/<name>.py with ``configure(parser)`` and ``main(args) -> int``.
-User errors (ValueError and its subclasses, missing files) become one line on stderr and
-exit code 2; nothing else is caught here.
+Each subcommand lives in hybridflow/cli/<name>.py with ``configure(parser)`` and
+``main(args) -> int``. Bad input (hybridflow.errors.UserError) becomes one line on stderr
+and exit code 2, a run that stopped (RunStopped) one line and exit code 1; anything else is
+a bug and keeps its traceback. ``--log-level debug`` also logs the traceback of the first two.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+from types import ModuleType
+
+from hybridflow.errors import RunStopped, UserError
 
 COMMANDS = {
     "plan": "choose placement and parallelism for an RLHF job (auto-mapping)",
@@ -18,20 +23,24 @@ COMMANDS = {
     "profile": "measure this machine and write a hardware profile",
     "report": "predicted vs measured reports and placement comparisons",
 }
+LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger("hybridflow")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command line that names something impossible."""
 
 
-def _module(name: str):
+def _module(name: str) -> ModuleType:
     return importlib.import_module(f"hybridflow.cli.{name.replace('-', '_')}")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
+                        help="what the library logs to stderr (default warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted = next((a for a in argv if a in COMMANDS), None)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:  # import only the module that runs: torch/ray stay unloaded for plan
@@ -39,20 +48,36 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    _logging(args.log_level)
     try:
         return int(_module(args.command).main(args) or 0)
-    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except UserError as e:
+        log.debug("bad input", exc_info=True)
         print(f"hybridflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        log.debug("run stopped", exc_info=True)
+        print(f"hybridflow {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `hybridflow plan | head`
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
         print(f"hybridflow {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.getLogger("hybridflow").handlers.clear()
 
 
 if __name__ == "__main__":

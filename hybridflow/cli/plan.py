@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from hybridflow.errors import UserError
 from hybridflow.cli.jobargs import JOB_DEFAULTS, InputFileError, add_job_arguments, build_job, read_mapping
 from hybridflow.cli.planfmt import format_plan, format_standard
 from hybridflow.plan import Plan
@@ -56,13 +57,13 @@ def _export(plan: Plan, fmt: str) -> str:
     try:
         from hybridflow.planner.export import export_plan
     except ImportError as e:
-        raise ValueError(f"--export is not available: hybridflow.planner.export cannot be imported ({e})") from None
-    return export_plan(plan.to_dict(), fmt)
+        raise UserError(f"--export is not available: hybridflow.planner.export cannot be imported ({e})") from None
+    return export_plan(plan, fmt)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.top < 1:
-        raise ValueError(f"--top must be a positive integer, got {args.top}")
+        raise UserError(f"--top must be a positive integer, got {args.top}")
     cluster, job = build_cluster(args), build_job(args)
     profile = load_profile(cluster.gpu)
     planner = Planner(job, profile, cluster.gpus_per_node)

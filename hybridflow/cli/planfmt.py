@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from hybridflow.plan import Plan
-from hybridflow.simulator.job import STAGES, Job
+from hybridflow.simulator.job import Job
+from hybridflow.vocab import STAGES
 from hybridflow.simulator.predict import Prediction
 from hybridflow.simulator.profile import Profile
 
@@ -33,7 +34,7 @@ def _header(plan: Plan, profile: Profile) -> str:
     job, c = plan.job, plan.cluster
     models = sorted(set(m for r, m in job.models if not job.is_rule(r)))
     models += [f"{r}: rule" for r in job.rule_roles]
-    extra = f", {job.n_samples} samples/prompt" if job.algorithm == "grpo" else ""
+    extra = f", {job.n_samples} samples/prompt" if job.dataflow.grouped else ""
     src = "estimates" if profile.estimate else "datasheet"
     if profile.measured.matmul or profile.measured.collectives:
         src = "measured tables + datasheet"

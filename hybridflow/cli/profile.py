@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from hybridflow.errors import UserError
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", nargs="+", metavar="PROFILE", default=None,
@@ -51,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     if args.merge:
         from hybridflow.executor.profiler.merge import merge_profiles
         if not args.out:
-            raise ValueError("--merge needs --out (where to write the merged profile)")
+            raise UserError("--merge needs --out (where to write the merged profile)")
         print(f"wrote {merge_profiles([Path(p) for p in args.merge], Path(args.out))}")
         return 0
     from hybridflow.executor.profiler.machine import ProfileOptions, profile_machine

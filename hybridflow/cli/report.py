@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from hybridflow.errors import UserError
 
 
-class ReportUsageError(ValueError):
+class ReportUsageError(UserError):
     """A report command line that cannot be carried out."""
 
 

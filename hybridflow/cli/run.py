@@ -8,18 +8,24 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
-from hybridflow.executor.run.config import RunConfig, SCHEMES
+from hybridflow.executor.run.config import SCHEMES, RunConfig
+from hybridflow.executor.run.driver import RunOptions, run
+from hybridflow.executor.run.rundir import RunDir
+from hybridflow.plan import Plan
+from hybridflow.planner.search import plan_job
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.job import Job
+from hybridflow.simulator.profile import load_profile
+from hybridflow.vocab import ALGORITHMS
 
 # batch sizes at which the tiny task's rule score rises within 16 iterations (see
-# tests/test_run_e2e.py::test_*_raises_the_rule_score and benchmarks/local_rl.py)
+# tests/executor/test_run_e2e.py::test_rl_raises_the_rule_score and benchmarks/local_rl.py)
 DEFAULT_JOB = dict(algorithm="ppo", model="tiny", prompt_len=16, response_len=8,
                    global_batch=64, ppo_epochs=2, mini_batches=4)
+DEFAULT_GROUPED = dict(n_samples=8, global_batch=32, ppo_epochs=1)  # GRPO-like algorithms
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -31,7 +37,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (or RAY_ADDRESS)")
     p.add_argument("--devices", type=int, default=4,
                    help="logical devices of the local CPU cluster (default 4)")
-    p.add_argument("--algorithm", choices=["ppo", "grpo", "remax", "safe-rlhf"],
+    p.add_argument("--algorithm", choices=list(ALGORITHMS),
                    help="algorithm of the default job (no PLAN given)")
     p.add_argument("--reshard", choices=SCHEMES, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -40,18 +46,14 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="profile the prediction beside the measurement uses")
 
 
-def default_plan(algorithm: str, devices: int) -> dict:
+def default_plan(algorithm: str, devices: int) -> Plan:
     """The built-in job planned for the local cluster (generation pp=1, as the executor runs)."""
-    from hybridflow.planner.search import plan_job
-    from hybridflow.simulator.cluster import Cluster
-    from hybridflow.simulator.job import Job
-    from hybridflow.simulator.profile import load_profile
     kw = dict(DEFAULT_JOB, algorithm=algorithm)
-    if algorithm == "grpo":
-        kw.update(n_samples=8, global_batch=32, ppo_epochs=1)
+    if ALGORITHMS[algorithm].grouped:
+        kw.update(DEFAULT_GROUPED)
     job = Job.create(**kw)
     cluster = Cluster.from_gpus("local-cpu", devices, devices)
-    return plan_job(cluster, job, load_profile("local-cpu"), max_gen_pp=1)[0].to_dict()
+    return plan_job(cluster, job, load_profile("local-cpu"), max_gen_pp=1)[0]
 
 
 def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
@@ -63,40 +65,25 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-def _load(args: argparse.Namespace) -> tuple[dict, RunConfig, Path]:
+def _load(args: argparse.Namespace) -> tuple[Plan, RunConfig, Path]:
     if args.resume:
-        out = Path(args.resume)
-        if not (out / "plan.json").exists() or not (out / "run.json").exists():
-            raise ValueError(f"--resume {out}: not a run dir (no plan.json / run.json)")
-        plan = json.loads((out / "plan.json").read_text())
-        return plan, _settings(args, json.loads((out / "run.json").read_text())), out
-    if args.plan:
-        try:
-            plan = json.loads(Path(args.plan).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"plan {args.plan}: not valid JSON ({e})") from None
-    else:
-        plan = default_plan(args.algorithm or "ppo", args.devices)
+        plan, saved = RunDir(args.resume).saved()
+        return plan, _settings(args, saved), Path(args.resume)
+    plan = Plan.load(args.plan) if args.plan else default_plan(args.algorithm or "ppo",
+                                                                 args.devices)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     return plan, _settings(args, None), out
 
 
 def main(args: argparse.Namespace) -> int:
-    from hybridflow.executor.run.driver import run
-    from hybridflow.executor.run.checks import check_plan
     plan, cfg, out = _load(args)
-    local = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
-    check_plan(plan, cfg, args.devices if local else None)
-    from hybridflow.executor.controller.worker_group import WorkerGroupError
-    bar = _progress(cfg.iterations)
+    options = RunOptions(resume=bool(args.resume), ray_address=args.ray_address,
+                         devices=args.devices, profile=args.profile)
+    bar = _Progress(cfg.iterations)
     try:
-        res = run(plan, cfg, out, resume=bool(args.resume), ray_address=args.ray_address,
-                  profile=args.profile, devices=args.devices, progress=bar)
-    except WorkerGroupError as e:
+        res = run(plan, cfg, out, options, progress=bar)
+    finally:
         bar.close()
-        print(f"hybridflow run: stopped: {e}", file=sys.stderr)
-        return 1
-    bar.close()
     m, p = res.summary["measured"], res.summary["predicted"] or {}
     print(f"run dir: {out}")
     print(f"{'stage':10s} {'measured s':>11s} {'predicted s':>12s}")
@@ -112,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-class _progress:
+class _Progress:
     def __init__(self, total: int) -> None:
         from tqdm import tqdm
         self.bar = tqdm(total=total, unit="it", desc="rl")

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybridflow.errors import UserError, unreadable
 from hybridflow.report.markdown import fmt, image, table
 from hybridflow.simulator.reshard import SCHEMES
 
@@ -21,7 +22,7 @@ SYSTEM_NOTES = {"hybridflow": "the planner's best plan",
                 "separate": "one set per model (OpenRLHF)"}
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """A comparison that cannot be set up (bad models, GPU counts or GPU kind)."""
 
 
@@ -225,7 +226,10 @@ def write_compare_report(gpu: str, models: list[str], gpus: list[int], out: str 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CompareError(f"report output {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unreadable("cannot write the report to", out, e) from None
     frame.to_csv(out / "compare.csv", index=False)
     reshard.to_csv(out / "reshard.csv", index=False)
     plots.compare_bars(frame, SYSTEMS, out / "throughput.png")

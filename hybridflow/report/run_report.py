@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hybridflow.errors import UserError, unreadable
 from hybridflow.report import plots
 from hybridflow.report.markdown import fmt, image, percent, table
 from hybridflow.report.runs import Run, load_runs, runs_frame, throughput_frame
@@ -89,8 +90,11 @@ def write_run_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     runs = load_runs(list(run_dirs))
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"report output {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"report output {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unreadable("cannot write the report to", out, e) from None
     frame, tput = runs_frame(runs), throughput_frame(runs)
     frame.to_csv(out / "runs.csv", index=False)
     tput.to_csv(out / "throughput.csv", index=False)

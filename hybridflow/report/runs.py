@@ -11,12 +11,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from hybridflow.errors import UserError, unreadable
 
-STAGES = ("generate", "reshard", "prepare", "train")
+from hybridflow.vocab import STAGES  # noqa: E402
 METRIC_KEYS = ("iteration", "stages", "tokens_per_s", "reward", "score", "kl")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A run directory, summary or metrics file that cannot be read as a run."""
 
 
@@ -137,6 +138,8 @@ def _read_json(path: Path) -> object:
         raise RunDirError(f"run dir {str(path.parent)!r} has no {path.name}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise unreadable("run dir file", path, e) from None
 
 
 def _read_metrics(path: Path) -> tuple[dict, ...]:

@@ -5,6 +5,7 @@ import csv
 import math
 from pathlib import Path
 
+from hybridflow.errors import unreadable
 from hybridflow.planner.sweep import Row, SweepResult
 
 BEST = "HybridFlow (best plan)"
@@ -114,8 +115,11 @@ def write_png(result: SweepResult, path: Path) -> None:
 
 
 def write_outputs(result: SweepResult, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out_dir / "sweep.csv", out_dir / "sweep.png"
-    write_csv(result, csv_path)
-    write_png(result, png_path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(result, csv_path)
+        write_png(result, png_path)
+    except OSError as e:
+        raise unreadable("cannot write the sweep to", out_dir, e) from None
     return csv_path, png_path
