@@ -27,10 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridflow.executor.hybrid_engine.reshard_plan import SCHEMES, ReshardPlan  # noqa: E402
-from hybridflow.executor.engines.vllm_engine import launch_local  # noqa: E402
+from hybridflow.executor.spawn import run_ranks  # noqa: E402
 from hybridflow.report.markdown import emit, table  # noqa: E402
 from hybridflow.layout import ParallelLayout  # noqa: E402
-from hybridflow.simulator.model import ModelSpec, load_model  # noqa: E402
+from hybridflow.simulator.architecture import ModelSpec  # noqa: E402
+from hybridflow.simulator.model import load_model
 
 PHASES = ("seconds", "gather_seconds", "assemble_seconds")
 
@@ -49,8 +50,8 @@ def sharded_bytes(spec: ModelSpec) -> int:
                if W.split_kind(name) != "replicated")
 
 
-def _rank_main(rank: int, world: int, layout: tuple[int, int, int], tg: int,
-               repeats: int) -> dict:
+def _rank_main(rank: int, world: int, payload: tuple[tuple[int, int, int], int, int]) -> dict:
+    layout, tg, repeats = payload
     import torch
     import torch.distributed as dist
 
@@ -93,7 +94,8 @@ def predicted(scheme: str, spec: ModelSpec, lay: ParallelLayout, tg: int) -> dic
     from hybridflow.simulator.profile import load_profile
     from hybridflow.simulator.reshard import reshard_bytes_per_rank, reshard_cost
     profile, m = load_profile("local-cpu"), sharded_bytes(spec)
-    cost = reshard_cost(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg, profile, profile.gpus_per_node)
+    cost = reshard_cost(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg, profile, profile.gpus_per_node,
+                        model=spec.name)
     return {"predicted_seconds": cost.seconds,
             "predicted_from": "+".join(sorted({t.source for t in cost.terms})),
             "table2_bytes": reshard_bytes_per_rank(scheme, m, lay.pp, lay.tp, lay.dp, 1, tg)}
@@ -142,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = bench_model()
     load0 = os.getloadavg()[0]
-    per_rank = launch_local(_rank_main, lay.n_gpus, (lay.pp, lay.tp, lay.dp), args.tg,
-                            args.repeats, timeout=1800)
+    per_rank = run_ranks(_rank_main, lay.n_gpus, ((lay.pp, lay.tp, lay.dp), args.tg,
+                                                   args.repeats), backend="gloo", timeout_s=1800)
     result = {scheme: {**summarise(per_rank, scheme), **predicted(scheme, spec, lay, args.tg)}
               for scheme in SCHEMES}  # times are already the slowest rank's
     if args.json:

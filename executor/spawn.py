@@ -1,4 +1,5 @@
-"""Run a measuring function on N fresh processes (ranks), optionally in one torch.distributed world.
+"""Run a function on N fresh local processes (ranks), optionally in one torch.distributed
+world: what the profiler measures with, and what tests and benchmarks of the engines use.
 
 Processes are spawned (not forked) so each starts with a clean torch and its own thread count,
 as the executor's ranks do. Each rank returns a picklable result; the caller gets them in rank
@@ -17,10 +18,11 @@ import torch
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` ("" : every interface of this node) to rendezvous on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _entry(fn: Callable, rank: int, world: int, payload: Any, backend: str | None,

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from hybridflow.errors import UserError
+from hybridflow.planner.search import (Candidate, Placement, Planner, plan_job,
+                                       standard_placements)
+from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import DoesNotFit
+from hybridflow.simulator.job import Job
+from hybridflow.simulator.profile import Profile
 
 
 class SweepError(UserError):
@@ -181,14 +186,12 @@ def run_sweep(counts: Sequence[int], plan_at: Callable[[int], Point], target: Ta
     return SweepResult(tuple(rows_from_points(points, target)), target, job, gpu, gpus_per_node)
 
 
-def planner_points(gpu: str, job, profile, gpus_per_node: int) -> Callable[[int], Point]:
-    """`plan_at(count)` backed by one hybridflow.planner.Planner: its best plan and the standard
-    placements. The Planner keeps its per-(role, GPUs) and per-(set, GPUs) layout tables,
-    so every count of the sweep reuses what the smaller counts built."""
-    from hybridflow.planner.search import plan_job, standard_placements
-    from hybridflow.simulator.cluster import Cluster
-
-    shared = _memo_planner()(job, profile, gpus_per_node)
+def planner_points(gpu: str, job: Job, profile: Profile, gpus_per_node: int
+                   ) -> Callable[[int], Point]:
+    """`plan_at(count)` backed by one Planner: its best plan and the standard placements.
+    The Planner keeps its per-(role, GPUs) and per-(set, GPUs) layout tables, so every count
+    of the sweep reuses what the smaller counts built."""
+    shared = MemoPlanner(job, profile, gpus_per_node)
 
     def plan_at(gpus: int) -> Point:
         cluster = Cluster.from_gpus(gpu, gpus, gpus_per_node)
@@ -203,20 +206,16 @@ def planner_points(gpu: str, job, profile, gpus_per_node: int) -> Callable[[int]
     return plan_at
 
 
-def _memo_planner() -> type:
-    """hybridflow.planner.Planner that solves each (placement, GPU count) once: the best plan's search
-    and the standard placements at one count ask CP-SAT the same questions."""
-    from hybridflow.planner.search import Planner
+class MemoPlanner(Planner):
+    """A Planner that solves each (placement, GPU count) once: the best plan's search and
+    the standard placements at one count ask CP-SAT the same questions."""
 
-    class MemoPlanner(Planner):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self._solved: dict = {}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._solved: dict[tuple[Placement, int], Candidate | None] = {}
 
-        def solve_placement(self, placement, capacity: int):
-            key = (placement, capacity)
-            if key not in self._solved:
-                self._solved[key] = super().solve_placement(placement, capacity)
-            return self._solved[key]
-
-    return MemoPlanner
+    def solve_placement(self, placement: Placement, capacity: int) -> Candidate | None:
+        key = (placement, capacity)
+        if key not in self._solved:
+            self._solved[key] = super().solve_placement(placement, capacity)
+        return self._solved[key]

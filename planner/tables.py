@@ -173,7 +173,8 @@ class Tables:
                     opts.append(GenOption(
                         gen, generation_extra_bytes(self.scheme, *args),
                         reshard_peak_bytes(self.scheme, *args) - model_bytes / train.model_parallel,
-                        reshard_cost(self.scheme, *args, self.profile, self.gpn).seconds))
+                        reshard_cost(self.scheme, *args, self.profile, self.gpn,
+                                 model=spec.name).seconds))
             self._gen[train] = opts
         return self._gen[train]
 

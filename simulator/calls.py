@@ -72,14 +72,6 @@ class Calls:
         per-token one)."""
         return sequences * seq_len / (self.prompt_len + self.response_len)
 
-    @property
-    def weight_bytes(self) -> float:
-        """The measured model's weights as the simulator counts them (bf16): how resharding,
-        whose predictor sees bytes and not a model, knows its table applies."""
-        from hybridflow.simulator.model import load_model
-        from hybridflow.simulator.training import WEIGHT_BYTES
-        return WEIGHT_BYTES * load_model(self.model).params if self.model else 0.0
-
     def dispatch(self, kind: str, ranks: int, sequences: float) -> float | None:
         """Seconds of the controller's side of one call to `ranks` workers carrying
         `sequences` (interpolated), None without rows for that many ranks."""

@@ -9,8 +9,17 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from hybridflow.simulator.model import _HF_KEYS as HF_KEYS
-from hybridflow.simulator.model import ModelError, ModelSpec
+from hybridflow.simulator.architecture import ModelError, ModelSpec
+
+# Hugging Face config.json keys -> ModelSpec fields (every family; the
+# mixture-of-experts and latent-attention keys are read below).
+HF_KEYS = {"num_hidden_layers": "layers", "hidden_size": "hidden",
+            "num_attention_heads": "heads", "num_key_value_heads": "kv_heads",
+            "intermediate_size": "ffn", "vocab_size": "vocab", "head_dim": "head_dim",
+            "tie_word_embeddings": "tied_embeddings", "rope_theta": "rope_theta",
+            "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_position"}
+
+
 
 _MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
              "v_head_dim")

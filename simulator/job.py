@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from hybridflow.errors import UserError
 from hybridflow.simulator.lengths import ResponseLengths
-from hybridflow.simulator.model import ModelSpec, load_model
+from hybridflow.simulator.architecture import ModelSpec
+from hybridflow.simulator.model import load_model
 from hybridflow import vocab
 from hybridflow.vocab import (ALGORITHMS, CRITIC_ROLES, RULE, RULE_ROLES, VALUE_ROLES, Algorithm,
                               Kind, Role, Stage)

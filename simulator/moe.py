@@ -8,7 +8,7 @@ MoE layer sends each token to its top-k experts and back: two all-to-alls per fo
 """
 from __future__ import annotations
 
-from hybridflow.simulator.model import ModelSpec
+from hybridflow.simulator.architecture import ModelSpec
 from hybridflow.simulator.profile import Profile
 
 ACT_BYTES = 2  # bf16 activations

@@ -116,7 +116,8 @@ def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, s
     # planner's tables add generate and reshard of the actor's set alike); its stage is reshard
     again = tuple(t for t in generate.terms if t.name == GREEDY_RESHARD)
     stages = {"generate": Cost(tuple(t for t in generate.terms if t.name != GREEDY_RESHARD)),
-              "reshard": reshard_cost(scheme, *args, profile, gpn) + Cost(again)}
+              "reshard": reshard_cost(scheme, *args, profile, gpn,
+                                        model=job.spec("actor").name) + Cost(again)}
     return stages, memory(generation_weights=extra) + kv_memory(shape, n), n
 
 

@@ -71,11 +71,12 @@ def _span(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> tuple[int, i
 
 
 def reshard_cost(scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int,
-                 profile: Profile, gpn: int) -> Cost:
+                 profile: Profile, gpn: int, *, model: str) -> Cost:
     """Seconds of the all-gather that builds generation weights; going back to the
     training layout only drops the generation buffer. Where the profile measured the
-    executor's resharding of this model (same scheme), its per-call table instead."""
-    measured = measured_reshard(scheme, model_bytes, p, t, d, pg, tg, profile)
+    executor's resharding of this `model` (its name; same scheme), its per-call table
+    instead."""
+    measured = measured_reshard(scheme, model, p, t, d, pg, tg, profile)
     if measured is not None:
         return measured
     volume = reshard_bytes_per_rank(scheme, model_bytes, p, t, d, pg, tg)
@@ -102,16 +103,15 @@ def _barriers(profile: Profile, n_gpus: int, gpn: int) -> Cost:
     return cost(("reshard_barrier", BARRIERS * min(rows)[1], "measured"))
 
 
-def measured_reshard(scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int,
+def measured_reshard(scheme: str, model: str, p: int, t: int, d: int, pg: int, tg: int,
                      profile: Profile) -> Cost | None:
     """The 3D-HybridEngine's switch to the generation layout and back as the executor does
     it (barriers, gathers, conversion and vLLM's weight reload, freeing the cache), from the
     profile's per-call table: the row of this set size, generation tp and micro-DP (pipeline
     layouts read the row of the same micro-DP). None where the table does not apply: another
-    model (told by its weight bytes), scheme, or generation pp > 1."""
+    model, scheme, or generation pp > 1."""
     calls = profile.calls
-    if not calls.model or calls.scheme != scheme or pg != 1 or \
-            abs(model_bytes - calls.weight_bytes) > 1e-6 * model_bytes:
+    if not calls.applies(model) or calls.scheme != scheme or pg != 1:
         return None
     seconds = calls.reshard(p * t * d, tg, p * t // tg)
     return None if seconds is None else cost(("reshard_calls", seconds, "measured"))

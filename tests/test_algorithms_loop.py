@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hybridflow.executor.task.artifacts import BuildSettings, ensure_artifacts
+from hybridflow.executor.task.artifacts import ensure_artifacts
+from hybridflow.executor.task.settings import BuildSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=256, n_eval=16, sft_steps=40, rm_steps=8, cost_steps=8, batch=16)

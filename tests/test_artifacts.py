@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hybridflow.executor.task import rules as task
-from hybridflow.executor.task.artifacts import (ArtifactError, BuildSettings, ensure_artifacts,
-                                load_artifacts)
+from hybridflow.executor.task.artifacts import ensure_artifacts, load_artifacts
+from hybridflow.executor.task.settings import ArtifactError, BuildSettings
 
 SMALL = dict(n_train=256, n_eval=32, sft_steps=40, rm_steps=8, cost_steps=8, batch=16)
 

@@ -4,7 +4,7 @@ where they do not apply."""
 import pytest
 import yaml
 
-from hybridflow.executor.profiler.calls import generation_configs, train_layouts
+from hybridflow.executor.profiler.calls_grid import generation_configs, train_layouts
 from hybridflow.executor.profiler.calls_tables import _pool_by
 from hybridflow.simulator.calls import parse_calls
 from hybridflow.simulator.generation import gen_shape, generation_cost
@@ -90,13 +90,13 @@ def test_generation_and_reshard_terms_from_the_tables(tmp_path):
     assert c.as_dict() == pytest.approx({"vllm_first_token": 0.03, "vllm_decode": 0.07,
                                          "micro_dp_gather": 0.001, "dispatch": 0.02})
     bytes_ = WEIGHT_BYTES * load_model("tiny").params
-    assert reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8).as_dict() == \
-        {"reshard_calls": 0.15}
-    # another scheme, or another model (other weight bytes): the analytic terms
-    other = reshard_cost("allgather", bytes_, 1, 1, 4, 1, 1, prof, 8)
+    assert reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8,
+                        model="tiny").as_dict() == {"reshard_calls": 0.15}
+    # another scheme, or another model: the analytic terms
+    other = reshard_cost("allgather", bytes_, 1, 1, 4, 1, 1, prof, 8, model="tiny")
     assert "reshard_calls" not in other.as_dict()
-    assert "reshard_calls" not in reshard_cost("hybridengine", 2 * bytes_, 1, 1, 4, 1, 1, prof,
-                                               8).as_dict()
+    assert "reshard_calls" not in reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8,
+                                               model="tiny-gqa").as_dict()
 
 
 def test_generation_pools_vllm_seconds_over_micro_dp(tmp_path):
@@ -169,7 +169,8 @@ def test_profiler_layouts_and_aggregation():
 
 
 def test_profiler_one_group_per_size_training_beside_the_first_engine():
-    from hybridflow.executor.profiler.calls import CallsGrid, _groups
+    from hybridflow.executor.profiler.calls import _groups
+    from hybridflow.executor.profiler.calls_grid import CallsGrid
     groups = _groups(CallsGrid(group_sizes=(1, 4)), load_model("tiny"))
     names = [(k, [d for d, _ in steps]) for k, steps in groups]
     assert [k for k, _ in names] == [1, 4]  # one worker group (k processes) per set size
@@ -273,7 +274,7 @@ def test_profiler_rows_keep_the_mean_and_never_decrease():
 
 
 def test_profiler_sweeps_every_group_again():
-    from hybridflow.executor.profiler.calls import CallsGrid
+    from hybridflow.executor.profiler.calls_grid import CallsGrid
     with pytest.raises(ValueError, match="sweeps"):
         CallsGrid(sweeps=0)
     one, two = CallsGrid(), CallsGrid(sweeps=2)

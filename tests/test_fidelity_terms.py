@@ -91,16 +91,16 @@ def test_generation_dispatch_counts_remax_greedy_call(prof):
 
 def test_reshard_barriers_and_gather(prof, tmp_path):
     # tp = pp = 1, dp = 4: nothing to gather, two barriers over the 4 ranks
-    c = reshard_cost("hybridengine", 1e6, 1, 1, 4, 1, 1, prof, 4)
+    c = reshard_cost("hybridengine", 1e6, 1, 1, 4, 1, 1, prof, 4, model="tiny")
     assert c.as_dict() == {"reshard_barrier": pytest.approx(2 * 0.002)}
     assert c.sources() == {"reshard_barrier": "measured"}
     # tp 2 x dp 2 generating at tg 1: micro-DP groups of 2 gather M/2 each
-    c = reshard_cost("hybridengine", 2e6, 1, 2, 2, 1, 1, prof, 4).as_dict()
+    c = reshard_cost("hybridengine", 2e6, 1, 2, 2, 1, 1, prof, 4, model="tiny").as_dict()
     assert c["reshard_barrier"] == pytest.approx(0.004)
     assert c["reshard_allgather"] == pytest.approx(0.001 + 0.01 * (2e6 - 4096) / (4096000 - 4096))
     # a datasheet profile (nothing measured) keeps the paper's all-gather alone
     a100 = load_profile("a100-80gb")
-    assert reshard_cost("hybridengine", 1e6, 1, 1, 4, 1, 1, a100, 8).terms == ()
+    assert reshard_cost("hybridengine", 1e6, 1, 1, 4, 1, 1, a100, 8, model="tiny").terms == ()
 
 
 def test_malformed_sections_are_profile_errors(tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from hybridflow.executor.engines import weights as W
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardError, ReshardPlan, split_micro_dp
-from hybridflow.executor.engines.vllm_engine import launch_local
+from hybridflow.executor.spawn import run_ranks
 from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.model import load_model
 
@@ -59,7 +59,7 @@ def _reshard_all(rank: int, world: int, model: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def resharded():
-    return launch_local(_reshard_all, 4, "tiny", timeout=600)
+    return run_ranks(_reshard_all, 4, "tiny", backend="gloo", timeout_s=600)
 
 
 def _sharded_bytes(spec) -> int:

@@ -5,7 +5,7 @@ losses as training that never generated."""
 import pytest
 import torch
 
-from hybridflow.executor.engines.vllm_engine import launch_local
+from hybridflow.executor.spawn import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,9 @@ def _run(rank: int, world: int, ckpt: str) -> dict:
     from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
     from hybridflow.layout import ParallelLayout
     from hybridflow.executor.engines.groups import build_role_groups
-    from hybridflow.executor.engines.train_engine import EngineConfig as TrainConfig
+    from hybridflow.executor.engines.train_engine import VllmConfig as TrainConfig
     from hybridflow.executor.engines.train_engine import TrainEngine, lm_loss
-    from hybridflow.executor.engines.vllm_engine import EngineConfig, SamplingConfig, VllmEngine
+    from hybridflow.executor.engines.vllm_engine import VllmConfig, SamplingConfig, VllmEngine
     from hybridflow.layout import ParallelLayout
     from hybridflow.simulator.model import load_model
     spec, lay = load_model(MODEL), ParallelLayout(tp=2, pp=2, dp=1)
@@ -66,7 +66,7 @@ def _run(rank: int, world: int, ckpt: str) -> dict:
     plain = TrainEngine("plain", spec, build_role_groups("plain", lay, seed=5), cfg)
     actor = TrainEngine("actor", spec, build_role_groups("actor", lay, seed=5), cfg)
     he = HybridEngine(spec, ReshardPlan(ParallelLayout(2, 2, 1), TG, "hybridengine"),
-                      lambda g: VllmEngine(EngineConfig(model_dir=ckpt, load_format="dummy",
+                      lambda g: VllmEngine(VllmConfig(model_dir=ckpt, load_format="dummy",
                                                         tp_groups=tuple(map(tuple, g)))))
     greedy = SamplingConfig(temperature=0.0, max_tokens=4)
     out = {"plain": [], "actor": [], "bad": [], "tokens": [], "hf": []}
@@ -90,7 +90,7 @@ def results(tmp_path_factory):
     from hybridflow.executor.engines import weights as W
     from hybridflow.simulator.model import load_model
     ckpt = W.save_hf_checkpoint(tmp_path_factory.mktemp("cfg"), load_model(MODEL))
-    return launch_local(_run, 4, str(ckpt), timeout=900)
+    return run_ranks(_run, 4, str(ckpt), backend="gloo", timeout_s=900)
 
 
 def test_generation_weights_are_slices_of_the_megatron_model(results):

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from hybridflow.simulator.model import CATALOG, ModelError, ModelSpec, load_model
+from hybridflow.simulator.architecture import ModelError, ModelSpec
+
+from hybridflow.simulator.model import CATALOG, load_model
 
 # Parameter counts of the Hugging Face safetensors checkpoints (model pages' "Model size").
 EXACT = {

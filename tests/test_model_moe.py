@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from hybridflow.simulator.model import CATALOG, ModelError, ModelSpec, load_model, to_hf_config
+from hybridflow.simulator.architecture import ModelError, ModelSpec
+
+from hybridflow.simulator.model import CATALOG, load_model, to_hf_config
 
 B = 1e9
 # (model, count, published value, source). Counts: "total" = params, "active" = active_params

@@ -145,10 +145,10 @@ def test_table2_formulas(p, t, d, pg, tg):
 
 def test_reshard_time_is_one_micro_dp_allgather():
     M = 1e9
-    c = reshard_cost("hybridengine", M, 1, 4, 2, 1, 2, A100, 8).as_dict()
+    c = reshard_cost("hybridengine", M, 1, 4, 2, 1, 2, A100, 8, model="tiny").as_dict()
     # micro-DP groups of 2 consecutive ranks; each receives M/4
     assert c["reshard_allgather"] == pytest.approx(LAT + (M / 4) / NVLINK)
-    full = reshard_cost("allgather", M, 1, 8, 4, 1, 2, A100, 8).as_dict()
+    full = reshard_cost("allgather", M, 1, 8, 4, 1, 2, A100, 8, model="tiny").as_dict()
     r = 32                                   # every rank, across 4 nodes
     assert full["reshard_allgather"] == pytest.approx((r - 1) * LAT + (r - 1) / r * M / (25e9 * 0.7))
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hybridflow.executor.task.artifacts import BuildSettings, ensure_artifacts
+from hybridflow.executor.task.artifacts import ensure_artifacts
+from hybridflow.executor.task.settings import BuildSettings
 from hybridflow.executor.run.driver import summarize
 
 ROOT = Path(__file__).resolve().parents[1]

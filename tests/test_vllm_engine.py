@@ -7,7 +7,8 @@ import torch
 
 from hybridflow.executor.engines import weights as W
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan, split_micro_dp
-from hybridflow.executor.engines.vllm_engine import (EngineConfig, EngineError, SamplingConfig, launch_local,
+from hybridflow.executor.spawn import run_ranks
+from hybridflow.executor.engines.vllm_engine import (VllmConfig, EngineError, SamplingConfig,
                                   request_seed)
 from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.model import load_model
@@ -57,7 +58,7 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
         if current.get("key") != key:
             if current:
                 current["engine"].shutdown()
-            current.update(key=key, engine=VllmEngine(EngineConfig(
+            current.update(key=key, engine=VllmEngine(VllmConfig(
                 model_dir=ckpt, tp_groups=key, load_format="dummy")))
         return current["engine"]
 
@@ -95,12 +96,12 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    return launch_local(_reference, 1, ckpt, timeout=600)[0]
+    return run_ranks(_reference, 1, ckpt, backend="gloo", timeout_s=600)[0]
 
 
 @pytest.fixture(scope="module")
 def resharded(ckpt):
-    return launch_local(_resharded, 4, ckpt, timeout=900)
+    return run_ranks(_resharded, 4, ckpt, backend="gloo", timeout_s=900)
 
 
 def test_greedy_generation_equals_one_vllm_process(reference, resharded):
@@ -134,8 +135,8 @@ def test_sampling_settings_are_validated():
     with pytest.raises(EngineError):
         SamplingConfig(temperature=0, n=2)
     with pytest.raises(EngineError):
-        EngineConfig(model_dir="x", tp_groups=((0, 1), (2,)))
+        VllmConfig(model_dir="x", tp_groups=((0, 1), (2,)))
     with pytest.raises(EngineError):
-        EngineConfig(model_dir="x", tp_groups=((0, 2), (1, 4)))
+        VllmConfig(model_dir="x", tp_groups=((0, 2), (1, 4)))
     params = SamplingConfig(temperature=0.7, top_p=0.9, max_tokens=5, n=3).to_vllm()
     assert (params.temperature, params.top_p, params.max_tokens, params.n) == (0.7, 0.9, 5, 3)

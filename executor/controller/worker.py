@@ -30,7 +30,6 @@ Example (the generation engine)::
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -38,14 +37,19 @@ from typing import Any
 import torch
 
 from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.engines.groups import RoleGroups, build_role_groups
+from hybridflow.executor.engines.train_engine import EngineConfig, TrainEngine
+from hybridflow.executor.spawn import free_port
+from hybridflow.layout import ParallelLayout
+from hybridflow.simulator.model import load_model
 from hybridflow.executor.controller.protocols import DP_COMPUTE, MEGATRON_3D, ONE_TO_ALL, register
 
 
 @dataclass
 class RoleState:
     name: str
-    groups: Any  # hybridflow.executor.engines.groups.RoleGroups
-    engine: Any  # hybridflow.executor.engines.train_engine.TrainEngine
+    groups: RoleGroups
+    engine: TrainEngine
 
 
 class Worker:
@@ -63,9 +67,7 @@ class Worker:
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return int(s.getsockname()[1])
+        return free_port("")
 
     def rejoin(self, rank: int, world_size: int, group_name: str) -> None:
         """Become `rank` of a new world of `world_size` (init_distributed follows); this
@@ -88,11 +90,9 @@ class Worker:
             "nccl" if gpu else "gloo", init_method="env://", rank=self.rank,
             world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
 
-    def add_role(self, role: str, model: str, layout: Any, engine_config: Any) -> None:
+    def add_role(self, role: str, model: str, layout: ParallelLayout,
+                 engine_config: EngineConfig) -> None:
         """Build `role`'s groups and engine (collective: all ranks, same order)."""
-        from hybridflow.executor.engines.groups import build_role_groups
-        from hybridflow.executor.engines.train_engine import TrainEngine
-        from hybridflow.simulator.model import load_model
         if role in self.roles:
             raise ValueError(f"role {role!r} already exists on rank {self.rank}")
         groups = build_role_groups(role, layout, seed=engine_config.seed)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from hybridflow.executor.engines import cuda_bridge
 from hybridflow.layout import ParallelLayout
 from hybridflow.executor.engines.groups import RoleGroups
-from hybridflow.simulator.model import ModelSpec
+from hybridflow.simulator.architecture import ModelSpec
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"

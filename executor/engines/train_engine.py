@@ -27,9 +27,10 @@ import torch
 from hybridflow.errors import UserError
 from hybridflow.executor.engines import cuda_bridge
 from hybridflow.executor.engines import megatron_model as mm
+from hybridflow.executor.engines import weights
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.engines.groups import RoleGroups
-from hybridflow.simulator.model import ModelSpec
+from hybridflow.simulator.architecture import ModelSpec
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -220,17 +221,8 @@ class TrainEngine:
         mm.load_full_state(self.model, state, self.groups.tp_rank, self.groups.layout.tp)
 
     def load_state(self, full_hf_state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a full Hugging Face Llama state dict: ``hybridflow.executor.engines.weights.hf_to_megatron_shard``
-        when it exists, else ``hf_to_megatron`` (full, TP1 names) sliced here."""
-        from hybridflow.executor.engines import weights
-        g = self.groups
-        to_shard = getattr(weights, "hf_to_megatron_shard", None)
-        if to_shard is not None:
-            shards = to_shard(full_hf_state_dict, self.spec, g.tp_rank, g.layout.tp,
-                              g.pp_rank, g.layout.pp)
-            mm.load_local_state(self.model, shards)
-        else:
-            self.load_full_megatron_state(weights.hf_to_megatron(full_hf_state_dict, self.spec))
+        """Load a full Hugging Face Llama state dict (this rank keeps its shards of it)."""
+        self.load_full_megatron_state(weights.hf_to_megatron(full_hf_state_dict, self.spec))
 
 
 # ---- simple reference losses (SFT / reward-model style); the RL losses live elsewhere --

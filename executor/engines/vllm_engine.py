@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hybridflow.errors import UserError
-from hybridflow.executor.engines.groups import WorldWatch
+from hybridflow.executor.engines.groups import WorldWatch, shared_new_groups
 
 _VLLM_WORLD = WorldWatch()  # the torch world vLLM's world group belongs to
 
@@ -71,7 +71,7 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class VllmConfig:
     model_dir: str  # a Hugging Face checkpoint dir (config.json; weights unless "dummy")
     tp_groups: tuple[tuple[int, ...], ...]  # global ranks, ordered by TP rank
     seed: int = 0
@@ -129,7 +129,6 @@ def _install_parallel_groups(tp_groups: Sequence[Sequence[int]]) -> None:
     """Build vLLM's groups from ours before LLM(): TP as given, PP/DP/CP of one rank."""
     from vllm.distributed import parallel_state as ps
 
-    from hybridflow.executor.engines.groups import shared_new_groups
     with shared_new_groups():
         _init_vllm_groups(ps, tp_groups)
 
@@ -191,7 +190,7 @@ def request_seed(seed: int, index: int, prompt: Sequence[int]) -> int:
 class VllmEngine:
     """One rank's part of a vLLM instance; create it on every rank of the world together."""
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: VllmConfig):
         if not dist.is_initialized() or dist.get_world_size() != cfg.world_size:
             raise EngineError(f"VllmEngine needs a torch.distributed world of {cfg.world_size}")
         self.cfg = cfg
@@ -295,54 +294,3 @@ class VllmEngine:
             setattr(ps, name, None)
         dist.barrier()
         self.close()
-
-
-# ---- launching a local world (tests, benchmarks) ------------------------------------------
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_rank_main(rank: int, world: int, port: int, fn, args: tuple, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                init_method=f"tcp://127.0.0.1:{port}")
-        queue.put((rank, True, fn(rank, world, *args)))
-    except BaseException as e:  # reported to the parent, which raises
-        import traceback
-        queue.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-
-def launch_local(fn, world: int, *args, timeout: float = 300.0) -> list:
-    """Run ``fn(rank, world, *args)`` on `world` spawned processes joined in one gloo world;
-    return the per-rank results (picklable). `fn` must be importable (module level)."""
-    import multiprocessing as mp
-    import queue as queue_mod
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_local_rank_main, args=(r, world, port, fn, args, q))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, object] = {}
-    try:
-        while len(results) < world:
-            rank, ok, value = q.get(timeout=timeout)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed: {value}")
-            results[rank] = value
-    except queue_mod.Empty:
-        raise RuntimeError(f"local world timed out after {timeout} s") from None
-    finally:
-        for p in procs:
-            if len(results) < world:
-                p.kill()
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hybridflow.layout import LayoutError
-from hybridflow.simulator.model import ModelSpec
+from hybridflow.simulator.architecture import ModelSpec
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
@@ -283,6 +283,27 @@ def save_hf_checkpoint(path: str | Path, spec: ModelSpec, hf_state: StateDict | 
         save_file({k: v.detach().contiguous() for k, v in hf_state.items()},
                   str(path / "model.safetensors"))
     return path
+
+
+def load_hf_folder(path: str | Path) -> StateDict:
+    """The weights of a Hugging Face folder (a single model.safetensors)."""
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def hf_to_full_megatron(hf: StateDict, spec: ModelSpec, value_head: bool) -> StateDict:
+    """A Hugging Face Llama (or sequence-classification) state as full megatron names; a
+    value head takes the classifier's score row as its output layer."""
+    body = {k: v for k, v in hf.items() if k != "score.weight"}
+    if value_head:
+        body.setdefault("lm_head.weight", torch.zeros(spec.vocab, spec.hidden))
+    full = hf_to_megatron(body, spec)
+    if value_head:
+        if "score.weight" not in hf:
+            raise LayoutError("a value-head role needs a sequence-classification checkpoint "
+                              "(score.weight)")
+        full[OUTPUT] = hf["score.weight"].reshape(1, spec.hidden)
+    return full
 
 
 def random_hf_state(spec: ModelSpec, seed: int = 0, std: float = 0.05) -> StateDict:

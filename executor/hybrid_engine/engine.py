@@ -37,7 +37,7 @@ from hybridflow.executor.engines import weights as W
 from hybridflow.executor.hybrid_engine.reshard_plan import (ReshardError, ReshardPlan, ReshardStats, gather_micro_dp,
                                    split_micro_dp)
 from hybridflow.executor.engines.vllm_engine import Completion, SamplingConfig, VllmEngine
-from hybridflow.simulator.model import ModelSpec
+from hybridflow.simulator.architecture import ModelSpec
 
 _GROUPS: dict[tuple[int, tuple[int, ...]], object] = {}  # process groups made so far
 

@@ -1,190 +1,49 @@
 """Per-call costs of the executor's worker methods, measured with the executor's own parts.
 
-On a model this small every stage of an iteration is a handful of calls whose fixed costs
-(the controller's Ray round trip, megatron's per-step work, vLLM's per-call scheduling,
-resharding with vLLM's weight reload) outweigh the FLOPs, so they are measured as the run
+On a small model every stage of an iteration is a handful of calls whose fixed costs (the
+controller's Ray round trip, megatron's per-step work, vLLM's per-call scheduling,
+resharding with vLLM's weight reload) outweigh the FLOPs, so they are measured as a run
 makes them: a local Ray cluster, one worker group of k ranks per set size (one Ray actor per
-logical device, one thread each, all k busy at once: k = 4 puts 4 ranks on the host's cores
-exactly as a 4-device set of `hybridflow run` does), and RLWorker's own methods on a random
-model of every layout a set of k devices allows:
+logical device, all k busy at once, as a k-device set of `hybridflow run`), and RLWorker's
+own methods on a random model in every layout k devices allow:
 
 - forward: ``response_outputs`` over s sequences per DP rank (the prepare stage's calls);
-- train_step: ``update`` with one mini-batch (one optimizer step over s sequences per DP rank,
-  the executor's micro-batch size), and the optimizer step's share of it;
-- generate: ``generate`` of an actor in each (generation tp, micro-DP) its layouts reach, over
-  s prompts per generation replica and t new tokens, with the micro-DP gather; its
-  resharding (to the generation layout incl. vLLM's weight reload, and back) is ``reshard``;
-- dispatch: each call's wall time at the controller minus its slowest rank's own time.
+- train_step: ``update`` with one mini-batch, and the optimizer step's share of it;
+- generate: ``generate`` of an actor in each (generation tp, micro-DP) its layouts reach,
+  with the micro-DP gather; its resharding (to the generation layout incl. vLLM's weight
+  reload, and back) is ``reshard``;
+- dispatch: each call's wall time at the controller minus its slowest rank's own time;
 
-The forward and train_step tables are measured twice, for an LM (the actor's loss) and for a
-model with a value head (the critic's loss): `forward_value`, `train_step_value`.
-
-The layouts of k ranks are measured in one worker group of k processes, as a run's set of
-k devices holds its roles: the generation layouts in order of generation tp, those with the
-same generation TP groups (one vLLM engine; micro-DP 1, 2 and 4 at tg 1) all at once, each
-round through all of their calls (the next engine starts once the last one is shut down),
-and after the first engine's, with it still alive (as a run's actor set trains beside
-its engine; it slowed megatron's calls by about a fifth on a 2-core VM), all training
-layouts at once, each round through all of their calls. Each generate call follows an
-optimizer step of its actor, as a run's generation follows its update. Process groups are
-shared per rank list (hybridflow.executor.engines.groups.shared_new_groups) by the roles and by each engine
-and its successor: groups kept per role, and vLLM's ~10 per engine, had piled up idle gloo
-threads and slowed what was measured last up to twice. The worker groups of 1, 2 and 4
-ranks, and the one-rank sets timed at once, are new worlds over the same 4 processes
-(hybridflow.executor.profiler.rank_pool), which import megatron-core and vLLM once, all together.
-
-Rows give the slowest rank's seconds (a call ends with its slowest rank): after a warm-up
-round, the mean over rounds through all the calls measured together; with `sweeps` > 1
-(`hybridflow profile --sweeps`), the rounds are split among that many passes over all the
-groups (1, 2, 4 ranks, then again), minutes apart, and pooled.
-This VM's own speed drifts by ~20% over tens of seconds (the same calls on 4 processes in
-turn: per-process means within 3%, means over successive 10-s spans 0.088 to 0.071 s), and
-a run's iteration time is a mean over such phases: so rows are means, not medians or
-minima (those had come out 10-20% below the runs), and each row's rounds are spread over
-its group's measurement rather than taken in a block of their own. Two sweeps (7 min 51 s
-instead of 4-5.5) did not make profiles agree better: rows of profiles taken half an hour
-apart differed by 13% on average with two sweeps, 14-21% with one (the host's speed moves
-over minutes and hours too). Where a row exceeds a larger size's (more work never takes
-less time), the two are pooled into their mean (isotonic fit, hybridflow.executor.profiler.calls_tables),
-which keeps the table's mean where a clamp would lower it.
+each for an LM (the actor's loss) and a value model (the critic's: ``*_value``). The layouts
+of k ranks share one worker group and are measured as a run holds them: the generation
+layouts by vLLM engine, the training layouts beside the first engine, each generate call
+after an optimizer step; rounds through all of a batch's calls, so that a row's rounds
+spread over the whole measurement. Rows are the slowest rank's seconds, the mean over the
+rounds. Why it is done this way, with the measurements that decided it: profiles/README.md
+("Per-call tables of the executor").
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import torch
-
-from hybridflow.simulator.model import ModelSpec, load_model
-
-
-@dataclass(frozen=True)
-class CallsGrid:
-    model: str = "tiny"
-    group_sizes: tuple[int, ...] = (1, 2, 4)
-    sequences: tuple[int, ...] = (4, 8, 16, 32)   # per DP rank (forward, train step)
-    gen_sequences: tuple[int, ...] = (8, 32)      # per generation replica
-    prompt_len: int = 16
-    response_len: int = 8
-    repeats: int = 4            # rounds of the forward and train calls
-    gen_repeats: int = 3        # rounds of the generate calls (each one reshards too)
-    sweeps: int = 1             # passes over every worker group, the rounds split among them
-    micro_batch_per_rank: int = 4  # the optimizer step before each generate call
-    concurrency: bool = True    # time calls of one-rank sets running at once (sharing)
-
-    def __post_init__(self) -> None:
-        spec = load_model(self.model)
-        for name in ("group_sizes", "sequences", "gen_sequences"):
-            vals = getattr(self, name)
-            if not vals or any(not isinstance(v, int) or v <= 0 for v in vals):
-                raise ValueError(f"calls grid {name} must be positive integers: {vals}")
-        if min(self.prompt_len, self.response_len, self.repeats, self.gen_repeats,
-               self.sweeps) < 1:
-            raise ValueError("prompt_len, response_len, repeats and sweeps must be >= 1")
-        if self.prompt_len + self.response_len > spec.max_position:
-            raise ValueError(f"model {self.model!r} holds {spec.max_position} positions")
-
-    @property
-    def seq_len(self) -> int:
-        return self.prompt_len + self.response_len
-
-    def per_sweep(self, rounds: int) -> int:
-        """Rounds of a call in each sweep: `rounds` split among the sweeps (at least 1)."""
-        return -(-rounds // self.sweeps)
-
-
-def default_grid(quick: bool, model: str = "tiny", sweeps: int = 1) -> CallsGrid:
-    if quick:
-        return CallsGrid(model, sequences=(4, 16, 32), gen_sequences=(8, 32), repeats=2,
-                         gen_repeats=1, sweeps=sweeps)
-    return CallsGrid(model, sweeps=sweeps)
-
-
-def _pow2(limit: int) -> list[int]:
-    out, v = [], 1
-    while v <= limit:
-        out.append(v)
-        v *= 2
-    return out
-
-
-def train_layouts(spec: ModelSpec, k: int) -> list[tuple[int, int, int]]:
-    """(tp, pp, dp) of every layout of k devices the model allows (the planner's choices)."""
-    return [(t, p, k // (t * p)) for t in _pow2(k) if spec.heads % t == 0 and spec.kv_heads % t == 0
-            for p in range(1, spec.layers + 1) if spec.layers % p == 0 and k % (t * p) == 0]
-
-
-def generation_configs(spec: ModelSpec, k: int) -> list[tuple[int, int]]:
-    """(training tp, generation tp) covering each (generation tp, micro-DP) of k devices
-    once: generation pp is 1, so micro-DP = tp / tg (pp > 1 layouts share these). Ordered
-    by generation tp, so that layouts whose vLLM engines are alike follow each other."""
-    return sorted(((t, g) for t, p, _ in train_layouts(spec, k) if p == 1 for g in _pow2(t)
-                   if spec.heads % g == 0), key=lambda c: (c[1], c[0]))
-
-
-# ---- batches as the controller builds them ------------------------------------------------
-def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> "Batch":
-    """n sequences with every field the prepare and train calls read."""
-    from hybridflow.executor.controller.batch import Batch
-    g = torch.Generator().manual_seed(seed)
-    P, R = grid.prompt_len, grid.response_len
-    ids = torch.randint(4, vocab, (n, P + R), generator=g)
-    resp = torch.ones(n, R, dtype=torch.long)
-    small = torch.randn(n, R, generator=g) * 0.1
-    return Batch({"input_ids": ids, "attention_mask": torch.ones(n, P + R, dtype=torch.long),
-                  "responses": ids[:, P:], "response_mask": resp, "old_log_probs": small - 2.0,
-                  "ref_log_probs": small - 2.0, "advantages": small, "returns": small,
-                  "values": small}, meta={"prompt_len": P})
-
-
-@dataclass
-class Recorder:
-    """Times calls on a worker group: controller wall and each rank's own seconds."""
-    group: object
-    repeats: int
-
-    def _once(self, role: str, method: str, args: tuple) -> tuple[float, dict[str, float]]:
-        t0 = time.perf_counter()
-        self.group.run(role, method, *args)
-        wall = time.perf_counter() - t0
-        ranks = [c[-1] for c in self.group.run(None, "take_seconds")]
-        slowest = max(ranks, key=lambda c: c["seconds"])
-        return wall, {k: max(c.get(k, 0.0) for c in ranks) for k in slowest}
-
-    def rounds(self, calls: list[tuple[object, str, str, tuple]]
-               ) -> dict[object, tuple[float, dict[str, float]]]:
-        """{name: (wall, the slowest rank's own seconds and parts)} of each (name, role,
-        method, args): a warm-up round through the whole list (lazy set-up, and the first
-        calls of each size after a vLLM engine starts, which had come out up to a third
-        slower), then `repeats` rounds, so that a burst of other load lands in one round of
-        every call rather than in all rounds of a few; the mean over rounds."""
-        for _, role, method, args in calls:
-            self._once(role, method, args)
-        got: dict[object, list[tuple[float, dict[str, float]]]] = {}
-        for _ in range(self.repeats):
-            for name, role, method, args in calls:
-                got.setdefault(name, []).append(self._once(role, method, args))
-        return {name: (statistics.fmean(w for w, _ in runs),
-                       {k: statistics.fmean(o.get(k, 0.0) for _, o in runs)
-                        for k in set().union(*(o for _, o in runs))})
-                for name, runs in got.items()}
-
-
-def _engine_config(value_head: bool):
-    from hybridflow.executor.run.config import RunConfig
-    from hybridflow.executor.rl.runtime import engine_config
-    return engine_config("critic" if value_head else "actor", RunConfig())
-
-
-def _losses(grid: CallsGrid, value: bool):
-    from hybridflow.executor.rl import algorithms as alg
-    from hybridflow.executor.rl.worker import ActorLoss, CriticLoss
-    loss = CriticLoss if value else ActorLoss
-    return loss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
+from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
+from hybridflow.executor.engines.vllm_engine import SamplingConfig
+from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
+from hybridflow.executor.profiler.calls_grid import (CallsGrid, Recorder, role_engine_config,
+                                                     generation_configs, role_loss,
+                                                     sequence_batch, train_layouts)
+from hybridflow.executor.profiler.calls_sharing import measure_concurrency
+from hybridflow.executor.profiler.rank_pool import RankPool
+from hybridflow.executor.profiler.vllm_steps import save_random_llama
+from hybridflow.executor.rl.worker import RolloutConfig
+from hybridflow.executor.run.config import RunConfig
+from hybridflow.layout import ParallelLayout
+from hybridflow.simulator.architecture import ModelSpec
+from hybridflow.simulator.model import load_model
 
 
 def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
@@ -194,15 +53,14 @@ def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     layout's calls, so that each row's rounds spread over the whole measurement (this VM's
     speed drifts by ~20% over tens of seconds; a row timed in a block of its own took on
     the speed of that block)."""
-    from hybridflow.layout import ParallelLayout
     calls, roles = [], []
     for tp, pp, dp in layouts:
         for value in (False, True):
             role = f"{'value' if value else 'lm'}-tp{tp}-pp{pp}"
             rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
-                               _engine_config(value))
+                               role_engine_config(value))
             roles.append(role)
-            loss = _losses(grid, value)
+            loss = role_loss(grid, value)
             for s in grid.sequences:
                 batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
                 calls += [(("forward", tp, pp, value, s), role, "profile_outputs",
@@ -231,8 +89,6 @@ def engine_batches(spec: ModelSpec, k: int, scheme: str) -> list[tuple[int, list
     """(generation tp, the training tps) of k devices whose generation layouts use one vLLM
     engine (the same generation TP groups), in generation_configs' order: a batch is
     measured together, its rounds interleaved."""
-    from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
-    from hybridflow.layout import ParallelLayout
     batches: dict[tuple[tuple[int, ...], ...], tuple[int, list[int]]] = {}
     for tp, tg in generation_configs(spec, k):
         groups = ReshardPlan(ParallelLayout(1, tp, k // tp), tg, scheme).gen_tp_groups()
@@ -245,13 +101,10 @@ def _generation_calls(grid: CallsGrid, spec: ModelSpec, k: int, tp: int, tg: int
     """An actor's generate calls, each after an optimizer step, as in a run (the update,
     then the next iteration's generation): resharding and vLLM find the caches a run
     leaves them."""
-    from hybridflow.executor.controller.batch import Batch
-    from hybridflow.executor.run.config import RunConfig
-    from hybridflow.executor.engines.vllm_engine import SamplingConfig
     cfg = RunConfig()
     update = (("update", tp), role, "profile_update",
               (sequence_batch(grid.micro_batch_per_rank * (k // tp), grid, spec.vocab),
-               _losses(grid, False), 1, 1))
+               role_loss(grid, False), 1, 1))
     calls = []
     for s in grid.gen_sequences:
         prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
@@ -271,16 +124,13 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     generating at tg with one vLLM engine: all their roles at once, each round through
     every layout's calls, so that rows of the same engine work (micro-DP 1, 2, 4) take
     the same phases of this VM's speed rather than each a block of its own."""
-    from hybridflow.layout import ParallelLayout
-    from hybridflow.executor.rl.worker import RolloutConfig
-    from hybridflow.executor.run.config import RunConfig
     cfg = RunConfig()
     roles, calls = [], []
     try:
         for tp in tps:
             role = f"gen-tp{tp}-tg{tg}"
             rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=1, dp=k // tp),
-                               _engine_config(False))
+                               role_engine_config(False))
             roles.append(role)
             rec.group.run(role, "init_rollout", RolloutConfig(
                 tg=tg, scheme=cfg.reshard, model_dir=model_dir,
@@ -311,7 +161,6 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
     """(group size, its steps) of each worker group in measuring order: one group per set
     size k, its generation layouts by vLLM engine (generation tp), the training layouts
     after the first engine's, beside it (see the module docstring)."""
-    from hybridflow.executor.run.config import RunConfig
     groups: list[tuple[int, list[Step]]] = []
     for k in grid.group_sizes:
         gen_rounds = grid.per_sweep(grid.gen_repeats)
@@ -343,9 +192,6 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
     """Every table of the module docstring: TABLES -> rows. `timings` gets the seconds each
     group's start and each layout took."""
     timings = {} if timings is None else timings
-    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
-    from hybridflow.executor.profiler.vllm_steps import save_random_llama
-    from hybridflow.executor.profiler.rank_pool import RankPool
     spec = load_model(grid.model)
     out: dict[str, list[dict]] = {k: [] for k in TABLES}  # + "concurrency" (sharing factors)
     groups = _groups(grid, spec)
@@ -366,7 +212,6 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
                 if progress:
                     progress("concurrent one-rank sets")
                 t0 = time.perf_counter()
-                from hybridflow.executor.profiler.calls_sharing import measure_concurrency
                 out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
                                       measure_concurrency(ranks, grid, spec, n).items()]
                 timings["concurrent sets"] = round(time.perf_counter() - t0, 1)

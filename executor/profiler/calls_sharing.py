@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import statistics
 
-from hybridflow.executor.profiler.calls import CallsGrid, _engine_config, _losses, sequence_batch
-from hybridflow.simulator.model import ModelSpec
+from hybridflow.executor.profiler.calls_grid import (CallsGrid, role_engine_config, role_loss,
+                                                     sequence_batch)
+from hybridflow.layout import ParallelLayout
+from hybridflow.simulator.architecture import ModelSpec
 
 
 def _together(groups: list, calls: list[tuple[str, tuple]]) -> float:
@@ -25,17 +27,16 @@ def measure_concurrency(ranks, grid: CallsGrid, spec: ModelSpec, n: int,
     worker group per process of the RankPool `ranks`), the c sets' mean own seconds over
     one set's alone, interleaved rounds (1, 2, .., n sets, then again), the mean over rounds
     (as the call tables: hybridflow.executor.profiler.calls); never decreasing with c."""
-    from hybridflow.layout import ParallelLayout
     groups: list = []
     with ranks.lent(groups):
         for i in range(n):
             groups.append(ranks.group([i], f"profile-share-{i}"))
             groups[-1].add_role("lm", grid.model, ParallelLayout(1, 1, 1),
-                                _engine_config(False))
+                                role_engine_config(False))
         s = grid.sequences[len(grid.sequences) // 2]
         batch = sequence_batch(s, grid, spec.vocab)
         calls = [("profile_outputs", (batch, "out")),
-                 ("profile_update", (batch, _losses(grid, False), 1, 1))]
+                 ("profile_update", (batch, role_loss(grid, False), 1, 1))]
         _together(groups, calls)  # warm-up: lazy set-up on every set
         got: dict[int, list[float]] = {c: [] for c in range(1, n + 1)}
         for _ in range(rounds):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import statistics
 
-from hybridflow.executor.profiler.calls import CallsGrid
+from hybridflow.executor.profiler.calls_grid import CallsGrid
+from hybridflow.executor.run.config import RunConfig
 
 
 def pool(values: list[float]) -> float:
@@ -58,7 +59,6 @@ def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) ->
 
 def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
     """The profile's `calls:` table (format: profiles/README.md) from measure_calls rows."""
-    from hybridflow.executor.run.config import RunConfig
     cfg = RunConfig()
     return {"model": grid.model, "prompt_len": grid.prompt_len,
             "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.protocols import GENERATE
+from hybridflow.executor.engines import vllm_engine as ve
 from hybridflow.executor.rl.worker import RLWorker
 
 
@@ -44,7 +45,7 @@ class ProfileWorker(RLWorker):
         super().__init__(rank, world_size, group_name)
         self._parts: dict[str, float] = {}   # the current call's parts
         self._calls: list[dict[str, float]] = []
-        self._engine: tuple[Any, Any] | None = None  # (EngineConfig, VllmEngine) alive
+        self._engine: tuple[Any, Any] | None = None  # (VllmConfig, VllmEngine) alive
 
     def _clock(self, role: str) -> None:
         """Put clocks on the parts of `role`'s engines (once per engine object: a vLLM
@@ -96,7 +97,6 @@ class ProfileWorker(RLWorker):
         settings (generation TP groups included) are the same: starting vLLM is most of a
         generation layout's profiling time. One engine lives at a time (vLLM's parallel
         groups are per process)."""
-        import hybridflow.executor.engines.vllm_engine as ve
         real = ve.VllmEngine
 
         def engine(config: Any) -> Any:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hybridflow.executor.spawn import run_ranks
+
 OPS = ("all_reduce", "all_gather", "broadcast", "p2p")
 
 
@@ -130,7 +132,6 @@ def _rank_collectives(rank: int, world: int, grid: CollectiveGrid) -> list[dict]
 def measure_collectives(grid: CollectiveGrid, backend: str, threads: int = 1
                         ) -> dict[str, list[dict]]:
     """{op: [{ranks, bytes, seconds}, ...]} for op in all_reduce, all_gather, broadcast, p2p."""
-    from hybridflow.executor.spawn import run_ranks
 
     rows = run_ranks(_rank_collectives, grid.world, grid, backend=backend, threads=threads)[0]
     return {op: [{k: r[k] for k in ("ranks", "bytes", "seconds")} for r in rows if r["op"] == op]

@@ -11,6 +11,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,6 @@ def _median_call(fn, repeats: int) -> float:
 
 def measure_dispatch(grid: DispatchGrid) -> dict:
     """{"actors": N, "call_s": s, "transfer": [{bytes, seconds}]}: medians over repeats."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
-
     with Cluster.start(ClusterConfig(devices=grid.devices)) as cluster:
         pool = cluster.create_pool("profile-dispatch", grid.devices)
         cls = ray.remote(num_cpus=0)(_Worker)

@@ -21,6 +21,8 @@ from hybridflow.executor.profiler import train_layer
 from hybridflow.executor.profiler import vllm_steps
 from hybridflow.executor.profiler.calls_tables import calls_section
 from hybridflow.executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+from hybridflow.executor.spawn import run_ranks
+from hybridflow.simulator.model import load_model
 from hybridflow.simulator.profile import load_profile
 
 
@@ -50,8 +52,6 @@ class ProfileOptions:
             raise UserError(f"--threads must be >= 1, got {self.threads_per_rank}")
         if not self.concurrency or 1 not in self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency must include 1 and be positive: {self.concurrency}")
-        from hybridflow.simulator.model import load_model
-
         load_model(self.model)
 
 
@@ -91,7 +91,6 @@ def _alone(rank: int, world: int, payload: tuple) -> tuple:
 
 def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callable]]:
     """(description, thunk) per measurement; each thunk returns (key, value)."""
-    from hybridflow.executor.spawn import run_ranks
 
     gpu = info.kind == "gpu"
     grid = ops.default_grid(options.quick, gpu)
@@ -121,7 +120,7 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
         steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
             "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
     if options.calls and not gpu:
-        callgrid = calls.default_grid(options.quick, options.model, options.sweeps)
+        callgrid = calls_grid.default_grid(options.quick, options.model, options.sweeps)
         callgrid = replace(callgrid, group_sizes=tuple(k for k in callgrid.group_sizes
                                                      if k <= options.devices))
         steps.append((f"executor calls, {options.model}", lambda: (
@@ -136,7 +135,7 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
 CALL_SECONDS: dict[str, float] = {}  # the last measure_calls' seconds per part
 
 
-def _calls(grid: "calls.CallsGrid") -> tuple[dict, dict[int, float] | None]:
+def _calls(grid: calls_grid.CallsGrid) -> tuple[dict, dict[int, float] | None]:
     """The `calls:` section, and the slowdowns of concurrent one-rank sets' calls."""
     CALL_SECONDS.clear()
     measured = calls.measure_calls(grid, timings=CALL_SECONDS)

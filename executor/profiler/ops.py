@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hybridflow.executor.spawn import run_ranks
+
 
 @dataclass(frozen=True)
 class OpGrid:
@@ -149,7 +151,6 @@ def _rank_ops(rank: int, world: int, grid: OpGrid) -> OpTables:
 def measure_ops_concurrent(grid: OpGrid, ranks: int, threads: int = 1) -> OpTables:
     """Each table as seen by one of `ranks` processes timing the same shapes at the same time;
     seconds are the mean over ranks."""
-    from hybridflow.executor.spawn import run_ranks
 
     backend = "gloo" if ranks > 1 else None
     per_rank: list[OpTables] = run_ranks(_rank_ops, ranks, grid, backend=backend,

@@ -16,14 +16,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from hybridflow.executor.profiler.calls_worker import ProfileWorker
+
 
 class RankPool:
     """n ProfileWorker processes on one resource pool; `group(ranks)` makes a worker group
     of some of them, `release(group)` ends its world and keeps its processes."""
 
     def __init__(self, cluster: Any, n: int, name: str = "profile-ranks") -> None:
-        from hybridflow.executor.profiler.calls_worker import ProfileWorker
-        from hybridflow.executor.controller.worker_group import WorkerGroup
         self.cluster, self.name = cluster, name
         self.pool = cluster.create_pool(name, n)
         self._cls = ProfileWorker
@@ -34,7 +34,6 @@ class RankPool:
 
     def group(self, ranks: Sequence[int], name: str) -> Any:
         """A worker group whose rank i is process ranks[i] of this pool."""
-        from hybridflow.executor.controller.worker_group import WorkerGroup
         return WorkerGroup(self.cluster, self.pool, self._cls, name=name,
                            actors=[self.actors[r] for r in ranks])
 

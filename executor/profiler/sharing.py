@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridflow.executor.spawn import run_ranks
+
 
 @dataclass(frozen=True)
 class SharingGrid:
@@ -92,7 +94,6 @@ def factors(per_rank: list[list[tuple[int, float]]], counts: tuple[int, ...]) ->
 
 def measure_sharing(grid: SharingGrid, threads: int = 1) -> dict[int, float]:
     """{concurrent ranks: slowdown factor} on this host."""
-    from hybridflow.executor.spawn import run_ranks
 
     per_rank = run_ranks(_rank_sharing, grid.world, grid,
                          backend="gloo" if grid.world > 1 else None, threads=threads)

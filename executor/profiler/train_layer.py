@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridflow.executor.profiler.ops import time_call
-from hybridflow.simulator.model import ModelSpec, load_model
+from hybridflow.layout import ParallelLayout
+from hybridflow.simulator.architecture import ModelSpec
+from hybridflow.simulator.model import load_model
 
 
 class DecoderLayer(nn.Module):
@@ -99,9 +101,10 @@ def _torch_rows(grid: TrainLayerGrid, spec: ModelSpec, dev: torch.device) -> lis
 
 
 def _megatron_rows(grid: TrainLayerGrid, spec: ModelSpec, seed: int) -> list[dict]:
-    """The decoder block of a one-layer megatron GPTModel ([seq, batch, hidden] in and out)."""
+    """The decoder block of a one-layer megatron GPTModel ([seq, batch, hidden] in and out).
+    megatron-core is imported here, in the measuring process, only when it measures with it
+    (measure_train_layer falls back to the torch stand-in where it does not import)."""
     from hybridflow.executor.engines import megatron_model as mm
-    from hybridflow.layout import ParallelLayout
     from hybridflow.executor.engines.groups import build_role_groups
 
     groups = build_role_groups("profile", ParallelLayout(), seed=seed)

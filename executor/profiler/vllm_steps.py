@@ -15,7 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridflow.simulator.model import ModelSpec, load_model
+from hybridflow.simulator.architecture import ModelSpec
+
+from hybridflow.simulator.model import load_model
+from hybridflow.executor.spawn import run_ranks
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,6 @@ def _rank_generate(rank: int, world: int, grid: GenerateGrid) -> dict[str, list[
 def measure_generate(grid: GenerateGrid, threads: int = 1, kv_cache_gib: int = 1
                      ) -> dict[str, list[dict]]:
     """{"prefill": [{batch, tokens, seconds}], "decode": [{batch, context, seconds}]}."""
-    from hybridflow.executor.spawn import run_ranks
 
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads),

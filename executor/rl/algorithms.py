@@ -11,7 +11,7 @@ slice of the batch dict; both return ``(loss, metrics)``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -298,10 +298,19 @@ def actor_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConf
     """
     mask = batch["response_mask"]
     logprobs = logprobs_from_logits(logits, batch["responses"], cfg.temperature)
+    entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask) \
+        if cfg.entropy_coef > 0 else None
+    return policy_loss(logprobs, batch, cfg, entropy)
+
+
+def policy_loss(logprobs: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: RLConfig,
+                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip actor loss from response-aligned log-probs (B, T): the clipped surrogate,
+    minus entropy_coef x `entropy` (when given), plus kl_loss_coef x KL to the reference."""
+    mask = batch["response_mask"]
     loss, metrics = ppo_policy_loss(logprobs, batch["old_log_probs"], batch["advantages"],
                                     mask, cfg.clip_ratio)
-    if cfg.entropy_coef > 0:
-        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
+    if entropy is not None:
         loss = loss - cfg.entropy_coef * entropy
         metrics["entropy"] = entropy.item()
     if cfg.kl_loss_coef > 0:

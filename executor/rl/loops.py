@@ -12,7 +12,7 @@ import torch
 
 from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.controller.batch import Batch
-from hybridflow.executor.rl.worker import ActorLoss, CriticLoss
+from hybridflow.executor.rl.losses import ActorLoss, CriticLoss
 from hybridflow.executor.rl.runtime import Runtime
 from hybridflow.vocab import ALGORITHMS, Role, Stage
 

@@ -3,7 +3,8 @@
 Sequences are ``input_ids`` [b, P + R]: the prompt left-padded to P, the response
 right-padded to R, with ``attention_mask``. Megatron's LM head gives at position t the
 log-prob of token t+1, so the response's log-probs and values sit at positions P-1 .. P+R-2
-(:func:`response_part`); a reward model scores the last real token.
+(algorithms.response_slice); a reward model scores the last real token. The losses the
+controller sends with an update are executor.rl.losses.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.worker import Worker
+from hybridflow.executor.engines import megatron_model as mm
+from hybridflow.executor.engines import weights as W
+from hybridflow.executor.engines.vllm_engine import VllmConfig, VllmEngine
+from hybridflow.executor.hybrid_engine.engine import HybridEngine
+from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
 
 
 # ---- what a rank needs to build its roles ------------------------------------------------
@@ -35,90 +41,28 @@ class RolloutConfig:
     seed: int = 0
 
 
-def response_part(full: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
-    """Per-token outputs [b, P+R] -> those that belong to the response tokens [b, R]."""
-    return full[:, prompt_len - 1: prompt_len - 1 + response_len]
-
-
-@dataclass(frozen=True)
-class ActorLoss:
-    """PPO-clip (with GRPO's optional KL term) on megatron's per-token log-probs."""
-    cfg: alg.RLConfig
-    prompt_len: int
-    response_len: int
-
-    def __call__(self, output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
-        logp = response_part(output, self.prompt_len, self.response_len)
-        mask = mb["response_mask"]
-        loss, metrics = alg.ppo_policy_loss(logp, mb["old_log_probs"], mb["advantages"],
-                                            mask, self.cfg.clip_ratio)
-        if self.cfg.kl_loss_coef > 0:
-            kl = alg.masked_mean(alg.kl_divergence(logp, mb["ref_log_probs"],
-                                                   self.cfg.kl_loss_kind), mask)
-            loss = loss + self.cfg.kl_loss_coef * kl
-            metrics["kl_loss"] = kl.item()
-        metrics["actor_loss"] = loss.item()
-        return loss, metrics
-
-
-@dataclass(frozen=True)
-class CriticLoss:
-    cfg: alg.RLConfig
-    prompt_len: int
-    response_len: int
-    prefix: str = ""  # "cost_" for Safe-RLHF's cost critic
-
-    def __call__(self, output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
-        values = response_part(output, self.prompt_len, self.response_len)
-        return alg.critic_loss(values, mb, self.cfg, self.prefix)
-
-
-def load_hf_folder(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-def hf_to_full_megatron(hf: dict[str, torch.Tensor], spec, value_head: bool) -> dict:
-    """A Hugging Face Llama (or sequence-classification) state as full megatron names."""
-    from hybridflow.executor.engines import weights
-    body = {k: v for k, v in hf.items() if k != "score.weight"}
-    if value_head:
-        body.setdefault("lm_head.weight", torch.zeros(spec.vocab, spec.hidden))
-    full = weights.hf_to_megatron(body, spec)
-    if value_head:
-        if "score.weight" not in hf:
-            raise ValueError("a value-head role needs a sequence-classification checkpoint "
-                             "(score.weight)")
-        full[weights.OUTPUT] = hf["score.weight"].reshape(1, spec.hidden)
-    return full
-
-
 class RLWorker(Worker):
     """A rank of one worker group: the roles of one colocated set."""
 
     def __init__(self, rank: int, world_size: int, group_name: str = "group") -> None:
         super().__init__(rank, world_size, group_name)
-        self.rollout: dict[str, Any] = {}  # role -> HybridEngine
+        self.rollout: dict[str, HybridEngine] = {}
 
     # ---- set-up ------------------------------------------------------------------------
     @register(dispatch_mode=ONE_TO_ALL)
     def load_hf(self, role: str, path: str) -> None:
         """Load a Hugging Face folder's weights into this rank's shards of `role`."""
         engine = self.role(role).engine
-        full = hf_to_full_megatron(load_hf_folder(path), engine.spec, engine.config.value_head)
+        full = W.hf_to_full_megatron(W.load_hf_folder(path), engine.spec,
+                                      engine.config.value_head)
         engine.load_full_megatron_state(full)
 
     @register(dispatch_mode=ONE_TO_ALL)
     def init_rollout(self, role: str, cfg: RolloutConfig) -> None:
-        from hybridflow.executor.hybrid_engine.engine import HybridEngine
-        from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
-        from hybridflow.executor.engines.vllm_engine import EngineConfig, VllmEngine
-        from hybridflow.layout import ParallelLayout
-        lay = self.role(role).groups.layout
-        plan = ReshardPlan(ParallelLayout(lay.pp, lay.tp, lay.dp), cfg.tg, cfg.scheme)
+        plan = ReshardPlan(self.role(role).groups.layout, cfg.tg, cfg.scheme)
 
         def factory(tp_groups: list[list[int]]) -> VllmEngine:
-            return VllmEngine(EngineConfig(
+            return VllmEngine(VllmConfig(
                 model_dir=cfg.model_dir, tp_groups=tuple(map(tuple, tp_groups)), seed=cfg.seed,
                 kv_cache_bytes=cfg.kv_cache_bytes, max_model_len=cfg.max_model_len,
                 max_num_seqs=cfg.max_num_seqs, load_format="dummy"))
@@ -175,7 +119,7 @@ class RLWorker(Worker):
         if out is None:
             return None
         P, R = batch.meta["prompt_len"], batch["responses"].shape[1]
-        return Batch({key: response_part(out, P, R).contiguous()})
+        return Batch({key: alg.response_slice(out, P, R).contiguous()})
 
     @register(dispatch_mode=MEGATRON_3D)
     def sequence_scores(self, role: str, batch: Batch, key: str) -> Batch | None:
@@ -212,7 +156,6 @@ class RLWorker(Worker):
 
     @register(dispatch_mode=ONE_TO_ALL)
     def load_role(self, role: str, folder: str) -> None:
-        from hybridflow.executor.engines import megatron_model as mm
         engine = self.role(role).engine
         path = Path(folder) / f"{role}.rank{self.rank}.pt"
         if not path.exists():

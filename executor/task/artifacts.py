@@ -1,7 +1,7 @@
 """Build and cache the task artifacts RL starts from: tokenizer, SFT actor, reward and cost models.
 
 ``ensure_artifacts(model, seed)`` returns them at once when the cache holds them, else builds
-them (``tiny``: about 2.5 CPU-minutes on one thread, hybridflow.executor.task.build) into a temporary folder
+them (``tiny``: about 2.5 CPU-minutes on one thread, executor.task.build) into a temporary folder
 and renames it into place, so concurrent callers never see a half-written cache entry.
 The actor is SFT'd on demonstrations half of which are wrong (it knows the format, samples
 the right answer about half the time); the reward model's score correlates with the rule
@@ -12,7 +12,7 @@ executor converts to megatron shards. Nothing is downloaded.
 """
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
 import re
@@ -21,62 +21,14 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from hybridflow.errors import UserError
 from hybridflow.executor.task import rules as task
-from hybridflow.executor.task.warmup import SpecialIds
+from hybridflow.executor.task import build
+from hybridflow.executor.task.settings import ArtifactError, BuildSettings
+from hybridflow.executor.task.tokens import SpecialIds, decode_prompt, decode_response
 from hybridflow.simulator.model import load_model
-
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
-FORMAT_VERSION = 1
-
-
-class ArtifactError(UserError):
-    """Artifact settings that cannot be used, or a damaged cache entry."""
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    """Everything the artifacts depend on; its hash names the cache entry."""
-    model: str = "tiny"
-    seed: int = 0
-    task: task.TaskConfig = field(default_factory=task.TaskConfig)
-    n_train: int = 4096
-    n_eval: int = 256
-    sft_steps: int = 300
-    sft_noise: float = 0.5
-    sft_lr: float = 1e-3
-    batch: int = 64
-    rm_steps: int = 2000
-    rm_lr: float = 3e-4
-    cost_steps: int = 150
-    max_response_len: int = 8
-
-    def __post_init__(self) -> None:
-        for f in ("n_train", "n_eval", "batch", "max_response_len"):
-            if getattr(self, f) <= 0:
-                raise ArtifactError(f"{f} must be positive, got {getattr(self, f)}")
-        for f in ("sft_steps", "rm_steps", "cost_steps"):
-            if getattr(self, f) < 0:
-                raise ArtifactError(f"{f} must be >= 0, got {getattr(self, f)}")
-        if not 0 <= self.sft_noise < 1:
-            raise ArtifactError(f"sft_noise must lie in [0, 1), got {self.sft_noise}")
-        if self.sft_lr <= 0 or self.rm_lr <= 0:
-            raise ArtifactError("learning rates must be positive")
-        if self.max_response_len < self.task.max_answer_len + 1:
-            raise ArtifactError(f"max_response_len {self.max_response_len} cannot hold the "
-                                f"longest answer ({self.task.max_answer_len}) and EOS")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["task"] = self.task.to_dict()
-        d["architecture"] = load_model(self.model).to_dict()
-        d["format_version"] = FORMAT_VERSION
-        return d
-
-    def key(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
-
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -103,7 +55,6 @@ class Artifacts:
 
     @cached_property
     def _tokenizer(self):
-        from tokenizers import Tokenizer
         return Tokenizer.from_file(str(self.tokenizer_path))
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -125,25 +76,6 @@ class Artifacts:
     def cost(self, prompt_ids, response_ids) -> float:
         """The rule cost in [0, 1] (share of forbidden letters) of a response."""
         return task.cost(self.decode(response_ids), self.task)
-
-
-def decode_response(tok, ids, special: SpecialIds) -> str:
-    """Text of response ids up to the first EOS. An id that is not a literal token of the
-    tokenizer (pad, BOS, unk, or one of the model's unused vocabulary rows) reads as "?", so
-    it costs the rule score a position instead of vanishing."""
-    ids = [int(i) for i in ids]
-    if special.eos in ids:
-        ids = ids[:ids.index(special.eos)]
-    pieces = (tok.id_to_token(i) for i in ids)
-    return "".join("?" if t is None or t in SPECIAL_TOKENS else t for t in pieces)
-
-
-def decode_prompt(tok, ids, special: SpecialIds) -> str:
-    """Text of prompt ids (left padding and BOS dropped)."""
-    ids = [int(i) for i in ids]
-    while ids and ids[0] in (special.pad, special.bos):
-        ids = ids[1:]
-    return decode_response(tok, ids, special)
 
 
 def default_cache_dir() -> Path:
@@ -174,9 +106,6 @@ def ensure_artifacts(model: str = "tiny", seed: int = 0, cache_dir: str | Path |
 def _build_atomically(settings: BuildSettings, root: Path) -> None:
     """Build into a temporary folder and rename it into place; a lock file makes concurrent
     callers (several workers starting on a cold cache) wait for one build."""
-    import fcntl
-
-    from hybridflow.executor.task.build import build_all  # torch and transformers only when building
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -185,7 +114,7 @@ def _build_atomically(settings: BuildSettings, root: Path) -> None:
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build_all(settings, tmp)
+            build.build_all(settings, tmp)
             shutil.rmtree(root, ignore_errors=True)  # a damaged entry without meta.json
             os.rename(tmp, root)
         finally:

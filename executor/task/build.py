@@ -1,4 +1,4 @@
-"""Build the task artifacts into one folder (called by hybridflow.executor.task.artifacts, which caches it)."""
+"""Build the task artifacts into one folder (executor.task.artifacts caches the folder)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,8 @@ import torch
 
 from hybridflow.executor.task import rules as task
 from hybridflow.executor.task import warmup
-from hybridflow.executor.task.artifacts import (SPECIAL_TOKENS, BuildSettings, decode_prompt,
-                                decode_response)
-from hybridflow.executor.task.warmup import SpecialIds
+from hybridflow.executor.task.settings import BuildSettings
+from hybridflow.executor.task.tokens import SPECIAL_TOKENS, SpecialIds, decode_prompt, decode_response
 from hybridflow.simulator.model import load_model
 
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2)

@@ -11,18 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from hybridflow.simulator.model import ModelSpec
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    pad: int
-    bos: int
-    eos: int
-
-    def __post_init__(self) -> None:
-        if len({self.pad, self.bos, self.eos}) != 3 or min(self.pad, self.bos, self.eos) < 0:
-            raise ValueError(f"special token ids must be distinct and >= 0, got {self}")
+from hybridflow.executor.task.tokens import SpecialIds
+from hybridflow.simulator.architecture import ModelSpec
 
 
 def llama_config(spec: ModelSpec, ids: SpecialIds, num_labels: int | None = None) -> LlamaConfig:

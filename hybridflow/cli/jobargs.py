@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
 from hybridflow.errors import UserError, unreadable
 from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
 from hybridflow.vocab import ALGORITHMS, RULE, RULE_ROLES
@@ -23,8 +25,6 @@ class InputFileError(UserError):
 
 def read_mapping(path: str, what: str) -> dict:
     """The mapping in a JSON or YAML file; InputFileError naming the file otherwise."""
-    import yaml
-
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:

@@ -12,6 +12,7 @@ from hybridflow.errors import UserError
 from hybridflow.cli.jobargs import JOB_DEFAULTS, InputFileError, add_job_arguments, build_job, read_mapping
 from hybridflow.cli.planfmt import format_plan, format_standard
 from hybridflow.plan import Plan
+from hybridflow.planner.export import export_plan
 from hybridflow.planner.search import Planner
 from hybridflow.simulator.cluster import Cluster, ClusterError
 from hybridflow.simulator.profile import load_profile
@@ -53,14 +54,6 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     return Cluster.from_gpus(gpu, DEFAULTS["gpus"] if args.gpus is None else args.gpus, gpn)
 
 
-def _export(plan: Plan, fmt: str) -> str:
-    try:
-        from hybridflow.planner.export import export_plan
-    except ImportError as e:
-        raise UserError(f"--export is not available: hybridflow.planner.export cannot be imported ({e})") from None
-    return export_plan(plan, fmt)
-
-
 def main(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserError(f"--top must be a positive integer, got {args.top}")
@@ -71,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         plans[0].save(args.out)
     if args.export:
-        print(_export(plans[0], args.export))
+        print(export_plan(plans[0], args.export))
     elif args.json:
         out = plans[0].to_dict() if args.top == 1 else [p.to_dict() for p in plans]
         print(json.dumps(out, indent=2))

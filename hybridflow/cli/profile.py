@@ -6,7 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from hybridflow.errors import UserError
+from hybridflow.executor.profiler.machine import ProfileOptions, profile_machine
+from hybridflow.executor.profiler.merge import merge_profiles
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +45,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_out() -> Path:
-    import torch
-
     if torch.cuda.is_available():
         slug = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(0).lower())
         return Path("profiles") / f"{slug.strip('-')}-measured.yaml"
@@ -51,13 +53,10 @@ def _default_out() -> Path:
 
 def main(args: argparse.Namespace) -> int:
     if args.merge:
-        from hybridflow.executor.profiler.merge import merge_profiles
         if not args.out:
             raise UserError("--merge needs --out (where to write the merged profile)")
         print(f"wrote {merge_profiles([Path(p) for p in args.merge], Path(args.out))}")
         return 0
-    from hybridflow.executor.profiler.machine import ProfileOptions, profile_machine
-
     options = ProfileOptions(out=Path(args.out) if args.out else _default_out(),
                              quick=args.quick, devices=args.devices,
                              threads_per_rank=args.threads, model=args.model,

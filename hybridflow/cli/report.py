@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+
+from hybridflow.report.compare import write_compare_report
+from hybridflow.report.run_report import write_run_report
 from hybridflow.errors import UserError
 
 
@@ -40,8 +43,6 @@ def main(args: argparse.Namespace) -> int:
     if args.compare:
         if args.run_dirs:
             raise ReportUsageError("--compare simulates; it takes no RUN_DIR arguments")
-        from hybridflow.report.compare import write_compare_report
-
         gpus = _csv(args.gpus, "gpus", int)
         if any(g <= 0 for g in gpus):
             raise ReportUsageError(f"--gpus must be positive, got {args.gpus!r}")
@@ -50,8 +51,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         if not args.run_dirs:
             raise ReportUsageError("give one or more RUN_DIRs, or --compare")
-        from hybridflow.report.run_report import write_run_report
-
         path = write_run_report(args.run_dirs, args.out or "reports/runs")
     print(f"wrote {path}")
     return 0

@@ -6,10 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+from hybridflow.cli.jobargs import add_job_arguments, build_job
+from hybridflow.planner.sweep import Target, gpu_counts, parse_range, planner_points, run_sweep
+from hybridflow.report.sweep import table, to_json, write_outputs
+from hybridflow.simulator.profile import load_profile
+
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from hybridflow.cli.jobargs import add_job_arguments
-
     p.add_argument("--gpu", required=True, help="GPU kind: a profile name (profiles/) or YAML path")
     add_job_arguments(p, model_default=None)
     p.add_argument("--gpus", default="1:256", metavar="LO:HI",
@@ -24,11 +27,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hybridflow.cli.jobargs import build_job
-    from hybridflow.planner.sweep import Target, gpu_counts, parse_range, planner_points, run_sweep
-    from hybridflow.report.sweep import table, to_json, write_outputs
-    from hybridflow.simulator.profile import load_profile
-
     target = Target(args.target_tokens_per_s, args.steps, args.deadline_hours)
     profile = load_profile(args.gpu)
     gpn = args.gpus_per_node or profile.gpus_per_node

@@ -12,7 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridflow.errors import UserError, unreadable
+import pandas as pd
+
+from hybridflow.plan import Plan
+from hybridflow.planner.search import Planner, plan_job
+from hybridflow.planner.sweep import planner_points
+from hybridflow.report import plots
 from hybridflow.report.markdown import fmt, image, table
+from hybridflow.simulator.cluster import Cluster
+from hybridflow.simulator.costs import DoesNotFit
+from hybridflow.simulator.job import Job
+from hybridflow.simulator.model import load_model
+from hybridflow.simulator.predict import predict_plan
+from hybridflow.simulator.profile import load_profile
 from hybridflow.simulator.reshard import SCHEMES
 
 SYSTEMS = ("hybridflow", "colocated", "split", "separate")
@@ -45,14 +57,10 @@ class CompareSpec:
         if not self.gpus or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0
                                 for g in self.gpus):
             raise CompareError(f"GPU counts must be positive integers, got {self.gpus}")
-        from hybridflow.simulator.cluster import Cluster
-
         for g in self.gpus:  # raises ClusterError for e.g. 12 GPUs on 8-GPU nodes
             Cluster.from_gpus(self.gpu, g, self.gpus_per_node)
 
-    def job(self, model: str):
-        from hybridflow.simulator.job import Job
-
+    def job(self, model: str) -> Job:
         return Job.create(self.algorithm, model, self.prompt_len, self.response_len,
                           self.global_batch, self.ppo_epochs, self.mini_batches)
 
@@ -63,10 +71,6 @@ def _placement(plan: dict) -> str:
 
 def _model_rows(spec: CompareSpec, model: str, profile) -> tuple[list[dict], list[dict]]:
     """Throughput rows (one per system and GPU count) and reshard rows (one per scheme)."""
-    from hybridflow.planner.search import Planner
-    from hybridflow.plan import Plan
-    from hybridflow.planner.sweep import planner_points
-
     job = spec.job(model)
     plan_at = planner_points(spec.gpu, job, profile, spec.gpus_per_node)
     planners = {scheme: Planner(job, profile, spec.gpus_per_node, scheme=scheme)
@@ -92,11 +96,6 @@ def _scheme_rows(spec: CompareSpec, model: str, gpus: int, plan, profile,
                  planners: dict) -> list[dict]:
     """Per scheme: the planner's plan re-predicted with that resharding (same layouts; NaN
     where it does not fit), and the best plan when the planner itself uses that scheme."""
-    from hybridflow.planner.search import plan_job
-    from hybridflow.simulator.cluster import Cluster
-    from hybridflow.simulator.costs import DoesNotFit
-    from hybridflow.simulator.predict import predict_plan
-
     rows = []
     cluster = Cluster.from_gpus(spec.gpu, gpus, spec.gpus_per_node)
     for scheme, planner in planners.items():
@@ -118,11 +117,6 @@ def _scheme_rows(spec: CompareSpec, model: str, gpus: int, plan, profile,
 
 def compare_frames(spec: CompareSpec):
     """(throughput frame with speedup of hybridflow over each system, reshard frame)."""
-    import pandas as pd
-
-    from hybridflow.simulator.model import load_model
-    from hybridflow.simulator.profile import load_profile
-
     profile = load_profile(spec.gpu)
     for m in spec.models:
         load_model(m)  # one clear message for an unknown model before any planning
@@ -218,8 +212,6 @@ def _markdown(spec: CompareSpec, frame, reshard) -> str:
 def write_compare_report(gpu: str, models: list[str], gpus: list[int], out: str | Path,
                          algorithm: str = "ppo") -> Path:
     """Write report.md, compare.csv, reshard.csv, throughput.png and reshard.png to `out`."""
-    from hybridflow.report import plots
-
     spec = CompareSpec(gpu, tuple(models), tuple(gpus), algorithm)
     spec.job(models[0])  # bad algorithm -> one clear message before planning
     frame, reshard = compare_frames(spec)
