@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import REPO
 import ray
 import torch
 
@@ -21,8 +23,7 @@ from hybridflow.executor.controller.protocols import (ALL_TO_ALL, DP_COMPUTE, ME
                                 register)
 from hybridflow.executor.controller.worker import Worker
 
-pytestmark = pytest.mark.executor  # multi-process Ray/megatron: in `make test`
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.process  # multi-process Ray/megatron: in `make test`
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -209,7 +210,7 @@ def test_quiet_start_and_clean_exit_on_ctrl_c():
     raytmp = tempfile.mkdtemp(prefix="hfq-")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_TMPDIR"] = raytmp
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

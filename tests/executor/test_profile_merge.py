@@ -4,13 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import REPO, load_benchmark
 import yaml
 
 from hybridflow.cli.main import main as cli_main
 from hybridflow.executor.profiler.merge import merge_profiles, merge_values
 from hybridflow.executor.profiler.writer import Measurements, build_profile, write_profile
 from hybridflow.simulator.profile import ProfileError, load_profile
-from tests.test_profile_writer import INFO, measurements, tables
+from tests.executor.test_profile_writer import INFO, measurements, tables
 
 
 def _profile(tmp_path: Path, name: str, scale: float) -> Path:
@@ -64,7 +66,7 @@ def test_profile_cli_merge(tmp_path: Path, capsys) -> None:
 def test_profile_cli_merge_bad_input(tmp_path: Path, capsys, which, message) -> None:
     a = _profile(tmp_path, "a", 1.0)
     other = {"missing": [str(tmp_path / "nope.yaml")], "one": [],
-             "estimate": [str(Path(__file__).parents[1] / "profiles" / "a100-80gb.yaml")],
+             "estimate": [str(REPO / "profiles" / "a100-80gb.yaml")],
              "no-out": [str(a)]}[which]
     out = [] if which == "no-out" else ["--out", str(tmp_path / "m.yaml")]
     assert cli_main(["profile", "--merge", str(a), *other, *out]) == 2
@@ -75,7 +77,7 @@ def test_profile_cli_merge_bad_input(tmp_path: Path, capsys, which, message) -> 
 def test_fidelity_predicts_from_the_merge_of_the_profiles_between_passes(tmp_path) -> None:
     import sys
     from argparse import Namespace
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    load_benchmark("fidelity")
     from fidelity import predicting_profile
     paths = [str(_profile(tmp_path, f"p{i}", s)) for i, s in enumerate((2.0, 1.0, 5.0))]
     args = Namespace(measuring=True, profiles=paths, profile="measure")

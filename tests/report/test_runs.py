@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import REPO, load_benchmark
+
 from hybridflow.cli.main import main as cli_main
 from hybridflow.report.runs import RunDirError, load_run, load_runs, relative_error, runs_frame
 
@@ -145,7 +147,7 @@ def test_fidelity_pools_passes_into_one_run(tmp_path: Path) -> None:
     """benchmarks/fidelity.py --passes: a plan's runs pooled into one run dir that
     `hybridflow report` reads, each stage the median of the passes' means."""
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    load_benchmark("fidelity")
     from fidelity import _passes, pool_passes
     pred = times(1.0, 0.1, 1.0, 2.0, 50.0)
     runs = []
@@ -175,7 +177,7 @@ def test_fidelity_ranking_shows_the_same_plan_measured_twice() -> None:
     """The planner's first plan is also one of the standard placements: the benchmark runs
     it under both names, and the verdict shows how far apart the two measured."""
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    load_benchmark("fidelity")
     from fidelity import _ranking
     stats = {"planner_first": ["ppo-planner", "ppo-separate"],
              "ppo_measured_s": {"ppo-planner": (0.5, 0.1), "ppo-separate": (0.6, 0.1),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.executor  # multi-process Ray/megatron: in `make test`
+pytestmark = pytest.mark.process  # multi-process Ray/megatron: in `make test`
 
 STEPS = 3
 MODEL = "tiny-4l"

@@ -28,6 +28,7 @@ def test_ops_tables_in_process() -> None:
     assert _positive(t.matmul) and _positive(t.attention) and _positive(t.elementwise)
 
 
+@pytest.mark.process  # spawned ranks
 def test_ops_concurrent_ranks_and_slowdown() -> None:
     shared = ops.measure_ops_concurrent(GRID, 2)
     assert [(r["m"], r["n"], r["k"]) for r in shared.matmul] == [(8, 16, 32), (4, 8, 8)]
@@ -44,6 +45,7 @@ def test_op_grid_validation() -> None:
         ops.OpGrid(matmul=((1, 1, 1),), attention=((1, 1, 1, 1),), elementwise=(1,), dtype="x")
 
 
+@pytest.mark.process  # spawned ranks
 def test_collectives_two_ranks() -> None:
     grid = collectives.CollectiveGrid(world=2, sizes=(4096,), repeats=1)
     out = collectives.measure_collectives(grid, "gloo")
@@ -72,6 +74,7 @@ def _fail_on_one(rank: int, world: int, payload: None) -> int:
     return rank
 
 
+@pytest.mark.process  # spawned ranks
 def test_run_ranks_results_and_errors() -> None:
     assert run_ranks(_sum_ranks, 2, 10, backend="gloo") == [21.0, 21.0]
     with pytest.raises(RuntimeError, match="rank 1 failed"):

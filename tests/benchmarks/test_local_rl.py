@@ -3,27 +3,23 @@
 Small artifacts, two iterations each: finite losses, the algorithm's own quantities present.
 How far the rule score rises is measured by the benchmark itself (see its docstring).
 """
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 from hybridflow.executor.task.artifacts import ensure_artifacts
 from hybridflow.executor.task.settings import BuildSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=256, n_eval=16, sft_steps=40, rm_steps=8, cost_steps=8, batch=16)
 
 
 @pytest.fixture(scope="module")
 def local_rl():
-    spec = importlib.util.spec_from_file_location("local_rl", ROOT / "benchmarks" / "local_rl.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["local_rl"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("local_rl")
 
 
 @pytest.fixture(scope="module")

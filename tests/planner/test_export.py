@@ -220,6 +220,7 @@ def test_openrlhf_grpo_needs_several_samples() -> None:
 
 
 # ---- shared ------------------------------------------------------------------------------
+@pytest.mark.process  # bash -n
 @pytest.mark.parametrize("fmt", ["verl", "openrlhf"])
 def test_scripts_are_valid_bash(fmt: str) -> None:
     script = export_plan(ALL_IN_ONE, fmt)

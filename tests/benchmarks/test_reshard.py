@@ -1,21 +1,16 @@
 """benchmarks/reshard.py: the paired speed-up, the Table 2 check and bad input (nothing timed)."""
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("reshard_bench",
-                                                  ROOT / "benchmarks" / "reshard.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reshard_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("reshard")
 
 
 def _rank(he: list[float], ag: list[float], ag_bytes: int) -> dict:

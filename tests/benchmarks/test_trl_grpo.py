@@ -2,27 +2,23 @@
 
 TRL itself is not needed here (the benchmark's extra requirement); nothing is timed.
 """
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 from hybridflow.executor.task.artifacts import ensure_artifacts
 from hybridflow.executor.task.settings import BuildSettings
 from hybridflow.executor.run.driver import summarize
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=64, n_eval=8, sft_steps=4, rm_steps=2, cost_steps=2, batch=8)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("trl_grpo", ROOT / "benchmarks" / "trl_grpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["trl_grpo"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("trl_grpo")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from tests.conftest import A100, A100_24GIB
+
 from hybridflow.cli.main import main
 from tests.planner.brute import brute_force_best
 from hybridflow.plan import Plan, PlanError
@@ -13,8 +15,7 @@ from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
 from hybridflow.simulator.predict import predict_plan
 from hybridflow.simulator.profile import load_profile
 
-A100 = load_profile("a100-80gb")
-SMALL = dataclasses.replace(A100, hbm_gib=24.0)
+SMALL = A100_24GIB
 
 
 def test_rule_roles_have_no_model():
