@@ -1,7 +1,7 @@
 """Simulator fidelity on the local cluster: plan, run and compare predicted with measured time.
 
 Runs ten plans of the tiny job on the local 4-device CPU cluster with `hybridflow run`'s
-executor (hybridflow.executor.run.driver.run): the PPO plan the planner ranks first, the three standard
+executor (executor.run.driver.run): the PPO plan the planner ranks first, the three standard
 PPO placements (colocated, split, separate: each with the planner's best allocation and
 layouts), PPO data parallel over all 4 devices colocated and as two concurrent sets of 2,
 PPO with a TP x DP actor that reshards into micro-DP generation and a PP critic, GRPO
@@ -29,6 +29,7 @@ ten plans, 55 min in all with the defaults):
 fidelity.md with this table; run dirs (and the measured profiles) go under --runs
 (default a temporary folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity_plans import build_plans, planner_first  # noqa: E402
 
 from hybridflow.vocab import STAGES  # noqa: E402
+
 GOAL_MEDIAN, GOAL_STAGE = 0.10, 0.25
+
+
 def wait_for_quiet(max_load: float, limit_s: float = 600.0) -> float:
     """Wait (up to `limit_s`) until the 1-minute load average is below `max_load` (other
     programs on a shared machine inflate what is measured); the load when it returns."""
@@ -62,29 +66,40 @@ def run_plan(name: str, plan: dict, runs: Path, args) -> dict:
     from hybridflow.executor.run.config import RunConfig
     from hybridflow.executor.run.driver import RunOptions, run, summarize
     from hybridflow.plan import Plan
+
     out = runs / name
     t0 = time.perf_counter()
-    res = run(Plan.from_dict(plan),
-              RunConfig(iterations=args.iterations, checkpoint_every=args.iterations),
-              out, RunOptions(profile=args.planning_profile))
-    print(f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
-          flush=True)
+    res = run(
+        Plan.from_dict(plan),
+        RunConfig(iterations=args.iterations, checkpoint_every=args.iterations),
+        out,
+        RunOptions(profile=args.planning_profile),
+    )
+    print(
+        f"  {name}: {time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     own = res.summary["measured"]["iterations"] - res.summary["measured"]["timed_iterations"]
     warmup = max(args.warmup, own)
-    summary = summarize(Plan.from_dict(res.summary["plan"]), res.metrics,
-                        res.summary["predicted"], warmup=warmup)
-    summary["each_iteration_s"] = [sum(m["stages"][s] for s in STAGES)
-                                   for m in res.metrics[warmup:]]
+    summary = summarize(
+        Plan.from_dict(res.summary["plan"]), res.metrics, res.summary["predicted"], warmup=warmup
+    )
+    summary["each_iteration_s"] = [
+        sum(m["stages"][s] for s in STAGES) for m in res.metrics[warmup:]
+    ]
     return summary
 
 
 def measure_profile(path: Path) -> str:
     """`hybridflow profile --sweeps 1 --out path` in this process; the path."""
     from hybridflow.executor.profiler.machine import ProfileOptions, profile_machine
+
     t0 = time.perf_counter()
     profile_machine(ProfileOptions(out=path, sweeps=1), progress=False)
-    print(f"  profile {path.name}: {time.perf_counter() - t0:.0f} s, load "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"  profile {path.name}: {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     return str(path)
 
 
@@ -96,25 +111,35 @@ def pool_passes(name: str, passes: list[dict], pass_dirs: list[Path], runs: Path
     their mean. Written to runs/name (summary.json; plan, settings and metrics of the first
     pass) for the report."""
     import shutil
+
     ms = [p["measured"] for p in passes]
 
     def median(get) -> float:
         return statistics.median(get(m) for m in ms)
-    measured = dict(ms[0], iteration_s=median(lambda m: m["iteration_s"]),
-                    stages={st: median(lambda m: m["stages"][st]) for st in STAGES},
-                    tokens_per_s=median(lambda m: m["tokens_per_s"]),
-                    iterations=sum(m.get("iterations", 0) for m in ms),
-                    timed_iterations=sum(m.get("timed_iterations", 1) for m in ms),
-                    passes=len(passes), pass_iteration_s=[m["iteration_s"] for m in ms])
+
+    measured = dict(
+        ms[0],
+        iteration_s=median(lambda m: m["iteration_s"]),
+        stages={st: median(lambda m: m["stages"][st]) for st in STAGES},
+        tokens_per_s=median(lambda m: m["tokens_per_s"]),
+        iterations=sum(m.get("iterations", 0) for m in ms),
+        timed_iterations=sum(m.get("timed_iterations", 1) for m in ms),
+        passes=len(passes),
+        pass_iteration_s=[m["iteration_s"] for m in ms],
+    )
     out = runs / name
     out.mkdir(parents=True, exist_ok=True)
     for f in ("plan.json", "run.json", "metrics.jsonl"):
         if (pass_dirs[0] / f).exists():
             shutil.copy(pass_dirs[0] / f, out / f)
-    pooled = dict(passes[0], measured=measured,
-                  each_iteration_s=[x for p in passes for x in p["each_iteration_s"]])
-    (out / "summary.json").write_text(json.dumps(
-        {k: v for k, v in pooled.items() if k != "each_iteration_s"}, indent=1))
+    pooled = dict(
+        passes[0],
+        measured=measured,
+        each_iteration_s=[x for p in passes for x in p["each_iteration_s"]],
+    )
+    (out / "summary.json").write_text(
+        json.dumps({k: v for k, v in pooled.items() if k != "each_iteration_s"}, indent=1)
+    )
     return pooled
 
 
@@ -126,18 +151,28 @@ def with_prediction(summary: dict, profile: str, run_dir: Path) -> dict:
     from hybridflow.plan import Plan
     from hybridflow.simulator.predict import predict_plan
     from hybridflow.simulator.profile import load_profile
-    prediction = predict_plan(Plan.from_dict(summary["plan"]), load_profile(profile),
-                              reshard=RunConfig().reshard)
+
+    prediction = predict_plan(
+        Plan.from_dict(summary["plan"]), load_profile(profile), reshard=RunConfig().reshard
+    )
     pred = prediction.to_dict()
     # tokens/s on the run's count (prompt + response_len per sequence), as measured; the
     # simulator's own counts the job's mean response
     tokens = summary["measured"]["tokens_per_s"] * summary["measured"]["iteration_s"]
-    summary = dict(summary, predicted={
-        "iteration_s": pred["iteration_s"], "stages": pred["stages"], "profile": profile,
-        "terms": pred["terms"], "sources": prediction.sources(),
-        "tokens_per_s": tokens / pred["iteration_s"]})
-    (run_dir / "summary.json").write_text(json.dumps(
-        {k: v for k, v in summary.items() if k != "each_iteration_s"}, indent=1))
+    summary = dict(
+        summary,
+        predicted={
+            "iteration_s": pred["iteration_s"],
+            "stages": pred["stages"],
+            "profile": profile,
+            "terms": pred["terms"],
+            "sources": prediction.sources(),
+            "tokens_per_s": tokens / pred["iteration_s"],
+        },
+    )
+    (run_dir / "summary.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "each_iteration_s"}, indent=1)
+    )
     return summary
 
 
@@ -164,10 +199,14 @@ def table(summaries: dict[str, dict]) -> tuple[str, dict]:
     ppo = {k: v for k, v in summaries.items() if k.startswith("ppo-")}
     fastest = min(ppo, key=lambda k: ppo[k]["measured"]["iteration_s"]) if ppo else None
     top = _same_plan(summaries, "ppo-planner", ppo)
-    stats = {"median_abs_error": statistics.median(it_errs), "worst_stage_error": worst,
-             "fastest_ppo": fastest, "planner_first": top,
-             "planner_first_is_fastest": fastest is not None and fastest in top,
-             "ppo_measured_s": {k: _spread(v) for k, v in ppo.items()}}
+    stats = {
+        "median_abs_error": statistics.median(it_errs),
+        "worst_stage_error": worst,
+        "fastest_ppo": fastest,
+        "planner_first": top,
+        "planner_first_is_fastest": fastest is not None and fastest in top,
+        "ppo_measured_s": {k: _spread(v) for k, v in ppo.items()},
+    }
     return "\n".join(lines), stats
 
 
@@ -185,36 +224,41 @@ def _same_plan(summaries: dict, name: str, ppo: dict) -> list[str]:
 def _runs_of(plan: dict, summaries: dict[str, dict]) -> list[str]:
     """The runs of `summaries` whose sets and layouts equal `plan`'s."""
     key = json.dumps(plan["sets"], sort_keys=True)
-    return [k for k, v in summaries.items()
-            if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
+    return [k for k, v in summaries.items() if json.dumps(v["plan"]["sets"], sort_keys=True) == key]
 
 
-def report(summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str,
-           stats: dict) -> None:
+def report(
+    summaries: dict[str, dict], runs: Path, out: Path, profile: str, header: str, stats: dict
+) -> None:
     from hybridflow.report.run_report import write_run_report
+
     write_run_report([runs / n for n in summaries], out)
     text, _ = table(summaries)
     (out / "fidelity.md").write_text(
         f"# Simulator fidelity on the local cluster\n\n{header}\n\nprofile: `{profile}`\n\n"
-        f"{text}\n\n{_verdict(stats)}{_passes(summaries)}\n")
+        f"{text}\n\n{_verdict(stats)}{_passes(summaries)}\n"
+    )
 
 
 def _verdict(stats: dict) -> str:
     first = ", ".join(stats["planner_first"]) or "not run"
-    return (f"median |error| of iteration time: {stats['median_abs_error']:.1%} "
-            f"(goal <= {GOAL_MEDIAN:.0%}); worst stage |error|: "
-            f"{stats['worst_stage_error']:.0%} (goal <= {GOAL_STAGE:.0%}); "
-            f"fastest PPO plan measured: {stats['fastest_ppo']}; planner's first plan "
-            f"(= {first}) is the fastest: "
-            f"{stats['planner_first_is_fastest']}" + _replanning(stats) + _ranking(stats))
+    return (
+        f"median |error| of iteration time: {stats['median_abs_error']:.1%} "
+        f"(goal <= {GOAL_MEDIAN:.0%}); worst stage |error|: "
+        f"{stats['worst_stage_error']:.0%} (goal <= {GOAL_STAGE:.0%}); "
+        f"fastest PPO plan measured: {stats['fastest_ppo']}; planner's first plan "
+        f"(= {first}) is the fastest: "
+        f"{stats['planner_first_is_fastest']}" + _replanning(stats) + _ranking(stats)
+    )
 
 
 def _replanning(stats: dict) -> str:
     if "planner_first_with_prediction_profile" not in stats:
         return ""
     again = stats["planner_first_with_prediction_profile"]
-    return ("; the planner with the predicting profile ranks first: "
-            + (", ".join(again) if again else "a plan not run"))
+    return "; the planner with the predicting profile ranks first: " + (
+        ", ".join(again) if again else "a plan not run"
+    )
 
 
 def _ranking(stats: dict) -> str:
@@ -223,23 +267,41 @@ def _ranking(stats: dict) -> str:
     ranked = sorted(stats["ppo_measured_s"].items(), key=lambda kv: kv[1][0])
     if not ranked:
         return ""
-    cells = [f"{k}{' (planner)' if k in stats['planner_first'] else ''} {m:.3f} ± {s:.3f}"
-             for k, (m, s) in ranked]
+    cells = [
+        f"{k}{' (planner)' if k in stats['planner_first'] else ''} {m:.3f} ± {s:.3f}"
+        for k, (m, s) in ranked
+    ]
     same = [stats["ppo_measured_s"][k][0] for k in stats["planner_first"]]
-    twice = (f"\n\nThe same plan under {len(same)} names ({', '.join(stats['planner_first'])})"
-             f" measured {' and '.join(f'{x:.3f}' for x in same)} s per iteration: "
-             f"{max(same) / min(same) - 1:.0%} apart, the runs' own reproducibility "
-             f"on this machine") if len(same) > 1 else ""
-    return "\n\nPPO plans measured, fastest first (s per iteration ± std of its timed " + \
-        "iterations): " + "; ".join(cells) + twice
+    twice = (
+        (
+            f"\n\nThe same plan under {len(same)} names ({', '.join(stats['planner_first'])})"
+            f" measured {' and '.join(f'{x:.3f}' for x in same)} s per iteration: "
+            f"{max(same) / min(same) - 1:.0%} apart, the runs' own reproducibility "
+            f"on this machine"
+        )
+        if len(same) > 1
+        else ""
+    )
+    return (
+        "\n\nPPO plans measured, fastest first (s per iteration ± std of its timed "
+        + "iterations): "
+        + "; ".join(cells)
+        + twice
+    )
 
 
 def _passes(summaries: dict[str, dict]) -> str:
     """Each plan's iteration error in each pass alone: how far a plan's runs minutes apart
     differ (the runs' share of the error; what they share is the profile's)."""
-    cells = [f"{k} " + " / ".join(f"{_err(v['predicted']['iteration_s'], x):+.0%}"
-                                  for x in v["measured"]["pass_iteration_s"])
-             for k, v in summaries.items() if "pass_iteration_s" in v["measured"]]
+    cells = [
+        f"{k} "
+        + " / ".join(
+            f"{_err(v['predicted']['iteration_s'], x):+.0%}"
+            for x in v["measured"]["pass_iteration_s"]
+        )
+        for k, v in summaries.items()
+        if "pass_iteration_s" in v["measured"]
+    ]
     return ("\n\nIteration error of each pass alone: " + "; ".join(cells)) if cells else ""
 
 
@@ -260,8 +322,7 @@ def run_passes(chosen: list[str], plans: dict, runs: Path, args) -> dict[str, di
             got[n].append((run_plan(n, plans[n], where, args), where / n))
     if args.passes == 1:
         return {n: got[n][0][0] for n in chosen}
-    return {n: pool_passes(n, [s for s, _ in got[n]], [d for _, d in got[n]], runs)
-            for n in chosen}
+    return {n: pool_passes(n, [s for s, _ in got[n]], [d for _, d in got[n]], runs) for n in chosen}
 
 
 def predicting_profile(runs: Path, args) -> str:
@@ -272,33 +333,50 @@ def predicting_profile(runs: Path, args) -> str:
     if len(args.profiles) == 1:
         return args.profiles[0]
     from hybridflow.executor.profiler.merge import merge_profiles
+
     return str(merge_profiles([Path(p) for p in args.profiles], runs / "profile.yaml"))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=14)
-    ap.add_argument("--warmup", type=int, default=3,
-                    help="iterations left out of each run's timing (default 3: start-up, "
-                         "the critic's warm-up, the first weight updates)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="iterations left out of each run's timing (default 3: start-up, "
+        "the critic's warm-up, the first weight updates)",
+    )
     ap.add_argument("--plans", default="", help="comma-separated subset of plan names")
-    ap.add_argument("--passes", type=int, default=5,
-                    help="run every plan this many times, each pass in a rotated order, and "
-                         "pool each plan's passes (this VM's speed drifts over minutes)")
-    ap.add_argument("--profile", default="measure",
-                    help="profile name or .yaml path, or `measure` (default): a one-sweep "
-                         "`hybridflow profile` of this machine before every pass, merged")
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=5,
+        help="run every plan this many times, each pass in a rotated order, and "
+        "pool each plan's passes (this VM's speed drifts over minutes)",
+    )
+    ap.add_argument(
+        "--profile",
+        default="measure",
+        help="profile name or .yaml path, or `measure` (default): a one-sweep "
+        "`hybridflow profile` of this machine before every pass, merged",
+    )
     ap.add_argument("--runs", default="", help="folder for the run dirs (default: temporary)")
     ap.add_argument("--out", default="", help="write the report folder here")
-    ap.add_argument("--max-load", type=float, default=0.0,
-                    help="before each plan, wait up to 10 min for the 1-minute load average "
-                         "to fall below this (0: do not wait)")
+    ap.add_argument(
+        "--max-load",
+        type=float,
+        default=0.0,
+        help="before each plan, wait up to 10 min for the 1-minute load average "
+        "to fall below this (0: do not wait)",
+    )
     args = ap.parse_args(argv)
     if args.passes < 1 or args.iterations <= args.warmup or args.warmup < 1:
         ap.error("need --passes >= 1 and --iterations > --warmup >= 1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from hybridflow.executor.profiler.machine import host_name
     from hybridflow.simulator.profile import load_profile
+
     if args.profile != "measure":
         try:
             load_profile(args.profile)
@@ -322,13 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     text, stats = table(summaries)
     stats["planner_first_with_prediction_profile"] = _replanned(profile, summaries)
     passes = f" x {args.passes} passes" if args.passes > 1 else ""
-    header = (f"{len(summaries)} plans{passes} x {args.iterations} iterations (first "
-              f"{args.warmup} left out); load average {load0[0]:.1f} at start, "
-              f"{os.getloadavg()[0]:.1f} at end; ended "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {host_name()}")
+    header = (
+        f"{len(summaries)} plans{passes} x {args.iterations} iterations (first "
+        f"{args.warmup} left out); load average {load0[0]:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; ended "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {host_name()}"
+    )
     print(text + "\n\n" + _verdict(stats) + _passes(summaries) + "\n" + header)
-    (runs / "fidelity.json").write_text(json.dumps({"stats": stats, "header": header,
-                                                    "profile": profile}, indent=1))
+    (runs / "fidelity.json").write_text(
+        json.dumps({"stats": stats, "header": header, "profile": profile}, indent=1)
+    )
     if args.out:
         report(summaries, runs, Path(args.out), profile, header, stats)
         print(f"report: {args.out}")
@@ -339,6 +420,7 @@ def _replanned(profile: str, summaries: dict[str, dict]) -> list[str]:
     """The runs whose sets and layouts equal the plan the planner ranks first with the
     profile the predictions use (the runs were planned with the first pass's profile)."""
     from hybridflow.simulator.profile import load_profile
+
     return _runs_of(planner_first(load_profile(profile)), summaries)
 
 

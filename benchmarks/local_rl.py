@@ -2,8 +2,8 @@
 
 It runs the same dataflow as `hybridflow run` (generate -> reference log-probs, values,
 rewards -> advantages -> critic and actor updates) in one process with Hugging Face models,
-using hybridflow.executor.rl.algorithms for the math and hybridflow.executor.task.artifacts for the models, and prints the
-rule score of every iteration. No Ray, megatron-core or vLLM.
+using executor.rl.algorithms for the math and executor.task.artifacts for the models, and
+prints the rule score of every iteration. No Ray, megatron-core or vLLM.
 
 Run:  .venv/bin/python benchmarks/local_rl.py --algorithm grpo --iterations 12
 
@@ -21,6 +21,7 @@ Measured (tiny, seed 0, 12 iterations, rule score of one sampled response per ev
 - Without a KL term the learned reward is exploited: GRPO (16 x 4, lr 3e-4) fell to
   0.508 / 0.605, PPO to 0.505 / 0.550. lr 1e-3 collapses even on the rule reward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,17 @@ from hybridflow.executor.task.artifacts import Artifacts, ensure_artifacts  # no
 class LoopSettings:
     algorithm: str = "grpo"
     iterations: int = 12
-    prompts: int = 32            # prompts per iteration
-    group_size: int = 8          # responses per prompt (GRPO; 1 otherwise)
+    prompts: int = 32  # prompts per iteration
+    group_size: int = 8  # responses per prompt (GRPO; 1 otherwise)
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
     mini_batches: int = 4
     epochs: int = 1
-    kl_coef: float = 0.0         # KL penalty in the reward (PPO, ReMax, Safe-RLHF)
-    kl_loss_coef: float = 0.2    # KL term in the actor loss (GRPO)
-    reward: str = "model"        # "model": the trained reward model; "rule": the rule score
-    lagrange_init: float = 1.0   # Safe-RLHF: lambda, its step size, and the cost threshold
-    lagrange_lr: float = 0.05    # (the cost model's output is > 0 for a forbidden letter)
+    kl_coef: float = 0.0  # KL penalty in the reward (PPO, ReMax, Safe-RLHF)
+    kl_loss_coef: float = 0.2  # KL term in the actor loss (GRPO)
+    reward: str = "model"  # "model": the trained reward model; "rule": the rule score
+    lagrange_init: float = 1.0  # Safe-RLHF: lambda, its step size, and the cost threshold
+    lagrange_lr: float = 0.05  # (the cost model's output is > 0 for a forbidden letter)
     cost_threshold: float = 0.0
     seed: int = 0
 
@@ -63,18 +64,25 @@ class LoopSettings:
         if self.reward not in ("model", "rule"):
             raise ValueError(f"reward must be 'model' or 'rule', got {self.reward!r}")
         n = self.prompts * self.responses_per_prompt
-        if min(self.iterations, self.prompts, self.mini_batches, self.epochs) < 1 \
-                or n % self.mini_batches:
-            raise ValueError("iterations, prompts, mini_batches, epochs must be >= 1 and "
-                             "mini_batches must divide the responses of an iteration")
+        if (
+            min(self.iterations, self.prompts, self.mini_batches, self.epochs) < 1
+            or n % self.mini_batches
+        ):
+            raise ValueError(
+                "iterations, prompts, mini_batches, epochs must be >= 1 and "
+                "mini_batches must divide the responses of an iteration"
+            )
 
     @property
     def responses_per_prompt(self) -> int:
         return self.group_size if self.algorithm == "grpo" else 1
 
     def rl_config(self) -> alg.RLConfig:
-        return alg.RLConfig(algorithm=self.algorithm, group_size=self.responses_per_prompt,
-                            kl_loss_coef=self.kl_loss_coef)
+        return alg.RLConfig(
+            algorithm=self.algorithm,
+            group_size=self.responses_per_prompt,
+            kl_loss_coef=self.kl_loss_coef,
+        )
 
 
 class Roles:
@@ -82,6 +90,7 @@ class Roles:
 
     def __init__(self, art: Artifacts, s: LoopSettings) -> None:
         from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
         torch.manual_seed(s.seed)
         self.actor = LlamaForCausalLM.from_pretrained(art.actor_dir).float()
         self.ref = copy.deepcopy(self.actor).eval()
@@ -89,11 +98,13 @@ class Roles:
         self.cost = LlamaForSequenceClassification.from_pretrained(art.cost_dir).eval()
         cfg = s.rl_config()
         self.critic = copy.deepcopy(self.reward).train() if cfg.uses_critic else None
-        self.cost_critic = copy.deepcopy(self.cost).train() if s.algorithm == "safe-rlhf" \
-            else None
+        self.cost_critic = copy.deepcopy(self.cost).train() if s.algorithm == "safe-rlhf" else None
         self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=s.actor_lr)
-        self.critic_opts = [torch.optim.AdamW(c.parameters(), lr=s.critic_lr)
-                            for c in (self.critic, self.cost_critic) if c is not None]
+        self.critic_opts = [
+            torch.optim.AdamW(c.parameters(), lr=s.critic_lr)
+            for c in (self.critic, self.cost_critic)
+            if c is not None
+        ]
 
 
 def _sequences(prompts: list[list[int]], responses: list[list[int]], pad: int):
@@ -108,8 +119,9 @@ def _sequences(prompts: list[list[int]], responses: list[list[int]], pad: int):
 def _logprobs(model, seq, temperature: float = 1.0) -> torch.Tensor:
     ids, mask, pos, P, r_ids, _ = seq
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    return alg.logprobs_from_logits(alg.response_slice(logits, P, r_ids.shape[1]), r_ids,
-                                    temperature)
+    return alg.logprobs_from_logits(
+        alg.response_slice(logits, P, r_ids.shape[1]), r_ids, temperature
+    )
 
 
 def _values(critic, seq) -> torch.Tensor:
@@ -132,13 +144,19 @@ def rollout(roles: Roles, art: Artifacts, s: LoopSettings, it: int) -> dict:
     g = torch.Generator().manual_seed(s.seed * 100_003 + it)
     pick = torch.randint(len(art.prompts.train), (s.prompts,), generator=g).tolist()
     prompts = [list(art.prompts.train[i]) for i in pick for _ in range(s.responses_per_prompt)]
-    responses = warmup.generate(roles.actor, prompts, art.max_response_len, art.special, 1.0,
-                                s.seed * 100_003 + it)
+    responses = warmup.generate(
+        roles.actor, prompts, art.max_response_len, art.special, 1.0, s.seed * 100_003 + it
+    )
     seq = _sequences(prompts, responses, art.special.pad)
     rule = torch.tensor([art.score(p, r) for p, r in zip(prompts, responses)])
-    batch = {"responses": seq[4], "response_mask": seq[5], "rule_scores": rule,
-             "log_probs": _logprobs(roles.actor, seq), "ref_log_probs": _logprobs(roles.ref, seq),
-             "scores": rule if s.reward == "rule" else _last_scores(roles.reward, seq)}
+    batch = {
+        "responses": seq[4],
+        "response_mask": seq[5],
+        "rule_scores": rule,
+        "log_probs": _logprobs(roles.actor, seq),
+        "ref_log_probs": _logprobs(roles.ref, seq),
+        "scores": rule if s.reward == "rule" else _last_scores(roles.reward, seq),
+    }
     batch["old_log_probs"] = batch["log_probs"]
     if roles.critic is not None:
         batch["values"] = _values(roles.critic, seq)
@@ -148,8 +166,11 @@ def rollout(roles: Roles, art: Artifacts, s: LoopSettings, it: int) -> dict:
     if s.algorithm == "remax":
         greedy = warmup.generate(roles.actor, prompts, art.max_response_len, art.special, 0.0, 0)
         gseq = _sequences(prompts, greedy, art.special.pad)
-        batch["baseline_scores"] = torch.tensor([art.score(p, r) for p, r in zip(
-            prompts, greedy)]) if s.reward == "rule" else _last_scores(roles.reward, gseq)
+        batch["baseline_scores"] = (
+            torch.tensor([art.score(p, r) for p, r in zip(prompts, greedy)])
+            if s.reward == "rule"
+            else _last_scores(roles.reward, gseq)
+        )
     batch["seq"] = seq
     return batch
 
@@ -167,8 +188,9 @@ def update(roles: Roles, batch: dict, s: LoopSettings) -> dict:
             loss, m = alg.actor_loss(alg.response_slice(logits, P, r_ids.shape[1]), part, cfg)
             _step(roles.actor_opt, loss)
             metrics.update(m)
-            critics = [(roles.critic, "")] + ([(roles.cost_critic, "cost_")]
-                                              if roles.cost_critic is not None else [])
+            critics = [(roles.critic, "")] + (
+                [(roles.cost_critic, "cost_")] if roles.cost_critic is not None else []
+            )
             for (critic, prefix), opt in zip(critics, roles.critic_opts):
                 if critic is None:
                     continue
@@ -198,19 +220,25 @@ def evaluate(actor, art: Artifacts, seed: int) -> dict:
 def run(s: LoopSettings, art: Artifacts, log=print) -> list[dict]:
     """All iterations; one metrics dict per iteration (plus eval before and after)."""
     roles, history = Roles(art, s), []
-    lagrange = alg.LagrangeMultiplier(value=s.lagrange_init, lr=s.lagrange_lr,
-                                      threshold=s.cost_threshold)
+    lagrange = alg.LagrangeMultiplier(
+        value=s.lagrange_init, lr=s.lagrange_lr, threshold=s.cost_threshold
+    )
     log(json.dumps({"iteration": 0, **evaluate(roles.actor, art, s.seed)}))
     for it in range(1, s.iterations + 1):
         t0 = time.time()
         batch = rollout(roles, art, s, it)
         batch.update(alg.compute_advantages(s.rl_config(), batch, s.kl_coef, lagrange.value))
         m = update(roles, batch, s)
-        rec = {"iteration": it, "seconds": round(time.time() - t0, 2),
-               "score": batch["rule_scores"].mean().item(),
-               "reward": batch["scores"].mean().item(), "actor_loss": m["actor_loss"],
-               "kl": alg.masked_mean(batch["log_probs"] - batch["ref_log_probs"],
-                                     batch["response_mask"]).item()}
+        rec = {
+            "iteration": it,
+            "seconds": round(time.time() - t0, 2),
+            "score": batch["rule_scores"].mean().item(),
+            "reward": batch["scores"].mean().item(),
+            "actor_loss": m["actor_loss"],
+            "kl": alg.masked_mean(
+                batch["log_probs"] - batch["ref_log_probs"], batch["response_mask"]
+            ).item(),
+        }
         if s.algorithm == "safe-rlhf":
             rec["cost"] = batch["costs"].mean().item()
             rec["lagrange"] = lagrange.update(rec["cost"])

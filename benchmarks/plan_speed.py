@@ -5,6 +5,7 @@ Goals: < 2 s and < 10 s on a 2-core machine (the paper's search took up to half 
 Run:  .venv/bin/python benchmarks/plan_speed.py [--out reports/plan_speed.md] [--repeat N]
 Each size is planned from cold tables (a fresh Planner), best of --repeat runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hybridflow.report.markdown import emit  # noqa: E402
 from hybridflow.planner.search import Planner  # noqa: E402
+from hybridflow.report.markdown import emit  # noqa: E402
 from hybridflow.simulator.cluster import Cluster  # noqa: E402
 from hybridflow.simulator.job import Job  # noqa: E402
 from hybridflow.simulator.profile import load_profile  # noqa: E402
@@ -39,20 +40,31 @@ def measure(gpus: int, repeat: int) -> tuple[float, float, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="also write the table (markdown) to this file, e.g. reports/plan_speed.md")
+    ap.add_argument(
+        "--out", help="also write the table (markdown) to this file, e.g. reports/plan_speed.md"
+    )
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
-    rows = ["| GPUs | goal s | planning s (wall) | CPU s | met | best placement (GPUs) | iteration s | tokens/s |",
-            "|---:|---:|---:|---:|:---:|---|---:|---:|"]
+    rows = [
+        "| GPUs | goal s | planning s (wall) | CPU s | met | best placement (GPUs) "
+        "| iteration s | tokens/s |",
+        "|---:|---:|---:|---:|:---:|---|---:|---:|",
+    ]
     for gpus, goal in CASES:
         seconds, cpu, plan = measure(gpus, args.repeat)
         sets = " ".join(f"{'+'.join(s['models'])}:{s['gpus']}" for s in plan["sets"])
-        rows.append(f"| {gpus} | {goal:g} | {seconds:.2f} | {cpu:.2f} | {'yes' if seconds < goal else 'NO'} | "
-                    f"{sets} | {plan['predicted']['iteration_s']:.1f} | "
-                    f"{plan['predicted']['tokens_per_s']:,.0f} |")
-    head = (f"Planner speed, llama-2-70b PPO on a100-80gb; {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"load average {os.getloadavg()[0]:.1f}\n")
+        rows.append(
+            f"| {gpus} | {goal:g} | {seconds:.2f} | {cpu:.2f} | "
+            f"{'yes' if seconds < goal else 'NO'} | "
+            f"{sets} | {plan['predicted']['iteration_s']:.1f} | "
+            f"{plan['predicted']['tokens_per_s']:,.0f} |"
+        )
+    head = (
+        f"Planner speed, llama-2-70b PPO on a100-80gb; "
+        f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     text = head + "\n" + "\n".join(rows) + "\n"
     emit(text, args.out)
     return 0

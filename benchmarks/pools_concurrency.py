@@ -11,6 +11,7 @@ whatever the cores are doing) and a real train step (overlaps only as far as fre
 
 Run:  .venv/bin/python benchmarks/pools_concurrency.py [--devices-per-pool 1] [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybridflow.executor.controller.batch import Batch  # noqa: E402
 from hybridflow.executor.controller.cluster import Cluster, ClusterConfig  # noqa: E402
-from hybridflow.layout import ParallelLayout  # noqa: E402
-from hybridflow.executor.engines.train_engine import EngineConfig, lm_loss  # noqa: E402
 from hybridflow.executor.controller.protocols import ONE_TO_ALL, register  # noqa: E402
 from hybridflow.executor.controller.worker import Worker  # noqa: E402
 from hybridflow.executor.controller.worker_group import WorkerGroup  # noqa: E402
+from hybridflow.executor.engines.train_engine import EngineConfig, lm_loss  # noqa: E402
+from hybridflow.layout import ParallelLayout  # noqa: E402
 
 
 class WaitingWorker(Worker):
@@ -61,8 +62,10 @@ def main() -> None:
     args = ap.parse_args()
     n = args.devices_per_pool
     with Cluster.start(ClusterConfig(devices=2 * n)) as cluster:
-        groups = [WorkerGroup(cluster, cluster.create_pool(name, n), worker_cls=WaitingWorker)
-                  for name in ("a", "b")]
+        groups = [
+            WorkerGroup(cluster, cluster.create_pool(name, n), worker_cls=WaitingWorker)
+            for name in ("a", "b")
+        ]
         for g in groups:
             g.add_role("m", args.model, ParallelLayout(dp=n), EngineConfig(micro_batch_size=4))
         batch = _batch(args.rows, args.seq)
@@ -77,8 +80,9 @@ def main() -> None:
     _report(f"{args.model} train step on {args.rows}x{args.seq} tokens", steps)
 
 
-def _measure(groups: list, repeat: int, role: str | None, method: str, *args: object
-             ) -> list[tuple[float, float, float]]:
+def _measure(
+    groups: list, repeat: int, role: str | None, method: str, *args: object
+) -> list[tuple[float, float, float]]:
     rows = []
     for _ in range(repeat):
         alone = [_timed([g.call(role, method, *args)]) for g in groups]
@@ -94,8 +98,10 @@ def _report(title: str, rows: list[tuple[float, float, float]]) -> None:
     for a, b, both in rows:
         print(f"{a:13.3f} {b:13.3f} {a + b:8.3f} {both:11.3f} {both / (a + b):6.2f}")
     ratios = sorted(both / (a + b) for a, b, both in rows)
-    print(f"median concurrent/sum: {ratios[len(ratios) // 2]:.2f} "
-          f"(load average {os.getloadavg()[0]:.1f}: other work on the cores skews it)")
+    print(
+        f"median concurrent/sum: {ratios[len(ratios) // 2]:.2f} "
+        f"(load average {os.getloadavg()[0]:.1f}: other work on the cores skews it)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """GRPO throughput on this machine: `hybridflow run` against TRL's GRPOTrainer, same workload.
 
-Both run the built-in task from the same cached artifacts (hybridflow.executor.task.artifacts.ensure_artifacts,
-as benchmarks/local_rl.py uses them): the same warmed-up tiny actor, the same prompts in the
-same order (the controller's seeded pass over the training prompts, Runtime.prompts), the same
-number of responses per prompt, maximum response length, prompts per iteration, mini-batches
-(optimizer steps per iteration), micro-batch, learning rate, clipping and number of iterations,
-and the rule score (hybridflow.executor.task.rules.score) as the reward. TRL runs in this process without vLLM
-(use_vllm=False: Hugging Face generate on the CPU); `hybridflow run` runs as a subprocess on a
-plan the planner makes for D local devices (default 4 and 1: 1 is the like-for-like single
+Both run the built-in task from the same cached artifacts (executor.task.artifacts's
+ensure_artifacts, as benchmarks/local_rl.py uses them): the same warmed-up tiny actor, the
+same prompts in the same order (the controller's seeded pass over the training prompts,
+Runtime.prompts), the same number of responses per prompt, maximum response length, prompts
+per iteration, mini-batches (optimizer steps per iteration), micro-batch, learning rate,
+clipping and number of iterations, and the rule score (executor.task.rules.score) as the
+reward. TRL runs in this process without vLLM (use_vllm=False: Hugging Face generate on the
+CPU); `hybridflow run` runs as a subprocess on a plan the planner makes for D local devices
+(default 4 and 1: 1 is the like-for-like single
 process, one torch thread as each hybridflow rank has).
 
 Tokens/s is the paper's definition, counted the way hybridflow's controller counts it:
@@ -29,6 +30,7 @@ Run (the TRL packages once, then a few minutes on a 2-core machine):
     .venv/bin/python benchmarks/trl_grpo.py [--iterations 8] [--devices 4 1] \
         [--trl-threads 1 2] [--prompts 16] [--out reports/trl_grpo.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,35 +51,49 @@ sys.path.insert(0, str(ROOT))
 from hybridflow.executor.run.config import RunConfig  # noqa: E402
 from hybridflow.plan import Plan  # noqa: E402
 
-TRL_MISSING = ("trl_grpo: TRL is not installed in this environment; install the benchmark's "
-               "extra packages with: .venv/bin/pip install -r benchmarks/requirements-trl.txt")
+TRL_MISSING = (
+    "trl_grpo: TRL is not installed in this environment; install the benchmark's "
+    "extra packages with: .venv/bin/pip install -r benchmarks/requirements-trl.txt"
+)
 
 
 @dataclass(frozen=True)
 class Workload:
-    prompts: int = 16          # prompts per iteration (the job's global batch)
-    samples: int = 4           # responses per prompt
+    prompts: int = 16  # prompts per iteration (the job's global batch)
+    samples: int = 4  # responses per prompt
     prompt_len: int = 16
     response_len: int = 8
-    mini_batches: int = 2      # optimizer steps per iteration
+    mini_batches: int = 2  # optimizer steps per iteration
     iterations: int = 8
     seed: int = 0
     trl_beta: float = 1e-3
 
     def __post_init__(self) -> None:
-        if min(self.prompts, self.prompt_len, self.response_len, self.mini_batches) < 1 \
-                or self.iterations < 2 or self.samples < 2:
-            raise ValueError("need prompts, lengths, mini-batches >= 1, samples >= 2 and "
-                             "iterations >= 2 (the first is a warm-up)")
+        if (
+            min(self.prompts, self.prompt_len, self.response_len, self.mini_batches) < 1
+            or self.iterations < 2
+            or self.samples < 2
+        ):
+            raise ValueError(
+                "need prompts, lengths, mini-batches >= 1, samples >= 2 and "
+                "iterations >= 2 (the first is a warm-up)"
+            )
         if (self.prompts * self.samples) % self.mini_batches:
             raise ValueError("mini_batches must divide prompts x samples")
 
     def job(self):
         from hybridflow.simulator.job import Job
-        return Job.create(algorithm="grpo", model="tiny", prompt_len=self.prompt_len,
-                          response_len=self.response_len, global_batch=self.prompts,
-                          n_samples=self.samples, mini_batches=self.mini_batches,
-                          reward="rule")
+
+        return Job.create(
+            algorithm="grpo",
+            model="tiny",
+            prompt_len=self.prompt_len,
+            response_len=self.response_len,
+            global_batch=self.prompts,
+            n_samples=self.samples,
+            mini_batches=self.mini_batches,
+            reward="rule",
+        )
 
 
 def planned_tokens(plan: Plan) -> int:
@@ -85,12 +101,11 @@ def planned_tokens(plan: Plan) -> int:
     return plan.job.sequences * plan.job.seq_len
 
 
-def iteration_seconds(t0: float, step_ends: list[float], steps_per_iteration: int
-                      ) -> list[float]:
+def iteration_seconds(t0: float, step_ends: list[float], steps_per_iteration: int) -> list[float]:
     """Seconds of each whole iteration from the start time and every optimizer step's end."""
     if steps_per_iteration < 1:
         raise ValueError("steps_per_iteration must be >= 1")
-    bounds = [t0] + step_ends[steps_per_iteration - 1::steps_per_iteration]
+    bounds = [t0] + step_ends[steps_per_iteration - 1 :: steps_per_iteration]
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
@@ -107,6 +122,7 @@ def make_plan(w: Workload, devices: int) -> Plan:
     from hybridflow.planner.search import plan_job
     from hybridflow.simulator.cluster import Cluster
     from hybridflow.simulator.profile import load_profile
+
     cluster = Cluster.from_gpus("local-cpu", devices, devices)
     return plan_job(cluster, w.job(), load_profile("local-cpu"), max_gen_pp=1)[0]
 
@@ -128,33 +144,52 @@ def run_hybridflow(plan: Plan, w: Workload, devices: int, runs: Path) -> dict:
     out = runs / f"hybridflow-{devices}dev"
     plan_path = runs / f"plan-{devices}dev.json"
     plan_path.write_text(json.dumps(plan.to_dict(), indent=1))
-    cmd = [sys.executable, "-m", "hybridflow.cli.main", "run", str(plan_path), "--iterations",
-           str(w.iterations), "--out", str(out), "--devices", str(devices),
-           "--seed", str(w.seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridflow.cli.main",
+        "run",
+        str(plan_path),
+        "--iterations",
+        str(w.iterations),
+        "--out",
+        str(out),
+        "--devices",
+        str(devices),
+        "--seed",
+        str(w.seed),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"hybridflow run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())["measured"]
-    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens = planned_tokens(plan)
     if abs(summary["tokens_per_s"] * summary["iteration_s"] - tokens) > 1e-6 * tokens:
         raise RuntimeError("the controller's token count differs from planned_tokens()")
-    measured = metrics[-summary.get("timed_iterations", len(metrics) - 1):]  # as timed
-    return {"system": "hybridflow run", "setup": f"{devices} device(s): {describe(plan)}",
-            "iterations": len(metrics), "seconds": summary["iteration_s"],
-            "tokens_per_s": summary["tokens_per_s"],
-            "response_tokens": statistics.mean(m["response_tokens"] for m in measured),
-            "score": statistics.mean(m["score"] for m in measured), "wall": wall,
-            "per_iteration_s": [round(sum(m["stages"].values()), 3) for m in metrics],
-            "stages": " / ".join(f"{summary['stages'][k]:.3f}"
-                                 for k in ("generate", "reshard", "prepare", "train"))}
+    measured = metrics[-summary.get("timed_iterations", len(metrics) - 1) :]  # as timed
+    return {
+        "system": "hybridflow run",
+        "setup": f"{devices} device(s): {describe(plan)}",
+        "iterations": len(metrics),
+        "seconds": summary["iteration_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "response_tokens": statistics.mean(m["response_tokens"] for m in measured),
+        "score": statistics.mean(m["score"] for m in measured),
+        "wall": wall,
+        "per_iteration_s": [round(sum(m["stages"].values()), 3) for m in metrics],
+        "stages": " / ".join(
+            f"{summary['stages'][k]:.3f}" for k in ("generate", "reshard", "prepare", "train")
+        ),
+    }
 
 
 def prompt_texts(plan: Plan, w: Workload, art) -> list[str]:
     """The prompts of every iteration in the controller's order, as text."""
     from hybridflow.executor.rl.runtime import Runtime
+
     rt = Runtime(plan, RunConfig(seed=w.seed), art, cluster=None)  # prompts() needs no cluster
     ids = [p for it in range(w.iterations) for p in rt.prompts(it)]
     return [art.decode_prompt(p) for p in ids]
@@ -165,9 +200,11 @@ def trl_tokenizer(art):
     tokens, the layout of every prompt in the artifacts (Artifacts.encode_prompt)."""
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(art.actor_dir))
     tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", art.special.bos)])
+        single="<s> $A", special_tokens=[("<s>", art.special.bos)]
+    )
     return tok
 
 
@@ -179,12 +216,22 @@ class RuleReward:
         self.art, self.batches = art, []
         self.__name__ = "rule_score"  # TRL names reward columns after the function
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 completion_ids: list[list[int]], **_: object) -> list[float]:
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        completion_ids: list[list[int]],
+        **_: object,
+    ) -> list[float]:
         from hybridflow.executor.task import rules as task
+
         scores = [task.score(p, self.art.decode(ids)) for p, ids in zip(prompts, completion_ids)]
-        self.batches.append({"score": statistics.mean(scores),
-                             "response_tokens": sum(len(ids) for ids in completion_ids)})
+        self.batches.append(
+            {
+                "score": statistics.mean(scores),
+                "response_tokens": sum(len(ids) for ids in completion_ids),
+            }
+        )
         return scores
 
 
@@ -192,22 +239,45 @@ def trl_config(w: Workload, out_dir: str):
     """GRPOConfig for the workload: one generation batch of prompts x samples per iteration,
     `mini_batches` optimizer steps on it, hybridflow's micro-batch and optimizer settings."""
     from trl import GRPOConfig
+
     cfg = RunConfig()
     per_step = w.prompts * w.samples // w.mini_batches
     micro = cfg.micro_batch_size if per_step % cfg.micro_batch_size == 0 else per_step
     accum = per_step // micro
     return GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no",
-        logging_steps=10**6, disable_tqdm=True, seed=w.seed, data_seed=w.seed,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-        steps_per_generation=accum * w.mini_batches, num_iterations=1,
-        max_steps=w.iterations * w.mini_batches, num_generations=w.samples,
-        max_completion_length=w.response_len, shuffle_dataset=False, use_vllm=False,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-        learning_rate=cfg.actor_lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=cfg.clip_grad, epsilon=0.2, beta=w.trl_beta,
-        loss_type="bnpo", scale_rewards="group", log_completions=False)
+        output_dir=out_dir,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        seed=w.seed,
+        data_seed=w.seed,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        steps_per_generation=accum * w.mini_batches,
+        num_iterations=1,
+        max_steps=w.iterations * w.mini_batches,
+        num_generations=w.samples,
+        max_completion_length=w.response_len,
+        shuffle_dataset=False,
+        use_vllm=False,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        learning_rate=cfg.actor_lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=cfg.clip_grad,
+        epsilon=0.2,
+        beta=w.trl_beta,
+        loss_type="bnpo",
+        scale_rewards="group",
+        log_completions=False,
+    )
 
 
 def run_trl(w: Workload, art, texts: list[str], tokens: int, threads: int) -> dict:
@@ -232,23 +302,35 @@ def run_trl(w: Workload, art, texts: list[str], tokens: int, threads: int) -> di
     model = LlamaForCausalLM.from_pretrained(str(art.actor_dir)).float()
     reward, clock = RuleReward(art), StepClock()
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config(w, out_dir),
-                              train_dataset=Dataset.from_dict({"prompt": texts}),
-                              processing_class=trl_tokenizer(art), callbacks=[clock])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=trl_config(w, out_dir),
+            train_dataset=Dataset.from_dict({"prompt": texts}),
+            processing_class=trl_tokenizer(art),
+            callbacks=[clock],
+        )
         trainer.train()
     seconds = iteration_seconds(clock.t0, clock.ends, w.mini_batches)
     if len(seconds) != w.iterations or len(reward.batches) != w.iterations:
-        raise RuntimeError(f"TRL ran {len(seconds)} iterations and {len(reward.batches)} "
-                           f"generation batches, expected {w.iterations}")
+        raise RuntimeError(
+            f"TRL ran {len(seconds)} iterations and {len(reward.batches)} "
+            f"generation batches, expected {w.iterations}"
+        )
     mean, tok_s = throughput(tokens, seconds)
-    return {"system": "TRL GRPOTrainer", "iterations": len(seconds),
-            "setup": f"1 process, {threads} torch thread{'s' if threads > 1 else ''}, "
-                     f"HF generate (no vLLM)",
-            "seconds": mean, "tokens_per_s": tok_s,
-            "response_tokens": statistics.mean(b["response_tokens"] for b in reward.batches[1:]),
-            "score": statistics.mean(b["score"] for b in reward.batches[1:]),
-            "stages": "–", "wall": time.perf_counter() - wall0,
-            "per_iteration_s": [round(x, 3) for x in seconds]}
+    return {
+        "system": "TRL GRPOTrainer",
+        "iterations": len(seconds),
+        "setup": f"1 process, {threads} torch thread{'s' if threads > 1 else ''}, "
+        f"HF generate (no vLLM)",
+        "seconds": mean,
+        "tokens_per_s": tok_s,
+        "response_tokens": statistics.mean(b["response_tokens"] for b in reward.batches[1:]),
+        "score": statistics.mean(b["score"] for b in reward.batches[1:]),
+        "stages": "–",
+        "wall": time.perf_counter() - wall0,
+        "per_iteration_s": [round(x, 3) for x in seconds],
+    }
 
 
 def check_prompts(art, texts: list[str], plan: Plan) -> None:
@@ -263,38 +345,63 @@ def check_prompts(art, texts: list[str], plan: Plan) -> None:
 
 def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
     from hybridflow.report.markdown import table
+
     trl = [r for r in rows if r["system"].startswith("TRL")]
-    header = ["system", "plan / set-up", "iterations", "s / iteration", "each iteration s",
-              "generate / reshard / prepare / train s", "tokens/s",
-              "response tokens / iteration", "rule score", "wall s (with start-up)",
-              "load start / end"]
+    header = [
+        "system",
+        "plan / set-up",
+        "iterations",
+        "s / iteration",
+        "each iteration s",
+        "generate / reshard / prepare / train s",
+        "tokens/s",
+        "response tokens / iteration",
+        "rule score",
+        "wall s (with start-up)",
+        "load start / end",
+    ]
     header += [f"ratio to TRL ({r['setup'].split(', ')[1]})" for r in trl]
-    body = [[r["system"], r["setup"], r["iterations"], r["seconds"],
-             " ".join(f"{x:.2f}" for x in r["per_iteration_s"]), r["stages"],
-             round(r["tokens_per_s"], 1), round(r["response_tokens"], 1), r["score"],
-             round(r["wall"], 1), r["load"]]
-            + [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t in trl] for r in rows]
-    return "\n".join([
-        "# GRPO throughput: `hybridflow run` against TRL's GRPOTrainer",
-        "",
-        f"Workload: tiny actor, GRPO with the rule reward; {w.prompts} prompts x {w.samples} "
-        f"responses per iteration, prompt_len {w.prompt_len}, response_len {w.response_len} "
-        f"(responses stop at EOS), {w.mini_batches} optimizer steps per iteration, "
-        f"{w.iterations} iterations (the first, a warm-up, is left out of s / iteration); "
-        f"{tokens} tokens per iteration as the controller counts them (prompts x responses x "
-        f"(prompt_len + response_len)), tokens/s = that over s / iteration for every row.",
-        f"Machine: {os.cpu_count()} CPU cores, no GPU, shared; load average (1, 5, 15 min) "
-        f"{load}.",
-        "",
-        table(header, body),
-        "",
-        "Each iteration's seconds are listed to show the noise of the shared machine (the first, "
-        "a warm-up, is not in s / iteration). "
-        "Stage seconds are hybridflow's means from summary.json (their sum is s / iteration); "
-        "TRL's step is not split. Response tokens are the real ones (up to and including EOS), "
-        "mean per iteration; the rule score is the batch mean over the measured iterations. "
-        "Written by benchmarks/trl_grpo.py.",
-        ""])
+    body = [
+        [
+            r["system"],
+            r["setup"],
+            r["iterations"],
+            r["seconds"],
+            " ".join(f"{x:.2f}" for x in r["per_iteration_s"]),
+            r["stages"],
+            round(r["tokens_per_s"], 1),
+            round(r["response_tokens"], 1),
+            r["score"],
+            round(r["wall"], 1),
+            r["load"],
+        ]
+        + [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t in trl]
+        for r in rows
+    ]
+    return "\n".join(
+        [
+            "# GRPO throughput: `hybridflow run` against TRL's GRPOTrainer",
+            "",
+            f"Workload: tiny actor, GRPO with the rule reward; {w.prompts} prompts x {w.samples} "
+            f"responses per iteration, prompt_len {w.prompt_len}, response_len {w.response_len} "
+            f"(responses stop at EOS), {w.mini_batches} optimizer steps per iteration, "
+            f"{w.iterations} iterations (the first, a warm-up, is left out of s / iteration); "
+            f"{tokens} tokens per iteration as the controller counts them (prompts x responses x "
+            f"(prompt_len + response_len)), tokens/s = that over s / iteration for every row.",
+            f"Machine: {os.cpu_count()} CPU cores, no GPU, shared; load average (1, 5, 15 min) "
+            f"{load}.",
+            "",
+            table(header, body),
+            "",
+            "Each iteration's seconds are listed to show the noise of the shared machine "
+            "(the first, a warm-up, is not in s / iteration). "
+            "Stage seconds are hybridflow's means from summary.json (their sum is s / iteration); "
+            "TRL's step is not split. Response tokens are the real ones (up to and including EOS), "
+            "mean per iteration; the rule score is the batch mean over the measured iterations. "
+            "Written by benchmarks/trl_grpo.py.",
+            "",
+        ]
+    )
 
 
 def _load() -> str:
@@ -313,14 +420,31 @@ def _with_load(fn, *args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = Workload()
-    for f in ("prompts", "samples", "prompt_len", "response_len", "mini_batches", "iterations",
-              "seed", "trl_beta"):
-        ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)),
-                        default=getattr(d, f))
-    ap.add_argument("--devices", type=int, nargs="+", default=[4, 1],
-                    help="local devices of each hybridflow run (default 4 1)")
-    ap.add_argument("--trl-threads", type=int, nargs="+", default=[1],
-                    help="torch threads of each TRL run (default 1, as each hybridflow rank)")
+    for f in (
+        "prompts",
+        "samples",
+        "prompt_len",
+        "response_len",
+        "mini_batches",
+        "iterations",
+        "seed",
+        "trl_beta",
+    ):
+        ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
+    ap.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=[4, 1],
+        help="local devices of each hybridflow run (default 4 1)",
+    )
+    ap.add_argument(
+        "--trl-threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="torch threads of each TRL run (default 1, as each hybridflow rank)",
+    )
     ap.add_argument("--runs", help="folder for hybridflow's run dirs (default: a temporary one)")
     ap.add_argument("--out", help="write the table (Markdown) here, e.g. reports/trl_grpo.md")
     args = ap.parse_args(argv)
@@ -338,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(w: Workload, args: argparse.Namespace) -> int:
     from hybridflow.executor.task.artifacts import ensure_artifacts
     from hybridflow.report.markdown import emit
+
     load = _load()
     art = ensure_artifacts("tiny", seed=w.seed)
     plans = {d: make_plan(w, d) for d in args.devices}

@@ -5,6 +5,7 @@ Processes are spawned (not forked) so each starts with a clean torch and its own
 as the executor's ranks do. Each rank returns a picklable result; the caller gets them in rank
 order, or a RuntimeError naming the rank that failed.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -25,12 +27,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(fn: Callable, rank: int, world: int, payload: Any, backend: str | None,
-           threads: int, port: int, results: Any) -> None:
+def _entry(
+    fn: Callable,
+    rank: int,
+    world: int,
+    payload: Any,
+    backend: str | None,
+    threads: int,
+    port: int,
+    results: Any,
+) -> None:
     try:
         torch.set_num_threads(threads)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+        )
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         if backend:
@@ -43,9 +58,15 @@ def _entry(fn: Callable, rank: int, world: int, payload: Any, backend: str | Non
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Callable[[int, int, Any], Any], world: int, payload: Any = None,
-              backend: str | None = None, threads: int = 1, timeout_s: float = 600.0,
-              env: dict[str, str] | None = None) -> list[Any]:
+def run_ranks(
+    fn: Callable[[int, int, Any], Any],
+    world: int,
+    payload: Any = None,
+    backend: str | None = None,
+    threads: int = 1,
+    timeout_s: float = 600.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
     """Run ``fn(rank, world, payload)`` on `world` spawned processes; results in rank order."""
     assert world >= 1 and threads >= 1
     ctx = mp.get_context("spawn")
@@ -54,9 +75,14 @@ def run_ranks(fn: Callable[[int, int, Any], Any], world: int, payload: Any = Non
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})  # children inherit the environment at spawn time
     try:
-        procs = [ctx.Process(target=_entry, daemon=True,
-                             args=(fn, r, world, payload, backend, threads, port, results))
-                 for r in range(world)]
+        procs = [
+            ctx.Process(
+                target=_entry,
+                daemon=True,
+                args=(fn, r, world, payload, backend, threads, port, results),
+            )
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
     finally:
@@ -75,11 +101,13 @@ def _collect(procs: list, results: Any, world: int, timeout_s: float) -> list[An
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"profiling rank {dead[0]} died with exit code "
-                                       f"{procs[dead[0]].exitcode}") from None
+                    raise RuntimeError(
+                        f"profiling rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                    ) from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"profiling ranks timed out after {timeout_s:.0f} s"
-                                       ) from None
+                    raise RuntimeError(
+                        f"profiling ranks timed out after {timeout_s:.0f} s"
+                    ) from None
                 continue
             if not ok:
                 raise RuntimeError(f"profiling rank {rank} failed:\n{value}")

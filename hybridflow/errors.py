@@ -6,6 +6,7 @@ and gets one line and exit code 2; a :class:`RunStopped` is a run that could not
 worker process died) and gets one line and exit code 1. Anything else is a bug: it keeps
 its traceback (exit code 1).
 """
+
 from __future__ import annotations
 
 

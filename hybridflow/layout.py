@@ -9,6 +9,7 @@ data-parallel ranks (megatron's rule: ep divides dp), tp devices apart.
 A :class:`GenLayout` is the actor's generation layout inside its training layout (the
 3D-HybridEngine): pp * tp * micro_dp equals the training pp * tp; the training dp replicates it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class LayoutError(UserError):
 
 class Coords(NamedTuple):
     """A rank's place in its layout."""
+
     pp: int
     dp: int
     tp: int
@@ -41,6 +43,7 @@ class ParallelLayout:
     """Training or inference layout: pipeline, tensor and data parallel degrees, the expert
     parallel degree of a mixture-of-experts model (1 for dense models; the actor generates
     with the same expert split) and megatron's virtual pipeline chunks per rank."""
+
     pp: int = 1
     tp: int = 1
     dp: int = 1
@@ -51,10 +54,15 @@ class ParallelLayout:
         _degrees("layout", pp=self.pp, tp=self.tp, dp=self.dp, ep=self.ep)
         if self.dp % self.ep:
             raise LayoutError(f"layout: expert parallel ep={self.ep} must divide dp={self.dp}")
-        if self.vpp is not None and (isinstance(self.vpp, bool) or not isinstance(self.vpp, int)
-                                     or self.vpp < 2 or self.pp < 2):
-            raise LayoutError(f"layout: vpp must be None or >= 2 with pp >= 2, got "
-                              f"vpp={self.vpp!r}, pp={self.pp}")
+        if self.vpp is not None and (
+            isinstance(self.vpp, bool)
+            or not isinstance(self.vpp, int)
+            or self.vpp < 2
+            or self.pp < 2
+        ):
+            raise LayoutError(
+                f"layout: vpp must be None or >= 2 with pp >= 2, got vpp={self.vpp!r}, pp={self.pp}"
+            )
 
     # ---- sizes ---------------------------------------------------------------------
     @property
@@ -95,16 +103,20 @@ class ParallelLayout:
     # ---- checks --------------------------------------------------------------------
     def check(self, n_gpus: int) -> None:
         if self.n_gpus != n_gpus:
-            raise LayoutError(f"layout pp={self.pp} tp={self.tp} dp={self.dp} uses {self.n_gpus} "
-                              f"GPUs, but its set has {n_gpus}")
+            raise LayoutError(
+                f"layout pp={self.pp} tp={self.tp} dp={self.dp} uses {self.n_gpus} "
+                f"GPUs, but its set has {n_gpus}"
+            )
 
     def check_model(self, layers: int, heads: int, kv_heads: int, vocab: int) -> None:
         """What megatron-core needs of the model: whole layers per pipeline chunk, whole KV
         heads and vocabulary rows per TP rank."""
         chunks = self.pp * (self.vpp or 1)
         if layers % chunks:
-            raise LayoutError(f"{layers} layers do not split over pp={self.pp}"
-                              f"{f' x vpp={self.vpp}' if self.vpp else ''}")
+            raise LayoutError(
+                f"{layers} layers do not split over pp={self.pp}"
+                f"{f' x vpp={self.vpp}' if self.vpp else ''}"
+            )
         if heads % self.tp or kv_heads % self.tp:
             raise LayoutError(f"tp={self.tp} must divide heads {heads} and kv_heads {kv_heads}")
         if vocab % self.tp:
@@ -119,7 +131,7 @@ class ParallelLayout:
         return d
 
     @classmethod
-    def from_dict(cls, d: object) -> "ParallelLayout":
+    def from_dict(cls, d: object) -> ParallelLayout:
         if not isinstance(d, dict) or not {"pp", "tp", "dp"} <= set(d) <= {"pp", "tp", "dp", "ep"}:
             raise LayoutError(f"layout: expected {{pp, tp, dp}} and optionally ep, got {d!r}")
         return cls(d["pp"], d["tp"], d["dp"], d.get("ep", 1))
@@ -134,6 +146,7 @@ class ParallelLayout:
 class GenLayout:
     """The actor's generation layout inside its training layout (3D-HybridEngine):
     pp·tp·micro_dp equals the training pp·tp; the training dp replicates it."""
+
     pp: int
     tp: int
     micro_dp: int
@@ -148,23 +161,29 @@ class GenLayout:
     def check(self, n_gpus: int, train: ParallelLayout | None = None) -> None:
         size = self.pp * self.tp * self.micro_dp
         if n_gpus % size:
-            raise LayoutError(f"generation layout pp={self.pp} tp={self.tp} micro_dp="
-                              f"{self.micro_dp} does not divide the set's {n_gpus} GPUs")
+            raise LayoutError(
+                f"generation layout pp={self.pp} tp={self.tp} micro_dp="
+                f"{self.micro_dp} does not divide the set's {n_gpus} GPUs"
+            )
         if train is None:
             return
         train.check(n_gpus)
         if size != train.model_parallel:
-            raise LayoutError(f"generation pp*tp*micro_dp = {size} must equal the training "
-                              f"pp*tp = {train.model_parallel}")
+            raise LayoutError(
+                f"generation pp*tp*micro_dp = {size} must equal the training "
+                f"pp*tp = {train.model_parallel}"
+            )
         if train.tp % self.tp or train.pp % self.pp:
-            raise LayoutError(f"generation tp={self.tp}, pp={self.pp} must divide training "
-                              f"tp={train.tp}, pp={train.pp}")
+            raise LayoutError(
+                f"generation tp={self.tp}, pp={self.pp} must divide training "
+                f"tp={train.tp}, pp={train.pp}"
+            )
 
     def to_dict(self) -> dict:
         return {"pp": self.pp, "tp": self.tp, "micro_dp": self.micro_dp}
 
     @classmethod
-    def from_dict(cls, d: object) -> "GenLayout":
+    def from_dict(cls, d: object) -> GenLayout:
         if not isinstance(d, dict) or set(d) != {"pp", "tp", "micro_dp"}:
             raise LayoutError(f"generation layout: expected {{pp, tp, micro_dp}}, got {d!r}")
         return cls(d["pp"], d["tp"], d["micro_dp"])
@@ -175,5 +194,6 @@ def check_model_fits(layers: int, heads: int, kv_heads: int, pp: int, tp: int) -
     if layers % pp:
         raise LayoutError(f"pp={pp} does not divide the model's {layers} layers")
     if heads % tp or kv_heads % tp:
-        raise LayoutError(f"tp={tp} does not divide the model's {heads} heads and "
-                          f"{kv_heads} KV heads")
+        raise LayoutError(
+            f"tp={tp} does not divide the model's {heads} heads and {kv_heads} KV heads"
+        )

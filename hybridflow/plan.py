@@ -3,17 +3,17 @@
 plan.json is the only thing the executor reads from the planner; its keys are fixed
 (issue 2): version, cluster, job, sets[{models, gpus, layouts}], predicted.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 from hybridflow.errors import UserError, unreadable
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
-
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
 from hybridflow.vocab import layout_kinds
@@ -29,19 +29,26 @@ class PlacedSet:
 
     def __post_init__(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models):
-            raise LayoutError(f"set: models must be a non-empty list of distinct roles, got "
-                              f"{list(self.models)}")
+            raise LayoutError(
+                f"set: models must be a non-empty list of distinct roles, got {list(self.models)}"
+            )
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus <= 0:
-            raise LayoutError(f"set {list(self.models)}: gpus must be a positive integer, got {self.gpus!r}")
+            raise LayoutError(
+                f"set {list(self.models)}: gpus must be a positive integer, got {self.gpus!r}"
+            )
         if set(self.layouts) != set(self.models):
-            raise LayoutError(f"set {list(self.models)}: layouts must name exactly its models, "
-                              f"got {sorted(self.layouts)}")
+            raise LayoutError(
+                f"set {list(self.models)}: layouts must name exactly its models, "
+                f"got {sorted(self.layouts)}"
+            )
         frozen = {}
         for role in self.models:
             lay = dict(self.layouts[role])
             if set(lay) != set(layout_kinds(role)):
-                raise LayoutError(f"set {list(self.models)}: {role} needs layouts "
-                                  f"{', '.join(layout_kinds(role))}, got {', '.join(lay) or 'none'}")
+                raise LayoutError(
+                    f"set {list(self.models)}: {role} needs layouts "
+                    f"{', '.join(layout_kinds(role))}, got {', '.join(lay) or 'none'}"
+                )
             main = lay.get("train") or lay["infer"]
             main.check(self.gpus)
             if "generate" in lay:
@@ -58,12 +65,16 @@ class PlacedSet:
         return self.layouts["actor"]["generate"]
 
     def to_dict(self) -> dict:
-        return {"models": list(self.models), "gpus": self.gpus,
-                "layouts": {r: {k: v.to_dict() for k, v in self.layouts[r].items()}
-                            for r in self.models}}
+        return {
+            "models": list(self.models),
+            "gpus": self.gpus,
+            "layouts": {
+                r: {k: v.to_dict() for k, v in self.layouts[r].items()} for r in self.models
+            },
+        }
 
     @classmethod
-    def from_dict(cls, d: object) -> "PlacedSet":
+    def from_dict(cls, d: object) -> PlacedSet:
         if not isinstance(d, dict) or set(d) != {"models", "gpus", "layouts"}:
             raise LayoutError(f"set: expected keys models, gpus, layouts, got {d!r}")
         if not isinstance(d["models"], list) or not isinstance(d["layouts"], dict):
@@ -72,10 +83,11 @@ class PlacedSet:
         for role, lay in d["layouts"].items():
             if not isinstance(lay, dict):
                 raise LayoutError(f"set: layouts of {role} must be a mapping")
-            layouts[role] = {k: (GenLayout.from_dict(v) if k == "generate" else ParallelLayout.from_dict(v))
-                             for k, v in lay.items()}
+            layouts[role] = {
+                k: (GenLayout.from_dict(v) if k == "generate" else ParallelLayout.from_dict(v))
+                for k, v in lay.items()
+            }
         return cls(tuple(d["models"]), d["gpus"], layouts)
-
 
 
 class PlanError(UserError):
@@ -101,15 +113,20 @@ class Plan:
             raise PlanError(f"plan: sets overlap: {', '.join(dup)} placed more than once")
         rules = [r for r in placed if self.job.is_rule(r)]
         if rules:
-            raise PlanError(f"plan: {', '.join(rules)} {'is a rule' if len(rules) == 1 else 'are rules'}"
-                            f" (a function on the controller's CPU, no GPUs): leave "
-                            f"{'it' if len(rules) == 1 else 'them'} out of the sets")
+            raise PlanError(
+                f"plan: {', '.join(rules)} {'is a rule' if len(rules) == 1 else 'are rules'}"
+                f" (a function on the controller's CPU, no GPUs): leave "
+                f"{'it' if len(rules) == 1 else 'them'} out of the sets"
+            )
         missing = [r for r in self.job.gpu_roles if r not in placed]
         extra = [r for r in placed if r not in self.job.roles]
         if missing or extra:
-            raise PlanError(f"plan: sets must place exactly the {self.job.algorithm} roles "
-                            f"{', '.join(self.job.gpu_roles)}" + (f"; missing {', '.join(missing)}" if missing else "")
-                            + (f"; unknown {', '.join(extra)}" if extra else ""))
+            raise PlanError(
+                f"plan: sets must place exactly the {self.job.algorithm} roles "
+                f"{', '.join(self.job.gpu_roles)}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(extra)}" if extra else "")
+            )
         used = sum(s.gpus for s in self.sets)
         if used > self.cluster.n_gpus:
             raise PlanError(f"plan: sets use {used} GPUs but the cluster has {self.cluster.n_gpus}")
@@ -121,34 +138,45 @@ class Plan:
     def set_of(self, role: str) -> PlacedSet:
         return next(s for s in self.sets if role in s.models)
 
-    def with_prediction(self, predicted: dict) -> "Plan":
+    def with_prediction(self, predicted: dict) -> Plan:
         return Plan(self.cluster, self.job, self.sets, predicted, self.version)
 
     def to_dict(self) -> dict:
-        d = {"version": self.version, "cluster": self.cluster.to_dict(),
-             "job": self.job.to_dict(), "sets": [s.to_dict() for s in self.sets]}
+        d = {
+            "version": self.version,
+            "cluster": self.cluster.to_dict(),
+            "job": self.job.to_dict(),
+            "sets": [s.to_dict() for s in self.sets],
+        }
         if self.predicted is not None:
             d["predicted"] = self.predicted
         return d
 
     @classmethod
-    def from_dict(cls, d: object) -> "Plan":
+    def from_dict(cls, d: object) -> Plan:
         if not isinstance(d, dict):
             raise PlanError("plan: expected a JSON object")
         allowed = {"version", "cluster", "job", "sets", "predicted"}
         if set(d) - allowed or not {"version", "cluster", "job", "sets"} <= set(d):
-            raise PlanError(f"plan: expected keys {', '.join(sorted(allowed))} "
-                            f"(predicted optional), got {', '.join(sorted(d))}")
+            raise PlanError(
+                f"plan: expected keys {', '.join(sorted(allowed))} "
+                f"(predicted optional), got {', '.join(sorted(d))}"
+            )
         if not isinstance(d["sets"], list):
             raise PlanError("plan: sets must be a list")
         predicted = d.get("predicted")
         if predicted is not None and not isinstance(predicted, dict):
             raise PlanError("plan: predicted must be an object")
-        return cls(Cluster.from_dict(d["cluster"]), Job.from_dict(d["job"]),
-                   tuple(PlacedSet.from_dict(s) for s in d["sets"]), predicted, d["version"])
+        return cls(
+            Cluster.from_dict(d["cluster"]),
+            Job.from_dict(d["job"]),
+            tuple(PlacedSet.from_dict(s) for s in d["sets"]),
+            predicted,
+            d["version"],
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         try:
             data = json.loads(path.read_text())

@@ -5,6 +5,7 @@ dataflow the simulator, planner and executor read (grouped samples, a greedy bas
 its KL term goes); the executor adds its loop (``executor.rl.loops``) and its advantage
 estimator (``executor.rl.algorithms``) under the same name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from hybridflow.errors import UserError
 
 class Stage(StrEnum):
     """The stages of one iteration, in the order plans and predictions list them."""
+
     GENERATE = "generate"
     PREPARE = "prepare"
     TRAIN = "train"
@@ -44,6 +46,7 @@ RULE = "rule"  # a reward or cost computed by a function on the controller's CPU
 
 class Kind(StrEnum):
     """What a role does in a stage; generate, infer and train also name its layouts."""
+
     GENERATE = "generate"
     INFER = "infer"
     TRAIN = "train"
@@ -61,6 +64,7 @@ def layout_kinds(role: str) -> tuple[Kind, ...]:
 @dataclass(frozen=True)
 class Algorithm:
     """One RL algorithm's dataflow, as the packages read it."""
+
     name: str
     roles: tuple[Role, ...]
     grouped: bool = False  # n >= 2 responses per prompt, scored against their group
@@ -101,7 +105,14 @@ def algorithm(name: str, error: type[Exception] = UserError) -> Algorithm:
 
 _PPO_ROLES = (Role.ACTOR, Role.CRITIC, Role.REFERENCE, Role.REWARD)
 register(Algorithm("ppo", _PPO_ROLES))
-register(Algorithm("grpo", (Role.ACTOR, Role.REFERENCE, Role.REWARD), grouped=True,
-                   default_samples=4, kl_in_loss=True))
+register(
+    Algorithm(
+        "grpo",
+        (Role.ACTOR, Role.REFERENCE, Role.REWARD),
+        grouped=True,
+        default_samples=4,
+        kl_in_loss=True,
+    )
+)
 register(Algorithm("remax", (Role.ACTOR, Role.REFERENCE, Role.REWARD), greedy_baseline=True))
 register(Algorithm("safe-rlhf", _PPO_ROLES + (Role.COST, Role.COST_CRITIC)))

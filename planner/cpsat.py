@@ -5,6 +5,7 @@ cached set tables. Objective (the paper's d_cost): the sum over stages of the
 slowest set's stage time. Capacity: the sets' GPUs add up to the cluster or less (sizes
 are powers of two below a node and whole nodes above, so this also packs into nodes).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -17,8 +18,8 @@ from ortools.sat.python import cp_model
 @dataclass(frozen=True)
 class Instance:
     capacity: int
-    sizes: tuple[tuple[int, ...], ...]                    # per set: allowed GPU counts
-    costs: tuple[tuple[tuple[float, ...], ...], ...]      # per set, per size: stage seconds
+    sizes: tuple[tuple[int, ...], ...]  # per set: allowed GPU counts
+    costs: tuple[tuple[tuple[float, ...], ...], ...]  # per set, per size: stage seconds
 
     def __post_init__(self) -> None:
         assert self.capacity > 0 and self.sizes and len(self.sizes) == len(self.costs)
@@ -31,8 +32,9 @@ class Instance:
         return len(self.costs[0][0])
 
     def objective(self, choice: tuple[int, ...]) -> float:
-        return sum(max(self.costs[s][i][k] for s, i in enumerate(choice))
-                   for k in range(self.n_stages))
+        return sum(
+            max(self.costs[s][i][k] for s, i in enumerate(choice)) for k in range(self.n_stages)
+        )
 
     def gpus(self, choice: tuple[int, ...]) -> int:
         return sum(self.sizes[s][i] for s, i in enumerate(choice))
@@ -41,8 +43,8 @@ class Instance:
 @dataclass(frozen=True)
 class Config:
     time_limit_s: float = 20.0
-    workers: int = 1          # the machine's 2 cores are shared
-    scale: float = 1e6        # seconds -> integer microseconds
+    workers: int = 1  # the machine's 2 cores are shared
+    scale: float = 1e6  # seconds -> integer microseconds
 
     def __post_init__(self) -> None:
         assert self.time_limit_s > 0 and self.workers >= 1 and self.scale > 0
@@ -50,15 +52,19 @@ class Config:
 
 @dataclass(frozen=True)
 class Solution:
-    choice: tuple[int, ...]   # index into each set's sizes
+    choice: tuple[int, ...]  # index into each set's sizes
     gpus: tuple[int, ...]
-    objective: float          # seconds, evaluated in floating point
+    objective: float  # seconds, evaluated in floating point
     optimal: bool
 
 
 def _solution(inst: Instance, choice: tuple[int, ...], optimal: bool) -> Solution:
-    return Solution(choice, tuple(inst.sizes[s][i] for s, i in enumerate(choice)),
-                    inst.objective(choice), optimal)
+    return Solution(
+        choice,
+        tuple(inst.sizes[s][i] for s, i in enumerate(choice)),
+        inst.objective(choice),
+        optimal,
+    )
 
 
 def greedy(inst: Instance) -> Solution | None:
@@ -70,7 +76,7 @@ def greedy(inst: Instance) -> Solution | None:
         best, best_obj = None, inst.objective(tuple(choice))
         for s in range(len(choice)):
             for i in range(choice[s] + 1, len(inst.sizes[s])):
-                trial = tuple(choice[:s] + [i] + choice[s + 1:])
+                trial = tuple(choice[:s] + [i] + choice[s + 1 :])
                 if inst.gpus(trial) <= inst.capacity and inst.objective(trial) < best_obj - 1e-12:
                     best, best_obj = trial, inst.objective(trial)
         if best is None:
@@ -83,7 +89,8 @@ def brute_force(inst: Instance) -> Solution | None:
     best: tuple[int, ...] | None = None
     for choice in itertools.product(*(range(len(s)) for s in inst.sizes)):
         if inst.gpus(choice) <= inst.capacity and (
-                best is None or inst.objective(choice) < inst.objective(best)):
+            best is None or inst.objective(choice) < inst.objective(best)
+        ):
             best = choice
     return None if best is None else _solution(inst, best, True)
 
@@ -95,15 +102,18 @@ class AllocationModel:
     are linear in them: CP-SAT's LP relaxation then bounds the objective well (about six
     times faster proofs than AddElement tables on 6-model jobs)."""
 
-    def __init__(self, inst: Instance, config: Config = Config(),
-                 cutoff: float = math.inf) -> None:
+    def __init__(self, inst: Instance, config: Config = Config(), cutoff: float = math.inf) -> None:
         self.inst, self.config, self.cutoff = inst, config, cutoff
         self.model = cp_model.CpModel()
-        self.pick = [[self.model.NewBoolVar(f"set{k}_size{i}") for i in range(len(s))]
-                     for k, s in enumerate(inst.sizes)]
+        self.pick = [
+            [self.model.NewBoolVar(f"set{k}_size{i}") for i in range(len(s))]
+            for k, s in enumerate(inst.sizes)
+        ]
         top = self._int_max()  # one pass over every cost, not one per stage variable
-        self.stage = [self.model.NewIntVar(self._stage_floor(st), top, f"stage_{st}")
-                      for st in range(inst.n_stages)]
+        self.stage = [
+            self.model.NewIntVar(self._stage_floor(st), top, f"stage_{st}")
+            for st in range(inst.n_stages)
+        ]
         self._add_choice()
         self._add_capacity()
         self._add_stage_max()
@@ -126,8 +136,14 @@ class AllocationModel:
             self.model.AddExactlyOne(picks)
 
     def _add_capacity(self) -> None:
-        self.model.Add(sum(n * b for sizes, picks in zip(self.inst.sizes, self.pick)
-                           for n, b in zip(sizes, picks)) <= self.inst.capacity)
+        self.model.Add(
+            sum(
+                n * b
+                for sizes, picks in zip(self.inst.sizes, self.pick)
+                for n, b in zip(sizes, picks)
+            )
+            <= self.inst.capacity
+        )
 
     def _add_stage_max(self) -> None:
         """A stage lasts as long as its slowest set."""
@@ -159,8 +175,9 @@ class AllocationModel:
         status = solver.Solve(self.model)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return None
-        choice = tuple(next(i for i, b in enumerate(picks) if solver.Value(b))
-                       for picks in self.pick)
+        choice = tuple(
+            next(i for i, b in enumerate(picks) if solver.Value(b)) for picks in self.pick
+        )
         return _solution(self.inst, choice, status == cp_model.OPTIMAL)
 
 

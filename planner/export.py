@@ -3,11 +3,12 @@
 The key and flag names are checked against the frameworks' released code, named by version
 in the output (planner/export_refdata.py says how the lists were taken).
 """
+
 from __future__ import annotations
 
+from hybridflow.plan import Plan
 from hybridflow.planner.export_openrlhf import to_openrlhf
 from hybridflow.planner.export_verl import to_verl
-from hybridflow.plan import Plan
 from hybridflow.planner.export_view import ExportError, FrameworkExport
 
 EXPORTERS = {"verl": to_verl, "openrlhf": to_openrlhf}

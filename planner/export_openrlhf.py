@@ -7,6 +7,7 @@ plan (the actor generates on its own GPUs). So a plan exports when all its roles
 set. Training is DeepSpeed: one ZeRO stage and one AutoTP size for every model, no
 pipeline parallelism; the command says where that differs from the plan's layouts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,13 @@ import shlex
 
 from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import OPENRLHF_SOURCE, load_openrlhf_reference
-from hybridflow.planner.export_view import ExportError, FrameworkExport, PlanView, node_split, parse_plan
+from hybridflow.planner.export_view import (
+    ExportError,
+    FrameworkExport,
+    PlanView,
+    node_split,
+    parse_plan,
+)
 
 # HybridFlow algorithm -> OpenRLHF --algo.advantage.estimator (ReMax and Safe-RLHF have none)
 ESTIMATOR = {"ppo": "gae", "grpo": "group_norm"}
@@ -26,18 +33,22 @@ def _check_expressible(v: PlanView) -> None:
         raise ExportError(
             f"OpenRLHF has no {v.algorithm} trainer (its advantage estimators: gae, reinforce, "
             f"rloo, reinforce_baseline, group_norm, dr_grpo, flash_reinforce; no greedy-baseline "
-            f"ReMax, no cost models); use --export verl or another algorithm")
+            f"ReMax, no cost models); use --export verl or another algorithm"
+        )
     if len(v.sets) > 1:
         split = "; ".join(f"[{', '.join(s)}] {g} GPUs" for s, g in zip(v.sets, v.set_gpus))
         raise ExportError(
             f"OpenRLHF cannot express this placement ({split}): it generates on the actor's GPUs "
             f"only with --train.colocate_all, i.e. all models on one GPU set, and otherwise puts "
             f"the vLLM engines on GPUs of their own; export the all-colocated standard placement "
-            f"or use --export verl")
+            f"or use --export verl"
+        )
     gen = v.roles["actor"].generate
     if gen.pp > 1:
-        raise ExportError(f"OpenRLHF's vLLM engines take a tensor-parallel size only; this plan "
-                          f"generates with pipeline parallelism {gen.pp}")
+        raise ExportError(
+            f"OpenRLHF's vLLM engines take a tensor-parallel size only; this plan "
+            f"generates with pipeline parallelism {gen.pp}"
+        )
 
 
 def _deepspeed(v: PlanView) -> tuple[list[str], list[str]]:
@@ -49,45 +60,75 @@ def _deepspeed(v: PlanView) -> tuple[list[str], list[str]]:
         tp = tps.pop()
         args = ["--ds.zero_stage", "2"] + (["--ds.tensor_parallel_size", str(tp)] if tp > 1 else [])
         return args, []
-    described = ", ".join(f"{name} pp{lay.pp} tp{lay.tp} dp{lay.dp}"
-                          + (f" ep{lay.ep}" if lay.ep > 1 else "") for name, lay in layouts.items())
-    note = (f"DeepSpeed has no pipeline parallelism and one AutoTP size for all models; the plan's "
-            f"layouts ({described}) become ZeRO-3 sharding over the set's {v.set_gpus[0]} GPUs, "
-            f"so time and memory differ from the prediction")
+    described = ", ".join(
+        f"{name} pp{lay.pp} tp{lay.tp} dp{lay.dp}" + (f" ep{lay.ep}" if lay.ep > 1 else "")
+        for name, lay in layouts.items()
+    )
+    note = (
+        f"DeepSpeed has no pipeline parallelism and one AutoTP size for all models; the plan's "
+        f"layouts ({described}) become ZeRO-3 sharding over the set's {v.set_gpus[0]} GPUs, "
+        f"so time and memory differ from the prediction"
+    )
     notes = [note]
     if experts:
         notes.append(
             f"OpenRLHF 0.11.2 has no expert parallelism (train_ppo_ray has no such argument; "
             f"--ds.experts_implementation picks a kernel): the experts of "
             f"{', '.join(f'{n} (ep {e})' for n, e in experts.items())} are ZeRO-3 sharded with "
-            f"the other weights and the vLLM engines run without expert parallelism")
+            f"the other weights and the vLLM engines run without expert parallelism"
+        )
     return ["--ds.zero_stage", "3"], notes
 
 
 def _placement(v: PlanView) -> list[str]:
     nodes, per_node = node_split(v.set_gpus[0], v.gpus_per_node)
     gen = v.roles["actor"].generate
-    args = ["--train.colocate_all", "--vllm.enable_sleep",
-            "--vllm.num_engines", str(v.set_gpus[0] // gen.tp),
-            "--vllm.tensor_parallel_size", str(gen.tp)]
-    for name, flag in (("actor", "actor"), ("reference", "ref"), ("critic", "critic"),
-                       ("reward", "reward")):
+    args = [
+        "--train.colocate_all",
+        "--vllm.enable_sleep",
+        "--vllm.num_engines",
+        str(v.set_gpus[0] // gen.tp),
+        "--vllm.tensor_parallel_size",
+        str(gen.tp),
+    ]
+    for name, flag in (
+        ("actor", "actor"),
+        ("reference", "ref"),
+        ("critic", "critic"),
+        ("reward", "reward"),
+    ):
         if v.role(name) is not None:  # a rule reward has no GPUs
-            args += [f"--{flag}.num_nodes", str(nodes), f"--{flag}.num_gpus_per_node", str(per_node)]
+            args += [
+                f"--{flag}.num_nodes",
+                str(nodes),
+                f"--{flag}.num_gpus_per_node",
+                str(per_node),
+            ]
     return args
 
 
 def _batches(v: PlanView) -> list[str]:
     n = v.samples_per_prompt
-    args = ["--rollout.batch_size", str(v.global_batch),
-            "--rollout.n_samples_per_prompt", str(n),
-            "--train.batch_size", str(v.mini_batch * n),
-            "--train.max_epochs", str(v.ppo_epochs),
-            "--train.micro_batch_size", str(v.micro_batch),
-            "--rollout.micro_batch_size", str(v.micro_batch),
-            "--data.max_len", str(v.prompt_len + v.response_len),
-            "--rollout.max_new_tokens", str(v.response_len),
-            "--algo.advantage.estimator", ESTIMATOR[v.algorithm]]
+    args = [
+        "--rollout.batch_size",
+        str(v.global_batch),
+        "--rollout.n_samples_per_prompt",
+        str(n),
+        "--train.batch_size",
+        str(v.mini_batch * n),
+        "--train.max_epochs",
+        str(v.ppo_epochs),
+        "--train.micro_batch_size",
+        str(v.micro_batch),
+        "--rollout.micro_batch_size",
+        str(v.micro_batch),
+        "--data.max_len",
+        str(v.prompt_len + v.response_len),
+        "--rollout.max_new_tokens",
+        str(v.response_len),
+        "--algo.advantage.estimator",
+        ESTIMATOR[v.algorithm],
+    ]
     if v.role("reference") is None:
         args += ["--algo.kl.init_coef", "0"]  # OpenRLHF builds the reference when this is > 0
     elif v.algorithm == "grpo":
@@ -106,8 +147,12 @@ def _models(v: PlanView) -> tuple[list[str], list[tuple[str, str]]]:
         env.append((var, f"Hugging Face checkpoint of {role.model}"))
     if v.is_rule("reward"):
         args += ["--reward.remote_url", f'"${RULE_FN_VAR}"']
-        env.append((RULE_FN_VAR, "Python file defining reward_func, the rule reward "
-                                 "(or the URL of a reward server)"))
+        env.append(
+            (
+                RULE_FN_VAR,
+                "Python file defining reward_func, the rule reward (or the URL of a reward server)",
+            )
+        )
     return args, env + [("PROMPT_DATA", "prompt dataset (--data.prompt_dataset)")]
 
 
@@ -118,26 +163,46 @@ def to_openrlhf(plan: Plan | dict) -> FrameworkExport:
     ref = load_openrlhf_reference()
     ds_args, notes = _deepspeed(v)
     model_args, env = _models(v)
-    args = _placement(v) + ds_args + _batches(v) + model_args + ["--data.prompt_dataset", '"$PROMPT_DATA"']
-    notes.append(f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator "
-                 f"predicts; larger ones may be faster where memory allows")
-    notes.append("OpenRLHF syncs weights by gathering each parameter on rank 0 and broadcasting "
-                 "it to the vLLM engines (consecutive TP groups), not by the 3D-HybridEngine's "
-                 "in-place reshard: compare `hybridflow simulate --reshard allgather`")
+    args = (
+        _placement(v)
+        + ds_args
+        + _batches(v)
+        + model_args
+        + ["--data.prompt_dataset", '"$PROMPT_DATA"']
+    )
+    notes.append(
+        f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator "
+        f"predicts; larger ones may be faster where memory allows"
+    )
+    notes.append(
+        "OpenRLHF syncs weights by gathering each parameter on rank 0 and broadcasting "
+        "it to the vLLM engines (consecutive TP groups), not by the 3D-HybridEngine's "
+        "in-place reshard: compare `hybridflow simulate --reshard allgather`"
+    )
     reference, actor = v.role("reference"), v.roles["actor"]
     if reference is not None and reference.model != actor.model:
         notes.append(f"OpenRLHF loads the reference from the actor's path, not {reference.model}")
     if v.is_rule("reward"):
-        notes.append(f"the reward is a rule: no reward model; OpenRLHF scores responses with "
-                     f"reward_func from ${RULE_FN_VAR} (--reward.remote_url takes a .py file or "
-                     f"an HTTP URL); pass the answers' dataset key with --data.label_key")
+        notes.append(
+            f"the reward is a rule: no reward model; OpenRLHF scores responses with "
+            f"reward_func from ${RULE_FN_VAR} (--reward.remote_url takes a .py file or "
+            f"an HTTP URL); pass the answers' dataset key with --data.label_key"
+        )
     words = [a if a.startswith('"$') else shlex.quote(a) for a in args]
     check_constraints(parse_command(args, ref))  # flags of the named version, and its checks
     header = [f"{v.algorithm} on {v.total_gpus} x {v.gpu}: all models on {v.set_gpus[0]} GPUs"]
     if v.tokens_per_s:
         header.append(f"predicted {v.tokens_per_s:,.0f} tokens/s, {v.iteration_s:.1f} s/iteration")
-    return FrameworkExport("OpenRLHF", ref["version"], OPENRLHF_SOURCE, ref["entry_point"],
-                           tuple(_pair_words(words)), tuple(env), tuple(header), tuple(notes))
+    return FrameworkExport(
+        "OpenRLHF",
+        ref["version"],
+        OPENRLHF_SOURCE,
+        ref["entry_point"],
+        tuple(_pair_words(words)),
+        tuple(env),
+        tuple(header),
+        tuple(notes),
+    )
 
 
 def _pair_words(words: list[str]) -> list[str]:
@@ -155,8 +220,9 @@ def build_parser(ref: dict | None = None) -> argparse.ArgumentParser:
     """An argparse parser with OpenRLHF's argument names, types and choices of that version."""
     ref = ref or load_openrlhf_reference()
     types = {"int": int, "float": float, "str": str, None: None}
-    parser = argparse.ArgumentParser(prog=ref["entry_point"], allow_abbrev=False,
-                                     exit_on_error=False)
+    parser = argparse.ArgumentParser(
+        prog=ref["entry_point"], allow_abbrev=False, exit_on_error=False
+    )
     for a in ref["arguments"]:
         if a["action"] in ("store_true", "store_false"):
             parser.add_argument(*a["flags"], dest=a["dest"], action=a["action"])
@@ -185,19 +251,31 @@ def check_constraints(ns: argparse.Namespace) -> None:
     """The checks train_ppo_ray.py (0.11.2) and DeepSpeed make before training starts."""
     g = lambda name: getattr(ns, name)  # noqa: E731 (dests contain dots)
     actor_gpus = g("actor.num_nodes") * g("actor.num_gpus_per_node")
-    if g("train.colocate_all") and actor_gpus != g("vllm.num_engines") * g("vllm.tensor_parallel_size"):
-        raise ExportError(f"OpenRLHF needs actor GPUs ({actor_gpus}) = vLLM engines x TP with "
-                          f"--train.colocate_all")
+    if g("train.colocate_all") and actor_gpus != g("vllm.num_engines") * g(
+        "vllm.tensor_parallel_size"
+    ):
+        raise ExportError(
+            f"OpenRLHF needs actor GPUs ({actor_gpus}) = vLLM engines x TP with "
+            f"--train.colocate_all"
+        )
     if g("algo.kl.init_coef") > 0 and (g("train.colocate_all") or g("train.colocate_actor_ref")):
         if (g("ref.num_nodes"), g("ref.num_gpus_per_node")) != (
-                g("actor.num_nodes"), g("actor.num_gpus_per_node")):
-            raise ExportError("OpenRLHF needs the colocated reference on the actor's nodes and GPUs")
+            g("actor.num_nodes"),
+            g("actor.num_gpus_per_node"),
+        ):
+            raise ExportError(
+                "OpenRLHF needs the colocated reference on the actor's nodes and GPUs"
+            )
     estimator, n = g("algo.advantage.estimator"), g("rollout.n_samples_per_prompt")
     if estimator in ("rloo", "reinforce_baseline", "group_norm", "dr_grpo") and n <= 1:
         raise ExportError(f"OpenRLHF's {estimator} needs more than one sample per prompt, got {n}")
     dp = actor_gpus // g("ds.ring_attn_size") // g("ds.tensor_parallel_size")
     if n * g("rollout.batch_size") // g("rollout.micro_batch_size") < dp:
-        raise ExportError(f"OpenRLHF needs at least {dp} rollout micro-batches (one per actor rank)")
+        raise ExportError(
+            f"OpenRLHF needs at least {dp} rollout micro-batches (one per actor rank)"
+        )
     if g("train.batch_size") % (g("train.micro_batch_size") * dp):
-        raise ExportError(f"DeepSpeed needs --train.batch_size {g('train.batch_size')} to be a "
-                          f"multiple of micro-batch {g('train.micro_batch_size')} x data-parallel {dp}")
+        raise ExportError(
+            f"DeepSpeed needs --train.batch_size {g('train.batch_size')} to be a "
+            f"multiple of micro-batch {g('train.micro_batch_size')} x data-parallel {dp}"
+        )

@@ -9,6 +9,7 @@ committed as JSON beside this module, named by package version and source file:
 
 The exports and their tests read the JSON files only; nothing here is needed at run time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
 from hybridflow.errors import UserError
 
 HERE = Path(__file__).resolve().parent  # where `main` writes new lists (a checkout)
@@ -58,12 +60,18 @@ def verl_keys(wheel_dir: Path) -> dict:
     version = (wheel_dir / "verl/version/version").read_text().strip()
     keys: list[str] = []
     _flatten(yaml.safe_load(src.read_text()), "", keys)
-    engines = sorted(p.stem for p in (wheel_dir / "verl/trainer/config/model_engine").glob("*.yaml"))
-    return {"package": "verl", "version": version, "source_file": VERL_SOURCE,
-            "source_sha256": _sha256(src),
-            "entry_point": "python3 -m verl.trainer.main_ppo",
-            "group_overrides": {"model_engine": engines},
-            "keys": sorted(set(keys))}
+    engines = sorted(
+        p.stem for p in (wheel_dir / "verl/trainer/config/model_engine").glob("*.yaml")
+    )
+    return {
+        "package": "verl",
+        "version": version,
+        "source_file": VERL_SOURCE,
+        "source_sha256": _sha256(src),
+        "entry_point": "python3 -m verl.trainer.main_ppo",
+        "group_overrides": {"model_engine": engines},
+        "keys": sorted(set(keys)),
+    }
 
 
 def _parser_statements(tree: ast.Module) -> list[ast.stmt]:
@@ -79,8 +87,11 @@ def _parser_statements(tree: ast.Module) -> list[ast.stmt]:
 
 
 def _action_record(action: argparse.Action) -> dict:
-    kinds = {argparse._StoreTrueAction: "store_true", argparse._StoreFalseAction: "store_false",
-             argparse._StoreAction: "store"}
+    kinds = {
+        argparse._StoreTrueAction: "store_true",
+        argparse._StoreFalseAction: "store_false",
+        argparse._StoreAction: "store",
+    }
     kind = kinds.get(type(action))
     if kind is None:
         raise RefDataError(f"unsupported argparse action {type(action).__name__} for {action.dest}")
@@ -89,15 +100,23 @@ def _action_record(action: argparse.Action) -> dict:
         default = str(default)
     elif isinstance(default, tuple):
         default = list(default)
-    return {"flags": list(action.option_strings), "dest": action.dest, "action": kind,
-            "type": getattr(action.type, "__name__", None), "nargs": action.nargs,
-            "choices": list(action.choices) if action.choices else None, "default": default}
+    return {
+        "flags": list(action.option_strings),
+        "dest": action.dest,
+        "action": kind,
+        "type": getattr(action.type, "__name__", None),
+        "nargs": action.nargs,
+        "choices": list(action.choices) if action.choices else None,
+        "default": default,
+    }
 
 
 def openrlhf_args(wheel_dir: Path) -> dict:
     matches = list(wheel_dir.glob(f"**/{OPENRLHF_SOURCE}"))
     if not matches:
-        raise RefDataError(f"{OPENRLHF_SOURCE} not found under {wheel_dir}: unzip OpenRLHF's wheel there")
+        raise RefDataError(
+            f"{OPENRLHF_SOURCE} not found under {wheel_dir}: unzip OpenRLHF's wheel there"
+        )
     src = matches[0]
     tree = ast.parse(src.read_text())
     module = ast.Module(body=_parser_statements(tree), type_ignores=[])
@@ -106,11 +125,18 @@ def openrlhf_args(wheel_dir: Path) -> dict:
     exec(compile(module, str(src), "exec"), scope)  # noqa: S102
     parser: argparse.ArgumentParser = scope["parser"]
     actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
-    version = next(p.name.removesuffix(".dist-info").split("-")[1]
-                   for p in wheel_dir.glob("openrlhf-*.dist-info"))
-    return {"package": "openrlhf", "version": version, "source_file": OPENRLHF_SOURCE,
-            "source_sha256": _sha256(src), "entry_point": "python3 -m openrlhf.cli.train_ppo_ray",
-            "arguments": [_action_record(a) for a in actions]}
+    version = next(
+        p.name.removesuffix(".dist-info").split("-")[1]
+        for p in wheel_dir.glob("openrlhf-*.dist-info")
+    )
+    return {
+        "package": "openrlhf",
+        "version": version,
+        "source_file": OPENRLHF_SOURCE,
+        "source_sha256": _sha256(src),
+        "entry_point": "python3 -m openrlhf.cli.train_ppo_ray",
+        "arguments": [_action_record(a) for a in actions],
+    }
 
 
 def _packaged(name: str) -> str:
@@ -118,7 +144,7 @@ def _packaged(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_verl_reference() -> dict:
     """The committed verl key list (see the module doc for how it was made)."""
     data = json.loads(_packaged(VERL_KEYS_FILE))
@@ -126,7 +152,7 @@ def load_verl_reference() -> dict:
     return data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_openrlhf_reference() -> dict:
     """The committed OpenRLHF argument list (see the module doc for how it was made)."""
     return json.loads(_packaged(OPENRLHF_ARGS_FILE))

@@ -6,20 +6,34 @@ verl 0.9.1 places roles with a ResourcePoolManager (verl/trainer/ppo/v1/trainer_
 own (reward.reward_model.enable_resource_pool). Plans that split the other roles get the
 pool spec and role mapping a TaskRunner subclass must set, beside the overrides.
 """
+
 from __future__ import annotations
 
 import shlex
 
 from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference
-from hybridflow.planner.export_view import (ExportError, FrameworkExport, PlanView, RoleView, node_split,
-                                 parse_plan)
+from hybridflow.planner.export_view import (
+    ExportError,
+    FrameworkExport,
+    PlanView,
+    RoleView,
+    node_split,
+    parse_plan,
+)
 
 ADV_ESTIMATOR = {"ppo": "gae", "grpo": "grpo", "remax": "remax"}
-VERL_ROLE = {"actor": "ActorRollout", "reference": "RefPolicy", "critic": "Critic",
-             "reward": "RewardModel"}
-MODEL_PATH_KEY = {"actor": "actor_rollout_ref.model.path", "critic": "critic.model.path",
-                  "reward": "reward.reward_model.model_path"}
+VERL_ROLE = {
+    "actor": "ActorRollout",
+    "reference": "RefPolicy",
+    "critic": "Critic",
+    "reward": "RewardModel",
+}
+MODEL_PATH_KEY = {
+    "actor": "actor_rollout_ref.model.path",
+    "critic": "critic.model.path",
+    "reward": "reward.reward_model.model_path",
+}
 
 
 def _model_path(role: RoleView) -> tuple[str, tuple[str, str] | None]:
@@ -34,11 +48,15 @@ RULE_FN_VAR = "REWARD_FN_PATH"
 
 
 def _megatron(prefix: str, layout) -> dict[str, object]:
-    o: dict[str, object] = {f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
-                            f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp}
+    o: dict[str, object] = {
+        f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
+        f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp,
+    }
     if layout.ep > 1:  # the plan's experts keep the layout's tp (simulator/moe.py)
-        o |= {f"{prefix}.megatron.expert_model_parallel_size": layout.ep,
-              f"{prefix}.megatron.expert_tensor_parallel_size": layout.tp}
+        o |= {
+            f"{prefix}.megatron.expert_model_parallel_size": layout.ep,
+            f"{prefix}.megatron.expert_tensor_parallel_size": layout.tp,
+        }
     return o
 
 
@@ -57,16 +75,19 @@ def _check_dp_split(v: PlanView, role: RoleView, sequences: int, what: str) -> N
         raise ExportError(
             f"verl cannot split the {what} of {sequences} sequences over the {role.name}'s "
             f"data-parallel size {dp} in micro-batches of {v.micro_batch} "
-            f"(verl/utils/config.py validate_config); change global_batch or mini_batches")
+            f"(verl/utils/config.py validate_config); change global_batch or mini_batches"
+        )
 
 
 def _roles(v: PlanView) -> dict[str, object]:
     actor, gen = v.roles["actor"], v.roles["actor"].generate
     o: dict[str, object] = {"model_engine": "megatron"}
     o |= _megatron("actor_rollout_ref.actor", actor.train)
-    o |= {"actor_rollout_ref.rollout.name": "vllm",
-          "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
-          "actor_rollout_ref.rollout.pipeline_model_parallel_size": gen.pp}
+    o |= {
+        "actor_rollout_ref.rollout.name": "vllm",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
+        "actor_rollout_ref.rollout.pipeline_model_parallel_size": gen.pp,
+    }
     o |= _vllm_ep("actor_rollout_ref.rollout", gen.tp, actor.train.ep)
     ref, critic, reward = v.role("reference"), v.role("critic"), v.role("reward")
     if ref is not None:
@@ -76,13 +97,17 @@ def _roles(v: PlanView) -> dict[str, object]:
         o |= _megatron("critic", critic.compute)
     o["reward.reward_model.enable"] = reward is not None
     if reward is not None:
-        o |= {"reward.reward_model.rollout.name": "vllm",
-              "reward.reward_model.rollout.tensor_model_parallel_size": reward.compute.tp,
-              "reward.reward_model.rollout.pipeline_model_parallel_size": reward.compute.pp}
+        o |= {
+            "reward.reward_model.rollout.name": "vllm",
+            "reward.reward_model.rollout.tensor_model_parallel_size": reward.compute.tp,
+            "reward.reward_model.rollout.pipeline_model_parallel_size": reward.compute.pp,
+        }
         o |= _vllm_ep("reward.reward_model.rollout", reward.compute.tp, reward.compute.ep)
     if v.is_rule("reward"):
-        o |= {"reward.custom_reward_function.path": f'"${RULE_FN_VAR}"',
-              "reward.custom_reward_function.name": "compute_score"}
+        o |= {
+            "reward.custom_reward_function.path": f'"${RULE_FN_VAR}"',
+            "reward.custom_reward_function.name": "compute_score",
+        }
     return o
 
 
@@ -123,9 +148,14 @@ def _algorithm(v: PlanView) -> dict[str, object]:
 
 def _pool_names(v: PlanView) -> dict[int, str]:
     actor_set = v.roles["actor"].set_index
-    return {i: "global_pool" if i == actor_set else
-            "reward_pool" if members == ("reward",) else f"pool_{i}"
-            for i, members in enumerate(v.sets)}
+    return {
+        i: "global_pool"
+        if i == actor_set
+        else "reward_pool"
+        if members == ("reward",)
+        else f"pool_{i}"
+        for i, members in enumerate(v.sets)
+    }
 
 
 def _pools(v: PlanView) -> tuple[dict[str, object], list[str], str]:
@@ -136,32 +166,46 @@ def _pools(v: PlanView) -> tuple[dict[str, object], list[str], str]:
     reward = v.role("reward")
     if reward is not None and names[reward.set_index] == "reward_pool":
         rn, rp = node_split(reward.gpus, v.gpus_per_node)
-        o |= {"reward.reward_model.enable_resource_pool": True,
-              "reward.reward_model.nnodes": rn, "reward.reward_model.n_gpus_per_node": rp}
-    apart = [r.name for r in v.roles.values()
-             if names[r.set_index] not in ("global_pool", "reward_pool")]
+        o |= {
+            "reward.reward_model.enable_resource_pool": True,
+            "reward.reward_model.nnodes": rn,
+            "reward.reward_model.n_gpus_per_node": rp,
+        }
+    apart = [
+        r.name for r in v.roles.values() if names[r.set_index] not in ("global_pool", "reward_pool")
+    ]
     if not apart:
         return o, [], ""
-    notes = [f"verl's config keeps {', '.join(apart)} in global_pool with the actor; this plan "
-             f"gives them GPUs of their own: set the resource pools below in a TaskRunner/"
-             f"trainer subclass (_init_resource_pool_mgr)"]
+    notes = [
+        f"verl's config keeps {', '.join(apart)} in global_pool with the actor; this plan "
+        f"gives them GPUs of their own: set the resource pools below in a TaskRunner/"
+        f"trainer subclass (_init_resource_pool_mgr)"
+    ]
     if "reference" in apart:
-        notes.append("verl 0.9.1 fuses the reference into the actor's workers "
-                     "(Role.ActorRolloutRef) when the actor also generates; a reference on GPUs of "
-                     "its own needs a stand-alone Role.RefPolicy worker group as well as the pools")
+        notes.append(
+            "verl 0.9.1 fuses the reference into the actor's workers "
+            "(Role.ActorRolloutRef) when the actor also generates; a reference on GPUs of "
+            "its own needs a stand-alone Role.RefPolicy worker group as well as the pools"
+        )
     return o, notes, _mapping_text(v, names)
 
 
 def _mapping_text(v: PlanView, names: dict[int, str]) -> str:
-    spec = {names[i]: [node_split(g, v.gpus_per_node)[1]] * node_split(g, v.gpus_per_node)[0]
-            for i, g in enumerate(v.set_gpus)}
+    spec = {
+        names[i]: [node_split(g, v.gpus_per_node)[1]] * node_split(g, v.gpus_per_node)[0]
+        for i, g in enumerate(v.set_gpus)
+    }
     actor_set = v.roles["actor"].set_index
-    mapping = ", ".join(f"Role.{_verl_role(v, r)}: {names[r.set_index]!r}"
-                        for r in v.roles.values()
-                        if not (r.name == "reference" and r.set_index == actor_set))
-    return ("Resource pools this plan needs (verl ResourcePoolManager, "
-            "verl/trainer/ppo/v1/trainer_base.py):\n"
-            f"resource_pool_spec = {spec!r}\nmapping = {{{mapping}}}")
+    mapping = ", ".join(
+        f"Role.{_verl_role(v, r)}: {names[r.set_index]!r}"
+        for r in v.roles.values()
+        if not (r.name == "reference" and r.set_index == actor_set)
+    )
+    return (
+        "Resource pools this plan needs (verl ResourcePoolManager, "
+        "verl/trainer/ppo/v1/trainer_base.py):\n"
+        f"resource_pool_spec = {spec!r}\nmapping = {{{mapping}}}"
+    )
 
 
 def _verl_role(v: PlanView, role: RoleView) -> str:
@@ -172,37 +216,49 @@ def _verl_role(v: PlanView, role: RoleView) -> str:
 
 
 def _notes(v: PlanView) -> list[str]:
-    notes = [f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator predicts; "
-             f"larger ones may be faster where memory allows"]
+    notes = [
+        f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator predicts; "
+        f"larger ones may be faster where memory allows"
+    ]
     gen = v.roles["actor"].generate
     if gen.tp > 1 and gen.micro_dp > 1:
         notes.append(
             f"generation TP groups: verl's vLLM rollout takes consecutive ranks "
             f"[0..{gen.tp - 1}], [{gen.tp}..{2 * gen.tp - 1}], ...; the plan's 3D-HybridEngine "
             f"groups are strided (ranks r, r+{gen.micro_dp}, ...), so resharding costs what "
-            f"`hybridflow simulate --reshard hybridengine-v` predicts")
+            f"`hybridflow simulate --reshard hybridengine-v` predicts"
+        )
     ref, actor = v.role("reference"), v.roles["actor"]
     if ref is not None and ref.model != actor.model:
-        notes.append(f"verl loads the reference from the actor's path ({actor.model}), "
-                     f"not {ref.model}")
+        notes.append(
+            f"verl loads the reference from the actor's path ({actor.model}), not {ref.model}"
+        )
     reward = v.role("reward")
     if v.is_rule("reward"):
-        notes.append(f"the reward is a rule: no reward model (reward.reward_model.enable=false); "
-                     f"verl scores each response on the CPU with compute_score(data_source, "
-                     f"solution_str, ground_truth, extra_info) from ${RULE_FN_VAR} "
-                     f"(reward.custom_reward_function)")
+        notes.append(
+            f"the reward is a rule: no reward model (reward.reward_model.enable=false); "
+            f"verl scores each response on the CPU with compute_score(data_source, "
+            f"solution_str, ground_truth, extra_info) from ${RULE_FN_VAR} "
+            f"(reward.custom_reward_function)"
+        )
     for name, ep in v.expert_parallel.items():
         what = "trains" if v.roles[name].train is not None else "runs"
-        notes.append(f"the {name} {what} with expert parallelism {ep} (megatron "
-                     f"expert_model_parallel_size, experts split further by its tp)")
+        notes.append(
+            f"the {name} {what} with expert parallelism {ep} (megatron "
+            f"expert_model_parallel_size, experts split further by its tp)"
+        )
     if actor.train.ep > 1:
-        notes.append(f"generation: vLLM splits the experts over each engine's tp {gen.tp} x "
-                     f"dp {actor.train.ep} GPUs (rollout.expert_parallel_size "
-                     f"{gen.tp * actor.train.ep}), the same share per GPU as the plan's "
-                     f"ep {actor.train.ep} x tp {gen.tp}; its attention runs data-parallel")
+        notes.append(
+            f"generation: vLLM splits the experts over each engine's tp {gen.tp} x "
+            f"dp {actor.train.ep} GPUs (rollout.expert_parallel_size "
+            f"{gen.tp * actor.train.ep}), the same share per GPU as the plan's "
+            f"ep {actor.train.ep} x tp {gen.tp}; its attention runs data-parallel"
+        )
     if reward is not None:
-        notes.append(f"the reward model runs as a vLLM server with TP {reward.compute.tp} x "
-                     f"PP {reward.compute.pp} per replica ({reward.compute.dp} replicas in the plan)")
+        notes.append(
+            f"the reward model runs as a vLLM server with TP {reward.compute.tp} x "
+            f"PP {reward.compute.pp} per replica ({reward.compute.dp} replicas in the plan)"
+        )
     return notes
 
 
@@ -210,8 +266,10 @@ def to_verl(plan: Plan | dict) -> FrameworkExport:
     """The plan as a verl launch command; ExportError for what verl cannot run."""
     v = parse_plan(plan)
     if v.algorithm not in ADV_ESTIMATOR:
-        raise ExportError(f"verl has no {v.algorithm} trainer: it has no cost model or cost "
-                          f"critic roles (roles: actor, rollout, reference, critic, reward)")
+        raise ExportError(
+            f"verl has no {v.algorithm} trainer: it has no cost model or cost "
+            f"critic roles (roles: actor, rollout, reference, critic, reward)"
+        )
     ref_data = load_verl_reference()
     overrides = _roles(v) | _batches(v) | _algorithm(v)
     pool_overrides, pool_notes, mapping = _pools(v)
@@ -229,13 +287,23 @@ def to_verl(plan: Plan | dict) -> FrameworkExport:
         group = key in ref_data["group_overrides"]
         assert group or key in ref_data["key_set"], f"verl {ref_data['version']} has no key {key}"
     args = tuple(f"{k}={_hydra_value(val)}" for k, val in overrides.items())
-    header = [f"{v.algorithm} on {v.total_gpus} x {v.gpu}: "
-              + "; ".join(f"[{', '.join(s)}] {g} GPUs" for s, g in zip(v.sets, v.set_gpus))]
+    header = [
+        f"{v.algorithm} on {v.total_gpus} x {v.gpu}: "
+        + "; ".join(f"[{', '.join(s)}] {g} GPUs" for s, g in zip(v.sets, v.set_gpus))
+    ]
     if v.tokens_per_s:
         header.append(f"predicted {v.tokens_per_s:,.0f} tokens/s, {v.iteration_s:.1f} s/iteration")
-    return FrameworkExport("verl", ref_data["version"], VERL_SOURCE, ref_data["entry_point"],
-                           args, tuple(env), tuple(header), tuple(pool_notes + _notes(v)),
-                           mapping)
+    return FrameworkExport(
+        "verl",
+        ref_data["version"],
+        VERL_SOURCE,
+        ref_data["entry_point"],
+        args,
+        tuple(env),
+        tuple(header),
+        tuple(pool_notes + _notes(v)),
+        mapping,
+    )
 
 
 def _hydra_value(value: object) -> str:

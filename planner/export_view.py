@@ -3,6 +3,7 @@
 The plan is validated once, where it is built (hybridflow.plan.Plan.from_dict for a plan a
 user may have edited by hand); the view only derives what the exporters read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ class RoleView:
     name: str
     model: str
     set_index: int
-    gpus: int                         # GPUs of the role's set
-    train: ParallelLayout | None      # training layout (actor, critics)
-    infer: ParallelLayout | None      # forward-only layout (reference, reward; critic values)
-    generate: GenLayout | None        # actor only
+    gpus: int  # GPUs of the role's set
+    train: ParallelLayout | None  # training layout (actor, critics)
+    infer: ParallelLayout | None  # forward-only layout (reference, reward; critic values)
+    generate: GenLayout | None  # actor only
 
     @property
     def compute(self) -> ParallelLayout:
@@ -87,17 +88,34 @@ def view(plan: Plan) -> PlanView:
     for i, s in enumerate(plan.sets):
         for name in s.models:
             lay = s.layouts[name]
-            roles[name] = RoleView(name, job.model(name), i, s.gpus, lay.get(Kind.TRAIN),
-                                   lay.get(Kind.INFER), lay.get(Kind.GENERATE))
+            roles[name] = RoleView(
+                name,
+                job.model(name),
+                i,
+                s.gpus,
+                lay.get(Kind.TRAIN),
+                lay.get(Kind.INFER),
+                lay.get(Kind.GENERATE),
+            )
     predicted = plan.predicted or {}
     return PlanView(
-        gpu=c.gpu, nodes=c.nodes, gpus_per_node=c.gpus_per_node, algorithm=job.algorithm,
-        prompt_len=job.prompt_len, response_len=job.response_len,
-        global_batch=job.global_batch, ppo_epochs=job.ppo_epochs,
-        mini_batches=job.mini_batches, samples_per_prompt=job.n_samples,
-        sets=tuple(tuple(s.models) for s in plan.sets), set_gpus=tuple(s.gpus for s in plan.sets),
-        roles=roles, rule_roles=job.rule_roles, tokens_per_s=predicted.get("tokens_per_s"),
-        iteration_s=predicted.get("iteration_s"))
+        gpu=c.gpu,
+        nodes=c.nodes,
+        gpus_per_node=c.gpus_per_node,
+        algorithm=job.algorithm,
+        prompt_len=job.prompt_len,
+        response_len=job.response_len,
+        global_batch=job.global_batch,
+        ppo_epochs=job.ppo_epochs,
+        mini_batches=job.mini_batches,
+        samples_per_prompt=job.n_samples,
+        sets=tuple(tuple(s.models) for s in plan.sets),
+        set_gpus=tuple(s.gpus for s in plan.sets),
+        roles=roles,
+        rule_roles=job.rule_roles,
+        tokens_per_s=predicted.get("tokens_per_s"),
+        iteration_s=predicted.get("iteration_s"),
+    )
 
 
 def parse_plan(plan: Plan | dict) -> PlanView:
@@ -120,24 +138,27 @@ def node_split(gpus: int, gpus_per_node: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class FrameworkExport:
     """A plan as one framework's launch command, with what differs from the plan."""
+
     framework: str
     version: str
-    source_file: str              # the framework file the names were checked against
-    entry_point: str              # e.g. "python3 -m verl.trainer.main_ppo"
-    args: tuple[str, ...]         # shell words after the entry point, already quoted
-    env: tuple[tuple[str, str], ...] = ()   # variables the user sets: (NAME, what it holds)
+    source_file: str  # the framework file the names were checked against
+    entry_point: str  # e.g. "python3 -m verl.trainer.main_ppo"
+    args: tuple[str, ...]  # shell words after the entry point, already quoted
+    env: tuple[tuple[str, str], ...] = ()  # variables the user sets: (NAME, what it holds)
     header: tuple[str, ...] = ()  # lines describing the plan
-    notes: tuple[str, ...] = ()   # differences from the plan and settings outside the command
-    extra: str = ""               # e.g. verl's resource-pool mapping, rendered as text
+    notes: tuple[str, ...] = ()  # differences from the plan and settings outside the command
+    extra: str = ""  # e.g. verl's resource-pool mapping, rendered as text
 
     def __post_init__(self) -> None:
         if not self.args:
             raise ExportError(f"{self.framework} export has no arguments")
 
     def render(self) -> str:
-        lines = ["#!/usr/bin/env bash",
-                 f"# HybridFlow plan for {self.framework} {self.version}; names checked against "
-                 f"{self.source_file} of {self.framework} {self.version}."]
+        lines = [
+            "#!/usr/bin/env bash",
+            f"# HybridFlow plan for {self.framework} {self.version}; names checked against "
+            f"{self.source_file} of {self.framework} {self.version}.",
+        ]
         lines += [f"# {h}" for h in self.header]
         if self.env:
             lines.append("# Set before running:")

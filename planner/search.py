@@ -2,23 +2,23 @@
 sets, the GPU allocation across sets by CP-SAT over cached best-layout tables, ranked by
 predicted iteration time (the allocation's sum of stage maxima; where devices share a host's
 cores, the full prediction, which slows sets that run at once)."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from hybridflow.errors import UserError
+from hybridflow.plan import PlacedSet, Plan
 from hybridflow.planner.cpsat import Config, Instance, Solution, brute_force, solve
-from hybridflow.plan import Plan
 from hybridflow.planner.tables import SetChoice, Tables, set_sizes
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import DoesNotFit
 from hybridflow.simulator.job import Job
-from hybridflow.vocab import STAGES, Stage
-from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import predict_plan, rule_seconds
 from hybridflow.simulator.profile import Profile, load_profile
+from hybridflow.vocab import STAGES, Stage
 
 Placement = tuple[tuple[str, ...], ...]
 SEARCH_LIMIT_GPUS = 8192  # how far to look for the smallest GPU count that fits
@@ -34,7 +34,7 @@ def set_partitions(items: tuple[str, ...]) -> Iterator[Placement]:
         yield ((first,) + part[0],) + part[1:] if part else ((first,),)
         if part:
             for i in range(1, len(part)):
-                yield part[:i] + ((first,) + part[i],) + part[i + 1:]
+                yield part[:i] + ((first,) + part[i],) + part[i + 1 :]
             yield ((first,),) + part
 
 
@@ -62,9 +62,11 @@ def standard_layouts(job: Job) -> dict[str, Placement]:
     no set)."""
     roles = job.gpu_roles
     rest = tuple(r for r in roles if r not in ("actor", "reference"))
-    return {"colocated": (roles,),                      # verl, DeepSpeed-Chat
-            "split": (("actor", "reference"),) + ((rest,) if rest else ()),  # | critic+reward
-            "separate": tuple((r,) for r in roles)}     # OpenRLHF: one set per model
+    return {
+        "colocated": (roles,),  # verl, DeepSpeed-Chat
+        "split": (("actor", "reference"),) + ((rest,) if rest else ()),  # | critic+reward
+        "separate": tuple((r,) for r in roles),
+    }  # OpenRLHF: one set per model
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,15 @@ class Candidate:
 class Planner:
     """Plans one job on one GPU kind; keeps its layout tables across cluster sizes."""
 
-    def __init__(self, job: Job, profile: Profile, gpus_per_node: int,
-                 scheme: str = "hybridengine", config: Config = Config(),
-                 max_gen_pp: int | None = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        profile: Profile,
+        gpus_per_node: int,
+        scheme: str = "hybridengine",
+        config: Config = Config(),
+        max_gen_pp: int | None = None,
+    ) -> None:
         self.job, self.profile, self.scheme, self.config = job, profile, scheme, config
         self.tables = Tables(job, profile, gpus_per_node, scheme, max_gen_pp)
         self._rows: dict[tuple[tuple[str, ...], int], list[tuple[int, SetChoice]]] = {}
@@ -94,8 +102,12 @@ class Planner:
         key = (roles, capacity)
         if key not in self._rows:
             self._rows[key] = _undominated(
-                [(n, c) for n in set_sizes(self.gpn, capacity)
-                 if (c := self.tables.best_set(roles, n)) is not None])
+                [
+                    (n, c)
+                    for n in set_sizes(self.gpn, capacity)
+                    if (c := self.tables.best_set(roles, n)) is not None
+                ]
+            )
         return self._rows[key]
 
     def instance(self, placement: Placement, capacity: int) -> Instance | None:
@@ -121,8 +133,7 @@ class Planner:
     def solve_placement(self, placement: Placement, capacity: int) -> Candidate | None:
         return self._solve_below(placement, capacity, math.inf)
 
-    def _solve_below(self, placement: Placement, capacity: int,
-                     cutoff: float) -> Candidate | None:
+    def _solve_below(self, placement: Placement, capacity: int, cutoff: float) -> Candidate | None:
         """The placement's best allocation if it may beat `cutoff` seconds, else None."""
         inst = self.instance(placement, capacity)
         if inst is None:
@@ -137,8 +148,10 @@ class Planner:
         return Candidate(placement, sol, choices)
 
     def to_plan(self, cand: Candidate, cluster: Cluster) -> Plan:
-        sets = tuple(PlacedSet(roles, n, dict(choice.layouts))
-                     for roles, n, choice in zip(cand.placement, cand.solution.gpus, cand.choices))
+        sets = tuple(
+            PlacedSet(roles, n, dict(choice.layouts))
+            for roles, n, choice in zip(cand.placement, cand.solution.gpus, cand.choices)
+        )
         plan = Plan(cluster, self.job, sets)
         return plan.with_prediction(predict_plan(plan, self.profile, self.scheme).to_dict())
 
@@ -146,21 +159,27 @@ class Planner:
         inst = self.instance(placement, capacity)
         if inst is None:
             return float("inf")
-        per_stage = sum(max(min(c[k] for c in costs) for costs in inst.costs)
-                        for k in range(inst.n_stages))
-        per_set = max(min(sum(c) for c in costs) for costs in inst.costs)  # sum of max >= max of sums
+        per_stage = sum(
+            max(min(c[k] for c in costs) for costs in inst.costs) for k in range(inst.n_stages)
+        )
+        per_set = max(
+            min(sum(c) for c in costs) for costs in inst.costs
+        )  # sum of max >= max of sums
         return max(per_stage, per_set)
 
     def candidates(self, capacity: int, top: int) -> list[Candidate]:
         """The `top` best placements; placements are solved in order of their lower bound,
         the rest skipped once the bound cannot beat the top-th found, and CP-SAT asked only
         for allocations faster than that (exact)."""
-        bounds = sorted((self._lower_bound(p, capacity), i, p)
-                        for i, p in enumerate(set_partitions(self.job.gpu_roles)))
+        bounds = sorted(
+            (self._lower_bound(p, capacity), i, p)
+            for i, p in enumerate(set_partitions(self.job.gpu_roles))
+        )
         found: list[Candidate] = []
         for bound, _, placement in bounds:
-            if bound == float("inf") or (len(found) >= top and
-                                         bound >= found[top - 1].solution.objective):
+            if bound == float("inf") or (
+                len(found) >= top and bound >= found[top - 1].solution.objective
+            ):
                 break
             cutoff = found[top - 1].solution.objective if len(found) >= top else math.inf
             cand = self._solve_below(placement, capacity, cutoff)
@@ -190,8 +209,10 @@ class Planner:
         the top-th prediction (exact over each placement's best allocation)."""
         plans: list[Plan] = []
         for cand in found:
-            if len(plans) >= top and \
-                    cand.solution.objective >= plans[top - 1].predicted["iteration_s"]:
+            if (
+                len(plans) >= top
+                and cand.solution.objective >= plans[top - 1].predicted["iteration_s"]
+            ):
                 break
             plans.append(self.to_plan(cand, cluster))
             plans.sort(key=lambda p: p.predicted["iteration_s"])
@@ -208,8 +229,9 @@ class Planner:
 
     def _check_cluster(self, cluster: Cluster) -> None:
         if cluster.gpus_per_node != self.gpn and cluster.nodes > 1:
-            raise UserError(f"planner built for {self.gpn}-GPU nodes, cluster has "
-                             f"{cluster.gpus_per_node}")
+            raise UserError(
+                f"planner built for {self.gpn}-GPU nodes, cluster has {cluster.gpus_per_node}"
+            )
 
     def smallest_fit(self, limit: int = SEARCH_LIMIT_GPUS) -> int | None:
         """The smallest GPU count (up to one node, or whole nodes) on which some placement fits."""
@@ -226,17 +248,28 @@ class Planner:
     def infeasible_message(self, cluster: Cluster) -> str:
         need = self.smallest_fit()
         job = self.job
-        what = (f"{job.algorithm} with {', '.join(sorted(set(m for _, m in job.models)))} "
-                f"(prompt {job.prompt_len} + response {job.response_len}, batch {job.global_batch})")
+        what = (
+            f"{job.algorithm} with {', '.join(sorted(set(m for _, m in job.models)))} "
+            f"(prompt {job.prompt_len} + response {job.response_len}, batch {job.global_batch})"
+        )
         if need is None:
-            return (f"{what} does not fit in memory on {cluster.n_gpus} {self.profile.name} GPUs, "
-                    f"nor on any count up to {SEARCH_LIMIT_GPUS}")
-        return (f"{what} does not fit in memory on {cluster.n_gpus} {self.profile.name} GPUs; "
-                f"the smallest GPU count that fits is {need}")
+            return (
+                f"{what} does not fit in memory on {cluster.n_gpus} {self.profile.name} GPUs, "
+                f"nor on any count up to {SEARCH_LIMIT_GPUS}"
+            )
+        return (
+            f"{what} does not fit in memory on {cluster.n_gpus} {self.profile.name} GPUs; "
+            f"the smallest GPU count that fits is {need}"
+        )
 
 
-def _planner(cluster: Cluster, job: Job, profile: Profile | str | None,
-             planner: Planner | None, max_gen_pp: int | None = None) -> Planner:
+def _planner(
+    cluster: Cluster,
+    job: Job,
+    profile: Profile | str | None,
+    planner: Planner | None,
+    max_gen_pp: int | None = None,
+) -> Planner:
     if planner is not None:
         return planner
     if profile is None or isinstance(profile, str):
@@ -244,8 +277,14 @@ def _planner(cluster: Cluster, job: Job, profile: Profile | str | None,
     return Planner(job, profile, cluster.gpus_per_node, max_gen_pp=max_gen_pp)
 
 
-def plan_job(cluster: Cluster, job: Job, profile: Profile | str | None = None, top: int = 1,
-             planner: Planner | None = None, max_gen_pp: int | None = None) -> list[Plan]:
+def plan_job(
+    cluster: Cluster,
+    job: Job,
+    profile: Profile | str | None = None,
+    top: int = 1,
+    planner: Planner | None = None,
+    max_gen_pp: int | None = None,
+) -> list[Plan]:
     """The `top` best plans, best first. Pass the same `planner` for several cluster sizes
     to reuse its layout tables. Raises DoesNotFit naming the smallest GPU count that fits.
     `max_gen_pp` caps the actor's generation pipeline degree (1: TP-only generation, as the
@@ -255,9 +294,13 @@ def plan_job(cluster: Cluster, job: Job, profile: Profile | str | None = None, t
     return _planner(cluster, job, profile, planner, max_gen_pp).plan(cluster, top)
 
 
-def standard_placements(cluster: Cluster, job: Job, profile: Profile | str | None = None,
-                        planner: Planner | None = None, max_gen_pp: int | None = None
-                        ) -> dict[str, Plan]:
+def standard_placements(
+    cluster: Cluster,
+    job: Job,
+    profile: Profile | str | None = None,
+    planner: Planner | None = None,
+    max_gen_pp: int | None = None,
+) -> dict[str, Plan]:
     """colocated / split / separate, each with its best allocation and layouts; a placement
     that does not fit is absent."""
     return _planner(cluster, job, profile, planner, max_gen_pp).standard(cluster)

@@ -6,15 +6,16 @@ efficiency against the smallest feasible count; GPU-hours per 1,000 steps; and t
 placements' throughput for comparison. The planner is called once per count and keeps its
 per-(model, GPU count) layout tables between calls, so counts share their work.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from hybridflow.errors import UserError
-from hybridflow.planner.search import (Candidate, Placement, Planner, plan_job,
-                                       standard_placements)
+from hybridflow.planner.search import Candidate, Placement, Planner, plan_job, standard_placements
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import DoesNotFit
 from hybridflow.simulator.job import Job
@@ -25,11 +26,10 @@ class SweepError(UserError):
     """A sweep that cannot be run as asked (bad range or target)."""
 
 
-
-
 @dataclass(frozen=True)
 class Target:
     """What 'enough GPUs' means: a throughput, or S steps within H hours (or both)."""
+
     tokens_per_s: float | None = None
     steps: int | None = None
     deadline_hours: float | None = None
@@ -69,6 +69,7 @@ class Target:
 class Point:
     """What the planner says at one GPU count: its best plan (a plan dict) and the
     throughput of each standard placement; plan None with the planner's reason if none fits."""
+
     gpus: int
     plan: dict | None
     standard: dict[str, float | None] = field(default_factory=dict)
@@ -130,17 +131,19 @@ def gpu_counts(lo: int, hi: int, gpus_per_node: int) -> list[int]:
     """Counts a cluster can have in [lo, hi]: 1, 2, 4, ... below one node, then whole nodes."""
     if gpus_per_node <= 0:
         raise SweepError(f"--gpus-per-node must be positive, got {gpus_per_node}")
-    below = [c for c in (2 ** k for k in range(gpus_per_node.bit_length())) if c < gpus_per_node]
+    below = [c for c in (2**k for k in range(gpus_per_node.bit_length())) if c < gpus_per_node]
     nodes = range(gpus_per_node, hi + 1, gpus_per_node)
     counts = [c for c in [*below, *nodes] if lo <= c <= hi]
     if not counts:
-        raise SweepError(f"no cluster size in {lo}:{hi} with {gpus_per_node} GPUs per node "
-                         f"(1, 2, 4 below one node, then whole nodes)")
+        raise SweepError(
+            f"no cluster size in {lo}:{hi} with {gpus_per_node} GPUs per node "
+            f"(1, 2, 4 below one node, then whole nodes)"
+        )
     return counts
 
 
 def category(plan: dict) -> str:
-    """The placement category of a plan, named as hybridflow.planner.search.standard_layouts names them:
+    """The placement category of a plan, named as search.standard_layouts names them:
     colocated (one set), split (actor+reference | the rest), separate (one set per model)."""
     sets = [tuple(s["models"]) for s in plan["sets"]]
     if len(sets) == 1:
@@ -173,21 +176,41 @@ def rows_from_points(points: Sequence[Point], target: Target) -> list[Row]:
         tps, it = float(pred["tokens_per_s"]), float(pred["iteration_s"])
         base_tps = float(base.plan["predicted"]["tokens_per_s"])
         eff = (tps / p.gpus) / (base_tps / base.gpus)
-        rows.append(Row(p.gpus, True, category(p.plan), tps, it, _peak(p.plan), eff,
-                        p.gpus * it * 1000 / 3600.0, target.met(tps, it), dict(p.standard),
-                        _sets_text(p.plan), plan=p.plan))
+        rows.append(
+            Row(
+                p.gpus,
+                True,
+                category(p.plan),
+                tps,
+                it,
+                _peak(p.plan),
+                eff,
+                p.gpus * it * 1000 / 3600.0,
+                target.met(tps, it),
+                dict(p.standard),
+                _sets_text(p.plan),
+                plan=p.plan,
+            )
+        )
     return rows
 
 
-def run_sweep(counts: Sequence[int], plan_at: Callable[[int], Point], target: Target,
-              job: dict, gpu: str, gpus_per_node: int) -> SweepResult:
+def run_sweep(
+    counts: Sequence[int],
+    plan_at: Callable[[int], Point],
+    target: Target,
+    job: dict,
+    gpu: str,
+    gpus_per_node: int,
+) -> SweepResult:
     """Ask `plan_at` at every count, in increasing order, and derive the columns."""
     points = [plan_at(c) for c in sorted(set(counts))]
     return SweepResult(tuple(rows_from_points(points, target)), target, job, gpu, gpus_per_node)
 
 
-def planner_points(gpu: str, job: Job, profile: Profile, gpus_per_node: int
-                   ) -> Callable[[int], Point]:
+def planner_points(
+    gpu: str, job: Job, profile: Profile, gpus_per_node: int
+) -> Callable[[int], Point]:
     """`plan_at(count)` backed by one Planner: its best plan and the standard placements.
     The Planner keeps its per-(role, GPUs) and per-(set, GPUs) layout tables, so every count
     of the sweep reuses what the smaller counts built."""
@@ -195,8 +218,10 @@ def planner_points(gpu: str, job: Job, profile: Profile, gpus_per_node: int
 
     def plan_at(gpus: int) -> Point:
         cluster = Cluster.from_gpus(gpu, gpus, gpus_per_node)
-        standard = {name: float(p.to_dict()["predicted"]["tokens_per_s"]) for name, p in
-                    standard_placements(cluster, job, profile, planner=shared).items()}
+        standard = {
+            name: float(p.to_dict()["predicted"]["tokens_per_s"])
+            for name, p in standard_placements(cluster, job, profile, planner=shared).items()
+        }
         try:
             best = plan_job(cluster, job, profile, top=1, planner=shared)[0]
         except DoesNotFit as e:  # names the smallest GPU count that fits

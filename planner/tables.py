@@ -6,20 +6,28 @@ A set's best layouts minimise the set's own total time (the paper's per-model au
 with the set's memory shared), choosing jointly so the actor's KV cache gets what its
 colocated models leave free. Tables are cached and reusable across cluster sizes.
 """
+
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.generation import GenShape, gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.vocab import CRITIC_ROLES, STAGES, Kind, Role
-from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.profile import Profile
 from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
-from hybridflow.simulator.training import (WEIGHT_BYTES, check_layout, infer_cost, resident_memory,
-                                role_params, stage_memory, train_cost)
+from hybridflow.simulator.training import (
+    WEIGHT_BYTES,
+    check_layout,
+    infer_cost,
+    resident_memory,
+    role_params,
+    stage_memory,
+    train_cost,
+)
+from hybridflow.vocab import CRITIC_ROLES, STAGES, Kind
 
 Stages = tuple[float, float, float, float]  # seconds in STAGES order
 
@@ -36,13 +44,16 @@ def _expert_degrees(experts: int, dp: int) -> list[int]:
 
 def set_sizes(gpus_per_node: int, limit: int) -> list[int]:
     """GPU counts a set may get: powers of two that divide a node, then whole nodes."""
-    small = [s for s in _powers_of_two(gpus_per_node) if gpus_per_node % s == 0 and s < gpus_per_node]
+    small = [
+        s for s in _powers_of_two(gpus_per_node) if gpus_per_node % s == 0 and s < gpus_per_node
+    ]
     return [s for s in small if s <= limit] + list(range(gpus_per_node, limit + 1, gpus_per_node))
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One role's train/infer layout on n GPUs."""
+
     layout: ParallelLayout
     resident: float
     transient: float
@@ -56,15 +67,16 @@ class Candidate:
 @dataclass(frozen=True)
 class GenOption:
     layout: GenLayout
-    extra: float       # generation weights beyond the training shard, bytes per GPU
-    swap: float        # transient bytes while resharding beyond the training shard
+    extra: float  # generation weights beyond the training shard, bytes per GPU
+    swap: float  # transient bytes while resharding beyond the training shard
     reshard_s: float
 
 
 @dataclass(frozen=True)
 class SetChoice:
     """The best layouts of a set's roles on n GPUs and the set's stage seconds."""
-    layouts: tuple[tuple[str, dict], ...]   # (role, {kind: layout})
+
+    layouts: tuple[tuple[str, dict], ...]  # (role, {kind: layout})
     stages: Stages
     peak_bytes: float
 
@@ -76,6 +88,7 @@ class SetChoice:
 @dataclass(frozen=True)
 class _Partial:
     """The non-actor roles of a set chosen so far."""
+
     resident: float
     transient: float
     stages: Stages
@@ -91,8 +104,8 @@ def _pareto(cands: list) -> list:
     candidates' (resident, transient) front is a staircase: the rightmost step at or left
     of a candidate's resident bytes has the least transient bytes there."""
     keep: list = []
-    front_r: list[float] = []   # ascending resident
-    front_t: list[float] = []   # descending transient
+    front_r: list[float] = []  # ascending resident
+    front_t: list[float] = []  # descending transient
     for c in sorted(cands, key=lambda c: (c.total, c.resident, c.transient)):
         i = bisect.bisect_right(front_r, c.resident)
         if i and front_t[i - 1] <= c.transient:
@@ -109,8 +122,14 @@ class Tables:
     """Role and set tables for one job, profile and node size; share one across cluster
     sizes (a sweep) to reuse them."""
 
-    def __init__(self, job: Job, profile: Profile, gpus_per_node: int,
-                 scheme: str = "hybridengine", max_gen_pp: int | None = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        profile: Profile,
+        gpus_per_node: int,
+        scheme: str = "hybridengine",
+        max_gen_pp: int | None = None,
+    ) -> None:
         self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
         self.max_gen_pp = max_gen_pp  # e.g. 1 for an executor that generates with TP only
         self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
@@ -142,19 +161,26 @@ class Tables:
         for w in job.works(role):
             if w.kind == "generate":
                 continue
-            c = (train_cost(job, role, lay, prof, self.gpn) if w.kind == "train" else
-                 infer_cost(job, role, lay, prof, self.gpn, w.sequences))
+            c = (
+                train_cost(job, role, lay, prof, self.gpn)
+                if w.kind == "train"
+                else infer_cost(job, role, lay, prof, self.gpn, w.sequences)
+            )
             secs[w.stage] += c.seconds
             transient = max(transient, stage_memory(job, role, lay, w.kind).bytes)
-        return Candidate(lay, resident_memory(job, role, lay).bytes, transient,
-                         tuple(secs[s] for s in STAGES))
+        return Candidate(
+            lay, resident_memory(job, role, lay).bytes, transient, tuple(secs[s] for s in STAGES)
+        )
 
     def role_candidates(self, role: str, n: int, prune: bool = True) -> list[Candidate]:
         key = (role, n, prune)
         if key not in self._roles:
             usable = self.profile.usable_bytes
-            cands = [c for c in (self._candidate(role, lay) for lay in self.layouts(role, n))
-                     if c.resident + c.transient <= usable]
+            cands = [
+                c
+                for c in (self._candidate(role, lay) for lay in self.layouts(role, n))
+                if c.resident + c.transient <= usable
+            ]
             # the actor keeps every layout: its generation options differ by layout
             self._roles[key] = _pareto(cands) if prune and role != "actor" else cands
         return self._roles[key]
@@ -170,16 +196,23 @@ class Tables:
                         continue
                     gen = GenLayout(pg, tg, train.model_parallel // (pg * tg))
                     args = (model_bytes, train.pp, train.tp, train.dp, pg, tg)
-                    opts.append(GenOption(
-                        gen, generation_extra_bytes(self.scheme, *args),
-                        reshard_peak_bytes(self.scheme, *args) - model_bytes / train.model_parallel,
-                        reshard_cost(self.scheme, *args, self.profile, self.gpn,
-                                 model=spec.name).seconds))
+                    opts.append(
+                        GenOption(
+                            gen,
+                            generation_extra_bytes(self.scheme, *args),
+                            reshard_peak_bytes(self.scheme, *args)
+                            - model_bytes / train.model_parallel,
+                            reshard_cost(
+                                self.scheme, *args, self.profile, self.gpn, model=spec.name
+                            ).seconds,
+                        )
+                    )
             self._gen[train] = opts
         return self._gen[train]
 
-    def generation_seconds(self, train: ParallelLayout, opt: GenOption, free: float,
-                           check: bool = True) -> float | None:
+    def generation_seconds(
+        self, train: ParallelLayout, opt: GenOption, free: float, check: bool = True
+    ) -> float | None:
         """Seconds to generate with `free` bytes per GPU left after all residents (None if
         the KV cache of one sequence or the resharding buffer does not fit)."""
         shape = self._shapes.get((train, opt.layout))
@@ -192,8 +225,9 @@ class Tables:
         n = max(n, 1)
         key = (train, opt.layout, n)
         if key not in self._gen_s:
-            self._gen_s[key] = generation_cost(self.job, opt.layout, shape, n, self.profile,
-                                               self.gpn).seconds
+            self._gen_s[key] = generation_cost(
+                self.job, opt.layout, shape, n, self.profile, self.gpn
+            ).seconds
         return self._gen_s[key]
 
     # ---- per set ------------------------------------------------------------------
@@ -204,7 +238,7 @@ class Tables:
             self._sets[key] = self._search_set(roles, n, prune)
         return self._sets[key]
 
-    def _partials(self, others: tuple[str, ...], n: int, prune: bool) -> list["_Partial"]:
+    def _partials(self, others: tuple[str, ...], n: int, prune: bool) -> list[_Partial]:
         """Joint layouts of non-actor roles on n GPUs; built one role at a time on the
         cached layouts of the roles before it (sets share these prefixes)."""
         key = (others, n, prune)
@@ -214,11 +248,16 @@ class Tables:
                 return self._partial_cache[key]
             role, usable = others[-1], self.profile.usable_bytes
             kind = Kind.TRAIN if role in CRITIC_ROLES else Kind.INFER
-            merged = [_Partial(p.resident + c.resident, max(p.transient, c.transient),
-                               tuple(a + b for a, b in zip(p.stages, c.stages)),
-                               p.layouts + ((role, {kind: c.layout}),))
-                      for p in self._partials(others[:-1], n, prune)
-                      for c in self.role_candidates(role, n, prune)]
+            merged = [
+                _Partial(
+                    p.resident + c.resident,
+                    max(p.transient, c.transient),
+                    tuple(a + b for a, b in zip(p.stages, c.stages)),
+                    p.layouts + ((role, {kind: c.layout}),),
+                )
+                for p in self._partials(others[:-1], n, prune)
+                for c in self.role_candidates(role, n, prune)
+            ]
             merged = [m for m in merged if m.resident + m.transient <= usable]
             self._partial_cache[key] = _pareto(merged) if prune else merged
         return self._partial_cache[key]
@@ -244,11 +283,13 @@ class Tables:
     def _fastest_generation(self, a: Candidate) -> float:
         """Generation + reshard seconds of actor layout `a` with unlimited KV memory: a
         lower bound on what any colocation leaves it."""
-        times = [self.generation_seconds(a.layout, opt, float("inf"), check=False) + opt.reshard_s
-                 for opt in self.gen_options(a.layout)]
+        times = [
+            self.generation_seconds(a.layout, opt, float("inf"), check=False) + opt.reshard_s
+            for opt in self.gen_options(a.layout)
+        ]
         return min((t for t in times if t is not None), default=float("inf"))
 
-    def _with_actor(self, a: Candidate, p: "_Partial", usable: float) -> SetChoice | None:
+    def _with_actor(self, a: Candidate, p: _Partial, usable: float) -> SetChoice | None:
         res_all = p.resident + a.resident
         if res_all + max(p.transient, a.transient) > usable:
             return None

@@ -3,6 +3,7 @@
 Each ``<name>.yaml`` here is one device kind (format: profiles/README.md); the simulator
 reads them through :func:`shipped` and :func:`names`, installed or from a checkout alike.
 """
+
 from __future__ import annotations
 
 from importlib import resources

@@ -7,6 +7,7 @@ style (GQA, SwiGLU). Mixture-of-experts models add routed experts (``experts``,
 ``kv_lora_rank`` > 0. Two counts matter for MoE: ``params`` (every weight: memory) and
 ``active_params`` (weights one token uses: compute).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -19,9 +20,20 @@ class ModelError(UserError):
 
 
 _POSITIVE = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
-_NON_NEGATIVE = ("head_dim", "experts", "experts_per_token", "expert_ffn", "shared_experts",
-                 "shared_expert_ffn", "dense_layers", "q_lora_rank", "kv_lora_rank",
-                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_NON_NEGATIVE = (
+    "head_dim",
+    "experts",
+    "experts_per_token",
+    "expert_ffn",
+    "shared_experts",
+    "shared_expert_ffn",
+    "dense_layers",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
 
 
 @dataclass(frozen=True)
@@ -59,54 +71,77 @@ class ModelSpec:
     def __post_init__(self) -> None:
         for f in _POSITIVE:
             if not _is_int(getattr(self, f)) or getattr(self, f) <= 0:
-                raise ModelError(f"model {self.name!r}: {f} must be a positive integer, "
-                                 f"got {getattr(self, f)!r}")
+                raise ModelError(
+                    f"model {self.name!r}: {f} must be a positive integer, got {getattr(self, f)!r}"
+                )
         for f in _NON_NEGATIVE:
             if not _is_int(getattr(self, f)) or getattr(self, f) < 0:
-                raise ModelError(f"model {self.name!r}: {f} must be a non-negative integer, "
-                                 f"got {getattr(self, f)!r}")
+                raise ModelError(
+                    f"model {self.name!r}: {f} must be a non-negative integer, "
+                    f"got {getattr(self, f)!r}"
+                )
         self._check_mla()
         if self.head_dim == 0:
             if self.hidden % self.heads:
-                raise ModelError(f"model {self.name!r}: hidden {self.hidden} is not a "
-                                 f"multiple of heads {self.heads}")
+                raise ModelError(
+                    f"model {self.name!r}: hidden {self.hidden} is not a "
+                    f"multiple of heads {self.heads}"
+                )
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
         if self.heads % self.kv_heads:
-            raise ModelError(f"model {self.name!r}: heads {self.heads} is not a multiple "
-                             f"of kv_heads {self.kv_heads}")
+            raise ModelError(
+                f"model {self.name!r}: heads {self.heads} is not a multiple "
+                f"of kv_heads {self.kv_heads}"
+            )
         self._check_moe()
 
     def _check_mla(self) -> None:
         if self.kv_lora_rank == 0:
-            if self.q_lora_rank or self.qk_nope_head_dim or self.qk_rope_head_dim \
-                    or self.v_head_dim:
-                raise ModelError(f"model {self.name!r}: q_lora_rank and the MLA head sizes "
-                                 f"need kv_lora_rank > 0")
+            if (
+                self.q_lora_rank
+                or self.qk_nope_head_dim
+                or self.qk_rope_head_dim
+                or self.v_head_dim
+            ):
+                raise ModelError(
+                    f"model {self.name!r}: q_lora_rank and the MLA head sizes need kv_lora_rank > 0"
+                )
             return
         for f in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, f) <= 0:
-                raise ModelError(f"model {self.name!r}: latent attention (kv_lora_rank > 0) "
-                                 f"needs {f} > 0")
+                raise ModelError(
+                    f"model {self.name!r}: latent attention (kv_lora_rank > 0) needs {f} > 0"
+                )
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
 
     def _check_moe(self) -> None:
         if self.experts == 0:
-            moe_only = ("experts_per_token", "expert_ffn", "shared_experts", "shared_expert_ffn",
-                        "dense_layers")
+            moe_only = (
+                "experts_per_token",
+                "expert_ffn",
+                "shared_experts",
+                "shared_expert_ffn",
+                "dense_layers",
+            )
             bad = [f for f in moe_only if getattr(self, f)]
             if bad or self.shared_expert_gate or self.router_bias:
-                raise ModelError(f"model {self.name!r}: {', '.join(bad) or 'expert gates'} "
-                                 f"need experts > 0")
+                raise ModelError(
+                    f"model {self.name!r}: {', '.join(bad) or 'expert gates'} need experts > 0"
+                )
             return
         if not 1 <= self.experts_per_token <= self.experts:
-            raise ModelError(f"model {self.name!r}: experts_per_token must be between 1 and "
-                             f"experts ({self.experts}), got {self.experts_per_token}")
+            raise ModelError(
+                f"model {self.name!r}: experts_per_token must be between 1 and "
+                f"experts ({self.experts}), got {self.experts_per_token}"
+            )
         if self.expert_ffn <= 0:
             raise ModelError(f"model {self.name!r}: an MoE model needs expert_ffn > 0")
         if self.dense_layers >= self.layers:
-            raise ModelError(f"model {self.name!r}: dense_layers ({self.dense_layers}) must "
-                             f"be fewer than layers ({self.layers})")
+            raise ModelError(
+                f"model {self.name!r}: dense_layers ({self.dense_layers}) must "
+                f"be fewer than layers ({self.layers})"
+            )
         if self.shared_expert_ffn == 0:
             object.__setattr__(self, "shared_expert_ffn", self.shared_experts * self.expert_ffn)
         elif self.shared_experts == 0:
@@ -147,8 +182,9 @@ class ModelSpec:
             return self._mla_params()
         bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
         norms = 2 * self.head_dim if self.qk_norm else 0
-        return self.hidden * (self.q_dim + 2 * self.kv_dim) + bias + self.q_dim * self.hidden \
-            + norms
+        return (
+            self.hidden * (self.q_dim + 2 * self.kv_dim) + bias + self.q_dim * self.hidden + norms
+        )
 
     def _mla_params(self) -> int:
         h, n = self.hidden, self.heads
@@ -177,24 +213,27 @@ class ModelSpec:
     @property
     def shared_expert_params(self) -> int:
         """The shared experts of one MoE layer, with their gate if any."""
-        return 3 * self.hidden * self.shared_expert_ffn + \
-            (self.hidden if self.shared_expert_gate else 0)
+        return 3 * self.hidden * self.shared_expert_ffn + (
+            self.hidden if self.shared_expert_gate else 0
+        )
 
     @property
     def moe_params_per_layer(self) -> int:
         """Router, every routed expert and the shared experts of one MoE layer."""
         if not self.is_moe:
             return 0
-        return self.router_params + self.experts * self.expert_params + \
-            self.shared_expert_params
+        return self.router_params + self.experts * self.expert_params + self.shared_expert_params
 
     @property
     def moe_active_params_per_layer(self) -> int:
         """What one token uses of one MoE layer: router, its top-k experts, shared experts."""
         if not self.is_moe:
             return 0
-        return self.router_params + self.experts_per_token * self.expert_params + \
-            self.shared_expert_params
+        return (
+            self.router_params
+            + self.experts_per_token * self.expert_params
+            + self.shared_expert_params
+        )
 
     @property
     def layers_params(self) -> int:
@@ -257,8 +296,10 @@ class ModelSpec:
         if not _is_int(ep) or ep < 1:
             raise ModelError(f"expert parallel size must be a positive integer, got {ep!r}")
         if ep > 1 and (not self.is_moe or self.experts % ep):
-            raise ModelError(f"model {self.name!r}: expert parallel size {ep} does not divide "
-                             f"its {self.experts} experts")
+            raise ModelError(
+                f"model {self.name!r}: expert parallel size {ep} does not divide "
+                f"its {self.experts} experts"
+            )
 
     def params_per_ep_rank(self, ep: int = 1) -> int:
         """Parameters held by one rank of an expert-parallel group of size `ep` (before any
@@ -272,8 +313,12 @@ class ModelSpec:
         """Weights one token multiplies by in a forward pass (no embedding lookup, no norms
         of the hidden state): 2 FLOPs each."""
         dense_mlp = (self.layers - self.moe_layers) * self.mlp_params_per_layer
-        return self.layers * self.attn_params_per_layer + dense_mlp + \
-            self.moe_layers * self.moe_active_params_per_layer + self.vocab * self.hidden
+        return (
+            self.layers * self.attn_params_per_layer
+            + dense_mlp
+            + self.moe_layers * self.moe_active_params_per_layer
+            + self.vocab * self.hidden
+        )
 
     def flops_per_token(self, context: int = 0) -> float:
         """Forward FLOPs for one token: 2 per active matmul weight, plus attention over

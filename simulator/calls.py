@@ -14,26 +14,31 @@ Rows (every value a positive number; `ranks` is the set's device count, all of t
   dispatch:   {forward|train|generate: [{ranks, sequences, seconds}]}   the controller's
               share of one call carrying `sequences` (all of the call's, over its ranks)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from hybridflow.simulator.table import ProfileError, interpolate_linear as interpolate, num, rows
+from hybridflow.simulator.table import ProfileError, num, rows
+from hybridflow.simulator.table import interpolate_linear as interpolate
 
 Row = tuple[float, ...]
-KEYS = {"forward": ("ranks", "tp", "pp", "sequences", "seconds"),
-        "train_step": ("ranks", "tp", "pp", "sequences", "seconds", "optimizer_s"),
-        "generate": ("ranks", "tg", "micro_dp", "sequences", "tokens", "seconds", "vllm_s"),
-        "reshard": ("ranks", "tg", "micro_dp", "seconds")}
+KEYS = {
+    "forward": ("ranks", "tp", "pp", "sequences", "seconds"),
+    "train_step": ("ranks", "tp", "pp", "sequences", "seconds", "optimizer_s"),
+    "generate": ("ranks", "tg", "micro_dp", "sequences", "tokens", "seconds", "vllm_s"),
+    "reshard": ("ranks", "tg", "micro_dp", "seconds"),
+}
 KEYS["forward_value"], KEYS["train_step_value"] = KEYS["forward"], KEYS["train_step"]
 _FIELDS = {"train_step": "train_rows", "train_step_value": "train_value_rows"}
 DISPATCH = ("forward", "train", "generate")
 _HEADER = ("model", "prompt_len", "response_len", "micro_batch", "scheme")
 
 
-def _series(table: tuple[Row, ...], key: tuple[float, ...], col: int = -1
-            ) -> tuple[tuple[float, float], ...]:
+def _series(
+    table: tuple[Row, ...], key: tuple[float, ...], col: int = -1
+) -> tuple[tuple[float, float], ...]:
     """(sequences, value) of the rows whose leading columns equal `key`."""
     n = len(key)
     return tuple(sorted((r[n], r[col]) for r in table if r[:n] == key))
@@ -79,16 +84,17 @@ class Calls:
         pts = _series(table, (float(ranks),))
         return interpolate(pts, sequences) if pts else None
 
-    def forward(self, ranks: int, tp: int, pp: int, sequences: float, value: bool = False
-                ) -> float | None:
+    def forward(
+        self, ranks: int, tp: int, pp: int, sequences: float, value: bool = False
+    ) -> float | None:
         """Seconds of one forward call (`value`: a value-head model's, where measured)."""
-        table = self.forward_value_rows if value and self.forward_value_rows else \
-            self.forward_rows
+        table = self.forward_value_rows if value and self.forward_value_rows else self.forward_rows
         pts = _series(table, (ranks, tp, pp))
         return interpolate(pts, sequences) if pts else None
 
-    def train_step(self, ranks: int, tp: int, pp: int, sequences: float, value: bool = False
-                   ) -> tuple[float, float] | None:
+    def train_step(
+        self, ranks: int, tp: int, pp: int, sequences: float, value: bool = False
+    ) -> tuple[float, float] | None:
         """(seconds of one optimizer step, the optimizer's part of it)."""
         table = self.train_value_rows if value and self.train_value_rows else self.train_rows
         pts = _series(table, (ranks, tp, pp), 4)
@@ -97,8 +103,9 @@ class Calls:
         opt = _series(table, (ranks, tp, pp), 5)
         return interpolate(pts, sequences), interpolate(opt, sequences)
 
-    def generate(self, ranks: int, tg: int, micro_dp: int, sequences: float, steps: float,
-                 prompt_len: float) -> tuple[float, float, float] | None:
+    def generate(
+        self, ranks: int, tg: int, micro_dp: int, sequences: float, steps: float, prompt_len: float
+    ) -> tuple[float, float, float] | None:
         """(first-token call, the decode steps after it, micro-DP gather) seconds of one
         generate call over `sequences` per replica of `prompt_len` tokens, `steps` new
         tokens each (the longest); the prefill reads the rows at the same prompt tokens."""
@@ -113,8 +120,9 @@ class Calls:
         one, full = _engine_series(engine, 1), _engine_series(engine, tokens[-1])
         gather = tuple(sorted((r[3], max(r[5] - r[6], 0.0)) for r in rows_ if r[4] == tokens[-1]))
         first = interpolate(one, sequences * prompt_len / self.prompt_len)
-        per_step = max(interpolate(full, sequences) - interpolate(one, sequences), 0.0) \
-            / (tokens[-1] - 1)
+        per_step = max(interpolate(full, sequences) - interpolate(one, sequences), 0.0) / (
+            tokens[-1] - 1
+        )
         return first, per_step * max(steps - 1, 0.0), interpolate(gather, sequences)
 
     def reshard(self, ranks: int, tg: int, micro_dp: int) -> float | None:
@@ -126,9 +134,11 @@ def parse_calls(raw: Any) -> Calls:
     if raw is None:
         return Calls()
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), str):
-        raise ProfileError("calls: expected {model: NAME, prompt_len, response_len, "
-                           "micro_batch, scheme, forward, train_step, generate, reshard, "
-                           "dispatch}")
+        raise ProfileError(
+            "calls: expected {model: NAME, prompt_len, response_len, "
+            "micro_batch, scheme, forward, train_step, generate, reshard, "
+            "dispatch}"
+        )
     unknown = set(raw) - set(_HEADER) - set(KEYS) - {"dispatch"}
     if unknown:
         raise ProfileError(f"calls: unknown keys {', '.join(sorted(unknown))}")
@@ -141,9 +151,13 @@ def parse_calls(raw: Any) -> Calls:
             kw[field] = rows(f"calls.{name}", raw[name], keys)
     disp = raw.get("dispatch") or {}
     if not isinstance(disp, dict) or set(disp) - set(DISPATCH):
-        raise ProfileError(f"calls.dispatch: expected a mapping with keys among "
-                           f"{', '.join(DISPATCH)}")
-    kw["dispatch_rows"] = tuple(sorted(
-        (k, rows(f"calls.dispatch.{k}", v, ("ranks", "sequences", "seconds")))
-        for k, v in disp.items()))
+        raise ProfileError(
+            f"calls.dispatch: expected a mapping with keys among {', '.join(DISPATCH)}"
+        )
+    kw["dispatch_rows"] = tuple(
+        sorted(
+            (k, rows(f"calls.dispatch.{k}", v, ("ranks", "sequences", "seconds")))
+            for k, v in disp.items()
+        )
+    )
     return Calls(**kw)

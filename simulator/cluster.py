@@ -1,7 +1,9 @@
 """A homogeneous GPU cluster: GPU kind (the name of a profile), nodes, GPUs per node."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from hybridflow.errors import UserError
 
 
@@ -32,23 +34,25 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
     @classmethod
-    def from_gpus(cls, gpu: str, gpus: int, gpus_per_node: int = 8) -> "Cluster":
+    def from_gpus(cls, gpu: str, gpus: int, gpus_per_node: int = 8) -> Cluster:
         """`gpus` devices: up to one node, or a whole number of nodes."""
         _positive_int("--gpus", gpus)
         _positive_int("--gpus-per-node", gpus_per_node)
         if gpus <= gpus_per_node:
             return cls(gpu, 1, gpus)
         if gpus % gpus_per_node:
-            raise ClusterError(f"{gpus} GPUs is more than one node but not a whole number of "
-                               f"{gpus_per_node}-GPU nodes (use {gpus // gpus_per_node * gpus_per_node} "
-                               f"or {(gpus // gpus_per_node + 1) * gpus_per_node})")
+            raise ClusterError(
+                f"{gpus} GPUs is more than one node but not a whole number of "
+                f"{gpus_per_node}-GPU nodes (use {gpus // gpus_per_node * gpus_per_node} "
+                f"or {(gpus // gpus_per_node + 1) * gpus_per_node})"
+            )
         return cls(gpu, gpus // gpus_per_node, gpus_per_node)
 
     def to_dict(self) -> dict:
         return {"gpu": self.gpu, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node}
 
     @classmethod
-    def from_dict(cls, d: object) -> "Cluster":
+    def from_dict(cls, d: object) -> Cluster:
         if not isinstance(d, dict) or set(d) - {"gpu", "nodes", "gpus_per_node"} or "gpu" not in d:
             raise ClusterError(f"cluster: expected {{gpu, nodes, gpus_per_node}}, got {d!r}")
         return cls(d["gpu"], d.get("nodes", 1), d.get("gpus_per_node", 8))

@@ -1,4 +1,5 @@
 """Named terms of a prediction (seconds or bytes) and the collective-communication model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ class DoesNotFit(UserError):
 @dataclass(frozen=True)
 class Term:
     name: str
-    value: float   # seconds (Cost) or bytes (Memory)
+    value: float  # seconds (Cost) or bytes (Memory)
     source: str = "roofline"  # measured | roofline | formula
 
     def __post_init__(self) -> None:
@@ -26,6 +27,7 @@ class Term:
 @dataclass(frozen=True)
 class Cost:
     """Seconds as a sum of named terms."""
+
     terms: tuple[Term, ...] = ()
 
     @property
@@ -41,7 +43,7 @@ class Cost:
     def sources(self) -> dict[str, str]:
         return {t.name: t.source for t in self.terms}
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.terms + other.terms)
 
 
@@ -53,6 +55,7 @@ def cost(*terms: tuple[str, float, str] | tuple[str, float]) -> Cost:
 @dataclass(frozen=True)
 class Memory:
     """Bytes per GPU as a sum of named terms."""
+
     terms: tuple[Term, ...] = ()
 
     @property
@@ -66,7 +69,7 @@ class Memory:
     def as_dict(self) -> dict[str, float]:
         return {t.name: t.value for t in self.terms}
 
-    def __add__(self, other: "Memory") -> "Memory":
+    def __add__(self, other: Memory) -> Memory:
         return Memory(self.terms + other.terms)
 
 
@@ -75,13 +78,23 @@ def memory(**named: float) -> Memory:
 
 
 # ---- collectives (alpha-beta ring model, or a measured table) --------------------------
-_STEPS = {"all_reduce": lambda r: 2 * (r - 1), "all_gather": lambda r: r - 1,
-          "broadcast": lambda r: r - 1, "p2p": lambda r: 1}
-_VOLUME = {"all_reduce": lambda r: 2 * (r - 1) / r, "all_gather": lambda r: (r - 1) / r,
-           "broadcast": lambda r: 1.0, "p2p": lambda r: 1.0}
+_STEPS = {
+    "all_reduce": lambda r: 2 * (r - 1),
+    "all_gather": lambda r: r - 1,
+    "broadcast": lambda r: r - 1,
+    "p2p": lambda r: 1,
+}
+_VOLUME = {
+    "all_reduce": lambda r: 2 * (r - 1) / r,
+    "all_gather": lambda r: (r - 1) / r,
+    "broadcast": lambda r: 1.0,
+    "p2p": lambda r: 1.0,
+}
 
 
-def collective(profile: Profile, op: str, nbytes: float, ranks: int, intra: bool) -> tuple[float, str]:
+def collective(
+    profile: Profile, op: str, nbytes: float, ranks: int, intra: bool
+) -> tuple[float, str]:
     """Seconds for one collective of `nbytes` (the full buffer; for all_gather the gathered
     output) over `ranks` devices, inside one node (`intra`) or across nodes."""
     if ranks <= 1 and op != "p2p" or nbytes <= 0:
@@ -92,6 +105,7 @@ def collective(profile: Profile, op: str, nbytes: float, ranks: int, intra: bool
         return interpolate(rows, nbytes), "measured"
     bw = profile.intra_node_bandwidth if intra else profile.inter_node_bandwidth
     steps = _STEPS[op](max(ranks, 2))
-    seconds = steps * profile.comm_latency_s + \
-        _VOLUME[op](max(ranks, 2)) * nbytes / (bw * profile.eff_communication)
+    seconds = steps * profile.comm_latency_s + _VOLUME[op](max(ranks, 2)) * nbytes / (
+        bw * profile.eff_communication
+    )
     return seconds, "roofline"

@@ -8,14 +8,15 @@ Mixture-of-experts actors generate with their training layout's expert split (ep
 along data parallelism, tp devices apart): each GPU holds 1/ep of the routed experts and a
 decode step reads only those its batch uses.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from hybridflow.simulator.costs import Cost, DoesNotFit, GIB, collective, cost, memory, Memory
-from hybridflow.simulator.job import Job
 from hybridflow.layout import GenLayout, ParallelLayout, check_model_fits
+from hybridflow.simulator.costs import GIB, Cost, DoesNotFit, Memory, collective, cost, memory
+from hybridflow.simulator.job import Job
 from hybridflow.simulator.moe import moe_alltoall_seconds, touched_fraction
 from hybridflow.simulator.profile import Profile, interpolate
 from hybridflow.simulator.training import WEIGHT_BYTES, expert_share, flops_per_token, role_params
@@ -24,13 +25,14 @@ from hybridflow.simulator.training import WEIGHT_BYTES, expert_share, flops_per_
 @dataclass(frozen=True)
 class GenShape:
     """Per-replica quantities of one generation layout that do not depend on memory."""
-    sequences: int          # per replica
-    weight_bytes: float     # per GPU
+
+    sequences: int  # per replica
+    weight_bytes: float  # per GPU
     kv_bytes_per_seq: float  # per GPU, full prompt + response length
     expert_bytes: float = 0.0  # the routed experts' part of weight_bytes
-    ep: int = 1             # expert parallel ranks (the training layout's)
-    ep_stride: int = 1      # devices between two of them
-    replicas: int = 1       # generation replicas of the set (training dp x micro_dp)
+    ep: int = 1  # expert parallel ranks (the training layout's)
+    ep_stride: int = 1  # devices between two of them
+    replicas: int = 1  # generation replicas of the set (training dp x micro_dp)
 
     def in_flight(self, kv_budget: float) -> int:
         if kv_budget >= self.sequences * self.kv_bytes_per_seq:
@@ -44,32 +46,43 @@ def gen_shape(job: Job, train: ParallelLayout, gen: GenLayout, sequences: int) -
     replicas = train.dp * gen.micro_dp
     kv = spec.kv_bytes_per_token(WEIGHT_BYTES) / gen.model_parallel * job.seq_len
     mp = gen.model_parallel
-    return GenShape(math.ceil(sequences / replicas),
-                    WEIGHT_BYTES * role_params(job, "actor", train.ep) / mp, kv,
-                    WEIGHT_BYTES * expert_share(job, "actor", train.ep) / mp, train.ep, train.tp,
-                    replicas)
+    return GenShape(
+        math.ceil(sequences / replicas),
+        WEIGHT_BYTES * role_params(job, "actor", train.ep) / mp,
+        kv,
+        WEIGHT_BYTES * expert_share(job, "actor", train.ep) / mp,
+        train.ep,
+        train.tp,
+        replicas,
+    )
 
 
 def kv_memory(shape: GenShape, in_flight: int) -> Memory:
     return memory(kv_cache=in_flight * shape.kv_bytes_per_seq)
 
 
-def _measured(job: Job, profile: Profile, shape: GenShape, n: int, waves: int,
-              steps: float) -> Cost | None:
+def _measured(
+    job: Job, profile: Profile, shape: GenShape, n: int, waves: int, steps: float
+) -> Cost | None:
     m = profile.measured
     if not m.decode or m.generate_model != job.spec("actor").name:
         return None
-    prefill = interpolate(tuple((b * t, s) for b, t, s in m.prefill), n * job.prompt_len) * waves \
+    prefill = (
+        interpolate(tuple((b * t, s) for b, t, s in m.prefill), n * job.prompt_len)
+        * waves
         * profile.slowdown
+    )
     batches = sorted({b for b, _, _ in m.decode}, key=lambda b: abs(math.log(b / n)))
     rows = tuple((c, s) for b, c, s in m.decode if b == batches[0])
     step = interpolate(rows, job.prompt_len + job.lengths.mean / 2) * profile.slowdown
-    return cost(("prefill_measured", prefill, "measured"),
-                ("decode_measured", steps * step, "measured"))
+    return cost(
+        ("prefill_measured", prefill, "measured"), ("decode_measured", steps * step, "measured")
+    )
 
 
-def decode_steps(job: Job, sequences: int, in_flight: int, group: int = 1
-                 ) -> tuple[int, float, float]:
+def decode_steps(
+    job: Job, sequences: int, in_flight: int, group: int = 1
+) -> tuple[int, float, float]:
     """(waves, steps of a full wave, steps of all waves): each wave lasts as long as the
     expected longest of its responses (the stragglers), over the `group` replicas that
     step together (an expert-parallel group exchanges tokens at every step)."""
@@ -79,8 +92,9 @@ def decode_steps(job: Job, sequences: int, in_flight: int, group: int = 1
     return waves, full, (waves - 1) * full + job.lengths.expected_max(last * group)
 
 
-def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
-                    profile: Profile, gpn: int) -> Cost:
+def generation_cost(
+    job: Job, gen: GenLayout, shape: GenShape, in_flight: int, profile: Profile, gpn: int
+) -> Cost:
     """Seconds to generate this replica's sequences with `in_flight` KV slots, and the
     controller's generate call(s) (ReMax adds a greedy generation) where measured."""
     calls = 2 if job.dataflow.greedy_baseline else 1
@@ -88,15 +102,17 @@ def generation_cost(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
     if measured is not None:
         return measured
     call = profile.overheads.dispatch(job.global_batch * job.prompt_len * 8)
-    return _generation(job, gen, shape, in_flight, profile, gpn) + \
-        cost(("dispatch", calls * call, "measured"))
+    return _generation(job, gen, shape, in_flight, profile, gpn) + cost(
+        ("dispatch", calls * call, "measured")
+    )
 
 
 GREEDY_RESHARD = "greedy_reshard"  # ReMax's second generate call reshards again
 
 
-def measured_generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
-                        profile: Profile, calls: int) -> Cost | None:
+def measured_generation(
+    job: Job, gen: GenLayout, shape: GenShape, in_flight: int, profile: Profile, calls: int
+) -> Cost | None:
     """The executor's generate call(s) from the profile's per-call tables: vLLM's first
     token (prefill and the call's own work), the decode steps up to the longest response,
     the micro-DP gather of the results, and the controller's dispatch; a KV cache too small
@@ -112,24 +128,31 @@ def measured_generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: in
     waves = math.ceil(per_call / n)
     # the call returns with its slowest replica: a wave lasts as long as the longest
     # response of that wave over every replica
-    got = table.generate(ranks, gen.tp, gen.micro_dp, n,
-                         job.lengths.expected_max(n * shape.replicas), job.prompt_len)
+    got = table.generate(
+        ranks, gen.tp, gen.micro_dp, n, job.lengths.expected_max(n * shape.replicas), job.prompt_len
+    )
     disp = table.dispatch("generate", ranks, job.global_batch)
     if got is None or disp is None:
         return None
     first, decode, gather = got
     again = (calls - 1) * (table.reshard(ranks, gen.tp, gen.micro_dp) or 0.0)
-    return cost(("vllm_first_token", calls * waves * first, "measured"),
-                ("vllm_decode", calls * waves * decode, "measured"),
-                ("micro_dp_gather", calls * gather, "measured"),
-                ("dispatch", calls * disp, "measured"), (GREEDY_RESHARD, again, "measured"))
+    return cost(
+        ("vllm_first_token", calls * waves * first, "measured"),
+        ("vllm_decode", calls * waves * decode, "measured"),
+        ("micro_dp_gather", calls * gather, "measured"),
+        ("dispatch", calls * disp, "measured"),
+        (GREEDY_RESHARD, again, "measured"),
+    )
 
 
-def _generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
-                profile: Profile, gpn: int) -> Cost:
+def _generation(
+    job: Job, gen: GenLayout, shape: GenShape, in_flight: int, profile: Profile, gpn: int
+) -> Cost:
     if in_flight < 1:
-        raise DoesNotFit(f"actor generation tp={gen.tp} pp={gen.pp}: no memory left for the "
-                         f"KV cache of one sequence ({shape.kv_bytes_per_seq / GIB:.2f} GiB)")
+        raise DoesNotFit(
+            f"actor generation tp={gen.tp} pp={gen.pp}: no memory left for the "
+            f"KV cache of one sequence ({shape.kv_bytes_per_seq / GIB:.2f} GiB)"
+        )
     spec = job.spec("actor")
     waves, first, steps = decode_steps(job, shape.sequences, in_flight, shape.ep)
     if gen.model_parallel == 1:
@@ -146,34 +169,56 @@ def _generation(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
     weights = profile.memory_seconds((shape.weight_bytes - untouched) * gen.pp)
     # every response attends to the prompt and to its own tokens so far
     kv_tokens = job.prompt_len * lens.mean + lens.mean_square / 2
-    decode_kv = profile.memory_seconds(shape.sequences * kv_tokens * shape.kv_bytes_per_seq
-                                       / job.seq_len)
+    decode_kv = profile.memory_seconds(
+        shape.sequences * kv_tokens * shape.kv_bytes_per_seq / job.seq_len
+    )
     thr_d, _ = profile.matmul_flops(in_flight, h / gen.tp, h)
-    decode_flops = shape.sequences * lens.mean * flops_per_token(
-        job, "actor", kv_tokens / lens.mean) / mp / thr_d
+    decode_flops = (
+        shape.sequences
+        * lens.mean
+        * flops_per_token(job, "actor", kv_tokens / lens.mean)
+        / mp
+        / thr_d
+    )
     memory_bound = steps * weights + decode_kv
     layers = spec.layers / gen.pp
-    ar_pre, _ = collective(profile, "all_reduce", in_flight * job.prompt_len * h * 2, gen.tp, gen.tp <= gpn)
+    ar_pre, _ = collective(
+        profile, "all_reduce", in_flight * job.prompt_len * h * 2, gen.tp, gen.tp <= gpn
+    )
     ar_dec, ar_src = collective(profile, "all_reduce", in_flight * h * 2, gen.tp, gen.tp <= gpn)
-    p2p, p2p_src = collective(profile, "p2p", in_flight * h * 2, 2, True) if gen.pp > 1 else (0.0, "roofline")
+    p2p, p2p_src = (
+        collective(profile, "p2p", in_flight * h * 2, 2, True) if gen.pp > 1 else (0.0, "roofline")
+    )
     a2a = _gen_alltoall(job, gen, shape, in_flight, profile, gpn, waves, steps)
-    return cost(("prefill_compute", prefill / mp / thr, src),
-                ("decode_weights", first * weights), ("kv_waves", (steps - first) * weights),
-                ("decode_kv", decode_kv),
-                ("decode_compute", max(0.0, decode_flops - memory_bound), src),
-                ("tp_allreduce", layers * 2 * (waves * ar_pre + steps * ar_dec), ar_src),
-                ("pp_p2p", (steps + waves) * (gen.pp - 1) * p2p, p2p_src),
-                ("ep_alltoall", a2a),
-                ("step_overhead", steps * profile.step_overhead_s, "roofline"))
+    return cost(
+        ("prefill_compute", prefill / mp / thr, src),
+        ("decode_weights", first * weights),
+        ("kv_waves", (steps - first) * weights),
+        ("decode_kv", decode_kv),
+        ("decode_compute", max(0.0, decode_flops - memory_bound), src),
+        ("tp_allreduce", layers * 2 * (waves * ar_pre + steps * ar_dec), ar_src),
+        ("pp_p2p", (steps + waves) * (gen.pp - 1) * p2p, p2p_src),
+        ("ep_alltoall", a2a),
+        ("step_overhead", steps * profile.step_overhead_s, "roofline"),
+    )
 
 
-def _gen_alltoall(job: Job, gen: GenLayout, shape: GenShape, in_flight: int,
-                  profile: Profile, gpn: int, waves: int, steps: float) -> float:
+def _gen_alltoall(
+    job: Job,
+    gen: GenLayout,
+    shape: GenShape,
+    in_flight: int,
+    profile: Profile,
+    gpn: int,
+    waves: int,
+    steps: float,
+) -> float:
     """Dispatch and combine of every MoE layer: the prompts once per wave, then one token
     per sequence in flight per decode step."""
     spec = job.spec("actor")
     args = (shape.ep, gen.tp, gen.pp, gpn, 2)
-    prefill = moe_alltoall_seconds(profile, spec, in_flight * job.prompt_len, *args,
-                                   stride=shape.ep_stride)
+    prefill = moe_alltoall_seconds(
+        profile, spec, in_flight * job.prompt_len, *args, stride=shape.ep_stride
+    )
     decode = moe_alltoall_seconds(profile, spec, in_flight, *args, stride=shape.ep_stride)
     return waves * prefill + steps * decode

@@ -2,18 +2,28 @@
 
 The algorithm fixes the dataflow: which roles exist and which stages each takes part in.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from hybridflow.errors import UserError
-from hybridflow.simulator.lengths import ResponseLengths
-from hybridflow.simulator.architecture import ModelSpec
-from hybridflow.simulator.model import load_model
 from hybridflow import vocab
-from hybridflow.vocab import (ALGORITHMS, CRITIC_ROLES, RULE, RULE_ROLES, VALUE_ROLES, Algorithm,
-                              Kind, Role, Stage)
+from hybridflow.errors import UserError
+from hybridflow.simulator.architecture import ModelSpec
+from hybridflow.simulator.lengths import ResponseLengths
+from hybridflow.simulator.model import load_model
+from hybridflow.vocab import (
+    ALGORITHMS,
+    CRITIC_ROLES,
+    RULE,
+    RULE_ROLES,
+    VALUE_ROLES,
+    Algorithm,
+    Kind,
+    Role,
+    Stage,
+)
 
 
 class JobError(UserError):
@@ -27,6 +37,7 @@ RULE_CPU_S = 1e-3
 @dataclass(frozen=True)
 class Work:
     """What one role does in one stage."""
+
     stage: Stage
     kind: Kind
     sequences: int
@@ -55,43 +66,67 @@ class Job:
 
     def __post_init__(self) -> None:
         algo = vocab.algorithm(self.algorithm, JobError)
-        for f in ("prompt_len", "response_len", "global_batch", "ppo_epochs",
-                  "mini_batches", "n_samples"):
+        for f in (
+            "prompt_len",
+            "response_len",
+            "global_batch",
+            "ppo_epochs",
+            "mini_batches",
+            "n_samples",
+        ):
             _pos(f, getattr(self, f))
         given = dict(self.models)
         roles = algo.roles
         if set(given) != set(roles) or len(given) != len(self.models):
-            raise JobError(f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
-                           f"got {', '.join(r for r, _ in self.models) or 'none'}")
+            raise JobError(
+                f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
+                f"got {', '.join(r for r, _ in self.models) or 'none'}"
+            )
         object.__setattr__(self, "models", tuple((r, given[r]) for r in roles))
         if algo.grouped and self.n_samples < 2:
             raise JobError(f"job: {self.algorithm} needs n_samples >= 2 responses per prompt")
         if not algo.grouped and self.n_samples != 1:
-            raise JobError(f"job: n_samples applies to "
-                           f"{' and '.join(a.name for a in ALGORITHMS.values() if a.grouped)} "
-                           f"only ({self.algorithm} samples one)")
+            raise JobError(
+                f"job: n_samples applies to "
+                f"{' and '.join(a.name for a in ALGORITHMS.values() if a.grouped)} "
+                f"only ({self.algorithm} samples one)"
+            )
         if self.sequences % self.mini_batches:
-            raise JobError(f"job: {self.sequences} sequences per iteration do not split into "
-                           f"{self.mini_batches} equal mini-batches")
-        object.__setattr__(self, "response_dist", tuple(tuple(p) if isinstance(p, list) else p
-                                                        for p in self.response_dist))
-        self._specs["lengths"] = ResponseLengths(self.response_len, self.response_mean,
-                                                 self.response_dist)
-        if isinstance(self.rule_cpu_s, bool) or not isinstance(self.rule_cpu_s, (int, float)) \
-                or not math.isfinite(self.rule_cpu_s) or self.rule_cpu_s < 0:
+            raise JobError(
+                f"job: {self.sequences} sequences per iteration do not split into "
+                f"{self.mini_batches} equal mini-batches"
+            )
+        object.__setattr__(
+            self,
+            "response_dist",
+            tuple(tuple(p) if isinstance(p, list) else p for p in self.response_dist),
+        )
+        self._specs["lengths"] = ResponseLengths(
+            self.response_len, self.response_mean, self.response_dist
+        )
+        if (
+            isinstance(self.rule_cpu_s, bool)
+            or not isinstance(self.rule_cpu_s, (int, float))
+            or not math.isfinite(self.rule_cpu_s)
+            or self.rule_cpu_s < 0
+        ):
             raise JobError(f"job: rule_cpu_s must be a number >= 0, got {self.rule_cpu_s!r}")
         for role, name in self.models:
             if not isinstance(name, str) or not name:
                 raise JobError(f"job: the {role} model must be a name or path, got {name!r}")
             if name == RULE:
                 if role not in RULE_ROLES:
-                    raise JobError(f"job: the {role} cannot be a rule (only "
-                                   f"{' and '.join(sorted(RULE_ROLES))} can)")
+                    raise JobError(
+                        f"job: the {role} cannot be a rule (only "
+                        f"{' and '.join(sorted(RULE_ROLES))} can)"
+                    )
                 continue
             spec = load_model(name)
             if self.seq_len > spec.max_position:
-                raise JobError(f"job: prompt_len + response_len = {self.seq_len} exceeds the "
-                               f"{role} model's max_position {spec.max_position}")
+                raise JobError(
+                    f"job: prompt_len + response_len = {self.seq_len} exceeds the "
+                    f"{role} model's max_position {spec.max_position}"
+                )
             self._specs[role] = spec
 
     @property
@@ -163,8 +198,11 @@ class Job:
         if self.is_rule(role):
             return (Work(Stage.PREPARE, Kind.RULE, n + (greedy if role == Role.REWARD else 0)),)
         if role == Role.ACTOR:
-            return (Work(Stage.GENERATE, Kind.GENERATE, n + greedy),
-                    Work(Stage.PREPARE, Kind.INFER, n), Work(Stage.TRAIN, Kind.TRAIN, n))
+            return (
+                Work(Stage.GENERATE, Kind.GENERATE, n + greedy),
+                Work(Stage.PREPARE, Kind.INFER, n),
+                Work(Stage.TRAIN, Kind.TRAIN, n),
+            )
         if role in CRITIC_ROLES:
             return (Work(Stage.PREPARE, Kind.INFER, n), Work(Stage.TRAIN, Kind.TRAIN, n))
         if role == Role.REWARD:
@@ -174,10 +212,15 @@ class Job:
         raise JobError(f"job: unknown role {role!r}")
 
     def to_dict(self) -> dict:
-        d = {"algorithm": self.algorithm, "models": dict(self.models),
-             "prompt_len": self.prompt_len, "response_len": self.response_len,
-             "global_batch": self.global_batch, "ppo_epochs": self.ppo_epochs,
-             "mini_batches": self.mini_batches}
+        d = {
+            "algorithm": self.algorithm,
+            "models": dict(self.models),
+            "prompt_len": self.prompt_len,
+            "response_len": self.response_len,
+            "global_batch": self.global_batch,
+            "ppo_epochs": self.ppo_epochs,
+            "mini_batches": self.mini_batches,
+        }
         if self.dataflow.grouped:
             d["n_samples"] = self.n_samples
         d.update(self.lengths.to_dict())
@@ -186,29 +229,63 @@ class Job:
         return d
 
     @classmethod
-    def from_dict(cls, d: object) -> "Job":
-        keys = {"algorithm", "models", "prompt_len", "response_len", "global_batch",
-                "ppo_epochs", "mini_batches", "n_samples", "response_mean", "response_dist",
-                "rule_cpu_s"}
+    def from_dict(cls, d: object) -> Job:
+        keys = {
+            "algorithm",
+            "models",
+            "prompt_len",
+            "response_len",
+            "global_batch",
+            "ppo_epochs",
+            "mini_batches",
+            "n_samples",
+            "response_mean",
+            "response_dist",
+            "rule_cpu_s",
+        }
         if not isinstance(d, dict) or not isinstance(d.get("models"), dict):
             raise JobError(f"job: expected a mapping with a models mapping, got {d!r}")
-        if set(d) - keys or not {"algorithm", "prompt_len", "response_len", "global_batch"} <= set(d):
-            raise JobError(f"job: expected keys among {', '.join(sorted(keys))} "
-                           f"(algorithm, models, prompt_len, response_len, global_batch required)")
+        if set(d) - keys or not {"algorithm", "prompt_len", "response_len", "global_batch"} <= set(
+            d
+        ):
+            raise JobError(
+                f"job: expected keys among {', '.join(sorted(keys))} "
+                f"(algorithm, models, prompt_len, response_len, global_batch required)"
+            )
         dist = d.get("response_dist", [])
         if not isinstance(dist, list):
-            raise JobError(f"job: response_dist must be a list of [length, weight] pairs, "
-                           f"got {dist!r}")
-        return cls(d["algorithm"], tuple(d["models"].items()), d["prompt_len"],
-                   d["response_len"], d["global_batch"], d.get("ppo_epochs", 1),
-                   d.get("mini_batches", 1), d.get("n_samples", 1),
-                   d.get("response_mean", 0.0), tuple(dist), d.get("rule_cpu_s", RULE_CPU_S))
+            raise JobError(
+                f"job: response_dist must be a list of [length, weight] pairs, got {dist!r}"
+            )
+        return cls(
+            d["algorithm"],
+            tuple(d["models"].items()),
+            d["prompt_len"],
+            d["response_len"],
+            d["global_batch"],
+            d.get("ppo_epochs", 1),
+            d.get("mini_batches", 1),
+            d.get("n_samples", 1),
+            d.get("response_mean", 0.0),
+            tuple(dist),
+            d.get("rule_cpu_s", RULE_CPU_S),
+        )
 
     @classmethod
-    def create(cls, algorithm: str, model: str, prompt_len: int, response_len: int,
-               global_batch: int, ppo_epochs: int = 1, mini_batches: int = 1,
-               n_samples: int | None = None, response_mean: float = 0.0,
-               rule_cpu_s: float = RULE_CPU_S, **role_models: str | None) -> "Job":
+    def create(
+        cls,
+        algorithm: str,
+        model: str,
+        prompt_len: int,
+        response_len: int,
+        global_batch: int,
+        ppo_epochs: int = 1,
+        mini_batches: int = 1,
+        n_samples: int | None = None,
+        response_mean: float = 0.0,
+        rule_cpu_s: float = RULE_CPU_S,
+        **role_models: str | None,
+    ) -> Job:
         """`model` for every role unless role_models names another (critic, reference,
         reward, cost; cost_critic follows critic); "rule" for reward or cost: a function."""
         unknown = set(role_models) - {"critic", "reference", "reward", "cost"}
@@ -223,5 +300,16 @@ class Job:
             raise JobError(f"job: {algorithm} has no {', '.join(sorted(extra))} role")
         if n_samples is None:
             n_samples = algo.default_samples
-        return cls(algorithm, models, prompt_len, response_len, global_batch, ppo_epochs,
-                   mini_batches, n_samples, response_mean, (), rule_cpu_s)
+        return cls(
+            algorithm,
+            models,
+            prompt_len,
+            response_len,
+            global_batch,
+            ppo_epochs,
+            mini_batches,
+            n_samples,
+            response_mean,
+            (),
+            rule_cpu_s,
+        )

@@ -8,10 +8,12 @@ With only a mean and a maximum M the lengths follow F(x) = (x/M)^a, a = mean/(M 
 mean below M/2 gives a long tail of rare long responses, above M/2 most responses run long.
 Its expected maximum of n responses is M·a·n/(a·n + 1).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 from hybridflow.errors import UserError
 
 
@@ -22,7 +24,7 @@ class LengthError(UserError):
 @dataclass(frozen=True)
 class ResponseLengths:
     max: int
-    mean: float = 0.0   # 0: every response is `max` long
+    mean: float = 0.0  # 0: every response is `max` long
     points: tuple[tuple[int, float], ...] = ()  # explicit (length, weight); overrides mean
 
     def __post_init__(self) -> None:
@@ -35,26 +37,39 @@ class ResponseLengths:
             return
         if self.mean == 0:
             object.__setattr__(self, "mean", float(self.max))
-        if isinstance(self.mean, bool) or not isinstance(self.mean, (int, float)) \
-                or not 1 <= self.mean <= self.max:
-            raise LengthError(f"mean response length must be between 1 and the maximum "
-                              f"{self.max}, got {self.mean!r}")
+        if (
+            isinstance(self.mean, bool)
+            or not isinstance(self.mean, (int, float))
+            or not 1 <= self.mean <= self.max
+        ):
+            raise LengthError(
+                f"mean response length must be between 1 and the maximum "
+                f"{self.max}, got {self.mean!r}"
+            )
         object.__setattr__(self, "mean", float(self.mean))
 
     def _check_points(self) -> None:
         for p in self.points:
-            ok = isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], int) \
-                and not isinstance(p[0], bool) and isinstance(p[1], (int, float)) \
+            ok = (
+                isinstance(p, (tuple, list))
+                and len(p) == 2
+                and isinstance(p[0], int)
+                and not isinstance(p[0], bool)
+                and isinstance(p[1], (int, float))
                 and not isinstance(p[1], bool)
+            )
             if not ok or not 1 <= p[0] <= self.max or not (p[1] >= 0 and math.isfinite(p[1])):
-                raise LengthError(f"response length distribution: each entry must be "
-                                  f"[length 1..{self.max}, weight >= 0], got {p!r}")
+                raise LengthError(
+                    f"response length distribution: each entry must be "
+                    f"[length 1..{self.max}, weight >= 0], got {p!r}"
+                )
         if len({n for n, _ in self.points}) != len(self.points):
             raise LengthError("response length distribution: a length is listed twice")
         if sum(w for _, w in self.points) <= 0:
             raise LengthError("response length distribution: the weights sum to zero")
-        object.__setattr__(self, "points", tuple(sorted((int(n), float(w))
-                                                        for n, w in self.points)))
+        object.__setattr__(
+            self, "points", tuple(sorted((int(n), float(w)) for n, w in self.points))
+        )
 
     @property
     def spread(self) -> bool:
@@ -72,7 +87,7 @@ class ResponseLengths:
             total, cdf, prev, out = sum(w for _, w in self.points), 0.0, 0.0, 0.0
             for length, w in self.points:
                 cdf += w / total
-                out += length * (min(cdf, 1.0) ** n - prev ** n)
+                out += length * (min(cdf, 1.0) ** n - prev**n)
                 prev = min(cdf, 1.0)
             return out
         if not self.spread:
@@ -89,7 +104,7 @@ class ResponseLengths:
         if not self.spread:
             return float(self.max) ** 2
         a = self._shape
-        return self.max ** 2 * a / (a + 2.0)
+        return self.max**2 * a / (a + 2.0)
 
     def to_dict(self) -> dict:
         """Job-JSON keys beyond response_len (none when there is no spread)."""

@@ -6,6 +6,7 @@ MoE layer sends each token to its top-k experts and back: two all-to-alls per fo
 (dispatch, combine) and two more in the backward pass. With uniform routing a rank keeps
 1/ep of its k copies and sends the rest, one equal share to each other rank.
 """
+
 from __future__ import annotations
 
 from hybridflow.simulator.architecture import ModelSpec
@@ -31,20 +32,32 @@ def alltoall_seconds(profile: Profile, nbytes: float, ep: int, stride: int, gpn:
     local_peers = min(ep, max(1, gpn // stride)) - 1
     remote_peers = ep - 1 - local_peers
     eff = profile.eff_communication
-    wire = max(local_peers * share / (profile.intra_node_bandwidth * eff),
-               remote_peers * share / (profile.inter_node_bandwidth * eff))
+    wire = max(
+        local_peers * share / (profile.intra_node_bandwidth * eff),
+        remote_peers * share / (profile.inter_node_bandwidth * eff),
+    )
     return profile.comm_latency_s + wire
 
 
-def moe_alltoall_seconds(profile: Profile, spec: ModelSpec, tokens: float, ep: int, tp: int,
-                         pp: int, gpn: int, passes: int, stride: int | None = None) -> float:
+def moe_alltoall_seconds(
+    profile: Profile,
+    spec: ModelSpec,
+    tokens: float,
+    ep: int,
+    tp: int,
+    pp: int,
+    gpn: int,
+    passes: int,
+    stride: int | None = None,
+) -> float:
     """All-to-all seconds of one rank's pipeline stage for `tokens` tokens (split over tp
     ranks by sequence parallelism) and `passes` all-to-alls per MoE layer (forward 2,
     forward+backward 4); ep ranks lie `stride` devices apart (default tp)."""
     if ep <= 1 or not spec.is_moe:
         return 0.0
-    one = alltoall_seconds(profile, alltoall_bytes(spec, tokens / tp, ep), ep,
-                           tp if stride is None else stride, gpn)
+    one = alltoall_seconds(
+        profile, alltoall_bytes(spec, tokens / tp, ep), ep, tp if stride is None else stride, gpn
+    )
     return spec.moe_layers / pp * passes * one
 
 
@@ -54,4 +67,4 @@ def touched_fraction(spec: ModelSpec, tokens: float) -> float:
     if not spec.is_moe or tokens <= 0:
         return 1.0 if not spec.is_moe else 0.0
     miss = 1.0 - spec.experts_per_token / spec.experts
-    return 1.0 - miss ** tokens
+    return 1.0 - miss**tokens

@@ -2,23 +2,41 @@
 within a set the stages of its models add up; across sets a stage takes the slowest set;
 the stages (generate, prepare, train, reshard) add up. Rule rewards and costs run on the
 controller's CPU during the prepare stage, beside the GPU sets (no GPUs, no GPU memory)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Protocol
 
+from hybridflow.plan import PlacedSet
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
-from hybridflow.simulator.generation import GREEDY_RESHARD, decode_steps, gen_shape, generation_cost, \
-    kv_memory
+from hybridflow.simulator.generation import (
+    GREEDY_RESHARD,
+    decode_steps,
+    gen_shape,
+    generation_cost,
+    kv_memory,
+)
 from hybridflow.simulator.job import Job
-from hybridflow.vocab import STAGES
-from hybridflow.plan import PlacedSet
 from hybridflow.simulator.profile import Profile, load_profile
-from hybridflow.simulator.reshard import SCHEMES, ReshardError, generation_extra_bytes, reshard_cost, \
-    reshard_peak_bytes
-from hybridflow.simulator.training import (WEIGHT_BYTES, infer_cost, resident_memory, role_params,
-                                stage_memory, train_cost)
+from hybridflow.simulator.reshard import (
+    SCHEMES,
+    ReshardError,
+    generation_extra_bytes,
+    reshard_cost,
+    reshard_peak_bytes,
+)
+from hybridflow.simulator.training import (
+    WEIGHT_BYTES,
+    infer_cost,
+    resident_memory,
+    role_params,
+    stage_memory,
+    train_cost,
+)
+from hybridflow.vocab import STAGES
 
 
 class PlanLike(Protocol):
@@ -71,11 +89,15 @@ class Prediction:
 
     def to_dict(self) -> dict:
         """The plan JSON's "predicted" object ("response_tokens" only with a length spread)."""
-        d = {"iteration_s": self.iteration_s, "tokens_per_s": self.tokens_per_s,
-             "stages": dict(self.stages),
-             "terms": {r.role: {st: c.as_dict() for st, c in r.stages.items()}
-                       for r in self.roles()},
-             "peak_memory_gib": {r.role: r.memory.gib for r in self.roles()}}
+        d = {
+            "iteration_s": self.iteration_s,
+            "tokens_per_s": self.tokens_per_s,
+            "stages": dict(self.stages),
+            "terms": {
+                r.role: {st: c.as_dict() for st, c in r.stages.items()} for r in self.roles()
+            },
+            "peak_memory_gib": {r.role: r.memory.gib for r in self.roles()},
+        }
         if self.lengths:
             d["response_tokens"] = {k: dict(v) for k, v in self.lengths.items()}
         return d
@@ -83,9 +105,13 @@ class Prediction:
 
 def rule_predictions(job: Job) -> tuple[RolePrediction, ...]:
     """Rule rewards and costs: a per-response CPU cost on the controller."""
-    return tuple(RolePrediction(r, {"prepare": cost(("rule_cpu", job.rule_cpu_s * w.sequences,
-                                                     "formula"))}, Memory())
-                 for r in job.rule_roles for w in job.works(r))
+    return tuple(
+        RolePrediction(
+            r, {"prepare": cost(("rule_cpu", job.rule_cpu_s * w.sequences, "formula"))}, Memory()
+        )
+        for r in job.rule_roles
+        for w in job.works(r)
+    )
 
 
 def rule_seconds(job: Job) -> float:
@@ -95,40 +121,61 @@ def rule_seconds(job: Job) -> float:
 
 def _fits(what: str, need: float, profile: Profile) -> None:
     if need > profile.usable_bytes:
-        raise DoesNotFit(f"{what} needs {need / GIB:.1f} GiB per GPU, more than the "
-                         f"{profile.usable_bytes / GIB:.1f} GiB usable on {profile.name}")
+        raise DoesNotFit(
+            f"{what} needs {need / GIB:.1f} GiB per GPU, more than the "
+            f"{profile.usable_bytes / GIB:.1f} GiB usable on {profile.name}"
+        )
 
 
-def _actor_generation(job: Job, placed: PlacedSet, profile: Profile, gpn: int, scheme: str,
-                      others_resident: float) -> tuple[dict[str, Cost], Memory, int]:
+def _actor_generation(
+    job: Job, placed: PlacedSet, profile: Profile, gpn: int, scheme: str, others_resident: float
+) -> tuple[dict[str, Cost], Memory, int]:
     """Generation and reshard costs of the actor and its transient memory."""
     train, gen = placed.layout("actor"), placed.generation()
     model_bytes = WEIGHT_BYTES * role_params(job, "actor", train.ep)
     args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
     extra = generation_extra_bytes(scheme, *args)
     swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
-    _fits(f"resharding the actor ({scheme}) in set {list(placed.models)}",
-          others_resident + max(swap, extra), profile)
+    _fits(
+        f"resharding the actor ({scheme}) in set {list(placed.models)}",
+        others_resident + max(swap, extra),
+        profile,
+    )
     shape = gen_shape(job, train, gen, job.works("actor")[0].sequences)
     n = shape.in_flight(profile.usable_bytes - others_resident - extra)
     generate = generation_cost(job, gen, shape, n, profile, gpn)
     # a ReMax greedy generation of its own reshards again: generation_cost counts it (the
     # planner's tables add generate and reshard of the actor's set alike); its stage is reshard
     again = tuple(t for t in generate.terms if t.name == GREEDY_RESHARD)
-    stages = {"generate": Cost(tuple(t for t in generate.terms if t.name != GREEDY_RESHARD)),
-              "reshard": reshard_cost(scheme, *args, profile, gpn,
-                                        model=job.spec("actor").name) + Cost(again)}
+    stages = {
+        "generate": Cost(tuple(t for t in generate.terms if t.name != GREEDY_RESHARD)),
+        "reshard": reshard_cost(scheme, *args, profile, gpn, model=job.spec("actor").name)
+        + Cost(again),
+    }
     return stages, memory(generation_weights=extra) + kv_memory(shape, n), n
 
 
-def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
-                scheme: str = "hybridengine") -> SetPrediction:
+def predict_set(
+    job: Job, placed: PlacedSet, profile: Profile, gpn: int, scheme: str = "hybridengine"
+) -> SetPrediction:
     resident = {r: resident_memory(job, r, placed.layout(r)) for r in placed.models}
-    transient = {r: max((stage_memory(job, r, placed.layout(r), w.kind) for w in job.works(r)
-                         if w.kind != "generate"), key=lambda m: m.bytes) for r in placed.models}
+    transient = {
+        r: max(
+            (
+                stage_memory(job, r, placed.layout(r), w.kind)
+                for w in job.works(r)
+                if w.kind != "generate"
+            ),
+            key=lambda m: m.bytes,
+        )
+        for r in placed.models
+    }
     total_resident = sum(m.bytes for m in resident.values())
-    _fits(f"set {list(placed.models)} on {placed.gpus} GPUs",
-          total_resident + max(m.bytes for m in transient.values()), profile)
+    _fits(
+        f"set {list(placed.models)} on {placed.gpus} GPUs",
+        total_resident + max(m.bytes for m in transient.values()),
+        profile,
+    )
     roles, peak = [], total_resident + max(m.bytes for m in transient.values())
     in_flight = 0
     for role in placed.models:
@@ -141,8 +188,9 @@ def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
             elif w.kind == "infer":
                 stages["prepare"] = infer_cost(job, role, layout, profile, gpn, w.sequences)
         if role == "actor":
-            gen_stages, gen_mem, in_flight = _actor_generation(job, placed, profile, gpn, scheme,
-                                                               total_resident)
+            gen_stages, gen_mem, in_flight = _actor_generation(
+                job, placed, profile, gpn, scheme, total_resident
+            )
             stages.update(gen_stages)
             own = max(own, gen_mem, key=lambda m: m.bytes)
             peak = max(peak, total_resident + gen_mem.bytes)
@@ -153,8 +201,9 @@ def predict_set(job: Job, placed: PlacedSet, profile: Profile, gpn: int,
 def compose(sets: tuple[SetPrediction, ...], job: Job) -> Prediction:
     stages = {st: max(s.stage_seconds(st) for s in sets) for st in STAGES}
     stages["prepare"] = max(stages["prepare"], rule_seconds(job))
-    return Prediction(sets, stages, job.tokens_per_iteration, rule_predictions(job),
-                      _length_basis(job, sets))
+    return Prediction(
+        sets, stages, job.tokens_per_iteration, rule_predictions(job), _length_basis(job, sets)
+    )
 
 
 def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] | None:
@@ -162,13 +211,19 @@ def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] 
     if not job.lengths.spread:
         return None
     mean = {"basis": "mean", "tokens": job.lengths.mean}
-    out = {"generate": {"basis": "expected longest response of each wave (stragglers)",
-                        "tokens": float(job.response_len), "max": job.response_len}}
+    out = {
+        "generate": {
+            "basis": "expected longest response of each wave (stragglers)",
+            "tokens": float(job.response_len),
+            "max": job.response_len,
+        }
+    }
     actor = next((s for s in sets if "actor" in s.placed.models), None)
     if actor is not None and actor.in_flight > 0:
         placed, n = actor.placed, actor.in_flight
-        shape = gen_shape(job, placed.layout("actor"), placed.generation(),
-                          job.works("actor")[0].sequences)
+        shape = gen_shape(
+            job, placed.layout("actor"), placed.generation(), job.works("actor")[0].sequences
+        )
         waves, full, _ = decode_steps(job, shape.sequences, n, shape.ep)
         out["generate"].update(tokens=full, waves=waves, sequences_per_wave=n * shape.ep)
         if shape.ep > 1:
@@ -176,24 +231,29 @@ def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] 
     return {**out, "prepare": mean, "train": mean}
 
 
-def predict_plan(plan: PlanLike, profile: Profile | str | None = None,
-                 reshard: str = "hybridengine") -> Prediction:
+def predict_plan(
+    plan: PlanLike, profile: Profile | str | None = None, reshard: str = "hybridengine"
+) -> Prediction:
     """Predict one iteration of a plan (sets, GPUs, layouts) without searching."""
     if reshard not in SCHEMES:
-        raise ReshardError(f"unknown resharding scheme {reshard!r}: choose one of {', '.join(SCHEMES)}")
+        raise ReshardError(
+            f"unknown resharding scheme {reshard!r}: choose one of {', '.join(SCHEMES)}"
+        )
     if profile is None or isinstance(profile, str):
         profile = load_profile(profile or plan.cluster.gpu)
     gpn = plan.cluster.gpus_per_node
     # each set as if alone: its own ranks busy (what the per-call tables measured)
-    sets = tuple(predict_set(plan.job, s, profile.shared(min(s.gpus, gpn)), gpn, reshard)
-                 for s in plan.sets)
+    sets = tuple(
+        predict_set(plan.job, s, profile.shared(min(s.gpus, gpn)), gpn, reshard) for s in plan.sets
+    )
     if profile.overheads.sharing:
         sets = share_cores(sets, profile, gpn)
     return compose(sets, plan.job)
 
 
-def fluid_finish(work: list[float], ranks: list[int], slowdown: Callable[[float], float],
-                 host: int) -> list[float]:
+def fluid_finish(
+    work: list[float], ranks: list[int], slowdown: Callable[[float], float], host: int
+) -> list[float]:
     """When each of several sets, started together, finishes its `work` (seconds with only
     its own `ranks` busy) on a host of `host` devices whose cores they all share: while a
     group of sets runs, each progresses at slowdown(own) / slowdown(all busy ranks), and
@@ -215,8 +275,9 @@ def fluid_finish(work: list[float], ranks: list[int], slowdown: Callable[[float]
     return done
 
 
-def share_cores(sets: tuple[SetPrediction, ...], profile: Profile, gpn: int
-                ) -> tuple[SetPrediction, ...]:
+def share_cores(
+    sets: tuple[SetPrediction, ...], profile: Profile, gpn: int
+) -> tuple[SetPrediction, ...]:
     """Sets that work in the same stage at once share the host's cores (a measured
     `sharing` table): each role's stage cost gains a `core_sharing` term, its share of the
     time its set loses to the other sets' ranks (fluid_finish)."""
@@ -230,9 +291,18 @@ def share_cores(sets: tuple[SetPrediction, ...], profile: Profile, gpn: int
                 extra[i][st] = f / w - 1.0
     out = []
     for s, stretch in zip(sets, extra):
-        roles = tuple(RolePrediction(r.role, {st: c + cost(("core_sharing", c.seconds * stretch[st],
-                                                            "measured")) if st in stretch else c
-                                              for st, c in r.stages.items()}, r.memory)
-                      for r in s.roles)
+        roles = tuple(
+            RolePrediction(
+                r.role,
+                {
+                    st: c + cost(("core_sharing", c.seconds * stretch[st], "measured"))
+                    if st in stretch
+                    else c
+                    for st, c in r.stages.items()
+                },
+                r.memory,
+            )
+            for r in s.roles
+        )
         out.append(SetPrediction(s.placed, roles, s.peak_bytes, s.in_flight))
     return tuple(out)

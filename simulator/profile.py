@@ -4,6 +4,7 @@ measured tables (written by `hybridflow profile`). Data, never code: profiles/<n
 The format is documented in profiles/README.md. Every top-level number needs a `sources`
 entry (a public source, or the word "estimate" with a reason).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -14,27 +15,39 @@ import yaml
 
 from hybridflow import profiles as shipped_profiles
 from hybridflow.errors import unreadable
-
 from hybridflow.simulator.calls import Calls, parse_calls
 from hybridflow.simulator.table import ProfileError, interpolate  # noqa: F401 (re-exported)
-from hybridflow.simulator.table import num as _num, positive_int as _int, rows as _rows
+from hybridflow.simulator.table import num as _num
+from hybridflow.simulator.table import positive_int as _int
+from hybridflow.simulator.table import rows as _rows
 
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "p2p")
-_NUMBERS = ("peak_flops", "hbm_gib", "hbm_bandwidth", "intra_node_bandwidth",
-            "inter_node_bandwidth", "comm_latency_s", "step_overhead_s", "reserved_gib")
+_NUMBERS = (
+    "peak_flops",
+    "hbm_gib",
+    "hbm_bandwidth",
+    "intra_node_bandwidth",
+    "inter_node_bandwidth",
+    "comm_latency_s",
+    "step_overhead_s",
+    "reserved_gib",
+)
 _EFFICIENCY = ("matmul", "memory", "communication")
 
 
 @dataclass(frozen=True)
 class Measured:
     """Measured tables; each entry is a sorted tuple of numeric rows."""
-    matmul: tuple[tuple[float, float, float, float], ...] = ()          # m, n, k, seconds
-    collectives: tuple[tuple[str, tuple[tuple[float, float, float], ...]], ...] = ()  # op -> ranks, bytes, s
+
+    matmul: tuple[tuple[float, float, float, float], ...] = ()  # m, n, k, seconds
+    collectives: tuple[
+        tuple[str, tuple[tuple[float, float, float], ...]], ...
+    ] = ()  # op -> ranks, bytes, s
     generate_model: str = ""
-    prefill: tuple[tuple[float, float, float], ...] = ()                # batch, tokens, seconds
-    decode: tuple[tuple[float, float, float], ...] = ()                 # batch, context, seconds
+    prefill: tuple[tuple[float, float, float], ...] = ()  # batch, tokens, seconds
+    decode: tuple[tuple[float, float, float], ...] = ()  # batch, context, seconds
     train_layer_model: str = ""
-    train_layer: tuple[tuple[float, float], ...] = ()                   # tokens, seconds
+    train_layer: tuple[tuple[float, float], ...] = ()  # tokens, seconds
 
     def collective(self, op: str) -> tuple[tuple[float, float, float], ...]:
         return dict(self.collectives).get(op, ())
@@ -44,8 +57,9 @@ class Measured:
 class Overheads:
     """What a measured CPU profile adds to FLOPs and bytes: ranks sharing the host's cores and
     the single controller's per-call cost (`sharing:` and `extra.dispatch` of the file)."""
-    sharing: tuple[tuple[float, float], ...] = ()     # ranks active on the host, slowdown
-    dispatch_s: float = 0.0                          # no-op call to every worker of a pool
+
+    sharing: tuple[tuple[float, float], ...] = ()  # ranks active on the host, slowdown
+    dispatch_s: float = 0.0  # no-op call to every worker of a pool
     dispatch_transfer: tuple[tuple[float, float], ...] = ()  # bytes sent to each, seconds
 
     def slowdown(self, ranks: float) -> float:
@@ -75,8 +89,9 @@ def _overheads(sharing: Any, extra: Any) -> Overheads:
             raise ProfileError("extra.dispatch: expected {call_s: s, transfer: [{bytes, seconds}]}")
         kw["dispatch_s"] = _num("extra.dispatch.call_s", dispatch["call_s"])
         if dispatch.get("transfer"):
-            kw["dispatch_transfer"] = _rows("extra.dispatch.transfer", dispatch["transfer"],
-                                            ("bytes", "seconds"))
+            kw["dispatch_transfer"] = _rows(
+                "extra.dispatch.transfer", dispatch["transfer"], ("bytes", "seconds")
+            )
     return Overheads(**kw)
 
 
@@ -93,27 +108,36 @@ def _measured(raw: Any) -> Measured:
         kw["matmul"] = _rows("measured.matmul", raw["matmul"], ("m", "n", "k", "seconds"))
     coll = raw.get("collectives") or {}
     if not isinstance(coll, dict) or set(coll) - set(COLLECTIVES):
-        raise ProfileError(f"measured.collectives: expected a mapping with keys among "
-                           f"{', '.join(COLLECTIVES)}")
-    kw["collectives"] = tuple(sorted(
-        (op, _rows(f"measured.collectives.{op}", rows, ("ranks", "bytes", "seconds")))
-        for op, rows in coll.items()))
+        raise ProfileError(
+            f"measured.collectives: expected a mapping with keys among {', '.join(COLLECTIVES)}"
+        )
+    kw["collectives"] = tuple(
+        sorted(
+            (op, _rows(f"measured.collectives.{op}", rows, ("ranks", "bytes", "seconds")))
+            for op, rows in coll.items()
+        )
+    )
     if "generate" in raw:
         gen = raw["generate"]
         if not isinstance(gen, dict) or not isinstance(gen.get("model"), str):
-            raise ProfileError("measured.generate: expected {model: NAME, prefill: [...], decode: [...]}")
+            raise ProfileError(
+                "measured.generate: expected {model: NAME, prefill: [...], decode: [...]}"
+            )
         kw["generate_model"] = gen["model"]
-        kw["prefill"] = _rows("measured.generate.prefill", gen.get("prefill"),
-                              ("batch", "tokens", "seconds"))
-        kw["decode"] = _rows("measured.generate.decode", gen.get("decode"),
-                             ("batch", "context", "seconds"))
+        kw["prefill"] = _rows(
+            "measured.generate.prefill", gen.get("prefill"), ("batch", "tokens", "seconds")
+        )
+        kw["decode"] = _rows(
+            "measured.generate.decode", gen.get("decode"), ("batch", "context", "seconds")
+        )
     if "train_layer" in raw:
         tl = raw["train_layer"]
         if not isinstance(tl, dict) or not isinstance(tl.get("model"), str):
             raise ProfileError("measured.train_layer: expected {model: NAME, points: [...]}")
         kw["train_layer_model"] = tl["model"]
-        kw["train_layer"] = _rows("measured.train_layer.points", tl.get("points"),
-                                  ("tokens", "seconds"))
+        kw["train_layer"] = _rows(
+            "measured.train_layer.points", tl.get("points"), ("tokens", "seconds")
+        )
     return Measured(**kw)
 
 
@@ -121,24 +145,24 @@ def _measured(raw: Any) -> Measured:
 class Profile:
     name: str
     gpus_per_node: int
-    peak_flops: float            # dense bf16 FLOP/s per device
-    hbm_gib: float               # device memory
-    hbm_bandwidth: float         # bytes/s
+    peak_flops: float  # dense bf16 FLOP/s per device
+    hbm_gib: float  # device memory
+    hbm_bandwidth: float  # bytes/s
     intra_node_bandwidth: float  # bytes/s per device, one direction (NVLink)
     inter_node_bandwidth: float  # bytes/s per device, one direction (NIC share)
-    comm_latency_s: float        # per collective step
-    step_overhead_s: float       # per generation step (scheduler, launches)
-    reserved_gib: float          # framework context, allocator slack
+    comm_latency_s: float  # per collective step
+    step_overhead_s: float  # per generation step (scheduler, launches)
+    reserved_gib: float  # framework context, allocator slack
     eff_matmul: float
     eff_memory: float
     eff_communication: float
     estimate: bool = False
-    host_cores: int = 0          # >0: devices share this many CPU cores (local-cpu)
+    host_cores: int = 0  # >0: devices share this many CPU cores (local-cpu)
     sources: tuple[tuple[str, str], ...] = ()
     measured: Measured = field(default_factory=Measured)
     overheads: Overheads = field(default_factory=Overheads)
     calls: Calls = field(default_factory=Calls)  # per-call tables of the executor's methods
-    slowdown: float = 1.0        # compute and memory time factor (ranks sharing the host)
+    slowdown: float = 1.0  # compute and memory time factor (ranks sharing the host)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -150,7 +174,7 @@ class Profile:
             raise ProfileError(f"profile {self.name}: reserved_gib >= hbm_gib")
         assert self.slowdown >= 1.0, f"slowdown {self.slowdown} < 1"
 
-    def shared(self, ranks: int) -> "Profile":
+    def shared(self, ranks: int) -> Profile:
         """This profile with `ranks` ranks busy on each host at once (a measured `sharing`
         table; unchanged without one)."""
         factor = self.overheads.slowdown(ranks)
@@ -188,7 +212,8 @@ def _parse(data: Any, origin: str) -> Profile:
     if not isinstance(eff, dict) or set(eff) != set(_EFFICIENCY):
         raise ProfileError(f"profile {origin}: efficiency needs exactly {', '.join(_EFFICIENCY)}")
     return Profile(
-        name=str(data["name"]), gpus_per_node=_int(f"{origin}.gpus_per_node", data["gpus_per_node"]),
+        name=str(data["name"]),
+        gpus_per_node=_int(f"{origin}.gpus_per_node", data["gpus_per_node"]),
         **{k: _num(f"{origin}.{k}", data[k], positive=k != "reserved_gib") for k in _NUMBERS},
         **{f"eff_{k}": _num(f"{origin}.efficiency.{k}", eff[k]) for k in _EFFICIENCY},
         estimate=bool(data.get("estimate", False)),
@@ -196,7 +221,8 @@ def _parse(data: Any, origin: str) -> Profile:
         sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())),
         measured=_measured(data.get("measured")),
         overheads=_overheads(data.get("sharing"), data.get("extra")),
-        calls=parse_calls(data.get("calls")))
+        calls=parse_calls(data.get("calls")),
+    )
 
 
 def available_profiles() -> list[str]:
@@ -209,15 +235,19 @@ def load_profile(name_or_path: str) -> Profile:
     if source is None:
         path = Path(name_or_path)
         if path.suffix not in (".yaml", ".yml") or not path.exists():
-            raise ProfileError(f"unknown GPU kind {name_or_path!r}: known profiles are "
-                               f"{', '.join(available_profiles())} (or give a .yaml path)")
+            raise ProfileError(
+                f"unknown GPU kind {name_or_path!r}: known profiles are "
+                f"{', '.join(available_profiles())} (or give a .yaml path)"
+            )
         source, stem = path, path.stem
     else:
         stem = name_or_path
     try:
         data = yaml.safe_load(source.read_text())
     except yaml.YAMLError as e:
-        raise ProfileError(f"profile {str(source)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+        raise ProfileError(
+            f"profile {str(source)!r} is not valid YAML: {e}".replace("\n", " ")
+        ) from None
     except OSError as e:
         raise unreadable("profile", source, e) from None
     return _parse(data, stem)

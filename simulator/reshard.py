@@ -1,9 +1,10 @@
 """Actor resharding between training (p, t, d) and generation (pg, tg, micro-DP) layouts:
 the three schemes of the paper's Table 2 (model size M bytes)."""
+
 from __future__ import annotations
 
-from hybridflow.simulator.costs import Cost, collective, cost
 from hybridflow.layout import LayoutError
+from hybridflow.simulator.costs import Cost, collective, cost
 from hybridflow.simulator.profile import Profile
 
 SCHEMES = ("hybridengine", "hybridengine-v", "allgather")
@@ -15,15 +16,18 @@ class ReshardError(LayoutError):
 
 def _check(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> None:
     if scheme not in SCHEMES:
-        raise ReshardError(f"unknown resharding scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+        raise ReshardError(
+            f"unknown resharding scheme {scheme!r}: choose one of {', '.join(SCHEMES)}"
+        )
     if min(p, t, d, pg, tg) <= 0:
         raise ReshardError("resharding: all degrees must be positive")
     if (p * t) % (pg * tg):
         raise LayoutError(f"generation pg*tg = {pg * tg} must divide training p*t = {p * t}")
 
 
-def reshard_bytes_per_rank(scheme: str, model_bytes: float, p: int, t: int, d: int,
-                           pg: int, tg: int) -> float:
+def reshard_bytes_per_rank(
+    scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int
+) -> float:
     """Bytes each rank receives to build its generation weights (Table 2, first row)."""
     _check(scheme, p, t, d, pg, tg)
     if scheme == "allgather":
@@ -33,15 +37,17 @@ def reshard_bytes_per_rank(scheme: str, model_bytes: float, p: int, t: int, d: i
     return (t * p - tg * pg) / (tg * pg * t * p) * model_bytes
 
 
-def reshard_peak_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
-                       pg: int, tg: int) -> float:
+def reshard_peak_bytes(
+    scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int
+) -> float:
     """Peak bytes per rank of actor weights while resharding (Table 2, second row)."""
     _check(scheme, p, t, d, pg, tg)
     return model_bytes / (tg * pg) if scheme == "hybridengine" else model_bytes
 
 
-def redundant_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
-                    pg: int, tg: int) -> float:
+def redundant_bytes(
+    scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int
+) -> float:
     """Training weights held twice during generation (Table 2, third row)."""
     _check(scheme, p, t, d, pg, tg)
     if scheme == "allgather":
@@ -49,8 +55,9 @@ def redundant_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
     return model_bytes / (t * p) if scheme == "hybridengine-v" else 0.0
 
 
-def generation_extra_bytes(scheme: str, model_bytes: float, p: int, t: int, d: int,
-                           pg: int, tg: int) -> float:
+def generation_extra_bytes(
+    scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int
+) -> float:
     """Bytes per rank held for generation weights beyond the training shard: the
     generation shard M/(tg*pg) minus the part that is the training shard itself."""
     gen_shard = model_bytes / (tg * pg)
@@ -70,8 +77,19 @@ def _span(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> tuple[int, i
     return dg, t if p == pg else t * d * p
 
 
-def reshard_cost(scheme: str, model_bytes: float, p: int, t: int, d: int, pg: int, tg: int,
-                 profile: Profile, gpn: int, *, model: str) -> Cost:
+def reshard_cost(
+    scheme: str,
+    model_bytes: float,
+    p: int,
+    t: int,
+    d: int,
+    pg: int,
+    tg: int,
+    profile: Profile,
+    gpn: int,
+    *,
+    model: str,
+) -> Cost:
     """Seconds of the all-gather that builds generation weights; going back to the
     training layout only drops the generation buffer. Where the profile measured the
     executor's resharding of this `model` (its name; same scheme), its per-call table
@@ -85,8 +103,9 @@ def reshard_cost(scheme: str, model_bytes: float, p: int, t: int, d: int, pg: in
     if ranks <= 1 or volume <= 0:
         return fixed
     # all_gather's table/roofline takes the gathered size; each rank receives (r-1)/r of it
-    seconds, src = collective(profile, "all_gather", volume * ranks / (ranks - 1), ranks,
-                              span <= gpn)
+    seconds, src = collective(
+        profile, "all_gather", volume * ranks / (ranks - 1), ranks, span <= gpn
+    )
     return cost(("reshard_allgather", seconds, src)) + fixed
 
 
@@ -103,8 +122,9 @@ def _barriers(profile: Profile, n_gpus: int, gpn: int) -> Cost:
     return cost(("reshard_barrier", BARRIERS * min(rows)[1], "measured"))
 
 
-def measured_reshard(scheme: str, model: str, p: int, t: int, d: int, pg: int, tg: int,
-                     profile: Profile) -> Cost | None:
+def measured_reshard(
+    scheme: str, model: str, p: int, t: int, d: int, pg: int, tg: int, profile: Profile
+) -> Cost | None:
     """The 3D-HybridEngine's switch to the generation layout and back as the executor does
     it (barriers, gathers, conversion and vLLM's weight reload, freeing the cache), from the
     profile's per-call table: the row of this set size, generation tp and micro-DP (pipeline

@@ -1,10 +1,12 @@
 """Validated numeric tables of a profile file and piecewise-linear lookups over them
 (shared by hybridflow.simulator.profile and hybridflow.simulator.calls)."""
+
 from __future__ import annotations
 
 import bisect
 import math
 from typing import Any
+
 from hybridflow.errors import UserError
 
 
@@ -37,8 +39,9 @@ def rows(where: str, value: Any, keys: tuple[str, ...]) -> tuple[tuple[float, ..
     out = []
     for i, row in enumerate(value):
         if not isinstance(row, dict) or set(row) != set(keys):
-            raise ProfileError(f"{where}[{i}]: expected exactly the keys {', '.join(keys)}, "
-                               f"got {row!r}")
+            raise ProfileError(
+                f"{where}[{i}]: expected exactly the keys {', '.join(keys)}, got {row!r}"
+            )
         out.append(tuple(num(f"{where}[{i}].{k}", row[k]) for k in keys))
     return tuple(sorted(out))
 

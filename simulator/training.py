@@ -6,16 +6,17 @@ Compute follows the tokens really produced (prompt + mean response) and, for mix
 experts models, the active parameters; memory follows the longest sequence and every
 parameter, the routed experts divided over the layout's ep ranks.
 """
+
 from __future__ import annotations
 
 import math
 
+from hybridflow.layout import LayoutError, ParallelLayout, check_model_fits
 from hybridflow.simulator.costs import Cost, Memory, collective, cost, memory
 from hybridflow.simulator.job import Job
-from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES
-from hybridflow.layout import LayoutError, ParallelLayout, check_model_fits
 from hybridflow.simulator.moe import moe_alltoall_seconds
 from hybridflow.simulator.profile import Profile, interpolate
+from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES
 
 WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 4, 12
 ACT_BYTES_PER_TOKEN_HIDDEN = 34  # per layer, bf16, flash attention (Korthikanti et al. 2022)
@@ -34,8 +35,9 @@ def flops_per_token(job: Job, role: str, context: float) -> float:
 def check_ep(job: Job, role: str, layout: ParallelLayout) -> None:
     spec = job.spec(role)
     if layout.ep > 1 and (not spec.is_moe or spec.experts % layout.ep):
-        raise LayoutError(f"{role}: ep={layout.ep} does not divide the model's "
-                          f"{spec.experts} experts")
+        raise LayoutError(
+            f"{role}: ep={layout.ep} does not divide the model's {spec.experts} experts"
+        )
 
 
 def role_params(job: Job, role: str, ep: int = 1) -> int:
@@ -58,16 +60,19 @@ def check_layout(job: Job, role: str, layout: ParallelLayout) -> None:
     check_ep(job, role, layout)
     per_update = job.sequences // job.mini_batches
     if layout.dp > per_update:
-        raise LayoutError(f"{role}: dp={layout.dp} exceeds the {per_update} sequences of a "
-                          f"mini-batch (a data-parallel rank would have no data)")
+        raise LayoutError(
+            f"{role}: dp={layout.dp} exceeds the {per_update} sequences of a "
+            f"mini-batch (a data-parallel rank would have no data)"
+        )
 
 
 def resident_memory(job: Job, role: str, layout: ParallelLayout) -> Memory:
     """Bytes per GPU held for the whole iteration."""
     shard = role_params(job, role, layout.ep) / layout.model_parallel
     if role in TRAINED_ROLES:
-        return memory(weights=WEIGHT_BYTES * shard, grads=GRAD_BYTES * shard,
-                      adam=ADAM_BYTES * shard)
+        return memory(
+            weights=WEIGHT_BYTES * shard, grads=GRAD_BYTES * shard, adam=ADAM_BYTES * shard
+        )
     return memory(weights=WEIGHT_BYTES * shard)
 
 
@@ -83,8 +88,9 @@ def stage_memory(job: Job, role: str, layout: ParallelLayout, kind: str) -> Memo
     logits = 0.0 if role in VALUE_ROLES else job.seq_len * spec.vocab / layout.tp * LOGIT_BYTES
     if kind == "train":
         in_flight = min(layout.pp, _micro(job, layout))
-        return memory(activations=spec.layers / layout.pp * per_layer * in_flight,
-                      logits=2 * logits)
+        return memory(
+            activations=spec.layers / layout.pp * per_layer * in_flight, logits=2 * logits
+        )
     return memory(activations=per_layer, logits=logits)
 
 
@@ -105,8 +111,9 @@ def _intra(gpn: int, span: int) -> bool:
     return span <= gpn
 
 
-def _compute(job: Job, role: str, layout: ParallelLayout, profile: Profile, tokens: float,
-             passes: int) -> tuple[float, str]:
+def _compute(
+    job: Job, role: str, layout: ParallelLayout, profile: Profile, tokens: float, passes: int
+) -> tuple[float, str]:
     """Seconds of `passes` x forward FLOPs over `tokens` on one model-parallel group."""
     spec = job.spec(role)
     m = profile.measured
@@ -119,9 +126,16 @@ def _compute(job: Job, role: str, layout: ParallelLayout, profile: Profile, toke
     return work / layout.model_parallel / thr, src
 
 
-def _tp_pp_comm(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int,
-                micro_total: float, allreduces_per_layer: int, p2p_per_micro: int
-                ) -> tuple[tuple[float, str], tuple[float, str]]:
+def _tp_pp_comm(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    gpn: int,
+    micro_total: float,
+    allreduces_per_layer: int,
+    p2p_per_micro: int,
+) -> tuple[tuple[float, str], tuple[float, str]]:
     spec = job.spec(role)
     act = job.mean_seq_len * spec.hidden * WEIGHT_BYTES
     ar, ar_src = collective(profile, "all_reduce", act, layout.tp, _intra(gpn, layout.tp))
@@ -146,18 +160,27 @@ def measured_train(job: Job, role: str, layout: ParallelLayout, profile: Profile
         return None
     calls = profile.calls
     per_rank = math.ceil(job.sequences / (job.mini_batches * layout.dp))
-    step = calls.train_step(layout.n_gpus, layout.tp, layout.pp,
-                            calls.same_work(per_rank, job.seq_len), role in VALUE_ROLES)
+    step = calls.train_step(
+        layout.n_gpus,
+        layout.tp,
+        layout.pp,
+        calls.same_work(per_rank, job.seq_len),
+        role in VALUE_ROLES,
+    )
     disp = calls.dispatch("train", layout.n_gpus, job.sequences)
     if step is None or disp is None:
         return None
     steps = job.ppo_epochs * job.mini_batches
-    return cost(("train_steps", steps * (step[0] - step[1]), "measured"),
-                ("optimizer_steps", steps * step[1], "measured"), ("dispatch", disp, "measured"))
+    return cost(
+        ("train_steps", steps * (step[0] - step[1]), "measured"),
+        ("optimizer_steps", steps * step[1], "measured"),
+        ("dispatch", disp, "measured"),
+    )
 
 
-def measured_infer(job: Job, role: str, layout: ParallelLayout, profile: Profile,
-                   sequences: int) -> Cost | None:
+def measured_infer(
+    job: Job, role: str, layout: ParallelLayout, profile: Profile, sequences: int
+) -> Cost | None:
     """Forward calls of the executor (one per batch of the job's sequences: ReMax scores
     its greedy baseline in a call of its own) from the per-call tables, or None."""
     if not _measured_calls(job, role, layout, profile):
@@ -165,14 +188,19 @@ def measured_infer(job: Job, role: str, layout: ParallelLayout, profile: Profile
     calls = profile.calls
     n_calls = math.ceil(sequences / job.sequences)
     per_call = sequences / n_calls
-    fwd = calls.forward(layout.n_gpus, layout.tp, layout.pp,
-                        calls.same_work(math.ceil(per_call / layout.dp), job.seq_len),
-                        role in VALUE_ROLES)
+    fwd = calls.forward(
+        layout.n_gpus,
+        layout.tp,
+        layout.pp,
+        calls.same_work(math.ceil(per_call / layout.dp), job.seq_len),
+        role in VALUE_ROLES,
+    )
     disp = calls.dispatch("forward", layout.n_gpus, per_call)
     if fwd is None or disp is None:
         return None
-    return cost(("forward_calls", n_calls * fwd, "measured"),
-                ("dispatch", n_calls * disp, "measured"))
+    return cost(
+        ("forward_calls", n_calls * fwd, "measured"), ("dispatch", n_calls * disp, "measured")
+    )
 
 
 def train_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int) -> Cost:
@@ -192,32 +220,51 @@ def train_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gp
     shard = role_params(job, role, layout.ep) / layout.model_parallel
     experts = expert_share(job, role, layout.ep) / layout.model_parallel
     intra = _intra(gpn, layout.tp * layout.dp)
-    grad, grad_src = collective(profile, "all_reduce", GRAD_BYTES * (shard - experts),
-                                layout.dp, intra)
+    grad, grad_src = collective(
+        profile, "all_reduce", GRAD_BYTES * (shard - experts), layout.dp, intra
+    )
     # each rank's experts are replicated over dp/ep ranks only
-    grad_e, _ = collective(profile, "all_reduce", GRAD_BYTES * experts,
-                           layout.dp // layout.ep, intra)
+    grad_e, _ = collective(
+        profile, "all_reduce", GRAD_BYTES * experts, layout.dp // layout.ep, intra
+    )
     # Adam reads bf16 weights, fp32 grads and 3 fp32 states, writes weights and states
-    opt = profile.memory_seconds(shard * (WEIGHT_BYTES + GRAD_BYTES + 2 * ADAM_BYTES + WEIGHT_BYTES))
-    return cost(("train_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
-                ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src),
-                ("dp_grad_reduce", steps * (grad + grad_e), grad_src),
-                ("optimizer", steps * opt)) + dispatch_cost(job, job.sequences, "train", profile)
+    opt = profile.memory_seconds(
+        shard * (WEIGHT_BYTES + GRAD_BYTES + 2 * ADAM_BYTES + WEIGHT_BYTES)
+    )
+    return cost(
+        ("train_compute", comp, comp_src),
+        ("tp_allreduce", tp, tp_src),
+        ("pp_p2p", pp, pp_src),
+        ("ep_alltoall", a2a),
+        ("pp_bubble", bubble, comp_src),
+        ("dp_grad_reduce", steps * (grad + grad_e), grad_src),
+        ("optimizer", steps * opt),
+    ) + dispatch_cost(job, job.sequences, "train", profile)
 
 
-def _alltoall(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int,
-              tokens: float, passes: int) -> float:
+def _alltoall(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    gpn: int,
+    tokens: float,
+    passes: int,
+) -> float:
     """Expert-parallel dispatch and combine of `tokens` tokens of one dp rank: its ep peers
     are the next data-parallel ranks, tp devices apart."""
-    return moe_alltoall_seconds(profile, job.spec(role), tokens, layout.ep, layout.tp,
-                                layout.pp, gpn, passes)
+    return moe_alltoall_seconds(
+        profile, job.spec(role), tokens, layout.ep, layout.tp, layout.pp, gpn, passes
+    )
 
 
-def infer_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int,
-               sequences: int) -> Cost:
+def infer_cost(
+    job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int, sequences: int
+) -> Cost:
     """Forward passes over `sequences` (log-probs, values or scores)."""
-    check_model_fits(job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads,
-                     layout.pp, layout.tp)
+    check_model_fits(
+        job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads, layout.pp, layout.tp
+    )
     check_ep(job, role, layout)
     measured = measured_infer(job, role, layout, profile, sequences)
     if measured is not None:
@@ -228,6 +275,10 @@ def infer_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gp
     (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro, 2, 1)
     a2a = _alltoall(job, role, layout, profile, gpn, tokens, 2)
     bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
-    return cost(("infer_compute", comp, comp_src), ("tp_allreduce", tp, tp_src),
-                ("pp_p2p", pp, pp_src), ("ep_alltoall", a2a), ("pp_bubble", bubble, comp_src)
-                ) + dispatch_cost(job, sequences, "infer", profile)
+    return cost(
+        ("infer_compute", comp, comp_src),
+        ("tp_allreduce", tp, tp_src),
+        ("pp_p2p", pp, pp_src),
+        ("ep_alltoall", a2a),
+        ("pp_bubble", bubble, comp_src),
+    ) + dispatch_cost(job, sequences, "infer", profile)

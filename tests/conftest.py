@@ -5,6 +5,7 @@ starts a process (a Ray cluster, spawned ranks, a subprocess) is marked ``proces
 ``slow``); every other test is in the unit tier (``make test-unit``), and one that tries to
 start a process anyway fails, naming the marker it needs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,19 +27,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # matplotlib builds its font cache with fc-list the first time it is imported on a
     # machine: do it before any test, so that no unit test starts that process
     import matplotlib
+
     matplotlib.use("Agg")
     from matplotlib import font_manager  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
-def _unit_tests_start_no_process(request: pytest.FixtureRequest,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def _unit_tests_start_no_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if request.node.get_closest_marker("process") or request.node.get_closest_marker("slow"):
         return
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
-                             f"@pytest.mark.process (or slow)")
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process: mark it @pytest.mark.process (or slow)"
+        )
+
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 

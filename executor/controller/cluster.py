@@ -6,6 +6,7 @@ Ray (no dashboard, no token-auth warning, its files in a temporary folder of its
 an existing cluster given by ``address`` / ``RAY_ADDRESS``. Everything it started is shut down
 by :meth:`Cluster.shutdown`, at interpreter exit and on Ctrl-C (SIGINT ends in exit too).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -21,9 +22,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # read when ray is imported/
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import ray  # noqa: E402
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
 
 from hybridflow.errors import UserError  # noqa: E402
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group  # noqa: E402
 
 VGPU = "vgpu"
 
@@ -65,14 +66,16 @@ class ResourcePool:
 
 def _cuda_available() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
 class Cluster:
     """The Ray runtime of one controller."""
 
-    def __init__(self, config: ClusterConfig, started_here: bool, tmpdir: str | None,
-                 resource: str) -> None:
+    def __init__(
+        self, config: ClusterConfig, started_here: bool, tmpdir: str | None, resource: str
+    ) -> None:
         self.config, self.started_here, self.tmpdir = config, started_here, tmpdir
         self.resource = resource
         self.pools: dict[str, ResourcePool] = {}
@@ -80,13 +83,17 @@ class Cluster:
         atexit.register(_shutdown_ref, weakref.ref(self))
 
     @classmethod
-    def start(cls, config: ClusterConfig | None = None) -> "Cluster":
+    def start(cls, config: ClusterConfig | None = None) -> Cluster:
         config = config or ClusterConfig()
         if ray.is_initialized():
             raise RayClusterError("Ray is already initialised in this process")
         address = config.join_address
-        quiet = dict(include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=True)
+        quiet = dict(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=True,
+        )
         if address:
             try:
                 ray.init(address=address, **quiet)
@@ -98,10 +105,13 @@ class Cluster:
         tmpdir = tempfile.mkdtemp(prefix="hf-ray-") if own_tmp else os.environ["RAY_TMPDIR"]
         gpu = _cuda_available()
         resources = {} if gpu else {VGPU: config.devices}
-        _init_local(dict(num_cpus=os.cpu_count(), resources=resources, _temp_dir=tmpdir,
-                         **quiet))
-        return cls(config, started_here=True, tmpdir=tmpdir if own_tmp else None,
-                   resource="GPU" if gpu else VGPU)
+        _init_local(dict(num_cpus=os.cpu_count(), resources=resources, _temp_dir=tmpdir, **quiet))
+        return cls(
+            config,
+            started_here=True,
+            tmpdir=tmpdir if own_tmp else None,
+            resource="GPU" if gpu else VGPU,
+        )
 
     @property
     def total_devices(self) -> int:
@@ -113,19 +123,25 @@ class Cluster:
             raise RayClusterError(f"resource pool {name!r} already exists")
         free = int(ray.available_resources().get(self.resource, 0))
         if devices > free:
-            raise RayClusterError(f"pool {name!r} needs {devices} devices, the cluster has "
-                               f"{free} free of {self.total_devices} ({self.resource})")
+            raise RayClusterError(
+                f"pool {name!r} needs {devices} devices, the cluster has "
+                f"{free} free of {self.total_devices} ({self.resource})"
+            )
         bundle = {self.resource: 1} if self.resource == VGPU else {"GPU": 1, "CPU": 1}
-        per_node = max(int(n["Resources"].get(self.resource, 0)) for n in ray.nodes()
-                       if n.get("Alive"))
+        per_node = max(
+            int(n["Resources"].get(self.resource, 0)) for n in ray.nodes() if n.get("Alive")
+        )
         strategy = "STRICT_PACK" if devices <= per_node else "PACK"
-        pg = placement_group([dict(bundle) for _ in range(devices)], strategy=strategy,
-                             name=f"hybridflow-{name}")
+        pg = placement_group(
+            [dict(bundle) for _ in range(devices)], strategy=strategy, name=f"hybridflow-{name}"
+        )
         ready, _ = ray.wait([pg.ready()], timeout=self.config.pool_timeout_s)
         if not ready:
             remove_placement_group(pg)
-            raise RayClusterError(f"pool {name!r}: {devices} devices not placed within "
-                               f"{self.config.pool_timeout_s:.0f} s")
+            raise RayClusterError(
+                f"pool {name!r}: {devices} devices not placed within "
+                f"{self.config.pool_timeout_s:.0f} s"
+            )
         self.pools[name] = ResourcePool(name, devices, self.resource, pg)
         return self.pools[name]
 
@@ -138,8 +154,10 @@ class Cluster:
         before = ray.available_resources().get(self.resource, 0)
         remove_placement_group(pool.placement_group)
         deadline = time.monotonic() + wait_s
-        while ray.available_resources().get(self.resource, 0) < before + pool.devices \
-                and time.monotonic() < deadline:
+        while (
+            ray.available_resources().get(self.resource, 0) < before + pool.devices
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
 
     def shutdown(self) -> None:
@@ -156,7 +174,7 @@ class Cluster:
         if self.started_here and self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -176,7 +194,7 @@ def _init_local(kwargs: dict, attempts: int = 3) -> None:
                 raise RayClusterError(f"cannot start a local Ray: {e}") from e
 
 
-def _shutdown_ref(ref: "weakref.ref[Cluster]") -> None:
+def _shutdown_ref(ref: weakref.ref[Cluster]) -> None:
     cluster = ref()
     if cluster is not None:
         cluster.shutdown()

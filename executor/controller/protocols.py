@@ -12,6 +12,7 @@ MEGATRON_3D (3D_PROTO) and the generation engine's 3D_ALL_MICRO_DP.
 the call is about. Splitting applies to :class:`Batch` arguments; other arguments go to every
 rank unchanged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -79,9 +80,11 @@ DISPATCH_ATTR = "_hybridflow_dispatch_mode"
 
 def register(dispatch_mode: str = "ONE_TO_ALL") -> Callable:
     """Declare a worker method's transfer protocol (the mode may be registered later)."""
+
     def wrap(fn: Callable) -> Callable:
         setattr(fn, DISPATCH_ATTR, dispatch_mode)
         return fn
+
     return wrap
 
 
@@ -92,12 +95,13 @@ def dispatch_mode_of(cls: type, method: str) -> str | None:
 # ---- helpers ---------------------------------------------------------------------------
 def split_args(args: tuple, kwargs: dict, parts: int) -> list[tuple[tuple, dict]]:
     """Split every Batch argument into `parts` equal chunks; others are repeated."""
+
     def pieces(v: Any) -> list[Any]:
         return v.split(parts) if isinstance(v, Batch) else [v] * parts
+
     a = [pieces(v) for v in args]
     k = {name: pieces(v) for name, v in kwargs.items()}
-    return [(tuple(p[i] for p in a), {name: p[i] for name, p in k.items()})
-            for i in range(parts)]
+    return [(tuple(p[i] for p in a), {name: p[i] for name, p in k.items()}) for i in range(parts)]
 
 
 def merge_outputs(outputs: Sequence[Any]) -> Any:
@@ -120,10 +124,14 @@ def _one_to_all(ctx: CallContext, args: tuple, kwargs: dict) -> Dispatched:
 def _all_to_all(ctx: CallContext, args: tuple, kwargs: dict) -> Dispatched:
     for v in [*args, *kwargs.values()]:
         if not isinstance(v, (list, tuple)) or len(v) != ctx.world_size:
-            raise ProtocolError(f"ALL_TO_ALL needs every argument to be a list of one value "
-                                f"per rank ({ctx.world_size}), got {type(v).__name__}")
-    return [(tuple(v[r] for v in args), {k: v[r] for k, v in kwargs.items()})
-            for r in range(ctx.world_size)]
+            raise ProtocolError(
+                f"ALL_TO_ALL needs every argument to be a list of one value "
+                f"per rank ({ctx.world_size}), got {type(v).__name__}"
+            )
+    return [
+        (tuple(v[r] for v in args), {k: v[r] for k, v in kwargs.items()})
+        for r in range(ctx.world_size)
+    ]
 
 
 def _as_list(ctx: CallContext, outputs: list) -> list:

@@ -15,6 +15,7 @@ installed package:
 It is pinned to the megatron-core versions it was checked against and fails loudly
 on any other version, because every bridged line is version specific.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,15 +52,18 @@ def check_version() -> None:
             f"executor/cuda_bridge.py was checked with megatron-core "
             f"{', '.join(SUPPORTED_MEGATRON_VERSIONS)} only; found {version}. Its CPU bridge "
             f"patches version-specific lines: check them (see FEASIBILITY.md) before adding "
-            f"this version, or run on a CUDA machine.")
+            f"this version, or run on a CUDA machine."
+        )
 
 
-_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
-                    "torch.HalfTensor": "torch.cuda.HalfTensor",
-                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
-                    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
-                    "torch.IntTensor": "torch.cuda.IntTensor",
-                    "torch.LongTensor": "torch.cuda.LongTensor"}
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+}
 
 
 def _is_cuda_device(dev: Any) -> bool:
@@ -79,8 +83,11 @@ class _CpuForCudaMode(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
             return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and (
-                _is_cuda_device(args[1]) or isinstance(args[1], int)):
+        if (
+            func is torch.Tensor.to
+            and len(args) > 1
+            and (_is_cuda_device(args[1]) or isinstance(args[1], int))
+        ):
             args = (args[0], "cpu", *args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
@@ -169,6 +176,7 @@ def install() -> None:
 def new_rng_tracker() -> Any:
     """A fresh megatron RNG tracker of the right kind for this machine."""
     from megatron.core.tensor_parallel import random as mrandom
+
     if cuda_available():
         return mrandom.CudaRNGStatesTracker()
     install()
@@ -188,12 +196,14 @@ def seed_tracker(tracker: Any, seed: int, tp_rank: int) -> None:
 def use_rng_tracker(tracker: Any) -> None:
     """Make `tracker` the one megatron's ``get_cuda_rng_tracker()`` returns."""
     from megatron.core.tensor_parallel import random as mrandom
+
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
 def current_rng_tracker() -> Any:
     from megatron.core.tensor_parallel import random as mrandom
+
     return mrandom._CUDA_RNG_STATE_TRACKER
 
 
@@ -209,5 +219,8 @@ def active() -> Iterator[None]:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() \
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if cuda_available()
         else torch.device("cpu")
+    )

@@ -18,6 +18,7 @@ slowed tensor-parallel calls measurably).
 Rank order is megatron's default ``tp-cp-ep-dp-pp``: global rank
 ``= tp_rank + tp * (dp_rank + dp * pp_rank)`` (TP groups are consecutive ranks).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,12 @@ from hybridflow.layout import LayoutError, ParallelLayout
 
 def _state_names() -> list[str]:
     from megatron.core import parallel_state as ps
-    return [n for n in vars(ps) if n.startswith("_") and n[1:2].isupper()
-            and not callable(getattr(ps, n))]
+
+    return [
+        n
+        for n in vars(ps)
+        if n.startswith("_") and n[1:2].isupper() and not callable(getattr(ps, n))
+    ]
 
 
 class WorldWatch:
@@ -63,11 +68,25 @@ _shared_world = WorldWatch()  # the default group that `_shared_groups` belong t
 def _shared_new_group(original):
     """torch's ``new_group`` returning one group per (ranks, backend, timeout); the cache
     evolves alike on every rank since every rank makes the same calls in order."""
-    def new_group(ranks=None, timeout=None, backend=None, pg_options=None,
-                  use_local_synchronization=False, group_desc=None, **extra: Any) -> Any:
-        kwargs = dict(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options,
-                      use_local_synchronization=use_local_synchronization,
-                      group_desc=group_desc, **extra)
+
+    def new_group(
+        ranks=None,
+        timeout=None,
+        backend=None,
+        pg_options=None,
+        use_local_synchronization=False,
+        group_desc=None,
+        **extra: Any,
+    ) -> Any:
+        kwargs = dict(
+            ranks=ranks,
+            timeout=timeout,
+            backend=backend,
+            pg_options=pg_options,
+            use_local_synchronization=use_local_synchronization,
+            group_desc=group_desc,
+            **extra,
+        )
         if ranks is None or pg_options is not None or use_local_synchronization or extra:
             return original(**kwargs)
         if _shared_world.changed():
@@ -76,6 +95,7 @@ def _shared_new_group(original):
         if key not in _shared_groups:
             _shared_groups[key] = original(**kwargs)
         return _shared_groups[key]
+
     return new_group
 
 
@@ -96,11 +116,13 @@ def shared_new_groups() -> Iterator[None]:
 
 def _snapshot() -> dict[str, Any]:
     from megatron.core import parallel_state as ps
+
     return {n: getattr(ps, n) for n in _state_names()}
 
 
 def _restore(state: dict[str, Any]) -> None:
     from megatron.core import parallel_state as ps
+
     for n, v in state.items():
         setattr(ps, n, dict(v) if isinstance(v, dict) else v)
 
@@ -128,18 +150,25 @@ class RoleGroups:
         return self.layout.coords(self.rank).tp
 
     def group(self, kind: str) -> torch.distributed.ProcessGroup:
-        names = {"tp": "_TENSOR_MODEL_PARALLEL_GROUP", "pp": "_PIPELINE_MODEL_PARALLEL_GROUP",
-                 "dp": "_DATA_PARALLEL_GROUP", "mp": "_MODEL_PARALLEL_GROUP"}
+        names = {
+            "tp": "_TENSOR_MODEL_PARALLEL_GROUP",
+            "pp": "_PIPELINE_MODEL_PARALLEL_GROUP",
+            "dp": "_DATA_PARALLEL_GROUP",
+            "mp": "_MODEL_PARALLEL_GROUP",
+        }
         return self.state[names[kind]]
 
     def ranks(self, kind: str) -> list[int]:
         """Global ranks of this rank's `kind` group (tp, pp or dp)."""
-        names = {"tp": "_TENSOR_MODEL_PARALLEL_GLOBAL_RANKS",
-                 "pp": "_PIPELINE_GLOBAL_RANKS", "dp": "_DATA_PARALLEL_GLOBAL_RANKS"}
+        names = {
+            "tp": "_TENSOR_MODEL_PARALLEL_GLOBAL_RANKS",
+            "pp": "_PIPELINE_GLOBAL_RANKS",
+            "dp": "_DATA_PARALLEL_GLOBAL_RANKS",
+        }
         return list(self.state[names[kind]])
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["RoleGroups"]:
+    def active(self) -> Iterator[RoleGroups]:
         """Make this role's groups and RNG tracker megatron's current ones."""
         with _lock:
             outer, outer_tracker = _snapshot(), cuda_bridge.current_rng_tracker()
@@ -158,12 +187,15 @@ def build_role_groups(role: str, layout: ParallelLayout, seed: int = 1234) -> Ro
     """Create `role`'s groups. Collective: every rank of the world calls it, in the same order."""
     global _pristine
     from megatron.core import parallel_state as ps
+
     if not torch.distributed.is_initialized():
         raise RuntimeError("torch.distributed must be initialised before building groups")
     world = torch.distributed.get_world_size()
     if layout.world_size != world:
-        raise LayoutError(f"role {role!r}: layout {layout} needs {layout.world_size} ranks, "
-                          f"the worker group has {world}")
+        raise LayoutError(
+            f"role {role!r}: layout {layout} needs {layout.world_size} ranks, "
+            f"the worker group has {world}"
+        )
     with _lock:
         if _pristine is None:
             _pristine = _snapshot()
@@ -175,7 +207,8 @@ def build_role_groups(role: str, layout: ParallelLayout, seed: int = 1234) -> Ro
                     tensor_model_parallel_size=layout.tp,
                     pipeline_model_parallel_size=layout.pp,
                     virtual_pipeline_model_parallel_size=layout.vpp,
-                    create_gloo_process_groups=False)
+                    create_gloo_process_groups=False,
+                )
             state = _snapshot()
         finally:
             _restore(outer)

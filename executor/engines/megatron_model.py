@@ -10,6 +10,7 @@ virtual chunks) comes from megatron's parallel_state. With ``use_cpu_initializat
 initialises each full weight from the seeded CPU generator and keeps this rank's slice, so
 TP/PP shards equal slices of the one-process model built with the same seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from hybridflow.executor.engines import cuda_bridge
-from hybridflow.layout import ParallelLayout
 from hybridflow.executor.engines.groups import RoleGroups
+from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.architecture import ModelSpec
 
 with warnings.catch_warnings():
@@ -43,9 +44,13 @@ class ValueHead(torch.nn.Module):
         weight = torch.empty(1, hidden).normal_(0.0, std, generator=gen)
         self.weight = torch.nn.Parameter(weight)
 
-    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
-                runtime_gather_output: bool | None = None, **_: object
-                ) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+        **_: object,
+    ) -> tuple[torch.Tensor, None]:
         return F.linear(hidden_states, self.weight), None
 
 
@@ -59,8 +64,9 @@ class ModelOptions:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model dtype must be float32, bfloat16 or float16, "
-                             f"got {self.dtype!r}")
+            raise ValueError(
+                f"model dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )
         if not self.init_std > 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
 
@@ -69,52 +75,88 @@ class ModelOptions:
         return getattr(torch, self.dtype)
 
 
-def transformer_config(spec: ModelSpec, layout: ParallelLayout,
-                       options: ModelOptions) -> TransformerConfig:
+def transformer_config(
+    spec: ModelSpec, layout: ParallelLayout, options: ModelOptions
+) -> TransformerConfig:
     layout.check_model(spec.layers, spec.heads, spec.kv_heads, spec.vocab)
     dtype = options.torch_dtype
     return TransformerConfig(
-        num_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
-        num_query_groups=spec.kv_heads, ffn_hidden_size=spec.ffn, kv_channels=spec.head_dim,
-        normalization="RMSNorm", layernorm_epsilon=spec.norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=spec.qkv_bias,
-        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=options.init_std,
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        num_layers=spec.layers,
+        hidden_size=spec.hidden,
+        num_attention_heads=spec.heads,
+        num_query_groups=spec.kv_heads,
+        ffn_hidden_size=spec.ffn,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=options.init_std,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=True, perform_initialization=True,
-        gradient_accumulation_fusion=False, bias_activation_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, batch_p2p_comm=False, batch_p2p_sync=False,
-        sequence_parallel=False)
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        sequence_parallel=False,
+    )
 
 
-def _build_chunk(spec: ModelSpec, config: TransformerConfig, options: ModelOptions,
-                 vp_stage: int | None, seed: int) -> GPTModel:
+def _build_chunk(
+    spec: ModelSpec,
+    config: TransformerConfig,
+    options: ModelOptions,
+    vp_stage: int | None,
+    seed: int,
+) -> GPTModel:
     pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=spec.vocab, max_sequence_length=spec.max_position, pre_process=pre,
-        post_process=post, parallel_output=True,
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=spec.vocab,
+        max_sequence_length=spec.max_position,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
         share_embeddings_and_output_weights=spec.tied_embeddings,
-        position_embedding_type="rope", rotary_base=int(spec.rope_theta), vp_stage=vp_stage)
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta),
+        vp_stage=vp_stage,
+    )
     if options.value_head and post:
         model.output_layer = ValueHead(spec.hidden, seed + 7, options.init_std)
     return model
 
 
-def build_local_model(spec: ModelSpec, groups: RoleGroups, options: ModelOptions,
-                      seed: int) -> list[GPTModel]:
+def build_local_model(
+    spec: ModelSpec, groups: RoleGroups, options: ModelOptions, seed: int
+) -> list[GPTModel]:
     """This rank's model chunks (one, or vpp chunks when interleaved), initialised by
     :func:`init_weights`. Call under ``groups.active()``; reseeds the role's RNG tracker."""
     config = transformer_config(spec, groups.layout, options)
     torch.manual_seed(seed)
     cuda_bridge.seed_tracker(groups.rng_tracker, seed, groups.tp_rank)
     vpp = groups.layout.vpp
-    chunks = [_build_chunk(spec, config, options, vp_stage, seed)
-              for vp_stage in ([None] if vpp is None else range(vpp))]
+    chunks = [
+        _build_chunk(spec, config, options, vp_stage, seed)
+        for vp_stage in ([None] if vpp is None else range(vpp))
+    ]
     chunks = [c.to(cuda_bridge.device()) for c in chunks]
     init_weights(chunks, seed, options.init_std, spec.layers, groups.tp_rank, groups.layout.tp)
     return chunks
@@ -145,7 +187,7 @@ def _global_layer_name(name: str, offset: int) -> str:
     prefix = "decoder.layers."
     if not name.startswith(prefix):
         return name
-    idx, rest = name[len(prefix):].split(".", 1)
+    idx, rest = name[len(prefix) :].split(".", 1)
     return f"{prefix}{int(idx) + offset}.{rest}"
 
 
@@ -158,7 +200,7 @@ def local_layer_name(name: str, chunks: list[torch.nn.Module]) -> tuple[int, str
             if name in local:
                 return i, name
             continue
-        idx, rest = name[len("decoder.layers."):].split(".", 1)
+        idx, rest = name[len("decoder.layers.") :].split(".", 1)
         local_name = f"decoder.layers.{int(idx) - _layer_offset(module)}.{rest}"
         if local_name in local and _global_layer_name(local_name, _layer_offset(module)) == name:
             return i, local_name
@@ -181,8 +223,9 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def shard_of(full: torch.Tensor, partition: tuple[int, int] | None, tp_rank: int,
-             tp_size: int) -> torch.Tensor:
+def shard_of(
+    full: torch.Tensor, partition: tuple[int, int] | None, tp_rank: int, tp_size: int
+) -> torch.Tensor:
     """This TP rank's slice of a full tensor, as megatron splits its master weight."""
     if partition is None:
         return full
@@ -197,12 +240,12 @@ def merge_shards(shards: list[torch.Tensor], partition: tuple[int, int] | None) 
         return shards[0]
     dim, stride = partition
     per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
-    return torch.cat([per_rank[r][k] for k in range(stride) for r in range(len(shards))],
-                     dim=dim)
+    return torch.cat([per_rank[r][k] for k in range(stride) for r in range(len(shards))], dim=dim)
 
 
-def _init_full(name: str, shape: tuple[int, ...], seed: int, std: float,
-               layers: int) -> torch.Tensor:
+def _init_full(
+    name: str, shape: tuple[int, ...], seed: int, std: float, layers: int
+) -> torch.Tensor:
     if "layernorm" in name:  # RMSNorm gains (input, pre-MLP, final)
         return torch.ones(shape)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
@@ -214,8 +257,9 @@ def _init_full(name: str, shape: tuple[int, ...], seed: int, std: float,
 
 
 @torch.no_grad()
-def init_weights(chunks: list[torch.nn.Module], seed: int, std: float, layers: int,
-                 tp_rank: int, tp_size: int) -> None:
+def init_weights(
+    chunks: list[torch.nn.Module], seed: int, std: float, layers: int, tp_rank: int, tp_size: int
+) -> None:
     """Initialise every local shard as a slice of a full tensor drawn from (seed, global
     name): the same model whatever the layout, so any layout equals the one-process run."""
     for name, param in named_local_parameters(chunks):
@@ -224,8 +268,9 @@ def init_weights(chunks: list[torch.nn.Module], seed: int, std: float, layers: i
 
 
 @torch.no_grad()
-def load_full_state(chunks: list[torch.nn.Module], state: dict[str, torch.Tensor],
-                    tp_rank: int, tp_size: int) -> None:
+def load_full_state(
+    chunks: list[torch.nn.Module], state: dict[str, torch.Tensor], tp_rank: int, tp_size: int
+) -> None:
     """Copy this rank's slices of a full megatron-named state dict (global layer numbers)."""
     local = dict(named_local_parameters(chunks))
     missing = [n for n in local if n not in state]
@@ -234,8 +279,10 @@ def load_full_state(chunks: list[torch.nn.Module], state: dict[str, torch.Tensor
     for name, param in local.items():
         shard = shard_of(state[name], tp_partition(param), tp_rank, tp_size)
         if tuple(shard.shape) != tuple(param.shape):
-            raise ValueError(f"{name}: full tensor {tuple(state[name].shape)} gives a shard "
-                             f"{tuple(shard.shape)}, the model holds {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: full tensor {tuple(state[name].shape)} gives a shard "
+                f"{tuple(shard.shape)}, the model holds {tuple(param.shape)}"
+            )
         param.copy_(shard.to(param.dtype))
 
 
@@ -245,7 +292,9 @@ def load_local_state(chunks: list[torch.nn.Module], shards: dict[str, torch.Tens
     local = dict(named_local_parameters(chunks))
     unknown = [n for n in shards if n not in local]
     if unknown or len(shards) != len(local):
-        raise KeyError(f"shards do not match this rank's parameters: unknown {unknown[:3]}, "
-                       f"missing {[n for n in local if n not in shards][:3]}")
+        raise KeyError(
+            f"shards do not match this rank's parameters: unknown {unknown[:3]}, "
+            f"missing {[n for n in local if n not in shards][:3]}"
+        )
     for name, tensor in shards.items():
         local[name].copy_(tensor.to(local[name].dtype))

@@ -14,6 +14,7 @@ Model output handed to losses and returned by :meth:`TrainEngine.forward` (shape
 A loss is ``loss_fn(output, batch_slice) -> (loss, metrics)``: ``loss`` a scalar mean over the
 micro-batch, ``metrics`` a dict of floats/scalar tensors (averaged over micro-batches and DP).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -25,10 +26,9 @@ from typing import Any
 import torch
 
 from hybridflow.errors import UserError
-from hybridflow.executor.engines import cuda_bridge
-from hybridflow.executor.engines import megatron_model as mm
-from hybridflow.executor.engines import weights
 from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.engines import cuda_bridge, weights
+from hybridflow.executor.engines import megatron_model as mm
 from hybridflow.executor.engines.groups import RoleGroups
 from hybridflow.simulator.architecture import ModelSpec
 
@@ -63,15 +63,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
-            raise EngineConfigError(f"micro_batch_size must be a positive integer, "
-                                    f"got {self.micro_batch_size!r}")
+            raise EngineConfigError(
+                f"micro_batch_size must be a positive integer, got {self.micro_batch_size!r}"
+            )
         if not self.lr >= 0 or not self.weight_decay >= 0 or not self.clip_grad >= 0:
             raise EngineConfigError("lr, weight_decay and clip_grad must be >= 0")
 
     @property
     def model_options(self) -> mm.ModelOptions:
-        return mm.ModelOptions(value_head=self.value_head, dtype=self.dtype,
-                               init_std=self.init_std)
+        return mm.ModelOptions(value_head=self.value_head, dtype=self.dtype, init_std=self.init_std)
 
 
 def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,9 @@ def _attention_inputs(mb: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 class TrainEngine:
     """One role's model on this rank: forward-only outputs and train steps."""
 
-    def __init__(self, role: str, spec: ModelSpec, groups: RoleGroups,
-                 config: EngineConfig) -> None:
+    def __init__(
+        self, role: str, spec: ModelSpec, groups: RoleGroups, config: EngineConfig
+    ) -> None:
         self.role, self.spec, self.groups, self.config = role, spec, groups, config
         with groups.active():
             chunks = mm.build_local_model(spec, groups, config.model_options, config.seed)
@@ -111,23 +112,35 @@ class TrainEngine:
 
     def _setup_training(self) -> None:
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=self.config.use_distributed_optimizer)
-        self.model = [DDP(self.tconfig, ddp_config, chunk, disable_bucketing=(i > 0))
-                      for i, chunk in enumerate(self.model)]
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.config.use_distributed_optimizer,
+        )
+        self.model = [
+            DDP(self.tconfig, ddp_config, chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(self.model)
+        ]
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         opt_config = OptimizerConfig(
-            optimizer="adam", lr=self.config.lr, weight_decay=self.config.weight_decay,
-            clip_grad=self.config.clip_grad, adam_beta1=self.config.adam_betas[0],
-            adam_beta2=self.config.adam_betas[1], params_dtype=self.config.model_options.torch_dtype,
-            bf16=self.config.dtype == "bfloat16", fp16=self.config.dtype == "float16",
-            use_distributed_optimizer=self.config.use_distributed_optimizer)
-        self.optimizer = get_megatron_optimizer(opt_config, self.model,
-                                                use_gloo_process_groups=False)
+            optimizer="adam",
+            lr=self.config.lr,
+            weight_decay=self.config.weight_decay,
+            clip_grad=self.config.clip_grad,
+            adam_beta1=self.config.adam_betas[0],
+            adam_beta2=self.config.adam_betas[1],
+            params_dtype=self.config.model_options.torch_dtype,
+            bf16=self.config.dtype == "bfloat16",
+            fp16=self.config.dtype == "float16",
+            use_distributed_optimizer=self.config.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(
+            opt_config, self.model, use_gloo_process_groups=False
+        )
 
     # ---- one micro-batch -----------------------------------------------------------------
-    def _forward_step(self, loss_fn: LossFn | None, data_iterator: Any,
-                      model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+    def _forward_step(
+        self, loss_fn: LossFn | None, data_iterator: Any, model: torch.nn.Module
+    ) -> tuple[torch.Tensor, Callable]:
         mb: Batch = next(data_iterator).to(cuda_bridge.device())
         ids = mb["input_ids"]
         pos, mask = _attention_inputs(mb)
@@ -137,8 +150,9 @@ class TrainEngine:
         out = model(ids, pos, mask, labels=labels)
         return out, partial(self._loss, loss_fn, mb)
 
-    def _loss(self, loss_fn: LossFn | None, mb: Batch, model_out: torch.Tensor
-              ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _loss(
+        self, loss_fn: LossFn | None, mb: Batch, model_out: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         # LM head with labels returns per-token cross-entropy [b, s]; value head [b, s, 1]
         output = model_out.squeeze(-1) if self.config.value_head else -model_out
         if loss_fn is None:
@@ -151,9 +165,14 @@ class TrainEngine:
         model = self.model if len(self.model) > 1 else self.model[0]
         data = iter(micro) if len(self.model) == 1 else [iter(micro) for _ in self.model]
         return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, loss_fn), data_iterator=data,
-            model=model, num_microbatches=len(micro), seq_length=batch["input_ids"].shape[1],
-            micro_batch_size=len(micro[0]), forward_only=forward_only)
+            forward_step_func=partial(self._forward_step, loss_fn),
+            data_iterator=data,
+            model=model,
+            num_microbatches=len(micro),
+            seq_length=batch["input_ids"].shape[1],
+            micro_batch_size=len(micro[0]),
+            forward_only=forward_only,
+        )
 
     # ---- public API ----------------------------------------------------------------------
     @property
@@ -195,16 +214,21 @@ class TrainEngine:
         names = [None] if not keys else keys
         obj = [names if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
         torch.distributed.broadcast_object_list(
-            obj, src=ps.get_pipeline_model_parallel_last_rank(),
-            group=ps.get_pipeline_model_parallel_group())
+            obj,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
         keys = [k for k in obj[0] if k is not None]
         vals = torch.zeros(len(keys), dtype=torch.float64)
         if store:
             vals = torch.stack([torch.stack([d[k].double() for d in store]).mean() for k in keys])
         torch.distributed.all_reduce(vals, group=ps.get_data_parallel_group())
         vals /= ps.get_data_parallel_world_size()
-        torch.distributed.broadcast(vals, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())
+        torch.distributed.broadcast(
+            vals,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
         return {k: float(v) for k, v in zip(keys, vals)}
 
     # ---- weights -------------------------------------------------------------------------
@@ -214,8 +238,10 @@ class TrainEngine:
 
     def local_state(self) -> dict[str, Any]:
         """This rank's shards with their TP partition, for gathering a full state."""
-        return {name: (p.detach().cpu().clone(), mm.tp_partition(p))
-                for name, p in self.named_local_parameters()}
+        return {
+            name: (p.detach().cpu().clone(), mm.tp_partition(p))
+            for name, p in self.named_local_parameters()
+        }
 
     def load_full_megatron_state(self, state: dict[str, torch.Tensor]) -> None:
         mm.load_full_state(self.model, state, self.groups.tp_rank, self.groups.layout.tp)

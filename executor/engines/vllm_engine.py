@@ -10,12 +10,12 @@ Weights are loaded *sharded and in place*: the engine's parameters are marked so
 weight loaders copy the rank-local tensors as they are (no full tensor is ever built), then
 the worker's ``reload_weights`` runs the usual post-load processing (oneDNN repacking on CPU).
 """
-from __future__ import annotations
 
-import zlib
+from __future__ import annotations
 
 import glob
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ class EngineError(UserError):
 @dataclass(frozen=True)
 class SamplingConfig:
     """Generation settings of the job (one vLLM SamplingParams)."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 16
@@ -55,15 +56,23 @@ class SamplingConfig:
 
     def to_vllm(self, seed: int | None = None):
         from vllm import SamplingParams
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p,
-                              max_tokens=self.max_tokens, n=self.n,
-                              seed=self.seed if seed is None else seed,
-                              logprobs=0, detokenize=False, ignore_eos=self.ignore_eos)
+
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            n=self.n,
+            seed=self.seed if seed is None else seed,
+            logprobs=0,
+            detokenize=False,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 @dataclass(frozen=True)
 class Completion:
     """One sampled response: its prompt's index in the caller's list, sample number."""
+
     prompt_index: int
     sample: int
     token_ids: tuple[int, ...]
@@ -142,11 +151,13 @@ def _init_vllm_groups(ps: Any, tp_groups: Sequence[Sequence[int]]) -> None:
     ps.init_distributed_environment(world, rank, "env://", rank, backend=backend)
     singles = [[r] for r in range(world)]
     groups = [list(g) for g in tp_groups]
-    ps._TP = ps.init_model_parallel_group(groups, rank, backend,
-                                          use_message_queue_broadcaster=True, group_name="tp")
+    ps._TP = ps.init_model_parallel_group(
+        groups, rank, backend, use_message_queue_broadcaster=True, group_name="tp"
+    )
     ps._ETP = ps._TP
-    ps._DCP = ps.init_model_parallel_group(singles, rank, backend,
-                                           use_message_queue_broadcaster=True, group_name="dcp")
+    ps._DCP = ps.init_model_parallel_group(
+        singles, rank, backend, use_message_queue_broadcaster=True, group_name="dcp"
+    )
     ps._PCP = ps.init_model_parallel_group(singles, rank, backend, group_name="pcp")
     ps._PP = ps.init_model_parallel_group(singles, rank, backend, group_name="pp")
     ps._DP = ps.init_model_parallel_group(singles, rank, backend, group_name="dp")
@@ -168,6 +179,7 @@ def _mark_sharded_loading(model: torch.nn.Module) -> None:
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.parameter import BasevLLMParameter
+
     for module in model.modules():
         if not isinstance(module, (LinearBase, VocabParallelEmbedding)):
             continue
@@ -198,8 +210,13 @@ class VllmEngine:
         self.replica = next(i for i, g in enumerate(cfg.tp_groups) if self.rank in g)
         self.tp_rank = cfg.tp_groups[self.replica].index(self.rank)
         self._ident = _world_ident()
-        for k, v in {"RANK": self.rank, "LOCAL_RANK": self.rank, "WORLD_SIZE": cfg.world_size,
-                     "VLLM_ENABLE_V1_MULTIPROCESSING": 0, "HF_HUB_OFFLINE": 1}.items():
+        for k, v in {
+            "RANK": self.rank,
+            "LOCAL_RANK": self.rank,
+            "WORLD_SIZE": cfg.world_size,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": 0,
+            "HF_HUB_OFFLINE": 1,
+        }.items():
             os.environ[k] = str(v)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")  # unused: the world already exists
@@ -207,12 +224,21 @@ class VllmEngine:
         _use_job_ident(self._ident)
         _install_parallel_groups(cfg.tp_groups)
         from vllm import LLM
-        self.llm = LLM(model=cfg.model_dir, tensor_parallel_size=cfg.tp_size,
-                       distributed_executor_backend="external_launcher", enforce_eager=True,
-                       seed=cfg.seed, skip_tokenizer_init=True, dtype=cfg.dtype,
-                       kv_cache_memory_bytes=cfg.kv_cache_bytes, load_format=cfg.load_format,
-                       max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                       enable_prefix_caching=False)
+
+        self.llm = LLM(
+            model=cfg.model_dir,
+            tensor_parallel_size=cfg.tp_size,
+            distributed_executor_backend="external_launcher",
+            enforce_eager=True,
+            seed=cfg.seed,
+            skip_tokenizer_init=True,
+            dtype=cfg.dtype,
+            kv_cache_memory_bytes=cfg.kv_cache_bytes,
+            load_format=cfg.load_format,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enable_prefix_caching=False,
+        )
         _mark_sharded_loading(self.model)
 
     @property
@@ -232,19 +258,26 @@ class VllmEngine:
         fused parts of a layer together (q, k, v; gate, up), in place."""
         self.worker.reload_weights(weights_iterator=iter(list(pairs)), is_checkpoint_format=True)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 ids: Sequence[int] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        ids: Sequence[int] | None = None,
+    ) -> list[Completion]:
         """Generate for this replica's prompts; every rank of the TP group passes the same.
         `ids` (default 0, 1, ...) seed each prompt's sampling with `sampling.seed`."""
         from vllm.inputs import TokensPrompt
+
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         params = sampling.to_vllm()
         if sampling.seed is not None:
             # one seed per request: a shared seed would give every prompt the same random
             # draws (samples correlated across the batch)
             ids = range(len(prompts)) if ids is None else ids
-            params = [sampling.to_vllm(seed=request_seed(sampling.seed, i, p))
-                      for i, p in zip(ids, prompts)]
+            params = [
+                sampling.to_vllm(seed=request_seed(sampling.seed, i, p))
+                for i, p in zip(ids, prompts)
+            ]
         outs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         result = []
         for i, out in enumerate(outs):
@@ -278,8 +311,10 @@ class VllmEngine:
         world (vLLM's own teardown destroys it), so that another engine, with other groups,
         can be created in this process."""
         import gc
+
         import vllm.v1.engine.core as core
         from vllm.distributed import parallel_state as ps
+
         dist.barrier()
         teardown = core.cleanup_dist_env_and_memory
         core.cleanup_dist_env_and_memory = lambda *a, **k: None

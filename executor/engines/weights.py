@@ -13,6 +13,7 @@ Layouts (nq = query heads per KV group, hd = head dim, G = KV groups, H = hidden
 - ``linear_proj`` / ``linear_fc2`` split dim 1; embedding / output layer split dim 0 (vocab).
 - norms are replicated over TP ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,11 @@ _LAYER_PARAMS = {
     "mlp.linear_fc1.weight": (None, "fc1"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight", "row"),
 }
-_TOP_PARAMS = {EMBED: ("model.embed_tokens.weight", "vocab"),
-               OUTPUT: ("lm_head.weight", "vocab"),
-               FINAL_NORM: ("model.norm.weight", "replicated")}
+_TOP_PARAMS = {
+    EMBED: ("model.embed_tokens.weight", "vocab"),
+    OUTPUT: ("lm_head.weight", "vocab"),
+    FINAL_NORM: ("model.norm.weight", "replicated"),
+}
 
 
 def split_kind(name: str) -> str:
@@ -62,18 +65,24 @@ def check_tp(spec: ModelSpec, tp: int) -> None:
     """Raise LayoutError unless `spec` splits evenly over `tp` ranks."""
     if tp < 1:
         raise LayoutError(f"tensor-parallel size must be >= 1, got {tp}")
-    for what, n in (("KV heads", spec.kv_heads), ("FFN size", spec.ffn),
-                    ("vocab", spec.vocab), ("heads", spec.heads)):
+    for what, n in (
+        ("KV heads", spec.kv_heads),
+        ("FFN size", spec.ffn),
+        ("vocab", spec.vocab),
+        ("heads", spec.heads),
+    ):
         if n % tp:
-            raise LayoutError(f"model {spec.name!r}: {what} {n} is not a multiple of "
-                              f"tensor-parallel size {tp}")
+            raise LayoutError(
+                f"model {spec.name!r}: {what} {n} is not a multiple of tensor-parallel size {tp}"
+            )
 
 
 def stage_layers(spec: ModelSpec, pp: int, stage: int) -> range:
     """Global layer indices of pipeline stage `stage` (even split, as megatron does)."""
     if pp < 1 or spec.layers % pp:
-        raise LayoutError(f"model {spec.name!r}: {spec.layers} layers do not split over "
-                          f"{pp} pipeline stages")
+        raise LayoutError(
+            f"model {spec.name!r}: {spec.layers} layers do not split over {pp} pipeline stages"
+        )
     n = spec.layers // pp
     return range(stage * n, (stage + 1) * n)
 
@@ -177,19 +186,22 @@ def merge_tp(shards: Sequence[StateDict]) -> StateDict:
 def _qkv_to_hf(qkv: Tensor, spec: ModelSpec) -> tuple[Tensor, Tensor, Tensor]:
     nq, hd = spec.heads // spec.kv_heads, spec.head_dim
     g = qkv.view(-1, nq + 2, hd, qkv.shape[-1])
-    return (g[:, :nq].reshape(-1, qkv.shape[-1]), g[:, nq].reshape(-1, qkv.shape[-1]),
-            g[:, nq + 1].reshape(-1, qkv.shape[-1]))
+    return (
+        g[:, :nq].reshape(-1, qkv.shape[-1]),
+        g[:, nq].reshape(-1, qkv.shape[-1]),
+        g[:, nq + 1].reshape(-1, qkv.shape[-1]),
+    )
 
 
 def _hf_to_qkv(q: Tensor, k: Tensor, v: Tensor, spec: ModelSpec) -> Tensor:
     nq, hd, h = spec.heads // spec.kv_heads, spec.head_dim, q.shape[-1]
     groups = k.shape[0] // hd
-    return torch.cat([q.view(groups, nq, hd, h), k.view(groups, 1, hd, h),
-                      v.view(groups, 1, hd, h)], dim=1).reshape(-1, h)
+    return torch.cat(
+        [q.view(groups, nq, hd, h), k.view(groups, 1, hd, h), v.view(groups, 1, hd, h)], dim=1
+    ).reshape(-1, h)
 
 
-def megatron_to_hf(shard: StateDict, spec: ModelSpec, vocab_rows: int | None = None
-                   ) -> StateDict:
+def megatron_to_hf(shard: StateDict, spec: ModelSpec, vocab_rows: int | None = None) -> StateDict:
     """Hugging Face Llama names for a megatron shard (any TP degree; sizes stay local).
 
     On the full model (TP=1) this is the HF state dict. ``vocab_rows`` keeps only the first
@@ -207,8 +219,13 @@ def megatron_to_hf(shard: StateDict, spec: ModelSpec, vocab_rows: int | None = N
         pre, local = f"model.layers.{m.group(1)}.", m.group(2)
         if local == "self_attention.linear_qkv.weight":
             q, k, v = _qkv_to_hf(t, spec)
-            out.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.k_proj.weight": k,
-                        pre + "self_attn.v_proj.weight": v})
+            out.update(
+                {
+                    pre + "self_attn.q_proj.weight": q,
+                    pre + "self_attn.k_proj.weight": k,
+                    pre + "self_attn.v_proj.weight": v,
+                }
+            )
         elif local == "mlp.linear_fc1.weight":
             gate, up = t.chunk(2, dim=0)
             out.update({pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up})
@@ -229,10 +246,14 @@ def hf_to_megatron(hf: StateDict, spec: ModelSpec) -> StateDict:
             continue
         mp = f"decoder.layers.{i}."
         out[mp + "self_attention.linear_qkv.weight"] = _hf_to_qkv(
-            hf[pre + "self_attn.q_proj.weight"], hf[pre + "self_attn.k_proj.weight"],
-            hf[pre + "self_attn.v_proj.weight"], spec)
+            hf[pre + "self_attn.q_proj.weight"],
+            hf[pre + "self_attn.k_proj.weight"],
+            hf[pre + "self_attn.v_proj.weight"],
+            spec,
+        )
         out[mp + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]])
+            [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]]
+        )
         for local, (hf_local, _) in _LAYER_PARAMS.items():
             if hf_local is not None:
                 out[mp + local] = hf[pre + hf_local]
@@ -243,8 +264,10 @@ def check_vllm_vocab(spec: ModelSpec, tp: int) -> None:
     """vLLM pads the vocab to a multiple of 64 and splits the padded rows evenly; a megatron
     vocab shard is a vLLM one only when both splits agree."""
     if spec.vocab % (64 * tp):
-        raise LayoutError(f"model {spec.name!r}: vocab {spec.vocab} must be a multiple of "
-                          f"64*TP = {64 * tp} to load vocab shards into vLLM directly")
+        raise LayoutError(
+            f"model {spec.name!r}: vocab {spec.vocab} must be a multiple of "
+            f"64*TP = {64 * tp} to load vocab shards into vLLM directly"
+        )
 
 
 def megatron_to_vllm(shard: StateDict, spec: ModelSpec, tp: int) -> list[tuple[str, Tensor]]:
@@ -259,35 +282,53 @@ def megatron_to_vllm(shard: StateDict, spec: ModelSpec, tp: int) -> list[tuple[s
 def hf_config_dict(spec: ModelSpec, dtype: str = "float32") -> dict:
     """A LlamaConfig (via transformers) for `spec`, as the dict config.json holds."""
     from transformers import LlamaConfig
+
     cfg = LlamaConfig(
-        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
-        max_position_embeddings=spec.max_position, rms_norm_eps=spec.norm_eps,
-        rope_theta=spec.rope_theta, tie_word_embeddings=spec.tied_embeddings,
-        attention_bias=spec.qkv_bias, mlp_bias=False, hidden_act="silu",
-        torch_dtype=dtype, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.ffn,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position,
+        rms_norm_eps=spec.norm_eps,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=spec.tied_embeddings,
+        attention_bias=spec.qkv_bias,
+        mlp_bias=False,
+        hidden_act="silu",
+        torch_dtype=dtype,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+    )
     d = cfg.to_dict()
     d["architectures"] = ["LlamaForCausalLM"]
     return d
 
 
-def save_hf_checkpoint(path: str | Path, spec: ModelSpec, hf_state: StateDict | None = None
-                       ) -> Path:
+def save_hf_checkpoint(
+    path: str | Path, spec: ModelSpec, hf_state: StateDict | None = None
+) -> Path:
     """Write config.json (and model.safetensors when `hf_state` is given) for vLLM."""
     from safetensors.torch import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config_dict(spec), indent=1))
     if hf_state is not None:
-        save_file({k: v.detach().contiguous() for k, v in hf_state.items()},
-                  str(path / "model.safetensors"))
+        save_file(
+            {k: v.detach().contiguous() for k, v in hf_state.items()},
+            str(path / "model.safetensors"),
+        )
     return path
 
 
 def load_hf_folder(path: str | Path) -> StateDict:
     """The weights of a Hugging Face folder (a single model.safetensors)."""
     from safetensors.torch import load_file
+
     return load_file(str(Path(path) / "model.safetensors"))
 
 
@@ -300,8 +341,9 @@ def hf_to_full_megatron(hf: StateDict, spec: ModelSpec, value_head: bool) -> Sta
     full = hf_to_megatron(body, spec)
     if value_head:
         if "score.weight" not in hf:
-            raise LayoutError("a value-head role needs a sequence-classification checkpoint "
-                              "(score.weight)")
+            raise LayoutError(
+                "a value-head role needs a sequence-classification checkpoint (score.weight)"
+            )
         full[OUTPUT] = hf["score.weight"].reshape(1, spec.hidden)
     return full
 
@@ -314,18 +356,26 @@ def random_hf_state(spec: ModelSpec, seed: int = 0, std: float = 0.05) -> StateD
     def rnd(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=g) * std
 
-    out = {"model.embed_tokens.weight": rnd(v, h), "lm_head.weight": rnd(v, h),
-           "model.norm.weight": 1 + rnd(h)}
+    out = {
+        "model.embed_tokens.weight": rnd(v, h),
+        "lm_head.weight": rnd(v, h),
+        "model.norm.weight": 1 + rnd(h),
+    }
     for i in range(spec.layers):
         p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj.weight": rnd(q, h),
-                    p + "self_attn.k_proj.weight": rnd(kv, h),
-                    p + "self_attn.v_proj.weight": rnd(kv, h),
-                    p + "self_attn.o_proj.weight": rnd(h, q),
-                    p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
-                    p + "mlp.down_proj.weight": rnd(h, f),
-                    p + "input_layernorm.weight": 1 + rnd(h),
-                    p + "post_attention_layernorm.weight": 1 + rnd(h)})
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": rnd(q, h),
+                p + "self_attn.k_proj.weight": rnd(kv, h),
+                p + "self_attn.v_proj.weight": rnd(kv, h),
+                p + "self_attn.o_proj.weight": rnd(h, q),
+                p + "mlp.gate_proj.weight": rnd(f, h),
+                p + "mlp.up_proj.weight": rnd(f, h),
+                p + "mlp.down_proj.weight": rnd(h, f),
+                p + "input_layernorm.weight": 1 + rnd(h),
+                p + "post_attention_layernorm.weight": 1 + rnd(h),
+            }
+        )
     return out
 
 
@@ -350,12 +400,16 @@ def megatron_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     out = {EMBED: (v, h), OUTPUT: (v, h), FINAL_NORM: (h,)}
     for i in range(spec.layers):
         p = f"decoder.layers.{i}."
-        out.update({p + "input_layernorm.weight": (h,),
-                    p + "self_attention.linear_qkv.weight": (q + 2 * kv, h),
-                    p + "self_attention.linear_proj.weight": (h, q),
-                    p + "pre_mlp_layernorm.weight": (h,),
-                    p + "mlp.linear_fc1.weight": (2 * f, h),
-                    p + "mlp.linear_fc2.weight": (h, f)})
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attention.linear_qkv.weight": (q + 2 * kv, h),
+                p + "self_attention.linear_proj.weight": (h, q),
+                p + "pre_mlp_layernorm.weight": (h,),
+                p + "mlp.linear_fc1.weight": (2 * f, h),
+                p + "mlp.linear_fc2.weight": (h, f),
+            }
+        )
     return out
 
 
@@ -368,14 +422,15 @@ def shard_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
     return tuple(n // tp if i == dim else n for i, n in enumerate(shape))
 
 
-def flat_views(flat: Tensor, offset: int, shapes: dict[str, tuple[int, ...]],
-               names: Sequence[str]) -> StateDict:
+def flat_views(
+    flat: Tensor, offset: int, shapes: dict[str, tuple[int, ...]], names: Sequence[str]
+) -> StateDict:
     """Tensors of `shapes` (in the order of `names`) one after another in the 1-D `flat`
     from `offset`: views, no copy."""
     out = {}
     for n in names:
         m = math.prod(shapes[n])
-        out[n] = flat[offset:offset + m].view(shapes[n])
+        out[n] = flat[offset : offset + m].view(shapes[n])
         offset += m
     return out
 

@@ -2,7 +2,7 @@
 (pg=1, tg, dg, d) in the same processes, dg = p·t/tg.
 
 Ranks follow megatron's order (TP fastest, then DP, then PP); who groups with whom is
-hybridflow.executor.hybrid_engine.reshard_plan. Three resharding schemes, one interface (the paper's Table 2):
+executor.hybrid_engine.reshard_plan. Three resharding schemes, one interface (Table 2):
 - ``hybridengine``: generation TP groups strided at t/tg inside each training TP group,
   micro-DP groups consecutive; every rank's training shard lies inside its generation shard,
   so one all-gather per micro-DP group builds the generation weights.
@@ -22,6 +22,7 @@ copied in. Buffers and messages are planned once and reused. (gloo's all_gather 
 receive into a fresh staging buffer and copy out; on a CPU, first touching fresh pages costs
 more than the copy, and the merge into the generation layout would be another copy.)
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,9 +35,14 @@ import torch
 import torch.distributed as dist
 
 from hybridflow.executor.engines import weights as W
-from hybridflow.executor.hybrid_engine.reshard_plan import (ReshardError, ReshardPlan, ReshardStats, gather_micro_dp,
-                                   split_micro_dp)
 from hybridflow.executor.engines.vllm_engine import Completion, SamplingConfig, VllmEngine
+from hybridflow.executor.hybrid_engine.reshard_plan import (
+    ReshardError,
+    ReshardPlan,
+    ReshardStats,
+    gather_micro_dp,
+    split_micro_dp,
+)
 from hybridflow.simulator.architecture import ModelSpec
 
 _GROUPS: dict[tuple[int, tuple[int, ...]], object] = {}  # process groups made so far
@@ -45,8 +51,9 @@ _GROUPS: dict[tuple[int, tuple[int, ...]], object] = {}  # process groups made s
 _NORM_TAG = 1 << 20  # message tag of the norms; the sharded tensors' tags count from 0
 
 
-def _messages(shapes: dict[str, tuple[int, ...]], names: Sequence[str], d: int, k: int
-              ) -> list[tuple[str, int, int]]:
+def _messages(
+    shapes: dict[str, tuple[int, ...]], names: Sequence[str], d: int, k: int
+) -> list[tuple[str, int, int]]:
     """What the holder of piece k of d of a training shard sends each peer: (name, begin,
     end) in the flattened tensors, in tag order. d > 1 (allgather) splits every tensor in
     d pieces, as ZeRO-3 partitions parameters; fc1 is split between gate and up, which lie
@@ -66,6 +73,7 @@ def _messages(shapes: dict[str, tuple[int, ...]], names: Sequence[str], d: int, 
 @dataclass
 class _Transfer:
     """One rank's buffers and the messages that fill them: built once, reused."""
+
     gen: torch.Tensor  # generation shard, megatron layout; the norms of every stage last
     scratch: torch.Tensor  # received parts not placed in `gen` as they arrive
     gen_views: W.StateDict
@@ -90,12 +98,18 @@ class HybridEngine:
     4 KiB page, more than the copy into it, and vLLM's own weights stay resident anyway;
     False frees them in to_training() (GPU with vLLM sleep)."""
 
-    def __init__(self, spec: ModelSpec, plan: ReshardPlan,
-                 engine_factory: Callable[[list[list[int]]], VllmEngine] | None = None,
-                 dtype: torch.dtype = torch.float32, keep_buffers: bool = True):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan: ReshardPlan,
+        engine_factory: Callable[[list[list[int]]], VllmEngine] | None = None,
+        dtype: torch.dtype = torch.float32,
+        keep_buffers: bool = True,
+    ):
         if dist.get_world_size() != plan.train.n_gpus:
-            raise ReshardError(f"layout needs {plan.train.n_gpus} ranks, world has "
-                               f"{dist.get_world_size()}")
+            raise ReshardError(
+                f"layout needs {plan.train.n_gpus} ranks, world has {dist.get_world_size()}"
+            )
         W.check_tp(spec, plan.train.tp)
         W.stage_layers(spec, plan.train.pp, 0)
         self.spec, self.plan, self.dtype = spec, plan, dtype
@@ -105,8 +119,10 @@ class HybridEngine:
         self.stage, self.tp_rank, self.dp_rank = me.pp, me.tp, me.dp
         self._full_shapes = W.megatron_shapes(spec)
         self._templates: dict[tuple[int, int, bool], tuple] = {}
-        self._groups = {kind: self._subgroup(getattr(plan, f"{kind}_groups")())
-                        for kind in ("gather", "micro_dp", "pipeline")}
+        self._groups = {
+            kind: self._subgroup(getattr(plan, f"{kind}_groups")())
+            for kind in ("gather", "micro_dp", "pipeline")
+        }
         self.gen_tp_rank = plan.gen_tp_rank(self.rank)
         self._xfer: _Transfer | None = None
         self.engine = engine_factory(plan.gen_tp_groups()) if engine_factory else None
@@ -124,14 +140,19 @@ class HybridEngine:
         return mine
 
     # ---- layouts --------------------------------------------------------------------
-    def _template(self, s: int, r: int, sharded: bool = True
-                  ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    def _template(
+        self, s: int, r: int, sharded: bool = True
+    ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         """Shapes and (sorted) names of training shard (stage s, TP rank r); cached."""
         key = (s, r, sharded)
         if key not in self._templates:
             t = self.plan.train.tp
-            shapes = {n: W.shard_shape(n, shape, t) for n, shape in
-                      W.stage_state(self._full_shapes, self.spec, self.plan.train.pp, s).items()}
+            shapes = {
+                n: W.shard_shape(n, shape, t)
+                for n, shape in W.stage_state(
+                    self._full_shapes, self.spec, self.plan.train.pp, s
+                ).items()
+            }
             names = sorted(n for n in shapes if (W.split_kind(n) != "replicated") == sharded)
             self._templates[key] = (shapes, names, sum(math.prod(shapes[n]) for n in names))
         return self._templates[key][:2]
@@ -140,8 +161,9 @@ class HybridEngine:
         self._template(s, r, sharded)
         return self._templates[(s, r, sharded)][2]
 
-    def _gen_layout(self) -> tuple[list[tuple[str, int, tuple[int, ...]]],
-                                   list[tuple[int, int]], int]:
+    def _gen_layout(
+        self,
+    ) -> tuple[list[tuple[str, int, tuple[int, ...]]], list[tuple[int, int]], int]:
         """(name, offset, shape) of every generation tensor (TP tg, all stages: pg = 1),
         the norms region of each stage (contiguous: one message each), total numel."""
         p, tg = self.plan.train.pp, self.plan.tg
@@ -178,20 +200,28 @@ class HybridEngine:
             return self._xfer
         entries, norm_slots, numel = self._gen_layout()
         gen = torch.empty(numel, dtype=self.dtype)
-        gen_views = {n: gen[o:o + math.prod(sh)].view(sh) for n, o, sh in entries}
+        gen_views = {n: gen[o : o + math.prod(sh)].view(sh) for n, o, sh in entries}
         members = self._groups["gather"][0]
         shards = list(dict.fromkeys(self._stage_tp(m) for m in members))
         offsets = [0]
         for s, r in shards:
             offsets.append(offsets[-1] + self._numel(s, r))
         scratch = torch.empty(offsets[-1], dtype=self.dtype)
-        region = {sr: W.flat_views(scratch, o, *self._template(*sr))
-                  for sr, o in zip(shards, offsets)}
+        region = {
+            sr: W.flat_views(scratch, o, *self._template(*sr)) for sr, o in zip(shards, offsets)
+        }
         recvs, received = self._receives(gen_views, region)
         d = self.plan.train.dp if self.plan.scheme == "allgather" else 1
-        sends = [(m, tag, *msg) for m in members if m != self.rank for tag, msg in
-                 enumerate(_messages(*self._template(self.stage, self.tp_rank), d,
-                                     self.dp_rank if d > 1 else 0))]
+        sends = [
+            (m, tag, *msg)
+            for m in members
+            if m != self.rank
+            for tag, msg in enumerate(
+                _messages(
+                    *self._template(self.stage, self.tp_rank), d, self.dp_rank if d > 1 else 0
+                )
+            )
+        ]
         own, fills = [], []
         for s, r in shards:
             i, step = self._part(r), self.plan.train.tp // self.plan.tg
@@ -203,12 +233,24 @@ class HybridEngine:
                     fills.append((at, region[(s, r)][n]))
         norm_ops, replicated = self._norm_ops(gen, norm_slots)
         own_norms = [(gen_views[n], n) for n in self._template(self.stage, 0, False)[1]]
-        self._xfer = _Transfer(gen, scratch, gen_views, recvs, sends, norm_ops, own_norms,
-                               own, fills, received, replicated)
+        self._xfer = _Transfer(
+            gen,
+            scratch,
+            gen_views,
+            recvs,
+            sends,
+            norm_ops,
+            own_norms,
+            own,
+            fills,
+            received,
+            replicated,
+        )
         return self._xfer
 
-    def _receives(self, gen_views: W.StateDict, region: dict[tuple[int, int], W.StateDict]
-                  ) -> tuple[list, int]:
+    def _receives(
+        self, gen_views: W.StateDict, region: dict[tuple[int, int], W.StateDict]
+    ) -> tuple[list, int]:
         """An irecv per message from every other member of the gather group: straight into
         place in the generation buffer when the part is this rank's and contiguous there,
         else into the shard's region of the scratch buffer (whole shards; pages where
@@ -224,26 +266,33 @@ class HybridEngine:
             if m == self.rank:
                 continue
             i = self._part(r) if (s, r) != (self.stage, self.tp_rank) else None
-            for tag, (n, a, e) in enumerate(_messages(*self._template(s, r), d,
-                                                      k if d > 1 else 0)):
-                dst = None if i is None else W.part_slice(gen_views[n], W.split_kind(n), i,
-                                                         step, a, e)
+            for tag, (n, a, e) in enumerate(_messages(*self._template(s, r), d, k if d > 1 else 0)):
+                dst = (
+                    None
+                    if i is None
+                    else W.part_slice(gen_views[n], W.split_kind(n), i, step, a, e)
+                )
                 dst = region[(s, r)][n].view(-1)[a:e] if dst is None else dst
                 ops.append(dist.P2POp(dist.irecv, dst, m, group, tag))
                 received += e - a
         return ops, received
 
-    def _norm_ops(self, gen: torch.Tensor, slots: list[tuple[int, int]]
-                  ) -> tuple[list, int]:
+    def _norm_ops(self, gen: torch.Tensor, slots: list[tuple[int, int]]) -> tuple[list, int]:
         """Each stage sends its norms (its region of `gen`) to the other stages."""
         members, group = self._groups["pipeline"]  # ordered by stage
         if group is None:
             return [], 0
         o, n = slots[self.stage]
-        ops = [dist.P2POp(dist.isend, gen[o:o + n], m, group, _NORM_TAG)
-               for m in members if m != self.rank]
-        ops += [dist.P2POp(dist.irecv, gen[a:a + b], m, group, _NORM_TAG)
-                for m, (a, b) in zip(members, slots) if m != self.rank]
+        ops = [
+            dist.P2POp(dist.isend, gen[o : o + n], m, group, _NORM_TAG)
+            for m in members
+            if m != self.rank
+        ]
+        ops += [
+            dist.P2POp(dist.irecv, gen[a : a + b], m, group, _NORM_TAG)
+            for m, (a, b) in zip(members, slots)
+            if m != self.rank
+        ]
         return ops, sum(b for s, (_, b) in enumerate(slots) if s != self.stage)
 
     # ---- the three phases -----------------------------------------------------------
@@ -261,13 +310,17 @@ class HybridEngine:
         x = self._transfer()
         for at, n in x.own_norms:
             at.copy_(train_shard[n])
-        flat = {n: train_shard[n].detach().to(self.dtype).reshape(-1)
-                for n in dict.fromkeys(n for _, _, n, _, _ in x.sends)}
+        flat = {
+            n: train_shard[n].detach().to(self.dtype).reshape(-1)
+            for n in dict.fromkeys(n for _, _, n, _, _ in x.sends)
+        }
         group = self._groups["gather"][1]
-        sends = [dist.P2POp(dist.isend, flat[n][a:e], peer, group, tag)
-                 for peer, tag, n, a, e in x.sends]
-        works = [w for ops in (x.recvs + sends, x.norm_ops) if ops
-                 for w in dist.batch_isend_irecv(ops)]
+        sends = [
+            dist.P2POp(dist.isend, flat[n][a:e], peer, group, tag) for peer, tag, n, a, e in x.sends
+        ]
+        works = [
+            w for ops in (x.recvs + sends, x.norm_ops) if ops for w in dist.batch_isend_irecv(ops)
+        ]
         for w in works:
             w.wait()
         t1 = time.perf_counter()
@@ -279,17 +332,25 @@ class HybridEngine:
         t2 = time.perf_counter()
         if self.engine is not None:
             self.engine.wake()
-            self.engine.load_sharded(W.megatron_to_vllm(self.gen_shard, self.spec,
-                                                        self.plan.tg))
+            self.engine.load_sharded(W.megatron_to_vllm(self.gen_shard, self.spec, self.plan.tg))
         t3 = time.perf_counter()
         dist.barrier()
         item = x.gen.element_size()
-        return ReshardStats(time.perf_counter() - t0, x.received * item, x.replicated * item,
-                            gather_seconds=t1 - t0, assemble_seconds=t2 - t1,
-                            load_seconds=t3 - t2)
+        return ReshardStats(
+            time.perf_counter() - t0,
+            x.received * item,
+            x.replicated * item,
+            gather_seconds=t1 - t0,
+            assemble_seconds=t2 - t1,
+            load_seconds=t3 - t2,
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 ids: Sequence[int] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        ids: Sequence[int] | None = None,
+    ) -> list[Completion]:
         """3D_ALL_MICRO_DP: `prompts` are this DP replica's (the same on all its ranks);
         each generation replica takes its part, the results are gathered back so every rank
         of the DP replica returns all completions, in prompt order. `ids`: each prompt's
@@ -300,9 +361,10 @@ class HybridEngine:
         members, group = self._groups["micro_dp"]
         offset, mine = split_micro_dp(prompts, members.index(self.rank), len(members))
         ids = list(range(len(prompts))) if ids is None else list(ids)
-        local = [Completion(c.prompt_index + offset, c.sample, c.token_ids, c.logprobs)
-                 for c in self.engine.generate(mine, sampling,
-                                               ids[offset:offset + len(mine)])]
+        local = [
+            Completion(c.prompt_index + offset, c.sample, c.token_ids, c.logprobs)
+            for c in self.engine.generate(mine, sampling, ids[offset : offset + len(mine)])
+        ]
         return gather_micro_dp(local, group, len(members))
 
     def to_training(self) -> None:

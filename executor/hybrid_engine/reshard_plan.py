@@ -11,6 +11,7 @@ Ranks follow megatron's order (TP fastest, then DP, then PP). Per scheme:
 - ``allgather``: every rank gathers the whole model from all p·t·d ranks.
 The moving itself is hybridflow.executor.hybrid_engine.engine.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,18 +26,22 @@ from hybridflow.simulator.reshard import SCHEMES, ReshardError
 @dataclass(frozen=True)
 class ReshardPlan:
     """Who groups with whom for one (training layout, generation TP, scheme)."""
+
     train: ParallelLayout
     tg: int
     scheme: str = "hybridengine"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ReshardError(f"unknown resharding scheme {self.scheme!r}: "
-                               f"choose one of {', '.join(SCHEMES)}")
+            raise ReshardError(
+                f"unknown resharding scheme {self.scheme!r}: choose one of {', '.join(SCHEMES)}"
+            )
         mp = self.train.pp * self.train.tp
         if not isinstance(self.tg, int) or self.tg < 1 or self.train.tp % self.tg:
-            raise ReshardError(f"generation tp={self.tg} must divide the training "
-                               f"tp={self.train.tp} (generation pp is 1)")
+            raise ReshardError(
+                f"generation tp={self.tg} must divide the training "
+                f"tp={self.train.tp} (generation pp is 1)"
+            )
         try:
             GenLayout(1, self.tg, max(mp // self.tg, 1)).check(self.train.n_gpus, self.train)
         except LayoutError as e:
@@ -59,10 +64,17 @@ class ReshardPlan:
         p, t, d, tg = self.train.pp, self.train.tp, self.train.dp, self.tg
         if self.scheme == "hybridengine":
             step = t // tg
-            return [[self.rank(s, i + m * step, k) for m in range(tg)]
-                    for k in range(d) for s in range(p) for i in range(step)]
-        return [[self._mp(k, c * tg + m) for m in range(tg)]
-                for k in range(d) for c in range(p * t // tg)]
+            return [
+                [self.rank(s, i + m * step, k) for m in range(tg)]
+                for k in range(d)
+                for s in range(p)
+                for i in range(step)
+            ]
+        return [
+            [self._mp(k, c * tg + m) for m in range(tg)]
+            for k in range(d)
+            for c in range(p * t // tg)
+        ]
 
     def micro_dp_groups(self) -> list[list[int]]:
         """Ranks with the same generation TP rank in one DP replica, one per replica,
@@ -70,10 +82,14 @@ class ReshardPlan:
         p, t, d, tg = self.train.pp, self.train.tp, self.train.dp, self.tg
         if self.scheme == "hybridengine":
             step = t // tg
-            return [[self.rank(s, j * step + i, k) for s in range(p) for i in range(step)]
-                    for k in range(d) for j in range(tg)]
-        return [[self._mp(k, idx) for idx in range(j, p * t, tg)]
-                for k in range(d) for j in range(tg)]
+            return [
+                [self.rank(s, j * step + i, k) for s in range(p) for i in range(step)]
+                for k in range(d)
+                for j in range(tg)
+            ]
+        return [
+            [self._mp(k, idx) for idx in range(j, p * t, tg)] for k in range(d) for j in range(tg)
+        ]
 
     def gather_groups(self) -> list[list[int]]:
         """The groups each scheme all-gathers training shards over."""
@@ -110,7 +126,7 @@ def split_micro_dp(items: Sequence, replica: int, replicas: int) -> tuple[int, l
         raise ReshardError(f"replica {replica} out of range for {replicas} replicas")
     n = len(items)
     start = replica * n // replicas
-    return start, list(items[start:(replica + 1) * n // replicas])
+    return start, list(items[start : (replica + 1) * n // replicas])
 
 
 def gather_micro_dp(local: list, group, replicas: int) -> list:

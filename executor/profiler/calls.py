@@ -22,6 +22,7 @@ spread over the whole measurement. Rows are the slowest rank's seconds, the mean
 rounds. Why it is done this way, with the measurements that decided it: profiles/README.md
 ("Per-call tables of the executor").
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -33,9 +34,15 @@ from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
 from hybridflow.executor.engines.vllm_engine import SamplingConfig
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
-from hybridflow.executor.profiler.calls_grid import (CallsGrid, Recorder, role_engine_config,
-                                                     generation_configs, role_loss,
-                                                     sequence_batch, train_layouts)
+from hybridflow.executor.profiler.calls_grid import (
+    CallsGrid,
+    Recorder,
+    generation_configs,
+    role_engine_config,
+    role_loss,
+    sequence_batch,
+    train_layouts,
+)
 from hybridflow.executor.profiler.calls_sharing import measure_concurrency
 from hybridflow.executor.profiler.rank_pool import RankPool
 from hybridflow.executor.profiler.vllm_steps import save_random_llama
@@ -46,8 +53,14 @@ from hybridflow.simulator.architecture import ModelSpec
 from hybridflow.simulator.model import load_model
 
 
-def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
-                    layouts: list[tuple[int, int, int]], out: dict[str, list[dict]]) -> None:
+def measure_layouts(
+    rec: Recorder,
+    grid: CallsGrid,
+    spec: ModelSpec,
+    k: int,
+    layouts: list[tuple[int, int, int]],
+    out: dict[str, list[dict]],
+) -> None:
     """forward and train_step rows, of an LM and of a value model, (and dispatch rows) of
     each (tp, pp, dp) on k ranks: all their roles at once, each round through every
     layout's calls, so that each row's rounds spread over the whole measurement (this VM's
@@ -57,30 +70,35 @@ def measure_layouts(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     for tp, pp, dp in layouts:
         for value in (False, True):
             role = f"{'value' if value else 'lm'}-tp{tp}-pp{pp}"
-            rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp),
-                               role_engine_config(value))
+            rec.group.add_role(
+                role, grid.model, ParallelLayout(tp=tp, pp=pp, dp=dp), role_engine_config(value)
+            )
             roles.append(role)
             loss = role_loss(grid, value)
             for s in grid.sequences:
                 batch = sequence_batch(s * dp, grid, spec.vocab, seed=s)
-                calls += [(("forward", tp, pp, value, s), role, "profile_outputs",
-                           (batch, "out")),
-                          (("train", tp, pp, value, s), role, "profile_update",
-                           (batch, loss, 1, 1))]
+                calls += [
+                    (("forward", tp, pp, value, s), role, "profile_outputs", (batch, "out")),
+                    (("train", tp, pp, value, s), role, "profile_update", (batch, loss, 1, 1)),
+                ]
     got = rec.rounds(calls)
-    for (tp, pp, dp), value, s in ((lay, v, s) for lay in layouts for v in (False, True)
-                                   for s in grid.sequences):
+    for (tp, pp, dp), value, s in (
+        (lay, v, s) for lay in layouts for v in (False, True) for s in grid.sequences
+    ):
         suffix = "_value" if value else ""
         key = dict(ranks=k, tp=tp, pp=pp, sequences=s)
         (fw_wall, fw) = got[("forward", tp, pp, value, s)]
         (tr_wall, tr) = got[("train", tp, pp, value, s)]
         out["forward" + suffix].append({**key, "seconds": fw["seconds"]})
-        out["train_step" + suffix].append({**key, "seconds": tr["seconds"],
-                                           "optimizer_s": tr.get("optimizer_s", 0.0)})
-        out["dispatch_forward"].append(dict(ranks=k, sequences=s * dp,
-                                            seconds=max(fw_wall - fw["seconds"], 1e-6)))
-        out["dispatch_train"].append(dict(ranks=k, sequences=s * dp,
-                                          seconds=max(tr_wall - tr["seconds"], 1e-6)))
+        out["train_step" + suffix].append(
+            {**key, "seconds": tr["seconds"], "optimizer_s": tr.get("optimizer_s", 0.0)}
+        )
+        out["dispatch_forward"].append(
+            dict(ranks=k, sequences=s * dp, seconds=max(fw_wall - fw["seconds"], 1e-6))
+        )
+        out["dispatch_train"].append(
+            dict(ranks=k, sequences=s * dp, seconds=max(tr_wall - tr["seconds"], 1e-6))
+        )
     for role in roles:
         rec.group.run(role, "drop_role")
 
@@ -96,30 +114,59 @@ def engine_batches(spec: ModelSpec, k: int, scheme: str) -> list[tuple[int, list
     return list(batches.values())
 
 
-def _generation_calls(grid: CallsGrid, spec: ModelSpec, k: int, tp: int, tg: int,
-                      role: str) -> list:
+def _generation_calls(
+    grid: CallsGrid, spec: ModelSpec, k: int, tp: int, tg: int, role: str
+) -> list:
     """An actor's generate calls, each after an optimizer step, as in a run (the update,
     then the next iteration's generation): resharding and vLLM find the caches a run
     leaves them."""
     cfg = RunConfig()
-    update = (("update", tp), role, "profile_update",
-              (sequence_batch(grid.micro_batch_per_rank * (k // tp), grid, spec.vocab),
-               role_loss(grid, False), 1, 1))
+    update = (
+        ("update", tp),
+        role,
+        "profile_update",
+        (
+            sequence_batch(grid.micro_batch_per_rank * (k // tp), grid, spec.vocab),
+            role_loss(grid, False),
+            1,
+            1,
+        ),
+    )
     calls = []
     for s in grid.gen_sequences:
-        prompts = [[4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
-                   for i in range(s * k // tg)]
+        prompts = [
+            [4 + (7 * i + 3 * j) % (spec.vocab - 4) for j in range(grid.prompt_len)]
+            for i in range(s * k // tg)
+        ]
         for tokens in sorted({1, grid.response_len}):
-            sampling = SamplingConfig(temperature=cfg.temperature, max_tokens=tokens,
-                                      seed=s * 31 + tokens, ignore_eos=True)
-            calls += [update, ((tp, s, tokens), role, "profile_generate",
-                               (Batch(non_tensors={"prompt_ids": prompts}), sampling))]
+            sampling = SamplingConfig(
+                temperature=cfg.temperature,
+                max_tokens=tokens,
+                seed=s * 31 + tokens,
+                ignore_eos=True,
+            )
+            calls += [
+                update,
+                (
+                    (tp, s, tokens),
+                    role,
+                    "profile_generate",
+                    (Batch(non_tensors={"prompt_ids": prompts}), sampling),
+                ),
+            ]
     return calls
 
 
-def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
-                       tps: list[int], tg: int, model_dir: str,
-                       out: dict[str, list[dict]]) -> None:
+def measure_generation(
+    rec: Recorder,
+    grid: CallsGrid,
+    spec: ModelSpec,
+    k: int,
+    tps: list[int],
+    tg: int,
+    model_dir: str,
+    out: dict[str, list[dict]],
+) -> None:
     """generate and reshard rows of actors trained at tp x dp = k (each tp of `tps`)
     generating at tg with one vLLM engine: all their roles at once, each round through
     every layout's calls, so that rows of the same engine work (micro-DP 1, 2, 4) take
@@ -129,13 +176,22 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     try:
         for tp in tps:
             role = f"gen-tp{tp}-tg{tg}"
-            rec.group.add_role(role, grid.model, ParallelLayout(tp=tp, pp=1, dp=k // tp),
-                               role_engine_config(False))
+            rec.group.add_role(
+                role, grid.model, ParallelLayout(tp=tp, pp=1, dp=k // tp), role_engine_config(False)
+            )
             roles.append(role)
-            rec.group.run(role, "init_rollout", RolloutConfig(
-                tg=tg, scheme=cfg.reshard, model_dir=model_dir,
-                kv_cache_bytes=cfg.kv_cache_mib << 20, max_model_len=grid.seq_len,
-                seed=cfg.seed))
+            rec.group.run(
+                role,
+                "init_rollout",
+                RolloutConfig(
+                    tg=tg,
+                    scheme=cfg.reshard,
+                    model_dir=model_dir,
+                    kv_cache_bytes=cfg.kv_cache_mib << 20,
+                    max_model_len=grid.seq_len,
+                    seed=cfg.seed,
+                ),
+            )
             calls += _generation_calls(grid, spec, k, tp, tg, role)
         got = rec.rounds(calls)
     finally:
@@ -145,12 +201,24 @@ def measure_generation(rec: Recorder, grid: CallsGrid, spec: ModelSpec, k: int,
     for (tp, s, tokens), (wall, own) in ((n, v) for n, v in got.items() if n[0] != "update"):
         gen, resh = own.get("generate_s", 0.0), own.get("reshard_s", 0.0)
         if own.get("vllm_s", 0.0) > 1.01 * gen:
-            raise RuntimeError(f"profiling gen-tp{tp}-tg{tg}: vLLM's clock "
-                               f"({own['vllm_s']:.3f} s) exceeds its generate call's")
-        out["generate"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg, sequences=s,
-                                    tokens=tokens, seconds=gen, vllm_s=own.get("vllm_s", 0.0)))
-        out["dispatch_generate"].append(dict(ranks=k, sequences=s * replicas,
-                                             seconds=max(wall - gen - resh, 1e-6)))
+            raise RuntimeError(
+                f"profiling gen-tp{tp}-tg{tg}: vLLM's clock "
+                f"({own['vllm_s']:.3f} s) exceeds its generate call's"
+            )
+        out["generate"].append(
+            dict(
+                ranks=k,
+                tg=tg,
+                micro_dp=tp // tg,
+                sequences=s,
+                tokens=tokens,
+                seconds=gen,
+                vllm_s=own.get("vllm_s", 0.0),
+            )
+        )
+        out["dispatch_generate"].append(
+            dict(ranks=k, sequences=s * replicas, seconds=max(wall - gen - resh, 1e-6))
+        )
         out["reshard"].append(dict(ranks=k, tg=tg, micro_dp=tp // tg, seconds=resh))
 
 
@@ -166,29 +234,49 @@ def _groups(grid: CallsGrid, spec: ModelSpec) -> list[tuple[int, list[Step]]]:
         gen_rounds = grid.per_sweep(grid.gen_repeats)
         by_engine: list[Step] = []
         for tg, tps in engine_batches(spec, k, RunConfig().reshard):
-            by_engine.append((f"generate tp{','.join(map(str, tps))}->tg{tg} on {k}",
-                              lambda g, d, o, k=k, tps=tps, tg=tg:
-                              measure_generation(Recorder(g, gen_rounds), grid, spec, k,
-                                                 tps, tg, d, o)))
+            by_engine.append(
+                (
+                    f"generate tp{','.join(map(str, tps))}->tg{tg} on {k}",
+                    lambda g, d, o, k=k, tps=tps, tg=tg, gen_rounds=gen_rounds: measure_generation(
+                        Recorder(g, gen_rounds), grid, spec, k, tps, tg, d, o
+                    ),
+                )
+            )
         steps: list[Step] = []
         for i, gen_step in enumerate(by_engine):
             steps.append(gen_step)
             if i == 0:
                 lays = train_layouts(spec, k)
-                steps.append((f"train/forward, {len(lays)} layouts on {k}",
-                              lambda g, d, o, k=k, lays=lays: measure_layouts(
-                                  Recorder(g, grid.per_sweep(grid.repeats)), grid, spec, k,
-                                  lays, o)))
+                steps.append(
+                    (
+                        f"train/forward, {len(lays)} layouts on {k}",
+                        lambda g, d, o, k=k, lays=lays: measure_layouts(
+                            Recorder(g, grid.per_sweep(grid.repeats)), grid, spec, k, lays, o
+                        ),
+                    )
+                )
         groups.append((k, steps))
     return groups
 
 
-TABLES = ("forward", "train_step", "forward_value", "train_step_value", "generate", "reshard",
-          "dispatch_forward", "dispatch_train", "dispatch_generate")
+TABLES = (
+    "forward",
+    "train_step",
+    "forward_value",
+    "train_step_value",
+    "generate",
+    "reshard",
+    "dispatch_forward",
+    "dispatch_train",
+    "dispatch_generate",
+)
 
 
-def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None,
-                  timings: dict[str, float] | None = None) -> dict[str, list[dict]]:
+def measure_calls(
+    grid: CallsGrid,
+    progress: Callable[[str], None] | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, list[dict]]:
     """Every table of the module docstring: TABLES -> rows. `timings` gets the seconds each
     group's start and each layout took."""
     timings = {} if timings is None else timings
@@ -196,8 +284,10 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
     out: dict[str, list[dict]] = {k: [] for k in TABLES}  # + "concurrency" (sharing factors)
     groups = _groups(grid, spec)
     n = max(grid.group_sizes)
-    with tempfile.TemporaryDirectory(prefix="hf-calls-") as tmp, \
-            Cluster.start(ClusterConfig(devices=n)) as cluster:
+    with (
+        tempfile.TemporaryDirectory(prefix="hf-calls-") as tmp,
+        Cluster.start(ClusterConfig(devices=n)) as cluster,
+    ):
         model_dir = str(save_random_llama(spec, Path(tmp), "float32"))
         t0 = time.perf_counter()
         if progress:
@@ -206,21 +296,38 @@ def measure_calls(grid: CallsGrid, progress: Callable[[str], None] | None = None
             timings[f"start {n} ranks"] = round(time.perf_counter() - t0, 1)
             for sweep in range(grid.sweeps):
                 for k, steps in groups:
-                    _measure_group(ranks, k, steps, model_dir, out, timings, progress,
-                                   f" (sweep {sweep + 1})" if sweep else "")
+                    _measure_group(
+                        ranks,
+                        k,
+                        steps,
+                        model_dir,
+                        out,
+                        timings,
+                        progress,
+                        f" (sweep {sweep + 1})" if sweep else "",
+                    )
             if grid.concurrency:
                 if progress:
                     progress("concurrent one-rank sets")
                 t0 = time.perf_counter()
-                out["concurrency"] = [{"ranks": c, "factor": f} for c, f in
-                                      measure_concurrency(ranks, grid, spec, n).items()]
+                out["concurrency"] = [
+                    {"ranks": c, "factor": f}
+                    for c, f in measure_concurrency(ranks, grid, spec, n).items()
+                ]
                 timings["concurrent sets"] = round(time.perf_counter() - t0, 1)
     return out
 
 
-def _measure_group(ranks, k: int, steps: list[Step], model_dir: str,
-                   out: dict[str, list[dict]], timings: dict[str, float],
-                   progress: Callable[[str], None] | None, sweep: str = "") -> None:
+def _measure_group(
+    ranks,
+    k: int,
+    steps: list[Step],
+    model_dir: str,
+    out: dict[str, list[dict]],
+    timings: dict[str, float],
+    progress: Callable[[str], None] | None,
+    sweep: str = "",
+) -> None:
     """Run `steps` on a worker group of the pool's first k ranks, then release it."""
     group = ranks.group(range(k), f"profile-calls-{k}")
     with ranks.lent([group]):

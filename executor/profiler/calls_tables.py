@@ -2,6 +2,7 @@
 hybridflow.executor.profiler.calls measures: rows of one size (one per sweep) pooled into their mean
 (their median with three sweeps or more), and each table made never to decrease with the
 work it times."""
+
 from __future__ import annotations
 
 import statistics
@@ -23,9 +24,10 @@ def _pool_by(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return [{**dict(zip(keys, key)), **{c: pool([r[c] for r in rs])
-                                        for c in rs[0] if c not in keys}}
-            for key, rs in sorted(groups.items())]
+    return [
+        {**dict(zip(keys, key)), **{c: pool([r[c] for r in rs]) for c in rs[0] if c not in keys}}
+        for key, rs in sorted(groups.items())
+    ]
 
 
 def isotonic(values: list[float]) -> list[float]:
@@ -60,14 +62,23 @@ def _monotone(rows: list[dict], keys: tuple[str, ...], cols: tuple[str, ...]) ->
 def calls_section(measured: dict[str, list[dict]], grid: CallsGrid) -> dict:
     """The profile's `calls:` table (format: profiles/README.md) from measure_calls rows."""
     cfg = RunConfig()
-    return {"model": grid.model, "prompt_len": grid.prompt_len,
-            "response_len": grid.response_len, "micro_batch": cfg.micro_batch_size,
-            "scheme": cfg.reshard,
-            "forward": _monotone(measured["forward"], ("ranks", "tp", "pp"), ("seconds",)),
-            **{name: _monotone(measured[name], ("ranks", "tp", "pp"), ("seconds",))
-               for name in ("train_step", "forward_value", "train_step_value")},
-            "generate": _monotone(measured["generate"], ("ranks", "tg", "micro_dp", "tokens"),
-                                  ("seconds", "vllm_s")),
-            "reshard": _pool_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
-            "dispatch": {kind: _monotone(measured[f"dispatch_{kind}"], ("ranks",), ("seconds",))
-                         for kind in ("forward", "train", "generate")}}
+    return {
+        "model": grid.model,
+        "prompt_len": grid.prompt_len,
+        "response_len": grid.response_len,
+        "micro_batch": cfg.micro_batch_size,
+        "scheme": cfg.reshard,
+        "forward": _monotone(measured["forward"], ("ranks", "tp", "pp"), ("seconds",)),
+        **{
+            name: _monotone(measured[name], ("ranks", "tp", "pp"), ("seconds",))
+            for name in ("train_step", "forward_value", "train_step_value")
+        },
+        "generate": _monotone(
+            measured["generate"], ("ranks", "tg", "micro_dp", "tokens"), ("seconds", "vllm_s")
+        ),
+        "reshard": _pool_by(measured["reshard"], ("ranks", "tg", "micro_dp")),
+        "dispatch": {
+            kind: _monotone(measured[f"dispatch_{kind}"], ("ranks",), ("seconds",))
+            for kind in ("forward", "train", "generate")
+        },
+    }

@@ -6,36 +6,47 @@ spent in it (and in its parts: the optimizer step; resharding, vLLM and the micr
 of a generation). The controller reads them with ``take_seconds``; a call's wall time at the
 controller minus its slowest rank's own time is the single controller's dispatch cost.
 """
+
 from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hybridflow.executor.controller.batch import Batch
-from hybridflow.executor.controller.protocols import MEGATRON_3D, ONE_TO_ALL, register
-from hybridflow.executor.controller.protocols import GENERATE
+from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.engines import vllm_engine as ve
 from hybridflow.executor.rl.worker import RLWorker
 
 
 def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
     """`fn` adding its seconds to log[key] at each call."""
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             log[key] = log.get(key, 0.0) + time.perf_counter() - t0
+
     return wrapper
 
 
 _CLOCKED = "_hybridflow_profile_clocked"
-PRELOAD = ("hybridflow.executor.engines.train_engine", "hybridflow.executor.engines.megatron_model", "hybridflow.executor.hybrid_engine.engine",
-           "hybridflow.executor.engines.vllm_engine", "vllm", "vllm.v1.engine.core",
-           "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker",
-           "vllm.v1.worker.cpu_model_runner", "vllm.v1.core.sched.scheduler",
-           "vllm.model_executor.models.llama")
+PRELOAD = (
+    "hybridflow.executor.engines.train_engine",
+    "hybridflow.executor.engines.megatron_model",
+    "hybridflow.executor.hybrid_engine.engine",
+    "hybridflow.executor.engines.vllm_engine",
+    "vllm",
+    "vllm.v1.engine.core",
+    "vllm.v1.executor.uniproc_executor",
+    "vllm.v1.worker.cpu_worker",
+    "vllm.v1.worker.cpu_model_runner",
+    "vllm.v1.core.sched.scheduler",
+    "vllm.model_executor.models.llama",
+)
 
 
 class ProfileWorker(RLWorker):
@@ -43,7 +54,7 @@ class ProfileWorker(RLWorker):
 
     def __init__(self, rank: int, world_size: int, group_name: str = "group") -> None:
         super().__init__(rank, world_size, group_name)
-        self._parts: dict[str, float] = {}   # the current call's parts
+        self._parts: dict[str, float] = {}  # the current call's parts
         self._calls: list[dict[str, float]] = []
         self._engine: tuple[Any, Any] | None = None  # (VllmConfig, VllmEngine) alive
 
@@ -77,8 +88,9 @@ class ProfileWorker(RLWorker):
         return self._run(role, self.response_outputs, batch, key)
 
     @register(dispatch_mode=MEGATRON_3D)
-    def profile_update(self, role: str, batch: Batch, loss_fn: Any, mini_batches: int,
-                       epochs: int) -> Batch | None:
+    def profile_update(
+        self, role: str, batch: Batch, loss_fn: Any, mini_batches: int, epochs: int
+    ) -> Batch | None:
         return self._run(role, self.update, batch, loss_fn, mini_batches, epochs)
 
     @register(dispatch_mode=GENERATE)
@@ -104,6 +116,7 @@ class ProfileWorker(RLWorker):
                 self.close_engine()
                 self._engine = (config, real(config))
             return self._engine[1]
+
         ve.VllmEngine = engine
         try:
             super().init_rollout(role, cfg)
@@ -130,6 +143,7 @@ class ProfileWorker(RLWorker):
         """Import what the measurements use (megatron-core, vLLM and the modules its engine
         imports when it first starts), so that no measured layout pays for it."""
         import importlib
+
         for name in PRELOAD:
             importlib.import_module(name)
 

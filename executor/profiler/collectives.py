@@ -5,6 +5,7 @@ all-gather and broadcast over message sizes, and ranks 0 and 1 time point-to-poi
 `bytes`: all_reduce and broadcast, the buffer on each rank; all_gather, the gathered output
 (each rank contributes bytes / ranks); p2p, the message sent one way.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -73,8 +74,11 @@ def _timed(fn, group, repeats: int) -> float:
 
 
 def _dev() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
 
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
@@ -88,13 +92,14 @@ def _group_rows(grid: CollectiveGrid, g: int, group, rank: int) -> list[dict]:
         n = _elements(nbytes, dtype, g)
         buf = torch.ones(n, dtype=dtype, device=_dev())
         shard = torch.ones(n // g, dtype=dtype, device=_dev())
-        fns = {"all_reduce": lambda: dist.all_reduce(buf, group=group),
-               "all_gather": lambda: _all_gather(buf, shard, group=group),
-               "broadcast": lambda: dist.broadcast(buf, src=0, group=group)}
+        fns = {
+            "all_reduce": lambda: dist.all_reduce(buf, group=group),
+            "all_gather": lambda: _all_gather(buf, shard, group=group),
+            "broadcast": lambda: dist.broadcast(buf, src=0, group=group),
+        }
         for op, fn in fns.items():
             seconds = _timed(fn, group, grid.repeats)
-            rows.append({"op": op, "ranks": g, "bytes": n * buf.element_size(),
-                         "seconds": seconds})
+            rows.append({"op": op, "ranks": g, "bytes": n * buf.element_size(), "seconds": seconds})
     return rows
 
 
@@ -111,9 +116,11 @@ def _p2p_rows(grid: CollectiveGrid, group, rank: int) -> list[dict]:
             else:
                 dist.recv(buf, 0)
                 dist.send(buf, 0)
+
         seconds = _timed(ping_pong, group, grid.repeats) / 2
-        rows.append({"op": "p2p", "ranks": 2, "bytes": buf.numel() * buf.element_size(),
-                     "seconds": seconds})
+        rows.append(
+            {"op": "p2p", "ranks": 2, "bytes": buf.numel() * buf.element_size(), "seconds": seconds}
+        )
     return rows
 
 
@@ -129,10 +136,13 @@ def _rank_collectives(rank: int, world: int, grid: CollectiveGrid) -> list[dict]
     return rows
 
 
-def measure_collectives(grid: CollectiveGrid, backend: str, threads: int = 1
-                        ) -> dict[str, list[dict]]:
+def measure_collectives(
+    grid: CollectiveGrid, backend: str, threads: int = 1
+) -> dict[str, list[dict]]:
     """{op: [{ranks, bytes, seconds}, ...]} for op in all_reduce, all_gather, broadcast, p2p."""
 
     rows = run_ranks(_rank_collectives, grid.world, grid, backend=backend, threads=threads)[0]
-    return {op: [{k: r[k] for k in ("ranks", "bytes", "seconds")} for r in rows if r["op"] == op]
-            for op in OPS}
+    return {
+        op: [{k: r[k] for k in ("ranks", "bytes", "seconds")} for r in rows if r["op"] == op]
+        for op in OPS
+    }

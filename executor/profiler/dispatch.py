@@ -4,6 +4,7 @@ One actor per device (as the executor's worker groups place them); timed: a no-o
 of them (the fixed cost of each stage the controller dispatches), and the same call carrying a
 numpy array to each (the controller's data transfer rate). Ray is started and shut down here.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -53,9 +54,14 @@ def measure_dispatch(grid: DispatchGrid) -> dict:
     with Cluster.start(ClusterConfig(devices=grid.devices)) as cluster:
         pool = cluster.create_pool("profile-dispatch", grid.devices)
         cls = ray.remote(num_cpus=0)(_Worker)
-        actors = [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pool.placement_group, placement_group_bundle_index=i)).remote()
-            for i in range(grid.devices)]
+        actors = [
+            cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pool.placement_group, placement_group_bundle_index=i
+                )
+            ).remote()
+            for i in range(grid.devices)
+        ]
         ray.get([a.noop.remote() for a in actors])  # all started
         call = _median_call(lambda: ray.get([a.noop.remote() for a in actors]), grid.repeats)
         transfer = []

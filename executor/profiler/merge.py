@@ -5,6 +5,7 @@ minutes sees one phase; profiles taken between the runs they predict see the mix
 see. Each measured number of the merged profile is the median of the inputs' (their mean
 with two); rows, keys and texts must agree (one machine, one grid, one set of options).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,18 +32,23 @@ def merge_values(values: list, where: str = "profile") -> object:
         return pool([float(v) for v in values])
     if all(isinstance(v, dict) for v in values):
         if any(list(v) != list(first) for v in values):
-            raise ProfileError(f"the profiles differ in the keys of {where}: measured with "
-                               f"other options or grids, they cannot be merged")
+            raise ProfileError(
+                f"the profiles differ in the keys of {where}: measured with "
+                f"other options or grids, they cannot be merged"
+            )
         return {k: merge_values([v[k] for v in values], f"{where}.{k}") for k in first}
     if all(isinstance(v, list) for v in values):
         if any(len(v) != len(first) for v in values):
-            raise ProfileError(f"the profiles differ in the rows of {where} "
-                               f"({', '.join(str(len(v)) for v in values)}): measured with "
-                               f"other grids, they cannot be merged")
-        return [merge_values([v[i] for v in values], f"{where}[{i}]")
-                for i in range(len(first))]
-    raise ProfileError(f"the profiles differ at {where} ({first!r} against "
-                       f"{next(v for v in values if v != first)!r}): not measured alike")
+            raise ProfileError(
+                f"the profiles differ in the rows of {where} "
+                f"({', '.join(str(len(v)) for v in values)}): measured with "
+                f"other grids, they cannot be merged"
+            )
+        return [merge_values([v[i] for v in values], f"{where}[{i}]") for i in range(len(first))]
+    raise ProfileError(
+        f"the profiles differ at {where} ({first!r} against "
+        f"{next(v for v in values if v != first)!r}): not measured alike"
+    )
 
 
 def _read(path: Path) -> dict:
@@ -51,8 +57,10 @@ def _read(path: Path) -> dict:
     load_profile(str(path))  # names the problem of a missing or malformed file
     data = yaml.safe_load(path.read_text())
     if "generated" not in data or data["generated"].get("by") != "hybridflow profile":
-        raise ProfileError(f"profile {str(path)!r} was not measured by `hybridflow profile` "
-                           f"(no generated.by): only measured profiles can be merged")
+        raise ProfileError(
+            f"profile {str(path)!r} was not measured by `hybridflow profile` "
+            f"(no generated.by): only measured profiles can be merged"
+        )
     return data
 
 
@@ -69,13 +77,14 @@ def merge_profiles(paths: list[Path], out: Path) -> Path:
         d.pop("name", None)
     merged = {"name": out.stem, **merge_values(data)}
     merged["generated"] = {
-        "by": "hybridflow profile", "merged": len(paths),
+        "by": "hybridflow profile",
+        "merged": len(paths),
         "seconds": round(sum(g.get("seconds", 0.0) for g in gens), 1),
         "at": max(str(g.get("at", "")) for g in gens),
         "device": merge_values([g.get("device") for g in gens], "generated.device"),
         "backend": merge_values([g.get("backend") for g in gens], "generated.backend"),
-        "inputs": [{k: g[k] for k in ("at", "seconds", "load_average") if k in g}
-                   for g in gens]}
+        "inputs": [{k: g[k] for k in ("at", "seconds", "load_average") if k in g} for g in gens],
+    }
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")
     write_profile(merged, draft)
     try:

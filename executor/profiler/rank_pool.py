@@ -10,12 +10,14 @@ started and importing one group after another. On the 2-core VM the whole profil
 6 min 51 s with fresh processes per group, 4 min 0-35 s with this pool (the VM's speed
 drifts: one profile in a slow hour took 5 min 42 s).
 """
+
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from hybridflow.executor.controller.worker_group import WorkerGroup
 from hybridflow.executor.profiler.calls_worker import ProfileWorker
 
 
@@ -34,8 +36,9 @@ class RankPool:
 
     def group(self, ranks: Sequence[int], name: str) -> Any:
         """A worker group whose rank i is process ranks[i] of this pool."""
-        return WorkerGroup(self.cluster, self.pool, self._cls, name=name,
-                           actors=[self.actors[r] for r in ranks])
+        return WorkerGroup(
+            self.cluster, self.pool, self._cls, name=name, actors=[self.actors[r] for r in ranks]
+        )
 
     @contextlib.contextmanager
     def lent(self, groups: list[Any]) -> Iterator[None]:
@@ -64,11 +67,12 @@ class RankPool:
 
     def close(self) -> None:
         import ray
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.cluster.remove_pool(self.pool.name)
 
-    def __enter__(self) -> "RankPool":
+    def __enter__(self) -> RankPool:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,6 +9,7 @@ neighbouring one-rank rounds: other load on the machine that comes and goes then
 both sides of each ratio alike, as it would not if each count were timed in its own block.
 Factors never decrease with more ranks (a dip is noise and is lifted to the count below).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -23,16 +24,17 @@ from hybridflow.executor.spawn import run_ranks
 @dataclass(frozen=True)
 class SharingGrid:
     world: int
-    counts: tuple[int, ...]       # concurrent ranks to time (1 included)
+    counts: tuple[int, ...]  # concurrent ranks to time (1 included)
     rounds: int = 9
-    work_s: float = 0.05          # about this long alone
+    work_s: float = 0.05  # about this long alone
 
     def __post_init__(self) -> None:
         if not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"sharing needs at least one rank, got {self.world!r}")
         if 1 not in self.counts or min(self.counts) < 1 or max(self.counts) > self.world:
-            raise ValueError(f"sharing counts must include 1 and lie in 1..{self.world}: "
-                             f"{self.counts}")
+            raise ValueError(
+                f"sharing counts must include 1 and lie in 1..{self.world}: {self.counts}"
+            )
         if self.rounds < 1 or not self.work_s > 0:
             raise ValueError("rounds and work_s must be positive")
 
@@ -83,8 +85,9 @@ def factors(per_rank: list[list[tuple[int, float]]], counts: tuple[int, ...]) ->
         if k == 1:
             continue
         at_k = [[s for kk, s in rows if kk == k] for rows in per_rank[:k]]
-        ratios = [statistics.fmean(r[i] for r in at_k) / alone[i]
-                  for i in range(min(rounds, len(alone)))]
+        ratios = [
+            statistics.fmean(r[i] for r in at_k) / alone[i] for i in range(min(rounds, len(alone)))
+        ]
         out[k] = max(1.0, statistics.median(ratios))
     # more busy ranks never run faster: a dip is noise (other load in those rounds)
     for a, b in zip(sorted(out), sorted(out)[1:]):
@@ -95,6 +98,7 @@ def factors(per_rank: list[list[tuple[int, float]]], counts: tuple[int, ...]) ->
 def measure_sharing(grid: SharingGrid, threads: int = 1) -> dict[int, float]:
     """{concurrent ranks: slowdown factor} on this host."""
 
-    per_rank = run_ranks(_rank_sharing, grid.world, grid,
-                         backend="gloo" if grid.world > 1 else None, threads=threads)
+    per_rank = run_ranks(
+        _rank_sharing, grid.world, grid, backend="gloo" if grid.world > 1 else None, threads=threads
+    )
     return factors(per_rank, grid.counts)

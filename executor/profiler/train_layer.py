@@ -1,14 +1,15 @@
 """Seconds of one training step (forward + backward) of one decoder layer of a model.
 
 The executor's own layer where it can be built: the decoder block of a one-layer megatron-core
-GPTModel from hybridflow.executor.engines.megatron_model (TP = 1, in a one-rank gloo world), with rotary
+GPTModel from executor.engines.megatron_model (TP = 1, in a one-rank gloo world), with rotary
 positions and megatron's causal mask. Without torch.distributed (or megatron-core) a plain
 torch Llama decoder layer of the same shapes stands in. The optimizer step is not included.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,9 @@ class DecoderLayer(nn.Module):
         q = q.view(b, t, s.heads, s.head_dim).transpose(1, 2)
         k = k.view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(b, t, s.kv_heads, s.head_dim).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                              enable_gqa=s.kv_heads != s.heads)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=s.kv_heads != s.heads
+        )
         x = x + self.proj(attn.transpose(1, 2).reshape(b, t, s.q_dim))
         gate, up = self.fc1(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.fc2(F.silu(gate) * up)
@@ -64,16 +66,28 @@ class TrainLayerGrid:
 def default_grids(quick: bool, gpu: bool) -> tuple[TrainLayerGrid, ...]:
     if gpu:
         models = ("llama-2-7b",) if quick else ("llama-2-7b", "llama-2-13b")
-        return tuple(TrainLayerGrid(m, (1, 4), (512, 2048), dtype="bfloat16", min_time_s=0.02)
-                     for m in models)
+        return tuple(
+            TrainLayerGrid(m, (1, 4), (512, 2048), dtype="bfloat16", min_time_s=0.02)
+            for m in models
+        )
     models = ("tiny",) if quick else ("tiny", "tiny-wide")
-    return tuple(TrainLayerGrid(m, (1, 8) if quick else (1, 4, 16),
-                                (32, 128) if quick else (32, 128, 256),
-                                min_time_s=0.01 if quick else 0.03) for m in models)
+    return tuple(
+        TrainLayerGrid(
+            m,
+            (1, 8) if quick else (1, 4, 16),
+            (32, 128) if quick else (32, 128, 256),
+            min_time_s=0.01 if quick else 0.03,
+        )
+        for m in models
+    )
 
 
-def _time_layer(layer: Callable[[torch.Tensor], torch.Tensor], params: nn.Module,
-                x: torch.Tensor, min_time_s: float) -> tuple[float, float]:
+def _time_layer(
+    layer: Callable[[torch.Tensor], torch.Tensor],
+    params: nn.Module,
+    x: torch.Tensor,
+    min_time_s: float,
+) -> tuple[float, float]:
     """(forward seconds, forward + backward seconds) of `layer` on `x`."""
     x.requires_grad_(True)
 
@@ -83,6 +97,7 @@ def _time_layer(layer: Callable[[torch.Tensor], torch.Tensor], params: nn.Module
 
     def step() -> None:
         layer(x).float().sum().backward()
+
     result = time_call(forward, min_time_s), time_call(step, min_time_s)
     params.zero_grad(set_to_none=True)
     return result
@@ -95,8 +110,17 @@ def _torch_rows(grid: TrainLayerGrid, spec: ModelSpec, dev: torch.device) -> lis
         for t in grid.seqs:
             x = torch.randn(b, t, spec.hidden, device=dev, dtype=getattr(torch, grid.dtype))
             fwd, both = _time_layer(layer, layer, x, grid.min_time_s)
-            rows.append({"model": grid.model, "impl": "torch", "batch": b, "seq": t,
-                         "tokens": b * t, "forward_s": fwd, "seconds": both})
+            rows.append(
+                {
+                    "model": grid.model,
+                    "impl": "torch",
+                    "batch": b,
+                    "seq": t,
+                    "tokens": b * t,
+                    "forward_s": fwd,
+                    "seconds": both,
+                }
+            )
     return rows
 
 
@@ -110,18 +134,33 @@ def _megatron_rows(grid: TrainLayerGrid, spec: ModelSpec, seed: int) -> list[dic
     groups = build_role_groups("profile", ParallelLayout(), seed=seed)
     rows = []
     with groups.active():
-        model = mm.build_local_model(replace(spec, layers=1), groups,
-                                     mm.ModelOptions(dtype=grid.dtype), seed)[0]
+        model = mm.build_local_model(
+            replace(spec, layers=1), groups, mm.ModelOptions(dtype=grid.dtype), seed
+        )[0]
         dev = next(model.parameters()).device
         for b in grid.batches:
             for t in grid.seqs:
                 rope = model.rotary_pos_emb(t)
                 x = torch.randn(t, b, spec.hidden, device=dev, dtype=getattr(torch, grid.dtype))
                 fwd, both = _time_layer(
-                    lambda h: model.decoder(hidden_states=h, attention_mask=None,
-                                            rotary_pos_emb=rope), model, x, grid.min_time_s)
-                rows.append({"model": grid.model, "impl": "megatron-core", "batch": b, "seq": t,
-                             "tokens": b * t, "forward_s": fwd, "seconds": both})
+                    lambda h: model.decoder(
+                        hidden_states=h, attention_mask=None, rotary_pos_emb=rope
+                    ),
+                    model,
+                    x,
+                    grid.min_time_s,
+                )
+                rows.append(
+                    {
+                        "model": grid.model,
+                        "impl": "megatron-core",
+                        "batch": b,
+                        "seq": t,
+                        "tokens": b * t,
+                        "forward_s": fwd,
+                        "seconds": both,
+                    }
+                )
     return rows
 
 

@@ -2,10 +2,11 @@
 
 Header numbers (peak FLOP/s, memory bandwidth, link bandwidth, latency, step overhead) are
 derived from the tables, each with a `sources` line saying how; `measured:` holds the tables
-hybridflow.simulator.profile reads. Tables it does not read yet (attention, elementwise, matmul under
+simulator.profile reads. Tables it does not read yet (attention, elementwise, matmul under
 sharing, the controller's Ray dispatch cost) and the sharing slowdowns go under `sharing:` and
 `extra:`.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,13 +22,13 @@ from hybridflow.executor.profiler.ops import OpTables, slowdown
 
 @dataclass(frozen=True)
 class MachineInfo:
-    kind: str                # "cpu" or "gpu"
+    kind: str  # "cpu" or "gpu"
     device_name: str
-    devices: int             # logical devices (CPU ranks) or GPUs on this node
-    memory_gib: float        # per device
+    devices: int  # logical devices (CPU ranks) or GPUs on this node
+    memory_gib: float  # per device
     host_cores: int
     threads_per_rank: int
-    backend: str             # gloo or nccl
+    backend: str  # gloo or nccl
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu"):
@@ -41,13 +42,13 @@ class MachineInfo:
 @dataclass(frozen=True)
 class Measurements:
     alone: OpTables
-    shared: dict[int, OpTables]                 # concurrent ranks -> tables (1 included)
+    shared: dict[int, OpTables]  # concurrent ranks -> tables (1 included)
     collectives: dict[str, list[dict]]
-    generate: dict[str, list[dict]] | None      # {"prefill": [...], "decode": [...]}
+    generate: dict[str, list[dict]] | None  # {"prefill": [...], "decode": [...]}
     generate_model: str
     train_layer: list[dict] = field(default_factory=list)  # rows of measure_train_layer
     dispatch: dict | None = None  # measure_dispatch: Ray round trips of the controller
-    calls: dict | None = None     # calls.calls_section: the executor's per-call tables
+    calls: dict | None = None  # calls.calls_section: the executor's per-call tables
     sharing: dict[int, float] | None = None  # ranks -> slowdown (the calls' concurrency, or
     # sharing.measure_sharing's interleaved kernel factors)
     kernel_sharing: dict[int, float] | None = None  # the kernel's, when `sharing` is the calls'
@@ -86,14 +87,20 @@ def _per_sequence_points(rows: list[dict]) -> list[dict]:
         return []
     rows = [r for r in rows if r["model"] == rows[0]["model"]]
     batch = max(r["batch"] for r in rows)
-    return [{"tokens": r["seq"], "seconds": r["seconds"] / r["batch"]}
-            for r in sorted(rows, key=lambda r: r["seq"]) if r["batch"] == batch]
+    return [
+        {"tokens": r["seq"], "seconds": r["seconds"] / r["batch"]}
+        for r in sorted(rows, key=lambda r: r["seq"])
+        if r["batch"] == batch
+    ]
 
 
 def _sharing(m: Measurements, info: MachineInfo) -> dict:
     factors = m.sharing or {k: slowdown(m.alone, t) for k, t in m.shared.items()}
-    return {"host_cores": info.host_cores, "threads_per_rank": info.threads_per_rank,
-            "slowdown": [{"ranks": k, "factor": round(f, 4)} for k, f in sorted(factors.items())]}
+    return {
+        "host_cores": info.host_cores,
+        "threads_per_rank": info.threads_per_rank,
+        "slowdown": [{"ranks": k, "factor": round(f, 4)} for k, f in sorted(factors.items())],
+    }
 
 
 # Used only where nothing could be measured (one GPU: no link; --no-generate: no decode step).
@@ -104,21 +111,34 @@ _FALLBACK_STEP_S = {"cpu": 5e-3, "gpu": 1e-3}
 def _link_numbers(info: MachineInfo, m: Measurements, who: str) -> tuple[dict, dict]:
     latency, bandwidth = _link(m.collectives)
     if bandwidth > 0 and latency > 0:
-        return ({"intra_node_bandwidth": bandwidth, "inter_node_bandwidth": bandwidth,
-                 "comm_latency_s": latency},
-                {"intra_node_bandwidth": f"{who}: largest all_reduce over {info.backend}, "
-                                         "ring model",
-                 "inter_node_bandwidth": "estimate: one node measured; set equal to "
-                                         "intra_node_bandwidth",
-                 "comm_latency_s": f"{who}: smallest all_reduce / ring steps over "
-                                   f"{info.backend}"})
+        return (
+            {
+                "intra_node_bandwidth": bandwidth,
+                "inter_node_bandwidth": bandwidth,
+                "comm_latency_s": latency,
+            },
+            {
+                "intra_node_bandwidth": f"{who}: largest all_reduce over {info.backend}, "
+                "ring model",
+                "inter_node_bandwidth": "estimate: one node measured; set equal to "
+                "intra_node_bandwidth",
+                "comm_latency_s": f"{who}: smallest all_reduce / ring steps over {info.backend}",
+            },
+        )
     memory_bw = _memory_bandwidth(m.alone)
     why = "estimate: one device, no link to measure"
-    return ({"intra_node_bandwidth": memory_bw, "inter_node_bandwidth": memory_bw,
-             "comm_latency_s": _FALLBACK_LATENCY_S},
-            {"intra_node_bandwidth": f"{why}; set to the device memory bandwidth",
-             "inter_node_bandwidth": f"{why}; set to the device memory bandwidth",
-             "comm_latency_s": f"{why}; a typical kernel launch latency"})
+    return (
+        {
+            "intra_node_bandwidth": memory_bw,
+            "inter_node_bandwidth": memory_bw,
+            "comm_latency_s": _FALLBACK_LATENCY_S,
+        },
+        {
+            "intra_node_bandwidth": f"{why}; set to the device memory bandwidth",
+            "inter_node_bandwidth": f"{why}; set to the device memory bandwidth",
+            "comm_latency_s": f"{why}; a typical kernel launch latency",
+        },
+    )
 
 
 def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
@@ -126,13 +146,19 @@ def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
     link, link_sources = _link_numbers(info, m, who)
     decode = (m.generate or {}).get("decode") or []
     step = min(decode, key=lambda r: (r["batch"], r["context"]))["seconds"] if decode else 0.0
-    numbers = {"name": name, "estimate": False, "gpus_per_node": info.devices,
-               "host_cores": info.host_cores, "peak_flops": _peak_flops(m.alone),
-               "hbm_gib": round(info.memory_gib, 3),
-               "hbm_bandwidth": _memory_bandwidth(m.alone), **link,
-               "step_overhead_s": step if step > 0 else _FALLBACK_STEP_S[info.kind],
-               "reserved_gib": min(1.0 if info.kind == "cpu" else 2.0, info.memory_gib / 2),
-               "efficiency": {"matmul": 1.0, "memory": 1.0, "communication": 1.0}}
+    numbers = {
+        "name": name,
+        "estimate": False,
+        "gpus_per_node": info.devices,
+        "host_cores": info.host_cores,
+        "peak_flops": _peak_flops(m.alone),
+        "hbm_gib": round(info.memory_gib, 3),
+        "hbm_bandwidth": _memory_bandwidth(m.alone),
+        **link,
+        "step_overhead_s": step if step > 0 else _FALLBACK_STEP_S[info.kind],
+        "reserved_gib": min(1.0 if info.kind == "cpu" else 2.0, info.memory_gib / 2),
+        "efficiency": {"matmul": 1.0, "memory": 1.0, "communication": 1.0},
+    }
     devices = "logical devices (ranks)" if info.kind == "cpu" else "GPUs"
     sources = {
         "gpus_per_node": f"{who}: {info.devices} {devices}",
@@ -141,40 +167,71 @@ def _header(name: str, info: MachineInfo, m: Measurements) -> tuple[dict, dict]:
         "hbm_bandwidth": f"{who}: best elementwise add bytes/s (extra.elementwise), one rank",
         **link_sources,
         "step_overhead_s": f"{who}: vLLM decode step at batch 1, shortest context"
-        if step > 0 else "estimate: no generation measured; a typical engine step overhead",
+        if step > 0
+        else "estimate: no generation measured; a typical engine step overhead",
         "reserved_gib": "estimate: per-process runtime footprint (python, torch, engine)",
         "efficiency": "measured: peak numbers above are achieved values, so efficiency is 1",
     }
     return numbers, sources
 
 
-def build_profile(name: str, info: MachineInfo, m: Measurements, seconds_taken: float,
-                  steps: dict[str, float] | None = None, load: tuple[float, ...] = ()) -> dict:
+def build_profile(
+    name: str,
+    info: MachineInfo,
+    m: Measurements,
+    seconds_taken: float,
+    steps: dict[str, float] | None = None,
+    load: tuple[float, ...] = (),
+) -> dict:
     """The profile as a dict; `steps`: seconds each measurement took, `load`: the host's
     load average before and after (other programs' work inflates what is measured)."""
     numbers, sources = _header(name, info, m)
-    measured: dict = {"matmul": m.alone.matmul,
-                      "collectives": {op: rows for op, rows in m.collectives.items() if rows}}
+    measured: dict = {
+        "matmul": m.alone.matmul,
+        "collectives": {op: rows for op, rows in m.collectives.items() if rows},
+    }
     if m.generate:
         measured["generate"] = {"model": m.generate_model, **m.generate}
     points = _per_sequence_points(m.train_layer)
     if points:
         measured["train_layer"] = {"model": m.train_layer[0]["model"], "points": points}
-    extra = {"attention": m.alone.attention, "elementwise": m.alone.elementwise,
-             "train_layer_rows": m.train_layer, "dispatch": m.dispatch,
-             **({"kernel_sharing": [{"ranks": k, "factor": round(f, 4)} for k, f in
-                                    sorted(m.kernel_sharing.items())]}
-                if m.kernel_sharing else {}),
-             "shared_ops": {k: {"matmul": t.matmul, "attention": t.attention,
-                                "elementwise": t.elementwise} for k, t in m.shared.items()}}
+    extra = {
+        "attention": m.alone.attention,
+        "elementwise": m.alone.elementwise,
+        "train_layer_rows": m.train_layer,
+        "dispatch": m.dispatch,
+        **(
+            {
+                "kernel_sharing": [
+                    {"ranks": k, "factor": round(f, 4)} for k, f in sorted(m.kernel_sharing.items())
+                ]
+            }
+            if m.kernel_sharing
+            else {}
+        ),
+        "shared_ops": {
+            k: {"matmul": t.matmul, "attention": t.attention, "elementwise": t.elementwise}
+            for k, t in m.shared.items()
+        },
+    }
     calls = {"calls": m.calls} if m.calls else {}
-    return {**numbers, "sources": sources, "measured": measured, "sharing": _sharing(m, info),
-            **calls, "extra": extra,
-            "generated": {"by": "hybridflow profile", "seconds": round(seconds_taken, 1),
-                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                          "device": info.device_name, "backend": info.backend,
-                          **({"step_seconds": steps} if steps else {}),
-                          **({"load_average": list(load)} if load else {})}}
+    return {
+        **numbers,
+        "sources": sources,
+        "measured": measured,
+        "sharing": _sharing(m, info),
+        **calls,
+        "extra": extra,
+        "generated": {
+            "by": "hybridflow profile",
+            "seconds": round(seconds_taken, 1),
+            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "device": info.device_name,
+            "backend": info.backend,
+            **({"step_seconds": steps} if steps else {}),
+            **({"load_average": list(load)} if load else {}),
+        },
+    }
 
 
 def _clean(value: object) -> object:
@@ -193,8 +250,10 @@ def write_profile(profile: dict, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"profile output must end in .yaml, got {str(path)!r}")
-    head = (f"# Measured by `hybridflow profile` on {profile['generated']['device']} "
-            f"({profile['generated']['backend']}). Format: profiles/README.md.\n")
+    head = (
+        f"# Measured by `hybridflow profile` on {profile['generated']['device']} "
+        f"({profile['generated']['backend']}). Format: profiles/README.md.\n"
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(head + yaml.safe_dump(_clean(profile), sort_keys=False, width=100))

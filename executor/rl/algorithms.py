@@ -9,6 +9,7 @@ The controller computes advantages (``*_advantages``); the training engine calls
 ``actor_loss`` / ``critic_loss`` with the model output of a mini-batch and that mini-batch's
 slice of the batch dict; both return ``(loss, metrics)``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -50,8 +51,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries become 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -64,13 +66,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 def response_slice(full: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
     """The positions of a (B, P+T, ...) model output that predict the T response tokens."""
     if prompt_len < 1 or response_len < 1 or full.shape[1] < prompt_len + response_len - 1:
-        raise AlgorithmError(f"cannot take {response_len} response positions after a prompt "
-                             f"of {prompt_len} from a sequence of {full.shape[1]}")
-    return full[:, prompt_len - 1: prompt_len - 1 + response_len]
+        raise AlgorithmError(
+            f"cannot take {response_len} response positions after a prompt "
+            f"of {prompt_len} from a sequence of {full.shape[1]}"
+        )
+    return full[:, prompt_len - 1 : prompt_len - 1 + response_len]
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(labels) under softmax(logits / temperature); (B, T, V), (B, T) -> (B, T)."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
@@ -81,8 +86,9 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                  kind: str = "k1") -> torch.Tensor:
+def kl_divergence(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1"
+) -> torch.Tensor:
     """Per-token estimators of KL(policy || reference) from sampled-token log-probs.
 
     k1: log r; abs: |log r|; k2: (log r)^2 / 2; k3: exp(-log r) - 1 + log r (non-negative,
@@ -94,7 +100,7 @@ def kl_divergence(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
     if kind == "abs":
         return log_ratio.abs()
     if kind == "k2":
-        return 0.5 * log_ratio ** 2
+        return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise AlgorithmError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
@@ -108,16 +114,22 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return lengths - 1
 
 
-def token_level_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
-                        ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
-                        kl_kind: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+def token_level_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_kind: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards, kl): -kl_coef * KL on every token, plus the score on the last one."""
     kl = kl_divergence(logprobs, ref_logprobs, kl_kind) * mask.to(logprobs.dtype)
     return terminal_rewards(scores, mask, logprobs.dtype) - kl_coef * kl, kl
 
 
-def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def terminal_rewards(
+    scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Zeros, with each row's score on its last real token."""
     rewards = torch.zeros(mask.shape, dtype=dtype)
     rewards[torch.arange(scores.shape[0]), last_token_index(mask)] = scores.to(dtype)
@@ -125,8 +137,9 @@ def terminal_rewards(scores: torch.Tensor, mask: torch.Tensor,
 
 
 # ---- advantages -------------------------------------------------------------------------
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation; (advantages, returns), zero past each response."""
     m = mask.to(values.dtype)
     T = rewards.shape[1]
@@ -140,13 +153,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv * m, (adv + values) * m
 
 
-def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int,
-                    scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """(score - group mean) / (group std + eps) on every token; groups are consecutive rows."""
     B = scores.shape[0]
     if group_size < 2 or B % group_size:
-        raise AlgorithmError(f"GRPO needs groups of >= 2 responses dividing the batch; "
-                             f"got group size {group_size} for {B} responses")
+        raise AlgorithmError(
+            f"GRPO needs groups of >= 2 responses dividing the batch; "
+            f"got group size {group_size} for {B} responses"
+        )
     g = scores.float().view(B // group_size, group_size)
     adv = g - g.mean(-1, keepdim=True)
     if scale_by_std:
@@ -154,16 +174,18 @@ def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int,
     return adv.view(B, 1) * mask.float()
 
 
-def remax_advantages(rewards: torch.Tensor, baseline_scores: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+def remax_advantages(
+    rewards: torch.Tensor, baseline_scores: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Return-to-go of the token rewards minus the greedy response's score (ReMax)."""
     m = mask.to(rewards.dtype)
     returns = torch.flip(torch.cumsum(torch.flip(rewards * m, [1]), 1), [1])
     return (returns - baseline_scores.to(rewards.dtype).unsqueeze(1)) * m
 
 
-def safe_rlhf_advantages(reward_adv: torch.Tensor, cost_adv: torch.Tensor,
-                         lagrange: float) -> torch.Tensor:
+def safe_rlhf_advantages(
+    reward_adv: torch.Tensor, cost_adv: torch.Tensor, lagrange: float
+) -> torch.Tensor:
     """(A_reward - lambda * A_cost) / (1 + lambda), the Safe-RLHF policy advantage."""
     if lagrange < 0:
         raise AlgorithmError(f"Lagrange multiplier must be >= 0, got {lagrange}")
@@ -171,31 +193,44 @@ def safe_rlhf_advantages(reward_adv: torch.Tensor, cost_adv: torch.Tensor,
 
 
 # ---- losses -----------------------------------------------------------------------------
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                    advantages: torch.Tensor, mask: torch.Tensor, clip_ratio: float
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate: token mean of max(-A r, -A clip(r, 1-e, 1+e))."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        metrics = {"pg_loss": loss.item(),
-                   "pg_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-                   "ppo_kl": masked_mean(old_logprobs - logprobs, mask).item()}
+        metrics = {
+            "pg_loss": loss.item(),
+            "pg_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "ppo_kl": masked_mean(old_logprobs - logprobs, mask).item(),
+        }
     return loss, metrics
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """0.5 * token mean of max((v - R)^2, (v_clipped - R)^2), v_clipped near the old value."""
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     loss1, loss2 = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
     with torch.no_grad():
-        metrics = {"vf_loss": loss.item(),
-                   "vf_clipfrac": masked_mean((loss2 > loss1).float(), mask).item(),
-                   "vpred_mean": masked_mean(values, mask).item()}
+        metrics = {
+            "vf_loss": loss.item(),
+            "vf_clipfrac": masked_mean((loss2 > loss1).float(), mask).item(),
+            "vpred_mean": masked_mean(values, mask).item(),
+        }
     return loss, metrics
 
 
@@ -222,8 +257,9 @@ class AdaptiveKLController(FixedKLController):
     def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
         super().__init__(init_kl_coef)
         if target <= 0 or horizon <= 0:
-            raise AlgorithmError(f"adaptive KL needs target > 0 and horizon > 0, "
-                                 f"got {target}, {horizon}")
+            raise AlgorithmError(
+                f"adaptive KL needs target > 0 and horizon > 0, got {target}, {horizon}"
+            )
         self.target, self.horizon = target, horizon
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -234,6 +270,7 @@ class AdaptiveKLController(FixedKLController):
 @dataclass
 class LagrangeMultiplier:
     """Safe-RLHF's lambda: projected gradient ascent on lambda * (mean cost - threshold)."""
+
     value: float = 1.0
     lr: float = 0.1
     threshold: float = 0.0
@@ -245,8 +282,9 @@ class LagrangeMultiplier:
 
     def update(self, mean_cost: float) -> float:
         """One step with the batch's mean episode cost; returns the new lambda."""
-        self.value = min(max(self.value + self.lr * (mean_cost - self.threshold), 0.0),
-                         self.max_value)
+        self.value = min(
+            max(self.value + self.lr * (mean_cost - self.threshold), 0.0), self.max_value
+        )
         return self.value
 
 
@@ -254,17 +292,18 @@ class LagrangeMultiplier:
 @dataclass(frozen=True)
 class RLConfig:
     """Settings of one algorithm's advantage and loss computation."""
+
     algorithm: str = "ppo"
     gamma: float = 1.0
     lam: float = 0.95
     clip_ratio: float = 0.2
     value_clip: float = 0.2
-    kl_coef: float = 0.0          # KL penalty folded into the token rewards
+    kl_coef: float = 0.0  # KL penalty folded into the token rewards
     kl_kind: str = "k1"
-    kl_loss_coef: float = 0.0     # KL term in the actor loss (GRPO's choice)
+    kl_loss_coef: float = 0.0  # KL term in the actor loss (GRPO's choice)
     kl_loss_kind: str = "k3"
     entropy_coef: float = 0.0
-    group_size: int = 1           # GRPO: responses per prompt
+    group_size: int = 1  # GRPO: responses per prompt
     whiten_advantages: bool = True
     temperature: float = 1.0
 
@@ -272,8 +311,9 @@ class RLConfig:
         if self.algorithm not in ALGORITHMS:
             raise AlgorithmError(unknown_algorithm(self.algorithm))
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise AlgorithmError(f"gamma and lambda must lie in [0, 1], got {self.gamma}, "
-                                 f"{self.lam}")
+            raise AlgorithmError(
+                f"gamma and lambda must lie in [0, 1], got {self.gamma}, {self.lam}"
+            )
         if self.clip_ratio <= 0 or self.value_clip <= 0 or self.temperature <= 0:
             raise AlgorithmError("clip ratio, value clip and temperature must be positive")
         if min(self.kl_coef, self.kl_loss_coef, self.entropy_coef) < 0:
@@ -289,8 +329,9 @@ class RLConfig:
         return bool(ALGORITHMS[self.algorithm].critics)
 
 
-def actor_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+def actor_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip actor loss from response-aligned logits (B, T, V) and the batch slice.
 
     Batch keys: responses, response_mask, old_log_probs, advantages; ref_log_probs when
@@ -298,18 +339,26 @@ def actor_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConf
     """
     mask = batch["response_mask"]
     logprobs = logprobs_from_logits(logits, batch["responses"], cfg.temperature)
-    entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask) \
-        if cfg.entropy_coef > 0 else None
+    entropy = (
+        masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
+        if cfg.entropy_coef > 0
+        else None
+    )
     return policy_loss(logprobs, batch, cfg, entropy)
 
 
-def policy_loss(logprobs: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: RLConfig,
-                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    cfg: RLConfig,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip actor loss from response-aligned log-probs (B, T): the clipped surrogate,
     minus entropy_coef x `entropy` (when given), plus kl_loss_coef x KL to the reference."""
     mask = batch["response_mask"]
-    loss, metrics = ppo_policy_loss(logprobs, batch["old_log_probs"], batch["advantages"],
-                                    mask, cfg.clip_ratio)
+    loss, metrics = ppo_policy_loss(
+        logprobs, batch["old_log_probs"], batch["advantages"], mask, cfg.clip_ratio
+    )
     if entropy is not None:
         loss = loss - cfg.entropy_coef * entropy
         metrics["entropy"] = entropy.item()
@@ -321,16 +370,21 @@ def policy_loss(logprobs: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: 
     return loss, metrics
 
 
-def critic_loss(values: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig,
-                prefix: str = "") -> tuple[torch.Tensor, dict[str, float]]:
+def critic_loss(
+    values: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig, prefix: str = ""
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss from response-aligned values (B, T) and the batch slice.
 
     Batch keys: response_mask, ``{prefix}values`` (old), ``{prefix}returns``; Safe-RLHF's
     cost critic uses prefix "cost_".
     """
-    loss, metrics = value_loss(values.float(), batch[f"{prefix}values"],
-                               batch[f"{prefix}returns"], batch["response_mask"],
-                               cfg.value_clip)
+    loss, metrics = value_loss(
+        values.float(),
+        batch[f"{prefix}values"],
+        batch[f"{prefix}returns"],
+        batch["response_mask"],
+        cfg.value_clip,
+    )
     return loss, {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
@@ -340,15 +394,18 @@ ESTIMATORS: dict[str, Estimator] = {}  # algorithm name -> its advantage estimat
 
 def estimator(name: str) -> Callable[[Estimator], Estimator]:
     """Register the advantage estimator of the algorithm `name` (hybridflow.vocab)."""
+
     def add(fn: Estimator) -> Estimator:
         assert name in ALGORITHMS and name not in ESTIMATORS, name
         ESTIMATORS[name] = fn
         return fn
+
     return add
 
 
-def compute_advantages(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
-                       lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+def compute_advantages(
+    cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float, lagrange: float = 0.0
+) -> dict[str, torch.Tensor]:
     """The controller's prepare step: advantages (and returns) of a whole batch, by the
     estimator registered for cfg.algorithm.
 
@@ -360,33 +417,42 @@ def compute_advantages(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: f
     return ESTIMATORS[cfg.algorithm](cfg, batch, kl_coef, lagrange)
 
 
-def _token_rewards(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float
-                   ) -> dict[str, torch.Tensor]:
-    rewards, kl = token_level_rewards(batch["scores"], batch["log_probs"],
-                                      batch["ref_log_probs"], batch["response_mask"], kl_coef,
-                                      cfg.kl_kind)
+def _token_rewards(
+    cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float
+) -> dict[str, torch.Tensor]:
+    rewards, kl = token_level_rewards(
+        batch["scores"],
+        batch["log_probs"],
+        batch["ref_log_probs"],
+        batch["response_mask"],
+        kl_coef,
+        cfg.kl_kind,
+    )
     return {"token_rewards": rewards, "kl": kl}
 
 
 @estimator("grpo")
-def grpo_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
-                  lagrange: float = 0.0) -> dict[str, torch.Tensor]:
-    return {"advantages": grpo_advantages(batch["scores"], batch["response_mask"],
-                                          cfg.group_size)}
+def grpo_estimate(
+    cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float, lagrange: float = 0.0
+) -> dict[str, torch.Tensor]:
+    return {"advantages": grpo_advantages(batch["scores"], batch["response_mask"], cfg.group_size)}
 
 
 @estimator("remax")
-def remax_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
-                   lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+def remax_estimate(
+    cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float, lagrange: float = 0.0
+) -> dict[str, torch.Tensor]:
     out = _token_rewards(cfg, batch, kl_coef)
-    out["advantages"] = remax_advantages(out["token_rewards"], batch["baseline_scores"],
-                                         batch["response_mask"])
+    out["advantages"] = remax_advantages(
+        out["token_rewards"], batch["baseline_scores"], batch["response_mask"]
+    )
     return out
 
 
 @estimator("ppo")
-def ppo_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
-                 lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+def ppo_estimate(
+    cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float, lagrange: float = 0.0
+) -> dict[str, torch.Tensor]:
     mask = batch["response_mask"]
     out = _token_rewards(cfg, batch, kl_coef)
     adv, out["returns"] = gae(out["token_rewards"], batch["values"], mask, cfg.gamma, cfg.lam)
@@ -395,15 +461,17 @@ def ppo_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
 
 
 @estimator("safe-rlhf")
-def safe_rlhf_estimate(cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float,
-                       lagrange: float = 0.0) -> dict[str, torch.Tensor]:
+def safe_rlhf_estimate(
+    cfg: RLConfig, batch: dict[str, torch.Tensor], kl_coef: float, lagrange: float = 0.0
+) -> dict[str, torch.Tensor]:
     mask = batch["response_mask"]
     out = _token_rewards(cfg, batch, kl_coef)
     rewards = out["token_rewards"]
     adv, out["returns"] = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
     cost_rewards = terminal_rewards(batch["costs"], mask, rewards.dtype)
-    cost_adv, out["cost_returns"] = gae(cost_rewards, batch["cost_values"], mask, cfg.gamma,
-                                        cfg.lam)
+    cost_adv, out["cost_returns"] = gae(
+        cost_rewards, batch["cost_values"], mask, cfg.gamma, cfg.lam
+    )
     if cfg.whiten_advantages:
         adv, cost_adv = masked_whiten(adv, mask), masked_whiten(cost_adv, mask)
     out["advantages"] = safe_rlhf_advantages(adv, cost_adv, lagrange)

@@ -4,14 +4,16 @@ generate -> reference log-probs, values, rewards -> advantages on the controller
 critic and actor updates. Each loop returns the iteration's metrics and is registered with
 ``@loop(name)`` under its algorithm's name (hybridflow.vocab).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.rl.losses import ActorLoss, CriticLoss
 from hybridflow.executor.rl.runtime import Runtime
 from hybridflow.vocab import ALGORITHMS, Role, Stage
@@ -22,10 +24,12 @@ LOOPS: dict[str, Loop] = {}  # algorithm name -> one iteration of it
 
 def loop(name: str) -> Callable[[Loop], Loop]:
     """Register the controller loop of the algorithm `name`."""
+
     def add(fn: Loop) -> Loop:
         assert name in ALGORITHMS and name not in LOOPS, name
         LOOPS[name] = fn
         return fn
+
     return add
 
 
@@ -37,8 +41,9 @@ def _scored(rt: Runtime, batch: Batch, wanted: dict[str, tuple[str, str]]) -> Ba
     """Run the model outputs; rule-based reward/cost (a function, no model) on the controller."""
     rules = {k: v for k, v in wanted.items() if rt.plan.job.is_rule(v[0])}
     batch = rt.outputs(batch, {k: v for k, v in wanted.items() if k not in rules})
-    extra = {k: rt.rule(batch, "score" if role == "reward" else "cost")
-             for k, (role, _) in rules.items()}
+    extra = {
+        k: rt.rule(batch, "score" if role == "reward" else "cost") for k, (role, _) in rules.items()
+    }
     return batch.with_fields(extra) if extra else batch
 
 
@@ -56,11 +61,20 @@ def _metrics(rt: Runtime, batch: Batch, train: dict[str, float], **extra: float)
         kl = float(alg.masked_mean(batch["old_log_probs"] - batch["ref_log_probs"], mask))
     # vLLM's sampling log-probs against megatron's recomputation: ~0 when the resharded
     # generation weights are the trained ones
-    drift = float(alg.masked_mean((batch["rollout_log_probs"] - batch["old_log_probs"]).abs(),
-                                  mask)) if "rollout_log_probs" in batch else float("nan")
-    return {"reward": float(batch["scores"].float().mean()),
-            "score": float(rt.rule(batch).mean()), "kl": kl, "rollout_logp_diff": drift,
-            "response_tokens": float(mask.sum()), **extra, **train}
+    drift = (
+        float(alg.masked_mean((batch["rollout_log_probs"] - batch["old_log_probs"]).abs(), mask))
+        if "rollout_log_probs" in batch
+        else float("nan")
+    )
+    return {
+        "reward": float(batch["scores"].float().mean()),
+        "score": float(rt.rule(batch).mean()),
+        "kl": kl,
+        "rollout_logp_diff": drift,
+        "response_tokens": float(mask.sum()),
+        **extra,
+        **train,
+    }
 
 
 def _rl(rt: Runtime) -> alg.RLConfig:
@@ -71,8 +85,11 @@ def _losses(rt: Runtime, rl: alg.RLConfig, roles: tuple[str, ...]) -> dict[str, 
     P, R = rt.plan.job.prompt_len, rt.plan.job.response_len
     out: dict[str, Any] = {}
     for role in roles:
-        out[role] = (ActorLoss(rl, P, R) if role == Role.ACTOR else
-                     CriticLoss(rl, P, R, "cost_" if role == Role.COST_CRITIC else ""))
+        out[role] = (
+            ActorLoss(rl, P, R)
+            if role == Role.ACTOR
+            else CriticLoss(rl, P, R, "cost_" if role == Role.COST_CRITIC else "")
+        )
     return out
 
 
@@ -87,9 +104,16 @@ def ppo(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
     batch = rt.generate(rt.prompts(it), it)
     with rt.stage(Stage.PREPARE):
-        batch = _scored(rt, batch, {"old_log_probs": ("actor", LOGP),
-                                    "ref_log_probs": ("reference", LOGP),
-                                    "values": ("critic", LOGP), "scores": ("reward", SCORE)})
+        batch = _scored(
+            rt,
+            batch,
+            {
+                "old_log_probs": ("actor", LOGP),
+                "ref_log_probs": ("reference", LOGP),
+                "values": ("critic", LOGP),
+                "scores": ("reward", SCORE),
+            },
+        )
         batch = _advantages(rt, batch, rl)
     with rt.stage(Stage.TRAIN):
         train = rt.update(_losses(rt, rl, _trained(rt, it)), batch)
@@ -118,9 +142,15 @@ def remax(rt: Runtime, it: int, state: dict) -> dict:
     greedy = rt.generate(prompts, it, greedy=True)
     with rt.stage(Stage.PREPARE):
         baseline = _scored(rt, greedy, {"scores": ("reward", SCORE)})["scores"]
-        batch = _scored(rt, batch, {"old_log_probs": ("actor", LOGP),
-                                    "ref_log_probs": ("reference", LOGP),
-                                    "scores": ("reward", SCORE)})
+        batch = _scored(
+            rt,
+            batch,
+            {
+                "old_log_probs": ("actor", LOGP),
+                "ref_log_probs": ("reference", LOGP),
+                "scores": ("reward", SCORE),
+            },
+        )
         batch = _advantages(rt, batch.with_fields({"baseline_scores": baseline}), rl)
     with rt.stage(Stage.TRAIN):
         train = rt.update(_losses(rt, rl, _trained(rt, it)), batch)
@@ -130,14 +160,23 @@ def remax(rt: Runtime, it: int, state: dict) -> dict:
 @loop("safe-rlhf")
 def safe_rlhf(rt: Runtime, it: int, state: dict) -> dict:
     rl = _rl(rt)
-    lagrange = alg.LagrangeMultiplier(value=state.get("lagrange", 1.0), lr=rt.cfg.lagrange_lr,
-                                      threshold=rt.cfg.cost_threshold)
+    lagrange = alg.LagrangeMultiplier(
+        value=state.get("lagrange", 1.0), lr=rt.cfg.lagrange_lr, threshold=rt.cfg.cost_threshold
+    )
     batch = rt.generate(rt.prompts(it), it)
     with rt.stage(Stage.PREPARE):
-        batch = _scored(rt, batch, {
-            "old_log_probs": ("actor", LOGP), "ref_log_probs": ("reference", LOGP),
-            "values": ("critic", LOGP), "cost_values": ("cost_critic", LOGP),
-            "scores": ("reward", SCORE), "costs": ("cost", SCORE)})
+        batch = _scored(
+            rt,
+            batch,
+            {
+                "old_log_probs": ("actor", LOGP),
+                "ref_log_probs": ("reference", LOGP),
+                "values": ("critic", LOGP),
+                "cost_values": ("cost_critic", LOGP),
+                "scores": ("reward", SCORE),
+                "costs": ("cost", SCORE),
+            },
+        )
         batch = _advantages(rt, batch, rl, lagrange.value)
         mean_cost = float(batch["costs"].float().mean())
         state["lagrange"] = lagrange.update(mean_cost)

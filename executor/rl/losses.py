@@ -1,6 +1,7 @@
 """The losses the controller sends with an update: called by the training engine on each
 micro-batch with megatron's per-token output (log-probs or values, [b, P+R]) and the
 micro-batch's slice of the batch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from hybridflow.executor.rl import algorithms as alg
 @dataclass(frozen=True)
 class ActorLoss:
     """PPO-clip (with GRPO's optional KL term) on megatron's per-token log-probs."""
+
     cfg: alg.RLConfig
     prompt_len: int
     response_len: int

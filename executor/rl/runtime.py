@@ -6,6 +6,7 @@ loops a few verbs: ``prompts``, ``generate``, ``outputs``, ``scores``, ``update`
 Calls on roles of different sets run concurrently: ``outputs`` issues all its calls before
 waiting on any.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,9 +41,14 @@ def role_init_dir(art: Artifacts, role: str) -> str:
 
 def engine_config(role: str, cfg: RunConfig) -> EngineConfig:
     lr = cfg.actor_lr if role == Role.ACTOR else cfg.critic_lr
-    return EngineConfig(micro_batch_size=cfg.micro_batch_size, lr=lr,
-                        value_head=role in VALUE_ROLES, trainable=role in TRAINED_ROLES,
-                        seed=cfg.seed + 17, clip_grad=cfg.clip_grad)
+    return EngineConfig(
+        micro_batch_size=cfg.micro_batch_size,
+        lr=lr,
+        value_head=role in VALUE_ROLES,
+        trainable=role in TRAINED_ROLES,
+        seed=cfg.seed + 17,
+        clip_grad=cfg.clip_grad,
+    )
 
 
 @dataclass
@@ -65,14 +71,23 @@ class Runtime:
                 self._build_role(group, role, s)
 
     def _build_role(self, group: WorkerGroup, role: str, placed: PlacedSet) -> None:
-        group.add_role(role, self.plan.job.model(role), placed.layout(role),
-                       engine_config(role, self.cfg))
+        group.add_role(
+            role, self.plan.job.model(role), placed.layout(role), engine_config(role, self.cfg)
+        )
         group.run(role, "load_hf", role_init_dir(self.art, role))
         if role == Role.ACTOR:
-            group.run(role, "init_rollout", RolloutConfig(
-                tg=placed.generation().tp, scheme=self.cfg.reshard,
-                model_dir=str(self.art.actor_dir), kv_cache_bytes=self.cfg.kv_cache_mib << 20,
-                seed=self.cfg.seed, max_model_len=self.plan.job.seq_len))
+            group.run(
+                role,
+                "init_rollout",
+                RolloutConfig(
+                    tg=placed.generation().tp,
+                    scheme=self.cfg.reshard,
+                    model_dir=str(self.art.actor_dir),
+                    kv_cache_bytes=self.cfg.kv_cache_mib << 20,
+                    seed=self.cfg.seed,
+                    max_model_len=self.plan.job.seq_len,
+                ),
+            )
 
     def save_roles(self, folder: str) -> None:
         """Every role's weights and optimizer state, per rank, into `folder` (concurrently
@@ -113,21 +128,27 @@ class Runtime:
             epoch, offset = divmod(start + len(out), len(pool))
             order = list(range(len(pool)))
             random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
-            out.extend(list(pool[i]) for i in order[offset:offset + n - len(out)])
+            out.extend(list(pool[i]) for i in order[offset : offset + n - len(out)])
         return out
 
-    def generate(self, prompts: list[list[int]], iteration: int, n: int = 1,
-                 greedy: bool = False) -> Batch:
+    def generate(
+        self, prompts: list[list[int]], iteration: int, n: int = 1, greedy: bool = False
+    ) -> Batch:
         """Sequences of the actor's responses (n per prompt, prompt-major), stage 'generate'
         (its resharding time, as the workers measured it, goes to stage 'reshard')."""
         sampling = SamplingConfig(
-            temperature=0.0 if greedy else self.cfg.temperature, top_p=self.cfg.top_p,
-            max_tokens=self.plan.job.response_len, n=n,
-            seed=None if greedy else self.cfg.seed * 100003 + iteration, ignore_eos=False)
+            temperature=0.0 if greedy else self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            max_tokens=self.plan.job.response_len,
+            n=n,
+            seed=None if greedy else self.cfg.seed * 100003 + iteration,
+            ignore_eos=False,
+        )
         # prompt_seq: each prompt's index in the batch seeds its sampling, so the samples
         # do not depend on how the prompts are split over replicas
-        request = Batch(non_tensors={"prompt_ids": prompts,
-                                     "prompt_seq": list(range(len(prompts)))})
+        request = Batch(
+            non_tensors={"prompt_ids": prompts, "prompt_seq": list(range(len(prompts)))}
+        )
         with self.stage(Stage.GENERATE):
             out = self.groups[Role.ACTOR].run(Role.ACTOR, "generate", request, sampling)
         reshard = max(t["reshard_s"] for t in out.non_tensors["timing"])
@@ -151,31 +172,42 @@ class Runtime:
             raise UserError(f"a prompt is longer than prompt_len {P}")
         prompt_ids = torch.tensor([[pad] * (P - len(p)) + p for p in rows], dtype=torch.long)
         prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in rows])
-        return Batch({"input_ids": torch.cat([prompt_ids, out["responses"]], 1),
-                      "attention_mask": torch.cat([prompt_mask, out["response_mask"]], 1),
-                      "responses": out["responses"], "response_mask": out["response_mask"],
-                      "rollout_log_probs": out["rollout_log_probs"]},
-                     non_tensors={"prompt_ids": rows}, meta={"prompt_len": P})
+        return Batch(
+            {
+                "input_ids": torch.cat([prompt_ids, out["responses"]], 1),
+                "attention_mask": torch.cat([prompt_mask, out["response_mask"]], 1),
+                "responses": out["responses"],
+                "response_mask": out["response_mask"],
+                "rollout_log_probs": out["rollout_log_probs"],
+            },
+            non_tensors={"prompt_ids": rows},
+            meta={"prompt_len": P},
+        )
 
     # ---- calls -------------------------------------------------------------------------
     def outputs(self, batch: Batch, wanted: dict[str, tuple[str, str]]) -> Batch:
         """{field: (role, method)} computed concurrently, added to the batch."""
-        futures = {key: self.groups[role].call(role, method, batch, key)
-                   for key, (role, method) in wanted.items()}
+        futures = {
+            key: self.groups[role].call(role, method, batch, key)
+            for key, (role, method) in wanted.items()
+        }
         for f in futures.values():
             batch = batch.union(f.result())
         return batch
 
     def rule(self, batch: Batch, kind: str = "score") -> torch.Tensor:
         fn = self.art.score if kind == "score" else self.art.cost
-        return torch.tensor([fn(p, r.tolist()) for p, r in
-                             zip(batch.non_tensors["prompt_ids"], batch["responses"])])
+        return torch.tensor(
+            [fn(p, r.tolist()) for p, r in zip(batch.non_tensors["prompt_ids"], batch["responses"])]
+        )
 
     def update(self, updates: dict[str, Any], batch: Batch) -> dict[str, float]:
         """{role: loss_fn} trained concurrently over the job's epochs and mini-batches."""
         job = self.plan.job
-        futures = [self.groups[role].call(role, "update", batch, loss, job.mini_batches,
-                                          job.ppo_epochs) for role, loss in updates.items()]
+        futures = [
+            self.groups[role].call(role, "update", batch, loss, job.mini_batches, job.ppo_epochs)
+            for role, loss in updates.items()
+        ]
         metrics: dict[str, float] = {}
         for f in futures:
             metrics.update(metrics_of(f.result()))

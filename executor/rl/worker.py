@@ -6,6 +6,7 @@ log-prob of token t+1, so the response's log-probs and values sit at positions P
 (algorithms.response_slice); a reward model scores the last real token. The losses the
 controller sends with an update are executor.rl.losses.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 
 from hybridflow.errors import UserError
-from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.worker import Worker
@@ -26,15 +26,17 @@ from hybridflow.executor.engines import weights as W
 from hybridflow.executor.engines.vllm_engine import VllmConfig, VllmEngine
 from hybridflow.executor.hybrid_engine.engine import HybridEngine
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
+from hybridflow.executor.rl import algorithms as alg
 
 
 # ---- what a rank needs to build its roles ------------------------------------------------
 @dataclass(frozen=True)
 class RolloutConfig:
     """The actor's generation side: generation TP, resharding scheme, vLLM engine sizes."""
+
     tg: int
     scheme: str
-    model_dir: str            # Hugging Face folder vLLM starts from (weights then replaced)
+    model_dir: str  # Hugging Face folder vLLM starts from (weights then replaced)
     kv_cache_bytes: int = 16 << 20
     max_model_len: int = 128
     max_num_seqs: int = 256
@@ -53,8 +55,7 @@ class RLWorker(Worker):
     def load_hf(self, role: str, path: str) -> None:
         """Load a Hugging Face folder's weights into this rank's shards of `role`."""
         engine = self.role(role).engine
-        full = W.hf_to_full_megatron(W.load_hf_folder(path), engine.spec,
-                                      engine.config.value_head)
+        full = W.hf_to_full_megatron(W.load_hf_folder(path), engine.spec, engine.config.value_head)
         engine.load_full_megatron_state(full)
 
     @register(dispatch_mode=ONE_TO_ALL)
@@ -62,10 +63,18 @@ class RLWorker(Worker):
         plan = ReshardPlan(self.role(role).groups.layout, cfg.tg, cfg.scheme)
 
         def factory(tp_groups: list[list[int]]) -> VllmEngine:
-            return VllmEngine(VllmConfig(
-                model_dir=cfg.model_dir, tp_groups=tuple(map(tuple, tp_groups)), seed=cfg.seed,
-                kv_cache_bytes=cfg.kv_cache_bytes, max_model_len=cfg.max_model_len,
-                max_num_seqs=cfg.max_num_seqs, load_format="dummy"))
+            return VllmEngine(
+                VllmConfig(
+                    model_dir=cfg.model_dir,
+                    tp_groups=tuple(map(tuple, tp_groups)),
+                    seed=cfg.seed,
+                    kv_cache_bytes=cfg.kv_cache_bytes,
+                    max_model_len=cfg.max_model_len,
+                    max_num_seqs=cfg.max_num_seqs,
+                    load_format="dummy",
+                )
+            )
+
         self.rollout[role] = HybridEngine(self.role(role).engine.spec, plan, factory)
 
     # ---- generation --------------------------------------------------------------------
@@ -79,8 +88,9 @@ class RLWorker(Worker):
         shard = {n: p.detach() for n, p in self.role(role).engine.named_local_parameters()}
         stats = he.to_generation(shard)
         t1 = time.perf_counter()
-        done = he.generate([list(p) for p in prompts["prompt_ids"]], sampling,
-                           prompts.get("prompt_seq"))
+        done = he.generate(
+            [list(p) for p in prompts["prompt_ids"]], sampling, prompts.get("prompt_seq")
+        )
         t2 = time.perf_counter()
         he.to_training()
         t3 = time.perf_counter()
@@ -98,12 +108,18 @@ class RLWorker(Worker):
         # time, not only the replicas' first ranks that return the completions
         reshard = torch.tensor([(t1 - t0) + (t3 - t2)], dtype=torch.float64)
         torch.distributed.all_reduce(reshard, op=torch.distributed.ReduceOp.MAX)
-        timing = {"reshard_s": float(reshard), "generate_s": t2 - t1,
-                  "reshard_bytes": stats.bytes_received}
-        return Batch({"responses": responses, "response_mask": mask,
-                      "rollout_log_probs": logprobs},
-                     non_tensors={"prompt_index": [c.prompt_index for c in done],
-                                  "timing": [timing] * len(done)})
+        timing = {
+            "reshard_s": float(reshard),
+            "generate_s": t2 - t1,
+            "reshard_bytes": stats.bytes_received,
+        }
+        return Batch(
+            {"responses": responses, "response_mask": mask, "rollout_log_probs": logprobs},
+            non_tensors={
+                "prompt_index": [c.prompt_index for c in done],
+                "timing": [timing] * len(done),
+            },
+        )
 
     # ---- forward-only ------------------------------------------------------------------
     def _forward(self, role: str, batch: Batch) -> torch.Tensor | None:
@@ -132,13 +148,17 @@ class RLWorker(Worker):
 
     # ---- training ----------------------------------------------------------------------
     @register(dispatch_mode=MEGATRON_3D)
-    def update(self, role: str, batch: Batch, loss_fn: Any, mini_batches: int,
-               epochs: int) -> Batch | None:
+    def update(
+        self, role: str, batch: Batch, loss_fn: Any, mini_batches: int, epochs: int
+    ) -> Batch | None:
         """`epochs` passes over this DP slice in `mini_batches` optimizer steps; the mean
         of each metric over the steps."""
         engine = self.role(role).engine
-        steps = [engine.train_step(mb, loss_fn)
-                 for _ in range(epochs) for mb in batch.split(mini_batches)]
+        steps = [
+            engine.train_step(mb, loss_fn)
+            for _ in range(epochs)
+            for mb in batch.split(mini_batches)
+        ]
         if not engine.is_output_rank:
             return None
         mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
@@ -148,8 +168,10 @@ class RLWorker(Worker):
     @register(dispatch_mode=ONE_TO_ALL)
     def save_role(self, role: str, folder: str) -> str:
         engine = self.role(role).engine
-        state = {"params": {n: p.detach().clone() for n, p in engine.named_local_parameters()},
-                 "optimizer": engine.optimizer.state_dict() if engine.optimizer else None}
+        state = {
+            "params": {n: p.detach().clone() for n, p in engine.named_local_parameters()},
+            "optimizer": engine.optimizer.state_dict() if engine.optimizer else None,
+        }
         path = Path(folder) / f"{role}.rank{self.rank}.pt"
         torch.save(state, path)
         return str(path)

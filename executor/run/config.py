@@ -1,4 +1,5 @@
 """Settings of one `hybridflow run` beyond the plan: iterations, seeds, learning rates."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -20,28 +21,36 @@ class RunConfig:
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
     clip_grad: float = 1.0
-    kl_coef: float = 0.1          # KL penalty in the token rewards (PPO, ReMax, Safe-RLHF)
-    kl_loss_coef: float = 0.2     # KL term in the actor loss (algorithms with kl_in_loss: GRPO)
+    kl_coef: float = 0.1  # KL penalty in the token rewards (PPO, ReMax, Safe-RLHF)
+    kl_loss_coef: float = 0.2  # KL term in the actor loss (algorithms with kl_in_loss: GRPO)
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch_size: int = 8
     checkpoint_every: int = 5
-    critic_warmup: int = 2        # PPO, Safe-RLHF: first iterations train the critics only
+    critic_warmup: int = 2  # PPO, Safe-RLHF: first iterations train the critics only
     reshard: str = "hybridengine"
     kv_cache_mib: int = 16
-    cost_threshold: float = 0.0   # Safe-RLHF: mean cost-model logit to stay under (> 0: forbidden letter)
+    cost_threshold: float = (
+        0.0  # Safe-RLHF: mean cost-model logit to stay under (> 0: forbidden letter)
+    )
     lagrange_lr: float = 0.05
 
     def __post_init__(self) -> None:
-        lows = {"iterations": 1, "micro_batch_size": 1, "checkpoint_every": 1,
-                "kv_cache_mib": 1, "critic_warmup": 0}
+        lows = {
+            "iterations": 1,
+            "micro_batch_size": 1,
+            "checkpoint_every": 1,
+            "kv_cache_mib": 1,
+            "critic_warmup": 0,
+        }
         for f, low in lows.items():
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise RunConfigError(f"{f} must be an integer >= {low}, got {v!r}")
         if self.reshard not in SCHEMES:
-            raise RunConfigError(f"unknown resharding scheme {self.reshard!r}: "
-                                 f"choose one of {', '.join(SCHEMES)}")
+            raise RunConfigError(
+                f"unknown resharding scheme {self.reshard!r}: choose one of {', '.join(SCHEMES)}"
+            )
         if min(self.actor_lr, self.critic_lr, self.kl_coef, self.kl_loss_coef) < 0:
             raise RunConfigError("learning rates and KL coefficients must be >= 0")
         if not 0 < self.top_p <= 1 or self.temperature <= 0:
@@ -50,16 +59,19 @@ class RunConfig:
     def rl(self, job: Job) -> alg.RLConfig:
         """The advantage and loss settings of `job`'s algorithm."""
         in_loss = job.dataflow.kl_in_loss
-        return alg.RLConfig(algorithm=job.algorithm, group_size=job.n_samples,
-                            kl_coef=0.0 if in_loss else self.kl_coef,
-                            kl_loss_coef=self.kl_loss_coef if in_loss else 0.0,
-                            temperature=self.temperature)
+        return alg.RLConfig(
+            algorithm=job.algorithm,
+            group_size=job.n_samples,
+            kl_coef=0.0 if in_loss else self.kl_coef,
+            kl_loss_coef=self.kl_loss_coef if in_loss else 0.0,
+            temperature=self.temperature,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

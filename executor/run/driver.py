@@ -4,6 +4,7 @@
 group per set, and calls the algorithm's loop (hybridflow.executor.rl.loops) once per
 iteration, writing everything into a :class:`RunDir`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunOptions:
     """Where and how a run goes, beyond its plan and settings."""
+
     resume: bool = False  # continue the run in the run dir from its newest checkpoint
     ray_address: str | None = None  # join this Ray cluster (else RAY_ADDRESS, else local)
     devices: int = 4  # logical devices of a local cluster
@@ -49,8 +51,13 @@ def _tokens(plan: Plan) -> int:
     return plan.job.sequences * plan.job.seq_len
 
 
-def summarize(plan: Plan, metrics: list[dict], predicted: dict | None,
-              evals: dict | None = None, warmup: int = 1) -> dict:
+def summarize(
+    plan: Plan,
+    metrics: list[dict],
+    predicted: dict | None,
+    evals: dict | None = None,
+    warmup: int = 1,
+) -> dict:
     """Measured stage means over the steady iterations (the first `warmup` ones left out
     when there are more: start-up, and critic warm-up iterations that do not train the
     actor), next to the simulator's prediction; `evals`: held-out rule scores before the
@@ -58,24 +65,40 @@ def summarize(plan: Plan, metrics: list[dict], predicted: dict | None,
     rows = metrics[warmup:] if len(metrics) > warmup else metrics
     stages = {s: statistics.mean(m["stages"][s] for m in rows) for s in STAGES}
     it_s = sum(stages.values())
-    return {"plan": plan.to_dict(),
-            "measured": {"iteration_s": it_s, "tokens_per_s": _tokens(plan) / it_s,
-                         "stages": stages, "iterations": len(metrics),
-                         "timed_iterations": len(rows),
-                         "score_first": metrics[0]["score"], "score_last": metrics[-1]["score"],
-                         **{f"eval_score_{k}": v for k, v in (evals or {}).items()}},
-            "predicted": predicted}
+    return {
+        "plan": plan.to_dict(),
+        "measured": {
+            "iteration_s": it_s,
+            "tokens_per_s": _tokens(plan) / it_s,
+            "stages": stages,
+            "iterations": len(metrics),
+            "timed_iterations": len(rows),
+            "score_first": metrics[0]["score"],
+            "score_last": metrics[-1]["score"],
+            **{f"eval_score_{k}": v for k, v in (evals or {}).items()},
+        },
+        "predicted": predicted,
+    }
 
 
 def predict(plan: Plan, profile: str, scheme: str) -> dict:
     """The simulator's prediction of the plan, as the summary holds it."""
     d = predict_plan(plan, load_profile(profile), reshard=scheme).to_dict()
-    return {"iteration_s": d["iteration_s"], "tokens_per_s": d["tokens_per_s"],
-            "stages": d["stages"], "profile": profile}
+    return {
+        "iteration_s": d["iteration_s"],
+        "tokens_per_s": d["tokens_per_s"],
+        "stages": d["stages"],
+        "profile": profile,
+    }
 
 
-def run(plan: Plan, cfg: RunConfig, out: str | Path, options: RunOptions = RunOptions(),
-        progress: Callable[[dict], None] | None = None) -> RunResult:
+def run(
+    plan: Plan,
+    cfg: RunConfig,
+    out: str | Path,
+    options: RunOptions = RunOptions(),
+    progress: Callable[[dict], None] | None = None,
+) -> RunResult:
     """Run (or with options.resume, continue) the plan's job into the run dir `out`."""
     cluster_config = ClusterConfig(devices=options.devices, address=options.ray_address)
     check_runnable(plan, None if cluster_config.join_address else options.devices)
@@ -92,14 +115,16 @@ def run(plan: Plan, cfg: RunConfig, out: str | Path, options: RunOptions = RunOp
         rt.shutdown()
         cluster.shutdown()
     critics = bool(plan.job.dataflow.critics)
-    summary = summarize(plan, metrics, predicted, evals,
-                        warmup=max(1, cfg.critic_warmup if critics else 0))
+    summary = summarize(
+        plan, metrics, predicted, evals, warmup=max(1, cfg.critic_warmup if critics else 0)
+    )
     rundir.write_summary(summary)
     return RunResult(rundir.path, metrics, summary)
 
 
-def _iterations(rt: Runtime, rundir: RunDir, resume: bool,
-                progress: Callable[[dict], None] | None) -> tuple[list[dict], dict]:
+def _iterations(
+    rt: Runtime, rundir: RunDir, resume: bool, progress: Callable[[dict], None] | None
+) -> tuple[list[dict], dict]:
     """The iterations from the newest checkpoint (or the first) to the last; the metrics
     of every iteration and the held-out scores before the first and after the last."""
     cfg, loop = rt.cfg, LOOPS[rt.plan.job.algorithm]
@@ -112,8 +137,13 @@ def _iterations(rt: Runtime, rundir: RunDir, resume: bool,
         row = loop(rt, it, state)
         wall = time.perf_counter() - t0
         stages = rt.take_timings()
-        row = {"iteration": it, "stages": stages, "wall_s": wall,
-               "tokens_per_s": _tokens(rt.plan) / sum(stages.values()), **row}
+        row = {
+            "iteration": it,
+            "stages": stages,
+            "wall_s": wall,
+            "tokens_per_s": _tokens(rt.plan) / sum(stages.values()),
+            **row,
+        }
         metrics.append(row)
         rundir.append(row)
         if progress:

@@ -7,6 +7,7 @@
 A checkpoint is written into a temporary folder and renamed into place, so a run that dies
 while saving leaves the previous checkpoint whole; the newest two are kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,10 @@ class RunDir:
         """Write plan.json and run.json (again, when resuming: the settings may change);
         refuse a folder that already holds a run unless resuming it."""
         if not resume and (self.metrics_path.exists() or self.checkpoints.exists()):
-            raise RunError(f"run dir {self.path} already holds a run: continue it with "
-                           f"--resume, or give another --out")
+            raise RunError(
+                f"run dir {self.path} already holds a run: continue it with "
+                f"--resume, or give another --out"
+            )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
@@ -65,15 +68,20 @@ class RunDir:
         """The plan and the settings of the run this folder holds (for --resume)."""
         if not (self.path / "plan.json").exists() or not (self.path / "run.json").exists():
             raise RunError(f"--resume {self.path}: not a run dir (no plan.json / run.json)")
-        return (Plan.load(self.path / "plan.json"),
-                json.loads((self.path / "run.json").read_text()))
+        return (
+            Plan.load(self.path / "plan.json"),
+            json.loads((self.path / "run.json").read_text()),
+        )
 
     # ---- metrics -------------------------------------------------------------------
     def metrics_before(self, iteration: int) -> list[dict]:
         """The metrics of the iterations before `iteration` (a resumed run's), the file cut
         to them."""
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()
-                [:iteration]] if iteration and self.metrics_path.exists() else []
+        rows = (
+            [json.loads(line) for line in self.metrics_path.read_text().splitlines()[:iteration]]
+            if iteration and self.metrics_path.exists()
+            else []
+        )
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in rows))
         return rows
 
@@ -86,8 +94,10 @@ class RunDir:
 
     # ---- checkpoints ---------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
-        done = sorted((p for p in self.checkpoints.glob("iter_*") if p.is_dir()),
-                      key=lambda p: int(p.name.split("_")[1]))
+        done = sorted(
+            (p for p in self.checkpoints.glob("iter_*") if p.is_dir()),
+            key=lambda p: int(p.name.split("_")[1]),
+        )
         return done[-1] if done else None
 
     def save_checkpoint(self, roles: Roles, iteration: int, state: dict) -> None:
@@ -98,8 +108,7 @@ class RunDir:
         if final.exists():  # a resumed run saving an iteration again
             shutil.rmtree(final)
         roles.save_roles(str(tmp))
-        (tmp / "controller.json").write_text(json.dumps({"iteration": iteration,
-                                                         "state": state}))
+        (tmp / "controller.json").write_text(json.dumps({"iteration": iteration, "state": state}))
         tmp.rename(final)
         for old in sorted(self.checkpoints.glob("iter_*"))[:-KEEP]:
             if old.is_dir():

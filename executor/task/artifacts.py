@@ -10,6 +10,7 @@ response holds the forbidden letter. Each model is a Hugging
 Face folder (config.json, model.safetensors, tokenizer.json): the format vLLM loads and the
 executor converts to megatron shards. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,18 +18,18 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from hybridflow.errors import UserError
-from hybridflow.executor.task import rules as task
 from hybridflow.executor.task import build
+from hybridflow.executor.task import rules as task
 from hybridflow.executor.task.settings import ArtifactError, BuildSettings
 from hybridflow.executor.task.tokens import SpecialIds, decode_prompt, decode_response
 from hybridflow.simulator.model import load_model
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -86,8 +87,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "hybridflow"
 
 
-def ensure_artifacts(model: str = "tiny", seed: int = 0, cache_dir: str | Path | None = None,
-                     settings: BuildSettings | None = None) -> Artifacts:
+def ensure_artifacts(
+    model: str = "tiny",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    settings: BuildSettings | None = None,
+) -> Artifacts:
     """The cached artifacts of (model, seed), built first if the cache lacks them.
 
     ``settings`` (tests, experiments) replaces the defaults, model and seed included.
@@ -128,14 +133,22 @@ def load_artifacts(root: str | Path) -> Artifacts:
         meta = json.loads((root / "meta.json").read_text())
         prompts = json.loads((root / "prompts.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"artifact folder {str(root)!r} is incomplete or damaged: {e}") \
-            from None
+        raise ArtifactError(
+            f"artifact folder {str(root)!r} is incomplete or damaged: {e}"
+        ) from None
     s = meta["settings"]
     cfg = task.TaskConfig(**{**s["task"], "ops": tuple(s["task"]["ops"])})
     return Artifacts(
-        root=root, tokenizer_path=root / "tokenizer.json", actor_dir=root / "actor",
-        reward_dir=root / "reward", cost_dir=root / "cost",
-        prompts=PromptSet(train=tuple(map(tuple, prompts["train"])),
-                          eval=tuple(map(tuple, prompts["eval"]))),
-        special=SpecialIds(**meta["special"]), max_response_len=s["max_response_len"],
-        task=cfg, metrics=meta["metrics"])
+        root=root,
+        tokenizer_path=root / "tokenizer.json",
+        actor_dir=root / "actor",
+        reward_dir=root / "reward",
+        cost_dir=root / "cost",
+        prompts=PromptSet(
+            train=tuple(map(tuple, prompts["train"])), eval=tuple(map(tuple, prompts["eval"]))
+        ),
+        special=SpecialIds(**meta["special"]),
+        max_response_len=s["max_response_len"],
+        task=cfg,
+        metrics=meta["metrics"],
+    )

@@ -1,4 +1,5 @@
 """Build the task artifacts into one folder (executor.task.artifacts caches the folder)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,12 @@ import torch
 from hybridflow.executor.task import rules as task
 from hybridflow.executor.task import warmup
 from hybridflow.executor.task.settings import BuildSettings
-from hybridflow.executor.task.tokens import SPECIAL_TOKENS, SpecialIds, decode_prompt, decode_response
+from hybridflow.executor.task.tokens import (
+    SPECIAL_TOKENS,
+    SpecialIds,
+    decode_prompt,
+    decode_response,
+)
 from hybridflow.simulator.model import load_model
 
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2)
@@ -20,12 +26,14 @@ SPECIAL = SpecialIds(pad=0, bos=1, eos=2)
 def train_tokenizer(texts: list[str], vocab_limit: int):
     """A BPE tokenizer over single characters and whole op words ("rev:", "sort:")."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # Payload letters stay one token each; only the op words can merge.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[a-z]+:|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_limit, special_tokens=list(SPECIAL_TOKENS),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_limit, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
     tok.train_from_iterator(texts, trainer)
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i
@@ -36,8 +44,14 @@ def train_tokenizer(texts: list[str], vocab_limit: int):
 
 def _save_tokenizer(tok, out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     fast.save_pretrained(str(out))
 
 
@@ -48,8 +62,12 @@ def noisy_answers(examples: list[task.Example], s: BuildSettings) -> list[str]:
     samples a wrong one often: room for RL to improve the sampled rule score.
     """
     rng = random.Random(s.seed + 20_000)
-    return [task.corrupt(e.answer, rng.randint(1, 3), rng, s.task)
-            if rng.random() < s.sft_noise else e.answer for e in examples]
+    return [
+        task.corrupt(e.answer, rng.randint(1, 3), rng, s.task)
+        if rng.random() < s.sft_noise
+        else e.answer
+        for e in examples
+    ]
 
 
 def _pearson(x: list[float], y: list[float]) -> float:
@@ -70,6 +88,7 @@ def _policy_samples(policy, prompts: list[list[int]], s: BuildSettings):
 def _pairs_to_ids(tok, pairs) -> list[tuple[list[int], list[int]]]:
     def ids(prompt: str, response: str) -> list[int]:
         return [SPECIAL.bos] + tok.encode(prompt + response).ids + [SPECIAL.eos]
+
     return [(ids(p, good), ids(p, bad)) for p, good, bad in pairs]
 
 
@@ -97,45 +116,60 @@ def _train_scorer(policy, tok, examples, s: BuildSettings, by: str, seed: int):
     pairs = _pairs_to_ids(tok, text_pairs)
     signs = None
     if by == "score":
-        pairs += _policy_pairs(policy, tok, examples[:s.n_train // 2], s)
+        pairs += _policy_pairs(policy, tok, examples[: s.n_train // 2], s)
     else:
-        signs = [tuple(1.0 if task.cost(r, s.task) > 0 else -1.0 for r in (good, bad))
-                 for _, good, bad in text_pairs]
+        signs = [
+            tuple(1.0 if task.cost(r, s.task) > 0 else -1.0 for r in (good, bad))
+            for _, good, bad in text_pairs
+        ]
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    held_out = set(order[:max(1, len(pairs) // 10)])
+    held_out = set(order[: max(1, len(pairs) // 10)])
     train = [i for i in order if i not in held_out]
     model = warmup.reward_from_policy(policy, seed)
     steps = s.rm_steps if by == "score" else s.cost_steps
     losses = warmup.train_bradley_terry(
-        model, [pairs[i] for i in train], steps, s.rm_lr, s.batch // 2, seed, SPECIAL.pad,
-        None if signs is None else [signs[i] for i in train])
+        model,
+        [pairs[i] for i in train],
+        steps,
+        s.rm_lr,
+        s.batch // 2,
+        seed,
+        SPECIAL.pad,
+        None if signs is None else [signs[i] for i in train],
+    )
     test = [pairs[i] for i in sorted(held_out)]
     with torch.no_grad():
         good = warmup.scalar_scores(model, [a for a, _ in test], SPECIAL.pad)
         bad = warmup.scalar_scores(model, [b for _, b in test], SPECIAL.pad)
     acc = float((good > bad).float().mean())
-    return model, {"pairs": len(pairs), "final_loss": sum(losses[-10:]) / 10 if losses else None,
-                   "held_out_pair_accuracy": acc}
+    return model, {
+        "pairs": len(pairs),
+        "final_loss": sum(losses[-10:]) / 10 if losses else None,
+        "held_out_pair_accuracy": acc,
+    }
 
 
 def _rule_correlations(policy, reward, cost, tok, evals, s: BuildSettings) -> dict:
     prompts = [[SPECIAL.bos] + tok.encode(e.prompt).ids for e in evals]
     ps, rs = _policy_samples(policy, prompts, s)
-    texts = [(decode_prompt(tok, p, SPECIAL), decode_response(tok, r, SPECIAL))
-             for p, r in zip(ps, rs)]
+    texts = [
+        (decode_prompt(tok, p, SPECIAL), decode_response(tok, r, SPECIAL)) for p, r in zip(ps, rs)
+    ]
     seqs = [p + r for p, r in zip(ps, rs)]
     with torch.no_grad():
         rm = warmup.scalar_scores(reward, seqs, SPECIAL.pad).tolist()
         cm = warmup.scalar_scores(cost, seqs, SPECIAL.pad).tolist()
     scores = [task.score(p, r) for p, r in texts]
     costs = [task.cost(r, s.task) for _, r in texts]
-    return {"samples": len(seqs), "sampled_score": sum(scores) / len(scores),
-            "sampled_cost": sum(costs) / len(costs),
-            "reward_vs_score_pearson": _pearson(rm, scores),
-            "cost_model_vs_cost_pearson": _pearson(cm, costs),
-            "cost_model_sign_accuracy": sum((c > 0) == (r > 0) for c, r in zip(cm, costs))
-            / len(costs)}
+    return {
+        "samples": len(seqs),
+        "sampled_score": sum(scores) / len(scores),
+        "sampled_cost": sum(costs) / len(costs),
+        "reward_vs_score_pearson": _pearson(rm, scores),
+        "cost_model_vs_cost_pearson": _pearson(cm, costs),
+        "cost_model_sign_accuracy": sum((c > 0) == (r > 0) for c, r in zip(cm, costs)) / len(costs),
+    }
 
 
 def _greedy_score(policy, tok, evals, s: BuildSettings) -> float:
@@ -162,6 +196,7 @@ def build_all(s: BuildSettings, out: Path) -> None:
 
 def _build(s: BuildSettings, out: Path) -> None:
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in run logs
     t0 = time.time()
     spec = load_model(s.model)
@@ -174,20 +209,34 @@ def _build(s: BuildSettings, out: Path) -> None:
     answers = [tok.encode(a).ids + [SPECIAL.eos] for a in noisy_answers(train, s)]
 
     policy = warmup.new_policy(spec, SPECIAL, s.seed)
-    sft_losses = warmup.sft(policy, prompts, answers, s.sft_steps, s.sft_lr, s.batch, s.seed,
-                            SPECIAL.pad)
+    sft_losses = warmup.sft(
+        policy, prompts, answers, s.sft_steps, s.sft_lr, s.batch, s.seed, SPECIAL.pad
+    )
     reward, rm_metrics = _train_scorer(policy, tok, train, s, "score", s.seed + 1)
     cost, cm_metrics = _train_scorer(policy, tok, train, s, "cost", s.seed + 2)
-    metrics = {"sft_final_loss": sft_losses[-1] if sft_losses else None,
-               "greedy_score": _greedy_score(policy, tok, evals, s),
-               **_rule_correlations(policy, reward, cost, tok, evals, s),
-               "reward_model": rm_metrics, "cost_model": cm_metrics}
+    metrics = {
+        "sft_final_loss": sft_losses[-1] if sft_losses else None,
+        "greedy_score": _greedy_score(policy, tok, evals, s),
+        **_rule_correlations(policy, reward, cost, tok, evals, s),
+        "reward_model": rm_metrics,
+        "cost_model": cm_metrics,
+    }
     for name, model in (("actor", policy), ("reward", reward), ("cost", cost)):
         model.save_pretrained(str(out / name), safe_serialization=True)
         _save_tokenizer(tok, out / name)
     metrics["build_seconds"] = round(time.time() - t0, 1)
-    (out / "prompts.json").write_text(json.dumps({
-        "train": prompts, "eval": [[SPECIAL.bos] + tok.encode(e.prompt).ids for e in evals]}))
-    (out / "meta.json").write_text(json.dumps({
-        "settings": s.to_dict(), "special": {"pad": SPECIAL.pad, "bos": SPECIAL.bos,
-                                             "eos": SPECIAL.eos}, "metrics": metrics}, indent=1))
+    (out / "prompts.json").write_text(
+        json.dumps(
+            {"train": prompts, "eval": [[SPECIAL.bos] + tok.encode(e.prompt).ids for e in evals]}
+        )
+    )
+    (out / "meta.json").write_text(
+        json.dumps(
+            {
+                "settings": s.to_dict(),
+                "special": {"pad": SPECIAL.pad, "bos": SPECIAL.bos, "eos": SPECIAL.eos},
+                "metrics": metrics,
+            },
+            indent=1,
+        )
+    )

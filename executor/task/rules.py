@@ -11,11 +11,13 @@ Rules (the ground truth RL is judged by):
   the constraint of the Safe-RLHF variant (the forbidden letter can be part of a correct
   answer, so reward and cost pull against each other).
 """
+
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
+
 from hybridflow.errors import UserError
 
 OPS = ("rev", "sort")
@@ -35,12 +37,17 @@ class TaskConfig:
     forbidden: str = "j"
 
     def __post_init__(self) -> None:
-        if len(set(self.alphabet)) != len(self.alphabet) or not self.alphabet.isalpha() \
-                or not self.alphabet.islower():
+        if (
+            len(set(self.alphabet)) != len(self.alphabet)
+            or not self.alphabet.isalpha()
+            or not self.alphabet.islower()
+        ):
             raise TaskError(f"alphabet must be distinct lower-case letters, got {self.alphabet!r}")
         if not 1 <= self.min_len <= self.max_len <= len(self.alphabet):
-            raise TaskError(f"need 1 <= min_len <= max_len <= {len(self.alphabet)} "
-                            f"(alphabet size), got {self.min_len}, {self.max_len}")
+            raise TaskError(
+                f"need 1 <= min_len <= max_len <= {len(self.alphabet)} "
+                f"(alphabet size), got {self.min_len}, {self.max_len}"
+            )
         if not self.ops or any(op not in OPS for op in self.ops):
             raise TaskError(f"ops must be a non-empty subset of {OPS}, got {self.ops!r}")
         if self.forbidden not in self.alphabet:
@@ -51,8 +58,13 @@ class TaskConfig:
         return self.max_len
 
     def to_dict(self) -> dict:
-        return {"alphabet": self.alphabet, "min_len": self.min_len, "max_len": self.max_len,
-                "ops": list(self.ops), "forbidden": self.forbidden}
+        return {
+            "alphabet": self.alphabet,
+            "min_len": self.min_len,
+            "max_len": self.max_len,
+            "ops": list(self.ops),
+            "forbidden": self.forbidden,
+        }
 
 
 @dataclass(frozen=True)
@@ -127,8 +139,9 @@ def corrupt(answer: str, edits: int, rng: random.Random, cfg: TaskConfig = TaskC
     return "".join(s)
 
 
-def preference_pairs(examples: list[Example], seed: int, cfg: TaskConfig = TaskConfig(),
-                     by: str = "score") -> list[tuple[str, str, str]]:
+def preference_pairs(
+    examples: list[Example], seed: int, cfg: TaskConfig = TaskConfig(), by: str = "score"
+) -> list[tuple[str, str, str]]:
     """(prompt, better, worse) pairs: two corruptions of the answer, ranked by a rule.
 
     ``by="score"``: better has the higher rule score (reward-model data).

@@ -1,4 +1,5 @@
 """Everything the task artifacts depend on (its hash names their cache entry)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,7 @@ class ArtifactError(UserError):
 @dataclass(frozen=True)
 class BuildSettings:
     """Everything the artifacts depend on; its hash names the cache entry."""
+
     model: str = "tiny"
     seed: int = 0
     task: task.TaskConfig = field(default_factory=task.TaskConfig)
@@ -45,8 +47,10 @@ class BuildSettings:
         if self.sft_lr <= 0 or self.rm_lr <= 0:
             raise ArtifactError("learning rates must be positive")
         if self.max_response_len < self.task.max_answer_len + 1:
-            raise ArtifactError(f"max_response_len {self.max_response_len} cannot hold the "
-                                f"longest answer ({self.task.max_answer_len}) and EOS")
+            raise ArtifactError(
+                f"max_response_len {self.max_response_len} cannot hold the "
+                f"longest answer ({self.task.max_answer_len}) and EOS"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)

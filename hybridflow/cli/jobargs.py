@@ -3,6 +3,7 @@
 ``add_job_arguments(parser)`` adds them; ``build_job(args)`` makes the Job, from a --job file
 (the plan JSON's job object) when one is given, else from the flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,15 @@ from hybridflow.errors import UserError, unreadable
 from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
 from hybridflow.vocab import ALGORITHMS, RULE, RULE_ROLES
 
-JOB_DEFAULTS = dict(model="llama-2-7b", algorithm="ppo", prompt_len=1024, response_len=1024,
-                    batch=256, ppo_epochs=1, mini_batches=4)
+JOB_DEFAULTS = dict(
+    model="llama-2-7b",
+    algorithm="ppo",
+    prompt_len=1024,
+    response_len=1024,
+    batch=256,
+    ppo_epochs=1,
+    mini_batches=4,
+)
 ROLE_FLAGS = ("critic", "reference", "reward", "cost")
 
 
@@ -32,8 +40,9 @@ def read_mapping(path: str, what: str) -> dict:
     except IsADirectoryError:
         raise InputFileError(f"{what} file {path!r} is a directory") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InputFileError(f"{what} file {path!r} is not valid JSON or YAML: "
-                             f"{' '.join(str(e).split())}") from None
+        raise InputFileError(
+            f"{what} file {path!r} is not valid JSON or YAML: {' '.join(str(e).split())}"
+        ) from None
     except OSError as e:
         raise unreadable(f"{what} file", path, e) from None
     if not isinstance(data, dict):
@@ -41,30 +50,47 @@ def read_mapping(path: str, what: str) -> dict:
     return data
 
 
-def add_job_arguments(p: argparse.ArgumentParser, model_default: str | None = JOB_DEFAULTS["model"]
-                      ) -> None:
+def add_job_arguments(
+    p: argparse.ArgumentParser, model_default: str | None = JOB_DEFAULTS["model"]
+) -> None:
     """The job flags; with model_default None, --model is required unless --job is given."""
     d = JOB_DEFAULTS
     model_help = "model of every role: catalog name or config.json" + (
-        "" if model_default else "; required unless --job names the models")
+        "" if model_default else "; required unless --job names the models"
+    )
     p.add_argument("--model", default=model_default, help=model_help)
     for role in ROLE_FLAGS:
         rule = f", or '{RULE}': a function on the CPU, no GPUs" if role in RULE_ROLES else ""
         p.add_argument(f"--{role}", help=f"model of the {role} (default: --model{rule})")
     p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
     p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
-    p.add_argument("--response-len", type=int, default=d["response_len"],
-                   help="response length; the maximum when --response-mean is given")
-    p.add_argument("--response-mean", type=float, default=0.0,
-                   help="mean response length (default: every response is --response-len long)")
-    p.add_argument("--rule-cpu-s", type=float, default=RULE_CPU_S,
-                   help=f"CPU seconds per response of a rule reward/cost (default {RULE_CPU_S})")
+    p.add_argument(
+        "--response-len",
+        type=int,
+        default=d["response_len"],
+        help="response length; the maximum when --response-mean is given",
+    )
+    p.add_argument(
+        "--response-mean",
+        type=float,
+        default=0.0,
+        help="mean response length (default: every response is --response-len long)",
+    )
+    p.add_argument(
+        "--rule-cpu-s",
+        type=float,
+        default=RULE_CPU_S,
+        help=f"CPU seconds per response of a rule reward/cost (default {RULE_CPU_S})",
+    )
     p.add_argument("--batch", type=int, default=d["batch"], help="global batch (prompts)")
     p.add_argument("--n-samples", type=int, help="responses per prompt (grpo; default 4)")
     p.add_argument("--ppo-epochs", type=int, default=d["ppo_epochs"])
     p.add_argument("--mini-batches", type=int, default=d["mini_batches"])
-    p.add_argument("--job", metavar="FILE", help="job file, the plan JSON's job object (JSON/YAML); "
-                   "replaces the job flags")
+    p.add_argument(
+        "--job",
+        metavar="FILE",
+        help="job file, the plan JSON's job object (JSON/YAML); replaces the job flags",
+    )
 
 
 def build_job(args: argparse.Namespace) -> Job:
@@ -86,6 +112,16 @@ def build_job(args: argparse.Namespace) -> Job:
     if algo is not None and roles["cost"] and "cost" not in algo.roles:
         with_cost = " and ".join(a.name for a in ALGORITHMS.values() if "cost" in a.roles)
         raise JobError(f"--cost: only {with_cost} has a cost model")
-    return Job.create(args.algorithm, args.model, args.prompt_len, args.response_len, args.batch,
-                      args.ppo_epochs, args.mini_batches, args.n_samples,
-                      response_mean=args.response_mean, rule_cpu_s=args.rule_cpu_s, **roles)
+    return Job.create(
+        args.algorithm,
+        args.model,
+        args.prompt_len,
+        args.response_len,
+        args.batch,
+        args.ppo_epochs,
+        args.mini_batches,
+        args.n_samples,
+        response_mean=args.response_mean,
+        rule_cpu_s=args.rule_cpu_s,
+        **roles,
+    )

@@ -5,6 +5,7 @@ Each subcommand lives in hybridflow/cli/<name>.py with ``configure(parser)`` and
 and exit code 2, a run that stopped (RunStopped) one line and exit code 1; anything else is
 a bug and keeps its traceback. ``--log-level debug`` also logs the traceback of the first two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ def _module(name: str) -> ModuleType:
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridflow", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
-                        help="what the library logs to stderr (default warning)")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="warning",
+        help="what the library logs to stderr (default warning)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, help_text in COMMANDS.items():
@@ -50,8 +55,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
     log.addHandler(handler)
     log.setLevel(level.upper())
 

@@ -3,28 +3,43 @@
 With no flags: PPO on Llama-2-7B (every role), prompt and response 1,024 tokens, batch 256
 prompts, 2 nodes of 8 A100-80GB.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
-from hybridflow.errors import UserError
-from hybridflow.cli.jobargs import JOB_DEFAULTS, InputFileError, add_job_arguments, build_job, read_mapping
+from hybridflow.cli.jobargs import (
+    JOB_DEFAULTS,
+    InputFileError,
+    add_job_arguments,
+    build_job,
+    read_mapping,
+)
 from hybridflow.cli.planfmt import format_plan, format_standard
-from hybridflow.plan import Plan
+from hybridflow.errors import UserError
 from hybridflow.planner.export import export_plan
 from hybridflow.planner.search import Planner
 from hybridflow.simulator.cluster import Cluster, ClusterError
 from hybridflow.simulator.profile import load_profile
 
 DEFAULTS = dict(gpu="a100-80gb", gpus=16, **JOB_DEFAULTS)
-__all__ = ["DEFAULTS", "InputFileError", "build_cluster", "build_job", "configure", "main",
-           "read_mapping"]
+__all__ = [
+    "DEFAULTS",
+    "InputFileError",
+    "build_cluster",
+    "build_job",
+    "configure",
+    "main",
+    "read_mapping",
+]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--gpu", default=None, help=f"GPU kind (a profile name or .yaml path; default {d['gpu']})")
+    p.add_argument(
+        "--gpu", default=None, help=f"GPU kind (a profile name or .yaml path; default {d['gpu']})"
+    )
     p.add_argument("--gpus", type=int, default=None, help=f"number of GPUs (default {d['gpus']})")
     p.add_argument("--nodes", type=int, help="number of nodes (instead of --gpus)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's)")
@@ -32,8 +47,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=1, help="show the K best plans")
     p.add_argument("--out", help="write the best plan's JSON here")
     p.add_argument("--json", action="store_true", help="print the plan JSON (a list if --top > 1)")
-    p.add_argument("--cluster", metavar="FILE", help="cluster file {gpu, nodes, gpus_per_node} (JSON/YAML)")
-    p.add_argument("--export", metavar="FORMAT", help="print the best plan as a verl or openrlhf launch script")
+    p.add_argument(
+        "--cluster", metavar="FILE", help="cluster file {gpu, nodes, gpus_per_node} (JSON/YAML)"
+    )
+    p.add_argument(
+        "--export", metavar="FORMAT", help="print the best plan as a verl or openrlhf launch script"
+    )
 
 
 def build_cluster(args: argparse.Namespace) -> Cluster:
@@ -48,8 +67,10 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
     if args.nodes is not None:
         cluster = Cluster(gpu, args.nodes, gpn)
         if args.gpus is not None and args.gpus != cluster.n_gpus:
-            raise ClusterError(f"--gpus {args.gpus} disagrees with --nodes {args.nodes} x "
-                               f"--gpus-per-node {gpn} = {cluster.n_gpus}")
+            raise ClusterError(
+                f"--gpus {args.gpus} disagrees with --nodes {args.nodes} x "
+                f"--gpus-per-node {gpn} = {cluster.n_gpus}"
+            )
         return cluster
     return Cluster.from_gpus(gpu, DEFAULTS["gpus"] if args.gpus is None else args.gpus, gpn)
 

@@ -1,21 +1,26 @@
 """Readable tables of plans and predictions for `hybridflow plan` and `hybridflow simulate`."""
+
 from __future__ import annotations
 
 from hybridflow.plan import Plan
 from hybridflow.simulator.job import Job
-from hybridflow.vocab import STAGES
 from hybridflow.simulator.predict import Prediction
 from hybridflow.simulator.profile import Profile
+from hybridflow.vocab import STAGES
 
-STANDARD_NAMES = {"colocated": "colocated (verl, DeepSpeed-Chat)",
-                  "split": "split (actor+reference | rest)",
-                  "separate": "separate (OpenRLHF)"}
+STANDARD_NAMES = {
+    "colocated": "colocated (verl, DeepSpeed-Chat)",
+    "split": "split (actor+reference | rest)",
+    "separate": "separate (OpenRLHF)",
+}
 
 
 def _layouts(plan: Plan, role: str) -> str:
     lay = plan.set_of(role).layouts[role]
-    return " | ".join(f"{kind} " + " ".join(f"{k}={v}" for k, v in l.to_dict().items())
-                      for kind, l in lay.items())
+    return " | ".join(
+        f"{kind} " + " ".join(f"{k}={v}" for k, v in layout.to_dict().items())
+        for kind, layout in lay.items()
+    )
 
 
 def _response(job: Job) -> str:
@@ -23,8 +28,10 @@ def _response(job: Job) -> str:
     lengths = job.lengths
     if lengths.points:
         top = max(n for n, _ in lengths.points)
-        return (f"response mean {lengths.mean:,.0f} / max {top:,} tokens "
-                f"({len(lengths.points)}-point distribution)")
+        return (
+            f"response mean {lengths.mean:,.0f} / max {top:,} tokens "
+            f"({len(lengths.points)}-point distribution)"
+        )
     if lengths.spread:
         return f"response mean {lengths.mean:,.0f} / max {lengths.max:,} tokens"
     return f"response {job.response_len} tokens"
@@ -38,18 +45,23 @@ def _header(plan: Plan, profile: Profile) -> str:
     src = "estimates" if profile.estimate else "datasheet"
     if profile.measured.matmul or profile.measured.collectives:
         src = "measured tables + datasheet"
-    return (f"Job: {job.algorithm}, {', '.join(models)}; prompt {job.prompt_len} + "
-            f"{_response(job)}, batch {job.global_batch} prompts{extra}, "
-            f"{job.ppo_epochs} epoch(s) x {job.mini_batches} mini-batches\n"
-            f"Cluster: {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = {c.n_gpus} GPUs "
-            f"(profile {profile.name}: {src})")
+    return (
+        f"Job: {job.algorithm}, {', '.join(models)}; prompt {job.prompt_len} + "
+        f"{_response(job)}, batch {job.global_batch} prompts{extra}, "
+        f"{job.ppo_epochs} epoch(s) x {job.mini_batches} mini-batches\n"
+        f"Cluster: {c.nodes} node(s) x {c.gpus_per_node} {c.gpu} = {c.n_gpus} GPUs "
+        f"(profile {profile.name}: {src})"
+    )
 
 
 def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
     pred = plan.predicted or {}
-    lines = [_header(plan, profile), "",
-             f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, iteration "
-             f"{pred.get('iteration_s', 0):.2f} s, {pred.get('tokens_per_s', 0):,.0f} tokens/s"]
+    lines = [
+        _header(plan, profile),
+        "",
+        f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, iteration "
+        f"{pred.get('iteration_s', 0):.2f} s, {pred.get('tokens_per_s', 0):,.0f} tokens/s",
+    ]
     layouts = {r: _layouts(plan, r) for s in plan.sets for r in s.models}
     width = max([52, *(len(text) + 1 for text in layouts.values())])
     lines.append(f"  {'set':<4}{'GPUs':>5}  {'role':<12}{'layouts':<{width}}{'peak GiB':>9}")
@@ -65,8 +77,11 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
 
 def format_standard(standard: dict[str, Plan], best: Plan) -> str:
     best_s = best.predicted["iteration_s"]
-    lines = ["", "Standard placements, each with its best allocation and layouts:",
-             f"  {'placement':<34}{'sets (GPUs)':<50}{'iter s':>9}{'tokens/s':>11}{'best is':>10}"]
+    lines = [
+        "",
+        "Standard placements, each with its best allocation and layouts:",
+        f"  {'placement':<34}{'sets (GPUs)':<50}{'iter s':>9}{'tokens/s':>11}{'best is':>10}",
+    ]
     for name, label in STANDARD_NAMES.items():
         plan = standard.get(name)
         if plan is None:
@@ -74,15 +89,20 @@ def format_standard(standard: dict[str, Plan], best: Plan) -> str:
             continue
         sets = " ".join(f"{'+'.join(s.models)}:{s.gpus}" for s in plan.sets)
         it = plan.predicted["iteration_s"]
-        lines.append(f"  {label:<34}{sets:<50}{it:>9.2f}{plan.predicted['tokens_per_s']:>11,.0f}"
-                     f"{it / best_s:>9.2f}x")
+        lines.append(
+            f"  {label:<34}{sets:<50}{it:>9.2f}{plan.predicted['tokens_per_s']:>11,.0f}"
+            f"{it / best_s:>9.2f}x"
+        )
     return "\n".join(lines)
 
 
 def format_prediction(plan: Plan, pred: Prediction, profile: Profile, scheme: str) -> str:
     """Every term of every role and stage, with where its number came from."""
-    lines = [format_plan(plan, profile, f"Prediction ({scheme} resharding)"), "",
-             "Terms (seconds; source):"]
+    lines = [
+        format_plan(plan, profile, f"Prediction ({scheme} resharding)"),
+        "",
+        "Terms (seconds; source):",
+    ]
     for r in pred.roles():
         for stage in STAGES:
             c = r.stages.get(stage)
@@ -95,6 +115,8 @@ def format_prediction(plan: Plan, pred: Prediction, profile: Profile, scheme: st
     for r in pred.roles():
         terms = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r.memory.as_dict().items())
         lines.append(f"  {r.role:<12}{r.memory.gib:>7.2f}  {terms}")
-    lines.append("Sets' peak memory per GPU (GiB): " +
-                 ", ".join(f"{'+'.join(s.placed.models)} {s.peak_bytes / 2**30:.1f}" for s in pred.sets))
+    lines.append(
+        "Sets' peak memory per GPU (GiB): "
+        + ", ".join(f"{'+'.join(s.placed.models)} {s.peak_bytes / 2**30:.1f}" for s in pred.sets)
+    )
     return "\n".join(lines)

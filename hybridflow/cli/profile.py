@@ -1,4 +1,5 @@
 """`hybridflow profile`: measure this machine and write a profile the simulator reads."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,34 +15,63 @@ from hybridflow.executor.profiler.merge import merge_profiles
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--merge", nargs="+", metavar="PROFILE", default=None,
-                        help="measure nothing: write to --out the merge of these measured "
-                             "profiles of this machine (each number the median of theirs; "
-                             "profiles taken between runs see the speeds the runs see)")
-    parser.add_argument("--out", default=None,
-                        help="profile path (default profiles/local-cpu.yaml on CPU, "
-                             "profiles/<gpu>-measured.yaml on a GPU)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smaller grids, fewer repeats (the full profile takes "
-                             "3.5-5 min on a 2-core VM)")
-    parser.add_argument("--sweeps", type=int, default=1,
-                        help="CPU: split the per-call tables' rounds among this many passes "
-                             "over all their worker groups, minutes apart, each row the "
-                             "median of the passes' (default 1; merging profiles taken at "
-                             "other times with --merge predicted better)")
-    parser.add_argument("--devices", type=int, default=4,
-                        help="CPU only: logical devices (ranks) sharing the host (default 4)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per rank, as the executor's workers use (default 1)")
-    parser.add_argument("--model", default="tiny",
-                        help="model for the vLLM and train-layer tables (default tiny)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PROFILE",
+        default=None,
+        help="measure nothing: write to --out the merge of these measured "
+        "profiles of this machine (each number the median of theirs; "
+        "profiles taken between runs see the speeds the runs see)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="profile path (default profiles/local-cpu.yaml on CPU, "
+        "profiles/<gpu>-measured.yaml on a GPU)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller grids, fewer repeats (the full profile takes 3.5-5 min on a 2-core VM)",
+    )
+    parser.add_argument(
+        "--sweeps",
+        type=int,
+        default=1,
+        help="CPU: split the per-call tables' rounds among this many passes "
+        "over all their worker groups, minutes apart, each row the "
+        "median of the passes' (default 1; merging profiles taken at "
+        "other times with --merge predicted better)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=4,
+        help="CPU only: logical devices (ranks) sharing the host (default 4)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per rank, as the executor's workers use (default 1)",
+    )
+    parser.add_argument(
+        "--model", default="tiny", help="model for the vLLM and train-layer tables (default tiny)"
+    )
     parser.add_argument("--no-generate", action="store_true", help="skip the vLLM tables")
-    parser.add_argument("--no-dispatch", action="store_true",
-                        help="skip timing the controller's Ray calls to the workers")
-    parser.add_argument("--no-calls", action="store_true",
-                        help="CPU: skip the executor's per-call tables (worker groups of 1, 2, "
-                             "4 ranks running RLWorker's methods, a vLLM engine started per "
-                             "generation tp: about 4 of the 5 min on a 2-core VM)")
+    parser.add_argument(
+        "--no-dispatch",
+        action="store_true",
+        help="skip timing the controller's Ray calls to the workers",
+    )
+    parser.add_argument(
+        "--no-calls",
+        action="store_true",
+        help="CPU: skip the executor's per-call tables (worker groups of 1, 2, "
+        "4 ranks running RLWorker's methods, a vLLM engine started per "
+        "generation tp: about 4 of the 5 min on a 2-core VM)",
+    )
 
 
 def _default_out() -> Path:
@@ -57,16 +87,25 @@ def main(args: argparse.Namespace) -> int:
             raise UserError("--merge needs --out (where to write the merged profile)")
         print(f"wrote {merge_profiles([Path(p) for p in args.merge], Path(args.out))}")
         return 0
-    options = ProfileOptions(out=Path(args.out) if args.out else _default_out(),
-                             quick=args.quick, devices=args.devices,
-                             threads_per_rank=args.threads, model=args.model,
-                             generate=not args.no_generate, dispatch=not args.no_dispatch,
-                             calls=not args.no_calls, sweeps=args.sweeps)
+    options = ProfileOptions(
+        out=Path(args.out) if args.out else _default_out(),
+        quick=args.quick,
+        devices=args.devices,
+        threads_per_rank=args.threads,
+        model=args.model,
+        generate=not args.no_generate,
+        dispatch=not args.no_dispatch,
+        calls=not args.no_calls,
+        sweeps=args.sweeps,
+    )
     busy = os.getloadavg()[0]
     if busy > 1.0:
-        print(f"note: load average {busy:.1f} before measuring: other programs using the "
-              f"cores inflate what is measured (above all the sharing factors); profile a quiet "
-              f"machine", file=sys.stderr)
+        print(
+            f"note: load average {busy:.1f} before measuring: other programs using the "
+            f"cores inflate what is measured (above all the sharing factors); profile a quiet "
+            f"machine",
+            file=sys.stderr,
+        )
     path = profile_machine(options)
     print(f"wrote {path}")
     return 0

@@ -5,6 +5,7 @@
     .venv/bin/hybridflow run plan.json --iterations 20 --out runs/ppo
     .venv/bin/hybridflow run --resume runs/ppo        # continue a stopped run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,15 @@ from hybridflow.vocab import ALGORITHMS
 
 # batch sizes at which the tiny task's rule score rises within 16 iterations (see
 # tests/executor/test_run_e2e.py::test_rl_raises_the_rule_score and benchmarks/local_rl.py)
-DEFAULT_JOB = dict(algorithm="ppo", model="tiny", prompt_len=16, response_len=8,
-                   global_batch=64, ppo_epochs=2, mini_batches=4)
+DEFAULT_JOB = dict(
+    algorithm="ppo",
+    model="tiny",
+    prompt_len=16,
+    response_len=8,
+    global_batch=64,
+    ppo_epochs=2,
+    mini_batches=4,
+)
 DEFAULT_GROUPED = dict(n_samples=8, global_batch=32, ppo_epochs=1)  # GRPO-like algorithms
 
 
@@ -32,18 +40,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", nargs="?", help="plan JSON (default: plan the built-in local job)")
     p.add_argument("--iterations", type=int, default=None, help="RL iterations (default 16)")
     p.add_argument("--out", default=None, help="run dir (default runs/<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last "
-                   "checkpoint (its plan and settings)")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint (its plan and settings)",
+    )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (or RAY_ADDRESS)")
-    p.add_argument("--devices", type=int, default=4,
-                   help="logical devices of the local CPU cluster (default 4)")
-    p.add_argument("--algorithm", choices=list(ALGORITHMS),
-                   help="algorithm of the default job (no PLAN given)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=4,
+        help="logical devices of the local CPU cluster (default 4)",
+    )
+    p.add_argument(
+        "--algorithm", choices=list(ALGORITHMS), help="algorithm of the default job (no PLAN given)"
+    )
     p.add_argument("--reshard", choices=SCHEMES, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--profile", default="local-cpu",
-                   help="profile the prediction beside the measurement uses")
+    p.add_argument(
+        "--profile", default="local-cpu", help="profile the prediction beside the measurement uses"
+    )
 
 
 def default_plan(algorithm: str, devices: int) -> Plan:
@@ -58,8 +75,12 @@ def default_plan(algorithm: str, devices: int) -> Plan:
 
 def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
     d = dict(saved or {})
-    for flag, key in (("iterations", "iterations"), ("reshard", "reshard"), ("seed", "seed"),
-                      ("checkpoint_every", "checkpoint_every")):
+    for flag, key in (
+        ("iterations", "iterations"),
+        ("reshard", "reshard"),
+        ("seed", "seed"),
+        ("checkpoint_every", "checkpoint_every"),
+    ):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
     return RunConfig.from_dict(d)
@@ -69,16 +90,21 @@ def _load(args: argparse.Namespace) -> tuple[Plan, RunConfig, Path]:
     if args.resume:
         plan, saved = RunDir(args.resume).saved()
         return plan, _settings(args, saved), Path(args.resume)
-    plan = Plan.load(args.plan) if args.plan else default_plan(args.algorithm or "ppo",
-                                                                 args.devices)
+    plan = (
+        Plan.load(args.plan) if args.plan else default_plan(args.algorithm or "ppo", args.devices)
+    )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     return plan, _settings(args, None), out
 
 
 def main(args: argparse.Namespace) -> int:
     plan, cfg, out = _load(args)
-    options = RunOptions(resume=bool(args.resume), ray_address=args.ray_address,
-                         devices=args.devices, profile=args.profile)
+    options = RunOptions(
+        resume=bool(args.resume),
+        ray_address=args.ray_address,
+        devices=args.devices,
+        profile=args.profile,
+    )
     bar = _Progress(cfg.iterations)
     try:
         res = run(plan, cfg, out, options, progress=bar)
@@ -91,23 +117,31 @@ def main(args: argparse.Namespace) -> int:
         print(f"{s:10s} {v:11.3f} {p.get('stages', {}).get(s, float('nan')):12.3f}")
     print(f"{'iteration':10s} {m['iteration_s']:11.3f} {p.get('iteration_s', float('nan')):12.3f}")
     print(f"tokens/s   {m['tokens_per_s']:11.1f} {p.get('tokens_per_s', float('nan')):12.1f}")
-    print(f"rule score of the batch: {m['score_first']:.3f} (first iteration) -> "
-          f"{m['score_last']:.3f} (last)")
+    print(
+        f"rule score of the batch: {m['score_first']:.3f} (first iteration) -> "
+        f"{m['score_last']:.3f} (last)"
+    )
     if "eval_score_before" in m:
-        print(f"rule score on the held-out prompts: "
-              f"{m['eval_score_before']:.3f} (before) -> {m['eval_score_after']:.3f} (after)")
+        print(
+            f"rule score on the held-out prompts: "
+            f"{m['eval_score_before']:.3f} (before) -> {m['eval_score_after']:.3f} (after)"
+        )
     return 0
 
 
 class _Progress:
     def __init__(self, total: int) -> None:
         from tqdm import tqdm
+
         self.bar = tqdm(total=total, unit="it", desc="rl")
 
     def __call__(self, row: dict) -> None:
         self.bar.n = row["iteration"] + 1
-        self.bar.set_postfix(score=f"{row['score']:.3f}", reward=f"{row['reward']:.3f}",
-                             tok_s=f"{row['tokens_per_s']:.0f}")
+        self.bar.set_postfix(
+            score=f"{row['score']:.3f}",
+            reward=f"{row['reward']:.3f}",
+            tok_s=f"{row['tokens_per_s']:.0f}",
+        )
         self.bar.refresh()
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
 """`hybridflow simulate PLAN.json`: predict a given (hand-written or edited) plan."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,18 @@ from hybridflow.simulator.reshard import SCHEMES
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("plan", metavar="PLAN.json", help="a plan file (as `hybridflow plan --out` writes)")
-    p.add_argument("--reshard", default="hybridengine", choices=list(SCHEMES),
-                   help="actor resharding scheme (paper Table 2)")
-    p.add_argument("--profile", help="hardware profile name or .yaml path (default: the plan's GPU kind)")
+    p.add_argument(
+        "plan", metavar="PLAN.json", help="a plan file (as `hybridflow plan --out` writes)"
+    )
+    p.add_argument(
+        "--reshard",
+        default="hybridengine",
+        choices=list(SCHEMES),
+        help="actor resharding scheme (paper Table 2)",
+    )
+    p.add_argument(
+        "--profile", help="hardware profile name or .yaml path (default: the plan's GPU kind)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan JSON with this prediction")
 
 

@@ -1,4 +1,5 @@
 """`hybridflow sweep`: how many GPUs do I need? The best plan at every GPU count."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,27 @@ from hybridflow.simulator.profile import load_profile
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, help="GPU kind: a profile name (profiles/) or YAML path")
     add_job_arguments(p, model_default=None)
-    p.add_argument("--gpus", default="1:256", metavar="LO:HI",
-                   help="GPU counts to try: 1, 2, 4 below one node, then whole nodes (default 1:256)")
+    p.add_argument(
+        "--gpus",
+        default="1:256",
+        metavar="LO:HI",
+        help="GPU counts to try: 1, 2, 4 below one node, then whole nodes (default 1:256)",
+    )
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's)")
-    p.add_argument("--target-tokens-per-s", type=float, metavar="X",
-                   help="mark the smallest count predicted to reach X tokens/s")
+    p.add_argument(
+        "--target-tokens-per-s",
+        type=float,
+        metavar="X",
+        help="mark the smallest count predicted to reach X tokens/s",
+    )
     p.add_argument("--steps", type=int, metavar="S", help="with --deadline-hours: S iterations ...")
-    p.add_argument("--deadline-hours", type=float, metavar="H", help="... must finish within H hours")
+    p.add_argument(
+        "--deadline-hours", type=float, metavar="H", help="... must finish within H hours"
+    )
     p.add_argument("--out", type=Path, metavar="DIR", help="write sweep.csv and sweep.png to DIR")
-    p.add_argument("--json", action="store_true", help="print the sweep (with each best plan) as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the sweep (with each best plan) as JSON"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,19 +1,20 @@
 """`hybridflow report --compare`: the planner's plan against the standard placements and the
 resharding schemes, over model sizes and GPU counts (simulated, as the paper's Figures 8-13).
 
-Every number comes from the planner and simulator: hybridflow.planner.sweep.planner_points gives, per GPU
-count, the best plan and the standard placements' throughput; hybridflow.simulator.predict.predict_plan
+Every number comes from the planner and simulator: planner.sweep.planner_points gives, per
+GPU count, the best plan and the standard placements' throughput; simulator.predict.predict_plan
 re-predicts the best plan under each resharding scheme. This module only tabulates.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridflow.errors import UserError, unreadable
 import pandas as pd
 
+from hybridflow.errors import UserError, unreadable
 from hybridflow.plan import Plan
 from hybridflow.planner.search import Planner, plan_job
 from hybridflow.planner.sweep import planner_points
@@ -28,10 +29,12 @@ from hybridflow.simulator.profile import load_profile
 from hybridflow.simulator.reshard import SCHEMES
 
 SYSTEMS = ("hybridflow", "colocated", "split", "separate")
-SYSTEM_NOTES = {"hybridflow": "the planner's best plan",
-                "colocated": "all models on all GPUs (verl, DeepSpeed-Chat)",
-                "split": "actor+reference | critic+reward (NeMo-Aligner-like)",
-                "separate": "one set per model (OpenRLHF)"}
+SYSTEM_NOTES = {
+    "hybridflow": "the planner's best plan",
+    "colocated": "all models on all GPUs (verl, DeepSpeed-Chat)",
+    "split": "actor+reference | critic+reward (NeMo-Aligner-like)",
+    "separate": "one set per model (OpenRLHF)",
+}
 
 
 class CompareError(UserError):
@@ -54,15 +57,23 @@ class CompareSpec:
     def __post_init__(self) -> None:
         if not self.models:
             raise CompareError("--compare needs at least one model")
-        if not self.gpus or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0
-                                for g in self.gpus):
+        if not self.gpus or any(
+            isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in self.gpus
+        ):
             raise CompareError(f"GPU counts must be positive integers, got {self.gpus}")
         for g in self.gpus:  # raises ClusterError for e.g. 12 GPUs on 8-GPU nodes
             Cluster.from_gpus(self.gpu, g, self.gpus_per_node)
 
     def job(self, model: str) -> Job:
-        return Job.create(self.algorithm, model, self.prompt_len, self.response_len,
-                          self.global_batch, self.ppo_epochs, self.mini_batches)
+        return Job.create(
+            self.algorithm,
+            model,
+            self.prompt_len,
+            self.response_len,
+            self.global_batch,
+            self.ppo_epochs,
+            self.mini_batches,
+        )
 
 
 def _placement(plan: dict) -> str:
@@ -73,27 +84,37 @@ def _model_rows(spec: CompareSpec, model: str, profile) -> tuple[list[dict], lis
     """Throughput rows (one per system and GPU count) and reshard rows (one per scheme)."""
     job = spec.job(model)
     plan_at = planner_points(spec.gpu, job, profile, spec.gpus_per_node)
-    planners = {scheme: Planner(job, profile, spec.gpus_per_node, scheme=scheme)
-                for scheme in SCHEMES}
+    planners = {
+        scheme: Planner(job, profile, spec.gpus_per_node, scheme=scheme) for scheme in SCHEMES
+    }
     systems, reshards = [], []
     for gpus in sorted(set(spec.gpus)):
         point = plan_at(gpus)
         best = point.plan
-        tps = {"hybridflow": best["predicted"]["tokens_per_s"] if best else None,
-               **{k: point.standard.get(k) for k in SYSTEMS[1:]}}
+        tps = {
+            "hybridflow": best["predicted"]["tokens_per_s"] if best else None,
+            **{k: point.standard.get(k) for k in SYSTEMS[1:]},
+        }
         for system in SYSTEMS:
             value = tps[system]
-            systems.append({"model": model, "gpus": gpus, "system": system,
-                            "tokens_per_s": value if value else math.nan,
-                            "placement": _placement(best) if system == "hybridflow" and best
-                            else "", "note": "" if value else "does not fit"})
+            systems.append(
+                {
+                    "model": model,
+                    "gpus": gpus,
+                    "system": system,
+                    "tokens_per_s": value if value else math.nan,
+                    "placement": _placement(best) if system == "hybridflow" and best else "",
+                    "note": "" if value else "does not fit",
+                }
+            )
         if best is not None:
             reshards += _scheme_rows(spec, model, gpus, Plan.from_dict(best), profile, planners)
     return systems, reshards
 
 
-def _scheme_rows(spec: CompareSpec, model: str, gpus: int, plan, profile,
-                 planners: dict) -> list[dict]:
+def _scheme_rows(
+    spec: CompareSpec, model: str, gpus: int, plan, profile, planners: dict
+) -> list[dict]:
     """Per scheme: the planner's plan re-predicted with that resharding (same layouts; NaN
     where it does not fit), and the best plan when the planner itself uses that scheme."""
     rows = []
@@ -107,8 +128,10 @@ def _scheme_rows(spec: CompareSpec, model: str, gpus: int, plan, profile,
             row.update(reshard_s=math.nan, iteration_s=math.nan)
         try:
             own = plan_job(cluster, plan.job, profile, planner=planner)[0].to_dict()["predicted"]
-            row.update(replanned_reshard_s=own["stages"]["reshard"],
-                       replanned_tokens_per_s=own["tokens_per_s"])
+            row.update(
+                replanned_reshard_s=own["stages"]["reshard"],
+                replanned_tokens_per_s=own["tokens_per_s"],
+            )
         except DoesNotFit:
             row.update(replanned_reshard_s=math.nan, replanned_tokens_per_s=math.nan)
         rows.append(row)
@@ -127,11 +150,22 @@ def compare_frames(spec: CompareSpec):
         reshards += r
     frame = pd.DataFrame(systems)
     best = frame[frame["system"] == "hybridflow"].set_index(["model", "gpus"])["tokens_per_s"]
-    frame["speedup"] = [best[(m, g)] / t if t and not math.isnan(t) else math.nan
-                        for m, g, t in zip(frame["model"], frame["gpus"], frame["tokens_per_s"])]
-    return frame, pd.DataFrame(reshards, columns=[
-        "model", "gpus", "scheme", "reshard_s", "iteration_s", "replanned_reshard_s",
-        "replanned_tokens_per_s"])
+    frame["speedup"] = [
+        best[(m, g)] / t if t and not math.isnan(t) else math.nan
+        for m, g, t in zip(frame["model"], frame["gpus"], frame["tokens_per_s"])
+    ]
+    return frame, pd.DataFrame(
+        reshards,
+        columns=[
+            "model",
+            "gpus",
+            "scheme",
+            "reshard_s",
+            "iteration_s",
+            "replanned_reshard_s",
+            "replanned_tokens_per_s",
+        ],
+    )
 
 
 def _speedup_lines(frame) -> list[str]:
@@ -139,17 +173,20 @@ def _speedup_lines(frame) -> list[str]:
     for system in SYSTEMS[1:]:
         sp = frame[(frame["system"] == system)]["speedup"].dropna()
         if len(sp):
-            lines.append(f"- over {system}, {SYSTEM_NOTES[system]}: {sp.min():.2f}×–"
-                         f"{sp.max():.2f}×, geometric mean "
-                         f"{math.exp(sum(map(math.log, sp)) / len(sp)):.2f}× ({len(sp)} points)")
+            lines.append(
+                f"- over {system}, {SYSTEM_NOTES[system]}: {sp.min():.2f}×–"
+                f"{sp.max():.2f}×, geometric mean "
+                f"{math.exp(sum(map(math.log, sp)) / len(sp)):.2f}× ({len(sp)} points)"
+            )
     return lines
 
 
 def _cell(row) -> str:
     if math.isnan(row.tokens_per_s):
         return "does not fit"
-    speed = "" if row.system == "hybridflow" or math.isnan(row.speedup) \
-        else f" ({row.speedup:.2f}×)"
+    speed = (
+        "" if row.system == "hybridflow" or math.isnan(row.speedup) else f" ({row.speedup:.2f}×)"
+    )
     return fmt(float(round(row.tokens_per_s))) + speed
 
 
@@ -161,8 +198,10 @@ def _scheme_lines(reshard) -> list[str]:
         other = reshard[reshard["scheme"] == scheme].set_index(["model", "gpus"])
         ratio = (base["replanned_tokens_per_s"] / other["replanned_tokens_per_s"]).dropna()
         if len(ratio):
-            lines.append(f"- {SCHEMES[0]} resharding over {scheme}, best plans: "
-                         f"{ratio.min():.3f}×–{ratio.max():.3f}× ({len(ratio)} points)")
+            lines.append(
+                f"- {SCHEMES[0]} resharding over {scheme}, best plans: "
+                f"{ratio.min():.3f}×–{ratio.max():.3f}× ({len(ratio)} points)"
+            )
     return lines
 
 
@@ -180,37 +219,63 @@ def _reshard_table(reshard, model: str) -> str:
     rows = []
     for gpus, g in sub.groupby("gpus"):
         by = {r.scheme: r for r in g.itertuples()}
-        rows.append((gpus, *[by[s].reshard_s if s in by else math.nan for s in SCHEMES],
-                     *[float(round(by[s].replanned_tokens_per_s)) if s in by and
-                       not math.isnan(by[s].replanned_tokens_per_s) else math.nan
-                       for s in SCHEMES]))
-    return table(["GPUs", *[f"{s} s" for s in SCHEMES], *[f"{s} tokens/s" for s in SCHEMES]],
-                 rows)
+        rows.append(
+            (
+                gpus,
+                *[by[s].reshard_s if s in by else math.nan for s in SCHEMES],
+                *[
+                    float(round(by[s].replanned_tokens_per_s))
+                    if s in by and not math.isnan(by[s].replanned_tokens_per_s)
+                    else math.nan
+                    for s in SCHEMES
+                ],
+            )
+        )
+    return table(["GPUs", *[f"{s} s" for s in SCHEMES], *[f"{s} tokens/s" for s in SCHEMES]], rows)
 
 
 def _markdown(spec: CompareSpec, frame, reshard) -> str:
-    out = [f"# HybridFlow placement comparison (simulated, {spec.gpu})", "",
-           f"{spec.algorithm.upper()}, all roles the same model; prompt {spec.prompt_len} + "
-           f"response {spec.response_len} tokens, global batch {spec.global_batch}, "
-           f"{spec.ppo_epochs} epoch(s) of {spec.mini_batches} mini-batches; "
-           f"{spec.gpus_per_node} GPUs per node. Throughput = (prompt + response tokens of the "
-           "batch) / predicted iteration time. Speedup = HybridFlow's throughput / the system's.",
-           "", "## HybridFlow's speedup", "", *_speedup_lines(frame), *_scheme_lines(reshard),
-           "",
-           image("throughput per placement", "throughput.png"), "",
-           image("resharding time per scheme", "reshard.png"), ""]
+    out = [
+        f"# HybridFlow placement comparison (simulated, {spec.gpu})",
+        "",
+        f"{spec.algorithm.upper()}, all roles the same model; prompt {spec.prompt_len} + "
+        f"response {spec.response_len} tokens, global batch {spec.global_batch}, "
+        f"{spec.ppo_epochs} epoch(s) of {spec.mini_batches} mini-batches; "
+        f"{spec.gpus_per_node} GPUs per node. Throughput = (prompt + response tokens of the "
+        "batch) / predicted iteration time. Speedup = HybridFlow's throughput / the system's.",
+        "",
+        "## HybridFlow's speedup",
+        "",
+        *_speedup_lines(frame),
+        *_scheme_lines(reshard),
+        "",
+        image("throughput per placement", "throughput.png"),
+        "",
+        image("resharding time per scheme", "reshard.png"),
+        "",
+    ]
     for model in spec.models:
-        out += [f"## {model}", "", "Tokens/s (speedup of HybridFlow):", "",
-                _throughput_table(frame, model), "",
-                "Resharding (Table 2's schemes): seconds per iteration of the planner's plan "
-                "re-predicted with each scheme (same layouts; – where that scheme's memory does "
-                "not fit), and tokens/s of the best plan when the planner itself uses the "
-                "scheme:", "", _reshard_table(reshard, model), ""]
+        out += [
+            f"## {model}",
+            "",
+            "Tokens/s (speedup of HybridFlow):",
+            "",
+            _throughput_table(frame, model),
+            "",
+            "Resharding (Table 2's schemes): seconds per iteration of the planner's plan "
+            "re-predicted with each scheme (same layouts; – where that scheme's memory does "
+            "not fit), and tokens/s of the best plan when the planner itself uses the "
+            "scheme:",
+            "",
+            _reshard_table(reshard, model),
+            "",
+        ]
     return "\n".join(out)
 
 
-def write_compare_report(gpu: str, models: list[str], gpus: list[int], out: str | Path,
-                         algorithm: str = "ppo") -> Path:
+def write_compare_report(
+    gpu: str, models: list[str], gpus: list[int], out: str | Path, algorithm: str = "ppo"
+) -> Path:
     """Write report.md, compare.csv, reshard.csv, throughput.png and reshard.png to `out`."""
     spec = CompareSpec(gpu, tuple(models), tuple(gpus), algorithm)
     spec.job(models[0])  # bad algorithm -> one clear message before planning

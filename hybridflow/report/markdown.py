@@ -1,9 +1,10 @@
 """Markdown building blocks shared by the run report and the placement comparison."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 
 def fmt(value: object, digits: int = 3) -> str:
@@ -24,6 +25,7 @@ def percent(value: float) -> str:
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub-flavoured Markdown table; cells already strings are kept as they are."""
+
     def cell(v: object) -> str:
         return (v if isinstance(v, str) else fmt(v)).replace("|", "\\|")
 

@@ -1,4 +1,5 @@
 """PNG plots of report tables (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def stage_bars(frame, path: Path) -> Path:
         ax.set_xticks(list(x), list(sub["stage"]), rotation=20)
         ax.set_ylabel("seconds")
         ax.set_title(_short(plan), fontsize=9)
-    for ax in list(axes.flat)[len(plans):]:
+    for ax in list(axes.flat)[len(plans) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     return _save(fig, path)
@@ -47,12 +48,19 @@ def throughput_bars(frame, path: Path) -> Path:
     """Predicted vs measured tokens/s per plan."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(frame) + 2), 3.8))
     x = range(len(frame))
-    ax.bar([i - 0.2 for i in x], frame["predicted_tokens_per_s"], 0.4, label="predicted",
-           color=PREDICTED)
-    ax.bar([i + 0.2 for i in x], frame["measured_tokens_per_s"], 0.4, label="measured",
-           color=MEASURED)
-    ax.set_xticks(list(x), [_short(p, 24) for p in frame["plan"]], rotation=25, ha="right",
-                  fontsize=8)
+    ax.bar(
+        [i - 0.2 for i in x],
+        frame["predicted_tokens_per_s"],
+        0.4,
+        label="predicted",
+        color=PREDICTED,
+    )
+    ax.bar(
+        [i + 0.2 for i in x], frame["measured_tokens_per_s"], 0.4, label="measured", color=MEASURED
+    )
+    ax.set_xticks(
+        list(x), [_short(p, 24) for p in frame["plan"]], rotation=25, ha="right", fontsize=8
+    )
     ax.set_ylabel("tokens / s")
     ax.set_title("Throughput per plan")
     ax.legend(fontsize=8)
@@ -81,8 +89,11 @@ def learning_curves(curves: dict[str, list[dict]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, key in zip(axes, keys):
         for label, rows in curves.items():
-            pts = [(r["iteration"], r[key]) for r in rows
-                   if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+            pts = [
+                (r["iteration"], r[key])
+                for r in rows
+                if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=_short(label, 24))
         ax.set_xlabel("iteration")
@@ -102,15 +113,21 @@ def compare_bars(frame, systems: tuple[str, ...], path: Path) -> Path:
         sub = frame[frame["model"] == model]
         counts = sorted(set(sub["gpus"]))
         for i, system in enumerate(systems):
-            vals = [sub[(sub["gpus"] == g) & (sub["system"] == system)]["tokens_per_s"].iloc[0]
-                    for g in counts]
-            ax.bar([j + (i - (len(systems) - 1) / 2) * width for j in range(len(counts))],
-                   [0 if math.isnan(v) else v for v in vals], width, label=system)
+            vals = [
+                sub[(sub["gpus"] == g) & (sub["system"] == system)]["tokens_per_s"].iloc[0]
+                for g in counts
+            ]
+            ax.bar(
+                [j + (i - (len(systems) - 1) / 2) * width for j in range(len(counts))],
+                [0 if math.isnan(v) else v for v in vals],
+                width,
+                label=system,
+            )
         ax.set_xticks(range(len(counts)), [str(c) for c in counts])
         ax.set_xlabel("GPUs")
         ax.set_ylabel("tokens / s")
         ax.set_title(model, fontsize=10)
-    for ax in list(axes.flat)[len(models):]:
+    for ax in list(axes.flat)[len(models) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     return _save(fig, path)

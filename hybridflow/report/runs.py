@@ -5,15 +5,17 @@ TIMES = {"iteration_s", "tokens_per_s", "stages": {"generate", "reshard", "prepa
 and optionally ``metrics.jsonl`` (one JSON object per iteration). Nothing is recomputed here:
 the run's measurement and the simulator's prediction are taken as written.
 """
+
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from hybridflow.errors import UserError, unreadable
 
+from hybridflow.errors import UserError, unreadable
 from hybridflow.vocab import STAGES  # noqa: E402
+
 METRIC_KEYS = ("iteration", "stages", "tokens_per_s", "reward", "score", "kl")
 
 
@@ -32,6 +34,7 @@ def _number(value: object, where: str) -> float:
 @dataclass(frozen=True)
 class Times:
     """Seconds per iteration, per stage, and throughput: one side (measured or predicted)."""
+
     iteration_s: float
     tokens_per_s: float
     stages: dict[str, float] = field(default_factory=dict)
@@ -40,12 +43,15 @@ class Times:
         missing = [s for s in STAGES if s not in self.stages]
         if missing:
             raise RunDirError(f"stages lack {', '.join(missing)}")
-        for name, value in (("iteration_s", self.iteration_s),
-                            ("tokens_per_s", self.tokens_per_s), *self.stages.items()):
+        for name, value in (
+            ("iteration_s", self.iteration_s),
+            ("tokens_per_s", self.tokens_per_s),
+            *self.stages.items(),
+        ):
             _number(value, name)
 
     @classmethod
-    def from_dict(cls, data: object, where: str) -> "Times":
+    def from_dict(cls, data: object, where: str) -> Times:
         if not isinstance(data, dict):
             raise RunDirError(f"{where} must be an object with iteration_s, tokens_per_s, stages")
         missing = [k for k in ("iteration_s", "tokens_per_s", "stages") if k not in data]
@@ -57,9 +63,11 @@ class Times:
         missing = [s for s in STAGES if s not in stages]
         if missing:
             raise RunDirError(f"{where}.stages lacks {', '.join(missing)}")
-        return cls(_number(data["iteration_s"], f"{where}.iteration_s"),
-                   _number(data["tokens_per_s"], f"{where}.tokens_per_s"),
-                   {s: _number(stages[s], f"{where}.stages.{s}") for s in STAGES})
+        return cls(
+            _number(data["iteration_s"], f"{where}.iteration_s"),
+            _number(data["tokens_per_s"], f"{where}.tokens_per_s"),
+            {s: _number(stages[s], f"{where}.stages.{s}") for s in STAGES},
+        )
 
 
 @dataclass(frozen=True)
@@ -79,9 +87,17 @@ class Run:
         if not self.label:
             object.__setattr__(self, "label", plan_label(self.plan) or self.path.name)
 
-    def with_label(self, label: str) -> "Run":
-        return Run(self.path, self.plan, self.measured, self.predicted, self.metrics, label,
-                   self.terms, self.notes)
+    def with_label(self, label: str) -> Run:
+        return Run(
+            self.path,
+            self.plan,
+            self.measured,
+            self.predicted,
+            self.metrics,
+            label,
+            self.terms,
+            self.notes,
+        )
 
 
 def _notes(summary: dict) -> tuple[tuple[str, str], ...]:
@@ -90,10 +106,12 @@ def _notes(summary: dict) -> tuple[tuple[str, str], ...]:
     out = []
     for side in ("measured", "predicted"):
         for key, value in summary[side].items():
-            if key not in ("iteration_s", "tokens_per_s", "stages") and \
-                    isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                out.append((f"{side} {key}", value if isinstance(value, str) else
-                            f"{value:.4g}"))
+            if (
+                key not in ("iteration_s", "tokens_per_s", "stages")
+                and isinstance(value, (str, int, float))
+                and not isinstance(value, bool)
+            ):
+                out.append((f"{side} {key}", value if isinstance(value, str) else f"{value:.4g}"))
     return tuple(out)
 
 
@@ -111,9 +129,16 @@ def _terms(predicted: dict, where: str) -> tuple[tuple[str, str, str, float, str
             if not isinstance(named, dict):
                 raise RunDirError(f"{where}.terms.{role}.{stage} must map term -> seconds")
             src = ((sources.get(role) or {}).get(stage) or {}) if isinstance(sources, dict) else {}
-            rows += [(role, stage, term, _number(v, f"{where}.terms.{role}.{stage}.{term}"),
-                      str(src.get(term, "")) if isinstance(src, dict) else "")
-                     for term, v in named.items()]
+            rows += [
+                (
+                    role,
+                    stage,
+                    term,
+                    _number(v, f"{where}.terms.{role}.{stage}.{term}"),
+                    str(src.get(term, "")) if isinstance(src, dict) else "",
+                )
+                for term, v in named.items()
+            ]
     return tuple(rows)
 
 
@@ -126,8 +151,9 @@ def plan_label(plan: dict) -> str:
     for s in sets:
         if isinstance(s, dict) and isinstance(s.get("models"), list):
             parts.append("+".join(map(str, s["models"])) + f"@{s.get('gpus', '?')}")
-    algorithm = (plan.get("job") or {}).get("algorithm", "") if isinstance(plan.get("job"),
-                                                                          dict) else ""
+    algorithm = (
+        (plan.get("job") or {}).get("algorithm", "") if isinstance(plan.get("job"), dict) else ""
+    )
     return (f"{algorithm} " if algorithm else "") + " | ".join(parts)
 
 
@@ -176,8 +202,15 @@ def load_run(path: str | Path) -> Run:
     predicted = Times.from_dict(summary["predicted"], f"{where}: predicted")
     if not isinstance(summary["plan"], dict):
         raise RunDirError(f"{where}: 'plan' must be an object")
-    return Run(path, summary["plan"], measured, predicted, _read_metrics(path / "metrics.jsonl"),
-               terms=_terms(summary["predicted"], f"{where}: predicted"), notes=_notes(summary))
+    return Run(
+        path,
+        summary["plan"],
+        measured,
+        predicted,
+        _read_metrics(path / "metrics.jsonl"),
+        terms=_terms(summary["predicted"], f"{where}: predicted"),
+        notes=_notes(summary),
+    )
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -209,8 +242,16 @@ def runs_frame(runs: list[Run]):
     for r in runs:
         pairs = [(s, r.predicted.stages[s], r.measured.stages[s]) for s in STAGES]
         pairs.append(("iteration", r.predicted.iteration_s, r.measured.iteration_s))
-        rows += [{"plan": r.label, "stage": s, "predicted_s": p, "measured_s": m,
-                  "error": relative_error(p, m)} for s, p, m in pairs]
+        rows += [
+            {
+                "plan": r.label,
+                "stage": s,
+                "predicted_s": p,
+                "measured_s": m,
+                "error": relative_error(p, m),
+            }
+            for s, p, m in pairs
+        ]
     return pd.DataFrame(rows, columns=["plan", "stage", "predicted_s", "measured_s", "error"])
 
 
@@ -218,9 +259,15 @@ def throughput_frame(runs: list[Run]):
     """Predicted and measured tokens/s per run (the paper's definition, as the run wrote it)."""
     import pandas as pd
 
-    rows = [{"plan": r.label, "predicted_tokens_per_s": r.predicted.tokens_per_s,
-             "measured_tokens_per_s": r.measured.tokens_per_s,
-             "error": relative_error(r.predicted.tokens_per_s, r.measured.tokens_per_s)}
-            for r in runs]
-    return pd.DataFrame(rows, columns=["plan", "predicted_tokens_per_s",
-                                       "measured_tokens_per_s", "error"])
+    rows = [
+        {
+            "plan": r.label,
+            "predicted_tokens_per_s": r.predicted.tokens_per_s,
+            "measured_tokens_per_s": r.measured.tokens_per_s,
+            "error": relative_error(r.predicted.tokens_per_s, r.measured.tokens_per_s),
+        }
+        for r in runs
+    ]
+    return pd.DataFrame(
+        rows, columns=["plan", "predicted_tokens_per_s", "measured_tokens_per_s", "error"]
+    )

@@ -3,16 +3,14 @@
 Small artifacts, two iterations each: finite losses, the algorithm's own quantities present.
 How far the rule score rises is measured by the benchmark itself (see its docstring).
 """
+
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_benchmark
-
 from hybridflow.executor.task.artifacts import ensure_artifacts
 from hybridflow.executor.task.settings import BuildSettings
+from tests.conftest import load_benchmark
 
 SMALL = dict(n_train=256, n_eval=16, sft_steps=40, rm_steps=8, cost_steps=8, batch=16)
 
@@ -24,14 +22,16 @@ def local_rl():
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    return ensure_artifacts(settings=BuildSettings(**SMALL),
-                            cache_dir=tmp_path_factory.mktemp("cache"))
+    return ensure_artifacts(
+        settings=BuildSettings(**SMALL), cache_dir=tmp_path_factory.mktemp("cache")
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "remax", "safe-rlhf"])
 def test_each_algorithm_runs_its_dataflow(local_rl, art, algorithm):
-    s = local_rl.LoopSettings(algorithm=algorithm, iterations=2, prompts=4, group_size=2,
-                              mini_batches=2, kl_coef=0.05)
+    s = local_rl.LoopSettings(
+        algorithm=algorithm, iterations=2, prompts=4, group_size=2, mini_batches=2, kl_coef=0.05
+    )
     history = local_rl.run(s, art, log=lambda line: None)
     steps = [h for h in history if "actor_loss" in h]
     assert len(steps) == 2

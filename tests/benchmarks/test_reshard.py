@@ -1,11 +1,8 @@
 """benchmarks/reshard.py: the paired speed-up, the Table 2 check and bad input (nothing timed)."""
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import load_benchmark
-
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +12,10 @@ def bench():
 
 def _rank(he: list[float], ag: list[float], ag_bytes: int) -> dict:
     rounds = lambda ts: [[t, t / 2, t / 4] for t in ts]  # noqa: E731
-    return {"hybridengine": {"rounds": rounds(he), "first_seconds": 9.0, "bytes_per_rank": 1},
-            "allgather": {"rounds": rounds(ag), "first_seconds": 8.0,
-                          "bytes_per_rank": ag_bytes}}
+    return {
+        "hybridengine": {"rounds": rounds(he), "first_seconds": 9.0, "bytes_per_rank": 1},
+        "allgather": {"rounds": rounds(ag), "first_seconds": 8.0, "bytes_per_rank": ag_bytes},
+    }
 
 
 def test_speed_up_pairs_the_schemes_of_one_round(bench):

@@ -2,16 +2,13 @@
 
 TRL itself is not needed here (the benchmark's extra requirement); nothing is timed.
 """
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_benchmark
-
+from hybridflow.executor.run.driver import summarize
 from hybridflow.executor.task.artifacts import ensure_artifacts
 from hybridflow.executor.task.settings import BuildSettings
-from hybridflow.executor.run.driver import summarize
+from tests.conftest import load_benchmark
 
 SMALL = dict(n_train=64, n_eval=8, sft_steps=4, rm_steps=2, cost_steps=2, batch=8)
 
@@ -23,8 +20,9 @@ def bench():
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    return ensure_artifacts(settings=BuildSettings(**SMALL),
-                            cache_dir=tmp_path_factory.mktemp("cache"))
+    return ensure_artifacts(
+        settings=BuildSettings(**SMALL), cache_dir=tmp_path_factory.mktemp("cache")
+    )
 
 
 def test_planned_tokens_is_the_controllers_count(bench):
@@ -34,8 +32,9 @@ def test_planned_tokens_is_the_controllers_count(bench):
     stages = {"generate": 0.5, "reshard": 0.25, "prepare": 0.125, "train": 1.0}
     rows = [{"stages": stages, "score": 0.5}] * 2
     measured = summarize(plan, rows, None)["measured"]
-    assert measured["tokens_per_s"] * measured["iteration_s"] == \
-        pytest.approx(bench.planned_tokens(plan))
+    assert measured["tokens_per_s"] * measured["iteration_s"] == pytest.approx(
+        bench.planned_tokens(plan)
+    )
 
 
 def test_iterations_are_cut_at_the_last_optimizer_step_of_each(bench):
@@ -78,5 +77,6 @@ def test_rule_reward_scores_and_counts_response_tokens_with_eos(bench, art):
     wrong = tok("abc", add_special_tokens=False)["input_ids"] + [art.special.eos]
     scores = reward([prompt, prompt], ["", ""], [right, wrong])
     assert scores[0] == 1.0 and scores[1] == pytest.approx(1 / 3)
-    assert reward.batches == [{"score": pytest.approx(2 / 3),
-                               "response_tokens": len(right) + len(wrong)}]
+    assert reward.batches == [
+        {"score": pytest.approx(2 / 3), "response_tokens": len(right) + len(wrong)}
+    ]

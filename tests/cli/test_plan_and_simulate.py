@@ -1,13 +1,28 @@
-"""`hybridflow plan` and `hybridflow simulate` through hybridflow.cli.main.main: real output, and every
+"""`hybridflow plan` and `hybridflow simulate` through cli.main.main: real output, and every
 bad input gives one clear line on stderr, exit code 2 and no traceback."""
+
 import json
 
 import pytest
 
 from hybridflow.cli.main import main
 
-TINY = ["--gpu", "local-cpu", "--gpus", "4", "--model", "tiny", "--prompt-len", "64",
-        "--response-len", "64", "--batch", "8", "--mini-batches", "2"]
+TINY = [
+    "--gpu",
+    "local-cpu",
+    "--gpus",
+    "4",
+    "--model",
+    "tiny",
+    "--prompt-len",
+    "64",
+    "--response-len",
+    "64",
+    "--batch",
+    "8",
+    "--mini-batches",
+    "2",
+]
 
 
 def run(capsys, *argv):
@@ -32,7 +47,9 @@ def test_json_out_and_simulate_round_trip(capsys, tmp_path):
     assert printed == json.loads(path.read_text())
     code, out, _ = run(capsys, "simulate", str(path), "--json")
     assert code == 0
-    assert json.loads(out)["predicted"]["iteration_s"] == pytest.approx(printed["predicted"]["iteration_s"])
+    assert json.loads(out)["predicted"]["iteration_s"] == pytest.approx(
+        printed["predicted"]["iteration_s"]
+    )
     code, out, _ = run(capsys, "simulate", str(path))
     assert code == 0 and "Terms" in out and "(measured)" in out  # the measured local profile
 
@@ -40,9 +57,24 @@ def test_json_out_and_simulate_round_trip(capsys, tmp_path):
 def test_simulate_takes_the_resharding_scheme(capsys, tmp_path):
     """An analytic GPU profile, a plan whose actor reshards: the scheme's own term."""
     path = tmp_path / "plan.json"
-    code, _, _ = run(capsys, "plan", "--gpu", "a100-80gb", "--gpus", "16", "--model",
-                     "llama-2-7b", "--prompt-len", "512", "--response-len", "512", "--batch",
-                     "128", "--out", str(path))
+    code, _, _ = run(
+        capsys,
+        "plan",
+        "--gpu",
+        "a100-80gb",
+        "--gpus",
+        "16",
+        "--model",
+        "llama-2-7b",
+        "--prompt-len",
+        "512",
+        "--response-len",
+        "512",
+        "--batch",
+        "128",
+        "--out",
+        str(path),
+    )
     assert code == 0
     code, out, _ = run(capsys, "simulate", str(path), "--reshard", "allgather")
     assert code == 0 and "reshard_allgather" in out
@@ -58,30 +90,71 @@ def test_top_k_json_is_a_list(capsys):
 
 def test_cluster_and_job_files(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("gpu: local-cpu\nnodes: 1\ngpus_per_node: 4\n")
-    job = {"algorithm": "grpo", "models": {"actor": "tiny", "reference": "tiny", "reward": "tiny-gqa"},
-           "prompt_len": 32, "response_len": 32, "global_batch": 4, "ppo_epochs": 1,
-           "mini_batches": 1, "n_samples": 2}
+    job = {
+        "algorithm": "grpo",
+        "models": {"actor": "tiny", "reference": "tiny", "reward": "tiny-gqa"},
+        "prompt_len": 32,
+        "response_len": 32,
+        "global_batch": 4,
+        "ppo_epochs": 1,
+        "mini_batches": 1,
+        "n_samples": 2,
+    }
     (tmp_path / "j.json").write_text(json.dumps(job))
-    code, out, _ = run(capsys, "plan", "--cluster", str(tmp_path / "c.yaml"),
-                       "--job", str(tmp_path / "j.json"), "--json")
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--cluster",
+        str(tmp_path / "c.yaml"),
+        "--job",
+        str(tmp_path / "j.json"),
+        "--json",
+    )
     assert code == 0 and json.loads(out)["job"] == job
 
 
 def _bad(tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    (tmp_path / "badjob.json").write_text(json.dumps({"algorithm": "ppo", "models": {"actor": "tiny"},
-                                                      "prompt_len": 8, "response_len": 8, "global_batch": 4}))
+    (tmp_path / "badjob.json").write_text(
+        json.dumps(
+            {
+                "algorithm": "ppo",
+                "models": {"actor": "tiny"},
+                "prompt_len": 8,
+                "response_len": 8,
+                "global_batch": 4,
+            }
+        )
+    )
     (tmp_path / "badplan.json").write_text(json.dumps({"version": 1, "sets": []}))
-    job = {"algorithm": "grpo", "models": {"actor": "llama-2-7b", "reference": "llama-2-7b",
-                                           "reward": "llama-2-7b"},
-           "prompt_len": 512, "response_len": 512, "global_batch": 8, "n_samples": 2}
-    one = {"version": 1, "cluster": {"gpu": "a100-80gb", "nodes": 1, "gpus_per_node": 8}, "job": job,
-           "sets": [{"models": ["actor", "reference", "reward"], "gpus": 1,
-                     "layouts": {"actor": {"train": {"pp": 1, "tp": 1, "dp": 1},
-                                           "generate": {"pp": 1, "tp": 1, "micro_dp": 1}},
-                                 "reference": {"infer": {"pp": 1, "tp": 1, "dp": 1}},
-                                 "reward": {"infer": {"pp": 1, "tp": 1, "dp": 1}}}}]}
+    job = {
+        "algorithm": "grpo",
+        "models": {"actor": "llama-2-7b", "reference": "llama-2-7b", "reward": "llama-2-7b"},
+        "prompt_len": 512,
+        "response_len": 512,
+        "global_batch": 8,
+        "n_samples": 2,
+    }
+    one = {
+        "version": 1,
+        "cluster": {"gpu": "a100-80gb", "nodes": 1, "gpus_per_node": 8},
+        "job": job,
+        "sets": [
+            {
+                "models": ["actor", "reference", "reward"],
+                "gpus": 1,
+                "layouts": {
+                    "actor": {
+                        "train": {"pp": 1, "tp": 1, "dp": 1},
+                        "generate": {"pp": 1, "tp": 1, "micro_dp": 1},
+                    },
+                    "reference": {"infer": {"pp": 1, "tp": 1, "dp": 1}},
+                    "reward": {"infer": {"pp": 1, "tp": 1, "dp": 1}},
+                },
+            }
+        ],
+    }
     (tmp_path / "toobig.json").write_text(json.dumps(one))
     one["sets"][0]["layouts"]["actor"]["train"]["tp"] = 2
     (tmp_path / "badlayout.json").write_text(json.dumps(one))
@@ -137,20 +210,39 @@ def test_argparse_rejects_non_numbers(capsys):
 
 def _moe_plan(**job):
     from hybridflow.plan import Plan
+
     lay = {"pp": 1, "tp": 2, "dp": 8, "ep": 4}
-    j = {"algorithm": "grpo", "models": {"actor": "qwen3-30b-a3b", "reference": "qwen3-30b-a3b",
-                                         "reward": "rule"},
-         "prompt_len": 1024, "response_len": 8192, "global_batch": 64, "n_samples": 4} | job
-    return Plan.from_dict({
-        "version": 1, "cluster": {"gpu": "a100-80gb", "nodes": 2, "gpus_per_node": 8}, "job": j,
-        "sets": [{"models": ["actor", "reference"], "gpus": 16,
-                  "layouts": {"actor": {"train": lay, "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
-                              "reference": {"infer": {"pp": 1, "tp": 1, "dp": 16}}}}]})
+    j = {
+        "algorithm": "grpo",
+        "models": {"actor": "qwen3-30b-a3b", "reference": "qwen3-30b-a3b", "reward": "rule"},
+        "prompt_len": 1024,
+        "response_len": 8192,
+        "global_batch": 64,
+        "n_samples": 4,
+    } | job
+    return Plan.from_dict(
+        {
+            "version": 1,
+            "cluster": {"gpu": "a100-80gb", "nodes": 2, "gpus_per_node": 8},
+            "job": j,
+            "sets": [
+                {
+                    "models": ["actor", "reference"],
+                    "gpus": 16,
+                    "layouts": {
+                        "actor": {"train": lay, "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
+                        "reference": {"infer": {"pp": 1, "tp": 1, "dp": 16}},
+                    },
+                }
+            ],
+        }
+    )
 
 
 def test_header_shows_length_spread_rules_and_ep():
     from hybridflow.cli.planfmt import format_plan
     from hybridflow.simulator.profile import load_profile
+
     profile = load_profile("a100-80gb")
     text = format_plan(_moe_plan(response_mean=1500.0), profile)
     header = text.splitlines()[0]
@@ -165,9 +257,29 @@ def test_header_shows_length_spread_rules_and_ep():
 
 
 def test_plan_cli_with_rule_reward_and_spread(capsys):
-    code, out, err = run(capsys, "plan", "--gpu", "local-cpu", "--gpus", "4", "--model", "tiny",
-                         "--algorithm", "grpo", "--reward", "rule", "--prompt-len", "64",
-                         "--response-len", "128", "--response-mean", "40", "--batch", "8",
-                         "--mini-batches", "2")
+    code, out, err = run(
+        capsys,
+        "plan",
+        "--gpu",
+        "local-cpu",
+        "--gpus",
+        "4",
+        "--model",
+        "tiny",
+        "--algorithm",
+        "grpo",
+        "--reward",
+        "rule",
+        "--prompt-len",
+        "64",
+        "--response-len",
+        "128",
+        "--response-mean",
+        "40",
+        "--batch",
+        "8",
+        "--mini-batches",
+        "2",
+    )
     assert code == 0 and err == ""
     assert "tiny, reward: rule; prompt 64 + response mean 40 / max 128 tokens" in out

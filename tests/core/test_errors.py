@@ -1,5 +1,6 @@
 """One error base; the command line tells bad input (one line, exit 2) from a run that
 stopped (one line, exit 1) from a bug (its traceback kept)."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,7 @@ def test_project_errors_share_one_base() -> None:
 def _failing(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     def main(args: object) -> int:
         raise error
+
     monkeypatch.setattr(plan_command, "main", main)
 
 
@@ -35,8 +37,10 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
 def test_a_stopped_run_is_one_line_and_exit_1(monkeypatch, capsys) -> None:
     _failing(monkeypatch, RunStopped("worker group 'set0' rank 1: the worker process died"))
     assert cli.main(["plan"]) == 1
-    assert capsys.readouterr().err == \
-        "hybridflow plan: stopped: worker group 'set0' rank 1: the worker process died\n"
+    assert (
+        capsys.readouterr().err
+        == "hybridflow plan: stopped: worker group 'set0' rank 1: the worker process died\n"
+    )
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch) -> None:

@@ -1,4 +1,5 @@
 """The one parallel layout: named coordinates and megatron's rank order in one place."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,10 +31,14 @@ def test_the_hybrid_engine_groups_follow_the_layout() -> None:
     assert plan.micro_dp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(tp=0), "tp must be a positive integer"), (dict(dp=4, ep=3), "ep=3 must divide dp=4"),
-    (dict(pp=1, vpp=2), "vpp must be None or >= 2 with pp >= 2"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(tp=0), "tp must be a positive integer"),
+        (dict(dp=4, ep=3), "ep=3 must divide dp=4"),
+        (dict(pp=1, vpp=2), "vpp must be None or >= 2 with pp >= 2"),
+    ],
+)
 def test_impossible_layouts_are_refused(kw: dict, message: str) -> None:
     with pytest.raises(LayoutError, match=message):
         ParallelLayout(**kw)

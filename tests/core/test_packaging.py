@@ -1,4 +1,5 @@
 """The installed names map the top-level folders: every package folder is in the wheel."""
+
 from __future__ import annotations
 
 import tomllib
@@ -13,15 +14,17 @@ def _config() -> dict:
 def _folder(package: str, package_dir: dict[str, str]) -> str:
     """Where setuptools takes `package` from: the longest mapped prefix, then the rest."""
     best = max((p for p in package_dir if package == p or package.startswith(p + ".")), key=len)
-    return "/".join([package_dir[best], *package[len(best):].split(".")[1:]])
+    return "/".join([package_dir[best], *package[len(best) :].split(".")[1:]])
 
 
 def test_every_package_folder_is_listed() -> None:
     cfg = _config()
     listed = {_folder(p, cfg["package-dir"]) for p in cfg["packages"]}
-    found = {str(f.parent.relative_to(REPO)) for top in ("hybridflow", "simulator", "planner",
-                                                         "executor", "profiles")
-             for f in (REPO / top).rglob("__init__.py")}
+    found = {
+        str(f.parent.relative_to(REPO))
+        for top in ("hybridflow", "simulator", "planner", "executor", "profiles")
+        for f in (REPO / top).rglob("__init__.py")
+    }
     assert listed == found
 
 

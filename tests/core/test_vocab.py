@@ -1,5 +1,6 @@
 """The one vocabulary: stages in one order everywhere, and the algorithm registry that every
 package reads (adding an algorithm is one registration, plus its loop and estimator)."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,8 +45,9 @@ def a100_plan() -> Plan:
 @pytest.fixture
 def rloo():
     """A grouped algorithm without a reference (a made-up registration for this test)."""
-    algo = vocab.register(Algorithm("rloo-test", (Role.ACTOR, Role.REWARD), grouped=True,
-                                    default_samples=4))
+    algo = vocab.register(
+        Algorithm("rloo-test", (Role.ACTOR, Role.REWARD), grouped=True, default_samples=4)
+    )
     yield algo
     del ALGORITHMS[algo.name]
 

@@ -1,4 +1,5 @@
 """RL math against values computed by hand (see the comment above each expected value)."""
+
 import math
 
 import pytest
@@ -10,8 +11,12 @@ T = torch.tensor
 
 
 def close(a, b, tol=1e-6):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float64),
-                          torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64),
+        torch.as_tensor(b, dtype=torch.float64),
+        atol=tol,
+        rtol=0,
+    )
 
 
 def test_masked_mean_and_whiten():
@@ -34,7 +39,9 @@ def test_logprobs_entropy_and_response_slice():
     # temperature 2: logits (0, ln3 / 2) -> p1 = sqrt3 / (1 + sqrt3)
     s3 = math.sqrt(3)
     assert close(A.logprobs_from_logits(logits, T([[1]]), 2.0), [[math.log(s3 / (1 + s3))]])
-    assert close(A.entropy_from_logits(logits), [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    assert close(
+        A.entropy_from_logits(logits), [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]]
+    )
     full = torch.arange(2 * 6).view(2, 6)
     # prompt 3, response 2: positions 2 and 3 predict tokens 3 and 4
     assert A.response_slice(full, 3, 2).tolist() == [[2, 3], [8, 9]]
@@ -47,7 +54,7 @@ def test_kl_estimators():
     ln2 = math.log(2)
     assert close(A.kl_divergence(lp, ref, "k1"), [ln2])
     assert close(A.kl_divergence(ref, lp, "abs"), [ln2])
-    assert close(A.kl_divergence(lp, ref, "k2"), [ln2 ** 2 / 2])
+    assert close(A.kl_divergence(lp, ref, "k2"), [ln2**2 / 2])
     assert close(A.kl_divergence(lp, ref, "k3"), [0.5 - 1 + ln2])  # exp(-ln2) - 1 + ln2
     with pytest.raises(A.AlgorithmError):
         A.kl_divergence(lp, ref, "k9")
@@ -113,9 +120,8 @@ def test_remax_and_safe_rlhf_advantages():
     mask = torch.ones(1, 3)
     assert close(A.remax_advantages(T([[0.0, 0.0, 1.0]]), T([0.25]), mask), [[0.75] * 3])
     # returns-to-go of (-.1, -.1, .9) are (.7, .8, .9), minus the baseline .25
-    assert close(A.remax_advantages(T([[-0.1, -0.1, 0.9]]), T([0.25]), mask),
-                 [[0.45, 0.55, 0.65]])
-    assert close(A.safe_rlhf_advantages(T(1.0), T(2.0), 0.5), 0.0)   # (1 - 1) / 1.5
+    assert close(A.remax_advantages(T([[-0.1, -0.1, 0.9]]), T([0.25]), mask), [[0.45, 0.55, 0.65]])
+    assert close(A.safe_rlhf_advantages(T(1.0), T(2.0), 0.5), 0.0)  # (1 - 1) / 1.5
     assert close(A.safe_rlhf_advantages(T(1.0), T(2.0), 1.0), -0.5)  # (1 - 2) / 2
     with pytest.raises(A.AlgorithmError):
         A.safe_rlhf_advantages(T(1.0), T(2.0), -1.0)
@@ -124,11 +130,11 @@ def test_remax_and_safe_rlhf_advantages():
 def test_controllers():
     lag = A.LagrangeMultiplier(value=1.0, lr=0.1, threshold=0.2)
     assert close(lag.update(0.7), 1.05)  # 1 + 0.1 * (0.7 - 0.2)
-    assert lag.update(-20.0) == 0.0      # projected onto lambda >= 0
+    assert lag.update(-20.0) == 0.0  # projected onto lambda >= 0
     kl = A.AdaptiveKLController(0.1, target=6.0, horizon=10000)
-    kl.update(12.0, n_steps=100)         # error clipped to 0.2: 0.1 * (1 + 0.2 * 100 / 10000)
+    kl.update(12.0, n_steps=100)  # error clipped to 0.2: 0.1 * (1 + 0.2 * 100 / 10000)
     assert close(kl.value, 0.1002)
-    kl.update(6.0, n_steps=100)          # on target: unchanged
+    kl.update(6.0, n_steps=100)  # on target: unchanged
     assert close(kl.value, 0.1002)
     fixed = A.FixedKLController(0.05)
     fixed.update(100.0, 10)
@@ -139,13 +145,15 @@ def test_controllers():
 
 def _batch(seed=0, B=4, Tn=3, V=5):
     g = torch.Generator().manual_seed(seed)
-    return {"responses": torch.randint(V, (B, Tn), generator=g),
-            "response_mask": T([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]),
-            "old_log_probs": -torch.rand(B, Tn, generator=g),
-            "ref_log_probs": -torch.rand(B, Tn, generator=g),
-            "advantages": torch.randn(B, Tn, generator=g),
-            "values": torch.randn(B, Tn, generator=g),
-            "returns": torch.randn(B, Tn, generator=g)}, torch.randn(B, Tn, V, generator=g)
+    return {
+        "responses": torch.randint(V, (B, Tn), generator=g),
+        "response_mask": T([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]),
+        "old_log_probs": -torch.rand(B, Tn, generator=g),
+        "ref_log_probs": -torch.rand(B, Tn, generator=g),
+        "advantages": torch.randn(B, Tn, generator=g),
+        "values": torch.randn(B, Tn, generator=g),
+        "returns": torch.randn(B, Tn, generator=g),
+    }, torch.randn(B, Tn, V, generator=g)
 
 
 def test_actor_loss_composes_the_terms():
@@ -162,19 +170,29 @@ def test_actor_loss_composes_the_terms():
     loss.backward()
     assert logits.grad[2, 1:].abs().sum() == 0  # padded tokens get no gradient
     vloss, vm = A.critic_loss(batch["values"] + 0.1, batch, cfg, prefix="")
-    assert close(vloss, A.value_loss(batch["values"] + 0.1, batch["values"], batch["returns"],
-                                     mask, 0.2)[0]) and "vf_loss" in vm
+    assert (
+        close(
+            vloss,
+            A.value_loss(batch["values"] + 0.1, batch["values"], batch["returns"], mask, 0.2)[0],
+        )
+        and "vf_loss" in vm
+    )
 
 
 def test_compute_advantages_per_algorithm():
     batch, _ = _batch(1)
     mask = batch["response_mask"]
-    batch.update(scores=T([1.0, 0.0, 0.5, 0.2]), log_probs=batch["old_log_probs"],
-                 baseline_scores=T([0.5, 0.5, 0.5, 0.5]), costs=T([0.0, 1.0, 0.0, 0.5]),
-                 cost_values=torch.zeros(4, 3))
+    batch.update(
+        scores=T([1.0, 0.0, 0.5, 0.2]),
+        log_probs=batch["old_log_probs"],
+        baseline_scores=T([0.5, 0.5, 0.5, 0.5]),
+        costs=T([0.0, 1.0, 0.0, 0.5]),
+        cost_values=torch.zeros(4, 3),
+    )
     ppo = A.compute_advantages(A.RLConfig(), batch, kl_coef=0.05)
-    rewards, _ = A.token_level_rewards(batch["scores"], batch["log_probs"],
-                                       batch["ref_log_probs"], mask, 0.05)
+    rewards, _ = A.token_level_rewards(
+        batch["scores"], batch["log_probs"], batch["ref_log_probs"], mask, 0.05
+    )
     adv, ret = A.gae(rewards, batch["values"], mask, 1.0, 0.95)
     assert close(ppo["advantages"], A.masked_whiten(adv, mask)) and close(ppo["returns"], ret)
     grpo = A.compute_advantages(A.RLConfig(algorithm="grpo", group_size=2), batch, 0.0)
@@ -184,11 +202,13 @@ def test_compute_advantages_per_algorithm():
     safe0 = A.compute_advantages(A.RLConfig(algorithm="safe-rlhf"), batch, 0.05, lagrange=0.0)
     assert close(safe0["advantages"], ppo["advantages"], 1e-5)  # lambda 0: reward side only
     safe = A.compute_advantages(A.RLConfig(algorithm="safe-rlhf"), batch, 0.05, lagrange=1.0)
-    cost_adv, cost_ret = A.gae(A.terminal_rewards(batch["costs"], mask), batch["cost_values"],
-                               mask, 1.0, 0.95)
+    cost_adv, cost_ret = A.gae(
+        A.terminal_rewards(batch["costs"], mask), batch["cost_values"], mask, 1.0, 0.95
+    )
     assert close(safe["cost_returns"], cost_ret)
-    assert close(safe["advantages"], (ppo["advantages"] - A.masked_whiten(cost_adv, mask)) / 2,
-                 1e-5)
+    assert close(
+        safe["advantages"], (ppo["advantages"] - A.masked_whiten(cost_adv, mask)) / 2, 1e-5
+    )
 
 
 def test_config_validation():

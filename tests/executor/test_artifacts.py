@@ -3,6 +3,7 @@
 Most tests build with small settings (a few seconds); the default artifacts' quality is
 checked once in a slow test (it builds them into the default cache if they are not there).
 """
+
 import hashlib
 import json
 
@@ -27,8 +28,8 @@ def small(tmp_path_factory):
 
 
 def test_layout_and_hf_loadable(small):
-    from transformers import (AutoTokenizer, LlamaForCausalLM,
-                              LlamaForSequenceClassification)
+    from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
+
     _, art = small
     for d in (art.actor_dir, art.reward_dir, art.cost_dir):
         for f in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -70,7 +71,10 @@ def test_cache_is_reused_and_keyed_by_settings(small, monkeypatch):
     cache, art = small
     stamp = (art.actor_dir / "model.safetensors").stat().st_mtime_ns
     import hybridflow.executor.task.build
-    monkeypatch.setattr(hybridflow.executor.task.build, "build_all", lambda *a: pytest.fail("rebuilt"))
+
+    monkeypatch.setattr(
+        hybridflow.executor.task.build, "build_all", lambda *a: pytest.fail("rebuilt")
+    )
     again = ensure_artifacts(settings=BuildSettings(**SMALL), cache_dir=cache)
     assert again.root == art.root
     assert (again.actor_dir / "model.safetensors").stat().st_mtime_ns == stamp
@@ -94,16 +98,24 @@ def test_concurrent_callers_share_one_build(tmp_path, monkeypatch):
     import threading
 
     import hybridflow.executor.task.build
+
     real, calls = hybridflow.executor.task.build.build_all, []
 
     def counting(*args):
         calls.append(args)
         real(*args)
+
     monkeypatch.setattr(hybridflow.executor.task.build, "build_all", counting)
     settings = BuildSettings(**{**SMALL, "sft_steps": 5, "rm_steps": 2, "cost_steps": 2})
     roots = []
-    threads = [threading.Thread(target=lambda: roots.append(
-        ensure_artifacts(settings=settings, cache_dir=tmp_path).root)) for _ in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda: roots.append(
+                ensure_artifacts(settings=settings, cache_dir=tmp_path).root
+            )
+        )
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,4 +1,5 @@
 """3D-HybridEngine resharding on 4 local gloo ranks: generation weights, bytes (Table 2)."""
+
 import pytest
 import torch
 
@@ -8,9 +9,18 @@ from hybridflow.executor.spawn import run_ranks
 from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.model import load_model
 
-LAYOUTS = {"t4": ParallelLayout(1, 4, 1), "t2d2": ParallelLayout(1, 2, 2), "p2t2": ParallelLayout(2, 2, 1)}
-CASES = [(name, tg, scheme) for name, lay in LAYOUTS.items() for tg in (1, 2, 4)
-         if lay.tp % tg == 0 for scheme in ("hybridengine", "hybridengine-v", "allgather")]
+LAYOUTS = {
+    "t4": ParallelLayout(1, 4, 1),
+    "t2d2": ParallelLayout(1, 2, 2),
+    "p2t2": ParallelLayout(2, 2, 1),
+}
+CASES = [
+    (name, tg, scheme)
+    for name, lay in LAYOUTS.items()
+    for tg in (1, 2, 4)
+    if lay.tp % tg == 0
+    for scheme in ("hybridengine", "hybridengine-v", "allgather")
+]
 
 
 def table2(scheme: str, p: int, t: int, d: int, tg: int, m: float) -> float:
@@ -25,14 +35,17 @@ def table2(scheme: str, p: int, t: int, d: int, tg: int, m: float) -> float:
 def train_shard(full, spec, lay: ParallelLayout, plan: ReshardPlan, rank: int):
     c = plan.train.coords(rank)
     s, r = c.pp, c.tp
-    return {n: v.clone() for n, v in
-            W.split_tp(W.stage_state(full, spec, lay.pp, s), spec, lay.tp, r).items()}
+    return {
+        n: v.clone()
+        for n, v in W.split_tp(W.stage_state(full, spec, lay.pp, s), spec, lay.tp, r).items()
+    }
 
 
 def _reshard_all(rank: int, world: int, model: str) -> list[dict]:
     """Every case twice, from two different models: the second switch reuses the buffers
     of the first (keep_buffers, the default) or allocates them again (hybridengine-v)."""
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
+
     spec = load_model(model)
     fulls = [W.hf_to_megatron(W.random_hf_state(spec, seed=seed), spec) for seed in (7, 8)]
     out = []
@@ -46,14 +59,25 @@ def _reshard_all(rank: int, world: int, model: str) -> list[dict]:
             before = {n: v.clone() for n, v in mine.items()}
             stats = he.to_generation(mine)
             want = W.split_tp(full, spec, tg, he.gen_tp_rank)
-            bad += sorted(n for n in want if n not in he.gen_shard
-                          or not torch.equal(he.gen_shard[n], want[n]))
+            bad += sorted(
+                n
+                for n in want
+                if n not in he.gen_shard or not torch.equal(he.gen_shard[n], want[n])
+            )
             extra += sorted(set(he.gen_shard) - set(want))
             he.to_training()
             untouched &= all(torch.equal(before[n], mine[n]) for n in mine)
             dropped &= he.gen_shard is None
-        out.append(dict(case=(name, tg, scheme), bad=bad, extra=extra, stats=stats,
-                        untouched=untouched, dropped=dropped))
+        out.append(
+            dict(
+                case=(name, tg, scheme),
+                bad=bad,
+                extra=extra,
+                stats=stats,
+                untouched=untouched,
+                dropped=dropped,
+            )
+        )
     return out
 
 
@@ -93,8 +117,7 @@ def test_bytes_received_equal_table2(resharded):
 def test_hybridengine_moves_least():
     spec = load_model("tiny")
     m = _sharded_bytes(spec)
-    he, v, ag = (table2(s, 1, 4, 1, 2, m) for s in ("hybridengine", "hybridengine-v",
-                                                     "allgather"))
+    he, v, ag = (table2(s, 1, 4, 1, 2, m) for s in ("hybridengine", "hybridengine-v", "allgather"))
     assert he < v <= ag
 
 

@@ -2,6 +2,7 @@
 generation weights equal the megatron model's full weights sliced, vLLM's greedy tokens equal
 Hugging Face transformers' on the same weights, and training after generation gives the same
 losses as training that never generated."""
+
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ PROMPTS = [[7, 3, 99, 24], [15, 8], [230, 11, 42, 5, 64], [1, 2, 3]]
 
 def _batch():
     from hybridflow.executor.controller.batch import Batch
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (4, 12), generator=g)
     return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -23,7 +25,9 @@ def _batch():
 def _full_from_ranks(named: list[tuple[str, torch.Tensor]], lay) -> dict:
     """Every rank's megatron shards merged into full tensors (the one-process model)."""
     import torch.distributed as dist
+
     from hybridflow.executor.engines import megatron_model as mm
+
     mine = [(n, p.detach().clone(), mm.tp_partition(p)) for n, p in named]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (lay.coords(dist.get_rank())[2], mine))
@@ -36,9 +40,18 @@ def _full_from_ranks(named: list[tuple[str, torch.Tensor]], lay) -> dict:
 
 def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from hybridflow.executor.engines import weights as W
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in W.hf_config_dict(spec).items()
-                                            if k not in ("architectures", "torch_dtype")}))
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            **{
+                k: v
+                for k, v in W.hf_config_dict(spec).items()
+                if k not in ("architectures", "torch_dtype")
+            }
+        )
+    )
     model.load_state_dict(W.megatron_to_hf(full, spec), strict=True)
     out = []
     for p in PROMPTS:
@@ -46,28 +59,32 @@ def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
         for _ in range(max_tokens):
             nxt = model(ids).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        out.append(tuple(ids[0, len(p):].tolist()))
+        out.append(tuple(ids[0, len(p) :].tolist()))
     return out
 
 
 def _run(rank: int, world: int, ckpt: str) -> dict:
     from hybridflow.executor.engines import weights as W
+    from hybridflow.executor.engines.groups import build_role_groups
+    from hybridflow.executor.engines.train_engine import TrainEngine, lm_loss
+    from hybridflow.executor.engines.train_engine import VllmConfig as TrainConfig
+    from hybridflow.executor.engines.vllm_engine import SamplingConfig, VllmConfig, VllmEngine
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
     from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
     from hybridflow.layout import ParallelLayout
-    from hybridflow.executor.engines.groups import build_role_groups
-    from hybridflow.executor.engines.train_engine import VllmConfig as TrainConfig
-    from hybridflow.executor.engines.train_engine import TrainEngine, lm_loss
-    from hybridflow.executor.engines.vllm_engine import VllmConfig, SamplingConfig, VllmEngine
-    from hybridflow.layout import ParallelLayout
     from hybridflow.simulator.model import load_model
+
     spec, lay = load_model(MODEL), ParallelLayout(tp=2, pp=2, dp=1)
     cfg = TrainConfig(micro_batch_size=2, lr=1e-2, seed=5)
     plain = TrainEngine("plain", spec, build_role_groups("plain", lay, seed=5), cfg)
     actor = TrainEngine("actor", spec, build_role_groups("actor", lay, seed=5), cfg)
-    he = HybridEngine(spec, ReshardPlan(ParallelLayout(2, 2, 1), TG, "hybridengine"),
-                      lambda g: VllmEngine(VllmConfig(model_dir=ckpt, load_format="dummy",
-                                                        tp_groups=tuple(map(tuple, g)))))
+    he = HybridEngine(
+        spec,
+        ReshardPlan(ParallelLayout(2, 2, 1), TG, "hybridengine"),
+        lambda g: VllmEngine(
+            VllmConfig(model_dir=ckpt, load_format="dummy", tp_groups=tuple(map(tuple, g)))
+        ),
+    )
     greedy = SamplingConfig(temperature=0.0, max_tokens=4)
     out = {"plain": [], "actor": [], "bad": [], "tokens": [], "hf": []}
     for _ in range(STEPS):
@@ -89,6 +106,7 @@ def _run(rank: int, world: int, ckpt: str) -> dict:
 def results(tmp_path_factory):
     from hybridflow.executor.engines import weights as W
     from hybridflow.simulator.model import load_model
+
     ckpt = W.save_hf_checkpoint(tmp_path_factory.mktemp("cfg"), load_model(MODEL))
     return run_ranks(_run, 4, str(ckpt), backend="gloo", timeout_s=900)
 

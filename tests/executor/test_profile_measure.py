@@ -1,5 +1,6 @@
 """The measuring code on tiny grids: tables have the shapes the writer and simulator expect.
 No timing assertions: only that every shape was timed with a finite positive duration."""
+
 from __future__ import annotations
 
 import math
@@ -7,13 +8,15 @@ import math
 import pytest
 import torch
 
-from hybridflow.executor.profiler import collectives
-from hybridflow.executor.profiler import ops
-from hybridflow.executor.profiler import train_layer
+from hybridflow.executor.profiler import collectives, ops, train_layer
 from hybridflow.executor.spawn import run_ranks
 
-GRID = ops.OpGrid(matmul=((8, 16, 32), (4, 8, 8)), attention=((1, 2, 16, 32),),
-                  elementwise=(256,), min_time_s=0.001)
+GRID = ops.OpGrid(
+    matmul=((8, 16, 32), (4, 8, 8)),
+    attention=((1, 2, 16, 32),),
+    elementwise=(256,),
+    min_time_s=0.001,
+)
 
 
 def _positive(rows: list[dict]) -> bool:
@@ -33,8 +36,12 @@ def test_ops_concurrent_ranks_and_slowdown() -> None:
     shared = ops.measure_ops_concurrent(GRID, 2)
     assert [(r["m"], r["n"], r["k"]) for r in shared.matmul] == [(8, 16, 32), (4, 8, 8)]
     assert _positive(shared.matmul) and _positive(shared.elementwise)
-    half = ops.OpTables(*[[dict(r, seconds=r["seconds"] / 2) for r in getattr(shared, n)]
-                          for n in ("matmul", "attention", "elementwise")])
+    half = ops.OpTables(
+        *[
+            [dict(r, seconds=r["seconds"] / 2) for r in getattr(shared, n)]
+            for n in ("matmul", "attention", "elementwise")
+        ]
+    )
     assert ops.slowdown(half, shared) == pytest.approx(2.0)
 
 
@@ -84,8 +91,10 @@ def test_run_ranks_results_and_errors() -> None:
 def test_train_layer_rows() -> None:
     grid = train_layer.TrainLayerGrid("tiny-gqa", (1, 2), (8,), min_time_s=0.001)
     rows = train_layer.measure_train_layer(grid)  # no torch.distributed: the torch stand-in
-    assert [(r["batch"], r["seq"], r["tokens"], r["impl"]) for r in rows] == \
-        [(1, 8, 8, "torch"), (2, 8, 16, "torch")]
+    assert [(r["batch"], r["seq"], r["tokens"], r["impl"]) for r in rows] == [
+        (1, 8, 8, "torch"),
+        (2, 8, 16, "torch"),
+    ]
     assert _positive(rows) and all(r["forward_s"] > 0 for r in rows)
     # megatron-core's layer (inside a torch.distributed world): see the end-to-end test
     with pytest.raises(ValueError, match="unknown model"):
@@ -125,15 +134,28 @@ def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
     from hybridflow.simulator.profile import load_profile
 
     monkeypatch.setattr(ops, "default_grid", lambda quick, gpu: GRID)
-    monkeypatch.setattr(collectives, "default_grid", lambda world, quick, gpu:
-                        collectives.CollectiveGrid(world, (4096,), repeats=1))
-    monkeypatch.setattr(train_layer, "default_grids", lambda quick, gpu: (
-        train_layer.TrainLayerGrid("tiny", (1, 2), (8, 16), min_time_s=0.001),))
-    options = machine.ProfileOptions(out=tmp_path / "tiny-host.yaml", quick=True, devices=2,
-                                     generate=False, dispatch=False, concurrency=(1, 2))
+    monkeypatch.setattr(
+        collectives,
+        "default_grid",
+        lambda world, quick, gpu: collectives.CollectiveGrid(world, (4096,), repeats=1),
+    )
+    monkeypatch.setattr(
+        train_layer,
+        "default_grids",
+        lambda quick, gpu: (train_layer.TrainLayerGrid("tiny", (1, 2), (8, 16), min_time_s=0.001),),
+    )
+    options = machine.ProfileOptions(
+        out=tmp_path / "tiny-host.yaml",
+        quick=True,
+        devices=2,
+        generate=False,
+        dispatch=False,
+        concurrency=(1, 2),
+    )
     path = machine.profile_machine(options, progress=False)
-    assert path == tmp_path / "tiny-host.yaml" and sorted(p.name for p in tmp_path.iterdir()) \
-        == ["tiny-host.yaml"]
+    assert path == tmp_path / "tiny-host.yaml" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny-host.yaml"
+    ]
     prof = load_profile(str(path))
     assert prof.name == "tiny-host" and prof.gpus_per_node == 2 and prof.host_cores >= 1
     assert len(prof.measured.matmul) == 2 and prof.measured.train_layer_model == "tiny"
@@ -149,7 +171,7 @@ def test_profile_machine_tiny_end_to_end(tmp_path, monkeypatch) -> None:
 def test_dispatch_round_trips() -> None:
     from hybridflow.executor.profiler import dispatch
 
-    # hybridflow.executor.controller.cluster starts Ray in a temporary folder of its own and removes it after
+    # executor.controller.cluster starts Ray in a temporary folder of its own and removes it
     out = dispatch.measure_dispatch(dispatch.DispatchGrid(2, sizes=(1024, 4096), repeats=2))
     assert out["actors"] == 2 and out["call_s"] > 0
     assert [r["bytes"] for r in out["transfer"]] == [1024, 4096] and _positive(out["transfer"])
@@ -162,13 +184,13 @@ def test_sharing_factors_from_interleaved_rounds() -> None:
 
     # rank 0 runs every count each round; 2 rounds of counts (1, 2, 4)
     rank0 = [(1, 1.0), (2, 1.2), (4, 2.0), (1, 2.0), (2, 2.4), (4, 4.4)]
-    others = [[(2, 1.2), (4, 2.0), (2, 2.4), (4, 4.4)], [(4, 2.0), (4, 4.4)],
-              [(4, 2.0), (4, 3.6)]]
+    others = [[(2, 1.2), (4, 2.0), (2, 2.4), (4, 4.4)], [(4, 2.0), (4, 4.4)], [(4, 2.0), (4, 3.6)]]
     f = factors([rank0, *others], (1, 2, 4))
     assert f == pytest.approx({1: 1.0, 2: 1.2, 4: 2.05})  # medians of per-round ratios
     # a dip with more ranks is noise: lifted to the count below
-    dip = factors([[(1, 1.0), (2, 1.5), (4, 1.2)], [(2, 1.5), (4, 1.2)], [(4, 1.2)],
-                   [(4, 1.2)]], (1, 2, 4))
+    dip = factors(
+        [[(1, 1.0), (2, 1.5), (4, 1.2)], [(2, 1.5), (4, 1.2)], [(4, 1.2)], [(4, 1.2)]], (1, 2, 4)
+    )
     assert dip == pytest.approx({1: 1.0, 2: 1.5, 4: 1.5})
     with pytest.raises(ValueError, match="include 1"):
         SharingGrid(4, (2, 4))

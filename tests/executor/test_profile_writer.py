@@ -1,5 +1,6 @@
 """The profile writer: header numbers derived from the tables, and a round trip through
 hybridflow.simulator.profile.load_profile."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,37 +10,80 @@ import yaml
 
 from hybridflow.cli.main import main as cli_main
 from hybridflow.executor.profiler.ops import OpTables
-from hybridflow.executor.profiler.writer import MachineInfo, Measurements, build_profile, write_profile
+from hybridflow.executor.profiler.writer import (
+    MachineInfo,
+    Measurements,
+    build_profile,
+    write_profile,
+)
 from hybridflow.simulator.profile import load_profile
 
-INFO = MachineInfo("cpu", "test cpu (2 cores)", devices=4, memory_gib=6.0, host_cores=2,
-                   threads_per_rank=1, backend="gloo")
+INFO = MachineInfo(
+    "cpu",
+    "test cpu (2 cores)",
+    devices=4,
+    memory_gib=6.0,
+    host_cores=2,
+    threads_per_rank=1,
+    backend="gloo",
+)
 
 
 def tables(scale: float) -> OpTables:
-    matmul = [{"m": 16, "n": 128, "k": 128, "seconds": 4e-5 * scale},
-              {"m": 256, "n": 512, "k": 512, "seconds": 5e-3 * scale}]
+    matmul = [
+        {"m": 16, "n": 128, "k": 128, "seconds": 4e-5 * scale},
+        {"m": 256, "n": 512, "k": 512, "seconds": 5e-3 * scale},
+    ]
     attention = [{"batch": 1, "heads": 4, "seq": 64, "head_dim": 32, "seconds": 1e-4 * scale}]
-    elementwise = [{"op": "add", "elements": 1 << 20, "bytes": 12 << 20, "seconds": 1e-3 * scale},
-                   {"op": "silu", "elements": 1 << 20, "bytes": 8 << 20, "seconds": 2e-3 * scale}]
+    elementwise = [
+        {"op": "add", "elements": 1 << 20, "bytes": 12 << 20, "seconds": 1e-3 * scale},
+        {"op": "silu", "elements": 1 << 20, "bytes": 8 << 20, "seconds": 2e-3 * scale},
+    ]
     return OpTables(matmul, attention, elementwise)
 
 
 def measurements() -> Measurements:
-    coll = {"all_reduce": [{"ranks": 2, "bytes": 4096, "seconds": 2e-4},
-                           {"ranks": 4, "bytes": 1 << 22, "seconds": 1.2e-2}],
-            "all_gather": [{"ranks": 2, "bytes": 4096, "seconds": 3e-4}],
-            "broadcast": [{"ranks": 2, "bytes": 4096, "seconds": 1e-4}],
-            "p2p": [{"ranks": 2, "bytes": 4096, "seconds": 5e-5}]}
-    gen = {"prefill": [{"batch": 1, "tokens": 16, "seconds": 0.02},
-                       {"batch": 8, "tokens": 128, "seconds": 0.15}],
-           "decode": [{"batch": 1, "context": 20, "seconds": 0.01},
-                      {"batch": 8, "context": 132, "seconds": 0.013}]}
-    train = [{"model": "tiny", "batch": b, "seq": t, "tokens": b * t, "forward_s": 1e-4 * b * t,
-              "seconds": 3e-4 * b * t} for b in (1, 4) for t in (32, 128)]
+    coll = {
+        "all_reduce": [
+            {"ranks": 2, "bytes": 4096, "seconds": 2e-4},
+            {"ranks": 4, "bytes": 1 << 22, "seconds": 1.2e-2},
+        ],
+        "all_gather": [{"ranks": 2, "bytes": 4096, "seconds": 3e-4}],
+        "broadcast": [{"ranks": 2, "bytes": 4096, "seconds": 1e-4}],
+        "p2p": [{"ranks": 2, "bytes": 4096, "seconds": 5e-5}],
+    }
+    gen = {
+        "prefill": [
+            {"batch": 1, "tokens": 16, "seconds": 0.02},
+            {"batch": 8, "tokens": 128, "seconds": 0.15},
+        ],
+        "decode": [
+            {"batch": 1, "context": 20, "seconds": 0.01},
+            {"batch": 8, "context": 132, "seconds": 0.013},
+        ],
+    }
+    train = [
+        {
+            "model": "tiny",
+            "batch": b,
+            "seq": t,
+            "tokens": b * t,
+            "forward_s": 1e-4 * b * t,
+            "seconds": 3e-4 * b * t,
+        }
+        for b in (1, 4)
+        for t in (32, 128)
+    ]
     dispatch = {"actors": 4, "call_s": 7e-3, "transfer": [{"bytes": 1024, "seconds": 9e-3}]}
-    return Measurements(tables(1.0), {1: tables(1.0), 2: tables(1.5), 4: tables(2.0)}, coll, gen,
-                        "tiny", train, dispatch)
+    return Measurements(
+        tables(1.0),
+        {1: tables(1.0), 2: tables(1.5), 4: tables(2.0)},
+        coll,
+        gen,
+        "tiny",
+        train,
+        dispatch,
+    )
 
 
 def test_header_derived_from_tables() -> None:
@@ -51,16 +95,22 @@ def test_header_derived_from_tables() -> None:
     assert p["intra_node_bandwidth"] == pytest.approx(ring)
     assert p["step_overhead_s"] == 0.01
     assert p["host_cores"] == 2 and p["gpus_per_node"] == 4
-    assert p["sharing"]["slowdown"] == [{"ranks": 1, "factor": 1.0}, {"ranks": 2, "factor": 1.5},
-                                        {"ranks": 4, "factor": 2.0}]
+    assert p["sharing"]["slowdown"] == [
+        {"ranks": 1, "factor": 1.0},
+        {"ranks": 2, "factor": 1.5},
+        {"ranks": 4, "factor": 2.0},
+    ]
     # per-sequence train-layer points at the largest batch
-    assert p["measured"]["train_layer"]["points"] == [{"tokens": 32, "seconds": 3e-4 * 32},
-                                                      {"tokens": 128, "seconds": 3e-4 * 128}]
+    assert p["measured"]["train_layer"]["points"] == [
+        {"tokens": 32, "seconds": 3e-4 * 32},
+        {"tokens": 128, "seconds": 3e-4 * 128},
+    ]
 
 
 def test_round_trip_through_simulator(tmp_path: Path) -> None:
-    path = write_profile(build_profile("cpu-test", INFO, measurements(), 12.3),
-                         tmp_path / "cpu-test.yaml")
+    path = write_profile(
+        build_profile("cpu-test", INFO, measurements(), 12.3), tmp_path / "cpu-test.yaml"
+    )
     prof = load_profile(str(path))
     assert prof.name == "cpu-test" and prof.host_cores == 2 and not prof.estimate
     assert prof.measured.matmul == ((16, 128, 128, 4e-5), (256, 512, 512, 5e-3))
@@ -78,8 +128,15 @@ def test_round_trip_through_simulator(tmp_path: Path) -> None:
 
 
 def test_single_gpu_without_links_or_generation_still_loads(tmp_path: Path) -> None:
-    info = MachineInfo("gpu", "one gpu", devices=1, memory_gib=80.0, host_cores=16,
-                       threads_per_rank=1, backend="nccl")
+    info = MachineInfo(
+        "gpu",
+        "one gpu",
+        devices=1,
+        memory_gib=80.0,
+        host_cores=16,
+        threads_per_rank=1,
+        backend="nccl",
+    )
     m = measurements()
     m = Measurements(m.alone, {1: m.alone}, {}, None, "tiny", m.train_layer)
     p = build_profile("one-gpu", info, m, 1.0)
@@ -99,12 +156,15 @@ def test_writer_rejects_bad_input(tmp_path: Path) -> None:
         Measurements(OpTables(), {}, {}, None, "tiny")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--out", "p.json"], "must be a .yaml path"),
-    (["--devices", "1"], "at least 2"),
-    (["--model", "no-such-model"], "unknown model"),
-    (["--sweeps", "0"], "--sweeps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "p.json"], "must be a .yaml path"),
+        (["--devices", "1"], "at least 2"),
+        (["--model", "no-such-model"], "unknown model"),
+        (["--sweeps", "0"], "--sweeps must be at least 1"),
+    ],
+)
 def test_profile_cli_bad_input(tmp_path: Path, capsys, argv, message) -> None:
     argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "p.yaml")]
     assert cli_main(["profile", "--quick", *argv]) == 2
@@ -115,6 +175,7 @@ def test_profile_cli_bad_input(tmp_path: Path, capsys, argv, message) -> None:
 def test_profile_sweeps_default_one(tmp_path: Path) -> None:
     # a few minutes at most: one sweep unless asked; several profiles merge instead
     from hybridflow.executor.profiler.machine import ProfileOptions
+
     out = tmp_path / "p.yaml"
     assert ProfileOptions(out).sweeps == 1
     assert ProfileOptions(out, quick=True).sweeps == 1

@@ -1,5 +1,6 @@
 """Worker groups through Ray: protocols end to end, an extended worker, ordering and
 concurrency of pools, a killed rank, quiet start-up and shutdown on Ctrl-C."""
+
 from __future__ import annotations
 
 import os
@@ -13,15 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO
 import ray
 import torch
 
 from hybridflow.executor.controller.batch import Batch
-from hybridflow.executor.controller.protocols import (ALL_TO_ALL, DP_COMPUTE, MEGATRON_3D, ONE_TO_ALL,
-                                register)
+from hybridflow.executor.controller.protocols import (
+    ALL_TO_ALL,
+    DP_COMPUTE,
+    MEGATRON_3D,
+    ONE_TO_ALL,
+    register,
+)
 from hybridflow.executor.controller.worker import Worker
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.process  # multi-process Ray/megatron: in `make test`
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -45,8 +50,12 @@ class ProbeWorker(Worker):
     @register(dispatch_mode=MEGATRON_3D)
     def tag_3d(self, role: str, batch: Batch) -> Batch:
         g = self.role(role).groups
-        return batch.with_fields({"rank": torch.full((len(batch),), self.rank),
-                                  "dp": torch.full((len(batch),), g.dp_rank)})
+        return batch.with_fields(
+            {
+                "rank": torch.full((len(batch),), self.rank),
+                "dp": torch.full((len(batch),), g.dp_rank),
+            }
+        )
 
     @register(dispatch_mode=ONE_TO_ALL)
     def env(self) -> dict[str, str]:
@@ -77,6 +86,7 @@ class ProbeWorker(Worker):
 @pytest.fixture(scope="module")
 def cluster():
     from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
+
     c = Cluster.start(ClusterConfig(devices=9))
     yield c
     c.shutdown()
@@ -84,12 +94,12 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def probe4(cluster):
-    from hybridflow.layout import ParallelLayout
-    from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerGroup
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.layout import ParallelLayout
+
     g = WorkerGroup(cluster, cluster.create_pool("probe4", 4), worker_cls=ProbeWorker)
-    g.add_role("m", "tiny", ParallelLayout(tp=1, pp=2, dp=2),
-               EngineConfig(trainable=False))
+    g.add_role("m", "tiny", ParallelLayout(tp=1, pp=2, dp=2), EngineConfig(trainable=False))
     yield g
     g.shutdown()
 
@@ -118,6 +128,7 @@ def test_torchrun_environment(probe4):
 
 def test_same_pool_in_order_other_pool_concurrently(cluster, probe4):
     from hybridflow.executor.controller.worker_group import WorkerGroup
+
     other = WorkerGroup(cluster, cluster.create_pool("other", 1), worker_cls=ProbeWorker)
     try:
         first = probe4.call(None, "stamp", "first", 1.0)
@@ -133,11 +144,13 @@ def test_same_pool_in_order_other_pool_concurrently(cluster, probe4):
 
 
 def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
-    from hybridflow.layout import ParallelLayout
-    from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerDiedError, WorkerGroup
-    g = WorkerGroup(cluster, cluster.create_pool("victim", 2), worker_cls=ProbeWorker,
-                    name="victim")
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.layout import ParallelLayout
+
+    g = WorkerGroup(
+        cluster, cluster.create_pool("victim", 2), worker_cls=ProbeWorker, name="victim"
+    )
     try:
         g.add_role("critic", "tiny", ParallelLayout(dp=2), EngineConfig(trainable=False))
         pids = g.run(None, "pid")
@@ -156,9 +169,10 @@ def test_killed_rank_stops_the_call_with_a_clear_error(cluster):
 def test_live_processes_form_new_worlds(cluster):
     """WorkerGroup(actors=...): the same processes as one-rank worlds, then as a world of
     two in the other order; a process still holding a role cannot leave its world."""
-    from hybridflow.layout import ParallelLayout
-    from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerGroup
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.layout import ParallelLayout
+
     pool = cluster.create_pool("reuse", 2)
     pair = WorkerGroup(cluster, pool, worker_cls=ProbeWorker, name="pair")
     actors, pids = pair.actors, pair.run(None, "pid")
@@ -210,8 +224,14 @@ def test_quiet_start_and_clean_exit_on_ctrl_c():
     raytmp = tempfile.mkdtemp(prefix="hfq-")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_TMPDIR"] = raytmp
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "ready", proc.stderr.read()

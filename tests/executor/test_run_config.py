@@ -1,4 +1,5 @@
 """Run settings: validation, and which algorithm each KL setting reaches."""
+
 from __future__ import annotations
 
 import re
@@ -9,13 +10,16 @@ from hybridflow.executor.run.config import RunConfig, RunConfigError
 from hybridflow.simulator.job import Job
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(iterations=0), "iterations must be an integer >= 1"),
-    (dict(critic_warmup=-1), "critic_warmup must be an integer >= 0"),
-    (dict(critic_warmup=1.5), "critic_warmup must be an integer >= 0"),
-    (dict(reshard="nccl"), "unknown resharding scheme"),
-    (dict(top_p=0.0), "top_p in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(iterations=0), "iterations must be an integer >= 1"),
+        (dict(critic_warmup=-1), "critic_warmup must be an integer >= 0"),
+        (dict(critic_warmup=1.5), "critic_warmup must be an integer >= 0"),
+        (dict(reshard="nccl"), "unknown resharding scheme"),
+        (dict(top_p=0.0), "top_p in (0, 1]"),
+    ],
+)
 def test_bad_settings_are_named(bad: dict, message: str) -> None:
     with pytest.raises(RunConfigError, match=re.escape(message)):
         RunConfig(**bad)

@@ -3,6 +3,7 @@
 Each run starts its own Ray cluster and worker groups; the tiny task artifacts are built once
 (cached). Plans come from the planner's standard placements for the local profile.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from hybridflow.cli.main import main as cli_main
-from hybridflow.executor.rl import loops
 from hybridflow.executor.controller.worker_group import WorkerDiedError
+from hybridflow.executor.rl import loops
 from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.run.driver import RunOptions, run
 from hybridflow.plan import Plan
@@ -28,21 +29,40 @@ def local_plans(algorithm: str, **job) -> dict[str, Plan]:
     than planned: the planner, on the measured 2-core profile, prefers fewer devices."""
     from hybridflow.planner.search import standard_layouts
     from hybridflow.simulator.job import Job
-    kw = dict(algorithm=algorithm, model="tiny", prompt_len=16, response_len=8,
-              global_batch=16, ppo_epochs=1, mini_batches=2)
+
+    kw = dict(
+        algorithm=algorithm,
+        model="tiny",
+        prompt_len=16,
+        response_len=8,
+        global_batch=16,
+        ppo_epochs=1,
+        mini_batches=2,
+    )
     if algorithm == "grpo":
         kw.update(n_samples=4, global_batch=8)
     kw.update(job)
     j = Job.create(**kw)
     placements = standard_layouts(j)
     sizes = {"colocated": (4,), "split": (2, 2)}
-    return {name: Plan.from_dict({
-        "version": 1, "cluster": {"gpu": "local-cpu", "nodes": 1, "gpus_per_node": 4},
-        "job": j.to_dict(),
-        "sets": [{"models": list(roles), "gpus": n,
-                  "layouts": {r: _dp_layouts(r, n) for r in roles}}
-                 for roles, n in zip(placements[name], sizes[name])]})
-        for name in sizes}
+    return {
+        name: Plan.from_dict(
+            {
+                "version": 1,
+                "cluster": {"gpu": "local-cpu", "nodes": 1, "gpus_per_node": 4},
+                "job": j.to_dict(),
+                "sets": [
+                    {
+                        "models": list(roles),
+                        "gpus": n,
+                        "layouts": {r: _dp_layouts(r, n) for r in roles},
+                    }
+                    for roles, n in zip(placements[name], sizes[name])
+                ],
+            }
+        )
+        for name in sizes
+    }
 
 
 def _dp_layouts(role: str, n: int) -> dict:
@@ -56,15 +76,23 @@ def _finite(row: dict) -> bool:
     return all(math.isfinite(v) for v in row.values() if isinstance(v, float))
 
 
-@pytest.mark.parametrize("algorithm,placement", [
-    ("ppo", "colocated-tp"), ("ppo", "split"), ("grpo", "colocated"), ("grpo", "split"),
-    ("remax", "colocated"), ("remax", "split"), ("safe-rlhf", "colocated"),
-    ("safe-rlhf", "split")])
+@pytest.mark.parametrize(
+    "algorithm,placement",
+    [
+        ("ppo", "colocated-tp"),
+        ("ppo", "split"),
+        ("grpo", "colocated"),
+        ("grpo", "split"),
+        ("remax", "colocated"),
+        ("remax", "split"),
+        ("safe-rlhf", "colocated"),
+        ("safe-rlhf", "split"),
+    ],
+)
 def test_algorithm_runs_its_dataflow(tmp_path: Path, algorithm: str, placement: str) -> None:
     plan = _tp_plan() if placement == "colocated-tp" else local_plans(algorithm)[placement]
     # critic warm-up of one iteration: the second one trains the actor too
-    res = run(plan, RunConfig(iterations=2, checkpoint_every=2, critic_warmup=1),
-              tmp_path / "run")
+    res = run(plan, RunConfig(iterations=2, checkpoint_every=2, critic_warmup=1), tmp_path / "run")
     assert [m["iteration"] for m in res.metrics] == [0, 1]
     assert all(_finite(m) for m in res.metrics)
     for key in ("actor_loss", "reward", "score", "kl"):
@@ -81,21 +109,27 @@ def test_algorithm_runs_its_dataflow(tmp_path: Path, algorithm: str, placement: 
     assert all(abs(m["rollout_logp_diff"]) < 1e-3 for m in res.metrics)
 
 
-@pytest.mark.parametrize("algorithm,placement,iterations,job", [
-    # the default job of `hybridflow run` (learned reward model) on a split plan
-    ("ppo", "split", 16, dict(global_batch=64, ppo_epochs=2, mini_batches=4)),
-    ("grpo", "colocated", 12, dict(global_batch=32, n_samples=8, mini_batches=4))])
-def test_rl_raises_the_rule_score(tmp_path: Path, algorithm: str, placement: str,
-                                  iterations: int, job: dict) -> None:
+@pytest.mark.parametrize(
+    "algorithm,placement,iterations,job",
+    [
+        # the default job of `hybridflow run` (learned reward model) on a split plan
+        ("ppo", "split", 16, dict(global_batch=64, ppo_epochs=2, mini_batches=4)),
+        ("grpo", "colocated", 12, dict(global_batch=32, n_samples=8, mini_batches=4)),
+    ],
+)
+def test_rl_raises_the_rule_score(
+    tmp_path: Path, algorithm: str, placement: str, iterations: int, job: dict
+) -> None:
     """Seed 0, default run settings; the reward is the learned reward model, the rule score
     is measured on the 256 held-out prompts (one sampled response each, seeded).
     Measured here: PPO 0.626 -> 0.729 in 16 iterations, GRPO 0.626 -> 0.741 in 12."""
     plan = local_plans(algorithm, **job)[placement]
-    res = run(plan, RunConfig(iterations=iterations, checkpoint_every=iterations),
-              tmp_path / "run")
+    res = run(plan, RunConfig(iterations=iterations, checkpoint_every=iterations), tmp_path / "run")
     m = res.summary["measured"]
-    print(f"{algorithm}: held-out rule score {m['eval_score_before']:.3f} -> "
-          f"{m['eval_score_after']:.3f}")
+    print(
+        f"{algorithm}: held-out rule score {m['eval_score_before']:.3f} -> "
+        f"{m['eval_score_after']:.3f}"
+    )
     assert m["eval_score_after"] - m["eval_score_before"] >= 0.05, m
     assert all(_finite(r) for r in res.metrics)
 
@@ -105,8 +139,10 @@ def _tp_plan() -> Plan:
     (the 3D-HybridEngine gathers inside each micro-DP group); critic PP2 x DP2."""
     plan = local_plans("ppo")["colocated"].to_dict()
     lay = plan["sets"][0]["layouts"]
-    lay["actor"] = {"train": {"pp": 1, "tp": 2, "dp": 2},
-                    "generate": {"pp": 1, "tp": 1, "micro_dp": 2}}
+    lay["actor"] = {
+        "train": {"pp": 1, "tp": 2, "dp": 2},
+        "generate": {"pp": 1, "tp": 1, "micro_dp": 2},
+    }
     lay["critic"] = {"train": {"pp": 2, "tp": 1, "dp": 2}}
     plan.pop("predicted", None)
     return Plan.from_dict(plan)
@@ -120,8 +156,12 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     plan = local_plans("ppo")["split"]
     full = run(plan, RunConfig(iterations=4, checkpoint_every=2), tmp_path / "full")
     run(plan, RunConfig(iterations=2, checkpoint_every=2), tmp_path / "part")
-    resumed = run(plan, RunConfig(iterations=4, checkpoint_every=2), tmp_path / "part",
-                  RunOptions(resume=True))
+    resumed = run(
+        plan,
+        RunConfig(iterations=4, checkpoint_every=2),
+        tmp_path / "part",
+        RunOptions(resume=True),
+    )
     assert [m["iteration"] for m in resumed.metrics] == [0, 1, 2, 3]
     a = _weights(tmp_path / "full" / "checkpoints" / "iter_000004")
     b = _weights(tmp_path / "part" / "checkpoints" / "iter_000004")
@@ -132,19 +172,23 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert full.metrics[3]["score"] == resumed.metrics[3]["score"]
 
 
-def test_killed_worker_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_killed_worker_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
     import ray
+
     original = loops.LOOPS["ppo"]
 
     def dies_in_iteration_2(rt, it, state):
         if it == 2:
             ray.kill(rt.groups["actor"].actors[1], no_restart=True)
         return original(rt, it, state)
+
     monkeypatch.setitem(loops.LOOPS, "ppo", dies_in_iteration_2)
     with pytest.raises(WorkerDiedError, match=r"role 'actor' rank 1"):
-        run(local_plans("ppo")["colocated"], RunConfig(iterations=4, checkpoint_every=2),
-            tmp_path / "run")
+        run(
+            local_plans("ppo")["colocated"],
+            RunConfig(iterations=4, checkpoint_every=2),
+            tmp_path / "run",
+        )
     ckpt = tmp_path / "run" / "checkpoints"
     assert [p.name for p in ckpt.iterdir()] == ["iter_000002"]
     assert (ckpt / "iter_000002" / "controller.json").exists()

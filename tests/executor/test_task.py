@@ -1,4 +1,5 @@
 """The synthetic offline task: prompts, answers, rule score and cost, preference pairs."""
+
 import random
 
 import pytest
@@ -30,8 +31,8 @@ def test_score_partial_credit():
     p = "sort:dcba="  # answer abcd
     assert task.score(p, "abcd") == 1.0
     assert task.score(p, "abdc") == 0.5
-    assert task.score(p, "ab") == 0.5           # 2 right of max(4, 2)
-    assert task.score(p, "abcdab") == 4 / 6     # too long is penalised
+    assert task.score(p, "ab") == 0.5  # 2 right of max(4, 2)
+    assert task.score(p, "abcdab") == 4 / 6  # too long is penalised
     assert task.score(p, "") == 0.0
     assert task.score(p, "zzzz") == 0.0
 
@@ -64,9 +65,18 @@ def test_corrupt_changes_with_edits():
     assert changed > 30
 
 
-@pytest.mark.parametrize("kw", [dict(alphabet="aab"), dict(alphabet="ABC"), dict(min_len=0),
-                                dict(max_len=20), dict(ops=("add",)), dict(ops=()),
-                                dict(forbidden="z")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(alphabet="aab"),
+        dict(alphabet="ABC"),
+        dict(min_len=0),
+        dict(max_len=20),
+        dict(ops=("add",)),
+        dict(ops=()),
+        dict(forbidden="z"),
+    ],
+)
 def test_config_validation(kw):
     with pytest.raises(task.TaskError):
         task.TaskConfig(**kw)

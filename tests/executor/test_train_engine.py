@@ -5,24 +5,30 @@ One Ray start for the module: a 4-device worker group holding every layout as a 
 role (so it also shows several roles with separate groups in one process), and a 1-device
 group holding the one-process reference.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
+
+from hybridflow.executor.controller.batch import Batch
 
 pytestmark = pytest.mark.process  # multi-process Ray/megatron: in `make test`
 
 STEPS = 3
 MODEL = "tiny-4l"
 # role -> (tp, pp, dp, vpp, distributed optimizer)
-LAYOUTS = {"tp2pp2": (2, 2, 1, None, False), "tp4": (4, 1, 1, None, False),
-           "pp4": (1, 4, 1, None, False), "dp4": (1, 1, 4, None, False),
-           "tp2dp2": (2, 1, 2, None, True), "pp2vpp2dp2": (1, 2, 2, 2, False)}
+LAYOUTS = {
+    "tp2pp2": (2, 2, 1, None, False),
+    "tp4": (4, 1, 1, None, False),
+    "pp4": (1, 4, 1, None, False),
+    "dp4": (1, 1, 4, None, False),
+    "tp2dp2": (2, 1, 2, None, True),
+    "pp2vpp2dp2": (1, 2, 2, 2, False),
+}
 
 
-def _data() -> "Batch":
-    from hybridflow.executor.controller.batch import Batch
+def _data() -> Batch:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (8, 16), generator=g)
     mask = torch.ones(8, 16, dtype=torch.long)
@@ -30,30 +36,41 @@ def _data() -> "Batch":
     loss_mask = torch.zeros(8, 16)
     loss_mask[:, :-1] = mask[:, 1:].float()
     returns = torch.randn(8, 16, generator=g)
-    return Batch({"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
-                  "returns": returns}, {"tag": [f"r{i}" for i in range(8)]})
+    return Batch(
+        {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask, "returns": returns},
+        {"tag": [f"r{i}" for i in range(8)]},
+    )
 
 
 @pytest.fixture(scope="module")
 def groups():
     from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
-    from hybridflow.layout import ParallelLayout
-    from hybridflow.executor.engines.train_engine import EngineConfig
     from hybridflow.executor.controller.worker_group import WorkerGroup
+    from hybridflow.executor.engines.train_engine import EngineConfig
+    from hybridflow.layout import ParallelLayout
+
     cluster = Cluster.start(ClusterConfig(devices=5))
     try:
         ref = WorkerGroup(cluster, cluster.create_pool("ref", 1))
         par = WorkerGroup(cluster, cluster.create_pool("par", 4))
         cfg = EngineConfig(micro_batch_size=1, lr=1e-3)
         ref.add_role("lm", MODEL, ParallelLayout(), cfg)
-        ref.add_role("value", MODEL, ParallelLayout(),
-                     EngineConfig(micro_batch_size=2, value_head=True))
+        ref.add_role(
+            "value", MODEL, ParallelLayout(), EngineConfig(micro_batch_size=2, value_head=True)
+        )
         for role, (tp, pp, dp, vpp, dist_opt) in LAYOUTS.items():
-            par.add_role(role, MODEL, ParallelLayout(tp=tp, pp=pp, dp=dp, vpp=vpp),
-                         EngineConfig(micro_batch_size=1, lr=1e-3,
-                                      use_distributed_optimizer=dist_opt))
-        par.add_role("value_tp2pp2", MODEL, ParallelLayout(tp=2, pp=2),
-                     EngineConfig(micro_batch_size=2, value_head=True))
+            par.add_role(
+                role,
+                MODEL,
+                ParallelLayout(tp=tp, pp=pp, dp=dp, vpp=vpp),
+                EngineConfig(micro_batch_size=1, lr=1e-3, use_distributed_optimizer=dist_opt),
+            )
+        par.add_role(
+            "value_tp2pp2",
+            MODEL,
+            ParallelLayout(tp=2, pp=2),
+            EngineConfig(micro_batch_size=2, value_head=True),
+        )
         yield ref, par
     finally:
         cluster.shutdown()
@@ -61,20 +78,23 @@ def groups():
 
 def _train(group, role: str, loss_fn) -> list[float]:
     from hybridflow.executor.controller.worker_group import metrics_of
+
     batch = _data()
-    return [metrics_of(group.run(role, "train_step", batch, loss_fn))["loss"]
-            for _ in range(STEPS)]
+    return [metrics_of(group.run(role, "train_step", batch, loss_fn))["loss"] for _ in range(STEPS)]
 
 
 def _full_state(group, role: str) -> dict[str, torch.Tensor]:
     """Merge every rank's shards (TP) and stages (PP) into full megatron tensors."""
     from hybridflow.executor.engines.megatron_model import merge_shards
+
     states = group.run(role, "local_state")
     full: dict[str, torch.Tensor] = {}
     names = {n for s in states for n in s["params"]}
     for name in names:
-        holders = sorted((s for s in states if name in s["params"] and s["dp_rank"] == 0),
-                         key=lambda s: s["tp_rank"])
+        holders = sorted(
+            (s for s in states if name in s["params"] and s["dp_rank"] == 0),
+            key=lambda s: s["tp_rank"],
+        )
         part = holders[0]["params"][name][1]
         full[name] = merge_shards([h["params"][name][0] for h in holders], part)
     return full
@@ -94,15 +114,22 @@ def _assert_same_weights(state: dict, ref: dict, what: str) -> None:
 @pytest.fixture(scope="module")
 def reference(groups):
     from hybridflow.executor.engines.train_engine import lm_loss, value_loss
+
     ref, _ = groups
     start = _full_state(ref, "lm")
     losses = _train(ref, "lm", lm_loss)
     logprobs = ref.run("lm", "forward", _data())["output"]
     vlosses = _train(ref, "value", value_loss)
     values = ref.run("value", "forward", _data(), key="values")["values"]
-    return {"start": start, "losses": losses, "state": _full_state(ref, "lm"),
-            "logprobs": logprobs, "vlosses": vlosses, "values": values,
-            "vstate": _full_state(ref, "value")}
+    return {
+        "start": start,
+        "losses": losses,
+        "state": _full_state(ref, "lm"),
+        "logprobs": logprobs,
+        "vlosses": vlosses,
+        "values": values,
+        "vstate": _full_state(ref, "value"),
+    }
 
 
 def test_initial_weights_do_not_depend_on_layout(groups, reference):
@@ -117,6 +144,7 @@ def test_initial_weights_do_not_depend_on_layout(groups, reference):
 @pytest.mark.parametrize("role", list(LAYOUTS))
 def test_layout_trains_like_one_process(groups, reference, role):
     from hybridflow.executor.engines.train_engine import lm_loss
+
     _, par = groups
     losses = _train(par, role, lm_loss)
     assert losses[-1] < losses[0]  # it learns
@@ -129,6 +157,7 @@ def test_layout_trains_like_one_process(groups, reference, role):
 
 def test_value_head_trains_like_one_process(groups, reference):
     from hybridflow.executor.engines.train_engine import value_loss
+
     _, par = groups
     losses = _train(par, "value_tp2pp2", value_loss)
     # Adam turns fp32 rounding in near-zero gradients (TP2 x PP2 reduces in another order)
@@ -160,6 +189,7 @@ def test_colocated_roles_share_processes_with_separate_groups(groups):
 def test_load_hf_state_gives_the_same_model_on_every_layout(groups):
     from hybridflow.executor.engines.weights import megatron_to_hf, random_hf_state
     from hybridflow.simulator.model import load_model
+
     ref, par = groups
     hf = random_hf_state(load_model(MODEL), seed=3)
     ref.run("lm", "load_state", hf)

@@ -1,54 +1,87 @@
 """Greedy and seeded sampled generation from resharded vLLM engines (4 gloo ranks, strided and
 consecutive TP groups) equals one vLLM process on the full model."""
+
 import os
 
 import pytest
 import torch
 
 from hybridflow.executor.engines import weights as W
+from hybridflow.executor.engines.vllm_engine import (
+    EngineError,
+    SamplingConfig,
+    VllmConfig,
+    request_seed,
+)
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan, split_micro_dp
 from hybridflow.executor.spawn import run_ranks
-from hybridflow.executor.engines.vllm_engine import (VllmConfig, EngineError, SamplingConfig,
-                                  request_seed)
 from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.model import load_model
 
 pytestmark = pytest.mark.slow
 
 MODEL, SEED = "tiny", 21
-PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27],
-           [95, 2, 88, 41], [97, 16, 93, 99, 37], [51, 5, 82], [9, 74, 94, 45, 92]]
+PROMPTS = [
+    [3, 14, 15, 92, 65],
+    [35, 89, 79],
+    [32, 38, 46, 26, 43, 38],
+    [83, 27],
+    [95, 2, 88, 41],
+    [97, 16, 93, 99, 37],
+    [51, 5, 82],
+    [9, 74, 94, 45, 92],
+]
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=6)
 SAMPLED = SamplingConfig(temperature=1.0, max_tokens=6, seed=7)  # one seed per prompt index
-LAYOUTS = {"t4": ParallelLayout(1, 4, 1), "t2d2": ParallelLayout(1, 2, 2), "p2t2": ParallelLayout(2, 2, 1)}
+LAYOUTS = {
+    "t4": ParallelLayout(1, 4, 1),
+    "t2d2": ParallelLayout(1, 2, 2),
+    "p2t2": ParallelLayout(2, 2, 1),
+}
 # every hybridengine layout and tg, plus the two reference schemes once
-CASES = [(n, tg, "hybridengine") for n, lay in LAYOUTS.items() for tg in (1, 2, 4)
-         if lay.tp % tg == 0] + [("t4", 2, "hybridengine-v"), ("p2t2", 1, "allgather")]
+CASES = [
+    (n, tg, "hybridengine") for n, lay in LAYOUTS.items() for tg in (1, 2, 4) if lay.tp % tg == 0
+] + [("t4", 2, "hybridengine-v"), ("p2t2", 1, "allgather")]
 
 
 def _reference(rank: int, world: int, ckpt: str) -> list[tuple]:
     """One plain vLLM process on the full checkpoint (no external launcher, no resharding)."""
     from vllm import LLM
     from vllm.inputs import TokensPrompt
+
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     torch.set_num_threads(1)
-    llm = LLM(model=ckpt, enforce_eager=True, skip_tokenizer_init=True, dtype="float32",
-              kv_cache_memory_bytes=32 << 20, max_model_len=256, seed=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
-                        GREEDY.to_vllm(), use_tqdm=False)
+    llm = LLM(
+        model=ckpt,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        kv_cache_memory_bytes=32 << 20,
+        max_model_len=256,
+        seed=0,
+    )
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], GREEDY.to_vllm(), use_tqdm=False
+    )
     c = [o.outputs[0] for o in outs]
-    greedy = [(tuple(x.token_ids), tuple(d[t].logprob for t, d in zip(x.token_ids, x.logprobs)))
-              for x in c]
-    params = [SAMPLED.to_vllm(seed=request_seed(SAMPLED.seed, i, p))
-              for i, p in enumerate(PROMPTS)]
-    sampled = [tuple(o.outputs[0].token_ids) for o in llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)]
+    greedy = [
+        (tuple(x.token_ids), tuple(d[t].logprob for t, d in zip(x.token_ids, x.logprobs)))
+        for x in c
+    ]
+    params = [SAMPLED.to_vllm(seed=request_seed(SAMPLED.seed, i, p)) for i, p in enumerate(PROMPTS)]
+    sampled = [
+        tuple(o.outputs[0].token_ids)
+        for o in llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False
+        )
+    ]
     return greedy, sampled
 
 
 def _resharded(rank: int, world: int, ckpt: str) -> dict:
-    from hybridflow.executor.hybrid_engine.engine import HybridEngine
     from hybridflow.executor.engines.vllm_engine import VllmEngine
+    from hybridflow.executor.hybrid_engine.engine import HybridEngine
+
     spec = load_model(MODEL)
     full = W.hf_to_megatron(W.random_hf_state(spec, seed=SEED), spec)
     current: dict = {}
@@ -58,13 +91,14 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
         if current.get("key") != key:
             if current:
                 current["engine"].shutdown()
-            current.update(key=key, engine=VllmEngine(VllmConfig(
-                model_dir=ckpt, tp_groups=key, load_format="dummy")))
+            current.update(
+                key=key,
+                engine=VllmEngine(VllmConfig(model_dir=ckpt, tp_groups=key, load_format="dummy")),
+            )
         return current["engine"]
 
     results = {}
-    plans = sorted(CASES, key=lambda c: str(ReshardPlan(LAYOUTS[c[0]], c[1], c[2])
-                                            .gen_tp_groups()))
+    plans = sorted(CASES, key=lambda c: str(ReshardPlan(LAYOUTS[c[0]], c[1], c[2]).gen_tp_groups()))
     for name, tg, scheme in plans:
         lay = LAYOUTS[name]
         plan = ReshardPlan(lay, tg, scheme)
@@ -76,11 +110,12 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
         offset, mine = split_micro_dp(PROMPTS, k, lay.dp)  # the DP split (3D_PROTO's part)
         outs = he.generate(mine, GREEDY)
         ids = range(offset, offset + len(mine))  # the prompts' indices in the whole batch
-        sampled = [(c.prompt_index + offset, c.token_ids)
-                   for c in he.generate(mine, SAMPLED, ids)]
+        sampled = [(c.prompt_index + offset, c.token_ids) for c in he.generate(mine, SAMPLED, ids)]
         he.to_training()
-        results[(name, tg, scheme)] = [(c.prompt_index + offset, c.token_ids, c.logprobs)
-                                       for c in outs], sampled
+        results[(name, tg, scheme)] = (
+            [(c.prompt_index + offset, c.token_ids, c.logprobs) for c in outs],
+            sampled,
+        )
     current["engine"].shutdown()
     return results
 
@@ -89,8 +124,11 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
 def ckpt(tmp_path_factory):
     spec = load_model(MODEL)
     path = tmp_path_factory.mktemp("tiny_ckpt")
-    W.save_hf_checkpoint(path, spec, W.megatron_to_hf(
-        W.hf_to_megatron(W.random_hf_state(spec, seed=SEED), spec), spec))
+    W.save_hf_checkpoint(
+        path,
+        spec,
+        W.megatron_to_hf(W.hf_to_megatron(W.random_hf_state(spec, seed=SEED), spec), spec),
+    )
     return str(path)
 
 
@@ -116,8 +154,11 @@ def test_greedy_generation_equals_one_vllm_process(reference, resharded):
             for i, tokens, logprobs in outs:
                 want_tokens, want_lp = reference[0][i]
                 assert tokens == want_tokens, (rank, case, i)
-                assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_lp),
-                                      atol=1e-4), (rank, case, i)
+                assert torch.allclose(torch.tensor(logprobs), torch.tensor(want_lp), atol=1e-4), (
+                    rank,
+                    case,
+                    i,
+                )
 
 
 def test_seeded_sampling_does_not_depend_on_the_layout(reference, resharded):

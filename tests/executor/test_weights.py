@@ -1,4 +1,5 @@
 """Name/layout conversion: megatron-core shards <-> Hugging Face Llama <-> vLLM shards."""
+
 import pytest
 import torch
 
@@ -43,7 +44,7 @@ def test_consecutive_training_shards_merge_into_generation_shard(t, tg):
     shards = [W.split_tp(full, spec, t, r) for r in range(t)]
     step = t // tg
     for j in range(tg):
-        merged = W.merge_tp(shards[j * step:(j + 1) * step])
+        merged = W.merge_tp(shards[j * step : (j + 1) * step])
         direct = W.split_tp(full, spec, tg, j)
         for k in direct:
             assert torch.equal(merged[k], direct[k]), (k, j)
@@ -55,8 +56,7 @@ def test_vllm_shard_matches_hf_slicing(tp):
     spec = load_model("tiny")
     hf = W.random_hf_state(spec, seed=11)
     full = W.hf_to_megatron(hf, spec)
-    col_split = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens",
-                 "lm_head")
+    col_split = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
     for r in range(tp):
         local = dict(W.megatron_to_vllm(W.split_tp(full, spec, tp, r), spec, tp))
         assert local.keys() == hf.keys()
@@ -94,6 +94,7 @@ def test_bad_layouts_raise_value_errors():
 
 def test_hf_checkpoint_loads_in_transformers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     spec = load_model("tiny")
     hf = W.random_hf_state(spec, seed=5)
     W.save_hf_checkpoint(tmp_path, spec, hf)

@@ -1,5 +1,6 @@
 """Brute-force auto-mapping for tests: every placement x every allocation, each set's
 layouts by exhaustive joint enumeration (no pruning). Small clusters only."""
+
 from __future__ import annotations
 
 from hybridflow.planner.cpsat import Instance, brute_force
@@ -10,16 +11,20 @@ from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile
 
 
-def brute_force_best(cluster: Cluster, job: Job, profile: Profile,
-                     scheme: str = "hybridengine") -> tuple[float, Placement, tuple[int, ...]] | None:
+def brute_force_best(
+    cluster: Cluster, job: Job, profile: Profile, scheme: str = "hybridengine"
+) -> tuple[float, Placement, tuple[int, ...]] | None:
     """(iteration seconds, placement, GPUs per set) of the best plan, or None."""
     tables = Tables(job, profile, cluster.gpus_per_node, scheme)
     best = None
     for placement in set_partitions(job.gpu_roles):
         sizes, costs = [], []
         for roles in placement:
-            row = [(n, c) for n in set_sizes(cluster.gpus_per_node, cluster.n_gpus)
-                   if (c := tables.best_set(roles, n, prune=False)) is not None]
+            row = [
+                (n, c)
+                for n in set_sizes(cluster.gpus_per_node, cluster.n_gpus)
+                if (c := tables.best_set(roles, n, prune=False)) is not None
+            ]
             sizes.append(tuple(n for n, _ in row))
             costs.append(tuple(c.stages for _, c in row))
         if not all(sizes):
@@ -29,5 +34,5 @@ def brute_force_best(cluster: Cluster, job: Job, profile: Profile,
             costs.append(rules[1])
         sol = brute_force(Instance(cluster.n_gpus, tuple(sizes), tuple(costs)))
         if sol is not None and (best is None or sol.objective < best[0]):
-            best = (sol.objective, placement, sol.gpus[:len(placement)])
+            best = (sol.objective, placement, sol.gpus[: len(placement)])
     return best

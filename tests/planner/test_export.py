@@ -3,6 +3,7 @@
 The names are checked against the key/argument lists taken from the released wheels
 (planner/verl_0.9.1_ppo_megatron_keys.json, planner/openrlhf_0.11.2_train_ppo_ray_args.json).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,17 +18,32 @@ from hybridflow.planner.export_openrlhf import check_constraints, parse_command
 from hybridflow.planner.export_refdata import load_openrlhf_reference, load_verl_reference
 from hybridflow.planner.export_view import node_split, parse_plan
 
-ROLES4 = {"actor": "llama-2-13b", "critic": "llama-2-13b", "reference": "llama-2-13b",
-          "reward": "llama-2-13b"}
+ROLES4 = {
+    "actor": "llama-2-13b",
+    "critic": "llama-2-13b",
+    "reference": "llama-2-13b",
+    "reward": "llama-2-13b",
+}
 
 
 def _plan(sets: list[dict], algorithm: str = "ppo", models: dict | None = None, **job) -> dict:
-    j = {"algorithm": algorithm, "models": models or ROLES4, "prompt_len": 1024,
-         "response_len": 1024, "global_batch": 1024, "ppo_epochs": 1, "mini_batches": 8}
+    j = {
+        "algorithm": algorithm,
+        "models": models or ROLES4,
+        "prompt_len": 1024,
+        "response_len": 1024,
+        "global_batch": 1024,
+        "ppo_epochs": 1,
+        "mini_batches": 8,
+    }
     j.update(job)
-    return {"version": 1, "cluster": {"gpu": "a100-80gb", "nodes": 16, "gpus_per_node": 8},
-            "job": j, "sets": sets,
-            "predicted": {"iteration_s": 50.0, "tokens_per_s": 41943.0}}
+    return {
+        "version": 1,
+        "cluster": {"gpu": "a100-80gb", "nodes": 16, "gpus_per_node": 8},
+        "job": j,
+        "sets": sets,
+        "predicted": {"iteration_s": 50.0, "tokens_per_s": 41943.0},
+    }
 
 
 def _lay(pp: int, tp: int, dp: int) -> dict:
@@ -35,28 +51,68 @@ def _lay(pp: int, tp: int, dp: int) -> dict:
 
 
 ACTOR = {"train": _lay(1, 8, 8), "generate": {"pp": 1, "tp": 2, "micro_dp": 4}}
-SPLIT = _plan([
-    {"models": ["actor", "reference"], "gpus": 64,
-     "layouts": {"actor": ACTOR, "reference": {"infer": _lay(1, 4, 16)}}},
-    {"models": ["critic", "reward"], "gpus": 64,
-     "layouts": {"critic": {"train": _lay(2, 4, 8)}, "reward": {"infer": _lay(1, 4, 16)}}}])
-ALL_IN_ONE = _plan([
-    {"models": ["actor", "critic", "reference", "reward"], "gpus": 128,
-     "layouts": {"actor": {"train": _lay(1, 8, 16), "generate": {"pp": 1, "tp": 4, "micro_dp": 2}},
-                 "critic": {"train": _lay(1, 8, 16)}, "reference": {"infer": _lay(1, 8, 16)},
-                 "reward": {"infer": _lay(1, 8, 16)}}}])
-REWARD_APART = _plan([
-    {"models": ["actor", "critic", "reference"], "gpus": 96,
-     "layouts": {"actor": {"train": _lay(2, 4, 12), "generate": {"pp": 1, "tp": 4, "micro_dp": 2}},
-                 "critic": {"train": _lay(1, 8, 12)}, "reference": {"infer": _lay(1, 8, 12)}}},
-    {"models": ["reward"], "gpus": 32, "layouts": {"reward": {"infer": _lay(1, 4, 8)}}}],
-    global_batch=1536, mini_batches=4)  # 384 prompts per mini-batch: 32 per actor dp rank
-GRPO = _plan([
-    {"models": ["actor", "reference", "reward"], "gpus": 16,
-     "layouts": {"actor": {"train": _lay(1, 2, 8), "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
-                 "reference": {"infer": _lay(1, 2, 8)}, "reward": {"infer": _lay(1, 2, 8)}}}],
-    algorithm="grpo", models={"actor": "qwen2.5-7b", "reference": "qwen2.5-7b",
-                              "reward": "qwen2.5-7b"}, global_batch=256, mini_batches=4, n_samples=8)
+SPLIT = _plan(
+    [
+        {
+            "models": ["actor", "reference"],
+            "gpus": 64,
+            "layouts": {"actor": ACTOR, "reference": {"infer": _lay(1, 4, 16)}},
+        },
+        {
+            "models": ["critic", "reward"],
+            "gpus": 64,
+            "layouts": {"critic": {"train": _lay(2, 4, 8)}, "reward": {"infer": _lay(1, 4, 16)}},
+        },
+    ]
+)
+ALL_IN_ONE = _plan(
+    [
+        {
+            "models": ["actor", "critic", "reference", "reward"],
+            "gpus": 128,
+            "layouts": {
+                "actor": {"train": _lay(1, 8, 16), "generate": {"pp": 1, "tp": 4, "micro_dp": 2}},
+                "critic": {"train": _lay(1, 8, 16)},
+                "reference": {"infer": _lay(1, 8, 16)},
+                "reward": {"infer": _lay(1, 8, 16)},
+            },
+        }
+    ]
+)
+REWARD_APART = _plan(
+    [
+        {
+            "models": ["actor", "critic", "reference"],
+            "gpus": 96,
+            "layouts": {
+                "actor": {"train": _lay(2, 4, 12), "generate": {"pp": 1, "tp": 4, "micro_dp": 2}},
+                "critic": {"train": _lay(1, 8, 12)},
+                "reference": {"infer": _lay(1, 8, 12)},
+            },
+        },
+        {"models": ["reward"], "gpus": 32, "layouts": {"reward": {"infer": _lay(1, 4, 8)}}},
+    ],
+    global_batch=1536,
+    mini_batches=4,
+)  # 384 prompts per mini-batch: 32 per actor dp rank
+GRPO = _plan(
+    [
+        {
+            "models": ["actor", "reference", "reward"],
+            "gpus": 16,
+            "layouts": {
+                "actor": {"train": _lay(1, 2, 8), "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
+                "reference": {"infer": _lay(1, 2, 8)},
+                "reward": {"infer": _lay(1, 2, 8)},
+            },
+        }
+    ],
+    algorithm="grpo",
+    models={"actor": "qwen2.5-7b", "reference": "qwen2.5-7b", "reward": "qwen2.5-7b"},
+    global_batch=256,
+    mini_batches=4,
+    n_samples=8,
+)
 
 
 def _command_words(script: str, entry: str) -> list[str]:
@@ -88,8 +144,10 @@ def test_verl_overrides_pass_verl_batch_checks(plan: dict) -> None:
     """The arithmetic verl 0.9.1's validate_config (verl/utils/config.py) asserts."""
     o = {k: int(v) for k, v in _verl_overrides(plan).items() if v.isdigit()}
     n_gpus = o["trainer.nnodes"] * o["trainer.n_gpus_per_node"]
-    mp = (o["actor_rollout_ref.actor.megatron.tensor_model_parallel_size"]
-          * o["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size"])
+    mp = (
+        o["actor_rollout_ref.actor.megatron.tensor_model_parallel_size"]
+        * o["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size"]
+    )
     assert n_gpus % mp == 0
     minimal = n_gpus // mp * o["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"]
     assert o["data.train_batch_size"] * o["actor_rollout_ref.rollout.n"] % minimal == 0
@@ -118,16 +176,33 @@ def test_verl_resource_pools() -> None:
     assert any("strided" in n for n in split.notes)  # generation tp 2 x micro_dp 4
     apart = _verl_overrides(REWARD_APART)  # reward alone: verl's own reward pool, no mapping
     assert apart["reward.reward_model.enable_resource_pool"] == "true"
-    assert (apart["reward.reward_model.nnodes"], apart["reward.reward_model.n_gpus_per_node"]) == ("4", "8")
+    assert (apart["reward.reward_model.nnodes"], apart["reward.reward_model.n_gpus_per_node"]) == (
+        "4",
+        "8",
+    )
     assert (apart["trainer.nnodes"], apart["trainer.n_gpus_per_node"]) == ("12", "8")
     assert export(REWARD_APART, "verl").extra == ""
-    ref_apart = _plan([
-        {"models": ["critic", "reference"], "gpus": 64,
-         "layouts": {"critic": {"train": _lay(2, 4, 8)}, "reference": {"infer": _lay(1, 4, 16)}}},
-        {"models": ["actor", "reward"], "gpus": 64,
-         "layouts": {"actor": ACTOR, "reward": {"infer": _lay(1, 4, 16)}}}])
+    ref_apart = _plan(
+        [
+            {
+                "models": ["critic", "reference"],
+                "gpus": 64,
+                "layouts": {
+                    "critic": {"train": _lay(2, 4, 8)},
+                    "reference": {"infer": _lay(1, 4, 16)},
+                },
+            },
+            {
+                "models": ["actor", "reward"],
+                "gpus": 64,
+                "layouts": {"actor": ACTOR, "reward": {"infer": _lay(1, 4, 16)}},
+            },
+        ]
+    )
     exp = export(ref_apart, "verl")
-    assert "Role.RefPolicy: 'pool_0'" in exp.extra and "Role.ActorRollout: 'global_pool'" in exp.extra
+    assert (
+        "Role.RefPolicy: 'pool_0'" in exp.extra and "Role.ActorRollout: 'global_pool'" in exp.extra
+    )
     assert any("stand-alone Role.RefPolicy" in n for n in exp.notes)
     one = export(ALL_IN_ONE, "verl")
     assert one.extra == "" and "reward.reward_model.enable_resource_pool=true" not in one.render()
@@ -198,10 +273,13 @@ def test_openrlhf_pipeline_layouts_become_zero3() -> None:
     assert any("ZeRO-3" in n for n in exp.notes)
 
 
-@pytest.mark.parametrize("plan, message", [
-    (SPLIT, "colocate_all"),
-    (_without_critic(ALL_IN_ONE, "remax"), "no remax trainer"),
-])
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        (SPLIT, "colocate_all"),
+        (_without_critic(ALL_IN_ONE, "remax"), "no remax trainer"),
+    ],
+)
 def test_openrlhf_rejects_what_it_cannot_express(plan: dict, message: str) -> None:
     with pytest.raises(ExportError, match=message):
         export_plan(plan, "openrlhf")
@@ -212,8 +290,9 @@ def test_openrlhf_grpo_needs_several_samples() -> None:
     one["job"]["n_samples"] = 1  # no plan has it: the job refuses it before OpenRLHF's check
     with pytest.raises(UserError, match="n_samples >= 2"):
         export_plan(one, "openrlhf")
-    ns = parse_command(_command_words(export_plan(GRPO, "openrlhf"),
-                                      "python3 -m openrlhf.cli.train_ppo_ray"))
+    ns = parse_command(
+        _command_words(export_plan(GRPO, "openrlhf"), "python3 -m openrlhf.cli.train_ppo_ray")
+    )
     setattr(ns, "rollout.n_samples_per_prompt", 1)
     with pytest.raises(ExportError, match="more than one sample"):
         check_constraints(ns)
@@ -227,14 +306,20 @@ def test_scripts_are_valid_bash(fmt: str) -> None:
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda p: p.pop("sets"), "expected keys"),
-    (lambda p: p["sets"][0].update(gpus=0), "positive integer"),
-    (lambda p: p["sets"][0]["models"].append("critic"), "distinct roles"),
-    (lambda p: p["sets"][0]["layouts"]["actor"].pop("generate"), "needs layouts train, generate"),
-    (lambda p: p["sets"][0]["layouts"]["actor"]["train"].update(tp=16), "uses 256 GPUs"),
-    (lambda p: p["job"].update(algorithm="dpo"), "unknown algorithm"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p: p.pop("sets"), "expected keys"),
+        (lambda p: p["sets"][0].update(gpus=0), "positive integer"),
+        (lambda p: p["sets"][0]["models"].append("critic"), "distinct roles"),
+        (
+            lambda p: p["sets"][0]["layouts"]["actor"].pop("generate"),
+            "needs layouts train, generate",
+        ),
+        (lambda p: p["sets"][0]["layouts"]["actor"]["train"].update(tp=16), "uses 256 GPUs"),
+        (lambda p: p["job"].update(algorithm="dpo"), "unknown algorithm"),
+    ],
+)
 def test_bad_plans_get_one_clear_error(mutate, message: str) -> None:
     """An export validates a plan dict as every plan is (hybridflow.plan), once."""
     plan = copy.deepcopy(ALL_IN_ONE)
@@ -248,7 +333,9 @@ def test_unknown_format() -> None:
         export_plan(ALL_IN_ONE, "deepspeed-chat")
 
 
-@pytest.mark.parametrize("gpus, per_node, expected", [
-    (64, 8, (8, 8)), (4, 8, (1, 4)), (12, 8, (2, 6)), (8, 8, (1, 8)), (24, 4, (6, 4))])
+@pytest.mark.parametrize(
+    "gpus, per_node, expected",
+    [(64, 8, (8, 8)), (4, 8, (1, 4)), (12, 8, (2, 6)), (8, 8, (1, 8)), (24, 4, (6, 4))],
+)
 def test_node_split(gpus: int, per_node: int, expected: tuple[int, int]) -> None:
     assert node_split(gpus, per_node) == expected

@@ -1,13 +1,14 @@
 """Exports of plans the planner makes (not hand-written): every standard placement."""
+
 from __future__ import annotations
 
 import shlex
 
 import pytest
 
-from hybridflow.planner.search import plan_job, standard_placements
 from hybridflow.planner.export import ExportError, export
 from hybridflow.planner.export_refdata import load_verl_reference
+from hybridflow.planner.search import plan_job, standard_placements
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
 
@@ -31,12 +32,18 @@ def test_planner_plans_export_to_verl_keys(plans: dict[str, dict]) -> None:
         assert all(k in ref["key_set"] or k in ref["group_overrides"] for k in keys), name
         values = dict(a.split("=", 1) for a in exp.args)
         actor_set = next(s for s in plan["sets"] if "actor" in s["models"])
-        assert int(values["trainer.nnodes"]) * int(values["trainer.n_gpus_per_node"]) == actor_set["gpus"]
+        assert (
+            int(values["trainer.nnodes"]) * int(values["trainer.n_gpus_per_node"])
+            == actor_set["gpus"]
+        )
         train = actor_set["layouts"]["actor"]["train"]
-        assert values["actor_rollout_ref.actor.megatron.tensor_model_parallel_size"] == str(train["tp"])
+        assert values["actor_rollout_ref.actor.megatron.tensor_model_parallel_size"] == str(
+            train["tp"]
+        )
         # a pool mapping exactly when a role other than the reward model leaves the actor's set
-        needs_mapping = any(s["models"] != ["reward"] for s in plan["sets"]
-                            if "actor" not in s["models"])
+        needs_mapping = any(
+            s["models"] != ["reward"] for s in plan["sets"] if "actor" not in s["models"]
+        )
         assert bool(exp.extra) == needs_mapping, name
         shlex.split(exp.render(), comments=True)  # well-formed shell words
 

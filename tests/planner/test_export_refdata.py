@@ -1,14 +1,20 @@
 """The extraction of the reference lists, on small stand-in wheels, and the committed lists."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from hybridflow.planner.export_refdata import (RefDataError, load_openrlhf_reference, load_verl_reference,
-                                    openrlhf_args, verl_keys)
+from hybridflow.planner.export_refdata import (
+    RefDataError,
+    load_openrlhf_reference,
+    load_verl_reference,
+    openrlhf_args,
+    verl_keys,
+)
 
-SCRIPT = '''import argparse
+SCRIPT = """import argparse
 from datetime import datetime
 
 def train(args):
@@ -24,7 +30,7 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt.max_mem", type=float, default=float("inf"))
     args = parser.parse_args()
     train(args)
-'''
+"""
 
 
 def test_openrlhf_extraction(tmp_path: Path) -> None:
@@ -35,12 +41,24 @@ def test_openrlhf_extraction(tmp_path: Path) -> None:
     data = openrlhf_args(tmp_path)
     assert data["version"] == "9.9.9"
     by_dest = {a["dest"]: a for a in data["arguments"]}
-    assert set(by_dest) == {"actor.num_nodes", "train.colocate_all", "actor.adam.betas",
-                            "critic.adam.betas", "algo.advantage.estimator", "ckpt.max_mem"}
+    assert set(by_dest) == {
+        "actor.num_nodes",
+        "train.colocate_all",
+        "actor.adam.betas",
+        "critic.adam.betas",
+        "algo.advantage.estimator",
+        "ckpt.max_mem",
+    }
     assert by_dest["train.colocate_all"]["action"] == "store_true"
     assert by_dest["critic.adam.betas"] == {
-        "flags": ["--critic.adam.betas"], "dest": "critic.adam.betas", "action": "store",
-        "type": "float", "nargs": 2, "choices": None, "default": [0.9, 0.95]}
+        "flags": ["--critic.adam.betas"],
+        "dest": "critic.adam.betas",
+        "action": "store",
+        "type": "float",
+        "nargs": 2,
+        "choices": None,
+        "default": [0.9, 0.95],
+    }
     assert by_dest["algo.advantage.estimator"]["choices"] == ["gae", "rloo"]
     assert by_dest["ckpt.max_mem"]["default"] == "inf"
 
@@ -50,14 +68,21 @@ def test_verl_extraction(tmp_path: Path) -> None:
     (cfg / "model_engine").mkdir(parents=True)
     (cfg / "model_engine/megatron.yaml").write_text("{}\n")
     (cfg / "_generated_ppo_megatron_trainer.yaml").write_text(
-        "trainer:\n  nnodes: 1\nactor_rollout_ref:\n  rollout:\n    'n': 1\n    x: ${oc.select:a,1}\n")
+        "trainer:\n  nnodes: 1\nactor_rollout_ref:\n"
+        "  rollout:\n    'n': 1\n    x: ${oc.select:a,1}\n"
+    )
     (tmp_path / "verl/version").mkdir()
     (tmp_path / "verl/version/version").write_text("9.9.9\n")
     data = verl_keys(tmp_path)
     assert data["version"] == "9.9.9" and data["group_overrides"] == {"model_engine": ["megatron"]}
-    assert data["keys"] == ["actor_rollout_ref", "actor_rollout_ref.rollout",
-                            "actor_rollout_ref.rollout.n", "actor_rollout_ref.rollout.x",
-                            "trainer", "trainer.nnodes"]
+    assert data["keys"] == [
+        "actor_rollout_ref",
+        "actor_rollout_ref.rollout",
+        "actor_rollout_ref.rollout.n",
+        "actor_rollout_ref.rollout.x",
+        "trainer",
+        "trainer.nnodes",
+    ]
 
 
 def test_missing_sources(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """Exports of plans with a rule reward (no reward model) and of mixture-of-experts plans (ep)."""
+
 from __future__ import annotations
 
 import copy
@@ -7,10 +8,10 @@ import pytest
 
 from hybridflow.errors import UserError
 from hybridflow.planner.export import export
-from hybridflow.planner.search import plan_job
 from hybridflow.planner.export_openrlhf import check_constraints, parse_command
 from hybridflow.planner.export_refdata import load_verl_reference
 from hybridflow.planner.export_view import parse_plan
+from hybridflow.planner.search import plan_job
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
 
@@ -20,22 +21,52 @@ def _lay(pp: int, tp: int, dp: int, ep: int = 1) -> dict:
 
 
 def _plan(models: dict, sets: list[dict]) -> dict:
-    return {"version": 1, "cluster": {"gpu": "h100-80gb", "nodes": 2, "gpus_per_node": 8},
-            "job": {"algorithm": "grpo", "models": models, "prompt_len": 1024,
-                    "response_len": 4096, "global_batch": 256, "mini_batches": 4,
-                    "n_samples": 8},
-            "sets": sets, "predicted": {"iteration_s": 80.0, "tokens_per_s": 20000.0}}
+    return {
+        "version": 1,
+        "cluster": {"gpu": "h100-80gb", "nodes": 2, "gpus_per_node": 8},
+        "job": {
+            "algorithm": "grpo",
+            "models": models,
+            "prompt_len": 1024,
+            "response_len": 4096,
+            "global_batch": 256,
+            "mini_batches": 4,
+            "n_samples": 8,
+        },
+        "sets": sets,
+        "predicted": {"iteration_s": 80.0, "tokens_per_s": 20000.0},
+    }
 
 
-RULE = _plan({"actor": "qwen2.5-7b", "reference": "qwen2.5-7b", "reward": "rule"}, [
-    {"models": ["actor", "reference"], "gpus": 16,
-     "layouts": {"actor": {"train": _lay(1, 2, 8), "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
-                 "reference": {"infer": _lay(1, 2, 8)}}}])
-MOE = _plan({"actor": "qwen3-30b-a3b", "reference": "qwen3-30b-a3b", "reward": "rule"}, [
-    {"models": ["actor", "reference"], "gpus": 16,
-     "layouts": {"actor": {"train": _lay(1, 2, 8, ep=4),
-                           "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
-                 "reference": {"infer": _lay(1, 1, 16, ep=8)}}}])
+RULE = _plan(
+    {"actor": "qwen2.5-7b", "reference": "qwen2.5-7b", "reward": "rule"},
+    [
+        {
+            "models": ["actor", "reference"],
+            "gpus": 16,
+            "layouts": {
+                "actor": {"train": _lay(1, 2, 8), "generate": {"pp": 1, "tp": 2, "micro_dp": 1}},
+                "reference": {"infer": _lay(1, 2, 8)},
+            },
+        }
+    ],
+)
+MOE = _plan(
+    {"actor": "qwen3-30b-a3b", "reference": "qwen3-30b-a3b", "reward": "rule"},
+    [
+        {
+            "models": ["actor", "reference"],
+            "gpus": 16,
+            "layouts": {
+                "actor": {
+                    "train": _lay(1, 2, 8, ep=4),
+                    "generate": {"pp": 1, "tp": 2, "micro_dp": 1},
+                },
+                "reference": {"infer": _lay(1, 1, 16, ep=8)},
+            },
+        }
+    ],
+)
 
 
 def _verl(plan: dict) -> dict[str, str]:
@@ -79,11 +110,14 @@ def _place_the_rule(p: dict) -> None:
     p["sets"][0]["layouts"]["reward"] = {"infer": _lay(1, 2, 8)}
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (_place_the_rule, "reward is a rule"),
-    (lambda p: p["job"]["models"].update(reference="rule"), "reference cannot be a rule"),
-    (lambda p: p["job"]["models"].update(reward="qwen2.5-7b"), "missing reward"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_place_the_rule, "reward is a rule"),
+        (lambda p: p["job"]["models"].update(reference="rule"), "reference cannot be a rule"),
+        (lambda p: p["job"]["models"].update(reward="qwen2.5-7b"), "missing reward"),
+    ],
+)
 def test_rule_plans_that_cannot_be_exported(mutate, message: str) -> None:
     plan = copy.deepcopy(RULE)
     mutate(plan)
@@ -103,7 +137,10 @@ def test_verl_carries_expert_parallelism() -> None:
     assert o["actor_rollout_ref.rollout.data_parallel_size"] == "4"
     assert any("expert parallelism 4" in n for n in export(MOE, "verl").notes)
     dense = _verl(RULE)
-    assert not any("expert" in k for k in dense) and "actor_rollout_ref.rollout.data_parallel_size" not in dense
+    assert (
+        not any("expert" in k for k in dense)
+        and "actor_rollout_ref.rollout.data_parallel_size" not in dense
+    )
 
 
 def test_openrlhf_notes_it_has_no_expert_parallelism() -> None:

@@ -1,11 +1,12 @@
 """Mixture-of-experts jobs: compute follows active parameters, memory follows total
 parameters split over ep ranks, expert-parallel all-to-all and gradient reduction by hand,
 plan JSON's optional "ep", and the planner's search over ep (CP-SAT == brute force)."""
+
 import dataclasses
 
 import pytest
 
-from tests.planner.brute import brute_force_best
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.plan import Plan
 from hybridflow.planner.search import Planner, plan_job
 from hybridflow.planner.tables import _expert_degrees, _pareto
@@ -13,10 +14,10 @@ from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import collective
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.moe import alltoall_seconds, touched_fraction
 from hybridflow.simulator.profile import load_profile
 from hybridflow.simulator.training import check_layout, resident_memory, role_params, train_cost
+from tests.planner.brute import brute_force_best
 
 A100 = load_profile("a100-80gb")
 THR = A100.peak_flops * A100.eff_matmul
@@ -29,15 +30,19 @@ def test_layout_ep_key_is_optional():
     assert ParallelLayout(1, 2, 4, 2).to_dict() == {"pp": 1, "tp": 2, "dp": 4, "ep": 2}
     assert ParallelLayout.from_dict({"pp": 1, "tp": 2, "dp": 4}).ep == 1
     assert ParallelLayout.from_dict({"pp": 1, "tp": 2, "dp": 4, "ep": 4}).ep == 4
-    for bad in ({"pp": 1, "tp": 2, "dp": 4, "ep": 3}, {"pp": 1, "tp": 2, "dp": 4, "xp": 2},
-                {"pp": 1, "tp": 2, "dp": 4, "ep": 0}):
+    for bad in (
+        {"pp": 1, "tp": 2, "dp": 4, "ep": 3},
+        {"pp": 1, "tp": 2, "dp": 4, "xp": 2},
+        {"pp": 1, "tp": 2, "dp": 4, "ep": 0},
+    ):
         with pytest.raises(LayoutError):
             ParallelLayout.from_dict(bad)
     with pytest.raises(LayoutError, match="experts"):
         check_layout(Job.create("grpo", "tiny", 64, 64, 8), "actor", ParallelLayout(1, 1, 2, 2))
     with pytest.raises(LayoutError, match="experts"):
-        check_layout(Job.create("grpo", "qwen3-30b-a3b", 64, 64, 64), "actor",
-                     ParallelLayout(1, 1, 6, 3))
+        check_layout(
+            Job.create("grpo", "qwen3-30b-a3b", 64, 64, 64), "actor", ParallelLayout(1, 1, 6, 3)
+        )
     assert _expert_degrees(128, 24) == [1, 2, 4, 8] and _expert_degrees(0, 16) == [1]
 
 
@@ -47,8 +52,9 @@ def test_memory_follows_total_params_over_ep():
     for ep in (1, 2, 4):
         shard = (SPEC.params - routed + routed // ep) / 2  # tp 2
         assert role_params(JOB, "actor", ep) == SPEC.params - routed + routed // ep
-        assert resident_memory(JOB, "actor", ParallelLayout(1, 2, 4, ep)).as_dict() == \
-            pytest.approx({"weights": 2 * shard, "grads": 4 * shard, "adam": 12 * shard})
+        assert resident_memory(
+            JOB, "actor", ParallelLayout(1, 2, 4, ep)
+        ).as_dict() == pytest.approx({"weights": 2 * shard, "grads": 4 * shard, "adam": 12 * shard})
 
 
 def test_train_cost_by_hand_with_ep():
@@ -66,8 +72,10 @@ def test_train_cost_by_hand_with_ep():
     # non-expert gradients over dp=4 ranks, each rank's experts over dp/ep=2 ranks
     shard = role_params(JOB, "actor", 2) / 2
     experts = SPEC.routed_expert_params / 2 / 2
-    grad = collective(A100, "all_reduce", 4 * (shard - experts), 4, True)[0] + \
-        collective(A100, "all_reduce", 4 * experts, 2, True)[0]
+    grad = (
+        collective(A100, "all_reduce", 4 * (shard - experts), 4, True)[0]
+        + collective(A100, "all_reduce", 4 * experts, 2, True)[0]
+    )
     assert t["dp_grad_reduce"] == pytest.approx(2 * grad)
     assert "ep_alltoall" not in train_cost(JOB, "actor", ParallelLayout(1, 2, 4), A100, 8).as_dict()
 
@@ -81,7 +89,8 @@ def test_generation_uses_the_training_expert_split():
     t = generation_cost(JOB, gen, shape, 1, A100, 8).as_dict()
     untouched = shape.expert_bytes * (1 - touched_fraction(SPEC, 1 * 4))
     assert t["decode_weights"] == pytest.approx(
-        64 * (shape.weight_bytes - untouched) / (A100.hbm_bandwidth * A100.eff_memory))
+        64 * (shape.weight_bytes - untouched) / (A100.hbm_bandwidth * A100.eff_memory)
+    )
     assert t["ep_alltoall"] > 0
 
 
@@ -96,8 +105,10 @@ def test_pareto_equals_the_quadratic_definition():
 
     rng = random.Random(3)
     for _ in range(500):
-        cs = [C(rng.randint(0, 5), rng.randint(0, 5), rng.randint(0, 5))
-              for _ in range(rng.randint(0, 20))]
+        cs = [
+            C(rng.randint(0, 5), rng.randint(0, 5), rng.randint(0, 5))
+            for _ in range(rng.randint(0, 20))
+        ]
         slow = []
         for c in sorted(cs, key=lambda c: (c.total, c.resident, c.transient)):
             if not any(k.resident <= c.resident and k.transient <= c.transient for k in slow):
@@ -114,14 +125,20 @@ def test_moe_planner_equals_brute_force(gpus):
     best = plan_job(cluster, job, small)[0]
     exhaustive = brute_force_best(cluster, job, small)
     assert best.predicted["iteration_s"] == pytest.approx(exhaustive[0], rel=1e-6)
-    assert any(lay.ep > 1 for s in best.sets for kinds in s.layouts.values()
-               for lay in kinds.values() if isinstance(lay, ParallelLayout))
+    assert any(
+        lay.ep > 1
+        for s in best.sets
+        for kinds in s.layouts.values()
+        for lay in kinds.values()
+        if isinstance(lay, ParallelLayout)
+    )
     assert Plan.from_dict(best.to_dict()).to_dict() == best.to_dict()
 
 
 def test_expert_parallelism_lets_a_big_moe_fit():
-    job = Job.create("grpo", "qwen3-235b-a22b", 1024, 2048, 64, n_samples=8, mini_batches=4,
-                     reward="rule")
+    job = Job.create(
+        "grpo", "qwen3-235b-a22b", 1024, 2048, 64, n_samples=8, mini_batches=4, reward="rule"
+    )
     planner = Planner(job, load_profile("h100-80gb"), 8)
     best = planner.plan(Cluster.from_gpus("h100-80gb", 256))[0]
     actor = best.set_of("actor").layouts["actor"]["train"]
@@ -132,8 +149,7 @@ def test_expert_parallelism_lets_a_big_moe_fit():
 
 
 def test_an_expert_parallel_group_waits_for_its_longest_response():
-    job = Job.create("grpo", "tiny-moe", 64, 256, 8, n_samples=2, mini_batches=2,
-                     response_mean=64)
+    job = Job.create("grpo", "tiny-moe", 64, 256, 8, n_samples=2, mini_batches=2, response_mean=64)
     gen = GenLayout(1, 1, 2)
     alone = gen_shape(job, ParallelLayout(1, 2, 4), gen, 16)
     grouped = gen_shape(job, ParallelLayout(1, 2, 4, 4), gen, 16)
@@ -142,9 +158,11 @@ def test_an_expert_parallel_group_waits_for_its_longest_response():
     hbm = A100.hbm_bandwidth * A100.eff_memory
     # one token reads its 2 of 8 experts; a group of 4 reads more of them
     skip = alone.expert_bytes * (1 - touched_fraction(SPEC, 1))
-    assert a["decode_weights"] == pytest.approx(job.lengths.expected_max(1) *
-                                                (alone.weight_bytes - skip) / hbm)
+    assert a["decode_weights"] == pytest.approx(
+        job.lengths.expected_max(1) * (alone.weight_bytes - skip) / hbm
+    )
     untouched = grouped.expert_bytes * (1 - touched_fraction(SPEC, 4))
-    assert g["decode_weights"] == pytest.approx(job.lengths.expected_max(4) *
-                                                (grouped.weight_bytes - untouched) / hbm)
+    assert g["decode_weights"] == pytest.approx(
+        job.lengths.expected_max(4) * (grouped.weight_bytes - untouched) / hbm
+    )
     assert job.lengths.expected_max(4) > job.lengths.expected_max(1)

@@ -1,19 +1,17 @@
 """Rule-based rewards and costs: a function on the controller's CPU, no GPUs, no memory."""
-import dataclasses
+
 import json
 
 import pytest
 
-from tests.conftest import A100, A100_24GIB
-
 from hybridflow.cli.main import main
-from tests.planner.brute import brute_force_best
 from hybridflow.plan import Plan, PlanError
 from hybridflow.planner.search import plan_job, standard_placements
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
 from hybridflow.simulator.predict import predict_plan
-from hybridflow.simulator.profile import load_profile
+from tests.conftest import A100_24GIB
+from tests.planner.brute import brute_force_best
 
 SMALL = A100_24GIB
 
@@ -36,8 +34,9 @@ def test_rule_roles_have_no_model():
 def test_a_rule_reward_costs_no_gpus():
     cluster = Cluster.from_gpus("a100-80gb", 8)
     model = Job.create("grpo", "qwen2.5-3b", 256, 256, 8, n_samples=4)
-    rule = Job.create("grpo", "qwen2.5-3b", 256, 256, 8, n_samples=4, reward="rule",
-                      rule_cpu_s=0.01)
+    rule = Job.create(
+        "grpo", "qwen2.5-3b", 256, 256, 8, n_samples=4, reward="rule", rule_cpu_s=0.01
+    )
     best = plan_job(cluster, rule, SMALL)[0]
     placed = [r for s in best.sets for r in s.models]
     assert sorted(placed) == ["actor", "reference"]
@@ -53,8 +52,7 @@ def test_a_rule_reward_costs_no_gpus():
 
 def test_rule_time_joins_the_prepare_stage_as_a_set_would():
     # a slow rule dominates prepare; CP-SAT's choice still equals brute force
-    job = Job.create("grpo", "qwen2.5-3b", 256, 256, 8, n_samples=4, reward="rule",
-                     rule_cpu_s=0.5)
+    job = Job.create("grpo", "qwen2.5-3b", 256, 256, 8, n_samples=4, reward="rule", rule_cpu_s=0.5)
     cluster = Cluster.from_gpus("a100-80gb", 8)
     best = plan_job(cluster, job, SMALL)[0]
     exhaustive = brute_force_best(cluster, job, SMALL)
@@ -66,8 +64,7 @@ def test_rule_time_joins_the_prepare_stage_as_a_set_would():
 
 
 def test_plan_json_with_a_rule(tmp_path):
-    job = Job.create("safe-rlhf", "tiny", 64, 64, 8, reward="rule", cost="rule",
-                     rule_cpu_s=0.002)
+    job = Job.create("safe-rlhf", "tiny", 64, 64, 8, reward="rule", cost="rule", rule_cpu_s=0.002)
     plan = plan_job(Cluster("local-cpu", 1, 4), job)[0]
     d = plan.to_dict()
     assert d["job"]["models"]["reward"] == "rule" and d["job"]["rule_cpu_s"] == 0.002
@@ -76,20 +73,39 @@ def test_plan_json_with_a_rule(tmp_path):
     d["sets"][0]["layouts"]["reward"] = {"infer": {"pp": 1, "tp": 1, "dp": d["sets"][0]["gpus"]}}
     with pytest.raises(PlanError, match="reward is a rule"):
         Plan.from_dict(d)
-    assert Job.create("grpo", "tiny", 64, 64, 8, reward="rule").to_dict()["models"]["reward"] \
-        == "rule" and "rule_cpu_s" not in Job.create("grpo", "tiny", 64, 64, 8,
-                                                      reward="rule").to_dict()
+    assert (
+        Job.create("grpo", "tiny", 64, 64, 8, reward="rule").to_dict()["models"]["reward"] == "rule"
+        and "rule_cpu_s" not in Job.create("grpo", "tiny", 64, 64, 8, reward="rule").to_dict()
+    )
     assert RULE_CPU_S > 0
 
 
 def test_cli_reward_rule(capsys, tmp_path):
-    tiny = ["--gpu", "local-cpu", "--gpus", "4", "--model", "tiny", "--prompt-len", "64",
-            "--response-len", "64", "--batch", "8", "--mini-batches", "2"]
+    tiny = [
+        "--gpu",
+        "local-cpu",
+        "--gpus",
+        "4",
+        "--model",
+        "tiny",
+        "--prompt-len",
+        "64",
+        "--response-len",
+        "64",
+        "--batch",
+        "8",
+        "--mini-batches",
+        "2",
+    ]
     path = tmp_path / "plan.json"
-    assert main(["plan", *tiny, "--algorithm", "grpo", "--reward", "rule", "--out",
-                 str(path)]) == 0
-    assert "reward" not in capsys.readouterr().out.split("Standard placements")[0] \
-        .split("Best plan")[1].split("stages")[0]
+    assert main(["plan", *tiny, "--algorithm", "grpo", "--reward", "rule", "--out", str(path)]) == 0
+    assert (
+        "reward"
+        not in capsys.readouterr()
+        .out.split("Standard placements")[0]
+        .split("Best plan")[1]
+        .split("stages")[0]
+    )
     assert main(["simulate", str(path)]) == 0
     assert "rule_cpu" in capsys.readouterr().out
     assert main(["plan", *tiny, "--critic", "rule"]) == 2

@@ -1,14 +1,12 @@
 """The planner: CP-SAT's choice equals brute force on every job here (<= 32 GPUs), the
 chosen plan's prediction equals the search objective, infeasible jobs name the GPU count
 that would fit."""
+
 import dataclasses
 import json
 
 import pytest
 
-from tests.conftest import A100, A100_24GIB
-
-from tests.planner.brute import brute_force_best
 from hybridflow.plan import Plan
 from hybridflow.planner.cpsat import brute_force, greedy, solve
 from hybridflow.planner.search import Planner, plan_job, set_partitions, standard_placements
@@ -17,14 +15,28 @@ from hybridflow.simulator.costs import DoesNotFit
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.predict import predict_plan
 from hybridflow.simulator.profile import load_profile
+from tests.conftest import A100, A100_24GIB
+from tests.planner.brute import brute_force_best
 
 SMALL = A100_24GIB  # forces splits and model parallelism
 
 JOBS = [  # (job, profile, GPUs)
     (Job.create("ppo", "qwen2.5-1.5b", 256, 256, 32, mini_batches=2), A100, 8),
     (Job.create("ppo", "llama-2-7b", 512, 512, 32, mini_batches=2), SMALL, 16),
-    (Job.create("ppo", "llama-2-13b", 512, 512, 32, mini_batches=2, critic="llama-2-7b",
-                reward="llama-2-7b"), SMALL, 32),
+    (
+        Job.create(
+            "ppo",
+            "llama-2-13b",
+            512,
+            512,
+            32,
+            mini_batches=2,
+            critic="llama-2-7b",
+            reward="llama-2-7b",
+        ),
+        SMALL,
+        32,
+    ),
     (Job.create("grpo", "qwen2.5-3b", 256, 256, 8, n_samples=4), SMALL, 8),
     (Job.create("remax", "qwen2.5-0.5b", 256, 256, 16), SMALL, 4),
 ]
@@ -65,11 +77,11 @@ def test_planner_equals_exhaustive_search(job, profile, gpus):
     assert best.predicted["iteration_s"] == pytest.approx(exhaustive[0], rel=1e-6, abs=1e-5)
     # the plan file carries what its prediction needs: read back from JSON, the plan
     # predicts the objective the search ranked it by (the allocation's sum of stage maxima)
-    objective = Planner(job, profile, cluster.gpus_per_node).candidates(gpus, 1)[0] \
-        .solution.objective
+    objective = (
+        Planner(job, profile, cluster.gpus_per_node).candidates(gpus, 1)[0].solution.objective
+    )
     loaded = Plan.from_dict(json.loads(json.dumps(best.to_dict())))
-    assert predict_plan(loaded, profile).iteration_s == \
-        pytest.approx(objective, rel=1e-6, abs=1e-5)
+    assert predict_plan(loaded, profile).iteration_s == pytest.approx(objective, rel=1e-6, abs=1e-5)
     assert best.gpus <= gpus
 
 
@@ -115,7 +127,11 @@ def test_tables_are_reused_across_cluster_sizes():
 def test_pruned_set_tables_equal_exhaustive():
     job, profile, _ = JOBS[2]
     planner = Planner(job, profile, 8)
-    for roles in [("actor", "reference"), ("actor", "critic", "reference", "reward"), ("critic", "reward")]:
+    for roles in [
+        ("actor", "reference"),
+        ("actor", "critic", "reference", "reward"),
+        ("critic", "reward"),
+    ]:
         for n in (8, 16, 32):
             a = planner.tables.best_set(roles, n)
             b = planner.tables.best_set(roles, n, prune=False)
@@ -131,8 +147,9 @@ def test_shared_host_plans_rank_by_the_prediction(factors):
     every placement's best allocation first), not of the sum of stage maxima."""
     prof = load_profile("local-cpu")
     if factors is not None:  # ranks time-slice the cores: concurrency never pays
-        prof = dataclasses.replace(prof, overheads=dataclasses.replace(prof.overheads,
-                                                                       sharing=factors))
+        prof = dataclasses.replace(
+            prof, overheads=dataclasses.replace(prof.overheads, sharing=factors)
+        )
     job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
     cluster = Cluster.from_gpus("local-cpu", 4, 4)
     planner = Planner(job, prof, 4, max_gen_pp=1)

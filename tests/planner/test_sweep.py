@@ -1,4 +1,5 @@
 """The sweep against the planner: its best plan at each count is `plan_job` at that count."""
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,36 @@ def test_best_at_each_count_equals_plan_job(swept) -> None:
         assert row.plan == alone
         assert row.tokens_per_s == alone["predicted"]["tokens_per_s"]
         standard = standard_placements(cluster, JOB, profile)
-        assert row.standard == {k: p.to_dict()["predicted"]["tokens_per_s"]
-                                for k, p in standard.items()}
+        assert row.standard == {
+            k: p.to_dict()["predicted"]["tokens_per_s"] for k, p in standard.items()
+        }
 
 
 def test_cli_sweep_writes_table_csv_png(tmp_path: Path, capsys) -> None:
-    code = main(["sweep", "--gpu", "a100-80gb", "--model", "llama-2-7b", "--prompt-len", "512",
-                 "--response-len", "512", "--batch", "256", "--mini-batches", "4",
-                 "--gpus", "4:16", "--target-tokens-per-s", "1", "--out", str(tmp_path), "--json"])
+    code = main(
+        [
+            "sweep",
+            "--gpu",
+            "a100-80gb",
+            "--model",
+            "llama-2-7b",
+            "--prompt-len",
+            "512",
+            "--response-len",
+            "512",
+            "--batch",
+            "256",
+            "--mini-batches",
+            "4",
+            "--gpus",
+            "4:16",
+            "--target-tokens-per-s",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     feasible = [r["gpus"] for r in data["rows"] if r["feasible"]]
@@ -54,16 +77,19 @@ def test_cli_sweep_writes_table_csv_png(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus", "0:8"], "--gpus must be LO:HI"),
-    (["--gpus", "9:15"], "no cluster size"),
-    (["--steps", "10"], "go together"),
-    (["--model", "no-such-model"], "no-such-model"),
-    (["--gpu", "no-such-gpu"], "no-such-gpu"),
-    (["--algorithm", "dpo"], "invalid choice"),
-    (["--job", "/nonexistent/job.yaml"], "does not exist"),
-    (["--model", ""], "give --model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpus", "0:8"], "--gpus must be LO:HI"),
+        (["--gpus", "9:15"], "no cluster size"),
+        (["--steps", "10"], "go together"),
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--gpu", "no-such-gpu"], "no-such-gpu"),
+        (["--algorithm", "dpo"], "invalid choice"),
+        (["--job", "/nonexistent/job.yaml"], "does not exist"),
+        (["--model", ""], "give --model"),
+    ],
+)
 def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys) -> None:
     flags = {"--gpu": "a100-80gb", "--model": "llama-2-7b", "--gpus": "8:8"}
     flags.update(zip(argv[::2], argv[1::2]))
@@ -79,17 +105,36 @@ def test_cli_user_errors_exit_2(argv: list[str], message: str, capsys) -> None:
 def test_cli_job_file(tmp_path: Path, capsys) -> None:
     job_file = tmp_path / "job.yaml"
     job_file.write_text(json.dumps(JOB.to_dict()))
-    assert main(["sweep", "--gpu", "a100-80gb", "--job", str(job_file), "--gpus", "8:8",
-                 "--json"]) == 0
+    assert (
+        main(["sweep", "--gpu", "a100-80gb", "--job", str(job_file), "--gpus", "8:8", "--json"])
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["job"] == JOB.to_dict() and data["rows"][0]["gpus"] == 8
 
 
 def test_cli_sweep_takes_the_plan_job_flags(capsys) -> None:
     """sweep and plan share the job flags (cli/jobargs.py): a rule reward and a length spread."""
-    flags = ["--model", "tiny", "--algorithm", "grpo", "--reward", "rule", "--prompt-len", "64",
-             "--response-len", "64", "--response-mean", "20", "--rule-cpu-s", "0.002",
-             "--batch", "8", "--mini-batches", "2"]
+    flags = [
+        "--model",
+        "tiny",
+        "--algorithm",
+        "grpo",
+        "--reward",
+        "rule",
+        "--prompt-len",
+        "64",
+        "--response-len",
+        "64",
+        "--response-mean",
+        "20",
+        "--rule-cpu-s",
+        "0.002",
+        "--batch",
+        "8",
+        "--mini-batches",
+        "2",
+    ]
     assert main(["sweep", "--gpu", "local-cpu", "--gpus", "4:4", *flags, "--json"]) == 0
     swept = json.loads(capsys.readouterr().out)
     assert swept["job"]["models"]["reward"] == "rule"
@@ -105,7 +150,22 @@ def test_plan_and_sweep_have_the_same_job_flags() -> None:
     def dests(cmd: str) -> set[str]:
         sub = build_parser([cmd])._subparsers._group_actions[0].choices[cmd]
         return {a.dest for a in sub._actions}
-    job = {"model", "critic", "reference", "reward", "cost", "algorithm", "prompt_len",
-           "response_len", "response_mean", "rule_cpu_s", "batch", "n_samples", "ppo_epochs",
-           "mini_batches", "job"}
+
+    job = {
+        "model",
+        "critic",
+        "reference",
+        "reward",
+        "cost",
+        "algorithm",
+        "prompt_len",
+        "response_len",
+        "response_mean",
+        "rule_cpu_s",
+        "batch",
+        "n_samples",
+        "ppo_epochs",
+        "mini_batches",
+        "job",
+    }
     assert job <= dests("plan") and job <= dests("sweep")

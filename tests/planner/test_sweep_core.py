@@ -1,4 +1,5 @@
 """The sweep's arithmetic on hand-made planner answers (no planner involved)."""
+
 from __future__ import annotations
 
 import csv
@@ -6,20 +7,38 @@ from pathlib import Path
 
 import pytest
 
-from hybridflow.planner.sweep import (Point, SweepError, Target, category, gpu_counts, parse_range,
-                           run_sweep)
+from hybridflow.planner.sweep import (
+    Point,
+    SweepError,
+    Target,
+    category,
+    gpu_counts,
+    parse_range,
+    run_sweep,
+)
 from hybridflow.report.sweep import table, to_json, write_outputs
 
-JOB = {"algorithm": "ppo", "models": {"actor": "llama-2-7b"}, "prompt_len": 1024,
-       "response_len": 1024, "global_batch": 1024}
+JOB = {
+    "algorithm": "ppo",
+    "models": {"actor": "llama-2-7b"},
+    "prompt_len": 1024,
+    "response_len": 1024,
+    "global_batch": 1024,
+}
 
 
-def _plan(sets: list[list[str]], gpus: int, tokens_per_s: float, iteration_s: float,
-          peak: float = 40.0) -> dict:
+def _plan(
+    sets: list[list[str]], gpus: int, tokens_per_s: float, iteration_s: float, peak: float = 40.0
+) -> dict:
     per = gpus // len(sets)
-    return {"sets": [{"models": s, "gpus": per} for s in sets],
-            "predicted": {"tokens_per_s": tokens_per_s, "iteration_s": iteration_s,
-                          "peak_memory_gib": {"actor": peak, "critic": peak / 2}}}
+    return {
+        "sets": [{"models": s, "gpus": per} for s in sets],
+        "predicted": {
+            "tokens_per_s": tokens_per_s,
+            "iteration_s": iteration_s,
+            "peak_memory_gib": {"actor": peak, "critic": peak / 2},
+        },
+    }
 
 
 ALL = [["actor", "critic", "reference", "reward"]]
@@ -52,15 +71,18 @@ def test_derived_columns_by_hand() -> None:
     assert rows[1].peak_memory_gib == 40.0
 
 
-@pytest.mark.parametrize("target, smallest", [
-    (Target(tokens_per_s=1800.0), 32),      # 32 GPUs give exactly 1800
-    (Target(tokens_per_s=1800.1), 64),
-    (Target(tokens_per_s=5000.0), None),
-    # 500 steps in 100 h = 720 s/step: 32 GPUs take 1165 s, 64 take 699 s
-    (Target(steps=500, deadline_hours=100.0), 64),
-    (Target(steps=500, deadline_hours=162.0), 32),  # 500 x 1165.084 s = 161.8 h
-    (Target(tokens_per_s=3500.0, steps=500, deadline_hours=162.0), 128),
-])
+@pytest.mark.parametrize(
+    "target, smallest",
+    [
+        (Target(tokens_per_s=1800.0), 32),  # 32 GPUs give exactly 1800
+        (Target(tokens_per_s=1800.1), 64),
+        (Target(tokens_per_s=5000.0), None),
+        # 500 steps in 100 h = 720 s/step: 32 GPUs take 1165 s, 64 take 699 s
+        (Target(steps=500, deadline_hours=100.0), 64),
+        (Target(steps=500, deadline_hours=162.0), 32),  # 500 x 1165.084 s = 161.8 h
+        (Target(tokens_per_s=3500.0, steps=500, deadline_hours=162.0), 128),
+    ],
+)
 def test_smallest_count_meeting_target(target: Target, smallest: int | None) -> None:
     result = _sweep(target)
     mark = result.smallest_meeting_target
@@ -76,7 +98,13 @@ def test_outputs(tmp_path: Path) -> None:
     csv_path, png_path = write_outputs(result, tmp_path / "out")
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["gpus"] for r in rows] == ["8", "16", "32", "64", "128"]
-    assert [r["smallest_meeting_target"] for r in rows] == ["False", "False", "False", "True", "False"]
+    assert [r["smallest_meeting_target"] for r in rows] == [
+        "False",
+        "False",
+        "False",
+        "True",
+        "False",
+    ]
     assert rows[2]["split tokens_per_s"] == "1500.0" and rows[1]["split tokens_per_s"] == ""
     assert rows[0]["tokens_per_s"] == "" and rows[0]["reason"] == "needs at least 16 GPUs"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -85,12 +113,15 @@ def test_outputs(tmp_path: Path) -> None:
     assert to_json(result)["smallest_meeting_target"] == 64
 
 
-@pytest.mark.parametrize("lo, hi, per_node, expected", [
-    (1, 32, 8, [1, 2, 4, 8, 16, 24, 32]),
-    (8, 40, 8, [8, 16, 24, 32, 40]),
-    (2, 12, 4, [2, 4, 8, 12]),
-    (3, 7, 8, [4]),
-])
+@pytest.mark.parametrize(
+    "lo, hi, per_node, expected",
+    [
+        (1, 32, 8, [1, 2, 4, 8, 16, 24, 32]),
+        (8, 40, 8, [8, 16, 24, 32, 40]),
+        (2, 12, 4, [2, 4, 8, 12]),
+        (3, 7, 8, [4]),
+    ],
+)
 def test_gpu_counts(lo: int, hi: int, per_node: int, expected: list[int]) -> None:
     assert gpu_counts(lo, hi, per_node) == expected
 
@@ -112,6 +143,10 @@ def test_bad_targets_and_empty_range() -> None:
 
 
 def test_categories() -> None:
-    assert category(_plan([["actor"], ["critic"], ["reference"], ["reward"]], 32, 1, 1)) \
-        == "separate"
-    assert category(_plan([["actor", "critic"], ["reference", "reward"]], 32, 1, 1)) == "other (2 sets)"
+    assert (
+        category(_plan([["actor"], ["critic"], ["reference"], ["reward"]], 32, 1, 1)) == "separate"
+    )
+    assert (
+        category(_plan([["actor", "critic"], ["reference", "reward"]], 32, 1, 1))
+        == "other (2 sets)"
+    )

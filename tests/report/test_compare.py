@@ -1,5 +1,6 @@
 """`hybridflow report --compare`: the planner's plan against the standard placements and the
 resharding schemes, tabulated from the planner and simulator."""
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,23 @@ def test_hybridengine_reshards_no_slower_than_the_other_schemes(frames) -> None:
 
 def test_cli_compare_writes_report(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cmp"
-    assert cli_main(["report", "--compare", "--gpu", "a100-80gb", "--models", "llama-2-7b",
-                     "--gpus", "8", "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "report",
+                "--compare",
+                "--gpu",
+                "a100-80gb",
+                "--models",
+                "llama-2-7b",
+                "--gpus",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     for name in ("report.md", "compare.csv", "reshard.csv", "throughput.png", "reshard.png"):
         assert (out / name).stat().st_size > 0, name
     csv = pd.read_csv(out / "compare.csv")
@@ -63,18 +79,29 @@ def test_cli_compare_writes_report(tmp_path: Path, capsys) -> None:
     assert "## llama-2-7b" in md and "over separate" in md
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--models", "llama-9b"], "unknown model"),
-    (["--gpus", "12"], "not a whole number"),
-    (["--gpus", "8,x"], "comma-separated list of integers"),
-    (["--gpus", "0"], "positive"),
-    (["--gpu", "tpu-v9"], "unknown GPU kind"),
-    (["--algorithm", "dpo"], "unknown algorithm"),
-    (["some_run_dir"], "takes no RUN_DIR"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "llama-9b"], "unknown model"),
+        (["--gpus", "12"], "not a whole number"),
+        (["--gpus", "8,x"], "comma-separated list of integers"),
+        (["--gpus", "0"], "positive"),
+        (["--gpu", "tpu-v9"], "unknown GPU kind"),
+        (["--algorithm", "dpo"], "unknown algorithm"),
+        (["some_run_dir"], "takes no RUN_DIR"),
+    ],
+)
 def test_compare_bad_input(tmp_path: Path, capsys, argv, message) -> None:
-    base = ["report", "--compare", "--models", "llama-2-7b", "--gpus", "8",
-            "--out", str(tmp_path / "o")]
+    base = [
+        "report",
+        "--compare",
+        "--models",
+        "llama-2-7b",
+        "--gpus",
+        "8",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert cli_main(base + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -1,36 +1,56 @@
 """The per-call tables of a measured profile (`calls:`): parsing, the lookups, the named
 terms each predictor builds from them, and the analytic fallback (source "roofline")
 where they do not apply."""
+
 import pytest
 import yaml
 
 from hybridflow.executor.profiler.calls_grid import generation_configs, train_layouts
 from hybridflow.executor.profiler.calls_tables import _pool_by
+from hybridflow.layout import GenLayout, ParallelLayout
+from hybridflow.profiles import shipped
 from hybridflow.simulator.calls import parse_calls
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, ParallelLayout
 from hybridflow.simulator.model import load_model
-from hybridflow.profiles import shipped
 from hybridflow.simulator.profile import ProfileError, load_profile
 from hybridflow.simulator.reshard import reshard_cost
 from hybridflow.simulator.training import WEIGHT_BYTES, infer_cost, train_cost
 
 CALLS = {
-    "model": "tiny", "prompt_len": 16, "response_len": 8, "micro_batch": 8,
+    "model": "tiny",
+    "prompt_len": 16,
+    "response_len": 8,
+    "micro_batch": 8,
     "scheme": "hybridengine",
-    "forward": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.02},
-                {"ranks": 4, "tp": 1, "pp": 1, "sequences": 16, "seconds": 0.05}],
-    "train_step": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.10,
-                    "optimizer_s": 0.02},
-                   {"ranks": 4, "tp": 1, "pp": 1, "sequences": 8, "seconds": 0.14,
-                    "optimizer_s": 0.02}],
-    "generate": [{"ranks": 4, "tg": 1, "micro_dp": 1, "sequences": 8, "tokens": t,
-                  "seconds": s + 0.001, "vllm_s": s} for t, s in ((1, 0.03), (8, 0.10))],
+    "forward": [
+        {"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.02},
+        {"ranks": 4, "tp": 1, "pp": 1, "sequences": 16, "seconds": 0.05},
+    ],
+    "train_step": [
+        {"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.10, "optimizer_s": 0.02},
+        {"ranks": 4, "tp": 1, "pp": 1, "sequences": 8, "seconds": 0.14, "optimizer_s": 0.02},
+    ],
+    "generate": [
+        {
+            "ranks": 4,
+            "tg": 1,
+            "micro_dp": 1,
+            "sequences": 8,
+            "tokens": t,
+            "seconds": s + 0.001,
+            "vllm_s": s,
+        }
+        for t, s in ((1, 0.03), (8, 0.10))
+    ],
     "reshard": [{"ranks": 4, "tg": 1, "micro_dp": 1, "seconds": 0.15}],
-    "dispatch": {k: [{"ranks": 4, "sequences": 8, "seconds": 0.01},
-                     {"ranks": 4, "sequences": 32, "seconds": 0.02}]
-                 for k in ("forward", "train", "generate")},
+    "dispatch": {
+        k: [
+            {"ranks": 4, "sequences": 8, "seconds": 0.01},
+            {"ranks": 4, "sequences": 32, "seconds": 0.02},
+        ]
+        for k in ("forward", "train", "generate")
+    },
 }
 
 
@@ -50,10 +70,11 @@ def test_train_and_infer_terms_from_the_tables(tmp_path):
     prof = _profile(tmp_path)
     c = train_cost(JOB, "actor", DP4, prof, 8)
     # 2 optimizer steps of 16 / 4 = 4 sequences per DP rank; one call carrying 32
-    assert c.as_dict() == pytest.approx({"train_steps": 2 * 0.08, "optimizer_steps": 2 * 0.02,
-                                         "dispatch": 0.02})
+    assert c.as_dict() == pytest.approx(
+        {"train_steps": 2 * 0.08, "optimizer_steps": 2 * 0.02, "dispatch": 0.02}
+    )
     assert set(c.sources().values()) == {"measured"}
-    c = infer_cost(JOB, "critic", DP4, prof, 8, 32)   # 8 per DP rank: between 4 and 16
+    c = infer_cost(JOB, "critic", DP4, prof, 8, 32)  # 8 per DP rank: between 4 and 16
     assert c.as_dict() == pytest.approx({"forward_calls": 0.03, "dispatch": 0.02})
     remax = Job.create("remax", "tiny", 16, 8, 32)
     c = infer_cost(remax, "reward", DP4, prof, 8, 64)  # the greedy baseline: a second call
@@ -61,25 +82,34 @@ def test_train_and_infer_terms_from_the_tables(tmp_path):
 
 
 def test_value_models_read_their_own_rows(tmp_path):
-    value = {**CALLS,
-             "forward_value": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.04},
-                               {"ranks": 4, "tp": 1, "pp": 1, "sequences": 16,
-                                "seconds": 0.10}],
-             "train_step_value": [{"ranks": 4, "tp": 1, "pp": 1, "sequences": 4,
-                                   "seconds": 0.20, "optimizer_s": 0.05}]}
+    value = {
+        **CALLS,
+        "forward_value": [
+            {"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.04},
+            {"ranks": 4, "tp": 1, "pp": 1, "sequences": 16, "seconds": 0.10},
+        ],
+        "train_step_value": [
+            {"ranks": 4, "tp": 1, "pp": 1, "sequences": 4, "seconds": 0.20, "optimizer_s": 0.05}
+        ],
+    }
     prof = _profile(tmp_path, value)
     # the critic and the reward model read the value rows, the actor and reference the LM's
-    assert infer_cost(JOB, "reward", DP4, prof, 8, 32).as_dict()["forward_calls"] == \
-        pytest.approx(0.06)
-    assert infer_cost(JOB, "reference", DP4, prof, 8, 32).as_dict()["forward_calls"] == \
-        pytest.approx(0.03)
-    assert train_cost(JOB, "critic", DP4, prof, 8).as_dict()["optimizer_steps"] == \
-        pytest.approx(2 * 0.05)
-    assert train_cost(JOB, "actor", DP4, prof, 8).as_dict()["optimizer_steps"] == \
-        pytest.approx(2 * 0.02)
+    assert infer_cost(JOB, "reward", DP4, prof, 8, 32).as_dict()["forward_calls"] == pytest.approx(
+        0.06
+    )
+    assert infer_cost(JOB, "reference", DP4, prof, 8, 32).as_dict()[
+        "forward_calls"
+    ] == pytest.approx(0.03)
+    assert train_cost(JOB, "critic", DP4, prof, 8).as_dict()["optimizer_steps"] == pytest.approx(
+        2 * 0.05
+    )
+    assert train_cost(JOB, "actor", DP4, prof, 8).as_dict()["optimizer_steps"] == pytest.approx(
+        2 * 0.02
+    )
     # a profile without value rows: value models read the LM rows
     assert infer_cost(JOB, "reward", DP4, _profile(tmp_path), 8, 32).as_dict()[
-        "forward_calls"] == pytest.approx(0.03)
+        "forward_calls"
+    ] == pytest.approx(0.03)
 
 
 def test_generation_and_reshard_terms_from_the_tables(tmp_path):
@@ -87,22 +117,38 @@ def test_generation_and_reshard_terms_from_the_tables(tmp_path):
     gen = GenLayout(1, 1, 1)
     shape = gen_shape(JOB, DP4, gen, 32)
     c = generation_cost(JOB, gen, shape, 8, prof, 8)
-    assert c.as_dict() == pytest.approx({"vllm_first_token": 0.03, "vllm_decode": 0.07,
-                                         "micro_dp_gather": 0.001, "dispatch": 0.02})
+    assert c.as_dict() == pytest.approx(
+        {"vllm_first_token": 0.03, "vllm_decode": 0.07, "micro_dp_gather": 0.001, "dispatch": 0.02}
+    )
     bytes_ = WEIGHT_BYTES * load_model("tiny").params
-    assert reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8,
-                        model="tiny").as_dict() == {"reshard_calls": 0.15}
+    assert reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8, model="tiny").as_dict() == {
+        "reshard_calls": 0.15
+    }
     # another scheme, or another model: the analytic terms
     other = reshard_cost("allgather", bytes_, 1, 1, 4, 1, 1, prof, 8, model="tiny")
     assert "reshard_calls" not in other.as_dict()
-    assert "reshard_calls" not in reshard_cost("hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8,
-                                               model="tiny-gqa").as_dict()
+    assert (
+        "reshard_calls"
+        not in reshard_cost(
+            "hybridengine", bytes_, 1, 1, 4, 1, 1, prof, 8, model="tiny-gqa"
+        ).as_dict()
+    )
 
 
 def test_generation_pools_vllm_seconds_over_micro_dp(tmp_path):
     # micro-DP 2 rows: vLLM slower by noise (0.05 / 0.12 against 0.03 / 0.10), gather 0.004
-    mdp2 = [{"ranks": 4, "tg": 1, "micro_dp": 2, "sequences": 8, "tokens": t,
-             "seconds": s + 0.004, "vllm_s": s} for t, s in ((1, 0.05), (8, 0.12))]
+    mdp2 = [
+        {
+            "ranks": 4,
+            "tg": 1,
+            "micro_dp": 2,
+            "sequences": 8,
+            "tokens": t,
+            "seconds": s + 0.004,
+            "vllm_s": s,
+        }
+        for t, s in ((1, 0.05), (8, 0.12))
+    ]
     prof = _profile(tmp_path, {**CALLS, "generate": CALLS["generate"] + mdp2})
     shape = gen_shape(JOB, DP4, GenLayout(1, 1, 1), 32)
     for micro_dp, gather in ((1, 0.001), (2, 0.004)):
@@ -135,8 +181,10 @@ def test_fallback_to_analytic_where_no_row(tmp_path):
     other = Job.create("ppo", "tiny-wide", 16, 8, 32, mini_batches=2)
     assert "train_compute" in train_cost(other, "actor", DP4, prof, 8).as_dict()
     plain = load_profile("a100-80gb")  # a datasheet profile has no tables: as before
-    assert plain.calls.model == "" and "train_compute" in train_cost(JOB, "actor", DP4, plain,
-                                                                     8).as_dict()
+    assert (
+        plain.calls.model == ""
+        and "train_compute" in train_cost(JOB, "actor", DP4, plain, 8).as_dict()
+    )
 
 
 def test_malformed_calls_are_profile_errors(tmp_path):
@@ -155,10 +203,17 @@ def test_profiler_layouts_and_aggregation():
     assert train_layouts(tiny, 4) == [(1, 1, 4), (1, 2, 2), (2, 1, 2), (2, 2, 1), (4, 1, 1)]
     assert train_layouts(tiny, 2) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
     # each (generation tp, micro-DP) of 4 devices once
-    assert sorted((g, t // g) for t, g in generation_configs(tiny, 4)) == \
-        [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
-    rows = [{"ranks": 2, "tg": 1, "seconds": s} for s in (0.3, 0.1, 0.2)] + \
-        [{"ranks": 4, "tg": 1, "seconds": 0.5}]
+    assert sorted((g, t // g) for t, g in generation_configs(tiny, 4)) == [
+        (1, 1),
+        (1, 2),
+        (1, 4),
+        (2, 1),
+        (2, 2),
+        (4, 1),
+    ]
+    rows = [{"ranks": 2, "tg": 1, "seconds": s} for s in (0.3, 0.1, 0.2)] + [
+        {"ranks": 4, "tg": 1, "seconds": 0.5}
+    ]
     got = _pool_by(rows, ("ranks", "tg"))
     assert [(r["ranks"], r["tg"]) for r in got] == [(2, 1), (4, 1)]
     assert [r["seconds"] for r in got] == pytest.approx([0.2, 0.5])
@@ -171,6 +226,7 @@ def test_profiler_layouts_and_aggregation():
 def test_profiler_one_group_per_size_training_beside_the_first_engine():
     from hybridflow.executor.profiler.calls import _groups
     from hybridflow.executor.profiler.calls_grid import CallsGrid
+
     groups = _groups(CallsGrid(group_sizes=(1, 4)), load_model("tiny"))
     names = [(k, [d for d, _ in steps]) for k, steps in groups]
     assert [k for k, _ in names] == [1, 4]  # one worker group (k processes) per set size
@@ -184,23 +240,34 @@ def test_profiler_one_group_per_size_training_beside_the_first_engine():
     # engine's generation layouts, with that engine still alive
     assert len(train_layouts(load_model("tiny"), 4)) == 5
     assert four[:2] == ["generate tp1,2,4->tg1 on 4", "train/forward, 5 layouts on 4"]
-    assert four[2:] == ["generate tp2->tg2 on 4", "generate tp4->tg2 on 4",
-                        "generate tp4->tg4 on 4"]
+    assert four[2:] == [
+        "generate tp2->tg2 on 4",
+        "generate tp4->tg2 on 4",
+        "generate tp4->tg4 on 4",
+    ]
 
 
 def test_remax_greedy_generation_reshards_again(tmp_path):
     from types import SimpleNamespace
 
-    from hybridflow.simulator.cluster import Cluster
     from hybridflow.plan import PlacedSet
+    from hybridflow.simulator.cluster import Cluster
     from hybridflow.simulator.predict import predict_plan
+
     prof = _profile(tmp_path)
     remax = Job.create("remax", "tiny", 16, 8, 32)
-    s = PlacedSet(("actor", "reference", "reward"), 4,
-                  {"actor": {"train": DP4, "generate": GenLayout(1, 1, 1)},
-                   "reference": {"infer": DP4}, "reward": {"infer": DP4}})
-    pred = predict_plan(SimpleNamespace(cluster=Cluster("a100-80gb", 1, 8), job=remax,
-                                        sets=(s,)), prof)
+    s = PlacedSet(
+        ("actor", "reference", "reward"),
+        4,
+        {
+            "actor": {"train": DP4, "generate": GenLayout(1, 1, 1)},
+            "reference": {"infer": DP4},
+            "reward": {"infer": DP4},
+        },
+    )
+    pred = predict_plan(
+        SimpleNamespace(cluster=Cluster("a100-80gb", 1, 8), job=remax, sets=(s,)), prof
+    )
     actor = pred.to_dict()["terms"]["actor"]
     assert actor["reshard"] == pytest.approx({"reshard_calls": 0.15, "greedy_reshard": 0.15})
     assert "greedy_reshard" not in actor["generate"]
@@ -211,8 +278,9 @@ def test_other_lengths_read_the_rows_at_the_same_token_work(tmp_path):
     prof = _profile(tmp_path)
     longer = Job.create("ppo", "tiny", 32, 16, 32, mini_batches=2)  # twice the tokens
     # 4 sequences of 48 tokens per DP rank and step: the row at 8 of 24
-    assert train_cost(longer, "actor", DP4, prof, 8).as_dict()["train_steps"] == \
-        pytest.approx(2 * 0.12)
+    assert train_cost(longer, "actor", DP4, prof, 8).as_dict()["train_steps"] == pytest.approx(
+        2 * 0.12
+    )
 
 
 def test_profile_worker_clocks_each_part_once():
@@ -256,11 +324,14 @@ def test_profile_worker_clocks_each_part_once():
 
 def test_profiler_rows_keep_the_mean_and_never_decrease():
     from hybridflow.executor.profiler.calls_tables import _monotone, isotonic
+
     assert isotonic([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert isotonic([3.0, 1.0]) == [2.0, 2.0]
     assert isotonic([1.0, 4.0, 2.0, 0.0, 5.0]) == pytest.approx([1.0, 2.0, 2.0, 2.0, 5.0])
-    rows = [{"ranks": 1, "sequences": s, "seconds": v} for s, v in ((4, 0.1), (8, 0.5),
-                                                                     (16, 0.3), (32, 0.6))]
+    rows = [
+        {"ranks": 1, "sequences": s, "seconds": v}
+        for s, v in ((4, 0.1), (8, 0.5), (16, 0.3), (32, 0.6))
+    ]
     fixed = _monotone(rows, ("ranks",), ("seconds",))
     # the slow row at 8 and the fast one at 16 pooled into their mean, not clamped down
     assert [r["seconds"] for r in fixed] == pytest.approx([0.1, 0.4, 0.4, 0.6])
@@ -275,6 +346,7 @@ def test_profiler_rows_keep_the_mean_and_never_decrease():
 
 def test_profiler_sweeps_every_group_again():
     from hybridflow.executor.profiler.calls_grid import CallsGrid
+
     with pytest.raises(ValueError, match="sweeps"):
         CallsGrid(sweeps=0)
     one, two = CallsGrid(), CallsGrid(sweeps=2)

@@ -1,26 +1,31 @@
 """Each cost and memory term against values computed by hand from the architecture and
 the a100-80gb datasheet numbers."""
+
 import math
 
 import pytest
 
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.costs import DoesNotFit, collective
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.profile import load_profile
-from hybridflow.simulator.reshard import (redundant_bytes, reshard_bytes_per_rank, reshard_cost,
-                               reshard_peak_bytes)
+from hybridflow.simulator.reshard import (
+    redundant_bytes,
+    reshard_bytes_per_rank,
+    reshard_cost,
+    reshard_peak_bytes,
+)
 from hybridflow.simulator.training import infer_cost, resident_memory, stage_memory, train_cost
 
 A100 = load_profile("a100-80gb")
-FLOPS = 312e12 * 0.5          # peak bf16 x matmul efficiency
-NVLINK = 300e9 * 0.7          # per direction x communication efficiency
+FLOPS = 312e12 * 0.5  # peak bf16 x matmul efficiency
+NVLINK = 300e9 * 0.7  # per direction x communication efficiency
 HBM = 2.039e12 * 0.8
 LAT = 1e-5
 # llama-2-7b: 32 layers, hidden 4096, ffn 11008, vocab 32000, 32 heads
 L, H, FFN, V = 32, 4096, 11008, 32000
-P = 32000 * 4096 * 2 + 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+P = 32000 * 4096 * 2 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
 
 
 def fwd_flops(ctx: int) -> float:
@@ -42,12 +47,12 @@ def test_params_and_flops_match_the_architecture(job):
 def test_train_terms(job):
     lay = ParallelLayout(pp=2, tp=2, dp=2)
     t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
-    micro, steps = 16 // (2 * 2), 2          # sequences per dp rank per mini-batch; updates
+    micro, steps = 16 // (2 * 2), 2  # sequences per dp rank per mini-batch; updates
     seq = 1024
     comp = steps * micro * seq * 3 * fwd_flops(512) / 4 / FLOPS
     assert t["train_compute"] == pytest.approx(comp)
-    act = seq * H * 2                      # bf16 activations of one micro-batch
-    ar = 2 * LAT + act / NVLINK            # ring all-reduce over 2 ranks
+    act = seq * H * 2  # bf16 activations of one micro-batch
+    ar = 2 * LAT + act / NVLINK  # ring all-reduce over 2 ranks
     tp = steps * micro * (L // 2) * 4 * ar  # 2 fwd + 2 bwd all-reduces per layer
     assert t["tp_allreduce"] == pytest.approx(tp)
     assert t["pp_p2p"] == pytest.approx(steps * micro * 2 * (LAT + act / NVLINK))
@@ -59,7 +64,7 @@ def test_train_terms(job):
 
 
 def test_inter_node_groups_use_the_nic(job):
-    lay = ParallelLayout(pp=1, tp=8, dp=2)      # dp group spans 16 ranks: two nodes
+    lay = ParallelLayout(pp=1, tp=8, dp=2)  # dp group spans 16 ranks: two nodes
     t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
     shard = P / 8
     assert t["dp_grad_reduce"] == pytest.approx(2 * (2 * LAT + 4 * shard / (25e9 * 0.7)))
@@ -80,7 +85,7 @@ def test_memory_terms(job):
     assert res == pytest.approx({"weights": 2 * P / 4, "grads": 4 * P / 4, "adam": 12 * P / 4})
     assert resident_memory(job, "reference", lay).as_dict() == pytest.approx({"weights": 2 * P / 4})
     tr = stage_memory(job, "actor", lay, "train").as_dict()
-    in_flight = min(2, 4)                  # 1F1B: up to pp micro-batches on stage 0
+    in_flight = min(2, 4)  # 1F1B: up to pp micro-batches on stage 0
     assert tr["activations"] == pytest.approx(L / 2 * 34 * H / 2 * 1024 * in_flight)
     assert tr["logits"] == pytest.approx(2 * 1024 * V / 2 * 4)
     assert "logits" not in stage_memory(job, "critic", lay, "infer").as_dict()
@@ -89,12 +94,12 @@ def test_memory_terms(job):
 def test_generation_terms_and_waves(job):
     train, gen = ParallelLayout(1, 2, 4), GenLayout(1, 1, 2)
     shape = gen_shape(job, train, gen, 16)
-    assert shape.sequences == 2                        # 16 sequences over 4 x 2 replicas
-    kv_seq = 2 * L * H * 2 * 1024                      # K and V, bf16, full length
+    assert shape.sequences == 2  # 16 sequences over 4 x 2 replicas
+    kv_seq = 2 * L * H * 2 * 1024  # K and V, bf16, full length
     assert shape.kv_bytes_per_seq == kv_seq
-    assert shape.in_flight(1.5 * kv_seq) == 1          # room for one sequence: 2 waves
+    assert shape.in_flight(1.5 * kv_seq) == 1  # room for one sequence: 2 waves
     t = generation_cost(job, gen, shape, 1, A100, 8).as_dict()
-    weights = 2 * P / HBM                              # one read of all weights per step
+    weights = 2 * P / HBM  # one read of all weights per step
     assert t["decode_weights"] == pytest.approx(512 * weights)
     assert t["kv_waves"] == pytest.approx((2 - 1) * 512 * weights)
     assert t["decode_kv"] == pytest.approx(2 * 512 * kv_seq / 1024 * (512 + 256) / HBM)
@@ -133,14 +138,19 @@ def test_table2_volumes_paper_example():
 @pytest.mark.parametrize("p,t,d,pg,tg", [(2, 8, 4, 1, 2), (4, 4, 1, 2, 1), (1, 8, 16, 1, 8)])
 def test_table2_formulas(p, t, d, pg, tg):
     M = 7e9
-    assert reshard_bytes_per_rank("hybridengine", M, p, t, d, pg, tg) == \
-        pytest.approx((t * p - tg * pg) / (tg * pg * t * p) * M)
-    assert reshard_bytes_per_rank("hybridengine-v", M, p, t, d, pg, tg) == pytest.approx((t * p - 1) / (t * p) * M)
-    assert reshard_bytes_per_rank("allgather", M, p, t, d, pg, tg) == \
-        pytest.approx((t * p * d - 1) / (t * p * d) * M)
+    assert reshard_bytes_per_rank("hybridengine", M, p, t, d, pg, tg) == pytest.approx(
+        (t * p - tg * pg) / (tg * pg * t * p) * M
+    )
+    assert reshard_bytes_per_rank("hybridengine-v", M, p, t, d, pg, tg) == pytest.approx(
+        (t * p - 1) / (t * p) * M
+    )
+    assert reshard_bytes_per_rank("allgather", M, p, t, d, pg, tg) == pytest.approx(
+        (t * p * d - 1) / (t * p * d) * M
+    )
     # zero redundancy: each rank receives exactly its generation shard minus its training shard
-    assert reshard_bytes_per_rank("hybridengine", M, p, t, d, pg, tg) == \
-        pytest.approx(M / (tg * pg) - M / (t * p))
+    assert reshard_bytes_per_rank("hybridengine", M, p, t, d, pg, tg) == pytest.approx(
+        M / (tg * pg) - M / (t * p)
+    )
 
 
 def test_reshard_time_is_one_micro_dp_allgather():
@@ -149,8 +159,10 @@ def test_reshard_time_is_one_micro_dp_allgather():
     # micro-DP groups of 2 consecutive ranks; each receives M/4
     assert c["reshard_allgather"] == pytest.approx(LAT + (M / 4) / NVLINK)
     full = reshard_cost("allgather", M, 1, 8, 4, 1, 2, A100, 8, model="tiny").as_dict()
-    r = 32                                   # every rank, across 4 nodes
-    assert full["reshard_allgather"] == pytest.approx((r - 1) * LAT + (r - 1) / r * M / (25e9 * 0.7))
+    r = 32  # every rank, across 4 nodes
+    assert full["reshard_allgather"] == pytest.approx(
+        (r - 1) * LAT + (r - 1) / r * M / (25e9 * 0.7)
+    )
 
 
 def test_bad_reshard_inputs():

@@ -1,34 +1,53 @@
 """The simulator's terms for a measured CPU profile: ranks sharing the host's cores, the
 controller's per-call dispatch, the resharding barriers; each against hand-computed values."""
+
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from hybridflow.layout import GenLayout, ParallelLayout
+from hybridflow.plan import PlacedSet
+from hybridflow.profiles import shipped
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
-from hybridflow.layout import GenLayout, ParallelLayout
-from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import fluid_finish, predict_plan, predict_set
-from hybridflow.profiles import shipped
 from hybridflow.simulator.profile import ProfileError, load_profile
 from hybridflow.simulator.reshard import reshard_cost
 from hybridflow.simulator.training import DISPATCH_FIELDS, infer_cost, train_cost
 
-SHARING = {"host_cores": 2, "threads_per_rank": 1,
-           "slowdown": [{"ranks": 1, "factor": 1.0}, {"ranks": 2, "factor": 1.5},
-                        {"ranks": 4, "factor": 2.0}]}
-DISPATCH = {"actors": 4, "call_s": 0.003,
-            "transfer": [{"bytes": 1000, "seconds": 0.004}, {"bytes": 1001000, "seconds": 0.024}]}
+SHARING = {
+    "host_cores": 2,
+    "threads_per_rank": 1,
+    "slowdown": [
+        {"ranks": 1, "factor": 1.0},
+        {"ranks": 2, "factor": 1.5},
+        {"ranks": 4, "factor": 2.0},
+    ],
+}
+DISPATCH = {
+    "actors": 4,
+    "call_s": 0.003,
+    "transfer": [{"bytes": 1000, "seconds": 0.004}, {"bytes": 1001000, "seconds": 0.024}],
+}
 MEASURED = {
     "matmul": [{"m": 64, "n": 64, "k": 64, "seconds": 1e-4}],
-    "collectives": {"all_reduce": [{"ranks": 4, "bytes": 4096, "seconds": 0.002},
-                                   {"ranks": 4, "bytes": 409600, "seconds": 0.01}],
-                    "all_gather": [{"ranks": 2, "bytes": 4096, "seconds": 0.001},
-                                   {"ranks": 2, "bytes": 4096000, "seconds": 0.011}]},
-    "generate": {"model": "tiny", "prefill": [{"batch": 1, "tokens": 16, "seconds": 0.01}],
-                 "decode": [{"batch": 8, "context": 16, "seconds": 0.004}]},
+    "collectives": {
+        "all_reduce": [
+            {"ranks": 4, "bytes": 4096, "seconds": 0.002},
+            {"ranks": 4, "bytes": 409600, "seconds": 0.01},
+        ],
+        "all_gather": [
+            {"ranks": 2, "bytes": 4096, "seconds": 0.001},
+            {"ranks": 2, "bytes": 4096000, "seconds": 0.011},
+        ],
+    },
+    "generate": {
+        "model": "tiny",
+        "prefill": [{"batch": 1, "tokens": 16, "seconds": 0.01}],
+        "decode": [{"batch": 8, "context": 16, "seconds": 0.004}],
+    },
     "train_layer": {"model": "tiny", "points": [{"tokens": 24, "seconds": 0.002}]},
 }
 
@@ -73,8 +92,9 @@ def test_dispatch_term_per_call(prof):
     c = train_cost(job, "actor", lay, prof, 4)
     assert c.as_dict()["dispatch"] == pytest.approx(want) and c.sources()["dispatch"] == "measured"
     nbytes = 32 * 24 * 8 * DISPATCH_FIELDS["infer"]
-    assert infer_cost(job, "reward", lay, prof, 4, 32).as_dict()["dispatch"] == \
-        pytest.approx(0.004 + 0.02 * (nbytes - 1000) / 1e6)
+    assert infer_cost(job, "reward", lay, prof, 4, 32).as_dict()["dispatch"] == pytest.approx(
+        0.004 + 0.02 * (nbytes - 1000) / 1e6
+    )
 
 
 def test_generation_dispatch_counts_remax_greedy_call(prof):
@@ -131,10 +151,14 @@ def test_fluid_core_sharing():
 def test_predict_plan_shares_cores_between_concurrent_sets(prof):
     job = Job.create("ppo", "tiny", 16, 8, 32, mini_batches=2)
     lay = ParallelLayout(1, 1, 2)
-    a = PlacedSet(("actor", "reward"), 2, {"actor": {"train": lay, "generate": GenLayout(1, 1, 1)},
-                                           "reward": {"infer": lay}})
-    b = PlacedSet(("critic", "reference"), 2, {"critic": {"train": lay},
-                                               "reference": {"infer": lay}})
+    a = PlacedSet(
+        ("actor", "reward"),
+        2,
+        {"actor": {"train": lay, "generate": GenLayout(1, 1, 1)}, "reward": {"infer": lay}},
+    )
+    b = PlacedSet(
+        ("critic", "reference"), 2, {"critic": {"train": lay}, "reference": {"infer": lay}}
+    )
     pred = predict_plan(_plan(job, a, b), prof)
     two = prof.shared(2)  # each set alone keeps its own 2 ranks busy
     alone = (predict_set(job, a, two, 4), predict_set(job, b, two, 4))
@@ -143,8 +167,9 @@ def test_predict_plan_shares_cores_between_concurrent_sets(prof):
     assert "core_sharing" not in pred.to_dict()["terms"]["actor"]["generate"]
     # prepare and train: both sets at once, 4 ranks at 2.0 where each alone ran at 1.5
     for st in ("prepare", "train"):
-        want = fluid_finish([s.stage_seconds(st) for s in alone], [2, 2],
-                            prof.overheads.slowdown, 4)
+        want = fluid_finish(
+            [s.stage_seconds(st) for s in alone], [2, 2], prof.overheads.slowdown, 4
+        )
         assert pred.stages[st] == pytest.approx(max(want))
         assert pred.stages[st] > max(s.stage_seconds(st) for s in alone)
     terms = pred.to_dict()["terms"]

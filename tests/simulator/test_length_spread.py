@@ -1,26 +1,33 @@
 """Response-length spread: generation follows each wave's longest response (stragglers),
 training and inference follow the tokens really produced."""
+
 import json
 
 import pytest
 
 from hybridflow.cli.main import main
-from hybridflow.plan import Plan
+from hybridflow.layout import GenLayout, ParallelLayout
+from hybridflow.plan import PlacedSet, Plan
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.generation import decode_steps, gen_shape, generation_cost
 from hybridflow.simulator.job import Job, JobError
-from hybridflow.layout import GenLayout, ParallelLayout
 from hybridflow.simulator.lengths import LengthError
-from hybridflow.plan import PlacedSet
 from hybridflow.simulator.predict import predict_plan
 from hybridflow.simulator.profile import load_profile
 
 A100 = load_profile("a100-80gb")
 HBM = A100.hbm_bandwidth * A100.eff_memory
-SETS = (PlacedSet(("actor", "reference", "reward"), 8,
-                  {"actor": {"train": ParallelLayout(1, 2, 4), "generate": GenLayout(1, 1, 2)},
-                   "reference": {"infer": ParallelLayout(1, 1, 8)},
-                   "reward": {"infer": ParallelLayout(1, 1, 8)}}),)
+SETS = (
+    PlacedSet(
+        ("actor", "reference", "reward"),
+        8,
+        {
+            "actor": {"train": ParallelLayout(1, 2, 4), "generate": GenLayout(1, 1, 2)},
+            "reference": {"infer": ParallelLayout(1, 1, 8)},
+            "reward": {"infer": ParallelLayout(1, 1, 8)},
+        },
+    ),
+)
 
 
 def _plan(job):
@@ -29,8 +36,7 @@ def _plan(job):
 
 def test_wide_spread_generates_longer_than_the_same_mean():
     fixed = Job.create("grpo", "qwen2.5-1.5b", 512, 1024, 64, n_samples=4)
-    spread = Job.create("grpo", "qwen2.5-1.5b", 512, 16384, 64, n_samples=4,
-                        response_mean=1024)
+    spread = Job.create("grpo", "qwen2.5-1.5b", 512, 16384, 64, n_samples=4, response_mean=1024)
     a, b = predict_plan(_plan(fixed), A100), predict_plan(_plan(spread), A100)
     assert b.stages["generate"] > 2 * a.stages["generate"]
     # training and scoring follow the tokens produced: the same mean, the same seconds
@@ -40,8 +46,7 @@ def test_wide_spread_generates_longer_than_the_same_mean():
 
 
 def test_predicted_says_which_lengths_it_used():
-    spread = Job.create("grpo", "qwen2.5-1.5b", 512, 16384, 64, n_samples=4,
-                        response_mean=1024)
+    spread = Job.create("grpo", "qwen2.5-1.5b", 512, 16384, 64, n_samples=4, response_mean=1024)
     d = predict_plan(_plan(spread), A100).to_dict()
     used = d["response_tokens"]
     assert used["train"] == used["prepare"] == {"basis": "mean", "tokens": 1024.0}
@@ -56,7 +61,7 @@ def test_predicted_says_which_lengths_it_used():
 def test_generation_terms_with_spread_by_hand():
     job = Job.create("grpo", "qwen2.5-0.5b", 256, 1000, 4, n_samples=4, response_mean=500)
     train, gen = ParallelLayout(1, 1, 4), GenLayout(1, 1, 1)
-    shape = gen_shape(job, train, gen, 16)            # 4 sequences per replica
+    shape = gen_shape(job, train, gen, 16)  # 4 sequences per replica
     t = generation_cost(job, gen, shape, 2, A100, 8).as_dict()
     # F(x) = x / 1000 (a = 1): a wave of 2 lasts E[max] = 1000 * 2 / 3 steps
     assert decode_steps(job, 4, 2) == (2, pytest.approx(2000 / 3), pytest.approx(4000 / 3))
@@ -64,7 +69,7 @@ def test_generation_terms_with_spread_by_hand():
     assert t["decode_weights"] == pytest.approx(2000 / 3 * weights)
     assert t["kv_waves"] == pytest.approx(2000 / 3 * weights)
     kv_token = shape.kv_bytes_per_seq / (256 + 1000)  # cache bytes of one token
-    mean_sq = 1000 ** 2 / 3
+    mean_sq = 1000**2 / 3
     assert t["decode_kv"] == pytest.approx(4 * (256 * 500 + mean_sq / 2) * kv_token / HBM)
     assert t["step_overhead"] == pytest.approx(4000 / 3 * A100.step_overhead_s)
 
@@ -86,10 +91,21 @@ def test_job_json_keeps_the_spread(tmp_path):
 
 
 def test_cli_response_mean(capsys, tmp_path):
-    tiny = ["--gpu", "local-cpu", "--gpus", "4", "--model", "tiny", "--prompt-len", "64",
-            "--batch", "8", "--mini-batches", "2"]
-    assert main(["plan", *tiny, "--response-len", "256", "--response-mean", "64",
-                 "--json"]) == 0
+    tiny = [
+        "--gpu",
+        "local-cpu",
+        "--gpus",
+        "4",
+        "--model",
+        "tiny",
+        "--prompt-len",
+        "64",
+        "--batch",
+        "8",
+        "--mini-batches",
+        "2",
+    ]
+    assert main(["plan", *tiny, "--response-len", "256", "--response-mean", "64", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["job"]["response_mean"] == 64.0
     assert plan["predicted"]["response_tokens"]["train"]["tokens"] == 64.0

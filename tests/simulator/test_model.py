@@ -1,4 +1,5 @@
 """Dense model catalog: exact parameter counts, FLOPs and KV bytes by hand, bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import json
 import pytest
 
 from hybridflow.simulator.architecture import ModelError, ModelSpec
-
 from hybridflow.simulator.model import CATALOG, load_model
 
 # Parameter counts of the Hugging Face safetensors checkpoints (model pages' "Model size").
@@ -52,8 +52,17 @@ def test_ep_on_a_dense_model() -> None:
         m.params_per_ep_rank(2)
 
 
-@pytest.mark.parametrize("field,value", [("layers", 0), ("hidden", -1), ("heads", 2.5),
-                                          ("ffn", True), ("experts", -2), ("kv_heads", 3)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("layers", 0),
+        ("hidden", -1),
+        ("heads", 2.5),
+        ("ffn", True),
+        ("experts", -2),
+        ("kv_heads", 3),
+    ],
+)
 def test_bad_fields(field: str, value: object) -> None:
     kw = dict(name="x", layers=2, hidden=128, heads=4, kv_heads=4, ffn=352, vocab=512)
     kw[field] = value
