@@ -52,17 +52,23 @@ class PlacedSet:
             main = lay.get("train") or lay["infer"]
             main.check(self.gpus)
             if "generate" in lay:
-                lay["generate"].check(self.gpus, lay["train"])
+                gen, train = lay["generate"], lay["train"]
+                assert isinstance(gen, GenLayout) and isinstance(train, ParallelLayout)
+                gen.check(self.gpus, train)
             frozen[role] = MappingProxyType(lay)
         object.__setattr__(self, "layouts", MappingProxyType(frozen))
 
     def layout(self, role: str) -> ParallelLayout:
         """The role's train/infer layout."""
         lay = self.layouts[role]
-        return lay.get("train") or lay["infer"]
+        main = lay.get("train") or lay["infer"]
+        assert isinstance(main, ParallelLayout), f"{role}: not a train/infer layout"
+        return main
 
     def generation(self) -> GenLayout:
-        return self.layouts["actor"]["generate"]
+        gen = self.layouts["actor"]["generate"]
+        assert isinstance(gen, GenLayout), "actor: not a generation layout"
+        return gen
 
     def to_dict(self) -> dict:
         return {
@@ -137,6 +143,12 @@ class Plan:
 
     def set_of(self, role: str) -> PlacedSet:
         return next(s for s in self.sets if role in s.models)
+
+    @property
+    def prediction(self) -> dict:
+        """`predicted` of a plan that has one (every plan the planner returns)."""
+        assert self.predicted is not None, "the plan has no prediction"
+        return self.predicted
 
     def with_prediction(self, predicted: dict) -> Plan:
         return Plan(self.cluster, self.job, self.sets, predicted, self.version)

@@ -43,7 +43,7 @@ def _check_expressible(v: PlanView) -> None:
             f"the vLLM engines on GPUs of their own; export the all-colocated standard placement "
             f"or use --export verl"
         )
-    gen = v.roles["actor"].generate
+    gen = v.roles["actor"].generation
     if gen.pp > 1:
         raise ExportError(
             f"OpenRLHF's vLLM engines take a tensor-parallel size only; this plan "
@@ -82,7 +82,7 @@ def _deepspeed(v: PlanView) -> tuple[list[str], list[str]]:
 
 def _placement(v: PlanView) -> list[str]:
     nodes, per_node = node_split(v.set_gpus[0], v.gpus_per_node)
-    gen = v.roles["actor"].generate
+    gen = v.roles["actor"].generation
     args = [
         "--train.colocate_all",
         "--vllm.enable_sleep",

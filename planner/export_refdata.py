@@ -78,7 +78,7 @@ def _parser_statements(tree: ast.Module) -> list[ast.stmt]:
     """The statements of the ``__main__`` block up to ``parser.parse_args()``."""
     for node in tree.body:
         if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-            body = []
+            body: list[ast.stmt] = []
             for stmt in node.body:
                 if "parse_args" in ast.unparse(stmt):
                     return body

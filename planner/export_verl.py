@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 
+from hybridflow.layout import ParallelLayout
 from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference
 from hybridflow.planner.export_view import (
@@ -47,7 +48,7 @@ def _model_path(role: RoleView) -> tuple[str, tuple[str, str] | None]:
 RULE_FN_VAR = "REWARD_FN_PATH"
 
 
-def _megatron(prefix: str, layout) -> dict[str, object]:
+def _megatron(prefix: str, layout: ParallelLayout) -> dict[str, object]:
     o: dict[str, object] = {
         f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
         f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp,
@@ -80,15 +81,15 @@ def _check_dp_split(v: PlanView, role: RoleView, sequences: int, what: str) -> N
 
 
 def _roles(v: PlanView) -> dict[str, object]:
-    actor, gen = v.roles["actor"], v.roles["actor"].generate
+    actor, gen = v.roles["actor"], v.roles["actor"].generation
     o: dict[str, object] = {"model_engine": "megatron"}
-    o |= _megatron("actor_rollout_ref.actor", actor.train)
+    o |= _megatron("actor_rollout_ref.actor", actor.training)
     o |= {
         "actor_rollout_ref.rollout.name": "vllm",
         "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
         "actor_rollout_ref.rollout.pipeline_model_parallel_size": gen.pp,
     }
-    o |= _vllm_ep("actor_rollout_ref.rollout", gen.tp, actor.train.ep)
+    o |= _vllm_ep("actor_rollout_ref.rollout", gen.tp, actor.training.ep)
     ref, critic, reward = v.role("reference"), v.role("critic"), v.role("reward")
     if ref is not None:
         o |= _megatron("actor_rollout_ref.ref", ref.compute)
@@ -220,7 +221,7 @@ def _notes(v: PlanView) -> list[str]:
         f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator predicts; "
         f"larger ones may be faster where memory allows"
     ]
-    gen = v.roles["actor"].generate
+    gen = v.roles["actor"].generation
     if gen.tp > 1 and gen.micro_dp > 1:
         notes.append(
             f"generation TP groups: verl's vLLM rollout takes consecutive ranks "
@@ -247,12 +248,12 @@ def _notes(v: PlanView) -> list[str]:
             f"the {name} {what} with expert parallelism {ep} (megatron "
             f"expert_model_parallel_size, experts split further by its tp)"
         )
-    if actor.train.ep > 1:
+    if actor.training.ep > 1:
         notes.append(
             f"generation: vLLM splits the experts over each engine's tp {gen.tp} x "
-            f"dp {actor.train.ep} GPUs (rollout.expert_parallel_size "
-            f"{gen.tp * actor.train.ep}), the same share per GPU as the plan's "
-            f"ep {actor.train.ep} x tp {gen.tp}; its attention runs data-parallel"
+            f"dp {actor.training.ep} GPUs (rollout.expert_parallel_size "
+            f"{gen.tp * actor.training.ep}), the same share per GPU as the plan's "
+            f"ep {actor.training.ep} x tp {gen.tp}; its attention runs data-parallel"
         )
     if reward is not None:
         notes.append(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from hybridflow.errors import UserError
 from hybridflow.layout import GenLayout, ParallelLayout
-from hybridflow.plan import Plan
+from hybridflow.plan import PlacedSet, Plan
 from hybridflow.vocab import Kind
 
 MICRO_BATCH = 1  # sequences per micro-batch: what the simulator predicts with
@@ -36,6 +36,18 @@ class RoleView:
         layout = self.train or self.infer
         assert layout is not None, "a placed role has a train or infer layout"
         return layout
+
+    @property
+    def training(self) -> ParallelLayout:
+        """The training layout of a trained role (the actor, critics)."""
+        assert self.train is not None, f"the {self.name} has no training layout"
+        return self.train
+
+    @property
+    def generation(self) -> GenLayout:
+        """The actor's generation layout."""
+        assert self.generate is not None, f"the {self.name} has no generation layout"
+        return self.generate
 
 
 @dataclass(frozen=True)
@@ -82,21 +94,23 @@ class PlanView:
         return self.sets[self.roles[name].set_index]
 
 
+def _kinds(
+    s: PlacedSet, role: str
+) -> tuple[ParallelLayout | None, ParallelLayout | None, GenLayout | None]:
+    """The role's train, infer and generate layouts, None where it has none."""
+    lay = s.layouts[role]
+    train, infer, gen = lay.get(Kind.TRAIN), lay.get(Kind.INFER), lay.get(Kind.GENERATE)
+    assert not isinstance(train, GenLayout) and not isinstance(infer, GenLayout)
+    assert not isinstance(gen, ParallelLayout)
+    return train, infer, gen
+
+
 def view(plan: Plan) -> PlanView:
     job, c = plan.job, plan.cluster
     roles = {}
     for i, s in enumerate(plan.sets):
         for name in s.models:
-            lay = s.layouts[name]
-            roles[name] = RoleView(
-                name,
-                job.model(name),
-                i,
-                s.gpus,
-                lay.get(Kind.TRAIN),
-                lay.get(Kind.INFER),
-                lay.get(Kind.GENERATE),
-            )
+            roles[name] = RoleView(name, job.model(name), i, s.gpus, *_kinds(s, name))
     predicted = plan.predicted or {}
     return PlanView(
         gpu=c.gpu,

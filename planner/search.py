@@ -144,8 +144,14 @@ class Planner:
             sol = solve(inst, self.config, cutoff)
         if sol is None:
             return None
-        choices = tuple(self.tables.best_set(roles, n) for roles, n in zip(placement, sol.gpus))
+        choices = tuple(self._chosen(roles, n) for roles, n in zip(placement, sol.gpus))
         return Candidate(placement, sol, choices)
+
+    def _chosen(self, roles: tuple[str, ...], n: int) -> SetChoice:
+        """The best layouts of a set at a size the allocation chose (one of its rows)."""
+        choice = self.tables.best_set(roles, n)
+        assert choice is not None, f"{roles} fit on {n} GPUs"
+        return choice
 
     def to_plan(self, cand: Candidate, cluster: Cluster) -> Plan:
         sets = tuple(
@@ -211,11 +217,11 @@ class Planner:
         for cand in found:
             if (
                 len(plans) >= top
-                and cand.solution.objective >= plans[top - 1].predicted["iteration_s"]
+                and cand.solution.objective >= plans[top - 1].prediction["iteration_s"]
             ):
                 break
             plans.append(self.to_plan(cand, cluster))
-            plans.sort(key=lambda p: p.predicted["iteration_s"])
+            plans.sort(key=lambda p: p.prediction["iteration_s"])
         return plans[:top]
 
     def standard(self, cluster: Cluster) -> dict[str, Plan]:
@@ -238,8 +244,9 @@ class Planner:
         best = None
         for placement in set_partitions(self.job.gpu_roles):
             mins = [self.tables.min_size(roles, limit) for roles in placement]
-            if None not in mins:
-                total = sum(mins)
+            fits = [m for m in mins if m is not None]
+            if len(fits) == len(mins):
+                total = sum(fits)
                 if total > self.gpn:
                     total = -(-total // self.gpn) * self.gpn
                 best = total if best is None else min(best, total)

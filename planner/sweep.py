@@ -53,6 +53,7 @@ class Target:
         if self.tokens_per_s is not None:
             ok = ok and tokens_per_s >= self.tokens_per_s
         if self.steps is not None:
+            assert self.deadline_hours is not None  # given with steps (__post_init__)
             ok = ok and self.steps * iteration_s <= self.deadline_hours * 3600.0
         return ok
 
@@ -174,6 +175,7 @@ def rows_from_points(points: Sequence[Point], target: Target) -> list[Row]:
             continue
         pred = p.plan["predicted"]
         tps, it = float(pred["tokens_per_s"]), float(pred["iteration_s"])
+        assert base is not None and base.plan is not None  # p has a plan: base is the first
         base_tps = float(base.plan["predicted"]["tokens_per_s"])
         eff = (tps / p.gpus) / (base_tps / base.gpus)
         rows.append(
@@ -218,7 +220,7 @@ def planner_points(
 
     def plan_at(gpus: int) -> Point:
         cluster = Cluster.from_gpus(gpu, gpus, gpus_per_node)
-        standard = {
+        standard: dict[str, float | None] = {
             name: float(p.to_dict()["predicted"]["tokens_per_s"])
             for name, p in standard_placements(cluster, job, profile, planner=shared).items()
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, TypeAlias, overload
 
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.generation import GenShape, gen_shape, generation_cost
@@ -29,7 +30,7 @@ from hybridflow.simulator.training import (
 )
 from hybridflow.vocab import CRITIC_ROLES, STAGES, Kind
 
-Stages = tuple[float, float, float, float]  # seconds in STAGES order
+Stages: TypeAlias = tuple[float, ...]  # seconds in STAGES order, one per stage
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -133,7 +134,7 @@ class Tables:
         self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
         self.max_gen_pp = max_gen_pp  # e.g. 1 for an executor that generates with TP only
         self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
-        self._gen: dict[tuple[ParallelLayout, int], list[GenOption]] = {}
+        self._gen: dict[ParallelLayout, list[GenOption]] = {}
         self._gen_s: dict[tuple[ParallelLayout, GenLayout, int], float] = {}
         self._shapes: dict[tuple[ParallelLayout, GenLayout], GenShape] = {}
         self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
@@ -210,6 +211,14 @@ class Tables:
             self._gen[train] = opts
         return self._gen[train]
 
+    @overload
+    def generation_seconds(
+        self, train: ParallelLayout, opt: GenOption, free: float, check: Literal[False]
+    ) -> float: ...
+    @overload
+    def generation_seconds(
+        self, train: ParallelLayout, opt: GenOption, free: float, check: bool = True
+    ) -> float | None: ...
     def generation_seconds(
         self, train: ParallelLayout, opt: GenOption, free: float, check: bool = True
     ) -> float | None:
@@ -266,8 +275,10 @@ class Tables:
         usable = self.profile.usable_bytes
         partial = self._partials(tuple(r for r in roles if r != "actor"), n, prune)
         if "actor" not in roles:
-            best = min(partial, key=lambda p: sum(p.stages), default=None)
-            return best and SetChoice(best.layouts, best.stages, best.resident + best.transient)
+            alone = min(partial, key=lambda p: sum(p.stages), default=None)
+            if alone is None:
+                return None
+            return SetChoice(alone.layouts, alone.stages, alone.resident + alone.transient)
         best: SetChoice | None = None
         partial = sorted(partial, key=lambda p: p.total)
         actors = [(a, self._fastest_generation(a)) for a in self.role_candidates("actor", n, prune)]

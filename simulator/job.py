@@ -292,7 +292,7 @@ class Job:
         if unknown:
             raise JobError(f"job: unknown role option(s) {', '.join(sorted(unknown))}")
         algo = vocab.algorithm(algorithm, JobError)
-        chosen = {r: m for r, m in role_models.items() if m}
+        chosen: dict[str, str | None] = {r: m for r, m in role_models.items() if m}
         chosen.setdefault("cost_critic", chosen.get("critic"))
         models = tuple((r, chosen.get(r) or model) for r in algo.roles)
         extra = set(chosen) - set(algo.roles) - {"cost_critic"}

@@ -40,9 +40,12 @@ from hybridflow.vocab import STAGES
 
 
 class PlanLike(Protocol):
-    cluster: Cluster
-    job: Job
-    sets: tuple[PlacedSet, ...]
+    @property
+    def cluster(self) -> Cluster: ...
+    @property
+    def job(self) -> Job: ...
+    @property
+    def sets(self) -> tuple[PlacedSet, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def predict_set(
 
 
 def compose(sets: tuple[SetPrediction, ...], job: Job) -> Prediction:
-    stages = {st: max(s.stage_seconds(st) for s in sets) for st in STAGES}
+    stages: dict[str, float] = {st: max(s.stage_seconds(st) for s in sets) for st in STAGES}
     stages["prepare"] = max(stages["prepare"], rule_seconds(job))
     return Prediction(
         sets, stages, job.tokens_per_iteration, rule_predictions(job), _length_basis(job, sets)
@@ -211,7 +214,7 @@ def _length_basis(job: Job, sets: tuple[SetPrediction, ...]) -> dict[str, dict] 
     if not job.lengths.spread:
         return None
     mean = {"basis": "mean", "tokens": job.lengths.mean}
-    out = {
+    out: dict[str, dict] = {
         "generate": {
             "basis": "expected longest response of each wave (stragglers)",
             "tokens": float(job.response_len),

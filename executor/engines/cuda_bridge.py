@@ -77,7 +77,7 @@ def _is_cuda_device(dev: Any) -> bool:
 class _CpuForCudaMode(TorchFunctionMode):
     """Runs megatron's CUDA-device requests on the CPU."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda_device(kwargs.get("device")) or isinstance(kwargs.get("device"), int):
             kwargs["device"] = "cpu"
@@ -165,11 +165,11 @@ def install() -> None:
         if _installed:
             return
         check_version()
-        torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-        torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
-        torch.cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
-        torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        torch.cuda.synchronize = lambda *a, **k: None
+        torch.cuda.current_stream = lambda *a, **k: _NullStream()
+        torch.cuda.default_stream = lambda *a, **k: _NullStream()
+        torch.cuda.empty_cache = lambda: None
         _installed = True
 
 

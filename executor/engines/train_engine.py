@@ -218,6 +218,7 @@ class TrainEngine:
             src=ps.get_pipeline_model_parallel_last_rank(),
             group=ps.get_pipeline_model_parallel_group(),
         )
+        assert obj[0] is not None  # the broadcast filled it in on every stage
         keys = [k for k in obj[0] if k is not None]
         vals = torch.zeros(len(keys), dtype=torch.float64)
         if store:

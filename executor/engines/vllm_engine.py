@@ -111,15 +111,16 @@ class VllmConfig:
         return len(self.tp_groups[0])
 
 
+_ident_count = 0  # calls of _world_ident so far
+
+
 def _world_ident() -> str:
     """A name unique to this job, the same on every rank (rank 0's pid and a counter)."""
-    obj = [f"hf{os.getpid()}x{_world_ident.count}"]
-    _world_ident.count += 1
+    global _ident_count
+    obj = [f"hf{os.getpid()}x{_ident_count}"]
+    _ident_count += 1
     dist.broadcast_object_list(obj, src=0)
     return obj[0]
-
-
-_world_ident.count = 0
 
 
 def _use_job_ident(ident: str) -> None:

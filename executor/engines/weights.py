@@ -23,11 +23,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from hybridflow.layout import LayoutError
 from hybridflow.simulator.architecture import ModelSpec
 
-Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
 EMBED = "embedding.word_embeddings.weight"
@@ -36,7 +36,7 @@ FINAL_NORM = "decoder.final_layernorm.weight"
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # megatron layer-local name -> (Hugging Face layer-local name, how TP splits it)
-_LAYER_PARAMS = {
+_LAYER_PARAMS: dict[str, tuple[str | None, str]] = {
     "input_layernorm.weight": ("input_layernorm.weight", "replicated"),
     "self_attention.linear_qkv.weight": (None, "qkv"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "row"),
@@ -230,7 +230,9 @@ def megatron_to_hf(shard: StateDict, spec: ModelSpec, vocab_rows: int | None = N
             gate, up = t.chunk(2, dim=0)
             out.update({pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up})
         else:
-            out[pre + _LAYER_PARAMS[local][0]] = t
+            hf_local = _LAYER_PARAMS[local][0]
+            assert hf_local is not None  # only qkv and fc1 have none, handled above
+            out[pre + hf_local] = t
     return out
 
 

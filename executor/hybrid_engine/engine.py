@@ -225,7 +225,9 @@ class HybridEngine:
         own, fills = [], []
         for s, r in shards:
             i, step = self._part(r), self.plan.train.tp // self.plan.tg
-            for n in self._template(s, r)[1] if i is not None else ():
+            if i is None:
+                continue
+            for n in self._template(s, r)[1]:
                 at = W.part_view(gen_views[n], W.split_kind(n), i, step)
                 if (s, r) == (self.stage, self.tp_rank):
                     own.append((at, n))

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -127,6 +129,9 @@ def sequence_batch(n: int, grid: CallsGrid, vocab: int, seed: int = 0) -> Batch:
     )
 
 
+Name = TypeVar("Name", bound=Hashable)
+
+
 @dataclass
 class Recorder:
     """Times calls on a worker group: controller wall and each rank's own seconds."""
@@ -143,8 +148,8 @@ class Recorder:
         return wall, {k: max(c.get(k, 0.0) for c in ranks) for k in slowest}
 
     def rounds(
-        self, calls: list[tuple[object, str, str, tuple]]
-    ) -> dict[object, tuple[float, dict[str, float]]]:
+        self, calls: Sequence[tuple[Name, str, str, tuple]]
+    ) -> dict[Name, tuple[float, dict[str, float]]]:
         """{name: (wall, the slowest rank's own seconds and parts)} of each (name, role,
         method, args): a warm-up round through the whole list (lazy set-up, and the first
         calls of each size after a vLLM engine starts, which had come out up to a third
@@ -152,7 +157,7 @@ class Recorder:
         every call rather than in all rounds of a few; the mean over rounds."""
         for _, role, method, args in calls:
             self._once(role, method, args)
-        got: dict[object, list[tuple[float, dict[str, float]]]] = {}
+        got: dict[Name, list[tuple[float, dict[str, float]]]] = {}
         for _ in range(self.repeats):
             for name, role, method, args in calls:
                 got.setdefault(name, []).append(self._once(role, method, args))

@@ -16,7 +16,7 @@ from typing import Any
 
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
-from hybridflow.executor.engines import vllm_engine as ve
+from hybridflow.executor.engines.vllm_engine import VllmConfig, VllmEngine
 from hybridflow.executor.rl.worker import RLWorker
 
 
@@ -31,6 +31,12 @@ def _timed(log: dict[str, float], key: str, fn: Callable) -> Callable:
             log[key] = log.get(key, 0.0) + time.perf_counter() - t0
 
     return wrapper
+
+
+def _clock_method(obj: object, name: str, log: dict[str, float], key: str) -> None:
+    """Replace obj's method `name`, on obj only, by the same method timed into log[key]
+    (setattr: mypy forbids assigning to a method)."""
+    setattr(obj, name, _timed(log, key, getattr(obj, name)))
 
 
 _CLOCKED = "_hybridflow_profile_clocked"
@@ -56,7 +62,7 @@ class ProfileWorker(RLWorker):
         super().__init__(rank, world_size, group_name)
         self._parts: dict[str, float] = {}  # the current call's parts
         self._calls: list[dict[str, float]] = []
-        self._engine: tuple[Any, Any] | None = None  # (VllmConfig, VllmEngine) alive
+        self._engine: tuple[VllmConfig, VllmEngine] | None = None  # the engine alive
 
     def _clock(self, role: str) -> None:
         """Put clocks on the parts of `role`'s engines (once per engine object: a vLLM
@@ -67,12 +73,12 @@ class ProfileWorker(RLWorker):
             setattr(opt, _CLOCKED, True)
         he = self.rollout.get(role)
         if he is not None and not getattr(he, _CLOCKED, False):
-            he.to_generation = _timed(self._parts, "reshard_s", he.to_generation)
-            he.to_training = _timed(self._parts, "reshard_s", he.to_training)
-            he.generate = _timed(self._parts, "generate_s", he.generate)
+            _clock_method(he, "to_generation", self._parts, "reshard_s")
+            _clock_method(he, "to_training", self._parts, "reshard_s")
+            _clock_method(he, "generate", self._parts, "generate_s")
             setattr(he, _CLOCKED, True)
             if he.engine is not None and not getattr(he.engine, _CLOCKED, False):
-                he.engine.generate = _timed(self._parts, "vllm_s", he.engine.generate)
+                _clock_method(he.engine, "generate", self._parts, "vllm_s")
                 setattr(he.engine, _CLOCKED, True)
 
     def _run(self, role: str, fn: Callable, *args: Any) -> Any:
@@ -103,25 +109,15 @@ class ProfileWorker(RLWorker):
         out, self._calls = self._calls, []
         return out
 
-    @register(dispatch_mode=ONE_TO_ALL)
-    def init_rollout(self, role: str, cfg: Any) -> None:
-        """RLWorker.init_rollout, reusing the vLLM engine of an earlier role when its
-        settings (generation TP groups included) are the same: starting vLLM is most of a
-        generation layout's profiling time. One engine lives at a time (vLLM's parallel
-        groups are per process)."""
-        real = ve.VllmEngine
-
-        def engine(config: Any) -> Any:
-            if self._engine is None or self._engine[0] != config:
-                self.close_engine()
-                self._engine = (config, real(config))
-            return self._engine[1]
-
-        ve.VllmEngine = engine
-        try:
-            super().init_rollout(role, cfg)
-        finally:
-            ve.VllmEngine = real
+    def new_engine(self, config: VllmConfig) -> VllmEngine:
+        """RLWorker.new_engine, reusing the vLLM engine of an earlier role when its settings
+        (generation TP groups included) are the same: starting vLLM is most of a generation
+        layout's profiling time. One engine lives at a time (vLLM's parallel groups are per
+        process)."""
+        if self._engine is None or self._engine[0] != config:
+            self.close_engine()
+            self._engine = (config, super().new_engine(config))
+        return self._engine[1]
 
     @register(dispatch_mode=ONE_TO_ALL)
     def drop_role(self, role: str) -> None:

@@ -75,7 +75,9 @@ def merge_profiles(paths: list[Path], out: Path) -> Path:
     gens = [d.pop("generated") for d in data]
     for d in data:
         d.pop("name", None)
-    merged = {"name": out.stem, **merge_values(data)}
+    top = merge_values(data)
+    assert isinstance(top, dict)  # the merge of dicts (the profiles' top levels)
+    merged = {"name": out.stem, **top}
     merged["generated"] = {
         "by": "hybridflow profile",
         "merged": len(paths),

@@ -44,8 +44,8 @@ class OpGrid:
 def default_grid(quick: bool, gpu: bool) -> OpGrid:
     """CPU grids around the tiny models' shapes; GPU grids around 7B-70B shapes."""
     if gpu:
-        dims = (1024, 4096, 8192) if quick else (1024, 2048, 4096, 8192, 16384)
-        tokens = (256, 4096) if quick else (64, 256, 1024, 4096, 16384)
+        dims: tuple[int, ...] = (1024, 4096, 8192) if quick else (1024, 2048, 4096, 8192, 16384)
+        tokens: tuple[int, ...] = (256, 4096) if quick else (64, 256, 1024, 4096, 16384)
         attention = (
             ((1, 32, 512, 128), (8, 32, 2048, 128))
             if quick

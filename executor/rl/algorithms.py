@@ -12,8 +12,9 @@ slice of the batch dict; both return ``(loss, metrics)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,12 @@ KL_KINDS = ("k1", "abs", "k2", "k3")
 
 class AlgorithmError(UserError):
     """An RL setting that cannot be used."""
+
+
+class TensorFields(Protocol):
+    """A batch slice the losses index by field name: a dict of tensors or a controller Batch."""
+
+    def __getitem__(self, key: str, /) -> torch.Tensor: ...
 
 
 # ---- masked statistics ------------------------------------------------------------------
@@ -349,7 +356,7 @@ def actor_loss(
 
 def policy_loss(
     logprobs: torch.Tensor,
-    batch: Mapping[str, torch.Tensor],
+    batch: TensorFields,
     cfg: RLConfig,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -371,7 +378,7 @@ def policy_loss(
 
 
 def critic_loss(
-    values: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig, prefix: str = ""
+    values: torch.Tensor, batch: TensorFields, cfg: RLConfig, prefix: str = ""
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss from response-aligned values (B, T) and the batch slice.
 

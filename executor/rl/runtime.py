@@ -113,7 +113,7 @@ class Runtime:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def take_timings(self) -> dict[str, float]:
-        out = {k: self.timings.get(k, 0.0) for k in STAGES}
+        out: dict[str, float] = {k: self.timings.get(k, 0.0) for k in STAGES}
         self.timings = {}
         return out
 

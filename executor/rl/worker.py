@@ -63,7 +63,7 @@ class RLWorker(Worker):
         plan = ReshardPlan(self.role(role).groups.layout, cfg.tg, cfg.scheme)
 
         def factory(tp_groups: list[list[int]]) -> VllmEngine:
-            return VllmEngine(
+            return self.new_engine(
                 VllmConfig(
                     model_dir=cfg.model_dir,
                     tp_groups=tuple(map(tuple, tp_groups)),
@@ -76,6 +76,11 @@ class RLWorker(Worker):
             )
 
         self.rollout[role] = HybridEngine(self.role(role).engine.spec, plan, factory)
+
+    def new_engine(self, config: VllmConfig) -> VllmEngine:
+        """The vLLM engine of a rollout (collective: every rank, in the same order); the
+        profiler's worker reuses one across roles."""
+        return VllmEngine(config)
 
     # ---- generation --------------------------------------------------------------------
     @register(dispatch_mode=GENERATE)

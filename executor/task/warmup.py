@@ -122,7 +122,7 @@ def train_bradley_terry(
     batch: int,
     seed: int,
     pad: int,
-    signs: list[tuple[float, float]] | None = None,
+    signs: list[tuple[float, ...]] | None = None,
 ) -> list[float]:
     """-log sigmoid(r(better) - r(worse)) over (better ids, worse ids) pairs; step losses.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -15,7 +16,7 @@ from hybridflow.errors import UserError, unreadable
 from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
 from hybridflow.vocab import ALGORITHMS, RULE, RULE_ROLES
 
-JOB_DEFAULTS = dict(
+JOB_DEFAULTS: dict[str, Any] = dict(
     model="llama-2-7b",
     algorithm="ppo",
     prompt_len=1024,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from hybridflow.cli.jobargs import (
     JOB_DEFAULTS,
@@ -23,7 +24,7 @@ from hybridflow.planner.search import Planner
 from hybridflow.simulator.cluster import Cluster, ClusterError
 from hybridflow.simulator.profile import load_profile
 
-DEFAULTS = dict(gpu="a100-80gb", gpus=16, **JOB_DEFAULTS)
+DEFAULTS: dict[str, Any] = dict(gpu="a100-80gb", gpus=16, **JOB_DEFAULTS)
 __all__ = [
     "DEFAULTS",
     "InputFileError",

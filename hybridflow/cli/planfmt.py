@@ -76,7 +76,7 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
 
 
 def format_standard(standard: dict[str, Plan], best: Plan) -> str:
-    best_s = best.predicted["iteration_s"]
+    best_s = best.prediction["iteration_s"]
     lines = [
         "",
         "Standard placements, each with its best allocation and layouts:",
@@ -88,9 +88,9 @@ def format_standard(standard: dict[str, Plan], best: Plan) -> str:
             lines.append(f"  {label:<34}{'does not fit in memory':<50}")
             continue
         sets = " ".join(f"{'+'.join(s.models)}:{s.gpus}" for s in plan.sets)
-        it = plan.predicted["iteration_s"]
+        it = plan.prediction["iteration_s"]
         lines.append(
-            f"  {label:<34}{sets:<50}{it:>9.2f}{plan.predicted['tokens_per_s']:>11,.0f}"
+            f"  {label:<34}{sets:<50}{it:>9.2f}{plan.prediction['tokens_per_s']:>11,.0f}"
             f"{it / best_s:>9.2f}x"
         )
     return "\n".join(lines)

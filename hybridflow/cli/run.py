@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from hybridflow.executor.run.config import SCHEMES, RunConfig
 from hybridflow.executor.run.driver import RunOptions, run
@@ -24,7 +25,7 @@ from hybridflow.vocab import ALGORITHMS
 
 # batch sizes at which the tiny task's rule score rises within 16 iterations (see
 # tests/executor/test_run_e2e.py::test_rl_raises_the_rule_score and benchmarks/local_rl.py)
-DEFAULT_JOB = dict(
+DEFAULT_JOB: dict[str, Any] = dict(
     algorithm="ppo",
     model="tiny",
     prompt_len=16,
@@ -33,7 +34,8 @@ DEFAULT_JOB = dict(
     ppo_epochs=2,
     mini_batches=4,
 )
-DEFAULT_GROUPED = dict(n_samples=8, global_batch=32, ppo_epochs=1)  # GRPO-like algorithms
+# GRPO-like algorithms
+DEFAULT_GROUPED: dict[str, Any] = dict(n_samples=8, global_batch=32, ppo_epochs=1)
 
 
 def configure(p: argparse.ArgumentParser) -> None:

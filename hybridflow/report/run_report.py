@@ -22,10 +22,15 @@ def _layouts(kinds: object) -> str:
     )
 
 
+def _object(value: object) -> dict:
+    """`value` if it is a JSON object, else {}."""
+    return value if isinstance(value, dict) else {}
+
+
 def _describe(run: Run) -> list[str]:
     plan = run.plan
-    job = plan.get("job") if isinstance(plan.get("job"), dict) else {}
-    cluster = plan.get("cluster") if isinstance(plan.get("cluster"), dict) else {}
+    job = _object(plan.get("job"))
+    cluster = _object(plan.get("cluster"))
     models = job.get("models", {})
     models_txt = (
         ", ".join(f"{k}={v}" for k, v in models.items())

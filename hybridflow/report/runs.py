@@ -240,7 +240,9 @@ def runs_frame(runs: list[Run]):
 
     rows = []
     for r in runs:
-        pairs = [(s, r.predicted.stages[s], r.measured.stages[s]) for s in STAGES]
+        pairs: list[tuple[str, float, float]] = [
+            (s, r.predicted.stages[s], r.measured.stages[s]) for s in STAGES
+        ]
         pairs.append(("iteration", r.predicted.iteration_s, r.measured.iteration_s))
         rows += [
             {
