@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hybridflow.executor.rl import algorithms as alg  # noqa: E402
+from hybridflow.executor.rl import losses  # noqa: E402
 from hybridflow.executor.task import warmup  # noqa: E402
 from hybridflow.executor.task.artifacts import Artifacts, ensure_artifacts  # noqa: E402
 
@@ -185,7 +186,7 @@ def update(roles: Roles, batch: dict, s: LoopSettings) -> dict:
             seq = tuple(x[idx] if isinstance(x, torch.Tensor) else x for x in batch["seq"])
             ids, mask, pos, P, r_ids, _ = seq
             logits = roles.actor(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            loss, m = alg.actor_loss(alg.response_slice(logits, P, r_ids.shape[1]), part, cfg)
+            loss, m = losses.actor_loss(alg.response_slice(logits, P, r_ids.shape[1]), part, cfg)
             _step(roles.actor_opt, loss)
             metrics.update(m)
             critics = [(roles.critic, "")] + (
@@ -194,7 +195,7 @@ def update(roles: Roles, batch: dict, s: LoopSettings) -> dict:
             for (critic, prefix), opt in zip(critics, roles.critic_opts):
                 if critic is None:
                     continue
-                vloss, vm = alg.critic_loss(_values(critic, seq), part, cfg, prefix)
+                vloss, vm = losses.critic_loss(_values(critic, seq), part, cfg, prefix)
                 _step(opt, vloss)
                 metrics.update(vm)
     return metrics

@@ -5,6 +5,7 @@ cores, the full prediction, which slows sets that run at once)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from hybridflow.vocab import STAGES, Stage
 
 Placement = tuple[tuple[str, ...], ...]
 SEARCH_LIMIT_GPUS = 8192  # how far to look for the smallest GPU count that fits
+
+log = logging.getLogger(__name__)
 
 
 def set_partitions(items: tuple[str, ...]) -> Iterator[Placement]:
@@ -189,6 +192,12 @@ class Planner:
                 break
             cutoff = found[top - 1].solution.objective if len(found) >= top else math.inf
             cand = self._solve_below(placement, capacity, cutoff)
+            log.debug(
+                "placement %s: lower bound %.3f s, %s",
+                " | ".join("+".join(roles) for roles in placement),
+                bound,
+                "none faster" if cand is None else f"{cand.solution.objective:.3f} s",
+            )
             if cand is not None:
                 found.append(cand)
                 found.sort(key=lambda c: c.solution.objective)

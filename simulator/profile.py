@@ -7,6 +7,7 @@ entry (a public source, or the word "estimate" with a reason).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from hybridflow.simulator.table import ProfileError, interpolate  # noqa: F401 (
 from hybridflow.simulator.table import num as _num
 from hybridflow.simulator.table import positive_int as _int
 from hybridflow.simulator.table import rows as _rows
+
+log = logging.getLogger(__name__)
 
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "p2p")
 _NUMBERS = (
@@ -250,4 +253,5 @@ def load_profile(name_or_path: str) -> Profile:
         ) from None
     except OSError as e:
         raise unreadable("profile", source, e) from None
+    log.debug("profile %s from %s", stem, source)
     return _parse(data, stem)

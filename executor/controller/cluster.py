@@ -27,6 +27,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from hybridflow.errors import UserError  # noqa: E402
 
 VGPU = "vgpu"
+log = logging.getLogger(__name__)
 
 
 class RayClusterError(UserError):
@@ -100,12 +101,19 @@ class Cluster:
             except (ConnectionError, ValueError, RuntimeError) as e:
                 raise RayClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
             resource = "GPU" if ray.cluster_resources().get("GPU") else VGPU
+            log.info("joined the Ray cluster at %s (%s devices)", address, resource)
             return cls(config, started_here=False, tmpdir=None, resource=resource)
         own_tmp = not os.environ.get("RAY_TMPDIR")
         tmpdir = tempfile.mkdtemp(prefix="hf-ray-") if own_tmp else os.environ["RAY_TMPDIR"]
         gpu = _cuda_available()
         resources = {} if gpu else {VGPU: config.devices}
         _init_local(dict(num_cpus=os.cpu_count(), resources=resources, _temp_dir=tmpdir, **quiet))
+        log.info(
+            "started a local Ray: %d %s devices, files in %s",
+            config.devices,
+            "GPU" if gpu else VGPU,
+            tmpdir,
+        )
         return cls(
             config,
             started_here=True,
@@ -169,7 +177,7 @@ class Cluster:
                 try:
                     self.remove_pool(name)
                 except Exception:  # noqa: BLE001 - best effort while tearing down
-                    pass
+                    log.debug("removing pool %s while shutting down failed", name, exc_info=True)
             ray.shutdown()
         if self.started_here and self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -192,6 +200,9 @@ def _init_local(kwargs: dict, attempts: int = 3) -> None:
             ray.shutdown()
             if "timed out during startup" not in str(e) or attempt == attempts:
                 raise RayClusterError(f"cannot start a local Ray: {e}") from e
+            log.warning(
+                "local Ray did not start in time (attempt %d of %d): retrying", attempt, attempts
+            )
 
 
 def _shutdown_ref(ref: weakref.ref[Cluster]) -> None:

@@ -5,16 +5,14 @@ response tokens (a prefix of each row). Per-token tensors are aligned with the r
 ``logprobs[:, t]`` is the log-probability of ``responses[:, t]``, ``values[:, t]`` the value of
 the state before it. ``scores`` (B,) are sequence-level rewards (reward model or rule).
 
-The controller computes advantages (``*_advantages``); the training engine calls
-``actor_loss`` / ``critic_loss`` with the model output of a mini-batch and that mini-batch's
-slice of the batch dict; both return ``(loss, metrics)``.
+The controller computes advantages (``compute_advantages``, by the estimator each algorithm
+registers); the losses the training engine calls are executor.rl.losses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +25,6 @@ KL_KINDS = ("k1", "abs", "k2", "k3")
 
 class AlgorithmError(UserError):
     """An RL setting that cannot be used."""
-
-
-class TensorFields(Protocol):
-    """A batch slice the losses index by field name: a dict of tensors or a controller Batch."""
-
-    def __getitem__(self, key: str, /) -> torch.Tensor: ...
 
 
 # ---- masked statistics ------------------------------------------------------------------
@@ -199,48 +191,6 @@ def safe_rlhf_advantages(
     return (reward_adv - lagrange * cost_adv) / (1.0 + lagrange)
 
 
-# ---- losses -----------------------------------------------------------------------------
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_ratio: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: token mean of max(-A r, -A clip(r, 1-e, 1+e))."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        metrics = {
-            "pg_loss": loss.item(),
-            "pg_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "ppo_kl": masked_mean(old_logprobs - logprobs, mask).item(),
-        }
-    return loss, metrics
-
-
-def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """0.5 * token mean of max((v - R)^2, (v_clipped - R)^2), v_clipped near the old value."""
-    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-    loss1, loss2 = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
-    with torch.no_grad():
-        metrics = {
-            "vf_loss": loss.item(),
-            "vf_clipfrac": masked_mean((loss2 > loss1).float(), mask).item(),
-            "vpred_mean": masked_mean(values, mask).item(),
-        }
-    return loss, metrics
-
-
 # ---- controllers ------------------------------------------------------------------------
 class FixedKLController:
     def __init__(self, kl_coef: float) -> None:
@@ -334,65 +284,6 @@ class RLConfig:
     @property
     def uses_critic(self) -> bool:
         return bool(ALGORITHMS[self.algorithm].critics)
-
-
-def actor_loss(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: RLConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip actor loss from response-aligned logits (B, T, V) and the batch slice.
-
-    Batch keys: responses, response_mask, old_log_probs, advantages; ref_log_probs when
-    cfg.kl_loss_coef > 0.
-    """
-    mask = batch["response_mask"]
-    logprobs = logprobs_from_logits(logits, batch["responses"], cfg.temperature)
-    entropy = (
-        masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
-        if cfg.entropy_coef > 0
-        else None
-    )
-    return policy_loss(logprobs, batch, cfg, entropy)
-
-
-def policy_loss(
-    logprobs: torch.Tensor,
-    batch: TensorFields,
-    cfg: RLConfig,
-    entropy: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip actor loss from response-aligned log-probs (B, T): the clipped surrogate,
-    minus entropy_coef x `entropy` (when given), plus kl_loss_coef x KL to the reference."""
-    mask = batch["response_mask"]
-    loss, metrics = ppo_policy_loss(
-        logprobs, batch["old_log_probs"], batch["advantages"], mask, cfg.clip_ratio
-    )
-    if entropy is not None:
-        loss = loss - cfg.entropy_coef * entropy
-        metrics["entropy"] = entropy.item()
-    if cfg.kl_loss_coef > 0:
-        kl = masked_mean(kl_divergence(logprobs, batch["ref_log_probs"], cfg.kl_loss_kind), mask)
-        loss = loss + cfg.kl_loss_coef * kl
-        metrics["kl_loss"] = kl.item()
-    metrics["actor_loss"] = loss.item()
-    return loss, metrics
-
-
-def critic_loss(
-    values: torch.Tensor, batch: TensorFields, cfg: RLConfig, prefix: str = ""
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss from response-aligned values (B, T) and the batch slice.
-
-    Batch keys: response_mask, ``{prefix}values`` (old), ``{prefix}returns``; Safe-RLHF's
-    cost critic uses prefix "cost_".
-    """
-    loss, metrics = value_loss(
-        values.float(),
-        batch[f"{prefix}values"],
-        batch[f"{prefix}returns"],
-        batch["response_mask"],
-        cfg.value_clip,
-    )
-    return loss, {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
 Estimator = Callable[["RLConfig", dict[str, torch.Tensor], float, float], dict[str, torch.Tensor]]

@@ -10,6 +10,7 @@ waiting on any.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.task.artifacts import Artifacts
 from hybridflow.plan import PlacedSet, Plan
 from hybridflow.vocab import LM_ROLES, STAGES, TRAINED_ROLES, VALUE_ROLES, Role, Stage
+
+log = logging.getLogger(__name__)
 
 
 def role_init_dir(art: Artifacts, role: str) -> str:
@@ -64,6 +67,7 @@ class Runtime:
     def start(self) -> None:
         """One worker group per set; every role built and loaded (sets one after another)."""
         for i, s in enumerate(self.plan.sets):
+            log.info("set %d: %s on %d devices", i, "+".join(s.models), s.gpus)
             pool = self.cluster.create_pool(f"set{i}", s.gpus)
             group = WorkerGroup(self.cluster, pool, RLWorker, name="+".join(s.models))
             for role in s.models:

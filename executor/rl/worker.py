@@ -21,8 +21,8 @@ from hybridflow.errors import UserError
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.worker import Worker
+from hybridflow.executor.engines import hf_checkpoint as H
 from hybridflow.executor.engines import megatron_model as mm
-from hybridflow.executor.engines import weights as W
 from hybridflow.executor.engines.vllm_engine import VllmConfig, VllmEngine
 from hybridflow.executor.hybrid_engine.engine import HybridEngine
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
@@ -55,7 +55,7 @@ class RLWorker(Worker):
     def load_hf(self, role: str, path: str) -> None:
         """Load a Hugging Face folder's weights into this rank's shards of `role`."""
         engine = self.role(role).engine
-        full = W.hf_to_full_megatron(W.load_hf_folder(path), engine.spec, engine.config.value_head)
+        full = H.hf_to_full_megatron(H.load_hf_folder(path), engine.spec, engine.config.value_head)
         engine.load_full_megatron_state(full)
 
     @register(dispatch_mode=ONE_TO_ALL)

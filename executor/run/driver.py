@@ -129,6 +129,7 @@ def _iterations(
     of every iteration and the held-out scores before the first and after the last."""
     cfg, loop = rt.cfg, LOOPS[rt.plan.job.algorithm]
     first, state = rundir.restore(rt) if resume else (0, {})
+    log.info("iterations %d to %d of %s", first, cfg.iterations - 1, rt.plan.job.algorithm)
     if "eval_before" not in state:
         state["eval_before"] = rt.evaluate()
     metrics = rundir.metrics_before(first)
@@ -146,6 +147,7 @@ def _iterations(
         }
         metrics.append(row)
         rundir.append(row)
+        log.debug("iteration %d: %.3f s, stages %s", it, sum(stages.values()), stages)
         if progress:
             progress(row)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from hybridflow.executor.task import rules as task
 from hybridflow.executor.task.settings import ArtifactError, BuildSettings
 from hybridflow.executor.task.tokens import SpecialIds, decode_prompt, decode_response
 from hybridflow.simulator.model import load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,11 @@ def ensure_artifacts(
     name = re.sub(r"[^A-Za-z0-9._-]", "_", spec.name)  # a HF name may hold "/"
     root = cache / f"{name}-seed{settings.seed}-{settings.key()}"
     if not (root / "meta.json").exists():
+        log.info(
+            "building the task artifacts into %s (tokenizer, SFT actor, reward and cost "
+            "models: a few CPU-minutes, once)",
+            root,
+        )
         _build_atomically(settings, root)
     return load_artifacts(root)
 

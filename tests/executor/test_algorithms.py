@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hybridflow.executor.rl import algorithms as A
+from hybridflow.executor.rl import losses as L
 
 T = torch.tensor
 
@@ -90,18 +91,18 @@ def test_ppo_policy_loss_clips():
     old = torch.zeros(1, 2)
     lp = torch.log(T([[1.5, 0.5]])).requires_grad_()  # ratios 1.5 and 0.5
     mask = torch.ones(1, 2)
-    loss, m = A.ppo_policy_loss(lp, old, torch.ones(1, 2), mask, 0.2)
+    loss, m = L.ppo_policy_loss(lp, old, torch.ones(1, 2), mask, 0.2)
     # A = 1: max(-1.5, -1.2) = -1.2 and max(-0.5, -0.8) = -0.5 -> mean -0.85
     assert close(loss, -0.85) and m["pg_clipfrac"] == 0.5
     loss.backward()
     assert close(lp.grad, [[0.0, -0.25]])  # clipped token has no gradient; -r/2 for the other
-    loss, _ = A.ppo_policy_loss(lp.detach(), old, -torch.ones(1, 2), mask, 0.2)
+    loss, _ = L.ppo_policy_loss(lp.detach(), old, -torch.ones(1, 2), mask, 0.2)
     assert close(loss, 1.15)  # A = -1: max(1.5, 1.2) and max(0.5, 0.8)
 
 
 def test_value_loss_clips():
     values, old, ret = T([[1.0, 0.0]]), T([[0.5, 0.5]]), T([[2.0, 0.0]])
-    loss, m = A.value_loss(values, old, ret, torch.ones(1, 2), 0.2)
+    loss, m = L.value_loss(values, old, ret, torch.ones(1, 2), 0.2)
     # clipped values (0.7, 0.3): squared errors max(1, 1.69), max(0, 0.09) -> 0.5 * 0.89
     assert close(loss, 0.445) and m["vf_clipfrac"] == 1.0
 
@@ -160,20 +161,20 @@ def test_actor_loss_composes_the_terms():
     batch, logits = _batch()
     cfg = A.RLConfig(algorithm="grpo", group_size=2, kl_loss_coef=0.1, entropy_coef=0.01)
     logits.requires_grad_()
-    loss, m = A.actor_loss(logits, batch, cfg)
+    loss, m = L.actor_loss(logits, batch, cfg)
     lp = A.logprobs_from_logits(logits, batch["responses"])
     mask = batch["response_mask"]
-    pg, _ = A.ppo_policy_loss(lp, batch["old_log_probs"], batch["advantages"], mask, 0.2)
+    pg, _ = L.ppo_policy_loss(lp, batch["old_log_probs"], batch["advantages"], mask, 0.2)
     kl = A.masked_mean(A.kl_divergence(lp, batch["ref_log_probs"], "k3"), mask)
     ent = A.masked_mean(A.entropy_from_logits(logits), mask)
     assert close(loss, pg + 0.1 * kl - 0.01 * ent) and close(m["kl_loss"], kl)
     loss.backward()
     assert logits.grad[2, 1:].abs().sum() == 0  # padded tokens get no gradient
-    vloss, vm = A.critic_loss(batch["values"] + 0.1, batch, cfg, prefix="")
+    vloss, vm = L.critic_loss(batch["values"] + 0.1, batch, cfg, prefix="")
     assert (
         close(
             vloss,
-            A.value_loss(batch["values"] + 0.1, batch["values"], batch["returns"], mask, 0.2)[0],
+            L.value_loss(batch["values"] + 0.1, batch["values"], batch["returns"], mask, 0.2)[0],
         )
         and "vf_loss" in vm
     )

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hybridflow.executor.engines import hf_checkpoint as H
 from hybridflow.executor.engines import weights as W
 from hybridflow.executor.hybrid_engine.reshard_plan import ReshardError, ReshardPlan, split_micro_dp
 from hybridflow.executor.spawn import run_ranks
@@ -47,7 +48,7 @@ def _reshard_all(rank: int, world: int, model: str) -> list[dict]:
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
 
     spec = load_model(model)
-    fulls = [W.hf_to_megatron(W.random_hf_state(spec, seed=seed), spec) for seed in (7, 8)]
+    fulls = [W.hf_to_megatron(H.random_hf_state(spec, seed=seed), spec) for seed in (7, 8)]
     out = []
     for name, tg, scheme in CASES:
         lay = LAYOUTS[name]
@@ -87,7 +88,7 @@ def resharded():
 
 
 def _sharded_bytes(spec) -> int:
-    full = W.hf_to_megatron(W.random_hf_state(spec), spec)
+    full = W.hf_to_megatron(H.random_hf_state(spec), spec)
     return sum(v.numel() * 4 for n, v in full.items() if W.split_kind(n) != "replicated")
 
 

@@ -41,13 +41,14 @@ def _full_from_ranks(named: list[tuple[str, torch.Tensor]], lay) -> dict:
 def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from hybridflow.executor.engines import hf_checkpoint as H
     from hybridflow.executor.engines import weights as W
 
     model = LlamaForCausalLM(
         LlamaConfig(
             **{
                 k: v
-                for k, v in W.hf_config_dict(spec).items()
+                for k, v in H.hf_config_dict(spec).items()
                 if k not in ("architectures", "torch_dtype")
             }
         )
@@ -104,10 +105,10 @@ def _run(rank: int, world: int, ckpt: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from hybridflow.executor.engines import weights as W
+    from hybridflow.executor.engines import hf_checkpoint as H
     from hybridflow.simulator.model import load_model
 
-    ckpt = W.save_hf_checkpoint(tmp_path_factory.mktemp("cfg"), load_model(MODEL))
+    ckpt = H.save_hf_checkpoint(tmp_path_factory.mktemp("cfg"), load_model(MODEL))
     return run_ranks(_run, 4, str(ckpt), backend="gloo", timeout_s=900)
 
 

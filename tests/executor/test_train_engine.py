@@ -187,7 +187,8 @@ def test_colocated_roles_share_processes_with_separate_groups(groups):
 
 
 def test_load_hf_state_gives_the_same_model_on_every_layout(groups):
-    from hybridflow.executor.engines.weights import megatron_to_hf, random_hf_state
+    from hybridflow.executor.engines.hf_checkpoint import random_hf_state
+    from hybridflow.executor.engines.weights import megatron_to_hf
     from hybridflow.simulator.model import load_model
 
     ref, par = groups

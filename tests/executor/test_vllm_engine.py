@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from hybridflow.executor.engines import hf_checkpoint as H
 from hybridflow.executor.engines import weights as W
 from hybridflow.executor.engines.vllm_engine import (
     EngineError,
@@ -83,7 +84,7 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
 
     spec = load_model(MODEL)
-    full = W.hf_to_megatron(W.random_hf_state(spec, seed=SEED), spec)
+    full = W.hf_to_megatron(H.random_hf_state(spec, seed=SEED), spec)
     current: dict = {}
 
     def factory(groups):  # one engine per group shape, reused across layouts
@@ -124,10 +125,10 @@ def _resharded(rank: int, world: int, ckpt: str) -> dict:
 def ckpt(tmp_path_factory):
     spec = load_model(MODEL)
     path = tmp_path_factory.mktemp("tiny_ckpt")
-    W.save_hf_checkpoint(
+    H.save_hf_checkpoint(
         path,
         spec,
-        W.megatron_to_hf(W.hf_to_megatron(W.random_hf_state(spec, seed=SEED), spec), spec),
+        W.megatron_to_hf(W.hf_to_megatron(H.random_hf_state(spec, seed=SEED), spec), spec),
     )
     return str(path)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hybridflow.executor.engines import hf_checkpoint as H
 from hybridflow.executor.engines import weights as W
 from hybridflow.simulator.model import load_model
 
@@ -10,7 +11,7 @@ from hybridflow.simulator.model import load_model
 @pytest.fixture(scope="module")
 def gqa():
     spec = load_model("tiny-gqa")  # 4 heads, 2 KV groups: nq = 2
-    hf = W.random_hf_state(spec, seed=3)
+    hf = H.random_hf_state(spec, seed=3)
     return spec, hf
 
 
@@ -40,7 +41,7 @@ def test_qkv_is_grouped_per_kv_head(gqa):
 @pytest.mark.parametrize("t,tg", [(2, 1), (2, 2), (4, 2), (4, 1)])
 def test_consecutive_training_shards_merge_into_generation_shard(t, tg):
     spec = load_model("tiny")
-    full = W.hf_to_megatron(W.random_hf_state(spec, seed=t + tg), spec)
+    full = W.hf_to_megatron(H.random_hf_state(spec, seed=t + tg), spec)
     shards = [W.split_tp(full, spec, t, r) for r in range(t)]
     step = t // tg
     for j in range(tg):
@@ -54,7 +55,7 @@ def test_consecutive_training_shards_merge_into_generation_shard(t, tg):
 def test_vllm_shard_matches_hf_slicing(tp):
     """vLLM's TP rank r holds rows r of q, k, v, gate, up, vocab; columns r of o, down."""
     spec = load_model("tiny")
-    hf = W.random_hf_state(spec, seed=11)
+    hf = H.random_hf_state(spec, seed=11)
     full = W.hf_to_megatron(hf, spec)
     col_split = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
     for r in range(tp):
@@ -72,7 +73,7 @@ def test_vllm_shard_matches_hf_slicing(tp):
 
 def test_stage_split_and_layer_renaming():
     spec = load_model("tiny-4l")
-    full = W.hf_to_megatron(W.random_hf_state(spec), spec)
+    full = W.hf_to_megatron(H.random_hf_state(spec), spec)
     s0, s1 = W.stage_state(full, spec, 2, 0), W.stage_state(full, spec, 2, 1)
     assert W.EMBED in s0 and W.OUTPUT in s1 and W.FINAL_NORM in s1
     assert set(s0) | set(s1) == set(full) and not set(s0) & set(s1)
@@ -83,7 +84,7 @@ def test_stage_split_and_layer_renaming():
 
 def test_bad_layouts_raise_value_errors():
     spec = load_model("tiny-gqa")
-    full = W.hf_to_megatron(W.random_hf_state(spec), spec)
+    full = W.hf_to_megatron(H.random_hf_state(spec), spec)
     with pytest.raises(ValueError, match="KV heads 2"):
         W.split_tp(full, spec, 4, 0)
     with pytest.raises(ValueError, match="pipeline"):
@@ -96,8 +97,8 @@ def test_hf_checkpoint_loads_in_transformers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = load_model("tiny")
-    hf = W.random_hf_state(spec, seed=5)
-    W.save_hf_checkpoint(tmp_path, spec, hf)
+    hf = H.random_hf_state(spec, seed=5)
+    H.save_hf_checkpoint(tmp_path, spec, hf)
     model = LlamaForCausalLM.from_pretrained(str(tmp_path))
     assert isinstance(model.config, LlamaConfig)
     sd = model.state_dict()
@@ -108,7 +109,7 @@ def test_hf_checkpoint_loads_in_transformers(tmp_path):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_shapes_without_tensors_match_the_real_shards(tp):
     spec = load_model("tiny-4l")
-    full = W.hf_to_megatron(W.random_hf_state(spec), spec)
+    full = W.hf_to_megatron(H.random_hf_state(spec), spec)
     shapes = W.megatron_shapes(spec)
     assert shapes == {n: tuple(v.shape) for n, v in full.items()}
     for n, v in W.split_tp(full, spec, tp, tp - 1).items():
