@@ -102,15 +102,13 @@ def _collect(procs: list, results: Any, world: int, timeout_s: float) -> list[An
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(
-                        f"profiling rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                        f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
                     ) from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"profiling ranks timed out after {timeout_s:.0f} s"
-                    ) from None
+                    raise RuntimeError(f"ranks timed out after {timeout_s:.0f} s") from None
                 continue
             if not ok:
-                raise RuntimeError(f"profiling rank {rank} failed:\n{value}")
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = value
         for p in procs:
             p.join(timeout=30)

@@ -181,14 +181,6 @@ def _generation(
         / thr_d
     )
     memory_bound = steps * weights + decode_kv
-    layers = spec.layers / gen.pp
-    ar_pre, _ = collective(
-        profile, "all_reduce", in_flight * job.prompt_len * h * 2, gen.tp, gen.tp <= gpn
-    )
-    ar_dec, ar_src = collective(profile, "all_reduce", in_flight * h * 2, gen.tp, gen.tp <= gpn)
-    p2p, p2p_src = (
-        collective(profile, "p2p", in_flight * h * 2, 2, True) if gen.pp > 1 else (0.0, "roofline")
-    )
     a2a = _gen_alltoall(job, gen, shape, in_flight, profile, gpn, waves, steps)
     return cost(
         ("prefill_compute", prefill / mp / thr, src),
@@ -196,10 +188,34 @@ def _generation(
         ("kv_waves", (steps - first) * weights),
         ("decode_kv", decode_kv),
         ("decode_compute", max(0.0, decode_flops - memory_bound), src),
-        ("tp_allreduce", layers * 2 * (waves * ar_pre + steps * ar_dec), ar_src),
-        ("pp_p2p", (steps + waves) * (gen.pp - 1) * p2p, p2p_src),
+        *_gen_comms(job, gen, in_flight, profile, gpn, waves, steps),
         ("ep_alltoall", a2a),
         ("step_overhead", steps * profile.step_overhead_s, "roofline"),
+    )
+
+
+def _gen_comms(
+    job: Job,
+    gen: GenLayout,
+    in_flight: int,
+    profile: Profile,
+    gpn: int,
+    waves: int,
+    steps: float,
+) -> tuple[tuple[str, float, str], tuple[str, float, str]]:
+    """The tensor-parallel all-reduces (two per layer: each prefill, each decode step) and
+    the pipeline's point-to-point sends of the sequences in flight."""
+    h, layers = job.spec("actor").hidden, job.spec("actor").layers / gen.pp
+    ar_pre, _ = collective(
+        profile, "all_reduce", in_flight * job.prompt_len * h * 2, gen.tp, gen.tp <= gpn
+    )
+    ar_dec, ar_src = collective(profile, "all_reduce", in_flight * h * 2, gen.tp, gen.tp <= gpn)
+    p2p, p2p_src = (
+        collective(profile, "p2p", in_flight * h * 2, 2, True) if gen.pp > 1 else (0.0, "roofline")
+    )
+    return (
+        ("tp_allreduce", layers * 2 * (waves * ar_pre + steps * ar_dec), ar_src),
+        ("pp_p2p", (steps + waves) * (gen.pp - 1) * p2p, p2p_src),
     )
 
 

@@ -30,6 +30,14 @@ class JobError(UserError):
     """A job description that cannot run."""
 
 
+_POSITIVE_FIELDS = (
+    "prompt_len",
+    "response_len",
+    "global_batch",
+    "ppo_epochs",
+    "mini_batches",
+    "n_samples",
+)
 # estimate: a math-answer check (parse the final answer, compare) in Python, per response
 RULE_CPU_S = 1e-3
 
@@ -66,36 +74,10 @@ class Job:
 
     def __post_init__(self) -> None:
         algo = vocab.algorithm(self.algorithm, JobError)
-        for f in (
-            "prompt_len",
-            "response_len",
-            "global_batch",
-            "ppo_epochs",
-            "mini_batches",
-            "n_samples",
-        ):
+        for f in _POSITIVE_FIELDS:
             _pos(f, getattr(self, f))
-        given = dict(self.models)
-        roles = algo.roles
-        if set(given) != set(roles) or len(given) != len(self.models):
-            raise JobError(
-                f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
-                f"got {', '.join(r for r, _ in self.models) or 'none'}"
-            )
-        object.__setattr__(self, "models", tuple((r, given[r]) for r in roles))
-        if algo.grouped and self.n_samples < 2:
-            raise JobError(f"job: {self.algorithm} needs n_samples >= 2 responses per prompt")
-        if not algo.grouped and self.n_samples != 1:
-            raise JobError(
-                f"job: n_samples applies to "
-                f"{' and '.join(a.name for a in ALGORITHMS.values() if a.grouped)} "
-                f"only ({self.algorithm} samples one)"
-            )
-        if self.sequences % self.mini_batches:
-            raise JobError(
-                f"job: {self.sequences} sequences per iteration do not split into "
-                f"{self.mini_batches} equal mini-batches"
-            )
+        self._check_roles(algo)
+        self._check_samples(algo)
         object.__setattr__(
             self,
             "response_dist",
@@ -111,6 +93,36 @@ class Job:
             or self.rule_cpu_s < 0
         ):
             raise JobError(f"job: rule_cpu_s must be a number >= 0, got {self.rule_cpu_s!r}")
+        self._load_models()
+
+    def _check_roles(self, algo: Algorithm) -> None:
+        """Exactly the algorithm's roles, put in its order."""
+        given = dict(self.models)
+        roles = algo.roles
+        if set(given) != set(roles) or len(given) != len(self.models):
+            raise JobError(
+                f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
+                f"got {', '.join(r for r, _ in self.models) or 'none'}"
+            )
+        object.__setattr__(self, "models", tuple((r, given[r]) for r in roles))
+
+    def _check_samples(self, algo: Algorithm) -> None:
+        if algo.grouped and self.n_samples < 2:
+            raise JobError(f"job: {self.algorithm} needs n_samples >= 2 responses per prompt")
+        if not algo.grouped and self.n_samples != 1:
+            raise JobError(
+                f"job: n_samples applies to "
+                f"{' and '.join(a.name for a in ALGORITHMS.values() if a.grouped)} "
+                f"only ({self.algorithm} samples one)"
+            )
+        if self.sequences % self.mini_batches:
+            raise JobError(
+                f"job: {self.sequences} sequences per iteration do not split into "
+                f"{self.mini_batches} equal mini-batches"
+            )
+
+    def _load_models(self) -> None:
+        """Each role's ModelSpec (none for a rule), its positions checked against the job's."""
         for role, name in self.models:
             if not isinstance(name, str) or not name:
                 raise JobError(f"job: the {role} model must be a name or path, got {name!r}")

@@ -222,17 +222,7 @@ class HybridEngine:
                 )
             )
         ]
-        own, fills = [], []
-        for s, r in shards:
-            i, step = self._part(r), self.plan.train.tp // self.plan.tg
-            if i is None:
-                continue
-            for n in self._template(s, r)[1]:
-                at = W.part_view(gen_views[n], W.split_kind(n), i, step)
-                if (s, r) == (self.stage, self.tp_rank):
-                    own.append((at, n))
-                elif W.split_kind(n) == "row":
-                    fills.append((at, region[(s, r)][n]))
+        own, fills = self._copies(shards, gen_views, region)
         norm_ops, replicated = self._norm_ops(gen, norm_slots)
         own_norms = [(gen_views[n], n) for n in self._template(self.stage, 0, False)[1]]
         self._xfer = _Transfer(
@@ -249,6 +239,27 @@ class HybridEngine:
             replicated,
         )
         return self._xfer
+
+    def _copies(
+        self,
+        shards: list[tuple[int, int]],
+        gen_views: W.StateDict,
+        region: dict[tuple[int, int], W.StateDict],
+    ) -> tuple[list, list]:
+        """Where the own shard goes in the generation buffer (copied in whole), and the
+        row-split parts received into scratch that are copied into place after the gather."""
+        own, fills = [], []
+        for s, r in shards:
+            i, step = self._part(r), self.plan.train.tp // self.plan.tg
+            if i is None:
+                continue
+            for n in self._template(s, r)[1]:
+                at = W.part_view(gen_views[n], W.split_kind(n), i, step)
+                if (s, r) == (self.stage, self.tp_rank):
+                    own.append((at, n))
+                elif W.split_kind(n) == "row":
+                    fills.append((at, region[(s, r)][n]))
+        return own, fills
 
     def _receives(
         self, gen_views: W.StateDict, region: dict[tuple[int, int], W.StateDict]

@@ -197,6 +197,11 @@ def measure_generation(
     finally:
         for role in roles:
             rec.group.run(role, "drop_role")
+    _generation_rows(got, k, tg, out)
+
+
+def _generation_rows(got: dict, k: int, tg: int, out: dict[str, list[dict]]) -> None:
+    """The generate, dispatch and reshard rows of measured generate calls."""
     replicas = k // tg
     for (tp, s, tokens), (wall, own) in ((n, v) for n, v in got.items() if n[0] != "update"):
         gen, resh = own.get("generate_s", 0.0), own.get("reshard_s", 0.0)

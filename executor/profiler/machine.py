@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from hybridflow.errors import UserError
 from hybridflow.executor.profiler import (
     calls,
@@ -135,6 +137,13 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
             ),
         )
     ]
+    return steps + _shared_steps(options, info) + _executor_steps(options, info)
+
+
+def _shared_steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callable]]:
+    """Ranks sharing the host's cores (CPU), and collectives over every rank."""
+    gpu = info.kind == "gpu"
+    steps: list[tuple[str, Callable]] = []
     if not gpu:
         counts = tuple(sorted(set(options.concurrency) | set(range(1, options.devices + 1))))
         sgrid = sharing.SharingGrid(options.devices, counts, rounds=5 if options.quick else 9)
@@ -156,6 +165,14 @@ def _steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callab
                 ),
             )
         )
+    return steps
+
+
+def _executor_steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[str, Callable]]:
+    """vLLM's steps, the executor's own calls (CPU) and the controller's Ray dispatch."""
+    gpu = info.kind == "gpu"
+    world = info.devices if gpu else options.devices
+    steps: list[tuple[str, Callable]] = []
     if options.generate:
         # on CPU the per-call tables below time generation as the executor runs it; the
         # step tables (for other models and the analytic path) take the small grid
@@ -196,15 +213,10 @@ def _calls(grid: calls_grid.CallsGrid) -> tuple[dict, dict[int, float] | None]:
     return calls_section(measured, grid), concurrency or None
 
 
-def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
-    """Measure, then write the profile to options.out; returns its path."""
-    from tqdm import tqdm
-
-    start, load0 = time.perf_counter(), os.getloadavg()[0]
-    info = detect(options)
+def _measure(steps: list[tuple[str, Callable]], progress: bool) -> tuple[dict, dict[str, float]]:
+    """Run every step, with a progress bar: (results by key, seconds each took)."""
     results: dict = {}
     took: dict[str, float] = {}
-    steps = _steps(options, info)
     with tqdm(total=len(steps), disable=not progress, unit="step", desc="profile") as bar:
         for desc, thunk in steps:
             bar.set_postfix_str(desc)
@@ -215,6 +227,14 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
             if key == "calls":
                 took.update({f"calls: {k}": v for k, v in CALL_SECONDS.items()})
             bar.update(1)
+    return results, took
+
+
+def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
+    """Measure, then write the profile to options.out; returns its path."""
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
+    info = detect(options)
+    results, took = _measure(_steps(options, info), progress)
     alone, train_rows = results["alone"]
     section, concurrency = results.get("calls") or (None, None)
     # the executor's own calls sharing the cores, where measured, over the kernel's factors

@@ -195,25 +195,6 @@ def build_profile(
     points = _per_sequence_points(m.train_layer)
     if points:
         measured["train_layer"] = {"model": m.train_layer[0]["model"], "points": points}
-    extra = {
-        "attention": m.alone.attention,
-        "elementwise": m.alone.elementwise,
-        "train_layer_rows": m.train_layer,
-        "dispatch": m.dispatch,
-        **(
-            {
-                "kernel_sharing": [
-                    {"ranks": k, "factor": round(f, 4)} for k, f in sorted(m.kernel_sharing.items())
-                ]
-            }
-            if m.kernel_sharing
-            else {}
-        ),
-        "shared_ops": {
-            k: {"matmul": t.matmul, "attention": t.attention, "elementwise": t.elementwise}
-            for k, t in m.shared.items()
-        },
-    }
     calls = {"calls": m.calls} if m.calls else {}
     return {
         **numbers,
@@ -221,7 +202,7 @@ def build_profile(
         "measured": measured,
         "sharing": _sharing(m, info),
         **calls,
-        "extra": extra,
+        "extra": _extra(m),
         "generated": {
             "by": "hybridflow profile",
             "seconds": round(seconds_taken, 1),
@@ -230,6 +211,30 @@ def build_profile(
             "backend": info.backend,
             **({"step_seconds": steps} if steps else {}),
             **({"load_average": list(load)} if load else {}),
+        },
+    }
+
+
+def _extra(m: Measurements) -> dict:
+    """The tables the simulator does not read (yet): kept in the profile as measured."""
+    kernel = (
+        {
+            "kernel_sharing": [
+                {"ranks": k, "factor": round(f, 4)} for k, f in sorted(m.kernel_sharing.items())
+            ]
+        }
+        if m.kernel_sharing
+        else {}
+    )
+    return {
+        "attention": m.alone.attention,
+        "elementwise": m.alone.elementwise,
+        "train_layer_rows": m.train_layer,
+        "dispatch": m.dispatch,
+        **kernel,
+        "shared_ops": {
+            k: {"matmul": t.matmul, "attention": t.attention, "elementwise": t.elementwise}
+            for k, t in m.shared.items()
         },
     }
 

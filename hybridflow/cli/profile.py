@@ -44,6 +44,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "median of the passes' (default 1; merging profiles taken at "
         "other times with --merge predicted better)",
     )
+    _what_to_measure(parser)
+
+
+def _what_to_measure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--devices",
         type=int,

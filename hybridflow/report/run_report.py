@@ -83,6 +83,32 @@ def _summary(frame) -> list[str]:
     return lines
 
 
+def _run_section(run: Run, sub) -> list[str]:
+    """One run's stage table and, where the run wrote them, its predicted terms."""
+    out = [
+        f"### {run.label}",
+        "",
+        *_describe(run),
+        "",
+        table(
+            ["stage", "predicted s", "measured s", "error"],
+            [(r.stage, r.predicted_s, r.measured_s, percent(r.error)) for r in sub.itertuples()],
+        ),
+        "",
+    ]
+    if run.terms:
+        out += [
+            "Predicted terms (the simulator's, as the run wrote them):",
+            "",
+            table(
+                ["role", "stage", "term", "seconds", "from"],
+                [(*t[:4], t[4] or "–") for t in run.terms],
+            ),
+            "",
+        ]
+    return out
+
+
 def _markdown(runs: list[Run], frame, tput, has_curves: bool) -> str:
     out = [
         "# HybridFlow run report: predicted vs measured",
@@ -115,31 +141,7 @@ def _markdown(runs: list[Run], frame, tput, has_curves: bool) -> str:
         out += ["## Learning curves", "", image("reward, score and KL", "curves.png"), ""]
     out += ["## Runs", ""]
     for run in runs:
-        sub = frame[frame["plan"] == run.label]
-        out += [
-            f"### {run.label}",
-            "",
-            *_describe(run),
-            "",
-            table(
-                ["stage", "predicted s", "measured s", "error"],
-                [
-                    (r.stage, r.predicted_s, r.measured_s, percent(r.error))
-                    for r in sub.itertuples()
-                ],
-            ),
-            "",
-        ]
-        if run.terms:
-            out += [
-                "Predicted terms (the simulator's, as the run wrote them):",
-                "",
-                table(
-                    ["role", "stage", "term", "seconds", "from"],
-                    [(*t[:4], t[4] or "–") for t in run.terms],
-                ),
-                "",
-            ]
+        out += _run_section(run, frame[frame["plan"] == run.label])
     return "\n".join(out)
 
 

@@ -67,8 +67,8 @@ def _hf_greedy(full: dict, spec, max_tokens: int) -> list[tuple[int, ...]]:
 def _run(rank: int, world: int, ckpt: str) -> dict:
     from hybridflow.executor.engines import weights as W
     from hybridflow.executor.engines.groups import build_role_groups
+    from hybridflow.executor.engines.train_engine import EngineConfig as TrainConfig
     from hybridflow.executor.engines.train_engine import TrainEngine, lm_loss
-    from hybridflow.executor.engines.train_engine import VllmConfig as TrainConfig
     from hybridflow.executor.engines.vllm_engine import SamplingConfig, VllmConfig, VllmEngine
     from hybridflow.executor.hybrid_engine.engine import HybridEngine
     from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
