@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,69 +50,16 @@ sys.path.insert(0, str(ROOT))
 from hybridflow.executor.run.config import RunConfig  # noqa: E402
 from hybridflow.plan import Plan  # noqa: E402
 
-TRL_MISSING = (
-    "trl_grpo: TRL is not installed in this environment; install the benchmark's "
-    "extra packages with: .venv/bin/pip install -r benchmarks/requirements-trl.txt"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trl_side import RuleReward, run_trl, trl_tokenizer  # noqa: E402, F401
+from trl_workload import (  # noqa: E402, F401
+    TRL_MISSING,
+    Workload,
+    iteration_seconds,
+    planned_tokens,
+    throughput,
 )
-
-
-@dataclass(frozen=True)
-class Workload:
-    prompts: int = 16  # prompts per iteration (the job's global batch)
-    samples: int = 4  # responses per prompt
-    prompt_len: int = 16
-    response_len: int = 8
-    mini_batches: int = 2  # optimizer steps per iteration
-    iterations: int = 8
-    seed: int = 0
-    trl_beta: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if (
-            min(self.prompts, self.prompt_len, self.response_len, self.mini_batches) < 1
-            or self.iterations < 2
-            or self.samples < 2
-        ):
-            raise ValueError(
-                "need prompts, lengths, mini-batches >= 1, samples >= 2 and "
-                "iterations >= 2 (the first is a warm-up)"
-            )
-        if (self.prompts * self.samples) % self.mini_batches:
-            raise ValueError("mini_batches must divide prompts x samples")
-
-    def job(self):
-        from hybridflow.simulator.job import Job
-
-        return Job.create(
-            algorithm="grpo",
-            model="tiny",
-            prompt_len=self.prompt_len,
-            response_len=self.response_len,
-            global_batch=self.prompts,
-            n_samples=self.samples,
-            mini_batches=self.mini_batches,
-            reward="rule",
-        )
-
-
-def planned_tokens(plan: Plan) -> int:
-    """Tokens of one iteration as the controller counts them (its tokens/s numerator)."""
-    return plan.job.sequences * plan.job.seq_len
-
-
-def iteration_seconds(t0: float, step_ends: list[float], steps_per_iteration: int) -> list[float]:
-    """Seconds of each whole iteration from the start time and every optimizer step's end."""
-    if steps_per_iteration < 1:
-        raise ValueError("steps_per_iteration must be >= 1")
-    bounds = [t0] + step_ends[steps_per_iteration - 1 :: steps_per_iteration]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
-
-
-def throughput(tokens: int, seconds: list[float]) -> tuple[float, float]:
-    """(mean seconds per iteration, tokens/s) with the first iteration (warm-up) left out."""
-    rows = seconds[1:] if len(seconds) > 1 else seconds
-    mean = statistics.mean(rows)
-    return mean, tokens / mean
 
 
 def make_plan(w: Workload, devices: int) -> Plan:
@@ -193,144 +139,6 @@ def prompt_texts(plan: Plan, w: Workload, art) -> list[str]:
     rt = Runtime(plan, RunConfig(seed=w.seed), art, cluster=None)  # prompts() needs no cluster
     ids = [p for it in range(w.iterations) for p in rt.prompts(it)]
     return [art.decode_prompt(p) for p in ids]
-
-
-def trl_tokenizer(art):
-    """The actor's tokenizer for TRL, which tokenizes prompt text itself: BOS + the text's
-    tokens, the layout of every prompt in the artifacts (Artifacts.encode_prompt)."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(art.actor_dir))
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", art.special.bos)]
-    )
-    return tok
-
-
-class RuleReward:
-    """TRL reward function: the task's rule score; records each generation batch's mean score
-    and response tokens (TRL's completion ids run up to and including EOS)."""
-
-    def __init__(self, art) -> None:
-        self.art, self.batches = art, []
-        self.__name__ = "rule_score"  # TRL names reward columns after the function
-
-    def __call__(
-        self,
-        prompts: list[str],
-        completions: list[str],
-        completion_ids: list[list[int]],
-        **_: object,
-    ) -> list[float]:
-        from hybridflow.executor.task import rules as task
-
-        scores = [task.score(p, self.art.decode(ids)) for p, ids in zip(prompts, completion_ids)]
-        self.batches.append(
-            {
-                "score": statistics.mean(scores),
-                "response_tokens": sum(len(ids) for ids in completion_ids),
-            }
-        )
-        return scores
-
-
-def trl_config(w: Workload, out_dir: str):
-    """GRPOConfig for the workload: one generation batch of prompts x samples per iteration,
-    `mini_batches` optimizer steps on it, hybridflow's micro-batch and optimizer settings."""
-    from trl import GRPOConfig
-
-    cfg = RunConfig()
-    per_step = w.prompts * w.samples // w.mini_batches
-    micro = cfg.micro_batch_size if per_step % cfg.micro_batch_size == 0 else per_step
-    accum = per_step // micro
-    return GRPOConfig(
-        output_dir=out_dir,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
-        seed=w.seed,
-        data_seed=w.seed,
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accum,
-        steps_per_generation=accum * w.mini_batches,
-        num_iterations=1,
-        max_steps=w.iterations * w.mini_batches,
-        num_generations=w.samples,
-        max_completion_length=w.response_len,
-        shuffle_dataset=False,
-        use_vllm=False,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
-        learning_rate=cfg.actor_lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=cfg.clip_grad,
-        epsilon=0.2,
-        beta=w.trl_beta,
-        loss_type="bnpo",
-        scale_rewards="group",
-        log_completions=False,
-    )
-
-
-def run_trl(w: Workload, art, texts: list[str], tokens: int, threads: int) -> dict:
-    """TRL's GRPOTrainer on the workload in this process; one table row."""
-    import torch
-    from datasets import Dataset
-    from transformers import LlamaForCausalLM, TrainerCallback
-    from trl import GRPOTrainer
-
-    class StepClock(TrainerCallback):
-        t0, ends = 0.0, []
-
-        def on_train_begin(self, *args, **kw):
-            self.t0, self.ends = time.perf_counter(), []
-
-        def on_step_end(self, *args, **kw):
-            self.ends.append(time.perf_counter())
-
-    torch.set_num_threads(threads)
-    wall0 = time.perf_counter()
-    torch.manual_seed(w.seed)
-    model = LlamaForCausalLM.from_pretrained(str(art.actor_dir)).float()
-    reward, clock = RuleReward(art), StepClock()
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=reward,
-            args=trl_config(w, out_dir),
-            train_dataset=Dataset.from_dict({"prompt": texts}),
-            processing_class=trl_tokenizer(art),
-            callbacks=[clock],
-        )
-        trainer.train()
-    seconds = iteration_seconds(clock.t0, clock.ends, w.mini_batches)
-    if len(seconds) != w.iterations or len(reward.batches) != w.iterations:
-        raise RuntimeError(
-            f"TRL ran {len(seconds)} iterations and {len(reward.batches)} "
-            f"generation batches, expected {w.iterations}"
-        )
-    mean, tok_s = throughput(tokens, seconds)
-    return {
-        "system": "TRL GRPOTrainer",
-        "iterations": len(seconds),
-        "setup": f"1 process, {threads} torch thread{'s' if threads > 1 else ''}, "
-        f"HF generate (no vLLM)",
-        "seconds": mean,
-        "tokens_per_s": tok_s,
-        "response_tokens": statistics.mean(b["response_tokens"] for b in reward.batches[1:]),
-        "score": statistics.mean(b["score"] for b in reward.batches[1:]),
-        "stages": "–",
-        "wall": time.perf_counter() - wall0,
-        "per_iteration_s": [round(x, 3) for x in seconds],
-    }
 
 
 def check_prompts(art, texts: list[str], plan: Plan) -> None:

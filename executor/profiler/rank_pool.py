@@ -6,9 +6,8 @@ tables need worker groups of every set size k (1, 2, 4) plus n one-rank sets at 
 processes are started once and import all of it together (both cores busy), and each worker
 group is a new torch.distributed world over k of them (WorkerGroup(actors=...)): the group
 of 1 rank, then of 2, then of 4, then n groups of one rank each, instead of 11 processes
-started and importing one group after another. On the 2-core VM the whole profile took
-6 min 51 s with fresh processes per group, 4 min 0-35 s with this pool (the VM's speed
-drifts: one profile in a slow hour took 5 min 42 s).
+started and importing one group after another (it took the profile from about 7 to about 4
+minutes on a 2-core host: profiles/README.md).
 """
 
 from __future__ import annotations
