@@ -1,7 +1,9 @@
-"""The plan: sets of colocated roles, GPUs per set, layouts, and the prediction.
+"""The plan schema planner and executor share: sets of colocated roles, GPUs per set, each
+role's layouts, and the prediction.
 
-plan.json is the only thing the executor reads from the planner; its keys are fixed
-(issue 2): version, cluster, job, sets[{models, gpus, layouts}], predicted.
+plan.json (keys version, cluster, job, sets[{models, gpus, layouts}], predicted) is the one
+thing the executor reads from the planner. Plan.from_dict and Plan.load validate it once;
+everything after them (simulate, the exports, the executor) takes the typed Plan.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class PlacedSet:
     layouts: Mapping[str, Mapping[str, ParallelLayout | GenLayout]]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(str(m) for m in self.models))
         if not self.models or len(set(self.models)) != len(self.models):
             raise LayoutError(
                 f"set: models must be a non-empty list of distinct roles, got {list(self.models)}"

@@ -104,7 +104,8 @@ class Job:
                 f"job: {self.algorithm} needs exactly the roles {', '.join(roles)}, "
                 f"got {', '.join(r for r, _ in self.models) or 'none'}"
             )
-        object.__setattr__(self, "models", tuple((r, given[r]) for r in roles))
+        # plain names in the data (a Role is its value); the vocabulary's members compare equal
+        object.__setattr__(self, "models", tuple((str(r), given[r]) for r in roles))
 
     def _check_samples(self, algo: Algorithm) -> None:
         if algo.grouped and self.n_samples < 2:
@@ -146,8 +147,8 @@ class Job:
         return ALGORITHMS[self.algorithm]
 
     @property
-    def roles(self) -> tuple[Role, ...]:
-        return self.dataflow.roles
+    def roles(self) -> tuple[str, ...]:
+        return tuple(str(r) for r in self.dataflow.roles)
 
     @property
     def gpu_roles(self) -> tuple[str, ...]:

@@ -185,7 +185,9 @@ class WorkerGroup:
     def call(
         self, role: str | None, method: str, *args: Any, _ctx_layout: Any = None, **kwargs: Any
     ) -> CallFuture:
-        """Call `method` on every rank by its protocol; `role` is passed as first argument."""
+        """Call `method` on every rank by its protocol; `role` is passed as first argument
+        (as a plain name: a vocabulary Role arrives as its value)."""
+        role = None if role is None else str(role)
         if self.broken:
             raise WorkerDiedError(f"worker group {self.name!r} is stopped: {self.broken}")
         mode = dispatch_mode_of(self.worker_cls, method) or "ONE_TO_ALL"

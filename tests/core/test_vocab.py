@@ -65,3 +65,13 @@ def test_one_registration_reaches_the_job_and_the_planner(rloo: Algorithm) -> No
 def test_unknown_algorithm_names_the_known_ones() -> None:
     with pytest.raises(JobError, match="unknown algorithm 'dpo': choose one of ppo, grpo"):
         Job.create("dpo", "tiny", 16, 8, 8)
+
+
+def test_data_holds_plain_names() -> None:
+    """Roles in jobs and sets are the names themselves (a Role compares equal to its name),
+    so messages and files never show an enum."""
+    job = Job.create("ppo", "tiny", 16, 8, 8)
+    assert all(type(r) is str for r in job.roles) and all(type(r) is str for r, _ in job.models)
+    plan = plan_job(Cluster.from_gpus("local-cpu", 4, 4), job)[0]
+    assert all(type(r) is str for s in plan.sets for r in s.models)
+    assert Role.ACTOR in job.roles and "critic" in vocab.VALUE_ROLES
