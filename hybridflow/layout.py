@@ -69,7 +69,7 @@ class ParallelLayout:
     def n_gpus(self) -> int:
         return self.pp * self.tp * self.dp
 
-    world_size = n_gpus
+    world_size = n_gpus  # the executor's name: the ranks of the role's worker group
 
     @property
     def model_parallel(self) -> int:

@@ -52,7 +52,7 @@ def gen_shape(job: Job, train: ParallelLayout, gen: GenLayout, sequences: int) -
         kv,
         WEIGHT_BYTES * expert_share(job, "actor", train.ep) / mp,
         train.ep,
-        train.tp,
+        train.stride("dp"),  # ep ranks are data-parallel ranks
         replicas,
     )
 

@@ -1,10 +1,11 @@
 """Training and inference (forward-only) predictors of one model on one 3D layout.
 
-Rank order is Megatron's: TP innermost (consecutive ranks), then DP, then PP. One micro-batch
-is one sequence. bf16 weights, fp32 gradients, fp32 Adam (master copy, m, v) as in the paper.
-Compute follows the tokens really produced (prompt + mean response) and, for mixture-of-
-experts models, the active parameters; memory follows the longest sequence and every
-parameter, the routed experts divided over the layout's ep ranks.
+Rank order is hybridflow.layout's (megatron's): TP innermost, then DP, then PP; the devices a
+group spans come from ParallelLayout.span and stride. One micro-batch is one sequence. bf16
+weights, fp32 gradients, fp32 Adam (master copy, m, v) as in the paper. Compute follows the
+tokens really produced (prompt + mean response) and, for mixture-of-experts models, the
+active parameters; memory follows the longest sequence and every parameter, the routed
+experts divided over the layout's ep ranks.
 """
 
 from __future__ import annotations
@@ -138,12 +139,12 @@ def _tp_pp_comm(
 ) -> tuple[tuple[float, str], tuple[float, str]]:
     spec = job.spec(role)
     act = job.mean_seq_len * spec.hidden * WEIGHT_BYTES
-    ar, ar_src = collective(profile, "all_reduce", act, layout.tp, _intra(gpn, layout.tp))
+    ar, ar_src = collective(profile, "all_reduce", act, layout.tp, _intra(gpn, layout.span("tp")))
     tp = micro_total * spec.layers / layout.pp * allreduces_per_layer * ar
     pp = 0.0, "roofline"
     if layout.pp > 1:
-        span = 2 * layout.tp * layout.dp
-        p2p, src = collective(profile, "p2p", act, 2, _intra(gpn, span))
+        # two neighbouring stages
+        p2p, src = collective(profile, "p2p", act, 2, _intra(gpn, 2 * layout.stride("pp")))
         pp = micro_total * p2p_per_micro * p2p, src
     return (tp, ar_src), pp
 
@@ -219,7 +220,7 @@ def train_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gp
     bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
     shard = role_params(job, role, layout.ep) / layout.model_parallel
     experts = expert_share(job, role, layout.ep) / layout.model_parallel
-    intra = _intra(gpn, layout.tp * layout.dp)
+    intra = _intra(gpn, layout.span("dp"))
     grad, grad_src = collective(
         profile, "all_reduce", GRAD_BYTES * (shard - experts), layout.dp, intra
     )
