@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from hybridflow.executor.run.driver import iteration_tokens
 from hybridflow.plan import Plan
 
 TRL_MISSING = (
@@ -55,7 +56,7 @@ class Workload:
 
 def planned_tokens(plan: Plan) -> int:
     """Tokens of one iteration as the controller counts them (its tokens/s numerator)."""
-    return plan.job.sequences * plan.job.seq_len
+    return iteration_tokens(plan)
 
 
 def iteration_seconds(t0: float, step_ends: list[float], steps_per_iteration: int) -> list[float]:

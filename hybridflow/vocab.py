@@ -91,7 +91,7 @@ def register(algorithm: Algorithm) -> Algorithm:
     return algorithm
 
 
-def unknown_algorithm(name: object) -> str:
+def _unknown_algorithm(name: object) -> str:
     return f"unknown algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}"
 
 
@@ -100,7 +100,7 @@ def algorithm(name: str, error: type[Exception] = UserError) -> Algorithm:
     try:
         return ALGORITHMS[name]
     except (KeyError, TypeError):
-        raise error(unknown_algorithm(name)) from None
+        raise error(_unknown_algorithm(name)) from None
 
 
 _PPO_ROLES = (Role.ACTOR, Role.CRITIC, Role.REFERENCE, Role.REWARD)

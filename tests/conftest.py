@@ -50,7 +50,8 @@ def _unit_tests_start_no_process(
 
 def load_benchmark(name: str) -> ModuleType:
     """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    if str(REPO / "benchmarks") not in sys.path:  # benchmarks import each other by name
+        sys.path.insert(0, str(REPO / "benchmarks"))
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")

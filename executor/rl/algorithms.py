@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hybridflow import vocab
 from hybridflow.errors import UserError
-from hybridflow.vocab import ALGORITHMS, unknown_algorithm
+from hybridflow.vocab import ALGORITHMS
 
 KL_KINDS = ("k1", "abs", "k2", "k3")
 
@@ -265,8 +266,7 @@ class RLConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise AlgorithmError(unknown_algorithm(self.algorithm))
+        vocab.algorithm(self.algorithm, AlgorithmError)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise AlgorithmError(
                 f"gamma and lambda must lie in [0, 1], got {self.gamma}, {self.lam}"

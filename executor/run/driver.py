@@ -46,7 +46,7 @@ class RunResult:
     summary: dict
 
 
-def _tokens(plan: Plan) -> int:
+def iteration_tokens(plan: Plan) -> int:
     """Prompt + response tokens the controller generates and trains on per iteration."""
     return plan.job.sequences * plan.job.seq_len
 
@@ -69,7 +69,7 @@ def summarize(
         "plan": plan.to_dict(),
         "measured": {
             "iteration_s": it_s,
-            "tokens_per_s": _tokens(plan) / it_s,
+            "tokens_per_s": iteration_tokens(plan) / it_s,
             "stages": stages,
             "iterations": len(metrics),
             "timed_iterations": len(rows),
@@ -142,7 +142,7 @@ def _iterations(
             "iteration": it,
             "stages": stages,
             "wall_s": wall,
-            "tokens_per_s": _tokens(rt.plan) / sum(stages.values()),
+            "tokens_per_s": iteration_tokens(rt.plan) / sum(stages.values()),
             **row,
         }
         metrics.append(row)

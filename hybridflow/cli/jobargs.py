@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from hybridflow import vocab
 from hybridflow.errors import UserError, unreadable
 from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
 from hybridflow.vocab import ALGORITHMS, RULE, RULE_ROLES
@@ -107,10 +108,10 @@ def build_job(args: argparse.Namespace) -> Job:
     if not args.model:
         raise JobError("give --model (or a --job file)")
     roles = {r: getattr(args, r) for r in ROLE_FLAGS}
-    algo = ALGORITHMS.get(args.algorithm)
-    if algo is not None and roles["critic"] and "critic" not in algo.roles:
+    algo = vocab.algorithm(args.algorithm, JobError)
+    if roles["critic"] and "critic" not in algo.roles:
         raise JobError(f"--critic: {args.algorithm} has no critic")
-    if algo is not None and roles["cost"] and "cost" not in algo.roles:
+    if roles["cost"] and "cost" not in algo.roles:
         with_cost = " and ".join(a.name for a in ALGORITHMS.values() if "cost" in a.roles)
         raise JobError(f"--cost: only {with_cost} has a cost model")
     return Job.create(
