@@ -10,7 +10,7 @@ style (GQA, SwiGLU). Mixture-of-experts models add routed experts (``experts``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from hybridflow.errors import UserError
 
@@ -67,8 +67,12 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # ---- what the counts leave out (hf_config): short phrases, not part of the identity ----
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.notes, tuple) or not all(isinstance(n, str) for n in self.notes):
+            raise ModelError(f"model {self.name!r}: notes must be a tuple of strings")
         for f in _POSITIVE:
             if not _is_int(getattr(self, f)) or getattr(self, f) <= 0:
                 raise ModelError(
@@ -334,7 +338,10 @@ class ModelSpec:
         return 2 * self.layers * self.kv_dim * bytes_per_value
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The architecture's fields (the notes, which describe it, are not among them)."""
+        d = asdict(self)
+        del d["notes"]
+        return d
 
 
 def _is_int(v: object) -> bool:

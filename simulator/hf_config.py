@@ -1,8 +1,12 @@
-"""Hugging Face config.json <-> ModelSpec, for Llama/Qwen2/Qwen3 dense models and the
-mixture-of-experts families Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V2/V3.
+"""Hugging Face config.json <-> ModelSpec, for Llama/Qwen2/Qwen3/Mistral/Gemma dense models
+and the mixture-of-experts families Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Mixtral, DeepSeek-V2/V3,
+gpt-oss, MiniMax and Llama 4; a multimodal wrapper is read through its ``text_config``.
 
-DeepSeek's multi-token-prediction layers (``num_nextn_predict_layers``) are not part of the
-ModelSpec: the published 671B of DeepSeek-V3 is the main model without its 14B MTP module.
+Keys a config leaves out take its family's transformers default (hf_features); what the
+simulator does not model (sliding windows, linear or sparse attention, multi-token-prediction
+layers, quantized weights) is kept as the spec's notes. DeepSeek's multi-token-prediction
+layers (``num_nextn_predict_layers``) are not part of the ModelSpec: the published 671B of
+DeepSeek-V3 is the main model without its 14B MTP module.
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ from dataclasses import fields
 from typing import Any
 
 from hybridflow.simulator.architecture import ModelError, ModelSpec
+from hybridflow.simulator.hf_features import (
+    ENCODER_DECODER,
+    ENCODER_ONLY,
+    WRAPPER_TEXT_TYPES,
+    feature_notes,
+    with_defaults,
+)
 
 # Hugging Face config.json keys -> ModelSpec fields (every family; the
 # mixture-of-experts and latent-attention keys are read below).
@@ -27,34 +38,107 @@ HF_KEYS = {
     "rms_norm_eps": "norm_eps",
     "max_position_embeddings": "max_position",
 }
+# Other families' names for the required keys (read by none of them here).
+_ALIASES = {
+    "layers": ("n_layer", "n_layers", "num_layers"),
+    "hidden": ("n_embd", "d_model"),
+    "heads": ("n_head", "n_heads"),
+}
 
 
 _MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-_QKV_BIAS_TYPES = ("qwen2", "qwen2_moe")
-_QK_NORM_TYPES = ("qwen3", "qwen3_moe")
+_QK_NORM_TYPES = (
+    "qwen3",
+    "qwen3_moe",
+    "qwen3_next",
+    "qwen3_vl_text",
+    "qwen3_vl_moe_text",
+    "gemma3_text",
+)
+# MoE families whose intermediate_size is the dense MLP's width (the experts' is
+# moe_intermediate_size); elsewhere (Mixtral, gpt-oss, MiniMax) it is the experts' width.
+_SEPARATE_EXPERT_WIDTH = (
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "qwen3_vl_moe_text",
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "glm4_moe",
+)
+_ROUTER_BIAS_TYPES = ("gpt_oss", "glm4_moe")  # a bias (or score correction) per expert
+_SHARED_GATE_TYPES = ("qwen2_moe", "qwen3_next")
 
 
 def spec_from_hf_dict(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
-    """A ModelSpec from a parsed config.json; `where` names the file in messages."""
-    kw: dict[str, Any] = {dst: cfg[src] for src, dst in HF_KEYS.items() if cfg.get(src) is not None}
-    kw.setdefault("kv_heads", cfg.get("num_attention_heads"))
-    mtype = cfg.get("model_type", "")
-    if mtype == "mixtral" and "ffn" in kw:
-        kw["expert_ffn"] = kw["ffn"]
-    missing = [f for f in ("layers", "hidden", "heads", "ffn", "vocab") if f not in kw]
-    if missing:
-        raise ModelError(
-            f"model config {where!r} lacks {', '.join(missing)} "
-            f"(keys {', '.join(k for k, v in HF_KEYS.items() if v in missing)})"
-        )
-    kw["qkv_bias"] = bool(cfg.get("attention_bias", mtype in _QKV_BIAS_TYPES))
-    kw["qk_norm"] = mtype in _QK_NORM_TYPES
-    if cfg.get("kv_lora_rank"):
-        kw.update({k: cfg.get(k) or 0 for k in _MLA_KEYS})
+    """A ModelSpec from a parsed config.json; `where` names the file in messages. What the
+    simulator does not model is named in the spec's notes."""
+    _refuse_non_decoder(cfg, where)
+    text, notes = language_model(cfg, where)
+    if text is not cfg:
+        where = f"{where} (text_config)"
+    text = with_defaults(text)
+    kw: dict[str, Any] = {
+        dst: text[src] for src, dst in HF_KEYS.items() if text.get(src) is not None
+    }
+    kw.setdefault("kv_heads", text.get("num_attention_heads"))
+    _check_present(kw, text, where)
+    kw["qkv_bias"] = bool(text.get("attention_bias", False))
+    kw["qk_norm"] = text.get("model_type", "") in _QK_NORM_TYPES
+    if text.get("kv_lora_rank"):
+        kw.update({k: text.get(k) or 0 for k in _MLA_KEYS})
         kw.pop("head_dim", None)  # some exports write the rotary size here; derived instead
-    kw.update(_moe_fields(cfg, kw["layers"], where))
+    kw.update(_moe_fields(text, kw["layers"], where))
+    layers = kw["layers"] if _is_count(kw["layers"]) else 0
+    notes += feature_notes(text, layers, where)
     known = {f.name for f in fields(ModelSpec)}
-    return ModelSpec(name=name, **{k: v for k, v in kw.items() if k in known})
+    kw = {k: v for k, v in kw.items() if k in known}
+    return ModelSpec(name=name, notes=tuple(notes), **kw)
+
+
+def language_model(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """The language model's keys and a note: a multimodal wrapper's text_config, with the
+    wrapper's keys that govern it (its LM head's tying, its quantization)."""
+    towers = [k for k in ("vision_config", "audio_config") if cfg.get(k)]
+    text = cfg.get("text_config")
+    if text is None:
+        return cfg, [f"{' and '.join(towers)} left out (language model only)"] if towers else []
+    if not isinstance(text, dict):
+        raise ModelError(f"model config {where!r}: text_config must be a JSON object")
+    out = dict(text)
+    out.setdefault("model_type", WRAPPER_TEXT_TYPES.get(cfg.get("model_type", ""), ""))
+    for key in ("tie_word_embeddings", "quantization_config"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    left_out = f" ({' and '.join(towers)} left out)" if towers else ""
+    return out, [f"read text_config as the language model{left_out}"]
+
+
+def _refuse_non_decoder(cfg: dict[str, Any], where: str) -> None:
+    text = cfg.get("text_config")
+    for c in (cfg, text) if isinstance(text, dict) else (cfg,):
+        mtype = c.get("model_type", "")
+        if mtype in ENCODER_ONLY:
+            kind = "an encoder-only"
+        elif mtype in ENCODER_DECODER or c.get("is_encoder_decoder"):
+            kind = "an encoder-decoder"
+        else:
+            continue
+        raise ModelError(
+            f"model config {where!r}: {repr(mtype) if mtype else 'it'} is {kind} model; only "
+            "decoder-only language models can be planned"
+        )
+
+
+def _check_present(kw: dict[str, Any], cfg: dict[str, Any], where: str) -> None:
+    missing = [f for f in ("layers", "hidden", "heads", "ffn", "vocab") if f not in kw]
+    if not missing:
+        return
+    keys = ", ".join(k for k, v in HF_KEYS.items() if v in missing)
+    others = [a for f in missing for a in _ALIASES.get(f, ()) if a in cfg]
+    hint = f"; it has {', '.join(others)}, a layout not read here" if others else ""
+    raise ModelError(f"model config {where!r} lacks {', '.join(missing)} (keys {keys}){hint}")
 
 
 def _moe_fields(cfg: dict[str, Any], layers: Any, where: str) -> dict[str, Any]:
@@ -63,25 +147,56 @@ def _moe_fields(cfg: dict[str, Any], layers: Any, where: str) -> dict[str, Any]:
     )
     if not experts:
         return {}
+    mtype = cfg.get("model_type", "")
     out: dict[str, Any] = {
         "experts": experts,
-        "experts_per_token": cfg.get("num_experts_per_tok") or 0,
+        "experts_per_token": cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0,
     }
-    if cfg.get("moe_intermediate_size"):
-        out["expert_ffn"] = cfg["moe_intermediate_size"]
-    if cfg.get("n_shared_experts"):
-        out["shared_experts"] = cfg["n_shared_experts"]
-    if cfg.get("shared_expert_intermediate_size"):
-        out["shared_expert_ffn"] = cfg["shared_expert_intermediate_size"]
-        out["shared_expert_gate"] = cfg.get("model_type") == "qwen2_moe"
-    out["router_bias"] = cfg.get("topk_method") == "noaux_tc"
-    if isinstance(layers, int) and layers > 0:
+    out.update(_expert_widths(cfg, mtype, where))
+    shared = cfg.get("n_shared_experts") or cfg.get("num_shared_experts")
+    if shared:
+        out["shared_experts"] = shared
+    shared_ffn = cfg.get("shared_expert_intermediate_size") or cfg.get("shared_intermediate_size")
+    if shared_ffn:
+        out["shared_expert_ffn"] = shared_ffn
+        out["shared_expert_gate"] = mtype in _SHARED_GATE_TYPES
+    out["router_bias"] = bool(
+        cfg.get("topk_method") == "noaux_tc"
+        or mtype in _ROUTER_BIAS_TYPES
+        or cfg.get("use_routing_bias")  # MiniMax-M2's score correction
+    )
+    if _is_count(layers):
         out["dense_layers"] = sum(not _is_moe_layer(cfg, i, where) for i in range(layers))
     return out
 
 
+def _expert_widths(cfg: dict[str, Any], mtype: str, where: str) -> dict[str, Any]:
+    """expert_ffn (and, where the family has them apart, the dense width and shared expert)."""
+    if cfg.get("moe_intermediate_size"):
+        return {"expert_ffn": cfg["moe_intermediate_size"]}
+    if mtype == "llama4_text":  # experts and the shared expert of intermediate_size
+        dense = cfg.get("intermediate_size_mlp") or cfg.get("intermediate_size")
+        return {"expert_ffn": cfg.get("intermediate_size"), "ffn": dense, "shared_experts": 1}
+    if mtype in _SEPARATE_EXPERT_WIDTH:
+        raise ModelError(
+            f"model config {where!r}: {mtype} names experts but not their width "
+            "(key moe_intermediate_size)"
+        )
+    return {"expert_ffn": cfg.get("intermediate_size") or 0}
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _is_moe_layer(cfg: dict[str, Any], i: int, where: str) -> bool:
     """Which layers carry experts, by each family's rule."""
+    if "moe_layers" in cfg or "interleave_moe_layer_step" in cfg:  # Llama 4
+        listed, step = cfg.get("moe_layers"), _get(cfg, "interleave_moe_layer_step", 1)
+        if listed is not None and not isinstance(listed, list):
+            raise ModelError(f"model config {where!r}: moe_layers must be a list of layers")
+        _check_ints(where, {"moe_layers": listed or [], "interleave_moe_layer_step": [step]})
+        return i in listed if listed is not None else (i + 1) % step == 0
     if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:  # DeepSeek
         k, freq = _get(cfg, "first_k_dense_replace", 0), _get(cfg, "moe_layer_freq", 1)
         _check_ints(where, {"first_k_dense_replace": [k], "moe_layer_freq": [freq]})
@@ -104,7 +219,10 @@ def _check_ints(where: str, values: dict[str, list[Any]]) -> None:
                 not isinstance(v, int)
                 or isinstance(v, bool)
                 or v < 0
-                or (key in ("moe_layer_freq", "decoder_sparse_step") and v == 0)
+                or (
+                    key in ("moe_layer_freq", "decoder_sparse_step", "interleave_moe_layer_step")
+                    and v == 0
+                )
             ):
                 raise ModelError(f"model config {where!r}: bad {key} value {v!r}")
 
