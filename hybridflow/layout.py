@@ -4,7 +4,10 @@ A :class:`ParallelLayout` (pp, tp, dp; ep for experts, vpp for interleaved pipel
 what the simulator costs, the planner searches, the plan file holds and the executor builds
 its megatron-core groups from. Ranks follow megatron's order, TP innermost, then DP, then PP
 (``RANK_ORDER``): global rank = tp + TP * (dp + DP * pp). Expert-parallel ranks are
-data-parallel ranks (megatron's rule: ep divides dp), tp devices apart.
+data-parallel ranks (megatron's rule: ep divides dp), tp devices apart. Context parallelism
+(cp) splits each sequence over cp ranks between TP and DP (megatron's tp-cp-dp-pp): they hold
+the same weights and see one sequence together. Pipelines may be uneven (``pipeline_split``):
+megatron-core takes the first and last stage's layer counts.
 
 A :class:`GenLayout` is the actor's generation layout inside its training layout (the
 3D-HybridEngine): pp * tp * micro_dp equals the training pp * tp; the training dp replicates it.
@@ -12,12 +15,13 @@ A :class:`GenLayout` is the actor's generation layout inside its training layout
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from hybridflow.errors import UserError
 
-RANK_ORDER = ("tp", "dp", "pp")  # innermost (consecutive ranks) first
+RANK_ORDER = ("tp", "cp", "dp", "pp")  # innermost (consecutive ranks) first
 
 
 class LayoutError(UserError):
@@ -49,9 +53,10 @@ class ParallelLayout:
     dp: int = 1
     ep: int = 1
     vpp: int | None = None
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        _degrees("layout", pp=self.pp, tp=self.tp, dp=self.dp, ep=self.ep)
+        _degrees("layout", pp=self.pp, tp=self.tp, dp=self.dp, ep=self.ep, cp=self.cp)
         if self.dp % self.ep:
             raise LayoutError(f"layout: expert parallel ep={self.ep} must divide dp={self.dp}")
         if self.vpp is not None and (
@@ -67,7 +72,7 @@ class ParallelLayout:
     # ---- sizes ---------------------------------------------------------------------
     @property
     def n_gpus(self) -> int:
-        return self.pp * self.tp * self.dp
+        return self.pp * self.tp * self.cp * self.dp
 
     world_size = n_gpus  # the executor's name: the ranks of the role's worker group
 
@@ -76,11 +81,11 @@ class ParallelLayout:
         return self.pp * self.tp
 
     def size(self, dim: str) -> int:
-        return {"tp": self.tp, "dp": self.dp, "pp": self.pp}[dim]
+        return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp}[dim]
 
     # ---- the rank order ------------------------------------------------------------
     def stride(self, dim: str) -> int:
-        """Ranks between two neighbours along `dim` (tp 1, dp tp, pp tp * dp)."""
+        """Ranks between two neighbours along `dim` (tp 1, cp tp, dp tp * cp, pp tp * cp * dp)."""
         out = 1
         for d in RANK_ORDER:
             if d == dim:
@@ -97,14 +102,24 @@ class ParallelLayout:
             raise LayoutError(f"rank {rank} outside a layout of {self.n_gpus} ranks")
         return Coords(*(rank // self.stride(d) % self.size(d) for d in ("pp", "dp", "tp")))
 
-    def rank_of(self, pp: int, dp: int, tp: int) -> int:
-        return tp * self.stride("tp") + dp * self.stride("dp") + pp * self.stride("pp")
+    def cp_rank(self, rank: int) -> int:
+        """A rank's place in its context-parallel group (0 when cp is 1)."""
+        return rank // self.stride("cp") % self.cp
+
+    def rank_of(self, pp: int, dp: int, tp: int, cp: int = 0) -> int:
+        return (
+            tp * self.stride("tp")
+            + cp * self.stride("cp")
+            + dp * self.stride("dp")
+            + pp * self.stride("pp")
+        )
 
     # ---- checks --------------------------------------------------------------------
     def check(self, n_gpus: int) -> None:
         if self.n_gpus != n_gpus:
             raise LayoutError(
-                f"layout pp={self.pp} tp={self.tp} dp={self.dp} uses {self.n_gpus} "
+                f"layout pp={self.pp} tp={self.tp}{f' cp={self.cp}' if self.cp > 1 else ''} "
+                f"dp={self.dp} uses {self.n_gpus} "
                 f"GPUs, but its set has {n_gpus}"
             )
 
@@ -124,22 +139,24 @@ class ParallelLayout:
 
     # ---- plan files ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        """{pp, tp, dp}, and ep when it is not 1 (plans of dense models stay as they were)."""
-        d = {"pp": self.pp, "tp": self.tp, "dp": self.dp}
+        """{pp, tp, cp, dp}, and ep when it is not 1 (plans of dense models keep no ep)."""
+        d = {"pp": self.pp, "tp": self.tp, "cp": self.cp, "dp": self.dp}
         if self.ep != 1:
             d["ep"] = self.ep
         return d
 
     @classmethod
     def from_dict(cls, d: object) -> ParallelLayout:
-        if not isinstance(d, dict) or not {"pp", "tp", "dp"} <= set(d) <= {"pp", "tp", "dp", "ep"}:
-            raise LayoutError(f"layout: expected {{pp, tp, dp}} and optionally ep, got {d!r}")
-        return cls(d["pp"], d["tp"], d["dp"], d.get("ep", 1))
+        keys = {"pp", "tp", "dp", "cp", "ep"}
+        if not isinstance(d, dict) or not {"pp", "tp", "dp"} <= set(d) <= keys:
+            raise LayoutError(f"layout: expected {{pp, tp, dp}} and optionally cp, ep, got {d!r}")
+        return cls(d["pp"], d["tp"], d["dp"], d.get("ep", 1), cp=d.get("cp", 1))
 
     def __str__(self) -> str:
         vpp = f"xVPP{self.vpp}" if self.vpp else ""
+        cp = f"xCP{self.cp}" if self.cp != 1 else ""
         ep = f"xEP{self.ep}" if self.ep != 1 else ""
-        return f"TP{self.tp}xPP{self.pp}{vpp}xDP{self.dp}{ep}"
+        return f"TP{self.tp}{cp}xPP{self.pp}{vpp}xDP{self.dp}{ep}"
 
 
 @dataclass(frozen=True)
@@ -189,11 +206,43 @@ class GenLayout:
         return cls(d["pp"], d["tp"], d["micro_dp"])
 
 
-def check_model_fits(layers: int, heads: int, kv_heads: int, pp: int, tp: int) -> None:
-    """Megatron/vLLM-style sharding: whole layers per stage, whole KV heads per TP rank."""
-    if layers % pp:
-        raise LayoutError(f"pp={pp} does not divide the model's {layers} layers")
-    if heads % tp or kv_heads % tp:
+def check_model_fits(
+    layers: int, heads: int, kv_heads: int, pp: int, tp: int, replicate_kv: bool = False
+) -> None:
+    """Megatron/vLLM-style sharding: at least one layer per stage (stages may be uneven),
+    whole heads per TP rank and whole KV heads, or (vLLM, `replicate_kv`) a tp that a KV
+    head's copies fill evenly: kv_heads divides tp."""
+    if pp > layers:
+        raise LayoutError(f"pp={pp} exceeds the model's {layers} layers")
+    if heads % tp:
+        raise LayoutError(f"tp={tp} does not divide the model's {heads} heads")
+    if kv_heads % tp and not (replicate_kv and tp % kv_heads == 0):
         raise LayoutError(
-            f"tp={tp} does not divide the model's {heads} heads and {kv_heads} KV heads"
+            f"tp={tp} does not divide the model's {kv_heads} KV heads"
+            + (" (nor do they divide it)" if replicate_kv else "")
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def pipeline_split(
+    layers: int, pp: int, first_extra: float = 0.0, last_extra: float = 0.0
+) -> tuple[int, ...]:
+    """Layers per pipeline stage: the middle stages equal (megatron-core's
+    decoder_first/last_pipeline_num_layers), the first and last stage chosen so that the
+    slowest stage is fastest, where the first stage also does `first_extra` and the last
+    `last_extra` layers' worth of work (embedding, LM head and loss). Even when that ties."""
+    if pp == 1:
+        return (layers,)
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    mids = range(0, 1) if pp == 2 else range(1, layers // (pp - 2) + 1)
+    for mid in mids:
+        rest = layers - mid * (pp - 2)
+        for first in range(1, rest):
+            split = (first,) + (mid,) * (pp - 2) + (rest - first,)
+            slowest = max(first + first_extra, mid if pp > 2 else 0, rest - first + last_extra)
+            spread = max(split) - min(split)
+            if best is None or (slowest, spread) < best[:2]:
+                best = (slowest, spread, split)
+    if best is None:
+        raise LayoutError(f"{layers} layers cannot fill pp={pp} stages")
+    return best[2]

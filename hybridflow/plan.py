@@ -1,24 +1,28 @@
 """The plan schema planner and executor share: sets of colocated roles, GPUs per set, each
 role's layouts, and the prediction.
 
-plan.json (keys version, cluster, job, sets[{models, gpus, layouts}], predicted) is the one
-thing the executor reads from the planner. Plan.from_dict and Plan.load validate it once;
-everything after them (simulate, the exports, the executor) takes the typed Plan.
+plan.json (keys version, cluster, job, models, sets[{models, gpus, layouts, memory}],
+predicted) is the one thing the executor reads from the planner. A set's "memory" holds each
+trained role's MemorySettings; a plan without them gets verl's megatron defaults. "models"
+(each role's parameters, KV bytes per token, layers) is derived from the job and only
+written. Plan.from_dict and Plan.load validate it once; everything after them (simulate, the
+exports, the executor) takes the typed Plan.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from hybridflow.errors import UserError, unreadable
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
+from hybridflow.memory import DEFAULT, MemorySettings
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
-from hybridflow.vocab import layout_kinds
+from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES, layout_kinds
 
 VERSION = 1
 
@@ -28,6 +32,7 @@ class PlacedSet:
     models: tuple[str, ...]
     gpus: int
     layouts: Mapping[str, Mapping[str, ParallelLayout | GenLayout]]
+    memory: Mapping[str, MemorySettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(str(m) for m in self.models))
@@ -60,6 +65,22 @@ class PlacedSet:
                 gen.check(self.gpus, train)
             frozen[role] = MappingProxyType(lay)
         object.__setattr__(self, "layouts", MappingProxyType(frozen))
+        wrong = sorted(r for r in self.memory if r not in self.models or r not in TRAINED_ROLES)
+        if wrong:
+            raise LayoutError(
+                f"set {list(self.models)}: memory settings are for its trained roles only, "
+                f"got {', '.join(wrong)}"
+            )
+        object.__setattr__(self, "memory", MappingProxyType(dict(self.memory)))
+
+    def settings(self, role: str) -> MemorySettings:
+        """The role's memory settings (verl's defaults where the plan gives none)."""
+        return self.memory.get(role, DEFAULT)
+
+    def resolved(self, seq_len: int) -> PlacedSet:
+        """With every trained role's settings present and their token budget filled in."""
+        mem = {r: self.settings(r).resolved(seq_len) for r in self.models if r in TRAINED_ROLES}
+        return PlacedSet(self.models, self.gpus, self.layouts, mem)
 
     def layout(self, role: str) -> ParallelLayout:
         """The role's train/infer layout."""
@@ -74,20 +95,33 @@ class PlacedSet:
         return gen
 
     def to_dict(self) -> dict:
-        return {
+        d: dict = {
             "models": list(self.models),
             "gpus": self.gpus,
             "layouts": {
                 r: {k: v.to_dict() for k, v in self.layouts[r].items()} for r in self.models
             },
         }
+        if self.memory:
+            d["memory"] = {r: self.memory[r].to_dict() for r in self.models if r in self.memory}
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> PlacedSet:
-        if not isinstance(d, dict) or set(d) != {"models", "gpus", "layouts"}:
-            raise LayoutError(f"set: expected keys models, gpus, layouts, got {d!r}")
+        if not isinstance(d, dict) or not {"models", "gpus", "layouts"} <= set(d) <= {
+            "models",
+            "gpus",
+            "layouts",
+            "memory",
+        }:
+            raise LayoutError(
+                f"set: expected keys models, gpus, layouts (memory optional), got {d!r}"
+            )
         if not isinstance(d["models"], list) or not isinstance(d["layouts"], dict):
             raise LayoutError("set: models must be a list and layouts a mapping")
+        mem = d.get("memory", {})
+        if not isinstance(mem, dict):
+            raise LayoutError("set: memory must map trained roles to their settings")
         layouts = {}
         for role, lay in d["layouts"].items():
             if not isinstance(lay, dict):
@@ -96,7 +130,15 @@ class PlacedSet:
                 k: (GenLayout.from_dict(v) if k == "generate" else ParallelLayout.from_dict(v))
                 for k, v in lay.items()
             }
-        return cls(tuple(d["models"]), d["gpus"], layouts)
+        settings = {r: MemorySettings.from_dict(v) for r, v in mem.items()}
+        return cls(tuple(d["models"]), d["gpus"], layouts, settings)
+
+
+def models_summary(job: Job) -> dict[str, dict]:
+    """Each GPU role's parameters (total, active), KV bytes per token, layers and notes."""
+    from hybridflow.simulator.model_info import model_summary
+
+    return {r: model_summary(job.spec(r), value_head=r in VALUE_ROLES) for r in job.gpu_roles}
 
 
 class PlanError(UserError):
@@ -139,6 +181,8 @@ class Plan:
         used = sum(s.gpus for s in self.sets)
         if used > self.cluster.n_gpus:
             raise PlanError(f"plan: sets use {used} GPUs but the cluster has {self.cluster.n_gpus}")
+        resolved = tuple(s.resolved(self.job.seq_len) for s in self.sets)
+        object.__setattr__(self, "sets", resolved)
 
     @property
     def gpus(self) -> int:
@@ -161,6 +205,7 @@ class Plan:
             "version": self.version,
             "cluster": self.cluster.to_dict(),
             "job": self.job.to_dict(),
+            "models": models_summary(self.job),
             "sets": [s.to_dict() for s in self.sets],
         }
         if self.predicted is not None:
@@ -171,11 +216,11 @@ class Plan:
     def from_dict(cls, d: object) -> Plan:
         if not isinstance(d, dict):
             raise PlanError("plan: expected a JSON object")
-        allowed = {"version", "cluster", "job", "sets", "predicted"}
+        allowed = {"version", "cluster", "job", "models", "sets", "predicted"}
         if set(d) - allowed or not {"version", "cluster", "job", "sets"} <= set(d):
             raise PlanError(
                 f"plan: expected keys {', '.join(sorted(allowed))} "
-                f"(predicted optional), got {', '.join(sorted(d))}"
+                f"(models, predicted optional), got {', '.join(sorted(d))}"
             )
         if not isinstance(d["sets"], list):
             raise PlanError("plan: sets must be a list")

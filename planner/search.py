@@ -158,7 +158,7 @@ class Planner:
 
     def to_plan(self, cand: Candidate, cluster: Cluster) -> Plan:
         sets = tuple(
-            PlacedSet(roles, n, dict(choice.layouts))
+            PlacedSet(roles, n, dict(choice.layouts), dict(choice.memory))
             for roles, n, choice in zip(cand.placement, cand.solution.gpus, cand.choices)
         )
         plan = Plan(cluster, self.job, sets)

@@ -15,20 +15,20 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias, overload
 
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
+from hybridflow.memory import DEFAULT, RECOMPUTE, MemorySettings
 from hybridflow.simulator.generation import GenShape, gen_shape, generation_cost
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile
 from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
+from hybridflow.simulator.train_memory import largest_state, resident_memory, stage_memory
 from hybridflow.simulator.training import (
     WEIGHT_BYTES,
     check_layout,
     infer_cost,
-    resident_memory,
     role_params,
-    stage_memory,
     train_cost,
 )
-from hybridflow.vocab import CRITIC_ROLES, STAGES, Kind
+from hybridflow.vocab import CRITIC_ROLES, STAGES, TRAINED_ROLES, Kind
 
 Stages: TypeAlias = tuple[float, ...]  # seconds in STAGES order, one per stage
 
@@ -59,6 +59,8 @@ class Candidate:
     resident: float
     transient: float
     stages: Stages
+    settings: MemorySettings = DEFAULT
+    gen_resident: float = 0.0  # what the actor holds while generating (its weights if offloaded)
 
     @property
     def total(self) -> float:
@@ -80,6 +82,7 @@ class SetChoice:
     layouts: tuple[tuple[str, dict], ...]  # (role, {kind: layout})
     stages: Stages
     peak_bytes: float
+    memory: tuple[tuple[str, MemorySettings], ...] = ()  # trained roles' settings
 
     @property
     def total(self) -> float:
@@ -94,10 +97,27 @@ class _Partial:
     transient: float
     stages: Stages
     layouts: tuple[tuple[str, dict], ...]
+    memory: tuple[tuple[str, MemorySettings], ...] = ()
 
     @property
     def total(self) -> float:
         return sum(self.stages)
+
+
+def _per_layout(cands: list[Candidate]) -> list[Candidate]:
+    """Of each layout's candidates, those not dominated in time, resident, transient and
+    generation-time bytes by another of the same layout (exact: generation depends on the
+    layout and the bytes left free)."""
+
+    def key(c: Candidate) -> tuple[float, ...]:
+        return (c.total, c.resident, c.transient, c.gen_resident)
+
+    keep = []
+    for c in cands:
+        same = (o for o in cands if o is not c and o.layout == c.layout)
+        if not any(all(a <= b for a, b in zip(key(o), key(c))) and key(o) != key(c) for o in same):
+            keep.append(c)
+    return keep
 
 
 def _pareto(cands: list) -> list:
@@ -139,6 +159,7 @@ class Tables:
         self._shapes: dict[tuple[ParallelLayout, GenLayout], GenShape] = {}
         self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
         self._partial_cache: dict[tuple[tuple[str, ...], int, bool], list[_Partial]] = {}
+        self._fastest: dict[ParallelLayout, float] = {}
 
     # ---- per role -----------------------------------------------------------------
     def layouts(self, role: str, n: int) -> Iterator[ParallelLayout]:
@@ -155,7 +176,21 @@ class Tables:
                             continue
                         yield lay
 
-    def _candidate(self, role: str, lay: ParallelLayout) -> Candidate:
+    def settings_options(self, role: str) -> list[MemorySettings]:
+        """What the planner tries for a trained role: each recomputation, with and without
+        host offload where the profile has a host link. The distributed optimizer stays on
+        (it needs less memory and moves less than an all-reduce); micro-batches stay one
+        sequence (packing saves no time in this model, only bubbles and memory)."""
+        if role not in TRAINED_ROLES:
+            return [DEFAULT]
+        offload = (False, True) if self.profile.host_bandwidth else (False,)
+        return [
+            MemorySettings(recompute=r, offload=o).resolved(self.job.seq_len)
+            for o in offload
+            for r in RECOMPUTE
+        ]
+
+    def _candidate(self, role: str, lay: ParallelLayout, mem: MemorySettings) -> Candidate:
         job, prof = self.job, self.profile
         secs = dict.fromkeys(STAGES, 0.0)
         transient = 0.0
@@ -163,14 +198,18 @@ class Tables:
             if w.kind == "generate":
                 continue
             c = (
-                train_cost(job, role, lay, prof, self.gpn)
+                train_cost(job, role, lay, prof, self.gpn, mem)
                 if w.kind == "train"
                 else infer_cost(job, role, lay, prof, self.gpn, w.sequences)
             )
             secs[w.stage] += c.seconds
-            transient = max(transient, stage_memory(job, role, lay, w.kind).bytes)
+            transient = max(transient, stage_memory(job, role, lay, w.kind, mem).bytes)
+        resident = resident_memory(job, role, lay, mem).bytes
+        gen_resident = resident
+        if mem.offload and role == "actor":
+            gen_resident = largest_state(job.spec(role), lay, mem).as_dict()["weights"]
         return Candidate(
-            lay, resident_memory(job, role, lay).bytes, transient, tuple(secs[s] for s in STAGES)
+            lay, resident, transient, tuple(secs[s] for s in STAGES), mem, gen_resident
         )
 
     def role_candidates(self, role: str, n: int, prune: bool = True) -> list[Candidate]:
@@ -179,11 +218,18 @@ class Tables:
             usable = self.profile.usable_bytes
             cands = [
                 c
-                for c in (self._candidate(role, lay) for lay in self.layouts(role, n))
+                for c in (
+                    self._candidate(role, lay, mem)
+                    for lay in self.layouts(role, n)
+                    for mem in self.settings_options(role)
+                )
                 if c.resident + c.transient <= usable
             ]
-            # the actor keeps every layout: its generation options differ by layout
-            self._roles[key] = _pareto(cands) if prune and role != "actor" else cands
+            # the actor keeps every layout (its generation options differ by layout), and
+            # of each layout's settings those no other beats in memory, also while generating
+            self._roles[key] = (
+                (_pareto(cands) if role != "actor" else _per_layout(cands)) if prune else cands
+            )
         return self._roles[key]
 
     def gen_options(self, train: ParallelLayout) -> list[GenOption]:
@@ -193,8 +239,8 @@ class Tables:
             for tg in _powers_of_two(train.tp):
                 top = min(train.pp, self.max_gen_pp or train.pp)
                 for pg in (x for x in range(1, top + 1) if train.pp % x == 0):
-                    if spec.heads % tg or spec.kv_heads % tg or spec.layers % pg:
-                        continue
+                    if spec.heads % tg or (spec.kv_heads % tg and tg % spec.kv_heads):
+                        continue  # vLLM copies KV heads to fill a larger tp
                     gen = GenLayout(pg, tg, train.model_parallel // (pg * tg))
                     args = (model_bytes, train.pp, train.tp, train.dp, pg, tg)
                     opts.append(
@@ -263,6 +309,7 @@ class Tables:
                     max(p.transient, c.transient),
                     tuple(a + b for a, b in zip(p.stages, c.stages)),
                     p.layouts + ((role, {kind: c.layout}),),
+                    p.memory + (((role, c.settings),) if role in TRAINED_ROLES else ()),
                 )
                 for p in self._partials(others[:-1], n, prune)
                 for c in self.role_candidates(role, n, prune)
@@ -278,7 +325,9 @@ class Tables:
             alone = min(partial, key=lambda p: sum(p.stages), default=None)
             if alone is None:
                 return None
-            return SetChoice(alone.layouts, alone.stages, alone.resident + alone.transient)
+            return SetChoice(
+                alone.layouts, alone.stages, alone.resident + alone.transient, alone.memory
+            )
         best: SetChoice | None = None
         partial = sorted(partial, key=lambda p: p.total)
         actors = [(a, self._fastest_generation(a)) for a in self.role_candidates("actor", n, prune)]
@@ -294,16 +343,19 @@ class Tables:
     def _fastest_generation(self, a: Candidate) -> float:
         """Generation + reshard seconds of actor layout `a` with unlimited KV memory: a
         lower bound on what any colocation leaves it."""
+        if a.layout in self._fastest:
+            return self._fastest[a.layout]
         times = [
             self.generation_seconds(a.layout, opt, float("inf"), check=False) + opt.reshard_s
             for opt in self.gen_options(a.layout)
         ]
-        return min((t for t in times if t is not None), default=float("inf"))
+        self._fastest[a.layout] = min((t for t in times if t is not None), default=float("inf"))
+        return self._fastest[a.layout]
 
     def _with_actor(self, a: Candidate, p: _Partial, usable: float) -> SetChoice | None:
-        res_all = p.resident + a.resident
-        if res_all + max(p.transient, a.transient) > usable:
+        if p.resident + a.resident + max(p.transient, a.transient) > usable:
             return None
+        res_all = p.resident + a.gen_resident
         best: SetChoice | None = None
         for opt in self.gen_options(a.layout):
             gen_s = self.generation_seconds(a.layout, opt, usable - res_all)
@@ -314,7 +366,7 @@ class Tables:
             stages[3] += opt.reshard_s
             if best is None or sum(stages) < best.total:
                 lay = (("actor", {"train": a.layout, "generate": opt.layout}),) + p.layouts
-                best = SetChoice(lay, tuple(stages), usable)
+                best = SetChoice(lay, tuple(stages), usable, (("actor", a.settings),) + p.memory)
         return best
 
     def min_size(self, roles: tuple[str, ...], limit: int) -> int | None:

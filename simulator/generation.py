@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from hybridflow.layout import GenLayout, ParallelLayout, check_model_fits
+from hybridflow.simulator.architecture import ModelSpec
 from hybridflow.simulator.costs import GIB, Cost, DoesNotFit, Memory, collective, cost, memory
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.moe import moe_alltoall_seconds, touched_fraction
@@ -42,9 +43,9 @@ class GenShape:
 
 def gen_shape(job: Job, train: ParallelLayout, gen: GenLayout, sequences: int) -> GenShape:
     spec = job.spec("actor")
-    check_model_fits(spec.layers, spec.heads, spec.kv_heads, gen.pp, gen.tp)
+    check_model_fits(spec.layers, spec.heads, spec.kv_heads, gen.pp, gen.tp, replicate_kv=True)
     replicas = train.dp * gen.micro_dp
-    kv = spec.kv_bytes_per_token(WEIGHT_BYTES) / gen.model_parallel * job.seq_len
+    kv = kv_bytes_per_gpu(spec, gen) * job.seq_len
     mp = gen.model_parallel
     return GenShape(
         math.ceil(sequences / replicas),
@@ -55,6 +56,16 @@ def gen_shape(job: Job, train: ParallelLayout, gen: GenLayout, sequences: int) -
         train.stride("dp"),  # ep ranks are data-parallel ranks
         replicas,
     )
+
+
+def kv_bytes_per_gpu(spec: ModelSpec, gen: GenLayout) -> float:
+    """One token's KV cache on one GPU as vLLM keeps it: KV heads split over tp, each
+    copied to tp / kv_heads ranks when tp exceeds them; MLA's latent on every tp rank;
+    layers split over pp (the largest stage of an uneven split)."""
+    layers = math.ceil(spec.layers / gen.pp)
+    per_layer = spec.kv_bytes_per_token(WEIGHT_BYTES) / spec.layers
+    share = 1.0 if spec.is_mla else max(1.0 / gen.tp, 1.0 / spec.kv_heads)
+    return per_layer * layers * share
 
 
 def kv_memory(shape: GenShape, in_flight: int) -> Memory:
@@ -190,7 +201,8 @@ def _generation(
         ("decode_compute", max(0.0, decode_flops - memory_bound), src),
         *_gen_comms(job, gen, in_flight, profile, gpn, waves, steps),
         ("ep_alltoall", a2a),
-        ("step_overhead", steps * profile.step_overhead_s, "roofline"),
+        # each pipeline stage's engine schedules and launches its own part of every step
+        ("step_overhead", steps * profile.step_overhead_s * gen.pp, "roofline"),
     )
 
 

@@ -28,14 +28,8 @@ from hybridflow.simulator.reshard import (
     reshard_cost,
     reshard_peak_bytes,
 )
-from hybridflow.simulator.training import (
-    WEIGHT_BYTES,
-    infer_cost,
-    resident_memory,
-    role_params,
-    stage_memory,
-    train_cost,
-)
+from hybridflow.simulator.train_memory import resident_memory, stage_memory
+from hybridflow.simulator.training import WEIGHT_BYTES, infer_cost, role_params, train_cost
 from hybridflow.vocab import STAGES
 
 
@@ -137,7 +131,7 @@ def _actor_generation(
     train, gen = placed.layout("actor"), placed.generation()
     model_bytes = WEIGHT_BYTES * role_params(job, "actor", train.ep)
     args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
-    extra = generation_extra_bytes(scheme, *args)
+    extra = generation_extra_bytes(scheme, *args) + offloaded_weights(job, placed)
     swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
     _fits(
         f"resharding the actor ({scheme}) in set {list(placed.models)}",
@@ -158,14 +152,23 @@ def _actor_generation(
     return stages, memory(generation_weights=extra) + kv_memory(shape, n), n
 
 
+def offloaded_weights(job: Job, placed: PlacedSet) -> float:
+    """An offloaded actor brings its training weights back to reshard and generate."""
+    if not placed.settings("actor").offload:
+        return 0.0
+    train = placed.layout("actor")
+    return WEIGHT_BYTES * role_params(job, "actor", train.ep) / train.model_parallel
+
+
 def predict_set(
     job: Job, placed: PlacedSet, profile: Profile, gpn: int, scheme: str = "hybridengine"
 ) -> SetPrediction:
-    resident = {r: resident_memory(job, r, placed.layout(r)) for r in placed.models}
+    mem = {r: placed.settings(r) for r in placed.models}
+    resident = {r: resident_memory(job, r, placed.layout(r), mem[r]) for r in placed.models}
     transient = {
         r: max(
             (
-                stage_memory(job, r, placed.layout(r), w.kind)
+                stage_memory(job, r, placed.layout(r), w.kind, mem[r])
                 for w in job.works(r)
                 if w.kind != "generate"
             ),
@@ -187,7 +190,7 @@ def predict_set(
         own = transient[role]
         for w in job.works(role):
             if w.kind == "train":
-                stages["train"] = train_cost(job, role, layout, profile, gpn)
+                stages["train"] = train_cost(job, role, layout, profile, gpn, mem[role])
             elif w.kind == "infer":
                 stages["prepare"] = infer_cost(job, role, layout, profile, gpn, w.sequences)
         if role == "actor":

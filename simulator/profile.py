@@ -161,6 +161,7 @@ class Profile:
     eff_communication: float
     estimate: bool = False
     host_cores: int = 0  # >0: devices share this many CPU cores (local-cpu)
+    host_bandwidth: float = 0.0  # bytes/s per device to host memory, one way (0: no offload)
     sources: tuple[tuple[str, str], ...] = ()
     measured: Measured = field(default_factory=Measured)
     overheads: Overheads = field(default_factory=Overheads)
@@ -221,11 +222,21 @@ def _parse(data: Any, origin: str) -> Profile:
         **{f"eff_{k}": _num(f"{origin}.efficiency.{k}", eff[k]) for k in _EFFICIENCY},
         estimate=bool(data.get("estimate", False)),
         host_cores=_int(f"{origin}.host_cores", data["host_cores"]) if "host_cores" in data else 0,
+        host_bandwidth=_optional_number(data, sources, origin, "host_bandwidth"),
         sources=tuple(sorted((str(k), str(v)) for k, v in sources.items())),
         measured=_measured(data.get("measured")),
         overheads=_overheads(data.get("sharing"), data.get("extra")),
         calls=parse_calls(data.get("calls")),
     )
+
+
+def _optional_number(data: dict, sources: dict, origin: str, key: str) -> float:
+    """An optional positive number, sourced like the required ones; 0.0 when absent."""
+    if key not in data:
+        return 0.0
+    if not sources.get(key):
+        raise ProfileError(f"profile {origin}: no source for {key}")
+    return _num(f"{origin}.{key}", data[key])
 
 
 def available_profiles() -> list[str]:

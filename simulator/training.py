@@ -1,11 +1,13 @@
 """Training and inference (forward-only) predictors of one model on one 3D layout.
 
-Rank order is hybridflow.layout's (megatron's): TP innermost, then DP, then PP; the devices a
-group spans come from ParallelLayout.span and stride. One micro-batch is one sequence. bf16
-weights, fp32 gradients, fp32 Adam (master copy, m, v) as in the paper. Compute follows the
-tokens really produced (prompt + mean response) and, for mixture-of-experts models, the
-active parameters; memory follows the longest sequence and every parameter, the routed
-experts divided over the layout's ep ranks.
+Rank order is hybridflow.layout's (megatron's): TP innermost, then CP, DP, PP; the devices a
+group spans come from ParallelLayout.span and stride. A trained role's MemorySettings decide
+the micro-batches (one sequence, or sequences packed to a token budget), the optimizer's
+gradient exchange (distributed optimizer: reduce-scatter of the gradients and all-gather of
+the weights; else an all-reduce), recomputation and host offload (train_memory.py holds the
+bytes). Compute follows the tokens really produced (prompt + mean response) and, for
+mixture-of-experts models, the active parameters; a pipeline runs at its slowest stage (the
+LM head's stage; uneven stages balance it), each micro-batch crossing every stage boundary.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ from __future__ import annotations
 import math
 
 from hybridflow.layout import LayoutError, ParallelLayout, check_model_fits
-from hybridflow.simulator.costs import Cost, Memory, collective, cost, memory
+from hybridflow.memory import DEFAULT, MemorySettings
+from hybridflow.simulator.costs import Cost, collective, cost
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.moe import moe_alltoall_seconds
 from hybridflow.simulator.profile import Profile, interpolate
-from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES
+from hybridflow.simulator.train_memory import (
+    MASTER_BYTES,
+    MOMENT_BYTES,
+    head_layers,
+    rank_expert_params,
+    rank_params,
+    stage_split,
+    train_micro_batches,
+)
+from hybridflow.simulator.training_measured import measured_infer, measured_train
+from hybridflow.vocab import VALUE_ROLES
 
-WEIGHT_BYTES, GRAD_BYTES, ADAM_BYTES = 2, 4, 12
-ACT_BYTES_PER_TOKEN_HIDDEN = 34  # per layer, bf16, flash attention (Korthikanti et al. 2022)
-LOGIT_BYTES = 4  # fp32 logits for log-probs
+WEIGHT_BYTES, GRAD_BYTES = 2, 4
+SELECTIVE_RECOMPUTE_BYTES = 8  # per token, hidden and layer: the MLP activation re-run
 
 
 def flops_per_token(job: Job, role: str, context: float) -> float:
@@ -59,40 +71,13 @@ def check_layout(job: Job, role: str, layout: ParallelLayout) -> None:
     spec = job.spec(role)
     check_model_fits(spec.layers, spec.heads, spec.kv_heads, layout.pp, layout.tp)
     check_ep(job, role, layout)
+
     per_update = job.sequences // job.mini_batches
     if layout.dp > per_update:
         raise LayoutError(
             f"{role}: dp={layout.dp} exceeds the {per_update} sequences of a "
             f"mini-batch (a data-parallel rank would have no data)"
         )
-
-
-def resident_memory(job: Job, role: str, layout: ParallelLayout) -> Memory:
-    """Bytes per GPU held for the whole iteration."""
-    shard = role_params(job, role, layout.ep) / layout.model_parallel
-    if role in TRAINED_ROLES:
-        return memory(
-            weights=WEIGHT_BYTES * shard, grads=GRAD_BYTES * shard, adam=ADAM_BYTES * shard
-        )
-    return memory(weights=WEIGHT_BYTES * shard)
-
-
-def _micro(job: Job, layout: ParallelLayout) -> int:
-    return math.ceil(job.sequences / (job.mini_batches * layout.dp))
-
-
-def stage_memory(job: Job, role: str, layout: ParallelLayout, kind: str) -> Memory:
-    """Transient bytes per GPU during a train or infer stage (1F1B keeps up to pp
-    micro-batches of activations on the first stage)."""
-    spec = job.spec(role)
-    per_layer = ACT_BYTES_PER_TOKEN_HIDDEN * spec.hidden / layout.tp * job.seq_len
-    logits = 0.0 if role in VALUE_ROLES else job.seq_len * spec.vocab / layout.tp * LOGIT_BYTES
-    if kind == "train":
-        in_flight = min(layout.pp, _micro(job, layout))
-        return memory(
-            activations=spec.layers / layout.pp * per_layer * in_flight, logits=2 * logits
-        )
-    return memory(activations=per_layer, logits=logits)
 
 
 # What the controller sends each worker per sequence and token (int64): infer calls carry
@@ -113,18 +98,25 @@ def _intra(gpn: int, span: int) -> bool:
 
 
 def _compute(
-    job: Job, role: str, layout: ParallelLayout, profile: Profile, tokens: float, passes: int
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    tokens: float,
+    per_micro: float,
+    passes: int,
 ) -> tuple[float, str]:
-    """Seconds of `passes` x forward FLOPs over `tokens` on one model-parallel group."""
+    """Seconds of `passes` x forward FLOPs over `tokens` (of one data-parallel rank, in
+    micro-batches of `per_micro` tokens) on one model-parallel group and its cp ranks."""
     spec = job.spec(role)
     m = profile.measured
     seq = job.mean_seq_len
-    if m.train_layer and m.train_layer_model == spec.name and layout.tp == 1:
+    if m.train_layer and m.train_layer_model == spec.name and layout.tp == 1 and layout.cp == 1:
         per_seq = interpolate(m.train_layer, seq) * spec.layers / layout.pp * profile.slowdown
         return per_seq * (tokens / seq) * passes / 3.0, "measured"  # table is fwd+bwd
-    thr, src = profile.matmul_flops(seq, spec.hidden / layout.tp, spec.hidden)
+    thr, src = profile.matmul_flops(per_micro / layout.cp, spec.hidden / layout.tp, spec.hidden)
     work = tokens * passes * flops_per_token(job, role, seq / 2)
-    return work / layout.model_parallel / thr, src
+    return work / (layout.model_parallel * layout.cp) / thr, src
 
 
 def _tp_pp_comm(
@@ -134,11 +126,14 @@ def _tp_pp_comm(
     profile: Profile,
     gpn: int,
     micro_total: float,
+    per_micro: float,
     allreduces_per_layer: int,
     p2p_per_micro: int,
 ) -> tuple[tuple[float, str], tuple[float, str]]:
+    """Tensor-parallel all-reduces of each layer's activations, and each micro-batch's
+    point-to-point send across each stage boundary (forward, and back in training)."""
     spec = job.spec(role)
-    act = job.mean_seq_len * spec.hidden * WEIGHT_BYTES
+    act = per_micro / layout.cp * spec.hidden * WEIGHT_BYTES
     ar, ar_src = collective(profile, "all_reduce", act, layout.tp, _intra(gpn, layout.span("tp")))
     tp = micro_total * spec.layers / layout.pp * allreduces_per_layer * ar
     pp = 0.0, "roofline"
@@ -149,98 +144,179 @@ def _tp_pp_comm(
     return (tp, ar_src), pp
 
 
-def _measured_calls(job: Job, role: str, layout: ParallelLayout, profile: Profile) -> bool:
-    return profile.calls.applies(job.spec(role).name) and layout.ep == 1
+def _pipeline_terms(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    work: float,
+    per_micro_extra: float,
+    micro_total: int,
+    steps: int,
+) -> tuple[float, float]:
+    """(imbalance, bubble) seconds of a pipeline doing `work` seconds of compute spread
+    over its stages (as if even) in `micro_total` micro-batches over `steps` flushes: the
+    slowest stage sets the pace (uneven layers, the LM head on the last stage), and each
+    1F1B flush idles (pp - 1) micro-batch times of that stage."""
+    if layout.pp == 1:
+        return 0.0, 0.0
+    spec, value = job.spec(role), role in VALUE_ROLES
+    split = stage_split(spec, layout.pp, value)
+    head = head_layers(spec, value)
+    loads = [n + (head if s == layout.pp - 1 else 0.0) for s, n in enumerate(split)]
+    factor = max(loads) / (sum(loads) / layout.pp)
+    imbalance = work * (factor - 1.0)
+    bubble = steps * (layout.pp - 1) * (work * factor / micro_total + per_micro_extra)
+    return imbalance, bubble
 
 
-def measured_train(job: Job, role: str, layout: ParallelLayout, profile: Profile) -> Cost | None:
-    """The executor's update call from the profile's per-call tables: ppo_epochs x
-    mini_batches optimizer steps of this DP rank's share, and the controller's dispatch;
-    None where the tables have no row for this model, layout and set size."""
-    if not _measured_calls(job, role, layout, profile):
-        return None
-    calls = profile.calls
-    per_rank = math.ceil(job.sequences / (job.mini_batches * layout.dp))
-    step = calls.train_step(
-        layout.n_gpus,
-        layout.tp,
-        layout.pp,
-        calls.same_work(per_rank, job.seq_len),
-        role in VALUE_ROLES,
+def _grad_sync(
+    job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int, mem: MemorySettings
+) -> tuple[float, str]:
+    """One optimizer step's data-parallel exchange: an all-reduce of the fp32 gradients, or
+    with the distributed optimizer a reduce-scatter of them and an all-gather of the updated
+    bf16 weights (a reduce-scatter moves what an all-gather does); routed experts over the
+    dp / ep ranks that replicate them."""
+    spec, ranks = job.spec(role), layout.dp * layout.cp
+    shard = rank_params(spec, layout, 0, role in VALUE_ROLES)
+    experts = rank_expert_params(spec, layout, 0)
+    intra = _intra(gpn, layout.span("dp"))
+    out, src = 0.0, "roofline"
+    for n, r in ((shard - experts, ranks), (experts, ranks // layout.ep)):
+        if mem.distributed_optimizer:
+            rs, src = collective(profile, "all_gather", GRAD_BYTES * n, r, intra)
+            ag, _ = collective(profile, "all_gather", WEIGHT_BYTES * n, r, intra)
+            out += rs + ag
+        else:
+            ar, src = collective(profile, "all_reduce", GRAD_BYTES * n, r, intra)
+            out += ar
+    return out, src
+
+
+BUCKET_PARAMS = 40_000_000  # megatron-core DDP's default bucket (bucket_size)
+
+
+def exposed_sync(
+    seconds: float, backward: float, job: Job, role: str, layout: ParallelLayout
+) -> float:
+    """What one step's data-parallel exchange adds to the step: megatron's and FSDP's
+    bucketed exchange overlaps the backward pass (overlap_grad_reduce; the weights'
+    all-gather overlaps the next forward), all but the last bucket's share, and whatever
+    outlasts the backward pass."""
+    n = rank_params(job.spec(role), layout, 0, role in VALUE_ROLES)
+    last = seconds * min(1.0, BUCKET_PARAMS / max(n, 1))
+    return max(seconds - backward, last)
+
+
+def _optimizer(
+    job: Job, role: str, layout: ParallelLayout, profile: Profile, mem: MemorySettings, steps: int
+) -> tuple[tuple[str, float, str], ...]:
+    """Adam over this rank's share (all of it, or 1/(dp x cp) with the distributed
+    optimizer): on the GPU at memory speed, reading the fp32 gradient, reading and writing
+    master weights and moments, writing the bf16 weight; or (offload) on the host, the
+    gradient going down and the weight coming back each step, and the weights moved off and
+    back once an iteration."""
+    spec, value = job.spec(role), role in VALUE_ROLES
+    n = rank_params(spec, layout, 0, value)
+    n_opt = n / (layout.dp * layout.cp) if mem.distributed_optimizer else n
+    touched = n_opt * (GRAD_BYTES + 2 * (MASTER_BYTES + MOMENT_BYTES) + WEIGHT_BYTES)
+    if not mem.offload:
+        return (("optimizer", steps * profile.memory_seconds(touched), "roofline"),)
+    if not profile.host_bandwidth:
+        raise LayoutError(
+            f"{role}: offload needs the profile's host_bandwidth, which {profile.name} lacks"
+        )
+    moved = steps * n_opt * (GRAD_BYTES + WEIGHT_BYTES) + 2 * WEIGHT_BYTES * n
+    return (
+        # estimate: the host's Adam streams its state at about the host link's rate
+        ("offload_optimizer_step", steps * touched / profile.host_bandwidth, "formula"),
+        ("offload_transfer", moved / profile.host_bandwidth, "formula"),
     )
-    disp = calls.dispatch("train", layout.n_gpus, job.sequences)
-    if step is None or disp is None:
-        return None
-    steps = job.ppo_epochs * job.mini_batches
-    return cost(
-        ("train_steps", steps * (step[0] - step[1]), "measured"),
-        ("optimizer_steps", steps * step[1], "measured"),
-        ("dispatch", disp, "measured"),
-    )
 
 
-def measured_infer(
-    job: Job, role: str, layout: ParallelLayout, profile: Profile, sequences: int
-) -> Cost | None:
-    """Forward calls of the executor (one per batch of the job's sequences: ReMax scores
-    its greedy baseline in a call of its own) from the per-call tables, or None."""
-    if not _measured_calls(job, role, layout, profile):
-        return None
-    calls = profile.calls
-    n_calls = math.ceil(sequences / job.sequences)
-    per_call = sequences / n_calls
-    fwd = calls.forward(
-        layout.n_gpus,
-        layout.tp,
-        layout.pp,
-        calls.same_work(math.ceil(per_call / layout.dp), job.seq_len),
-        role in VALUE_ROLES,
-    )
-    disp = calls.dispatch("forward", layout.n_gpus, per_call)
-    if fwd is None or disp is None:
-        return None
-    return cost(
-        ("forward_calls", n_calls * fwd, "measured"), ("dispatch", n_calls * disp, "measured")
-    )
-
-
-def train_cost(job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int) -> Cost:
+def train_cost(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    gpn: int,
+    mem: MemorySettings = DEFAULT,
+) -> Cost:
     """PPO updates: ppo_epochs x mini_batches optimizer steps over all sequences."""
     check_layout(job, role, layout)
     measured = measured_train(job, role, layout, profile)
     if measured is not None:
-        return measured
-    micro = _micro(job, layout)
+        steps_s = measured.as_dict().get("train_steps", 0.0)
+        tokens = job.ppo_epochs * job.sequences / layout.dp * job.mean_seq_len
+        again = _recompute(job, role, layout, profile, steps_s, tokens, mem)
+        return measured + cost(("recompute", again, "measured" if again else "formula"))
+    micro = train_micro_batches(job, layout, mem)
     steps = job.ppo_epochs * job.mini_batches
-    micro_total = steps * micro
-    tokens = micro_total * job.mean_seq_len
-    comp, comp_src = _compute(job, role, layout, profile, tokens, 3)
-    (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro_total, 4, 2)
-    a2a = _alltoall(job, role, layout, profile, gpn, tokens, 4)
-    bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
-    shard = role_params(job, role, layout.ep) / layout.model_parallel
-    experts = expert_share(job, role, layout.ep) / layout.model_parallel
-    intra = _intra(gpn, layout.span("dp"))
-    grad, grad_src = collective(
-        profile, "all_reduce", GRAD_BYTES * (shard - experts), layout.dp, intra
+    tokens = steps * math.ceil(job.sequences / (job.mini_batches * layout.dp)) * job.mean_seq_len
+    per_micro = tokens / (steps * micro)
+    comp, comp_src = _compute(job, role, layout, profile, tokens, per_micro, 3)
+    (tp, tp_src), (pp, pp_src) = _tp_pp_comm(
+        job, role, layout, profile, gpn, steps * micro, per_micro, 4, 2
     )
-    # each rank's experts are replicated over dp/ep ranks only
-    grad_e, _ = collective(
-        profile, "all_reduce", GRAD_BYTES * experts, layout.dp // layout.ep, intra
+    cp = _cp_exchange(job, role, layout, profile, gpn, steps * micro, per_micro, 3)
+    a2a = _alltoall(job, role, layout, profile, gpn, tokens / layout.cp, 4)
+    recompute = _recompute(job, role, layout, profile, comp, tokens, mem)
+    imbalance, bubble = _pipeline_terms(
+        job, role, layout, comp + recompute, (tp + a2a + cp) / (steps * micro), steps * micro, steps
     )
-    # Adam reads bf16 weights, fp32 grads and 3 fp32 states, writes weights and states
-    opt = profile.memory_seconds(
-        shard * (WEIGHT_BYTES + GRAD_BYTES + 2 * ADAM_BYTES + WEIGHT_BYTES)
-    )
+    grad, grad_src = _grad_sync(job, role, layout, profile, gpn, mem)
+    grad = exposed_sync(grad, (comp + recompute) * 2 / 3 / steps, job, role, layout)
     return cost(
         ("train_compute", comp, comp_src),
+        ("recompute", recompute, comp_src),
         ("tp_allreduce", tp, tp_src),
+        ("cp_kv_exchange", cp, tp_src),
         ("pp_p2p", pp, pp_src),
         ("ep_alltoall", a2a),
+        ("pp_imbalance", imbalance, comp_src),
         ("pp_bubble", bubble, comp_src),
-        ("dp_grad_reduce", steps * (grad + grad_e), grad_src),
-        ("optimizer", steps * opt),
+        ("dp_grad_sync", steps * grad, grad_src),
+        *_optimizer(job, role, layout, profile, mem, steps),
     ) + dispatch_cost(job, job.sequences, "train", profile)
+
+
+def _recompute(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    comp: float,
+    tokens: float,
+    mem: MemorySettings,
+) -> float:
+    """Full recomputation re-runs each layer's forward (a third of fwd + bwd); selective
+    re-runs the MLP activation (memory-bound)."""
+    if mem.recompute == "full":
+        return comp / 3.0
+    if mem.recompute == "selective":
+        spec = job.spec(role)
+        per_rank = tokens / layout.cp * spec.hidden / layout.tp * spec.layers / layout.pp
+        return profile.memory_seconds(SELECTIVE_RECOMPUTE_BYTES * per_rank)
+    return 0.0
+
+
+def _cp_exchange(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    gpn: int,
+    micro_total: float,
+    per_micro: float,
+    passes: int,
+) -> float:
+    """Context parallelism's ring attention: each layer passes every rank's keys and values
+    round the cp group, in the forward and twice in the backward pass (not overlapped)."""
+    if layout.cp == 1:
+        return 0.0
+    spec = job.spec(role)
+    kv = spec.kv_bytes_per_token(WEIGHT_BYTES) / spec.layers / layout.tp * per_micro
+    ag, _ = collective(profile, "all_gather", kv, layout.cp, _intra(gpn, layout.span("cp")))
+    return micro_total * spec.layers / layout.pp * passes * ag
 
 
 def _alltoall(
@@ -262,24 +338,29 @@ def _alltoall(
 def infer_cost(
     job: Job, role: str, layout: ParallelLayout, profile: Profile, gpn: int, sequences: int
 ) -> Cost:
-    """Forward passes over `sequences` (log-probs, values or scores)."""
-    check_model_fits(
-        job.spec(role).layers, job.spec(role).heads, job.spec(role).kv_heads, layout.pp, layout.tp
-    )
+    """Forward passes over `sequences` (log-probs, values or scores), one sequence a
+    micro-batch."""
+    spec = job.spec(role)
+    check_model_fits(spec.layers, spec.heads, spec.kv_heads, layout.pp, layout.tp)
     check_ep(job, role, layout)
     measured = measured_infer(job, role, layout, profile, sequences)
     if measured is not None:
         return measured
     micro = math.ceil(sequences / layout.dp)
     tokens = micro * job.mean_seq_len
-    comp, comp_src = _compute(job, role, layout, profile, tokens, 1)
-    (tp, tp_src), (pp, pp_src) = _tp_pp_comm(job, role, layout, profile, gpn, micro, 2, 1)
-    a2a = _alltoall(job, role, layout, profile, gpn, tokens, 2)
-    bubble = (layout.pp - 1) / micro * (comp + tp + a2a)
+    comp, comp_src = _compute(job, role, layout, profile, tokens, job.mean_seq_len, 1)
+    (tp, tp_src), (pp, pp_src) = _tp_pp_comm(
+        job, role, layout, profile, gpn, micro, job.mean_seq_len, 2, 1
+    )
+    cp = _cp_exchange(job, role, layout, profile, gpn, micro, job.mean_seq_len, 1)
+    a2a = _alltoall(job, role, layout, profile, gpn, tokens / layout.cp, 2)
+    imbalance, bubble = _pipeline_terms(job, role, layout, comp, (tp + a2a + cp) / micro, micro, 1)
     return cost(
         ("infer_compute", comp, comp_src),
         ("tp_allreduce", tp, tp_src),
+        ("cp_kv_exchange", cp, tp_src),
         ("pp_p2p", pp, pp_src),
         ("ep_alltoall", a2a),
+        ("pp_imbalance", imbalance, comp_src),
         ("pp_bubble", bubble, comp_src),
     ) + dispatch_cost(job, sequences, "infer", profile)

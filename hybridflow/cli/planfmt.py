@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from hybridflow.plan import Plan
 from hybridflow.simulator.job import Job
+from hybridflow.simulator.model_info import model_summary, warning_line
 from hybridflow.simulator.predict import Prediction
 from hybridflow.simulator.profile import Profile
-from hybridflow.vocab import STAGES
+from hybridflow.simulator.train_memory import stage_split
+from hybridflow.vocab import STAGES, VALUE_ROLES
 
 STANDARD_NAMES = {
     "colocated": "colocated (verl, DeepSpeed-Chat)",
@@ -16,11 +18,45 @@ STANDARD_NAMES = {
 
 
 def _layouts(plan: Plan, role: str) -> str:
-    lay = plan.set_of(role).layouts[role]
-    return " | ".join(
-        f"{kind} " + " ".join(f"{k}={v}" for k, v in layout.to_dict().items())
-        for kind, layout in lay.items()
+    placed = plan.set_of(role)
+    text = " | ".join(
+        f"{kind} " + " ".join(f"{k}={v}" for k, v in layout.to_dict().items() if k != "cp" or v > 1)
+        for kind, layout in placed.layouts[role].items()
     )
+    if role in placed.memory:
+        text += f" | {_settings(plan, role)}"
+    return text
+
+
+def _settings(plan: Plan, role: str) -> str:
+    """The role's memory settings, and its pipeline's stages where they are uneven."""
+    placed = plan.set_of(role)
+    mem = placed.settings(role)
+    parts = [str(mem).replace(f" mbt={plan.job.seq_len}", "")]
+    pp = placed.layout(role).pp
+    split = stage_split(plan.job.spec(role), pp, role in VALUE_ROLES)
+    if len(set(split)) > 1:
+        parts.append("stages " + "/".join(map(str, split)))
+    return " ".join(parts)
+
+
+def models_lines(job: Job) -> list[str]:
+    """Each model's counts, and a warning line for what the simulator does not model."""
+    lines, seen = [], set()
+    for role in job.gpu_roles:
+        spec = job.spec(role)
+        info = model_summary(spec, value_head=role in VALUE_ROLES)
+        active = info["active_params"]
+        act = f" ({active / 1e9:.2f}B active)" if active != info["params"] else ""
+        lines.append(
+            f"  {role:<12}{spec.name}: {info['params'] / 1e9:.2f}B parameters{act}, "
+            f"{info['layers']} layers, KV {info['kv_bytes_per_token'] / 1024:.0f} KiB/token"
+        )
+        warning = warning_line(spec)
+        if warning and spec.name not in seen:
+            seen.add(spec.name)
+            lines.append(f"  {warning}")
+    return lines
 
 
 def _response(job: Job) -> str:
@@ -58,6 +94,8 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
     pred = plan.predicted or {}
     lines = [
         _header(plan, profile),
+        "Models:",
+        *models_lines(plan.job),
         "",
         f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, iteration "
         f"{pred.get('iteration_s', 0):.2f} s, {pred.get('tokens_per_s', 0):,.0f} tokens/s",

@@ -12,7 +12,7 @@ from hybridflow.layout import RANK_ORDER, Coords, LayoutError, ParallelLayout
 
 def test_rank_order_is_tp_then_dp_then_pp() -> None:
     lay = ParallelLayout(pp=2, tp=4, dp=3)
-    assert RANK_ORDER == ("tp", "dp", "pp")
+    assert RANK_ORDER == ("tp", "cp", "dp", "pp")
     assert (lay.stride("tp"), lay.stride("dp"), lay.stride("pp")) == (1, 4, 12)
     assert (lay.span("tp"), lay.span("dp"), lay.span("pp")) == (4, 12, 24)
     assert lay.coords(0) == Coords(pp=0, dp=0, tp=0)
@@ -45,5 +45,6 @@ def test_impossible_layouts_are_refused(kw: dict, message: str) -> None:
 
 
 def test_plan_files_keep_their_layout_keys() -> None:
-    assert ParallelLayout(2, 2, 4).to_dict() == {"pp": 2, "tp": 2, "dp": 4}
+    assert ParallelLayout(2, 2, 4).to_dict() == {"pp": 2, "tp": 2, "cp": 1, "dp": 4}
+    assert ParallelLayout.from_dict({"pp": 2, "tp": 2, "dp": 4}).cp == 1  # older plans
     assert ParallelLayout.from_dict({"pp": 1, "tp": 2, "dp": 8, "ep": 4}).ep == 4

@@ -20,7 +20,7 @@ def plan() -> Plan:
 
 def test_keys_are_the_issue_format(plan):
     d = plan.to_dict()
-    assert list(d) == ["version", "cluster", "job", "sets", "predicted"]
+    assert list(d) == ["version", "cluster", "job", "models", "sets", "predicted"]
     assert d["version"] == 1 and set(d["cluster"]) == {"gpu", "nodes", "gpus_per_node"}
     assert set(d["job"]) == {
         "algorithm",
@@ -32,7 +32,9 @@ def test_keys_are_the_issue_format(plan):
         "mini_batches",
     }
     for s in d["sets"]:
-        assert set(s) == {"models", "gpus", "layouts"}
+        assert set(s) - {"memory"} == {"models", "gpus", "layouts"}
+        trained = [r for r in s["models"] if r in ("actor", "critic")]
+        assert sorted(s.get("memory", {})) == sorted(trained)
         for role, lay in s["layouts"].items():
             if role == "actor":
                 assert set(lay) == {"train", "generate"} and set(lay["generate"]) == {

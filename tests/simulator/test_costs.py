@@ -16,7 +16,14 @@ from hybridflow.simulator.reshard import (
     reshard_cost,
     reshard_peak_bytes,
 )
-from hybridflow.simulator.training import infer_cost, resident_memory, stage_memory, train_cost
+from hybridflow.memory import MemorySettings
+from hybridflow.simulator.train_memory import (
+    head_layers,
+    resident_memory,
+    stage_memory,
+    stage_split,
+)
+from hybridflow.simulator.training import infer_cost, train_cost
 
 A100 = load_profile("a100-80gb")
 FLOPS = 312e12 * 0.5  # peak bf16 x matmul efficiency
@@ -44,6 +51,20 @@ def test_params_and_flops_match_the_architecture(job):
     assert job.params("critic") == P - V * H + H
 
 
+# one rank of stage 0 of pp=2, tp=2: the embedding and 16 layers split over tp, norms whole
+LAYER_TP2 = (4 * H * H + 3 * H * FFN) / 2 + 2 * H
+STAGE0_TP2 = V * H / 2 + 16 * LAYER_TP2
+
+
+def test_pipeline_stages_balance_the_lm_head(job):
+    spec = job.spec("actor")
+    # the head is V*H = 0.65 layers of 4*H*H + 3*H*FFN: too little to move a layer
+    assert head_layers(spec) == pytest.approx(V * H / (4 * H * H + 3 * H * FFN))
+    assert stage_split(spec, 2) == (16, 16)
+    assert sum(stage_split(spec, 5)) == L  # 32 layers over 5 stages: uneven
+    assert stage_split(spec, 5)[-1] < stage_split(spec, 5)[1]
+
+
 def test_train_terms(job):
     lay = ParallelLayout(pp=2, tp=2, dp=2)
     t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
@@ -56,18 +77,45 @@ def test_train_terms(job):
     tp = steps * micro * (L // 2) * 4 * ar  # 2 fwd + 2 bwd all-reduces per layer
     assert t["tp_allreduce"] == pytest.approx(tp)
     assert t["pp_p2p"] == pytest.approx(steps * micro * 2 * (LAT + act / NVLINK))
-    assert t["pp_bubble"] == pytest.approx((2 - 1) / micro * (comp + tp))
-    shard = P / 4
-    assert t["dp_grad_reduce"] == pytest.approx(steps * (2 * LAT + 4 * shard / NVLINK))
-    assert t["optimizer"] == pytest.approx(steps * shard * 32 / HBM)
+    # the last stage also runs the head: it sets the pipeline's pace
+    factor = (16 + head_layers(job.spec("actor"))) / (16 + head_layers(job.spec("actor")) / 2)
+    assert t["pp_imbalance"] == pytest.approx(comp * (factor - 1))
+    assert t["pp_bubble"] == pytest.approx((2 - 1) / micro * (comp * factor + tp))
+    # distributed optimizer: reduce-scatter fp32 grads, all-gather bf16 weights over dp=2
+    assert t["dp_grad_sync"] == pytest.approx(steps * (2 * LAT + 0.5 * 6 * STAGE0_TP2 / NVLINK))
+    assert t["optimizer"] == pytest.approx(steps * STAGE0_TP2 / 2 * 30 / HBM)
     assert sum(t.values()) == pytest.approx(train_cost(job, "actor", lay, A100, 8).seconds)
+    plain = train_cost(job, "actor", lay, A100, 8, MemorySettings(distributed_optimizer=False))
+    assert plain.as_dict()["dp_grad_sync"] == pytest.approx(
+        steps * (2 * LAT + 4 * STAGE0_TP2 / NVLINK)
+    )
+
+
+def test_recompute_costs_a_forward(job):
+    lay = ParallelLayout(pp=1, tp=2, dp=4)
+    none = train_cost(job, "actor", lay, A100, 8).as_dict()
+    full = train_cost(job, "actor", lay, A100, 8, MemorySettings(recompute="full")).as_dict()
+    assert full["recompute"] == pytest.approx(none["train_compute"] / 3)
+    sel = train_cost(job, "actor", lay, A100, 8, MemorySettings(recompute="selective"))
+    assert 0 < sel.as_dict()["recompute"] < full["recompute"] / 10
+
+
+def test_offload_pays_the_host_link(job):
+    lay = ParallelLayout(pp=1, tp=8, dp=1)
+    t = train_cost(job, "actor", lay, A100, 8, MemorySettings(offload=True)).as_dict()
+    n = V * H / 8 + L * ((4 * H * H + 3 * H * FFN) / 8 + 2 * H) + H + V * H / 8
+    steps, host = 2, 25e9
+    assert t["offload_transfer"] == pytest.approx((steps * n * 6 + 2 * 2 * n) / host)
+    assert t["offload_optimizer_step"] == pytest.approx(steps * n * 30 / host)
+    assert "optimizer" not in t
 
 
 def test_inter_node_groups_use_the_nic(job):
     lay = ParallelLayout(pp=1, tp=8, dp=2)  # dp group spans 16 ranks: two nodes
-    t = train_cost(job, "actor", lay, A100, gpn=8).as_dict()
-    shard = P / 8
-    assert t["dp_grad_reduce"] == pytest.approx(2 * (2 * LAT + 4 * shard / (25e9 * 0.7)))
+    mem = MemorySettings(distributed_optimizer=False)
+    t = train_cost(job, "actor", lay, A100, gpn=8, mem=mem).as_dict()
+    shard = V * H / 8 + L * ((4 * H * H + 3 * H * FFN) / 8 + 2 * H) + H + V * H / 8
+    assert t["dp_grad_sync"] == pytest.approx(2 * (2 * LAT + 4 * shard / (25e9 * 0.7)))
 
 
 def test_infer_terms(job):
@@ -82,12 +130,22 @@ def test_infer_terms(job):
 def test_memory_terms(job):
     lay = ParallelLayout(pp=2, tp=2, dp=2)
     res = resident_memory(job, "actor", lay).as_dict()
-    assert res == pytest.approx({"weights": 2 * P / 4, "grads": 4 * P / 4, "adam": 12 * P / 4})
-    assert resident_memory(job, "reference", lay).as_dict() == pytest.approx({"weights": 2 * P / 4})
+    # stage 1 holds the head and the final norm, a little more than stage 0's embedding
+    last = STAGE0_TP2 + H
+    assert res == pytest.approx({"weights": 2 * last, "grads": 4 * last, "optimizer": 6 * last})
+    plain = resident_memory(job, "actor", lay, MemorySettings(distributed_optimizer=False))
+    assert plain.as_dict()["optimizer"] == pytest.approx(12 * last)
+    assert resident_memory(job, "reference", lay).as_dict() == pytest.approx({"weights": 2 * last})
+    assert resident_memory(job, "actor", lay, MemorySettings(offload=True)).bytes == 0
     tr = stage_memory(job, "actor", lay, "train").as_dict()
     in_flight = min(2, 4)  # 1F1B: up to pp micro-batches on stage 0
     assert tr["activations"] == pytest.approx(L / 2 * 34 * H / 2 * 1024 * in_flight)
-    assert tr["logits"] == pytest.approx(2 * 1024 * V / 2 * 4)
+    last_stage = stage_memory(job, "critic", ParallelLayout(pp=1, tp=2, dp=4), "train")
+    assert "logits" not in last_stage.as_dict()
+    full = stage_memory(job, "actor", lay, "train", MemorySettings(recompute="full")).as_dict()
+    # the last stage peaks: one micro-batch of layer inputs in flight, one layer re-run, logits
+    assert full["activations"] == pytest.approx((2 * 16 * 1 + 34) * H / 2 * 1024)
+    assert full["logits"] == pytest.approx(2 * 1024 * V / 2 * 4)
     assert "logits" not in stage_memory(job, "critic", lay, "infer").as_dict()
 
 

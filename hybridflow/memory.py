@@ -1,0 +1,93 @@
+"""How a trained role keeps its training state: the plan's per-role "memory" settings.
+
+These are the megatron-core / FSDP-style options verl, NeMo-RL and OpenRLHF turn on, each
+trading time for memory: the distributed optimizer (fp32 master weights and Adam states
+sharded over data parallel, ZeRO-1), activation recomputation, CPU offload of a colocated
+model's state while the other models run, and micro-batches packed to a token budget per
+GPU. A plan that leaves them out gets verl's megatron defaults (``DEFAULT``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybridflow.errors import UserError
+
+RECOMPUTE = ("none", "selective", "full")
+KEYS = ("distributed_optimizer", "recompute", "offload", "micro_batch_tokens")
+
+
+class MemorySettingsError(UserError):
+    """A memory setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """distributed_optimizer: shard master weights and Adam states over dp; recompute:
+    none | selective (attention core) | full (every layer's activations); offload: params,
+    grads and optimizer state on the host between this role's own stages; micro_batch_tokens:
+    tokens packed into one micro-batch per GPU (None: one sequence, filled in from the job)."""
+
+    distributed_optimizer: bool = True
+    recompute: str = "none"
+    offload: bool = False
+    micro_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("distributed_optimizer", "offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise MemorySettingsError(
+                    f"memory: {name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if self.recompute not in RECOMPUTE:
+            raise MemorySettingsError(
+                f"memory: recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}"
+            )
+        t = self.micro_batch_tokens
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t <= 0):
+            raise MemorySettingsError(
+                f"memory: micro_batch_tokens must be a positive integer, got {t!r}"
+            )
+
+    def resolved(self, seq_len: int) -> MemorySettings:
+        """With the token budget filled in (one sequence of `seq_len`) and checked."""
+        tokens = seq_len if self.micro_batch_tokens is None else self.micro_batch_tokens
+        if tokens < seq_len:
+            raise MemorySettingsError(
+                f"memory: micro_batch_tokens={tokens} cannot hold one sequence of the "
+                f"job's {seq_len} tokens (prompt + response)"
+            )
+        return MemorySettings(self.distributed_optimizer, self.recompute, self.offload, tokens)
+
+    def sequences_per_micro(self, seq_len: int) -> int:
+        """Longest sequences a micro-batch's budget holds."""
+        return max(1, (self.micro_batch_tokens or seq_len) // seq_len)
+
+    def to_dict(self) -> dict:
+        return {
+            "distributed_optimizer": self.distributed_optimizer,
+            "recompute": self.recompute,
+            "offload": self.offload,
+            "micro_batch_tokens": self.micro_batch_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> MemorySettings:
+        if not isinstance(d, dict) or not set(d) <= set(KEYS):
+            raise MemorySettingsError(
+                f"memory: expected an object with keys among {', '.join(KEYS)}, got {d!r}"
+            )
+        return cls(**d)
+
+    def __str__(self) -> str:
+        parts = ["distopt" if self.distributed_optimizer else "no-distopt"]
+        if self.recompute != "none":
+            parts.append(f"recompute={self.recompute}")
+        if self.offload:
+            parts.append("offload")
+        if self.micro_batch_tokens:
+            parts.append(f"mbt={self.micro_batch_tokens}")
+        return " ".join(parts)
+
+
+DEFAULT = MemorySettings()
