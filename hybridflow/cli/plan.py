@@ -20,6 +20,7 @@ from hybridflow.cli.jobargs import (
 from hybridflow.cli.planfmt import format_plan, format_standard
 from hybridflow.errors import UserError
 from hybridflow.planner.export import export_plan
+from hybridflow.planner.idle import idle_reason
 from hybridflow.planner.search import Planner
 from hybridflow.simulator.cluster import Cluster, ClusterError
 from hybridflow.simulator.profile import load_profile
@@ -93,6 +94,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         for i, plan in enumerate(plans):
             print(format_plan(plan, profile, "Best plan" if i == 0 else f"Plan #{i + 1}"))
+            if i == 0 and (idle := idle_reason(planner, plan)) is not None:
+                print(f"  {idle}")
         print(format_standard(planner.standard(cluster), plans[0]))
         if args.out:
             print(f"\nplan written to {args.out}")

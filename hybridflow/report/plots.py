@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
+from hybridflow.report.sweep import Series, draw_lines, mark_twins  # noqa: E402
+
 PREDICTED, MEASURED = "#4C72B0", "#DD8452"
 
 
@@ -133,9 +135,28 @@ def compare_bars(frame, systems: tuple[str, ...], path: Path) -> Path:
     return _save(fig, path)
 
 
+def scheme_series(sub, key: str) -> list[Series]:
+    """One line per scheme of `key` over GPU counts (NaN: the scheme's plan does not fit),
+    each marked with the earlier schemes' lines it would be drawn over."""
+    lines = []
+    for scheme, g in sub.groupby("scheme", sort=False):
+        pts = [(int(n), float(v)) for n, v in zip(g["gpus"], g[key])]
+        fit = [(n, v) for n, v in pts if not math.isnan(v)]
+        lines.append(
+            Series(
+                str(scheme),
+                tuple(n for n, _ in fit),
+                tuple(v for _, v in fit),
+                tuple(n for n, v in pts if math.isnan(v)),
+            )
+        )
+    return mark_twins(lines)
+
+
 def reshard_lines(frame, path: Path) -> Path:
     """Per model: resharding seconds of the planner's plan under each scheme (the paper's
-    Figure 13), and tokens/s of the best plan the planner finds with each scheme."""
+    Figure 13), and tokens/s of the best plan the planner finds with each scheme; linear
+    from zero, 'x' where a scheme's plan does not fit, coinciding lines dashed and labelled."""
     models = list(dict.fromkeys(frame["model"])) or ["(none fits)"]
     panels = (("reshard_s", "reshard seconds"), ("replanned_tokens_per_s", "tokens / s"))
     fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.4), squeeze=False)
@@ -143,12 +164,12 @@ def reshard_lines(frame, path: Path) -> Path:
         sub = frame[frame["model"] == model]
         for row, (key, label) in enumerate(panels):
             ax = axes[row][col]
-            for scheme, g in sub.groupby("scheme", sort=False):
-                ax.plot(g["gpus"], g[key], marker="o", label=scheme)
+            draw_lines(ax, scheme_series(sub, key))
             if len(sub):
                 ax.set_xscale("log", base=2)
+                ax.set_ylim(bottom=0)
+                ax.legend(fontsize=7)
             ax.set_xlabel("GPUs")
             ax.set_ylabel(label)
             ax.set_title(model, fontsize=10)
-    axes[0][0].legend(fontsize=8)
     return _save(fig, path)
