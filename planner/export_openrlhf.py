@@ -6,6 +6,19 @@ placement group; without it the vLLM engines take GPUs of their own, which is no
 plan (the actor generates on its own GPUs). So a plan exports when all its roles share one
 set. Training is DeepSpeed: one ZeRO stage and one AutoTP size for every model, no
 pipeline parallelism; the command says where that differs from the plan's layouts.
+
+The trained roles' memory settings share one set of flags (--ds.* and
+--actor.gradient_checkpointing_enable, which the critic reads too), the most
+memory-saving of the actor's and critic's: the distributed optimizer (megatron's, ZeRO-1
+like) is OpenRLHF's default ZeRO-2, which shards the gradients as well (no more memory
+than the plan), and no distributed optimizer is ZeRO-0; offload is --ds.enable_sleep
+(Adam's states, master weights and gradients on the host between the models' stages:
+offload_deepspeed_states; not --ds.adam_offload, which runs Adam on the host); full
+recompute is gradient checkpointing (selective has no counterpart and runs as full); a
+token budget of more than one sequence is --train.dynamic_batch_enable with
+--train.max_tokens_per_gpu, which OpenRLHF multiplies by the ring-attention and AutoTP
+sizes (openrlhf/utils/seqlen_balancing.py); cp is --ds.ring_attn_size, which needs
+--ds.packing_samples.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from hybridflow.memory import RECOMPUTE, MemorySettings
 from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import OPENRLHF_SOURCE, load_openrlhf_reference
 from hybridflow.planner.export_view import (
@@ -21,6 +35,7 @@ from hybridflow.planner.export_view import (
     PlanView,
     node_split,
     parse_plan,
+    settings_line,
 )
 
 # HybridFlow algorithm -> OpenRLHF --algo.advantage.estimator (ReMax and Safe-RLHF have none)
@@ -51,23 +66,122 @@ def _check_expressible(v: PlanView) -> None:
         )
 
 
+def _shared_settings(v: PlanView) -> tuple[MemorySettings, list[str]]:
+    """The one set of memory settings OpenRLHF gives the actor and critic alike: the most
+    memory-saving of theirs, noted where they differ."""
+    mems = {n: v.roles[n].settings for n in ("actor", "critic") if v.role(n) is not None}
+    tokens = [m.micro_batch_tokens or v.seq_len for m in mems.values()]
+    shared = MemorySettings(
+        any(m.distributed_optimizer for m in mems.values()),
+        max((m.recompute for m in mems.values()), key=RECOMPUTE.index),
+        any(m.offload for m in mems.values()),
+        min(tokens),
+    )
+    if len(set(mems.values())) == 1:
+        return shared, []
+    plan = "; ".join(f"{n} {m}" for n, m in mems.items())
+    return shared, [
+        f"OpenRLHF gives the actor and critic one set of DeepSpeed settings; the plan's "
+        f"differ ({plan}), so both get the more memory-saving: {shared}"
+    ]
+
+
+def _zero_stage(uniform: bool, mem: MemorySettings) -> tuple[int, list[str]]:
+    """ZeRO-3 where the layouts need it (the layout note says why), else 2 or 0 for the
+    distributed optimizer (AutoTP trains with ZeRO 0-2 only)."""
+    if not uniform:
+        return 3, []
+    notes = []
+    if mem.offload:
+        notes.append(
+            "--ds.enable_sleep below ZeRO-3 needs DeepSpeed > 0.17.5 "
+            "(openrlhf/utils/deepspeed/deepspeed_utils.py, offload_deepspeed_states)"
+        )
+    if mem.distributed_optimizer:
+        return 2, notes + [
+            "distributed optimizer: ZeRO-2 (OpenRLHF's default) shards Adam's states and "
+            "master weights as megatron's distributed optimizer does, and the gradients too"
+        ]
+    return 0, notes + ["no distributed optimizer: ZeRO-0, every rank holds all Adam's states"]
+
+
+def _memory_args(v: PlanView, mem: MemorySettings, tp: int, cp: int) -> tuple[list, list]:
+    """The flags and notes of the shared memory settings and context parallelism."""
+    args, notes = [], []
+    if mem.recompute != "none":
+        args.append("--actor.gradient_checkpointing_enable")  # the critic reads it too
+    if mem.recompute == "selective":
+        notes.append(
+            "OpenRLHF 0.11.2 has no selective recomputation (the Hugging Face gradient "
+            "checkpointing recomputes whole layers): recompute=selective runs as full, "
+            "slower than predicted"
+        )
+    if mem.offload:
+        args.append("--ds.enable_sleep")
+        notes.append(
+            "offload: --ds.enable_sleep moves Adam's states, master weights and gradients to "
+            "the host between the models' stages; the bf16 weights stay on the GPU and Adam's "
+            "step runs there (the simulator prices it on the host); --ds.adam_offload "
+            "(ZeRO-Offload: Adam on the host every step; it turns the sleep offload off) is "
+            "not the plan's offload and is left off"
+        )
+    tokens = mem.micro_batch_tokens or v.seq_len
+    if cp > 1 or tokens > v.seq_len:
+        args.append("--ds.packing_samples")  # ring attention needs it too
+    if cp > 1:
+        args += ["--ds.ring_attn_size", str(cp)]
+    if tokens > v.seq_len:
+        per_gpu = -(-tokens // (cp * tp))  # OpenRLHF multiplies it by ring x AutoTP sizes
+        args += ["--train.dynamic_batch_enable", "--train.max_tokens_per_gpu", str(per_gpu)]
+        notes.append(
+            f"micro-batches packed to {tokens} tokens (--train.max_tokens_per_gpu {per_gpu} "
+            f"x ring_attn_size {cp} x tensor_parallel_size {tp}); the forward passes' "
+            f"--rollout.max_tokens_per_gpu follows it"
+        )
+    else:
+        notes.append(
+            f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator "
+            f"predicts; larger ones may be faster where memory allows"
+        )
+    return args, notes
+
+
 def _deepspeed(v: PlanView) -> tuple[list[str], list[str]]:
-    """ZeRO stage and AutoTP size for all models, and notes where they differ from the plan."""
+    """ZeRO stage, AutoTP and ring-attention sizes and memory flags for all models, and
+    notes where they differ from the plan."""
     layouts = {r.name: r.compute for r in v.roles.values()}
-    tps = {lay.tp for lay in layouts.values()}
+    tps, cps = {lay.tp for lay in layouts.values()}, {lay.cp for lay in layouts.values()}
     experts = v.expert_parallel
-    if len(tps) == 1 and all(lay.pp == 1 for lay in layouts.values()) and not experts:
-        tp = tps.pop()
-        args = ["--ds.zero_stage", "2"] + (["--ds.tensor_parallel_size", str(tp)] if tp > 1 else [])
-        return args, []
+    uniform = len(tps) == len(cps) == 1 and all(lay.pp == 1 for lay in layouts.values())
+    uniform = uniform and not experts
+    mem, notes = _shared_settings(v)
+    tp, cp = (next(iter(tps)) if uniform else 1), max(cps)
+    stage, stage_notes = _zero_stage(uniform, mem)
+    args = ["--ds.zero_stage", str(stage)]
+    if tp > 1:
+        args += ["--ds.tensor_parallel_size", str(tp)]
+    mem_args, mem_notes = _memory_args(v, mem, tp, cp)
+    args += mem_args
+    notes += stage_notes + mem_notes
+    if uniform:
+        return args, notes
+    return args, notes + _layout_notes(v, layouts, cp)
+
+
+def _layout_notes(v: PlanView, layouts: dict, cp: int) -> list[str]:
+    experts = v.expert_parallel
     described = ", ".join(
-        f"{name} pp{lay.pp} tp{lay.tp} dp{lay.dp}" + (f" ep{lay.ep}" if lay.ep > 1 else "")
+        f"{name} pp{lay.pp} tp{lay.tp}"
+        + (f" cp{lay.cp}" if lay.cp > 1 else "")
+        + f" dp{lay.dp}"
+        + (f" ep{lay.ep}" if lay.ep > 1 else "")
         for name, lay in layouts.items()
     )
+    ring = f" with ring attention {cp} for all" if cp > 1 else ""
     note = (
         f"DeepSpeed has no pipeline parallelism and one AutoTP size for all models; the plan's "
-        f"layouts ({described}) become ZeRO-3 sharding over the set's {v.set_gpus[0]} GPUs, "
-        f"so time and memory differ from the prediction"
+        f"layouts ({described}) become ZeRO-3 sharding over the set's {v.set_gpus[0]} GPUs"
+        f"{ring}, so time and memory differ from the prediction"
     )
     notes = [note]
     if experts:
@@ -77,7 +191,7 @@ def _deepspeed(v: PlanView) -> tuple[list[str], list[str]]:
             f"{', '.join(f'{n} (ep {e})' for n, e in experts.items())} are ZeRO-3 sharded with "
             f"the other weights and the vLLM engines run without expert parallelism"
         )
-    return ["--ds.zero_stage", "3"], notes
+    return notes
 
 
 def _placement(v: PlanView) -> list[str]:
@@ -171,10 +285,6 @@ def to_openrlhf(plan: Plan | dict) -> FrameworkExport:
         + ["--data.prompt_dataset", '"$PROMPT_DATA"']
     )
     notes.append(
-        f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator "
-        f"predicts; larger ones may be faster where memory allows"
-    )
-    notes.append(
         "OpenRLHF syncs weights by gathering each parameter on rank 0 and broadcasting "
         "it to the vLLM engines (consecutive TP groups), not by the 3D-HybridEngine's "
         "in-place reshard: compare `hybridflow simulate --reshard allgather`"
@@ -191,6 +301,7 @@ def to_openrlhf(plan: Plan | dict) -> FrameworkExport:
     words = [a if a.startswith('"$') else shlex.quote(a) for a in args]
     check_constraints(parse_command(args, ref))  # flags of the named version, and its checks
     header = [f"{v.algorithm} on {v.total_gpus} x {v.gpu}: all models on {v.set_gpus[0]} GPUs"]
+    header += [settings_line(v)] if settings_line(v) else []
     if v.tokens_per_s:
         header.append(f"predicted {v.tokens_per_s:,.0f} tokens/s, {v.iteration_s:.1f} s/iteration")
     return FrameworkExport(

@@ -33,6 +33,12 @@ VERL_KEYS_FILE = f"verl_{VERL_VERSION}_ppo_megatron_keys.json"
 OPENRLHF_ARGS_FILE = f"openrlhf_{OPENRLHF_VERSION}_train_ppo_ray_args.json"
 VERL_SOURCE = "verl/trainer/config/_generated_ppo_megatron_trainer.yaml"
 OPENRLHF_SOURCE = "openrlhf/cli/train_ppo_ray.py"
+# megatron-core TransformerConfig fields (megatron/core/transformer/transformer_config.py)
+# that verl's config does not list but hands on from a megatron section's
+# override_transformer_config ("additional transformer config like:
+# num_layers_in_first(/last)_pipeline_stage", verl/trainer/config/engine/megatron.yaml);
+# a Hydra override appends them with "+".
+MCORE_APPENDED_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
 
 
 class RefDataError(UserError):
@@ -150,6 +156,22 @@ def load_verl_reference() -> dict:
     data = json.loads(_packaged(VERL_KEYS_FILE))
     data["key_set"] = frozenset(data["keys"])
     return data
+
+
+def verl_accepts(key: str) -> bool:
+    """Whether verl's config takes the override key: a config group, a key it lists, or
+    ("+key") a megatron-core field appended under an override_transformer_config it lists."""
+    ref = load_verl_reference()
+    if key in ref["group_overrides"] or key in ref["key_set"]:
+        return True
+    if not key.startswith("+") or key[1:] in ref["key_set"]:
+        return False  # Hydra refuses to append a key the config already has
+    parent, _, field = key[1:].rpartition(".")
+    return (
+        parent.endswith(".override_transformer_config")
+        and parent in ref["key_set"]
+        and field in MCORE_APPENDED_FIELDS
+    )
 
 
 @functools.cache

@@ -5,6 +5,15 @@ verl 0.9.1 places roles with a ResourcePoolManager (verl/trainer/ppo/v1/trainer_
 (trainer.nnodes x trainer.n_gpus_per_node) and only the reward model may get a pool of its
 own (reward.reward_model.enable_resource_pool). Plans that split the other roles get the
 pool spec and role mapping a TaskRunner subclass must set, beside the overrides.
+
+A trained role's memory settings go to its megatron section (engine/megatron.yaml):
+use_distributed_optimizer; offload as param_offload and optimizer_offload (0.9.1 has no
+grad_offload: the gradient buffers follow param_offload); recompute as
+override_transformer_config.recompute_granularity (selective: verl's default
+recompute_modules [core_attn]; full: recompute_method uniform, recompute_num_layers 1); a
+budget of more than one sequence as use_dynamic_bsz with ppo_max_token_len_per_gpu over cp
+(verl/workers/actor/megatron_actor.py multiplies it by cp); uneven pipelines as
+megatron-core's num_layers_in_first/last_pipeline_stage, appended ("+").
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import shlex
 
 from hybridflow.layout import ParallelLayout
 from hybridflow.plan import Plan
-from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference
+from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference, verl_accepts
 from hybridflow.planner.export_view import (
     ExportError,
     FrameworkExport,
@@ -21,6 +30,7 @@ from hybridflow.planner.export_view import (
     RoleView,
     node_split,
     parse_plan,
+    settings_line,
 )
 
 ADV_ESTIMATOR = {"ppo": "gae", "grpo": "grpo", "remax": "remax"}
@@ -52,12 +62,56 @@ def _megatron(prefix: str, layout: ParallelLayout) -> dict[str, object]:
     o: dict[str, object] = {
         f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
         f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp,
+        f"{prefix}.megatron.context_parallel_size": layout.cp,
     }
     if layout.ep > 1:  # the plan's experts keep the layout's tp (simulator/moe.py)
         o |= {
             f"{prefix}.megatron.expert_model_parallel_size": layout.ep,
             f"{prefix}.megatron.expert_tensor_parallel_size": layout.tp,
         }
+    return o
+
+
+def _split_fields(role: RoleView) -> dict[str, int]:
+    """megatron-core's layers of the first and last pipeline stage, where they differ from
+    the middle ones (hybridflow.simulator.train_memory.stage_split)."""
+    if not role.uneven:
+        return {}
+    return {
+        "num_layers_in_first_pipeline_stage": role.stages[0],
+        "num_layers_in_last_pipeline_stage": role.stages[-1],
+    }
+
+
+def _memory(prefix: str, role: RoleView) -> dict[str, object]:
+    """A trained role's memory settings and pipeline split under megatron's names."""
+    mem, m = role.settings, f"{prefix}.megatron"
+    o: dict[str, object] = {
+        f"{m}.use_distributed_optimizer": mem.distributed_optimizer,
+        f"{m}.param_offload": mem.offload,
+        f"{m}.optimizer_offload": mem.offload,
+    }
+    otc = f"{m}.override_transformer_config"
+    if mem.recompute != "none":
+        o[f"{otc}.recompute_granularity"] = mem.recompute
+    if mem.recompute == "full":
+        o |= {f"{otc}.recompute_method": "uniform", f"{otc}.recompute_num_layers": 1}
+    return o | {f"+{otc}.{k}": n for k, n in _split_fields(role).items()}
+
+
+def _reference(v: PlanView, ref: RoleView) -> dict[str, object]:
+    """The reference's megatron section. verl takes its param_offload and whole
+    override_transformer_config from the actor's (${oc.select:...}); the plan keeps it
+    resident, and a split unlike the actor's replaces the dict (keeping verl's default
+    attention_backend, engine/megatron.yaml)."""
+    m = "actor_rollout_ref.ref.megatron"
+    o = _megatron("actor_rollout_ref.ref", ref.compute) | {f"{m}.param_offload": False}
+    own = _split_fields(ref)
+    if own != _split_fields(v.roles["actor"]):
+        fields = {"attention_backend": "flash"} | own
+        o[f"{m}.override_transformer_config"] = (
+            "{" + ",".join(f"{k}:{n}" for k, n in fields.items()) + "}"
+        )
     return o
 
 
@@ -84,6 +138,7 @@ def _roles(v: PlanView) -> dict[str, object]:
     actor, gen = v.roles["actor"], v.roles["actor"].generation
     o: dict[str, object] = {"model_engine": "megatron"}
     o |= _megatron("actor_rollout_ref.actor", actor.training)
+    o |= _memory("actor_rollout_ref.actor", actor)
     o |= {
         "actor_rollout_ref.rollout.name": "vllm",
         "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
@@ -92,10 +147,10 @@ def _roles(v: PlanView) -> dict[str, object]:
     o |= _vllm_ep("actor_rollout_ref.rollout", gen.tp, actor.training.ep)
     ref, critic, reward = v.role("reference"), v.role("critic"), v.role("reward")
     if ref is not None:
-        o |= _megatron("actor_rollout_ref.ref", ref.compute)
+        o |= _reference(v, ref)
     o["critic.enable"] = critic is not None
     if critic is not None:
-        o |= _megatron("critic", critic.compute)
+        o |= _megatron("critic", critic.compute) | _memory("critic", critic)
     o["reward.reward_model.enable"] = reward is not None
     if reward is not None:
         o |= {
@@ -112,6 +167,25 @@ def _roles(v: PlanView) -> dict[str, object]:
     return o
 
 
+def token_budget(v: PlanView, role: RoleView) -> int | None:
+    """verl's *_max_token_len_per_gpu for a role that packs micro-batches: the budget over
+    cp, which verl multiplies it by (rounded up: a longest sequence always fits)."""
+    tokens = role.packed_tokens(v.seq_len)
+    return None if tokens is None else -(-tokens // role.training.cp)
+
+
+def _micro(prefix: str, keys: tuple[str, str, str], tokens: int | None, micro: int) -> dict:
+    """keys: (dynamic switch, token budget, sequences per micro-batch) under prefix."""
+    dynamic, budget, size = (f"{prefix}.{k}" for k in keys)
+    if tokens is None:
+        return {dynamic: False, size: micro}
+    return {dynamic: True, budget: tokens}
+
+
+TRAIN_KEYS = ("use_dynamic_bsz", "ppo_max_token_len_per_gpu", "ppo_micro_batch_size_per_gpu")
+LOG_PROB_KEYS = tuple(f"log_prob_{k.removeprefix('ppo_')}" for k in TRAIN_KEYS)
+
+
 def _batches(v: PlanView) -> dict[str, object]:
     n, micro = v.samples_per_prompt, v.micro_batch
     actor = v.roles["actor"]
@@ -123,16 +197,17 @@ def _batches(v: PlanView) -> dict[str, object]:
         "actor_rollout_ref.rollout.n": n,
         "actor_rollout_ref.actor.ppo_mini_batch_size": v.mini_batch,
         "actor_rollout_ref.actor.ppo_epochs": v.ppo_epochs,
-        "actor_rollout_ref.actor.use_dynamic_bsz": False,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": micro,
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": micro,
     }
-    if v.role("reference") is not None:
+    tokens = token_budget(v, actor)  # the actor's old log-probs run with its own budget
+    o |= _micro("actor_rollout_ref.actor", TRAIN_KEYS, tokens, micro)
+    o |= _micro("actor_rollout_ref.rollout", LOG_PROB_KEYS, tokens, micro)
+    if v.role("reference") is not None:  # no settings in the plan: one sequence
         _check_dp_split(v, v.roles["reference"], v.global_batch * n, "batch")
-        o["actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu"] = micro
-    if v.role("critic") is not None:
-        _check_dp_split(v, v.roles["critic"], v.mini_batch * n, "PPO mini-batch")
-        o["critic.ppo_micro_batch_size_per_gpu"] = micro
+        o |= _micro("actor_rollout_ref.ref", LOG_PROB_KEYS, None, micro)
+    critic = v.role("critic")
+    if critic is not None:  # critic.forward_max_token_len_per_gpu follows its ppo budget
+        _check_dp_split(v, critic, v.mini_batch * n, "PPO mini-batch")
+        o |= _micro("critic", TRAIN_KEYS, token_budget(v, critic), micro)
     return o
 
 
@@ -216,11 +291,25 @@ def _verl_role(v: PlanView, role: RoleView) -> str:
     return VERL_ROLE[role.name]
 
 
+def _memory_notes(v: PlanView) -> list[str]:
+    notes = []
+    for r in (v.roles[n] for n in ("actor", "critic") if v.role(n) is not None):
+        budget, tokens = token_budget(v, r), r.packed_tokens(v.seq_len)
+        held = f"{v.micro_batch} sequence(s) per GPU, as the simulator predicts"
+        if budget:
+            held = f"{tokens} tokens (ppo_max_token_len_per_gpu {budget} x cp {r.training.cp})"
+        notes.append(f"the {r.name}'s micro-batches hold {held}")
+        if r.settings.offload:
+            notes.append(
+                f"the {r.name} offloads (param_offload, optimizer_offload; no grad_offload in "
+                f"verl 0.9.1): verl brings Adam's states back for a step on the GPU, which the "
+                f"simulator prices on the host"
+            )
+    return notes
+
+
 def _notes(v: PlanView) -> list[str]:
-    notes = [
-        f"micro-batches of {v.micro_batch} sequence(s) per GPU, as the simulator predicts; "
-        f"larger ones may be faster where memory allows"
-    ]
+    notes = _memory_notes(v)
     gen = v.roles["actor"].generation
     if gen.tp > 1 and gen.micro_dp > 1:
         notes.append(
@@ -285,13 +374,13 @@ def to_verl(plan: Plan | dict) -> FrameworkExport:
             overrides[key] = value
             env += [var] if var else []
     for key in overrides:
-        group = key in ref_data["group_overrides"]
-        assert group or key in ref_data["key_set"], f"verl {ref_data['version']} has no key {key}"
+        assert verl_accepts(key), f"verl {ref_data['version']} has no key {key}"
     args = tuple(f"{k}={_hydra_value(val)}" for k, val in overrides.items())
     header = [
         f"{v.algorithm} on {v.total_gpus} x {v.gpu}: "
         + "; ".join(f"[{', '.join(s)}] {g} GPUs" for s, g in zip(v.sets, v.set_gpus))
     ]
+    header += [settings_line(v)] if settings_line(v) else []
     if v.tokens_per_s:
         header.append(f"predicted {v.tokens_per_s:,.0f} tokens/s, {v.iteration_s:.1f} s/iteration")
     return FrameworkExport(

@@ -1,4 +1,5 @@
-"""A read-only view of a plan for the exports: per role, its set, GPUs and layouts.
+"""A read-only view of a plan for the exports: per role, its set, GPUs, layouts, memory
+settings (trained roles) and layers per pipeline stage.
 
 The plan is validated once, where it is built (hybridflow.plan.Plan.from_dict for a plan a
 user may have edited by hand); the view only derives what the exporters read.
@@ -10,8 +11,11 @@ from dataclasses import dataclass, field
 
 from hybridflow.errors import UserError
 from hybridflow.layout import GenLayout, ParallelLayout
+from hybridflow.memory import MemorySettings
 from hybridflow.plan import PlacedSet, Plan
-from hybridflow.vocab import Kind
+from hybridflow.simulator.job import Job
+from hybridflow.simulator.train_memory import stage_split
+from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES, Kind
 
 MICRO_BATCH = 1  # sequences per micro-batch: what the simulator predicts with
 
@@ -29,6 +33,25 @@ class RoleView:
     train: ParallelLayout | None  # training layout (actor, critics)
     infer: ParallelLayout | None  # forward-only layout (reference, reward; critic values)
     generate: GenLayout | None  # actor only
+    memory: MemorySettings | None = None  # trained roles: the plan's settings, resolved
+    stages: tuple[int, ...] = ()  # layers per pipeline stage of the compute layout
+
+    @property
+    def uneven(self) -> bool:
+        """Whether the pipeline stages hold different numbers of layers."""
+        return len(set(self.stages)) > 1
+
+    @property
+    def settings(self) -> MemorySettings:
+        """The memory settings of a trained role (the actor, critics)."""
+        assert self.memory is not None, f"the {self.name} is not trained"
+        return self.memory
+
+    def packed_tokens(self, seq_len: int) -> int | None:
+        """A trained role's micro-batch token budget where it packs more than one
+        sequence of `seq_len` (None: one sequence per micro-batch)."""
+        tokens = self.settings.micro_batch_tokens
+        return tokens if tokens is not None and tokens > seq_len else None
 
     @property
     def compute(self) -> ParallelLayout:
@@ -75,6 +98,11 @@ class PlanView:
         return self.nodes * self.gpus_per_node
 
     @property
+    def seq_len(self) -> int:
+        """The longest sequence, prompt and response."""
+        return self.prompt_len + self.response_len
+
+    @property
     def mini_batch(self) -> int:
         """Prompts per PPO mini-batch."""
         return self.global_batch // self.mini_batches
@@ -105,12 +133,26 @@ def _kinds(
     return train, infer, gen
 
 
+def _role(job: Job, s: PlacedSet, index: int, name: str) -> RoleView:
+    train, infer, gen = _kinds(s, name)
+    main = train or infer
+    assert main is not None, "a placed role has a train or infer layout"
+    return RoleView(
+        name,
+        job.model(name),
+        index,
+        s.gpus,
+        train,
+        infer,
+        gen,
+        memory=s.settings(name) if name in TRAINED_ROLES else None,
+        stages=stage_split(job.spec(name), main.pp, name in VALUE_ROLES),
+    )
+
+
 def view(plan: Plan) -> PlanView:
     job, c = plan.job, plan.cluster
-    roles = {}
-    for i, s in enumerate(plan.sets):
-        for name in s.models:
-            roles[name] = RoleView(name, job.model(name), i, s.gpus, *_kinds(s, name))
+    roles = {name: _role(job, s, i, name) for i, s in enumerate(plan.sets) for name in s.models}
     predicted = plan.predicted or {}
     return PlanView(
         gpu=c.gpu,
@@ -135,6 +177,17 @@ def view(plan: Plan) -> PlanView:
 def parse_plan(plan: Plan | dict) -> PlanView:
     """The view of a plan, or of a plan dict (plan JSON), validated as every plan is."""
     return view(plan if isinstance(plan, Plan) else Plan.from_dict(plan))
+
+
+def settings_line(v: PlanView) -> str:
+    """The trained roles' memory settings and uneven pipelines, for an export's header."""
+    parts = []
+    for r in v.roles.values():
+        if r.memory is not None:
+            parts.append(f"{r.name} {r.memory}")
+        if r.uneven:
+            parts.append(f"{r.name} layers per stage {'/'.join(map(str, r.stages))}")
+    return "settings: " + "; ".join(parts) if parts else ""
 
 
 def node_split(gpus: int, gpus_per_node: int) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from hybridflow.planner.export import ExportError, export
-from hybridflow.planner.export_refdata import load_verl_reference
+from hybridflow.planner.export_refdata import verl_accepts
 from hybridflow.planner.search import plan_job, standard_placements
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
@@ -24,12 +24,11 @@ def plans() -> dict[str, dict]:
 
 
 def test_planner_plans_export_to_verl_keys(plans: dict[str, dict]) -> None:
-    ref = load_verl_reference()
     assert {"colocated", "split", "separate", "best"} <= set(plans)
     for name, plan in plans.items():
         exp = export(plan, "verl")
         keys = [a.split("=", 1)[0] for a in exp.args]
-        assert all(k in ref["key_set"] or k in ref["group_overrides"] for k in keys), name
+        assert all(verl_accepts(k) for k in keys), name  # "+" appends uneven pipelines
         values = dict(a.split("=", 1) for a in exp.args)
         actor_set = next(s for s in plan["sets"] if "actor" in s["models"])
         assert (
