@@ -16,7 +16,12 @@ from typing import Literal, TypeAlias, overload
 
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.memory import DEFAULT, RECOMPUTE, MemorySettings
-from hybridflow.simulator.generation import GenShape, gen_shape, generation_cost
+from hybridflow.simulator.generation import (
+    GenShape,
+    gen_shape,
+    generation_cost,
+    vllm_workspace_bytes,
+)
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile
 from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
@@ -246,7 +251,8 @@ class Tables:
                     opts.append(
                         GenOption(
                             gen,
-                            generation_extra_bytes(self.scheme, *args),
+                            generation_extra_bytes(self.scheme, *args)
+                            + vllm_workspace_bytes(spec, gen),
                             reshard_peak_bytes(self.scheme, *args)
                             - model_bytes / train.model_parallel,
                             reshard_cost(

@@ -68,6 +68,18 @@ def kv_bytes_per_gpu(spec: ModelSpec, gen: GenLayout) -> float:
     return per_layer * layers * share
 
 
+VLLM_BATCHED_TOKENS = 8192  # vLLM's default max_num_batched_tokens (V1 engine)
+
+
+def vllm_workspace_bytes(spec: ModelSpec, gen: GenLayout) -> float:
+    """What vLLM keeps back from the KV cache for a forward pass of its largest batch
+    (it profiles this peak at start-up): the hidden states and the MLP's intermediate
+    activations of max_num_batched_tokens tokens on one tp rank, bf16."""
+    width = max(spec.ffn, spec.expert_ffn * max(spec.experts_per_token, 1))
+    per_token = (4 * spec.hidden + 2 * width / gen.tp) * WEIGHT_BYTES
+    return VLLM_BATCHED_TOKENS * per_token
+
+
 def kv_memory(shape: GenShape, in_flight: int) -> Memory:
     return memory(kv_cache=in_flight * shape.kv_bytes_per_seq)
 

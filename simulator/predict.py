@@ -18,6 +18,7 @@ from hybridflow.simulator.generation import (
     gen_shape,
     generation_cost,
     kv_memory,
+    vllm_workspace_bytes,
 )
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile, load_profile
@@ -131,7 +132,9 @@ def _actor_generation(
     train, gen = placed.layout("actor"), placed.generation()
     model_bytes = WEIGHT_BYTES * role_params(job, "actor", train.ep)
     args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
-    extra = generation_extra_bytes(scheme, *args) + offloaded_weights(job, placed)
+    weights = generation_extra_bytes(scheme, *args) + offloaded_weights(job, placed)
+    workspace = vllm_workspace_bytes(job.spec("actor"), gen)
+    extra = weights + workspace
     swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
     _fits(
         f"resharding the actor ({scheme}) in set {list(placed.models)}",
@@ -149,7 +152,8 @@ def _actor_generation(
         "reshard": reshard_cost(scheme, *args, profile, gpn, model=job.spec("actor").name)
         + Cost(again),
     }
-    return stages, memory(generation_weights=extra) + kv_memory(shape, n), n
+    gen_mem = memory(generation_weights=weights, vllm_activations=workspace)
+    return stages, gen_mem + kv_memory(shape, n), n
 
 
 def offloaded_weights(job: Job, placed: PlacedSet) -> float:
