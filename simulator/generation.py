@@ -183,15 +183,16 @@ def _generation(
         if measured is not None:
             return measured
     mp, h, lens = gen.model_parallel, spec.hidden, job.lengths
-    thr, src = profile.matmul_flops(in_flight * job.prompt_len, h / gen.tp, h)
-    prefill = shape.sequences * job.prompt_len * flops_per_token(job, "actor", job.prompt_len / 2)
+    prompt = job.prompt_tokens
+    thr, src = profile.matmul_flops(in_flight * prompt, h / gen.tp, h)
+    prefill = shape.sequences * prompt * flops_per_token(job, "actor", prompt / 2)
     # each pipeline stage streams its weights once per micro-batch, and a full pipeline
     # needs pp micro-batches per step: PP splits the weights' memory, not their read time;
     # a step reads only the experts its batch (over the ep group) routes tokens to
     untouched = shape.expert_bytes * (1.0 - touched_fraction(spec, in_flight * shape.ep))
     weights = profile.memory_seconds((shape.weight_bytes - untouched) * gen.pp)
     # every response attends to the prompt and to its own tokens so far
-    kv_tokens = job.prompt_len * lens.mean + lens.mean_square / 2
+    kv_tokens = prompt * lens.mean + lens.mean_square / 2
     decode_kv = profile.memory_seconds(
         shape.sequences * kv_tokens * shape.kv_bytes_per_seq / job.seq_len
     )
@@ -231,7 +232,7 @@ def _gen_comms(
     the pipeline's point-to-point sends of the sequences in flight."""
     h, layers = job.spec("actor").hidden, job.spec("actor").layers / gen.pp
     ar_pre, _ = collective(
-        profile, "all_reduce", in_flight * job.prompt_len * h * 2, gen.tp, gen.tp <= gpn
+        profile, "all_reduce", in_flight * job.prompt_tokens * h * 2, gen.tp, gen.tp <= gpn
     )
     ar_dec, ar_src = collective(profile, "all_reduce", in_flight * h * 2, gen.tp, gen.tp <= gpn)
     p2p, p2p_src = (
@@ -258,7 +259,7 @@ def _gen_alltoall(
     spec = job.spec("actor")
     args = (shape.ep, gen.tp, gen.pp, gpn, 2)
     prefill = moe_alltoall_seconds(
-        profile, spec, in_flight * job.prompt_len, *args, stride=shape.ep_stride
+        profile, spec, in_flight * job.prompt_tokens, *args, stride=shape.ep_stride
     )
     decode = moe_alltoall_seconds(profile, spec, in_flight, *args, stride=shape.ep_stride)
     return waves * prefill + steps * decode

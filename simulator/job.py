@@ -70,6 +70,7 @@ class Job:
     response_mean: float = 0.0  # 0: every response is response_len long
     response_dist: tuple[tuple[int, float], ...] = ()  # (length, weight); overrides the mean
     rule_cpu_s: float = RULE_CPU_S  # seconds of CPU per response scored by a rule
+    prompt_mean: float = 0.0  # 0: every prompt is prompt_len long
     _specs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,7 +94,21 @@ class Job:
             or self.rule_cpu_s < 0
         ):
             raise JobError(f"job: rule_cpu_s must be a number >= 0, got {self.rule_cpu_s!r}")
+        self._check_prompt_mean()
         self._load_models()
+
+    def _check_prompt_mean(self) -> None:
+        m = self.prompt_mean
+        if (
+            isinstance(m, bool)
+            or not isinstance(m, (int, float))
+            or not math.isfinite(m)
+            or not 0 <= m <= self.prompt_len
+        ):
+            raise JobError(
+                f"job: prompt_mean must be a number in [0, prompt_len={self.prompt_len}] "
+                f"(0: every prompt is prompt_len long), got {m!r}"
+            )
 
     def _check_roles(self, algo: Algorithm) -> None:
         """Exactly the algorithm's roles, put in its order."""
@@ -176,9 +191,14 @@ class Job:
         return self.prompt_len + self.response_len
 
     @property
+    def prompt_tokens(self) -> float:
+        """The mean prompt: what prefill and training compute follow."""
+        return float(self.prompt_mean or self.prompt_len)
+
+    @property
     def mean_seq_len(self) -> float:
-        """Prompt plus the mean response: the tokens really produced per sequence."""
-        return self.prompt_len + self.lengths.mean
+        """Mean prompt plus the mean response: the tokens really produced per sequence."""
+        return self.prompt_tokens + self.lengths.mean
 
     @property
     def sequences(self) -> int:
@@ -189,7 +209,7 @@ class Job:
     def tokens_per_iteration(self) -> int:
         """Prompt + response tokens of the global batch (the paper's throughput numerator);
         with a length spread, the responses' mean length."""
-        if not self.lengths.spread:
+        if not self.lengths.spread and not self.prompt_mean:
             return self.sequences * self.seq_len
         return round(self.sequences * self.mean_seq_len)
 
@@ -239,6 +259,8 @@ class Job:
         d.update(self.lengths.to_dict())
         if self.rule_roles and self.rule_cpu_s != RULE_CPU_S:
             d["rule_cpu_s"] = self.rule_cpu_s
+        if self.prompt_mean:
+            d["prompt_mean"] = self.prompt_mean
         return d
 
     @classmethod
@@ -255,6 +277,7 @@ class Job:
             "response_mean",
             "response_dist",
             "rule_cpu_s",
+            "prompt_mean",
         }
         if not isinstance(d, dict) or not isinstance(d.get("models"), dict):
             raise JobError(f"job: expected a mapping with a models mapping, got {d!r}")
@@ -282,6 +305,7 @@ class Job:
             d.get("response_mean", 0.0),
             tuple(dist),
             d.get("rule_cpu_s", RULE_CPU_S),
+            d.get("prompt_mean", 0.0),
         )
 
     @classmethod
@@ -297,6 +321,7 @@ class Job:
         n_samples: int | None = None,
         response_mean: float = 0.0,
         rule_cpu_s: float = RULE_CPU_S,
+        prompt_mean: float = 0.0,
         **role_models: str | None,
     ) -> Job:
         """`model` for every role unless role_models names another (critic, reference,
@@ -325,4 +350,5 @@ class Job:
             response_mean,
             (),
             rule_cpu_s,
+            prompt_mean,
         )

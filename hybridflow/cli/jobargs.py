@@ -65,7 +65,18 @@ def add_job_arguments(
         rule = f", or '{RULE}': a function on the CPU, no GPUs" if role in RULE_ROLES else ""
         p.add_argument(f"--{role}", help=f"model of the {role} (default: --model{rule})")
     p.add_argument("--algorithm", default=d["algorithm"], choices=list(ALGORITHMS))
-    p.add_argument("--prompt-len", type=int, default=d["prompt_len"])
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=d["prompt_len"],
+        help="prompt length; the maximum when --prompt-mean is given",
+    )
+    p.add_argument(
+        "--prompt-mean",
+        type=float,
+        default=0.0,
+        help="mean prompt length (default: every prompt is --prompt-len long)",
+    )
     p.add_argument(
         "--response-len",
         type=int,
@@ -125,5 +136,6 @@ def build_job(args: argparse.Namespace) -> Job:
         args.n_samples,
         response_mean=args.response_mean,
         rule_cpu_s=args.rule_cpu_s,
+        prompt_mean=args.prompt_mean,
         **roles,
     )

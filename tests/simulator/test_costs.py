@@ -241,3 +241,20 @@ def test_collective_roofline_degenerate_cases():
     s, src = collective(A100, "all_gather", 8e6, 4, True)
     assert src == "roofline" and s == pytest.approx(3 * LAT + 3 / 4 * 8e6 / NVLINK)
     assert math.isclose(collective(A100, "broadcast", 1e6, 2, False)[0], LAT + 1e6 / (25e9 * 0.7))
+
+
+def test_compute_follows_the_mean_prompt_memory_the_longest():
+    long = Job.create("grpo", "llama-2-7b", 2048, 512, 16, n_samples=4, reward="rule")
+    short = Job.create(
+        "grpo", "llama-2-7b", 2048, 512, 16, n_samples=4, reward="rule", prompt_mean=200
+    )
+    assert short.mean_seq_len == 712 and short.seq_len == long.seq_len == 2560
+    assert short.tokens_per_iteration == 64 * 712
+    lay = ParallelLayout(pp=1, tp=2, dp=4)
+    a, b = (train_cost(j, "actor", lay, A100, 8).as_dict() for j in (long, short))
+    assert b["train_compute"] < a["train_compute"] * 712 / 2560 * 1.05
+    assert stage_memory(short, "actor", lay, "train").bytes == stage_memory(
+        long, "actor", lay, "train"
+    ).bytes
+    with pytest.raises(ValueError, match="prompt_mean"):
+        Job.create("grpo", "llama-2-7b", 256, 512, 16, n_samples=4, prompt_mean=300)
