@@ -150,6 +150,7 @@ def rank_tensors(
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=65536)
 def rank_params(
     spec: ModelSpec, layout: ParallelLayout, stage: int, value_head: bool = False
 ) -> int:
@@ -237,7 +238,6 @@ def state_memory(
     return memory(weights=param_bytes * n, grads=GRAD_BYTES * n, optimizer=optimizer)
 
 
-@functools.lru_cache(maxsize=65536)
 def largest_state(
     spec: ModelSpec,
     layout: ParallelLayout,
@@ -248,6 +248,19 @@ def largest_state(
 ) -> Memory:
     """state_memory of the stage that holds the most (the middle stages of an uneven
     pipeline hold the same: the first, one middle and the last stage decide)."""
+    # only the distributed optimizer changes the state: one cache entry for the rest
+    plain = MemorySettings(distributed_optimizer=settings.distributed_optimizer)
+    return _largest_state(spec, layout, plain, value_head, trained)
+
+
+@functools.lru_cache(maxsize=65536)
+def _largest_state(
+    spec: ModelSpec,
+    layout: ParallelLayout,
+    settings: MemorySettings,
+    value_head: bool,
+    trained: bool,
+) -> Memory:
     stages = range(layout.pp) if layout.vpp else sorted({0, min(1, layout.pp - 1), layout.pp - 1})
     return max(
         (

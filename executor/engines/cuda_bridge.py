@@ -6,8 +6,9 @@ asserts in the optimizer). This module bridges them at run time without editing 
 installed package:
 
 * ``install()`` (process-wide, idempotent): stubs ``torch.cuda.current_device`` /
-  ``synchronize`` / ``current_stream`` / ``default_stream`` / ``empty_cache`` and replaces
-  megatron's RNG tracker with :class:`CpuRNGStatesTracker`.
+  ``synchronize`` / ``current_stream`` / ``default_stream`` / ``empty_cache`` and the
+  device RNG state that activation recompute saves; megatron's RNG tracker is replaced with
+  :class:`CpuRNGStatesTracker`.
 * ``active()``: a context manager that maps ``device="cuda"`` to the CPU, makes
   ``Tensor.cuda()`` a no-op and reports CPU tensor types with their CUDA names, for the
   duration of one megatron call. A no-op on a CUDA machine.
@@ -170,7 +171,21 @@ def install() -> None:
         torch.cuda.current_stream = lambda *a, **k: _NullStream()
         torch.cuda.default_stream = lambda *a, **k: _NullStream()
         torch.cuda.empty_cache = lambda: None
+        _bridge_checkpoint_rng()
         _installed = True
+
+
+def _bridge_checkpoint_rng() -> None:
+    """Activation recompute (``tensor_parallel.checkpoint``, random.py:447,456) saves and
+    restores the device RNG state around the recomputed forward; on the CPU that state is
+    the CPU generator's, which the checkpoint already saves (and the tracker's states with
+    it), so the device half is nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
 
 def new_rng_tracker() -> Any:

@@ -35,6 +35,20 @@ with warnings.catch_warnings():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+# megatron's TransformerConfig fields of each recompute setting: full recomputes every
+# layer from its input (one layer per unit), selective the attention core (its default
+# recompute_modules, ["core_attn"])
+RECOMPUTE: dict[str, dict] = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    },
+}
+
+
 class ValueHead(torch.nn.Module):
     """Scalar head in place of megatron's output layer (same call signature)."""
 
@@ -56,11 +70,12 @@ class ValueHead(torch.nn.Module):
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to build the model: head kind, dtype, init."""
+    """How to build the model: head kind, dtype, init, activation recompute."""
 
     value_head: bool = False
     dtype: str = "float32"
     init_std: float = 0.02
+    recompute: str = "none"  # none | selective (core attention) | full (every layer)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -69,6 +84,10 @@ class ModelOptions:
             )
         if not self.init_std > 0:
             raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(
+                f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -114,6 +133,7 @@ def transformer_config(
         batch_p2p_comm=False,
         batch_p2p_sync=False,
         sequence_parallel=False,
+        **RECOMPUTE[options.recompute],
     )
 
 

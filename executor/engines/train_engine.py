@@ -55,6 +55,7 @@ class EngineConfig:
     clip_grad: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     use_distributed_optimizer: bool = False
+    recompute: str = "none"  # activation recompute: none | selective | full
     value_head: bool = False
     trainable: bool = True
     dtype: str = "float32"
@@ -68,10 +69,19 @@ class EngineConfig:
             )
         if not self.lr >= 0 or not self.weight_decay >= 0 or not self.clip_grad >= 0:
             raise EngineConfigError("lr, weight_decay and clip_grad must be >= 0")
+        if self.recompute not in mm.RECOMPUTE:
+            raise EngineConfigError(
+                f"recompute must be one of {', '.join(mm.RECOMPUTE)}, got {self.recompute!r}"
+            )
 
     @property
     def model_options(self) -> mm.ModelOptions:
-        return mm.ModelOptions(value_head=self.value_head, dtype=self.dtype, init_std=self.init_std)
+        return mm.ModelOptions(
+            value_head=self.value_head,
+            dtype=self.dtype,
+            init_std=self.init_std,
+            recompute=self.recompute,
+        )
 
 
 def _next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from hybridflow.executor.profiler import (
     ops,
     sharing,
     train_layer,
+    train_options,
     vllm_steps,
 )
 from hybridflow.executor.profiler.calls_tables import calls_section
@@ -47,6 +48,7 @@ class ProfileOptions:
     generate: bool = True
     dispatch: bool = True  # Ray round trips of the single controller
     calls: bool = True  # CPU: the executor's per-call tables (worker groups)
+    train_options: bool = True  # train steps with recompute / the distributed optimizer
     concurrency: tuple[int, ...] = (1, 2, 4)
     # CPU: passes over the calls tables' worker groups. Back-to-back sweeps took the profile
     # past a few minutes and did not predict better than profiles merged from other times
@@ -191,6 +193,17 @@ def _executor_steps(options: ProfileOptions, info: MachineInfo) -> list[tuple[st
             callgrid, group_sizes=tuple(k for k in callgrid.group_sizes if k <= options.devices)
         )
         steps.append((f"executor calls, {options.model}", lambda: ("calls", _calls(callgrid))))
+    if options.train_options:
+        tgrid = train_options.default_grid(options.quick, options.model, world)
+        steps.append(
+            (
+                f"train options, {options.model} on {tgrid.ranks} ranks",
+                lambda: (
+                    "train_options",
+                    train_options.measure_train_options(tgrid, options.threads_per_rank),
+                ),
+            )
+        )
     if options.dispatch:
         dgrid = dispatch.DispatchGrid(world, repeats=5 if options.quick else 20)
         steps.append(
@@ -250,6 +263,7 @@ def profile_machine(options: ProfileOptions, progress: bool = True) -> Path:
         section,
         sharing,
         results.get("sharing") if concurrency else None,
+        results.get("train_options"),
     )
     out = Path(options.out)
     draft = out.with_name(f".{out.stem}.draft{out.suffix}")

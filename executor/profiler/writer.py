@@ -52,6 +52,7 @@ class Measurements:
     sharing: dict[int, float] | None = None  # ranks -> slowdown (the calls' concurrency, or
     # sharing.measure_sharing's interleaved kernel factors)
     kernel_sharing: dict[int, float] | None = None  # the kernel's, when `sharing` is the calls'
+    train_options: list[dict] | None = None  # train_options.measure_train_options's rows
 
     def __post_init__(self) -> None:
         if not self.alone.matmul:
@@ -226,12 +227,14 @@ def _extra(m: Measurements) -> dict:
         if m.kernel_sharing
         else {}
     )
+    options = {"train_options": m.train_options} if m.train_options else {}
     return {
         "attention": m.alone.attention,
         "elementwise": m.alone.elementwise,
         "train_layer_rows": m.train_layer,
         "dispatch": m.dispatch,
         **kernel,
+        **options,
         "shared_ops": {
             k: {"matmul": t.matmul, "attention": t.attention, "elementwise": t.elementwise}
             for k, t in m.shared.items()

@@ -10,6 +10,7 @@ waiting on any.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -28,6 +29,7 @@ from hybridflow.executor.engines.vllm_engine import SamplingConfig
 from hybridflow.executor.rl.worker import RLWorker, RolloutConfig
 from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.task.artifacts import Artifacts
+from hybridflow.memory import MemorySettings
 from hybridflow.plan import PlacedSet, Plan
 from hybridflow.vocab import LM_ROLES, STAGES, TRAINED_ROLES, VALUE_ROLES, Role, Stage
 
@@ -42,15 +44,27 @@ def role_init_dir(art: Artifacts, role: str) -> str:
     return str(art.cost_dir if role in (Role.COST, Role.COST_CRITIC) else art.reward_dir)
 
 
-def engine_config(role: str, cfg: RunConfig) -> EngineConfig:
+def engine_config(
+    role: str, cfg: RunConfig, settings: MemorySettings | None = None, seq_len: int = 1
+) -> EngineConfig:
+    """A role's engine; a trained role's plan `settings` give its distributed optimizer,
+    recompute and micro-batch (as many `seq_len` sequences as its token budget holds)."""
     lr = cfg.actor_lr if role == Role.ACTOR else cfg.critic_lr
-    return EngineConfig(
+    config = EngineConfig(
         micro_batch_size=cfg.micro_batch_size,
         lr=lr,
         value_head=role in VALUE_ROLES,
         trainable=role in TRAINED_ROLES,
         seed=cfg.seed + 17,
         clip_grad=cfg.clip_grad,
+    )
+    if settings is None or role not in TRAINED_ROLES:
+        return config
+    return dataclasses.replace(
+        config,
+        micro_batch_size=settings.sequences_per_micro(seq_len),
+        use_distributed_optimizer=settings.distributed_optimizer,
+        recompute=settings.recompute,
     )
 
 
@@ -75,9 +89,9 @@ class Runtime:
                 self._build_role(group, role, s)
 
     def _build_role(self, group: WorkerGroup, role: str, placed: PlacedSet) -> None:
-        group.add_role(
-            role, self.plan.job.model(role), placed.layout(role), engine_config(role, self.cfg)
-        )
+        job = self.plan.job
+        config = engine_config(role, self.cfg, placed.settings(role), job.seq_len)
+        group.add_role(role, job.model(role), placed.layout(role), config)
         group.run(role, "load_hf", role_init_dir(self.art, role))
         if role == Role.ACTOR:
             group.run(

@@ -29,6 +29,28 @@ from hybridflow.executor.hybrid_engine.reshard_plan import ReshardPlan
 from hybridflow.executor.rl import algorithms as alg
 
 
+# ---- optimizer checkpoints ---------------------------------------------------------------
+def optimizer_state(optimizer: Any) -> list[tuple[dict, dict] | None]:
+    """This rank's optimizer state: each (chained) megatron optimizer's state dict and its
+    torch optimizer's. A distributed optimizer's own state dict leaves out Adam's moments
+    (megatron saves them apart); the torch optimizer holds this rank's shard of them. None
+    for one that has not stepped yet (a role still waiting for its first update), which
+    is a fresh optimizer's state (and which megatron's state_dict refuses)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [(o.state_dict(), o.optimizer.state_dict()) if o.optimizer.state else None for o in subs]
+
+
+def load_optimizer_state(optimizer: Any, state: list[tuple[dict, dict] | None] | dict) -> None:
+    """Inverse of :func:`optimizer_state`, on the same plan (the same shards per rank)."""
+    if isinstance(state, dict):  # a checkpoint of the megatron state dict alone
+        optimizer.load_state_dict(state)
+        return
+    for o, saved in zip(getattr(optimizer, "chained_optimizers", [optimizer]), state):
+        if saved is not None:
+            o.load_state_dict(saved[0])
+            o.optimizer.load_state_dict(saved[1])
+
+
 # ---- what a rank needs to build its roles ------------------------------------------------
 @dataclass(frozen=True)
 class RolloutConfig:
@@ -175,7 +197,7 @@ class RLWorker(Worker):
         engine = self.role(role).engine
         state = {
             "params": {n: p.detach().clone() for n, p in engine.named_local_parameters()},
-            "optimizer": engine.optimizer.state_dict() if engine.optimizer else None,
+            "optimizer": optimizer_state(engine.optimizer) if engine.optimizer else None,
         }
         path = Path(folder) / f"{role}.rank{self.rank}.pt"
         torch.save(state, path)
@@ -191,7 +213,7 @@ class RLWorker(Worker):
         with torch.no_grad():
             mm.load_local_state(engine.model, state["params"])
         if engine.optimizer is not None and state["optimizer"] is not None:
-            engine.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(engine.optimizer, state["optimizer"])
 
     def shutdown(self) -> None:
         for he in self.rollout.values():

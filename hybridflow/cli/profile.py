@@ -76,6 +76,12 @@ def _what_to_measure(parser: argparse.ArgumentParser) -> None:
         "4 ranks running RLWorker's methods, a vLLM engine started per "
         "generation tp: about 4 of the 5 min on a 2-core VM)",
     )
+    parser.add_argument(
+        "--no-train-options",
+        action="store_true",
+        help="skip timing a train step with activation recompute and without the "
+        "distributed optimizer against the default (extra.train_options)",
+    )
 
 
 def _default_out() -> Path:
@@ -100,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
         generate=not args.no_generate,
         dispatch=not args.no_dispatch,
         calls=not args.no_calls,
+        train_options=not args.no_train_options,
         sweeps=args.sweeps,
     )
     busy = os.getloadavg()[0]
