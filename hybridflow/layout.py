@@ -11,6 +11,7 @@ megatron-core takes the first and last stage's layer counts.
 
 A :class:`GenLayout` is the actor's generation layout inside its training layout (the
 3D-HybridEngine): pp * tp * micro_dp equals the training pp * tp; the training dp replicates it.
+Or, decoupled, one generation group over several training replicas (GenLayout.decoupled).
 """
 
 from __future__ import annotations
@@ -185,16 +186,33 @@ class GenLayout:
         if train is None:
             return
         train.check(n_gpus)
+        if self.decoupled(train):
+            return
         if size != train.model_parallel:
             raise LayoutError(
                 f"generation pp*tp*micro_dp = {size} must equal the training "
-                f"pp*tp = {train.model_parallel}"
+                f"pp*tp = {train.model_parallel} (or, with micro_dp 1, tp a multiple of the "
+                f"training tp and pp*tp a multiple of the training pp*tp)"
             )
         if train.tp % self.tp or train.pp % self.pp:
             raise LayoutError(
                 f"generation tp={self.tp}, pp={self.pp} must divide training "
                 f"tp={train.tp}, pp={train.pp}"
             )
+
+    def decoupled(self, train: ParallelLayout) -> bool:
+        """A generation model-parallel group larger than the training one (NeMo-RL's
+        rollout tp above the training tp x pp): one generation replica spans several
+        training replicas, its tp a multiple of the training tp, its stages whole training
+        stages. The 3D-HybridEngine's nesting does not hold: a general resharding builds
+        it (simulator/reshard.py)."""
+        return (
+            self.micro_dp == 1
+            and self.model_parallel > train.model_parallel
+            and self.model_parallel % train.model_parallel == 0
+            and self.tp % train.tp == 0
+            and train.pp % self.pp == 0
+        )
 
     def to_dict(self) -> dict:
         return {"pp": self.pp, "tp": self.tp, "micro_dp": self.micro_dp}

@@ -25,7 +25,12 @@ from hybridflow.simulator.generation import (
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile
 from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
-from hybridflow.simulator.train_memory import largest_state, resident_memory, stage_memory
+from hybridflow.simulator.train_memory import (
+    largest_state,
+    offloaded_state,
+    resident_memory,
+    stage_memory,
+)
 from hybridflow.simulator.training import (
     WEIGHT_BYTES,
     check_layout,
@@ -165,6 +170,7 @@ class Tables:
         self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
         self._partial_cache: dict[tuple[tuple[str, ...], int, bool], list[_Partial]] = {}
         self._fastest: dict[ParallelLayout, float] = {}
+        self._infer: dict[tuple, tuple[float, float]] = {}
 
     # ---- per role -----------------------------------------------------------------
     def layouts(self, role: str, n: int) -> Iterator[ParallelLayout]:
@@ -202,13 +208,23 @@ class Tables:
         for w in job.works(role):
             if w.kind == "generate":
                 continue
-            c = (
-                train_cost(job, role, lay, prof, self.gpn, mem)
-                if w.kind == "train"
-                else infer_cost(job, role, lay, prof, self.gpn, w.sequences)
-            )
-            secs[w.stage] += c.seconds
-            transient = max(transient, stage_memory(job, role, lay, w.kind, mem).bytes)
+            if w.kind == "train":
+                secs[w.stage] += train_cost(job, role, lay, prof, self.gpn, mem).seconds
+                transient = max(transient, stage_memory(job, role, lay, w.kind, mem).bytes)
+                continue
+            # a forward pass costs the same under every memory setting; offload adds what
+            # it loads back
+            budget = MemorySettings(micro_batch_tokens=mem.micro_batch_tokens)
+            key = (role, lay, w.sequences, budget)
+            if key not in self._infer:
+                self._infer[key] = (
+                    infer_cost(job, role, lay, prof, self.gpn, w.sequences).seconds,
+                    stage_memory(job, role, lay, w.kind, budget).bytes,
+                )
+            seconds, act = self._infer[key]
+            secs[w.stage] += seconds
+            loaded = offloaded_state(job, role, lay, mem, w.kind).bytes
+            transient = max(transient, act + loaded)
         resident = resident_memory(job, role, lay, mem).bytes
         gen_resident = resident
         if mem.offload and role == "actor":
@@ -241,32 +257,61 @@ class Tables:
         if train not in self._gen:
             spec, opts = self.job.spec("actor"), []
             model_bytes = WEIGHT_BYTES * role_params(self.job, "actor", train.ep)
-            for tg in _powers_of_two(train.tp):
-                top = min(train.pp, self.max_gen_pp or train.pp)
-                for pg in (x for x in range(1, top + 1) if train.pp % x == 0):
-                    if spec.heads % tg or (spec.kv_heads % tg and tg % spec.kv_heads):
-                        continue  # vLLM copies KV heads to fill a larger tp
-                    gen = GenLayout(pg, tg, train.model_parallel // (pg * tg))
-                    args = (model_bytes, train.pp, train.tp, train.dp, pg, tg)
-                    opts.append(
-                        GenOption(
-                            gen,
-                            generation_extra_bytes(self.scheme, *args)
-                            + vllm_workspace_bytes(spec, gen),
-                            reshard_peak_bytes(self.scheme, *args)
-                            - model_bytes / train.model_parallel,
-                            reshard_cost(
-                                self.scheme, *args, self.profile, self.gpn, model=spec.name
-                            ).seconds,
-                        )
+            for pg, tg in self._gen_degrees(train):
+                if spec.heads % tg or (spec.kv_heads % tg and tg % spec.kv_heads):
+                    continue  # vLLM copies KV heads to fill a larger tp
+                gen = GenLayout(pg, tg, max(train.model_parallel // (pg * tg), 1))
+                args = (model_bytes, train.pp, train.tp, train.dp, pg, tg)
+                opts.append(
+                    GenOption(
+                        gen,
+                        generation_extra_bytes(self.scheme, *args)
+                        + vllm_workspace_bytes(spec, gen),
+                        reshard_peak_bytes(self.scheme, *args) - model_bytes / train.model_parallel,
+                        reshard_cost(
+                            self.scheme, *args, self.profile, self.gpn, model=spec.name
+                        ).seconds,
                     )
+                )
             self._gen[train] = opts
         return self._gen[train]
+
+    def _gen_degrees(self, train: ParallelLayout) -> list[tuple[int, int]]:
+        """(pg, tg) of the generation layouts tried: inside the training model-parallel
+        group (the 3D-HybridEngine), and tp up to a node wider than it (decoupled)."""
+        top = min(train.pp, self.max_gen_pp or train.pp)
+        pgs = [x for x in range(1, top + 1) if train.pp % x == 0]
+        out = [(pg, tg) for tg in _powers_of_two(train.tp) for pg in pgs]
+        if self.max_gen_pp is None:  # the executor runs the 3D-HybridEngine only
+            wide = _powers_of_two(min(self.gpn, train.n_gpus))
+            for tg in (x for x in wide if x > train.tp and x % train.tp == 0):
+                out += [
+                    (pg, tg)
+                    for pg in pgs
+                    if pg * tg > train.model_parallel and train.n_gpus % (pg * tg) == 0
+                ]
+        return out
 
     @overload
     def generation_seconds(
         self, train: ParallelLayout, opt: GenOption, free: float, check: Literal[False]
     ) -> float: ...
+    def _gen_degrees(self, train: ParallelLayout) -> list[tuple[int, int]]:
+        """(pg, tg) of the generation layouts tried: inside the training model-parallel
+        group (the 3D-HybridEngine), and tp up to a node wider than it (decoupled)."""
+        top = min(train.pp, self.max_gen_pp or train.pp)
+        pgs = [x for x in range(1, top + 1) if train.pp % x == 0]
+        out = [(pg, tg) for tg in _powers_of_two(train.tp) for pg in pgs]
+        if self.max_gen_pp is None:  # the executor runs the 3D-HybridEngine only
+            wide = _powers_of_two(min(self.gpn, train.n_gpus))
+            for tg in (x for x in wide if x > train.tp and x % train.tp == 0):
+                out += [
+                    (pg, tg)
+                    for pg in pgs
+                    if pg * tg > train.model_parallel and train.n_gpus % (pg * tg) == 0
+                ]
+        return out
+
     @overload
     def generation_seconds(
         self, train: ParallelLayout, opt: GenOption, free: float, check: bool = True
@@ -309,18 +354,19 @@ class Tables:
                 return self._partial_cache[key]
             role, usable = others[-1], self.profile.usable_bytes
             kind = Kind.TRAIN if role in CRITIC_ROLES else Kind.INFER
+            trained = role in TRAINED_ROLES
             merged = [
                 _Partial(
                     p.resident + c.resident,
                     max(p.transient, c.transient),
                     tuple(a + b for a, b in zip(p.stages, c.stages)),
                     p.layouts + ((role, {kind: c.layout}),),
-                    p.memory + (((role, c.settings),) if role in TRAINED_ROLES else ()),
+                    p.memory + (((role, c.settings),) if trained else ()),
                 )
                 for p in self._partials(others[:-1], n, prune)
                 for c in self.role_candidates(role, n, prune)
+                if p.resident + c.resident + max(p.transient, c.transient) <= usable
             ]
-            merged = [m for m in merged if m.resident + m.transient <= usable]
             self._partial_cache[key] = _pareto(merged) if prune else merged
         return self._partial_cache[key]
 

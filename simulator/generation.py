@@ -44,7 +44,7 @@ class GenShape:
 def gen_shape(job: Job, train: ParallelLayout, gen: GenLayout, sequences: int) -> GenShape:
     spec = job.spec("actor")
     check_model_fits(spec.layers, spec.heads, spec.kv_heads, gen.pp, gen.tp, replicate_kv=True)
-    replicas = train.dp * gen.micro_dp
+    replicas = train.n_gpus // gen.model_parallel  # dp x micro_dp, or fewer and wider
     kv = kv_bytes_per_gpu(spec, gen) * job.seq_len
     mp = gen.model_parallel
     return GenShape(

@@ -1,5 +1,10 @@
 """Actor resharding between training (p, t, d) and generation (pg, tg, micro-DP) layouts:
-the three schemes of the paper's Table 2 (model size M bytes)."""
+the three schemes of the paper's Table 2 (model size M bytes), and a general one for
+generation groups larger than the training model-parallel group (pg*tg > p*t: tg a
+multiple of t, each generation stage whole training stages). There each rank slices its
+generation shard from what it holds where the layers are its own (the generation
+replica's ranks are chosen so that each one's tp slice lies in its training shard) and
+gathers the layers of the other training stages; vLLM keeps its own buffer."""
 
 from __future__ import annotations
 
@@ -14,11 +19,23 @@ class ReshardError(LayoutError):
     """Unknown resharding scheme or impossible layouts."""
 
 
+def decoupled(p: int, t: int, pg: int, tg: int) -> bool:
+    """The general scheme's case (hybridflow.layout.GenLayout.decoupled)."""
+    return pg * tg > p * t and tg % t == 0 and p % pg == 0
+
+
+def _local_fraction(p: int, pg: int) -> float:
+    """Of a decoupled generation shard, the part whose layers the rank trains."""
+    return pg / p
+
+
 def _check(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> None:
     if scheme not in SCHEMES:
         raise ReshardError(
             f"unknown resharding scheme {scheme!r}: choose one of {', '.join(SCHEMES)}"
         )
+    if decoupled(p, t, pg, tg):
+        return
     if min(p, t, d, pg, tg) <= 0:
         raise ReshardError("resharding: all degrees must be positive")
     if (p * t) % (pg * tg):
@@ -30,6 +47,8 @@ def reshard_bytes_per_rank(
 ) -> float:
     """Bytes each rank receives to build its generation weights (Table 2, first row)."""
     _check(scheme, p, t, d, pg, tg)
+    if decoupled(p, t, pg, tg):
+        return model_bytes / (tg * pg) * (1 - _local_fraction(p, pg))
     if scheme == "allgather":
         return (t * p * d - 1) / (t * p * d) * model_bytes
     if scheme == "hybridengine-v":
@@ -42,6 +61,8 @@ def reshard_peak_bytes(
 ) -> float:
     """Peak bytes per rank of actor weights while resharding (Table 2, second row)."""
     _check(scheme, p, t, d, pg, tg)
+    if decoupled(p, t, pg, tg):
+        return model_bytes / (t * p) + model_bytes / (tg * pg)
     return model_bytes / (tg * pg) if scheme == "hybridengine" else model_bytes
 
 
@@ -50,6 +71,8 @@ def redundant_bytes(
 ) -> float:
     """Training weights held twice during generation (Table 2, third row)."""
     _check(scheme, p, t, d, pg, tg)
+    if decoupled(p, t, pg, tg):
+        return model_bytes / (tg * pg) * _local_fraction(p, pg)
     if scheme == "allgather":
         return model_bytes / (t * p * d)
     return model_bytes / (t * p) if scheme == "hybridengine-v" else 0.0
@@ -61,7 +84,7 @@ def generation_extra_bytes(
     """Bytes per rank held for generation weights beyond the training shard: the
     generation shard M/(tg*pg) minus the part that is the training shard itself."""
     gen_shard = model_bytes / (tg * pg)
-    if scheme == "hybridengine":
+    if scheme == "hybridengine" and not decoupled(p, t, pg, tg):
         _check(scheme, p, t, d, pg, tg)
         return gen_shard - model_bytes / (t * p)  # the training shard lies inside it
     return gen_shard  # separate buffer; the training shard stays (redundancy)
@@ -69,6 +92,8 @@ def generation_extra_bytes(
 
 def _span(scheme: str, p: int, t: int, d: int, pg: int, tg: int) -> tuple[int, int]:
     """(ranks, span in consecutive devices) of the all-gather group of each scheme."""
+    if decoupled(p, t, pg, tg):  # the training stages of one generation stage
+        return p // pg, t * d * p
     if scheme == "allgather":
         return t * p * d, t * p * d
     if scheme == "hybridengine-v":
@@ -100,6 +125,9 @@ def reshard_cost(
     volume = reshard_bytes_per_rank(scheme, model_bytes, p, t, d, pg, tg)
     ranks, span = _span(scheme, p, t, d, pg, tg)
     fixed = _barriers(profile, p * t * d, gpn)
+    if decoupled(p, t, pg, tg):  # slicing the local part into vLLM's buffer
+        gen_shard = model_bytes / (tg * pg)
+        fixed += cost(("reshard_slice", profile.memory_seconds(2 * gen_shard), "roofline"))
     if ranks <= 1 or volume <= 0:
         return fixed
     # all_gather's table/roofline takes the gathered size; each rank receives (r-1)/r of it
@@ -131,7 +159,7 @@ def measured_reshard(
     layouts read the row of the same micro-DP). None where the table does not apply: another
     model, scheme, or generation pp > 1."""
     calls = profile.calls
-    if not calls.applies(model) or calls.scheme != scheme or pg != 1:
+    if not calls.applies(model) or calls.scheme != scheme or pg != 1 or decoupled(p, t, pg, tg):
         return None
     seconds = calls.reshard(p * t * d, tg, p * t // tg)
     return None if seconds is None else cost(("reshard_calls", seconds, "measured"))

@@ -7,8 +7,12 @@ it was built (hybridflow.plan); these are the executor's own limits.
 from __future__ import annotations
 
 from hybridflow.errors import UserError
+from hybridflow.layout import ParallelLayout
+from hybridflow.memory import MemorySettings
 from hybridflow.plan import Plan
-from hybridflow.vocab import TRAINED_ROLES, Role
+from hybridflow.simulator.architecture import ModelSpec
+from hybridflow.simulator.train_memory import stage_split
+from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES, Role
 
 
 class PlanNotRunnable(UserError):
@@ -31,11 +35,39 @@ def check_runnable(plan: Plan, devices: int | None = None) -> None:
     for s in plan.sets:
         for role in s.models:
             _check_split(role, s.layout(role).dp, job.sequences, job.mini_batches)
+            _check_layout(role, job.spec(role), s.layout(role), s.settings(role))
+        if Role.ACTOR in s.models and s.generation().decoupled(s.layout(Role.ACTOR)):
+            raise PlanNotRunnable(
+                f"actor: generation tp={s.generation().tp} is wider than the training "
+                f"model-parallel group: the executor reshards with the 3D-HybridEngine only"
+            )
         if Role.ACTOR in s.models and s.generation().pp != 1:
             raise PlanNotRunnable(
                 f"actor: generation pp={s.generation().pp}: the executor "
                 f"generates with pp=1 (tensor-parallel vLLM groups)"
             )
+
+
+def _check_layout(
+    role: str, spec: ModelSpec, layout: ParallelLayout, settings: MemorySettings
+) -> None:
+    """What the local megatron-core engines run: no host offload, no context parallelism,
+    even pipeline stages (the plan's stage_split, which the simulator costed)."""
+    if role in TRAINED_ROLES and settings.offload:
+        raise PlanNotRunnable(
+            f"role {role}: memory offload: true: CPU offload is not run by the executor "
+            f"on CPU devices"
+        )
+    if layout.cp > 1:
+        raise PlanNotRunnable(
+            f"role {role}: cp={layout.cp}: the executor does not run context parallelism"
+        )
+    split = stage_split(spec, layout.pp, role in VALUE_ROLES)
+    if spec.layers % (layout.pp * (layout.vpp or 1)) or len(set(split)) > 1:
+        raise PlanNotRunnable(
+            f"role {role}: pp={layout.pp} splits the {spec.layers} layers unevenly "
+            f"{split}: the executor runs megatron-core's even pipeline stages only"
+        )
 
 
 def _check_split(role: str, dp: int, responses: int, mini_batches: int) -> None:

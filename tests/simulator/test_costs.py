@@ -44,6 +44,9 @@ def job() -> Job:
     return Job.create("ppo", "llama-2-7b", 512, 512, 16, mini_batches=2)
 
 
+JOB7B = Job.create("grpo", "llama-2-7b", 512, 512, 16, n_samples=4, reward="rule")
+
+
 def test_params_and_flops_match_the_architecture(job):
     assert job.params("actor") == P
     assert job.spec("actor").flops_per_token(512) == fwd_flops(512)
@@ -233,7 +236,22 @@ def test_bad_reshard_inputs():
     with pytest.raises(ValueError, match="unknown resharding scheme"):
         reshard_bytes_per_rank("zero3", 1.0, 1, 2, 1, 1, 1)
     with pytest.raises(LayoutError):
-        reshard_bytes_per_rank("hybridengine", 1.0, 1, 2, 1, 1, 4)
+        reshard_bytes_per_rank("hybridengine", 1.0, 1, 4, 1, 1, 6)  # neither nested nor wider
+
+
+def test_a_generation_group_wider_than_training():
+    """Training tp 2 x pp 2 on 16 GPUs, generating at tp 8 (two training replicas' worth):
+    each rank slices the layers of its own stage and gathers those of the other."""
+    m = 16e9
+    assert reshard_bytes_per_rank("hybridengine", m, 2, 2, 4, 1, 8) == pytest.approx(m / 8 / 2)
+    assert reshard_peak_bytes("hybridengine", m, 2, 2, 4, 1, 8) == pytest.approx(m / 4 + m / 8)
+    c = reshard_cost("hybridengine", m, 2, 2, 4, 1, 8, A100, 8, model="x").as_dict()
+    gathered, _ = collective(A100, "all_gather", m / 8, 2, False)  # pp ranks 8 apart: 2 nodes
+    assert c["reshard_allgather"] == pytest.approx(gathered)
+    assert c["reshard_slice"] == pytest.approx(2 * m / 8 / HBM)
+    train, gen = ParallelLayout(pp=2, tp=2, dp=4), GenLayout(1, 8, 1)
+    gen.check(16, train)  # decoupled: allowed
+    assert gen.decoupled(train) and gen_shape(JOB7B, train, gen, 64).replicas == 2
 
 
 def test_collective_roofline_degenerate_cases():

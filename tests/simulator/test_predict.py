@@ -124,7 +124,7 @@ def test_kv_cache_takes_the_free_memory():
         },
     )
     roomy = predict_set(job, s, a100, 8)
-    tight = predict_set(job, s, dataclasses.replace(a100, hbm_gib=48.0), 8)
+    tight = predict_set(job, s, dataclasses.replace(a100, hbm_gib=52.0), 8)
 
     def gen(p):
         return p.roles[0].stages["generate"].as_dict()
