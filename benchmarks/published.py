@@ -57,15 +57,18 @@ def build_job(row: Row) -> Job:
 
 def _layouts(role: str, train: ParallelLayout, rollout_tp: int) -> dict:
     if role == "actor":
-        gen_tp = rollout_tp if train.tp % rollout_tp == 0 else train.tp
-        return {"train": train, "generate": GenLayout(1, gen_tp, train.model_parallel // gen_tp)}
+        if train.tp % rollout_tp == 0:  # inside the training group: the 3D-HybridEngine
+            gen = GenLayout(1, rollout_tp, train.model_parallel // rollout_tp)
+        else:  # wider than it: the general resharding
+            gen = GenLayout(1, rollout_tp, 1)
+        return {"train": train, "generate": gen}
     return {"train" if role in TRAINED_ROLES else "infer": train}
 
 
 def build_plan(row: Row) -> Plan:
     """The row's placement with its own layouts and memory settings."""
     job = build_job(row)
-    mem = MemorySettings(True, row.recompute, row.offload, row.micro_batch_tokens)
+    mem = MemorySettings(True, row.recompute, row.offload, row.micro_batch_tokens, row.fsdp)
     if row.separate is None:
         train = ParallelLayout(row.pp, row.tp, row.dp, row.ep, cp=row.cp)
         roles = job.gpu_roles

@@ -14,9 +14,10 @@ Conventions (the same for every row):
 - Where the mean response length is not given: response_mean = half the maximum (an
   assumption; no source states the mean of these runs), said in the row's notes.
 - FSDP2 with Ulysses sequence parallel sp = context parallel cp = sp (each sequence split
-  over sp ranks), dp = GPUs / sp, the distributed optimizer (FSDP shards the optimizer).
-- The plan format's 3D-HybridEngine needs the generation tp to divide the training tp:
-  a rollout tp above the training tp generates at the training tp (said in the notes).
+  over sp ranks), dp = GPUs / sp, the memory setting fsdp (weights, gradients and Adam
+  sharded over dp x cp).
+- A rollout tp above the training tp is a generation group wider than the training one
+  (the general resharding; GenLayout.decoupled).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Row:
     reference: bool = True  # False: DAPO, no reference model
     reward: str = "rule"  # "rule" or "model" (the actor's model)
     offload: bool = False
+    fsdp: bool = False  # verl's FSDP2 backend
     recompute: str = "none"
     micro_batch_tokens: int | None = None
     # None: colocated (one set, every GPU role); else {role: GPUs} (OpenRLHF's placement)
@@ -115,7 +117,7 @@ _FULLY_ASYNC_NOTES = (
     "dapo_7b_math_fsdp2_colocate.sh",
     HALF_MAX,
     PROMPT_MAX,
-    "rollout tp 4 above the training tp 1 (FSDP): generated at tp 1 (the plan format's limit)",
+    "rollout tp 4 above the training tp 1 (FSDP): a wider generation group",
 )
 
 
@@ -132,6 +134,7 @@ def _fully_async(
         dp=gpus // 4,
         rollout_tp=4,
         micro_batch_tokens=2 * 30720 * 4,  # verl: ppo_max_token_len_per_gpu x sp
+        fsdp=True,
         phases={"generate": gen, "prepare": old, "train": update},
         notes=_FULLY_ASYNC_NOTES + notes,
     )
@@ -163,10 +166,11 @@ ROWS: tuple[Row, ...] = (
         dp=4,
         rollout_tp=2,
         micro_batch_tokens=2 * (2048 + 8192) * 4,
+        fsdp=True,
         phases={"generate": 321.0, "prepare": 88.0, "train": 286.0},
         excluded="maximum response ambiguous: the doc says 20,480 for FSDP2, the script 8,192 "
         "(built with 8,192)",
-        notes=_ONE_STEP_NOTES + ("rollout tp 2 above the training tp 1 (FSDP): generated at tp 1",),
+        notes=_ONE_STEP_NOTES + ("rollout tp 2 above the training tp 1 (FSDP): a wider group",),
     ),
     _fully_async(
         32,
@@ -202,7 +206,7 @@ ROWS: tuple[Row, ...] = (
         notes=(
             "prompt not in the doc: 2,048, the maximum of every recipe of that doc (assumption)",
             HALF_MAX,
-            "rollout tp 4 above the training tp 2: generated at tp 2 (the plan format's limit)",
+            "rollout tp 4 above the training tp 2: a wider generation group",
             "GRPO with a reference (the doc gives its ref seconds): prepare = old_log_prob + ref",
         ),
     ),

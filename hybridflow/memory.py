@@ -4,7 +4,10 @@ These are the megatron-core / FSDP-style options verl, NeMo-RL and OpenRLHF turn
 trading time for memory: the distributed optimizer (fp32 master weights and Adam states
 sharded over data parallel, ZeRO-1), activation recomputation, CPU offload of a colocated
 model's state while the other models run, and micro-batches packed to a token budget per
-GPU. A plan that leaves them out gets verl's megatron defaults (``DEFAULT``).
+GPU, and fully sharded data parallel (FSDP2 / ZeRO-3: weights and gradients sharded too,
+each layer gathered for its forward and backward) as verl's and NeMo-RL's FSDP backends and
+OpenRLHF's ZeRO-3 run it. A plan that leaves them out gets verl's megatron defaults
+(``DEFAULT``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from hybridflow.errors import UserError
 
 RECOMPUTE = ("none", "selective", "full")
-KEYS = ("distributed_optimizer", "recompute", "offload", "micro_batch_tokens")
+KEYS = ("distributed_optimizer", "recompute", "offload", "micro_batch_tokens", "fsdp")
 
 
 class MemorySettingsError(UserError):
@@ -26,15 +29,17 @@ class MemorySettings:
     """distributed_optimizer: shard master weights and Adam states over dp; recompute:
     none | selective (attention core) | full (every layer's activations); offload: params,
     grads and optimizer state on the host between this role's own stages; micro_batch_tokens:
-    tokens packed into one micro-batch per GPU (None: one sequence, filled in from the job)."""
+    tokens packed into one micro-batch per GPU (None: one sequence, filled in from the job);
+    fsdp: shard weights and gradients over dp as well (no tensor or pipeline parallelism)."""
 
     distributed_optimizer: bool = True
     recompute: str = "none"
     offload: bool = False
     micro_batch_tokens: int | None = None
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("distributed_optimizer", "offload"):
+        for name in ("distributed_optimizer", "offload", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise MemorySettingsError(
                     f"memory: {name} must be true or false, got {getattr(self, name)!r}"
@@ -57,7 +62,9 @@ class MemorySettings:
                 f"memory: micro_batch_tokens={tokens} cannot hold one sequence of the "
                 f"job's {seq_len} tokens (prompt + response)"
             )
-        return MemorySettings(self.distributed_optimizer, self.recompute, self.offload, tokens)
+        return MemorySettings(
+            self.distributed_optimizer, self.recompute, self.offload, tokens, self.fsdp
+        )
 
     def sequences_per_micro(self, seq_len: int) -> int:
         """Longest sequences a micro-batch's budget holds."""
@@ -69,6 +76,7 @@ class MemorySettings:
             "recompute": self.recompute,
             "offload": self.offload,
             "micro_batch_tokens": self.micro_batch_tokens,
+            "fsdp": self.fsdp,
         }
 
     @classmethod
@@ -80,7 +88,7 @@ class MemorySettings:
         return cls(**d)
 
     def __str__(self) -> str:
-        parts = ["distopt" if self.distributed_optimizer else "no-distopt"]
+        parts = ["fsdp" if self.fsdp else "distopt" if self.distributed_optimizer else "no-distopt"]
         if self.recompute != "none":
             parts.append(f"recompute={self.recompute}")
         if self.offload:

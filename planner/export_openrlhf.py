@@ -91,6 +91,8 @@ def _zero_stage(uniform: bool, mem: MemorySettings) -> tuple[int, list[str]]:
     distributed optimizer (AutoTP trains with ZeRO 0-2 only)."""
     if not uniform:
         return 3, []
+    if mem.fsdp:
+        return 3, ["fsdp: ZeRO-3 shards weights, gradients and Adam's states over dp"]
     notes = []
     if mem.offload:
         notes.append(

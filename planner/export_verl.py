@@ -305,6 +305,12 @@ def _memory_notes(v: PlanView) -> list[str]:
                 f"verl 0.9.1): verl brings Adam's states back for a step on the GPU, which the "
                 f"simulator prices on the host"
             )
+        if r.settings.fsdp:
+            notes.append(
+                f"the {r.name} trains with FSDP in the plan: run verl's fsdp2 strategy "
+                f"({r.name.replace('actor', 'actor_rollout_ref.actor')}.strategy=fsdp2); "
+                f"this export writes the megatron keys"
+            )
     return notes
 
 

@@ -9,13 +9,19 @@ colocated models leave free. Tables are cached and reusable across cluster sizes
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, TypeAlias, overload
+from typing import Literal, overload
 
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.memory import DEFAULT, RECOMPUTE, MemorySettings
+from hybridflow.planner.choices import (
+    Candidate,
+    GenOption,
+    SetChoice,
+    _pareto,
+    _Partial,
+    _per_layout,
+)
 from hybridflow.simulator.generation import (
     GenShape,
     gen_shape,
@@ -24,7 +30,7 @@ from hybridflow.simulator.generation import (
 )
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile
-from hybridflow.simulator.reshard import generation_extra_bytes, reshard_cost, reshard_peak_bytes
+from hybridflow.simulator.reshard import actor_reshard
 from hybridflow.simulator.train_memory import (
     largest_state,
     offloaded_state,
@@ -39,8 +45,6 @@ from hybridflow.simulator.training import (
     train_cost,
 )
 from hybridflow.vocab import CRITIC_ROLES, STAGES, TRAINED_ROLES, Kind
-
-Stages: TypeAlias = tuple[float, ...]  # seconds in STAGES order, one per stage
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -61,94 +65,6 @@ def set_sizes(gpus_per_node: int, limit: int) -> list[int]:
     return [s for s in small if s <= limit] + list(range(gpus_per_node, limit + 1, gpus_per_node))
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One role's train/infer layout on n GPUs."""
-
-    layout: ParallelLayout
-    resident: float
-    transient: float
-    stages: Stages
-    settings: MemorySettings = DEFAULT
-    gen_resident: float = 0.0  # what the actor holds while generating (its weights if offloaded)
-
-    @property
-    def total(self) -> float:
-        return sum(self.stages)
-
-
-@dataclass(frozen=True)
-class GenOption:
-    layout: GenLayout
-    extra: float  # generation weights beyond the training shard, bytes per GPU
-    swap: float  # transient bytes while resharding beyond the training shard
-    reshard_s: float
-
-
-@dataclass(frozen=True)
-class SetChoice:
-    """The best layouts of a set's roles on n GPUs and the set's stage seconds."""
-
-    layouts: tuple[tuple[str, dict], ...]  # (role, {kind: layout})
-    stages: Stages
-    peak_bytes: float
-    memory: tuple[tuple[str, MemorySettings], ...] = ()  # trained roles' settings
-
-    @property
-    def total(self) -> float:
-        return sum(self.stages)
-
-
-@dataclass(frozen=True)
-class _Partial:
-    """The non-actor roles of a set chosen so far."""
-
-    resident: float
-    transient: float
-    stages: Stages
-    layouts: tuple[tuple[str, dict], ...]
-    memory: tuple[tuple[str, MemorySettings], ...] = ()
-
-    @property
-    def total(self) -> float:
-        return sum(self.stages)
-
-
-def _per_layout(cands: list[Candidate]) -> list[Candidate]:
-    """Of each layout's candidates, those not dominated in time, resident, transient and
-    generation-time bytes by another of the same layout (exact: generation depends on the
-    layout and the bytes left free)."""
-
-    def key(c: Candidate) -> tuple[float, ...]:
-        return (c.total, c.resident, c.transient, c.gen_resident)
-
-    keep = []
-    for c in cands:
-        same = (o for o in cands if o is not c and o.layout == c.layout)
-        if not any(all(a <= b for a, b in zip(key(o), key(c))) and key(o) != key(c) for o in same):
-            keep.append(c)
-    return keep
-
-
-def _pareto(cands: list) -> list:
-    """Drop candidates that need no less memory and no less time than another. Kept
-    candidates' (resident, transient) front is a staircase: the rightmost step at or left
-    of a candidate's resident bytes has the least transient bytes there."""
-    keep: list = []
-    front_r: list[float] = []  # ascending resident
-    front_t: list[float] = []  # descending transient
-    for c in sorted(cands, key=lambda c: (c.total, c.resident, c.transient)):
-        i = bisect.bisect_right(front_r, c.resident)
-        if i and front_t[i - 1] <= c.transient:
-            continue
-        keep.append(c)
-        j = i
-        while j < len(front_r) and front_t[j] >= c.transient:
-            j += 1
-        front_r[i:j], front_t[i:j] = [c.resident], [c.transient]
-    return keep
-
-
 class Tables:
     """Role and set tables for one job, profile and node size; share one across cluster
     sizes (a sweep) to reuse them."""
@@ -164,12 +80,12 @@ class Tables:
         self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
         self.max_gen_pp = max_gen_pp  # e.g. 1 for an executor that generates with TP only
         self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
-        self._gen: dict[ParallelLayout, list[GenOption]] = {}
+        self._gen: dict[tuple[ParallelLayout, bool], list[GenOption]] = {}
         self._gen_s: dict[tuple[ParallelLayout, GenLayout, int], float] = {}
         self._shapes: dict[tuple[ParallelLayout, GenLayout], GenShape] = {}
         self._sets: dict[tuple[tuple[str, ...], int, bool], SetChoice | None] = {}
         self._partial_cache: dict[tuple[tuple[str, ...], int, bool], list[_Partial]] = {}
-        self._fastest: dict[ParallelLayout, float] = {}
+        self._fastest: dict[tuple[ParallelLayout, bool], float] = {}
         self._infer: dict[tuple, tuple[float, float]] = {}
 
     # ---- per role -----------------------------------------------------------------
@@ -187,16 +103,21 @@ class Tables:
                             continue
                         yield lay
 
-    def settings_options(self, role: str) -> list[MemorySettings]:
+    def settings_options(
+        self, role: str, lay: ParallelLayout | None = None
+    ) -> list[MemorySettings]:
         """What the planner tries for a trained role: each recomputation, with and without
-        host offload where the profile has a host link. The distributed optimizer stays on
-        (it needs less memory and moves less than an all-reduce); micro-batches stay one
-        sequence (packing saves no time in this model, only bubbles and memory)."""
+        host offload where the profile has a host link, and on layouts without tensor or
+        pipeline parallelism FSDP too. The distributed optimizer stays on (it needs less
+        memory and moves less than an all-reduce); micro-batches stay one sequence
+        (packing saves no time in this model, only bubbles and memory)."""
         if role not in TRAINED_ROLES:
             return [DEFAULT]
         offload = (False, True) if self.profile.host_bandwidth else (False,)
+        fsdp = (False, True) if lay is not None and lay.pp == 1 and lay.tp == 1 else (False,)
         return [
-            MemorySettings(recompute=r, offload=o).resolved(self.job.seq_len)
+            MemorySettings(recompute=r, offload=o, fsdp=f).resolved(self.job.seq_len)
+            for f in fsdp
             for o in offload
             for r in RECOMPUTE
         ]
@@ -242,7 +163,7 @@ class Tables:
                 for c in (
                     self._candidate(role, lay, mem)
                     for lay in self.layouts(role, n)
-                    for mem in self.settings_options(role)
+                    for mem in self.settings_options(role, lay)
                 )
                 if c.resident + c.transient <= usable
             ]
@@ -253,28 +174,30 @@ class Tables:
             )
         return self._roles[key]
 
-    def gen_options(self, train: ParallelLayout) -> list[GenOption]:
-        if train not in self._gen:
+    def gen_options(self, train: ParallelLayout, fsdp: bool = False) -> list[GenOption]:
+        """The actor's generation layouts on training layout `train` (trained with FSDP:
+        its weights gathered whole into vLLM)."""
+        if (train, fsdp) not in self._gen:
             spec, opts = self.job.spec("actor"), []
             model_bytes = WEIGHT_BYTES * role_params(self.job, "actor", train.ep)
             for pg, tg in self._gen_degrees(train):
                 if spec.heads % tg or (spec.kv_heads % tg and tg % spec.kv_heads):
                     continue  # vLLM copies KV heads to fill a larger tp
                 gen = GenLayout(pg, tg, max(train.model_parallel // (pg * tg), 1))
-                args = (model_bytes, train.pp, train.tp, train.dp, pg, tg)
-                opts.append(
-                    GenOption(
-                        gen,
-                        generation_extra_bytes(self.scheme, *args)
-                        + vllm_workspace_bytes(spec, gen),
-                        reshard_peak_bytes(self.scheme, *args) - model_bytes / train.model_parallel,
-                        reshard_cost(
-                            self.scheme, *args, self.profile, self.gpn, model=spec.name
-                        ).seconds,
-                    )
+                extra, swap, reshard = actor_reshard(
+                    self.scheme,
+                    model_bytes,
+                    train,
+                    gen,
+                    self.profile,
+                    self.gpn,
+                    model=spec.name,
+                    fsdp=fsdp,
                 )
-            self._gen[train] = opts
-        return self._gen[train]
+                extra += vllm_workspace_bytes(spec, gen)
+                opts.append(GenOption(gen, extra, swap, reshard.seconds))
+            self._gen[(train, fsdp)] = opts
+        return self._gen[(train, fsdp)]
 
     def _gen_degrees(self, train: ParallelLayout) -> list[tuple[int, int]]:
         """(pg, tg) of the generation layouts tried: inside the training model-parallel
@@ -395,21 +318,22 @@ class Tables:
     def _fastest_generation(self, a: Candidate) -> float:
         """Generation + reshard seconds of actor layout `a` with unlimited KV memory: a
         lower bound on what any colocation leaves it."""
-        if a.layout in self._fastest:
-            return self._fastest[a.layout]
+        key = (a.layout, a.settings.fsdp)
+        if key in self._fastest:
+            return self._fastest[key]
         times = [
             self.generation_seconds(a.layout, opt, float("inf"), check=False) + opt.reshard_s
-            for opt in self.gen_options(a.layout)
+            for opt in self.gen_options(a.layout, a.settings.fsdp)
         ]
-        self._fastest[a.layout] = min((t for t in times if t is not None), default=float("inf"))
-        return self._fastest[a.layout]
+        self._fastest[key] = min((t for t in times if t is not None), default=float("inf"))
+        return self._fastest[key]
 
     def _with_actor(self, a: Candidate, p: _Partial, usable: float) -> SetChoice | None:
         if p.resident + a.resident + max(p.transient, a.transient) > usable:
             return None
         res_all = p.resident + a.gen_resident
         best: SetChoice | None = None
-        for opt in self.gen_options(a.layout):
+        for opt in self.gen_options(a.layout, a.settings.fsdp):
             gen_s = self.generation_seconds(a.layout, opt, usable - res_all)
             if gen_s is None:
                 continue

@@ -22,13 +22,7 @@ from hybridflow.simulator.generation import (
 )
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile, load_profile
-from hybridflow.simulator.reshard import (
-    SCHEMES,
-    ReshardError,
-    generation_extra_bytes,
-    reshard_cost,
-    reshard_peak_bytes,
-)
+from hybridflow.simulator.reshard import SCHEMES, ReshardError, actor_reshard
 from hybridflow.simulator.train_memory import resident_memory, stage_memory
 from hybridflow.simulator.training import WEIGHT_BYTES, infer_cost, role_params, train_cost
 from hybridflow.vocab import STAGES
@@ -131,11 +125,13 @@ def _actor_generation(
     """Generation and reshard costs of the actor and its transient memory."""
     train, gen = placed.layout("actor"), placed.generation()
     model_bytes = WEIGHT_BYTES * role_params(job, "actor", train.ep)
-    args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
-    weights = generation_extra_bytes(scheme, *args) + offloaded_weights(job, placed)
+    name, fsdp = job.spec("actor").name, placed.settings("actor").fsdp
+    weights, swap, reshard = actor_reshard(
+        scheme, model_bytes, train, gen, profile, gpn, model=name, fsdp=fsdp
+    )
+    weights += offloaded_weights(job, placed)
     workspace = vllm_workspace_bytes(job.spec("actor"), gen)
     extra = weights + workspace
-    swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
     _fits(
         f"resharding the actor ({scheme}) in set {list(placed.models)}",
         others_resident + max(swap, extra),
@@ -149,8 +145,7 @@ def _actor_generation(
     again = tuple(t for t in generate.terms if t.name == GREEDY_RESHARD)
     stages = {
         "generate": Cost(tuple(t for t in generate.terms if t.name != GREEDY_RESHARD)),
-        "reshard": reshard_cost(scheme, *args, profile, gpn, model=job.spec("actor").name)
-        + Cost(again),
+        "reshard": reshard + Cost(again),
     }
     gen_mem = memory(generation_weights=weights, vllm_activations=workspace)
     return stages, gen_mem + kv_memory(shape, n), n

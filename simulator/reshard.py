@@ -8,7 +8,7 @@ gathers the layers of the other training stages; vLLM keeps its own buffer."""
 
 from __future__ import annotations
 
-from hybridflow.layout import LayoutError
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.simulator.costs import Cost, collective, cost
 from hybridflow.simulator.profile import Profile
 
@@ -163,3 +163,34 @@ def measured_reshard(
         return None
     seconds = calls.reshard(p * t * d, tg, p * t // tg)
     return None if seconds is None else cost(("reshard_calls", seconds, "measured"))
+
+
+def fsdp_reshard(
+    model_bytes: float, n_gpus: int, pg: int, tg: int, profile: Profile, gpn: int
+) -> tuple[float, float, Cost]:
+    """(extra bytes, swap bytes, seconds) of loading FSDP-sharded training weights into
+    vLLM: every rank gathers each parameter whole from its n_gpus shards, keeps its tp slice
+    in vLLM's own buffer and drops the rest (one parameter at a time: no swap)."""
+    seconds, src = collective(profile, "all_gather", model_bytes, n_gpus, n_gpus <= gpn)
+    return model_bytes / (tg * pg), 0.0, cost(("fsdp_gather", seconds, src))
+
+
+def actor_reshard(
+    scheme: str,
+    model_bytes: float,
+    train: ParallelLayout,
+    gen: GenLayout,
+    profile: Profile,
+    gpn: int,
+    *,
+    model: str,
+    fsdp: bool = False,
+) -> tuple[float, float, Cost]:
+    """(generation bytes beyond the training shard, transient bytes while resharding beyond
+    it, the resharding's cost) of the actor's switch to its generation layout."""
+    if fsdp:
+        return fsdp_reshard(model_bytes, train.n_gpus, gen.pp, gen.tp, profile, gpn)
+    args = (model_bytes, train.pp, train.tp, train.dp, gen.pp, gen.tp)
+    extra = generation_extra_bytes(scheme, *args)
+    swap = reshard_peak_bytes(scheme, *args) - model_bytes / train.model_parallel
+    return extra, swap, reshard_cost(scheme, *args, profile, gpn, model=model)

@@ -230,6 +230,8 @@ def state_memory(
     n = rank_params(spec, layout, stage, value_head)
     if not trained:
         return memory(weights=param_bytes * n)
+    if settings.fsdp:
+        return fsdp_state(spec, layout, n)
     per_param = MOMENT_BYTES + (MASTER_BYTES if param_bytes != 4 else 0)
     optimizer = per_param * n
     if settings.distributed_optimizer:  # the weights live in megatron's padded buffer too
@@ -249,8 +251,25 @@ def largest_state(
     """state_memory of the stage that holds the most (the middle stages of an uneven
     pipeline hold the same: the first, one middle and the last stage decide)."""
     # only the distributed optimizer changes the state: one cache entry for the rest
-    plain = MemorySettings(distributed_optimizer=settings.distributed_optimizer)
+    plain = MemorySettings(distributed_optimizer=settings.distributed_optimizer, fsdp=settings.fsdp)
     return _largest_state(spec, layout, plain, value_head, trained)
+
+
+FSDP_PREFETCH_LAYERS = 2  # FSDP2 gathers the next layer while one computes
+
+
+def fsdp_state(spec: ModelSpec, layout: ParallelLayout, n: int) -> Memory:
+    """FSDP2 with bf16 compute: fp32 weights, fp32 gradients and Adam sharded over the
+    dp x cp ranks (as verl's and NeMo-RL's FSDP backends keep them), and the gathered bf16
+    weights of the layers in flight."""
+    shards = layout.dp * layout.cp
+    per_layer = (spec.layers_params / spec.layers) / layout.tp
+    return memory(
+        weights=MASTER_BYTES * n / shards,
+        grads=GRAD_BYTES * n / shards,
+        optimizer=MOMENT_BYTES * n / shards,
+        fsdp_gathered=FSDP_PREFETCH_LAYERS * 2 * per_layer,
+    )
 
 
 @functools.lru_cache(maxsize=65536)
@@ -273,7 +292,8 @@ def _largest_state(
 
 # ---- what a role holds during an iteration ----------------------------------------------
 ACT_BYTES_PER_TOKEN_HIDDEN = {"none": 34, "selective": 26}  # per layer (Korthikanti 2022)
-LOGIT_BYTES = 4  # fp32 logits for log-probs
+LOGIT_BYTES = 4  # fp32 logits for log-probs (megatron's vocab-parallel cross entropy)
+FSDP_LOGIT_BYTES = 2  # bf16: verl's FSDP actor takes log-probs with a fused cross entropy
 
 
 def resident_memory(
@@ -320,7 +340,8 @@ def stage_memory(
     tokens = micro_tokens(job, settings) / layout.cp
     per_token = spec.hidden / layout.tp * tokens
     value = role in VALUE_ROLES
-    logits = 0.0 if value else tokens * spec.vocab / layout.tp * LOGIT_BYTES
+    per_logit = FSDP_LOGIT_BYTES if settings.fsdp else LOGIT_BYTES
+    logits = 0.0 if value else tokens * spec.vocab / layout.tp * per_logit
     loaded = offloaded_state(job, role, layout, settings, kind)
     if kind != "train":
         acts = ACT_BYTES_PER_TOKEN_HIDDEN["none"] * per_token

@@ -207,6 +207,33 @@ def exposed_sync(
     return max(seconds - backward, last)
 
 
+def _fsdp_comm(
+    job: Job,
+    role: str,
+    layout: ParallelLayout,
+    profile: Profile,
+    gpn: int,
+    compute: float,
+    micro: int,
+) -> tuple[float, str]:
+    """One step of FSDP2 (per optimizer step; the caller multiplies by the steps): each
+    micro-batch gathers every layer's bf16 weights for its forward and again for its
+    backward, and reduce-scatters the fp32 gradients; prefetching hides it behind the
+    compute of the layers before, but for the first layer's gather and what outlasts it."""
+    if layout.pp > 1:
+        raise LayoutError(f"{role}: fsdp runs without pipeline parallelism, got pp={layout.pp}")
+    spec, ranks = job.spec(role), layout.dp * layout.cp
+    n = rank_params(spec, layout, 0, role in VALUE_ROLES)
+    intra = _intra(gpn, layout.span("dp"))
+    gather, src = collective(profile, "all_gather", WEIGHT_BYTES * n, ranks, intra)
+    scatter, _ = collective(profile, "all_gather", GRAD_BYTES * n, ranks, intra)
+    per_micro = 2 * gather + scatter
+    steps = job.ppo_epochs * job.mini_batches
+    compute_micro = compute / (steps * micro)
+    exposed = max(per_micro - compute_micro, per_micro / spec.layers)
+    return micro * exposed, src
+
+
 def _optimizer(
     job: Job, role: str, layout: ParallelLayout, profile: Profile, mem: MemorySettings, steps: int
 ) -> tuple[tuple[str, float, str], ...]:
@@ -217,7 +244,8 @@ def _optimizer(
     back once an iteration."""
     spec, value = job.spec(role), role in VALUE_ROLES
     n = rank_params(spec, layout, 0, value)
-    n_opt = n / (layout.dp * layout.cp) if mem.distributed_optimizer else n
+    sharded = mem.distributed_optimizer or mem.fsdp
+    n_opt = n / (layout.dp * layout.cp) if sharded else n
     touched = n_opt * (GRAD_BYTES + 2 * (MASTER_BYTES + MOMENT_BYTES) + WEIGHT_BYTES)
     if not mem.offload:
         return (("optimizer", steps * profile.memory_seconds(touched), "roofline"),)
@@ -225,7 +253,8 @@ def _optimizer(
         raise LayoutError(
             f"{role}: offload needs the profile's host_bandwidth, which {profile.name} lacks"
         )
-    moved = steps * n_opt * (GRAD_BYTES + WEIGHT_BYTES) + 2 * WEIGHT_BYTES * n
+    on_gpu = n_opt if mem.fsdp else n  # the weights an iteration moves off and back
+    moved = steps * n_opt * (GRAD_BYTES + WEIGHT_BYTES) + 2 * WEIGHT_BYTES * on_gpu
     return (
         # estimate: the host's Adam streams its state at about the host link's rate
         ("offload_optimizer_step", steps * touched / profile.host_bandwidth, "formula"),
@@ -263,8 +292,11 @@ def train_cost(
     imbalance, bubble = _pipeline_terms(
         job, role, layout, comp + recompute, (tp + a2a + cp) / (steps * micro), steps * micro, steps
     )
-    grad, grad_src = _grad_sync(job, role, layout, profile, gpn, mem)
-    grad = exposed_sync(grad, (comp + recompute) * 2 / 3 / steps, job, role, layout)
+    if mem.fsdp:
+        grad, grad_src = _fsdp_comm(job, role, layout, profile, gpn, comp + recompute, micro)
+    else:
+        grad, grad_src = _grad_sync(job, role, layout, profile, gpn, mem)
+        grad = exposed_sync(grad, (comp + recompute) * 2 / 3 / steps, job, role, layout)
     return cost(
         ("train_compute", comp, comp_src),
         ("recompute", recompute, comp_src),
@@ -274,7 +306,7 @@ def train_cost(
         ("ep_alltoall", a2a),
         ("pp_imbalance", imbalance, comp_src),
         ("pp_bubble", bubble, comp_src),
-        ("dp_grad_sync", steps * grad, grad_src),
+        ("fsdp_comm" if mem.fsdp else "dp_grad_sync", steps * grad, grad_src),
         *_optimizer(job, role, layout, profile, mem, steps),
     ) + dispatch_cost(job, job.sequences, "train", profile)
 

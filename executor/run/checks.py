@@ -58,6 +58,11 @@ def _check_layout(
             f"role {role}: memory offload: true: CPU offload is not run by the executor "
             f"on CPU devices"
         )
+    if role in TRAINED_ROLES and settings.fsdp:
+        raise PlanNotRunnable(
+            f"role {role}: memory fsdp: true: the executor trains with megatron-core "
+            f"(distributed optimizer), not FSDP"
+        )
     if layout.cp > 1:
         raise PlanNotRunnable(
             f"role {role}: cp={layout.cp}: the executor does not run context parallelism"

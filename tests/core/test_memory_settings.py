@@ -58,6 +58,7 @@ def test_settings_change_the_prediction(plan_dict):
     [
         ({"recompute": "some"}, "recompute must be one of none, selective, full"),
         ({"offload": "yes"}, "offload must be true or false"),
+        ({"fsdp": None}, "fsdp must be true or false"),
         ({"distributed_optimizer": 1}, "distributed_optimizer must be true or false"),
         ({"micro_batch_tokens": 0}, "micro_batch_tokens must be a positive integer"),
         ({"micro_batch_tokens": 2.5}, "micro_batch_tokens must be a positive integer"),
@@ -85,3 +86,4 @@ def test_settings_only_for_trained_roles(plan_dict):
 
 def test_str_names_what_is_on():
     assert str(MemorySettings(recompute="full", offload=True)) == "distopt recompute=full offload"
+    assert str(MemorySettings(fsdp=True)) == "fsdp"

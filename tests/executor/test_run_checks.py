@@ -110,3 +110,8 @@ def test_a_generation_group_wider_than_training_is_refused() -> None:
     plan = Plan(Cluster("local-cpu", 1, 3), job, sets)
     with pytest.raises(PlanNotRunnable, match="3D-HybridEngine only"):
         check_runnable(plan, devices=3)
+
+
+def test_fsdp_is_refused() -> None:
+    with pytest.raises(PlanNotRunnable, match="not FSDP"):
+        check_runnable(_plan(ParallelLayout(dp=2), memory=MemorySettings(fsdp=True)), devices=3)

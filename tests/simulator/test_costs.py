@@ -11,6 +11,7 @@ from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import load_profile
 from hybridflow.simulator.reshard import (
+    actor_reshard,
     redundant_bytes,
     reshard_bytes_per_rank,
     reshard_cost,
@@ -271,8 +272,43 @@ def test_compute_follows_the_mean_prompt_memory_the_longest():
     lay = ParallelLayout(pp=1, tp=2, dp=4)
     a, b = (train_cost(j, "actor", lay, A100, 8).as_dict() for j in (long, short))
     assert b["train_compute"] < a["train_compute"] * 712 / 2560 * 1.05
-    assert stage_memory(short, "actor", lay, "train").bytes == stage_memory(
-        long, "actor", lay, "train"
-    ).bytes
+    assert (
+        stage_memory(short, "actor", lay, "train").bytes
+        == stage_memory(long, "actor", lay, "train").bytes
+    )
     with pytest.raises(ValueError, match="prompt_mean"):
         Job.create("grpo", "llama-2-7b", 256, 512, 16, n_samples=4, prompt_mean=300)
+
+
+def test_fsdp_shards_weights_and_gradients_too(job):
+    lay = ParallelLayout(pp=1, tp=1, dp=8)
+    fsdp = MemorySettings(fsdp=True)
+    n = P  # pp 1, tp 1: the whole model per rank before sharding
+    got = resident_memory(job, "actor", lay, fsdp).as_dict()
+    per_layer = (P - 2 * V * H - H) / L
+    assert got == pytest.approx(
+        {
+            "weights": 4 * n / 8,
+            "grads": 4 * n / 8,
+            "optimizer": 8 * n / 8,
+            "fsdp_gathered": 4 * per_layer,
+        }
+    )
+    t = train_cost(job, "actor", lay, A100, 8, fsdp).as_dict()
+    assert "fsdp_comm" in t and "dp_grad_sync" not in t
+    assert t["optimizer"] == pytest.approx(2 * n / 8 * 30 / HBM)
+    with pytest.raises(LayoutError, match="fsdp"):
+        train_cost(job, "actor", ParallelLayout(pp=2, tp=1, dp=4), A100, 8, fsdp)
+
+
+def test_fsdp_weights_go_to_vllm_whole():
+    """FSDP-sharded weights are gathered parameter by parameter: the generation buffer is
+    vLLM's own tp shard, with no swap."""
+    m = 16e9
+    extra, swap, c = actor_reshard(
+        "hybridengine", m, ParallelLayout(dp=8), GenLayout(1, 2, 4), A100, 8, model="x", fsdp=True
+    )
+    assert (extra, swap) == (m / 2, 0.0)
+    assert c.as_dict()["fsdp_gather"] == pytest.approx(
+        collective(A100, "all_gather", m, 8, True)[0]
+    )
