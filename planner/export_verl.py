@@ -20,9 +20,18 @@ from __future__ import annotations
 
 import shlex
 
-from hybridflow.layout import ParallelLayout
 from hybridflow.plan import Plan
 from hybridflow.planner.export_refdata import VERL_SOURCE, load_verl_reference, verl_accepts
+from hybridflow.planner.export_verl_megatron import (
+    LOG_PROB_KEYS,
+    TRAIN_KEYS,
+    megatron_section,
+    memory_notes,
+    memory_section,
+    micro_keys,
+    split_fields,
+    token_budget,
+)
 from hybridflow.planner.export_view import (
     ExportError,
     FrameworkExport,
@@ -58,56 +67,15 @@ def _model_path(role: RoleView) -> tuple[str, tuple[str, str] | None]:
 RULE_FN_VAR = "REWARD_FN_PATH"
 
 
-def _megatron(prefix: str, layout: ParallelLayout) -> dict[str, object]:
-    o: dict[str, object] = {
-        f"{prefix}.megatron.tensor_model_parallel_size": layout.tp,
-        f"{prefix}.megatron.pipeline_model_parallel_size": layout.pp,
-        f"{prefix}.megatron.context_parallel_size": layout.cp,
-    }
-    if layout.ep > 1:  # the plan's experts keep the layout's tp (simulator/moe.py)
-        o |= {
-            f"{prefix}.megatron.expert_model_parallel_size": layout.ep,
-            f"{prefix}.megatron.expert_tensor_parallel_size": layout.tp,
-        }
-    return o
-
-
-def _split_fields(role: RoleView) -> dict[str, int]:
-    """megatron-core's layers of the first and last pipeline stage, where they differ from
-    the middle ones (hybridflow.simulator.train_memory.stage_split)."""
-    if not role.uneven:
-        return {}
-    return {
-        "num_layers_in_first_pipeline_stage": role.stages[0],
-        "num_layers_in_last_pipeline_stage": role.stages[-1],
-    }
-
-
-def _memory(prefix: str, role: RoleView) -> dict[str, object]:
-    """A trained role's memory settings and pipeline split under megatron's names."""
-    mem, m = role.settings, f"{prefix}.megatron"
-    o: dict[str, object] = {
-        f"{m}.use_distributed_optimizer": mem.distributed_optimizer,
-        f"{m}.param_offload": mem.offload,
-        f"{m}.optimizer_offload": mem.offload,
-    }
-    otc = f"{m}.override_transformer_config"
-    if mem.recompute != "none":
-        o[f"{otc}.recompute_granularity"] = mem.recompute
-    if mem.recompute == "full":
-        o |= {f"{otc}.recompute_method": "uniform", f"{otc}.recompute_num_layers": 1}
-    return o | {f"+{otc}.{k}": n for k, n in _split_fields(role).items()}
-
-
 def _reference(v: PlanView, ref: RoleView) -> dict[str, object]:
     """The reference's megatron section. verl takes its param_offload and whole
     override_transformer_config from the actor's (${oc.select:...}); the plan keeps it
     resident, and a split unlike the actor's replaces the dict (keeping verl's default
     attention_backend, engine/megatron.yaml)."""
     m = "actor_rollout_ref.ref.megatron"
-    o = _megatron("actor_rollout_ref.ref", ref.compute) | {f"{m}.param_offload": False}
-    own = _split_fields(ref)
-    if own != _split_fields(v.roles["actor"]):
+    o = megatron_section("actor_rollout_ref.ref", ref.compute) | {f"{m}.param_offload": False}
+    own = split_fields(ref)
+    if own != split_fields(v.roles["actor"]):
         fields = {"attention_backend": "flash"} | own
         o[f"{m}.override_transformer_config"] = (
             "{" + ",".join(f"{k}:{n}" for k, n in fields.items()) + "}"
@@ -137,8 +105,8 @@ def _check_dp_split(v: PlanView, role: RoleView, sequences: int, what: str) -> N
 def _roles(v: PlanView) -> dict[str, object]:
     actor, gen = v.roles["actor"], v.roles["actor"].generation
     o: dict[str, object] = {"model_engine": "megatron"}
-    o |= _megatron("actor_rollout_ref.actor", actor.training)
-    o |= _memory("actor_rollout_ref.actor", actor)
+    o |= megatron_section("actor_rollout_ref.actor", actor.training)
+    o |= memory_section("actor_rollout_ref.actor", actor)
     o |= {
         "actor_rollout_ref.rollout.name": "vllm",
         "actor_rollout_ref.rollout.tensor_model_parallel_size": gen.tp,
@@ -150,7 +118,7 @@ def _roles(v: PlanView) -> dict[str, object]:
         o |= _reference(v, ref)
     o["critic.enable"] = critic is not None
     if critic is not None:
-        o |= _megatron("critic", critic.compute) | _memory("critic", critic)
+        o |= megatron_section("critic", critic.compute) | memory_section("critic", critic)
     o["reward.reward_model.enable"] = reward is not None
     if reward is not None:
         o |= {
@@ -167,25 +135,6 @@ def _roles(v: PlanView) -> dict[str, object]:
     return o
 
 
-def token_budget(v: PlanView, role: RoleView) -> int | None:
-    """verl's *_max_token_len_per_gpu for a role that packs micro-batches: the budget over
-    cp, which verl multiplies it by (rounded up: a longest sequence always fits)."""
-    tokens = role.packed_tokens(v.seq_len)
-    return None if tokens is None else -(-tokens // role.training.cp)
-
-
-def _micro(prefix: str, keys: tuple[str, str, str], tokens: int | None, micro: int) -> dict:
-    """keys: (dynamic switch, token budget, sequences per micro-batch) under prefix."""
-    dynamic, budget, size = (f"{prefix}.{k}" for k in keys)
-    if tokens is None:
-        return {dynamic: False, size: micro}
-    return {dynamic: True, budget: tokens}
-
-
-TRAIN_KEYS = ("use_dynamic_bsz", "ppo_max_token_len_per_gpu", "ppo_micro_batch_size_per_gpu")
-LOG_PROB_KEYS = tuple(f"log_prob_{k.removeprefix('ppo_')}" for k in TRAIN_KEYS)
-
-
 def _batches(v: PlanView) -> dict[str, object]:
     n, micro = v.samples_per_prompt, v.micro_batch
     actor = v.roles["actor"]
@@ -199,15 +148,15 @@ def _batches(v: PlanView) -> dict[str, object]:
         "actor_rollout_ref.actor.ppo_epochs": v.ppo_epochs,
     }
     tokens = token_budget(v, actor)  # the actor's old log-probs run with its own budget
-    o |= _micro("actor_rollout_ref.actor", TRAIN_KEYS, tokens, micro)
-    o |= _micro("actor_rollout_ref.rollout", LOG_PROB_KEYS, tokens, micro)
+    o |= micro_keys("actor_rollout_ref.actor", TRAIN_KEYS, tokens, micro)
+    o |= micro_keys("actor_rollout_ref.rollout", LOG_PROB_KEYS, tokens, micro)
     if v.role("reference") is not None:  # no settings in the plan: one sequence
         _check_dp_split(v, v.roles["reference"], v.global_batch * n, "batch")
-        o |= _micro("actor_rollout_ref.ref", LOG_PROB_KEYS, None, micro)
+        o |= micro_keys("actor_rollout_ref.ref", LOG_PROB_KEYS, None, micro)
     critic = v.role("critic")
     if critic is not None:  # critic.forward_max_token_len_per_gpu follows its ppo budget
         _check_dp_split(v, critic, v.mini_batch * n, "PPO mini-batch")
-        o |= _micro("critic", TRAIN_KEYS, token_budget(v, critic), micro)
+        o |= micro_keys("critic", TRAIN_KEYS, token_budget(v, critic), micro)
     return o
 
 
@@ -291,31 +240,8 @@ def _verl_role(v: PlanView, role: RoleView) -> str:
     return VERL_ROLE[role.name]
 
 
-def _memory_notes(v: PlanView) -> list[str]:
-    notes = []
-    for r in (v.roles[n] for n in ("actor", "critic") if v.role(n) is not None):
-        budget, tokens = token_budget(v, r), r.packed_tokens(v.seq_len)
-        held = f"{v.micro_batch} sequence(s) per GPU, as the simulator predicts"
-        if budget:
-            held = f"{tokens} tokens (ppo_max_token_len_per_gpu {budget} x cp {r.training.cp})"
-        notes.append(f"the {r.name}'s micro-batches hold {held}")
-        if r.settings.offload:
-            notes.append(
-                f"the {r.name} offloads (param_offload, optimizer_offload; no grad_offload in "
-                f"verl 0.9.1): verl brings Adam's states back for a step on the GPU, which the "
-                f"simulator prices on the host"
-            )
-        if r.settings.fsdp:
-            notes.append(
-                f"the {r.name} trains with FSDP in the plan: run verl's fsdp2 strategy "
-                f"({r.name.replace('actor', 'actor_rollout_ref.actor')}.strategy=fsdp2); "
-                f"this export writes the megatron keys"
-            )
-    return notes
-
-
 def _notes(v: PlanView) -> list[str]:
-    notes = _memory_notes(v)
+    notes = memory_notes(v)
     gen = v.roles["actor"].generation
     if gen.tp > 1 and gen.micro_dp > 1:
         notes.append(

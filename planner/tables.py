@@ -219,22 +219,6 @@ class Tables:
     def generation_seconds(
         self, train: ParallelLayout, opt: GenOption, free: float, check: Literal[False]
     ) -> float: ...
-    def _gen_degrees(self, train: ParallelLayout) -> list[tuple[int, int]]:
-        """(pg, tg) of the generation layouts tried: inside the training model-parallel
-        group (the 3D-HybridEngine), and tp up to a node wider than it (decoupled)."""
-        top = min(train.pp, self.max_gen_pp or train.pp)
-        pgs = [x for x in range(1, top + 1) if train.pp % x == 0]
-        out = [(pg, tg) for tg in _powers_of_two(train.tp) for pg in pgs]
-        if self.max_gen_pp is None:  # the executor runs the 3D-HybridEngine only
-            wide = _powers_of_two(min(self.gpn, train.n_gpus))
-            for tg in (x for x in wide if x > train.tp and x % train.tp == 0):
-                out += [
-                    (pg, tg)
-                    for pg in pgs
-                    if pg * tg > train.model_parallel and train.n_gpus % (pg * tg) == 0
-                ]
-        return out
-
     @overload
     def generation_seconds(
         self, train: ParallelLayout, opt: GenOption, free: float, check: bool = True

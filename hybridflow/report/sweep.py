@@ -201,10 +201,10 @@ def plot_series(result: SweepResult) -> list[Series]:
     """The best plan's line, then each standard placement's, each marked with the earlier
     lines it would be drawn over."""
     counts = [r.gpus for r in result.rows]
-    raw = [
+    raw: list[tuple[str, list[tuple[int, float]]]] = [
         (BEST, [(r.gpus, r.tokens_per_s) for r in result.rows if r.feasible]),
         *(
-            (name, [(r.gpus, r.standard[name]) for r in result.rows if r.standard.get(name)])
+            (name, [(r.gpus, t) for r in result.rows if (t := r.standard.get(name))])
             for name in _standard_names(result)
         ),
     ]

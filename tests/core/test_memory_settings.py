@@ -35,7 +35,7 @@ def test_a_plan_without_settings_gets_verls_defaults(plan_dict):
         s.pop("memory", None)
     plan = Plan.from_dict(old)
     for s in plan.sets:
-        for role, mem in s.memory.items():
+        for mem in s.memory.values():
             assert mem == DEFAULT.resolved(1024)
             assert mem.distributed_optimizer and mem.recompute == "none" and not mem.offload
     assert predict_plan(plan).iteration_s > 0

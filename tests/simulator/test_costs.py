@@ -6,6 +6,7 @@ import math
 import pytest
 
 from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
+from hybridflow.memory import MemorySettings
 from hybridflow.simulator.costs import DoesNotFit, collective
 from hybridflow.simulator.generation import gen_shape, generation_cost
 from hybridflow.simulator.job import Job
@@ -17,7 +18,6 @@ from hybridflow.simulator.reshard import (
     reshard_cost,
     reshard_peak_bytes,
 )
-from hybridflow.memory import MemorySettings
 from hybridflow.simulator.train_memory import (
     head_layers,
     resident_memory,
