@@ -114,13 +114,20 @@ class Tables:
         if role not in TRAINED_ROLES:
             return [DEFAULT]
         offload = (False, True) if self.profile.host_bandwidth else (False,)
-        fsdp = (False, True) if lay is not None and lay.pp == 1 and lay.tp == 1 else (False,)
+        fsdp = (False, True) if self._fsdp_applies(role, lay) else (False,)
         return [
             MemorySettings(recompute=r, offload=o, fsdp=f).resolved(self.job.seq_len)
             for f in fsdp
             for o in offload
             for r in RECOMPUTE
         ]
+
+    def _fsdp_applies(self, role: str, lay: ParallelLayout | None) -> bool:
+        """FSDP is tried on layouts without tp and pp that have ranks to shard over, and not
+        on the executor's own measured cluster (it trains with megatron-core)."""
+        if lay is None or lay.pp > 1 or lay.tp > 1 or lay.dp * lay.cp == 1:
+            return False
+        return not self.profile.calls.applies(self.job.spec(role).name)
 
     def _candidate(self, role: str, lay: ParallelLayout, mem: MemorySettings) -> Candidate:
         job, prof = self.job, self.profile
