@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from hybridflow.errors import UserError
 
 RECOMPUTE = ("none", "selective", "full")
+MAX_MICRO_BATCH_TOKENS = 2**31  # a job's sequences are capped at 2**31 tokens too
 KEYS = ("distributed_optimizer", "recompute", "offload", "micro_batch_tokens", "fsdp")
 
 
@@ -49,9 +50,12 @@ class MemorySettings:
                 f"memory: recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}"
             )
         t = self.micro_batch_tokens
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t <= 0):
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= MAX_MICRO_BATCH_TOKENS
+        ):
             raise MemorySettingsError(
-                f"memory: micro_batch_tokens must be a positive integer, got {t!r}"
+                f"memory: micro_batch_tokens must be a positive integer of at most "
+                f"{MAX_MICRO_BATCH_TOKENS:,}, got {t!r}"
             )
 
     def resolved(self, seq_len: int) -> MemorySettings:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
+from hybridflow.errors import UserError
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -95,6 +97,9 @@ def brute_force(inst: Instance) -> Solution | None:
     return None if best is None else _solution(inst, best, True)
 
 
+MAX_TICKS = 2**53 // 64  # CP-SAT's integer domain, with room for sums of several stages
+
+
 class AllocationModel:
     """CP-SAT model of one Instance; one _add_<family>() per constraint family.
 
@@ -121,7 +126,14 @@ class AllocationModel:
         self._add_objective()
 
     def _int(self, seconds: float) -> int:
-        return int(round(seconds * self.config.scale))
+        ticks = int(round(seconds * self.config.scale))
+        if ticks > MAX_TICKS:
+            raise UserError(
+                f"a predicted stage takes {seconds:.3g} s, beyond what the planner's "
+                f"allocation search represents ({MAX_TICKS / self.config.scale:.3g} s): "
+                f"the job is too large for any cluster"
+            )
+        return ticks
 
     def _int_max(self) -> int:
         return max(self._int(c) for costs in self.inst.costs for cs in costs for c in cs)

@@ -11,9 +11,18 @@ class ClusterError(UserError):
     """A cluster description that cannot exist."""
 
 
+# no cluster has more GPUs (the largest have about 2**17); beyond it a plan is no answer
+MAX_GPUS = 2**20
+
+
 def _positive_int(what: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ClusterError(f"{what} must be a positive integer, got {value!r}")
+    if value > MAX_GPUS:
+        raise ClusterError(
+            f"{what} must be at most {MAX_GPUS:,} (2**20, more GPUs than any cluster has), "
+            f"got {value!r}"
+        )
     return value
 
 
@@ -28,6 +37,9 @@ class Cluster:
             raise ClusterError(f"cluster: GPU kind must be a non-empty name, got {self.gpu!r}")
         _positive_int("cluster: nodes", self.nodes)
         _positive_int("cluster: gpus_per_node", self.gpus_per_node)
+        _positive_int(
+            f"cluster: nodes x gpus_per_node = {self.nodes} x {self.gpus_per_node}", self.n_gpus
+        )
 
     @property
     def n_gpus(self) -> int:

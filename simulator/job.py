@@ -6,6 +6,7 @@ The algorithm fixes the dataflow: which roles exist and which stages each takes 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 from hybridflow import vocab
@@ -51,10 +52,44 @@ class Work:
     sequences: int
 
 
+# upper bounds of the positive fields, and why: beyond them a plan is no answer
+_CAPS: dict[str, tuple[int, str]] = {
+    "prompt_len": (2**31, "tokens, longer than any model's context"),
+    "response_len": (2**31, "tokens, longer than any model's context"),
+    "global_batch": (2**24, "prompts per iteration; RLHF batches are hundreds to thousands"),
+    "ppo_epochs": (10**4, "passes over each batch; 1 to 4 is usual"),
+    "mini_batches": (2**31, "updates per epoch"),
+    "n_samples": (2**12, "responses per prompt; GRPO samples 4 to 64"),
+}
+# a rule reward or cost is a function on the CPU: more than an hour per response is no rule
+RULE_CPU_S_MAX = 3600.0
+
+
 def _pos(what: str, v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise JobError(f"job: {what} must be a positive integer, got {v!r}")
+    cap, why = _CAPS.get(what, (2**31, "a count beyond any job"))
+    if v > cap:
+        raise JobError(f"job: {what} must be at most {cap:,} ({why}), got {v!r}")
     return v
+
+
+def _check_numbers(d: dict, dist: list) -> None:
+    """A job file's real numbers: none an integer beyond a float, rule_cpu_s within its
+    bound (the Job checks the rest)."""
+    named = [(k, d[k]) for k in ("response_mean", "rule_cpu_s", "prompt_mean") if k in d]
+    named += [
+        (f"response_dist[{i}]", x) for i, p in enumerate(dist) if isinstance(p, list) for x in p
+    ]
+    for what, x in named:
+        if type(x) is int and abs(x) > sys.float_info.max:
+            raise JobError(f"job: {what} is beyond the range of a number (1.8e308)")
+    cpu_s = d.get("rule_cpu_s", RULE_CPU_S)
+    if type(cpu_s) in (int, float) and cpu_s > RULE_CPU_S_MAX:
+        raise JobError(
+            f"job: rule_cpu_s must be at most {RULE_CPU_S_MAX:g} s per response "
+            f"(a rule is a function on the CPU), got {cpu_s!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -293,6 +328,7 @@ class Job:
             raise JobError(
                 f"job: response_dist must be a list of [length, weight] pairs, got {dist!r}"
             )
+        _check_numbers(d, dist)
         return cls(
             d["algorithm"],
             tuple(d["models"].items()),

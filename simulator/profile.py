@@ -18,6 +18,7 @@ from hybridflow import profiles as shipped_profiles
 from hybridflow.errors import unreadable
 from hybridflow.simulator.calls import Calls, parse_calls
 from hybridflow.simulator.table import ProfileError, interpolate  # noqa: F401 (re-exported)
+from hybridflow.simulator.table import in_range as _in_range
 from hybridflow.simulator.table import num as _num
 from hybridflow.simulator.table import positive_int as _int
 from hybridflow.simulator.table import rows as _rows
@@ -36,6 +37,19 @@ _NUMBERS = (
     "reserved_gib",
 )
 _EFFICIENCY = ("matmul", "memory", "communication")
+_BANDWIDTH = (1e6, 1e15, "1 MB/s to 1 PB/s")
+# the numbers' bounds, beyond which no device lies (and times would not be numbers)
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "peak_flops": (1e9, 1e18, "1 GFLOP/s, a CPU core, to 1 EFLOP/s"),
+    "hbm_gib": (0.0, 2.0**20, "up to 1 PiB"),
+    "hbm_bandwidth": _BANDWIDTH,
+    "intra_node_bandwidth": _BANDWIDTH,
+    "inter_node_bandwidth": _BANDWIDTH,
+    "host_bandwidth": _BANDWIDTH,
+    "comm_latency_s": (0.0, 1.0, "seconds per collective step"),
+    "step_overhead_s": (0.0, 10.0, "seconds per generation step"),
+    "reserved_gib": (0.0, 2.0**20, "up to 1 PiB"),
+}
 
 
 @dataclass(frozen=True)
@@ -200,9 +214,18 @@ class Profile:
         return nbytes * self.slowdown / (self.hbm_bandwidth * self.eff_memory)
 
 
+def _number(origin: str, key: str, value: Any) -> float:
+    """A top-level number of the profile, within the bounds of any device."""
+    x = _num(f"{origin}.{key}", value, positive=key != "reserved_gib")
+    return _in_range(f"{origin}.{key}", x, *_RANGES[key])
+
+
 def _parse(data: Any, origin: str) -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(f"profile {origin}: expected a YAML mapping at top level")
+    name = data.get("name", origin)  # a missing one is named below
+    if not isinstance(name, str) or not name.strip():
+        raise ProfileError(f"profile {origin}: name must be a non-empty string")
     missing = [k for k in ("name", "gpus_per_node", *_NUMBERS, "efficiency") if k not in data]
     if missing:
         raise ProfileError(f"profile {origin}: missing {', '.join(missing)}")
@@ -218,7 +241,7 @@ def _parse(data: Any, origin: str) -> Profile:
     return Profile(
         name=str(data["name"]),
         gpus_per_node=_int(f"{origin}.gpus_per_node", data["gpus_per_node"]),
-        **{k: _num(f"{origin}.{k}", data[k], positive=k != "reserved_gib") for k in _NUMBERS},
+        **{k: _number(origin, k, data[k]) for k in _NUMBERS},
         **{f"eff_{k}": _num(f"{origin}.efficiency.{k}", eff[k]) for k in _EFFICIENCY},
         estimate=bool(data.get("estimate", False)),
         host_cores=_int(f"{origin}.host_cores", data["host_cores"]) if "host_cores" in data else 0,
@@ -236,7 +259,7 @@ def _optional_number(data: dict, sources: dict, origin: str, key: str) -> float:
         return 0.0
     if not sources.get(key):
         raise ProfileError(f"profile {origin}: no source for {key}")
-    return _num(f"{origin}.{key}", data[key])
+    return _number(origin, key, data[key])
 
 
 def available_profiles() -> list[str]:

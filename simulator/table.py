@@ -19,17 +19,27 @@ def num(where: str, value: Any, positive: bool = True) -> float:
         raise ProfileError(f"{where}: expected a number, got {value!r}")
     try:
         x = float(value)  # PyYAML reads 3e12 (no exponent sign) as a string
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond a float
         raise ProfileError(f"{where}: expected a number, got {value!r}") from None
     if not math.isfinite(x) or x < 0 or (positive and x == 0):
         raise ProfileError(f"{where}: must be {'positive' if positive else '>= 0'}, got {value!r}")
     return x
 
 
-def positive_int(where: str, value: Any) -> int:
+def positive_int(where: str, value: Any, high: int = 2**20) -> int:
+    """A positive integer up to `high` (default 2**20: more devices or cores than any host)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ProfileError(f"{where}: expected a positive integer, got {value!r}")
+    if value > high:
+        raise ProfileError(f"{where}: must be at most {high:,}, got {value!r}")
     return value
+
+
+def in_range(where: str, x: float, low: float, high: float, why: str) -> float:
+    """`x` unless it lies outside [low, high]: a number no device has (`why` says which)."""
+    if not low <= x <= high:
+        raise ProfileError(f"{where}: must be in [{low:g}, {high:g}] ({why}), got {x:g}")
+    return x
 
 
 def rows(where: str, value: Any, keys: tuple[str, ...]) -> tuple[tuple[float, ...], ...]:

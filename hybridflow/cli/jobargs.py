@@ -14,7 +14,7 @@ import yaml
 
 from hybridflow import vocab
 from hybridflow.errors import UserError, unreadable
-from hybridflow.simulator.job import RULE_CPU_S, Job, JobError
+from hybridflow.simulator.job import RULE_CPU_S, RULE_CPU_S_MAX, Job, JobError
 from hybridflow.vocab import ALGORITHMS, RULE, RULE_ROLES
 
 JOB_DEFAULTS: dict[str, Any] = dict(
@@ -118,6 +118,11 @@ def build_job(args: argparse.Namespace) -> Job:
             raise
     if not args.model:
         raise JobError("give --model (or a --job file)")
+    if args.rule_cpu_s > RULE_CPU_S_MAX:
+        raise JobError(
+            f"--rule-cpu-s must be at most {RULE_CPU_S_MAX:g} s per response "
+            f"(a rule is a function on the CPU), got {args.rule_cpu_s!r}"
+        )
     roles = {r: getattr(args, r) for r in ROLE_FLAGS}
     algo = vocab.algorithm(args.algorithm, JobError)
     if roles["critic"] and "critic" not in algo.roles:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from types import ModuleType
 
@@ -53,6 +54,31 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+NAME_MAX = 255  # bytes of one file name (every common file system)
+
+
+def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no flag or argument of any command takes: an empty value (read as "not given"
+    otherwise), a name longer than a file name can be (each is a path or a name) or a
+    number that is not finite (NaN, inf)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.command]._actions:
+        name = (action.option_strings or [action.metavar or action.dest])[-1]
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not v.strip():
+                raise UsageError(f"{name} is empty: give {name} a value")
+            if isinstance(v, str) and any(
+                len(part.encode()) > NAME_MAX for part in v.replace(",", "/").split("/")
+            ):
+                raise UsageError(
+                    f"{name}: a name longer than {NAME_MAX} bytes (no file or model is named "
+                    f"so), got {v[:40]}..."
+                )
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{name} must be a finite number, got {v}")
+
+
 def _logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -64,9 +90,11 @@ def _logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     _logging(args.log_level)
     try:
+        check_values(parser, args)
         return int(_module(args.command).main(args) or 0)
     except UserError as e:
         log.debug("bad input", exc_info=True)

@@ -65,7 +65,7 @@ def build_cluster(args: argparse.Namespace) -> Cluster:
             e.args = (f"{args.cluster}: {e}",)
             raise
     gpu = args.gpu or DEFAULTS["gpu"]
-    gpn = args.gpus_per_node or load_profile(gpu).gpus_per_node
+    gpn = load_profile(gpu).gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     if args.nodes is not None:
         cluster = Cluster(gpu, args.nodes, gpn)
         if args.gpus is not None and args.gpus != cluster.n_gpus:

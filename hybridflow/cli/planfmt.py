@@ -17,6 +17,12 @@ STANDARD_NAMES = {
 }
 
 
+def rate(tokens_per_s: float) -> str:
+    """Tokens/s with thousands separators; below 10 two significant digits, so that a slow
+    prediction never reads as 0 tokens/s."""
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 10 else f"{tokens_per_s:.2g}"
+
+
 def _layouts(plan: Plan, role: str) -> str:
     placed = plan.set_of(role)
     text = " | ".join(
@@ -98,7 +104,7 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
         *models_lines(plan.job),
         "",
         f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, iteration "
-        f"{pred.get('iteration_s', 0):.2f} s, {pred.get('tokens_per_s', 0):,.0f} tokens/s",
+        f"{pred.get('iteration_s', 0):.2f} s, {rate(pred.get('tokens_per_s', 0))} tokens/s",
     ]
     layouts = {r: _layouts(plan, r) for s in plan.sets for r in s.models}
     width = max([52, *(len(text) + 1 for text in layouts.values())])
@@ -128,7 +134,7 @@ def format_standard(standard: dict[str, Plan], best: Plan) -> str:
         sets = " ".join(f"{'+'.join(s.models)}:{s.gpus}" for s in plan.sets)
         it = plan.prediction["iteration_s"]
         lines.append(
-            f"  {label:<34}{sets:<50}{it:>9.2f}{plan.prediction['tokens_per_s']:>11,.0f}"
+            f"  {label:<34}{sets:<50}{it:>9.2f}{rate(plan.prediction['tokens_per_s']):>11}"
             f"{it / best_s:>9.2f}x"
         )
     return "\n".join(lines)

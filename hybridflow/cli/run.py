@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hybridflow.errors import UserError
 from hybridflow.executor.run.config import SCHEMES, RunConfig
 from hybridflow.executor.run.driver import RunOptions, run
 from hybridflow.executor.run.rundir import RunDir
@@ -36,6 +37,17 @@ DEFAULT_JOB: dict[str, Any] = dict(
 )
 # GRPO-like algorithms
 DEFAULT_GROUPED: dict[str, Any] = dict(n_samples=8, global_batch=32, ppo_epochs=1)
+# the flags' upper bounds, and why (their lower bounds are RunConfig's)
+LIMITS: dict[str, tuple[int, int, str]] = {
+    "iterations": (1, 10**6, "more would run for years"),
+    "checkpoint_every": (1, 10**6, "iterations"),
+    "seed": (0, 2**32 - 1, "the range every seeded library takes"),
+    "devices": (1, 1024, "one process each on this host"),
+}
+
+
+class RunUsageError(UserError):
+    """A run flag out of its range."""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -88,6 +100,16 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags' ranges and the --profile, before a run dir is written or Ray starts."""
+    for dest, (low, high, why) in LIMITS.items():
+        v = getattr(args, dest)
+        if v is not None and not low <= v <= high:
+            flag = "--" + dest.replace("_", "-")
+            raise RunUsageError(f"{flag} must be in {low}..{high:,} ({why}), got {v}")
+    load_profile(args.profile)
+
+
 def _load(args: argparse.Namespace) -> tuple[Plan, RunConfig, Path]:
     if args.resume:
         plan, saved = RunDir(args.resume).saved()
@@ -100,6 +122,7 @@ def _load(args: argparse.Namespace) -> tuple[Plan, RunConfig, Path]:
 
 
 def main(args: argparse.Namespace) -> int:
+    _check_flags(args)
     plan, cfg, out = _load(args)
     options = RunOptions(
         resume=bool(args.resume),
@@ -132,12 +155,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    def __init__(self, total: int) -> None:
-        from tqdm import tqdm
+    """A progress bar drawn from the first iteration on (none if the run's checks fail)."""
 
-        self.bar = tqdm(total=total, unit="it", desc="rl")
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
 
     def __call__(self, row: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="it", desc="rl")
         self.bar.n = row["iteration"] + 1
         self.bar.set_postfix(
             score=f"{row['score']:.3f}",
@@ -147,4 +175,5 @@ class _Progress:
         self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
