@@ -3,24 +3,44 @@
 :func:`run` checks the plan against what this executor can run, starts Ray and one worker
 group per set, and calls the algorithm's loop (hybridflow.executor.rl.loops) once per
 iteration, writing everything into a :class:`RunDir`.
+
+Recovery: with ``RunOptions.max_restarts`` N > 0, a worker that dies (WorkerDiedError) makes
+the controller tear every worker group down, check that the plan still fits on the nodes
+alive, start the groups again, restore the newest whole checkpoint (the resume path) and go
+on, at most N times; each restart is a record in metrics.jsonl. Preemption: the first
+SIGTERM or SIGINT lets the current iteration finish, writes a checkpoint and stops
+(:class:`RunInterrupted`, exit code 128 + the signal's number); a second one stops at once,
+abandoning the iteration (:class:`RunAborted`), the last whole checkpoint kept.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from hybridflow.executor.controller.cluster import Cluster, ClusterConfig
+from hybridflow.errors import RunStopped
+from hybridflow.executor.controller.cluster import (
+    Cluster,
+    ClusterConfig,
+    RayClusterError,
+    check_nodes,
+)
+from hybridflow.executor.controller.worker_group import WorkerDiedError
 from hybridflow.executor.rl.loops import LOOPS
 from hybridflow.executor.rl.runtime import Runtime
 from hybridflow.executor.run.checks import check_runnable
 from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.run.rundir import RunDir
-from hybridflow.executor.task.artifacts import ensure_artifacts
+from hybridflow.executor.task.artifacts import Artifacts, ensure_artifacts
 from hybridflow.plan import Plan
 from hybridflow.simulator.predict import predict_plan
 from hybridflow.simulator.profile import load_profile
@@ -37,6 +57,7 @@ class RunOptions:
     ray_address: str | None = None  # join this Ray cluster (else RAY_ADDRESS, else local)
     devices: int = 4  # logical devices of a local cluster
     profile: str = "local-cpu"  # the profile the prediction beside the measurement uses
+    max_restarts: int = 0  # worker deaths survived by restarting from the newest checkpoint
 
 
 @dataclass
@@ -44,6 +65,66 @@ class RunResult:
     out_dir: Path
     metrics: list[dict]
     summary: dict
+
+
+class RunInterrupted(RunStopped):
+    """A run stopped by SIGTERM or SIGINT; the command exits with 128 + the signal's number
+    (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class RunAborted(RunInterrupted):
+    """A second signal: the run stopped at once, its current iteration abandoned."""
+
+
+class StopSignals:
+    """While entered (in the main thread): the first SIGTERM or SIGINT is remembered, for the
+    loop to stop at the next iteration boundary; a second raises :class:`RunAborted` at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise RunAborted(signum, f"second {name}: stopped at once, the iteration abandoned")
+        self.signum = signum
+        log.warning(
+            "%s: finishing the current iteration, then a checkpoint and stop (%s again: "
+            "stop at once)",
+            name,
+            name,
+        )
+
+    def interrupted(self, what: str, rundir: RunDir) -> RunInterrupted:
+        """The error a stop after the first signal raises; `what`: what became of the
+        iteration."""
+        assert self.signum is not None
+        name = signal.Signals(self.signum).name
+        return RunInterrupted(
+            self.signum, f"{name}: {what}; continue with: hybridflow run --resume {rundir.path}"
+        )
 
 
 def iteration_tokens(plan: Plan) -> int:
@@ -107,12 +188,18 @@ def run(
     art = ensure_artifacts(model=plan.job.model(plan.job.gpu_roles[0]), seed=cfg.seed)
     predicted = predict(plan, options.profile, cfg.reshard)
     cluster = Cluster.start(cluster_config)
-    rt = Runtime(plan, cfg, art, cluster)
     try:
-        rt.start()
-        metrics, evals = _iterations(rt, rundir, options.resume, progress)
+        with StopSignals() as stop:
+            ctl = _Controller(plan, cfg, art, cluster, rundir, options, progress, stop)
+            metrics, evals = ctl.run()
+    except RunAborted as e:
+        last = rundir.latest_checkpoint()
+        raise RunAborted(
+            e.signum,
+            f"{e}; the last whole checkpoint: {last.name if last else 'none'}; "
+            f"continue with: hybridflow run --resume {rundir.path}",
+        ) from None
     finally:
-        rt.shutdown()
         cluster.shutdown()
     critics = bool(plan.job.dataflow.critics)
     summary = summarize(
@@ -122,34 +209,134 @@ def run(
     return RunResult(rundir.path, metrics, summary)
 
 
-def _iterations(
-    rt: Runtime, rundir: RunDir, resume: bool, progress: Callable[[dict], None] | None
-) -> tuple[list[dict], dict]:
-    """The iterations from the newest checkpoint (or the first) to the last; the metrics
-    of every iteration and the held-out scores before the first and after the last."""
-    cfg, loop = rt.cfg, LOOPS[rt.plan.job.algorithm]
-    first, state = rundir.restore(rt) if resume else (0, {})
-    log.info("iterations %d to %d of %s", first, cfg.iterations - 1, rt.plan.job.algorithm)
-    if "eval_before" not in state:
-        state["eval_before"] = rt.evaluate()
-    metrics = rundir.metrics_before(first)
-    for it in range(first, cfg.iterations):
-        t0 = time.perf_counter()
-        row = loop(rt, it, state)
-        wall = time.perf_counter() - t0
-        stages = rt.take_timings()
-        row = {
-            "iteration": it,
-            "stages": stages,
-            "wall_s": wall,
-            "tokens_per_s": iteration_tokens(rt.plan) / sum(stages.values()),
-            **row,
-        }
-        metrics.append(row)
-        rundir.append(row)
-        log.debug("iteration %d: %.3f s, stages %s", it, sum(stages.values()), stages)
-        if progress:
-            progress(row)
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            rundir.save_checkpoint(rt, it + 1, state)
-    return metrics, {"before": state["eval_before"], "after": rt.evaluate()}
+@dataclass
+class _Controller:
+    """The iterations of one run, with its restarts and its stop on a signal."""
+
+    plan: Plan
+    cfg: RunConfig
+    art: Artifacts
+    cluster: Cluster
+    rundir: RunDir
+    options: RunOptions
+    progress: Callable[[dict], None] | None
+    stop: StopSignals
+    iteration: int = 0  # the iteration running (or about to)
+
+    def run(self) -> tuple[list[dict], dict]:
+        """Worker groups started, the iterations run; on a worker's death (up to
+        max_restarts times) the groups torn down, started again and the newest checkpoint
+        restored."""
+        resume, restarts = self.options.resume, 0
+        while True:
+            rt = Runtime(self.plan, self.cfg, self.art, self.cluster)
+            try:
+                self.cluster.reserve(self.plan)  # nodes checked, every set placed
+                rt.start()
+                return self.iterations(rt, resume)
+            except WorkerDiedError as e:
+                died = self._died(e, restarts)
+            finally:
+                rt.shutdown()
+            restarts += 1
+            self._restart(died, restarts)
+            resume = True
+
+    def _died(self, e: WorkerDiedError, restarts: int) -> str:
+        """What died, if the run restarts; else raises."""
+        if self.stop.signum is not None:
+            raise self.stop.interrupted(
+                f"iteration {self.iteration} abandoned ({e})", self.rundir
+            ) from e
+        if restarts < self.options.max_restarts:
+            return str(e)
+        if restarts:
+            raise WorkerDiedError(f"{e} (after {restarts} restarts: --max-restarts)") from e
+        raise e
+
+    def _restart(self, died: str, n: int) -> None:
+        """Pools released, the plan checked against the nodes alive, the restart recorded."""
+        for name in list(self.cluster.pools):
+            self.cluster.remove_pool(name)
+        resumed = self.rundir.checkpoint_iteration()
+        c = self.plan.cluster
+        try:
+            check_nodes(
+                self.cluster.node_devices(),
+                c.nodes,
+                c.gpus_per_node,
+                self.plan.gpus,
+                self.cluster.resource,
+            )
+        except RayClusterError as e:
+            raise RunStopped(
+                f"{died}; no restart: the plan no longer fits on the nodes alive ({e}); "
+                f"the last whole checkpoint resumes at iteration {resumed}"
+            ) from None
+        log.warning(
+            "restart %d of %d: %s; resuming at iteration %d",
+            n,
+            self.options.max_restarts,
+            died,
+            resumed,
+        )
+        self.rundir.append(
+            {
+                "event": "restart",
+                "iteration": resumed,  # the iteration resumed at
+                "restart": n,
+                "max_restarts": self.options.max_restarts,
+                "died": died,
+                "failed_iteration": self.iteration,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+
+    def iterations(self, rt: Runtime, resume: bool) -> tuple[list[dict], dict]:
+        """The iterations from the newest checkpoint (or the first) to the last; the metrics
+        of every iteration and the held-out scores before the first and after the last."""
+        cfg, loop = rt.cfg, LOOPS[rt.plan.job.algorithm]
+        first, state = self.rundir.restore(rt) if resume else (0, {})
+        log.info("iterations %d to %d of %s", first, cfg.iterations - 1, rt.plan.job.algorithm)
+        self.iteration = first
+        if "eval_before" not in state:
+            state["eval_before"] = rt.evaluate()
+        metrics = self.rundir.metrics_before(first)
+        for it in range(first, cfg.iterations):
+            if self.stop.signum is not None:
+                self._stop(rt, it, first, state)
+            self.iteration = it
+            t0 = time.perf_counter()
+            row = _row(rt, it, loop(rt, it, state), time.perf_counter() - t0)
+            metrics.append(row)
+            self.rundir.append(row)
+            if self.progress:
+                self.progress(row)
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                self.rundir.save_checkpoint(rt, it + 1, state)
+        return metrics, {"before": state["eval_before"], "after": rt.evaluate()}
+
+    def _stop(self, rt: Runtime, it: int, first: int, state: dict) -> None:
+        """After the first signal, before iteration `it`: a checkpoint (unless the newest
+        is of this point), then RunInterrupted."""
+        if it == first:
+            what = f"stopped before iteration {it}, the checkpoints as they were"
+        elif self.rundir.checkpoint_iteration() == it:
+            what = f"iteration {it - 1} finished, its checkpoint iter_{it:06d} written"
+        else:
+            self.rundir.save_checkpoint(rt, it, state)
+            what = f"iteration {it - 1} finished, checkpoint iter_{it:06d} written"
+        raise self.stop.interrupted(what, self.rundir)
+
+
+def _row(rt: Runtime, it: int, row: dict, wall: float) -> dict:
+    """An iteration's metrics.jsonl record: its stage seconds, wall time and the loop's row."""
+    stages = rt.take_timings()
+    log.debug("iteration %d: %.3f s, stages %s", it, sum(stages.values()), stages)
+    return {
+        "iteration": it,
+        "stages": stages,
+        "wall_s": wall,
+        "tokens_per_s": iteration_tokens(rt.plan) / sum(stages.values()),
+        **row,
+    }

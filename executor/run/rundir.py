@@ -1,7 +1,8 @@
 """A run directory: what `hybridflow run` writes, and what `--resume` continues from.
 
     plan.json      the plan (hybridflow.plan)           run.json      the run's settings
-    metrics.jsonl  one JSON object per iteration        summary.json  measured and predicted
+    metrics.jsonl  one JSON object per iteration, and one per restart ("event": "restart")
+    summary.json   measured and predicted
     checkpoints/iter_N/  every role's weights and optimizer state per rank, controller.json
 
 A checkpoint is written into a temporary folder and renamed into place, so a run that dies
@@ -76,14 +77,15 @@ class RunDir:
     # ---- metrics -------------------------------------------------------------------
     def metrics_before(self, iteration: int) -> list[dict]:
         """The metrics of the iterations before `iteration` (a resumed run's), the file cut
-        to them."""
+        to them and to the event records (restarts), which are kept."""
         rows = (
-            [json.loads(line) for line in self.metrics_path.read_text().splitlines()[:iteration]]
-            if iteration and self.metrics_path.exists()
+            [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+            if self.metrics_path.exists()
             else []
         )
-        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in rows))
-        return rows
+        kept = [r for r in rows if is_event(r) or r["iteration"] < iteration]
+        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        return [r for r in kept if not is_event(r)]
 
     def append(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -94,11 +96,17 @@ class RunDir:
 
     # ---- checkpoints ---------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
+        """The newest whole checkpoint (a `.partial` folder is a save that never finished)."""
         done = sorted(
-            (p for p in self.checkpoints.glob("iter_*") if p.is_dir()),
+            (p for p in self.checkpoints.glob("iter_*") if p.is_dir() and _is_checkpoint(p)),
             key=lambda p: int(p.name.split("_")[1]),
         )
         return done[-1] if done else None
+
+    def checkpoint_iteration(self) -> int:
+        """The iteration the newest whole checkpoint resumes at (0 when there is none)."""
+        ckpt = self.latest_checkpoint()
+        return 0 if ckpt is None else int(ckpt.name.split("_")[1])
 
     def save_checkpoint(self, roles: Roles, iteration: int, state: dict) -> None:
         final = self.checkpoints / f"iter_{iteration:06d}"
@@ -110,7 +118,7 @@ class RunDir:
         roles.save_roles(str(tmp))
         (tmp / "controller.json").write_text(json.dumps({"iteration": iteration, "state": state}))
         tmp.rename(final)
-        for old in sorted(self.checkpoints.glob("iter_*"))[:-KEEP]:
+        for old in sorted(p for p in self.checkpoints.glob("iter_*") if _is_checkpoint(p))[:-KEEP]:
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s written", final)
@@ -125,3 +133,13 @@ class RunDir:
         saved = json.loads((ckpt / "controller.json").read_text())
         log.info("resumed from %s", ckpt)
         return saved["iteration"], saved["state"]
+
+
+def is_event(row: dict) -> bool:
+    """A metrics.jsonl record of something that happened (a restart), not an iteration."""
+    return "event" in row
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether `path` is named as a whole checkpoint: iter_ and digits only."""
+    return path.name.startswith("iter_") and path.name[5:].isdigit()

@@ -4,18 +4,24 @@
     .venv/bin/hybridflow run                          # plan + run the default local job
     .venv/bin/hybridflow run plan.json --iterations 20 --out runs/ppo
     .venv/bin/hybridflow run --resume runs/ppo        # continue a stopped run
+    .venv/bin/hybridflow run --max-restarts 2         # survive two worker deaths
+
+SIGTERM or SIGINT: the current iteration finishes, a checkpoint is written, and the command
+exits with one line and code 128 + the signal's number (143, 130); a second signal stops at
+once (same code), the last whole checkpoint kept. `--resume DIR` continues either.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hybridflow.errors import UserError
 from hybridflow.executor.run.config import SCHEMES, RunConfig
-from hybridflow.executor.run.driver import RunOptions, run
+from hybridflow.executor.run.driver import RunInterrupted, RunOptions, run
 from hybridflow.executor.run.rundir import RunDir
 from hybridflow.plan import Plan
 from hybridflow.planner.search import plan_job
@@ -43,6 +49,7 @@ LIMITS: dict[str, tuple[int, int, str]] = {
     "checkpoint_every": (1, 10**6, "iterations"),
     "seed": (0, 2**32 - 1, "the range every seeded library takes"),
     "devices": (1, 1024, "one process each on this host"),
+    "max_restarts": (0, 100, "restarts after a worker dies"),
 }
 
 
@@ -72,6 +79,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reshard", choices=SCHEMES, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="when a worker dies, restart the worker groups from the last checkpoint up to "
+        "N times (default 0: stop)",
+    )
     p.add_argument(
         "--profile", default="local-cpu", help="profile the prediction beside the measurement uses"
     )
@@ -129,10 +143,15 @@ def main(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         devices=args.devices,
         profile=args.profile,
+        max_restarts=args.max_restarts,
     )
     bar = _Progress(cfg.iterations)
     try:
         res = run(plan, cfg, out, options, progress=bar)
+    except RunInterrupted as e:
+        bar.close()
+        print(f"hybridflow run: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         bar.close()
     m, p = res.summary["measured"], res.summary["predicted"] or {}

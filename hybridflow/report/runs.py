@@ -181,7 +181,8 @@ def _read_metrics(path: Path) -> tuple[dict, ...]:
             raise RunDirError(f"{path}:{n} is not valid JSON: {e}") from None
         if not isinstance(row, dict) or "iteration" not in row:
             raise RunDirError(f"{path}:{n} must be an object with an 'iteration' key")
-        rows.append(row)
+        if "event" not in row:  # a restart record, not an iteration's metrics
+            rows.append(row)
     return tuple(rows)
 
 
