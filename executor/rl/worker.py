@@ -200,7 +200,10 @@ class RLWorker(Worker):
             "optimizer": optimizer_state(engine.optimizer) if engine.optimizer else None,
         }
         path = Path(folder) / f"{role}.rank{self.rank}.pt"
-        torch.save(state, path)
+        # through a Python file: a full disk is an OSError (errno ENOSPC), not the
+        # RuntimeError torch.save(state, path) raises from its zip writer
+        with path.open("wb") as f:
+            torch.save(state, f)
         return str(path)
 
     @register(dispatch_mode=ONE_TO_ALL)
