@@ -12,7 +12,7 @@ OpenRLHF's ZeRO-3 run it. A plan that leaves them out gets verl's megatron defau
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hybridflow.errors import UserError
 
@@ -66,9 +66,7 @@ class MemorySettings:
                 f"memory: micro_batch_tokens={tokens} cannot hold one sequence of the "
                 f"job's {seq_len} tokens (prompt + response)"
             )
-        return MemorySettings(
-            self.distributed_optimizer, self.recompute, self.offload, tokens, self.fsdp
-        )
+        return replace(self, micro_batch_tokens=tokens)
 
     def sequences_per_micro(self, seq_len: int) -> int:
         """Longest sequences a micro-batch's budget holds."""
@@ -91,15 +89,20 @@ class MemorySettings:
             )
         return cls(**d)
 
-    def __str__(self) -> str:
+    def label(self, seq_len: int | None = None) -> str:
+        """What is on, in a few words; the token budget left out where it is one sequence
+        of `seq_len` tokens."""
         parts = ["fsdp" if self.fsdp else "distopt" if self.distributed_optimizer else "no-distopt"]
         if self.recompute != "none":
             parts.append(f"recompute={self.recompute}")
         if self.offload:
             parts.append("offload")
-        if self.micro_batch_tokens:
+        if self.micro_batch_tokens and self.micro_batch_tokens != seq_len:
             parts.append(f"mbt={self.micro_batch_tokens}")
         return " ".join(parts)
+
+    def __str__(self) -> str:
+        return self.label()
 
 
 DEFAULT = MemorySettings()

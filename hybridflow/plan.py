@@ -22,6 +22,7 @@ from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
 from hybridflow.memory import DEFAULT, MemorySettings
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
+from hybridflow.simulator.model_info import model_summary
 from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES, layout_kinds
 
 VERSION = 1
@@ -136,8 +137,6 @@ class PlacedSet:
 
 def models_summary(job: Job) -> dict[str, dict]:
     """Each GPU role's parameters (total, active), KV bytes per token, layers and notes."""
-    from hybridflow.simulator.model_info import model_summary
-
     return {r: model_summary(job.spec(r), value_head=r in VALUE_ROLES) for r in job.gpu_roles}
 
 

@@ -32,8 +32,8 @@ from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile
 from hybridflow.simulator.reshard import actor_reshard
 from hybridflow.simulator.train_memory import (
-    largest_state,
     offloaded_state,
+    reloaded_weights,
     resident_memory,
     stage_memory,
 )
@@ -154,9 +154,7 @@ class Tables:
             loaded = offloaded_state(job, role, lay, mem, w.kind).bytes
             transient = max(transient, act + loaded)
         resident = resident_memory(job, role, lay, mem).bytes
-        gen_resident = resident
-        if mem.offload and role == "actor":
-            gen_resident = largest_state(job.spec(role), lay, mem).as_dict()["weights"]
+        gen_resident = resident + (reloaded_weights(job, role, lay, mem) if role == "actor" else 0)
         return Candidate(
             lay, resident, transient, tuple(secs[s] for s in STAGES), mem, gen_resident
         )

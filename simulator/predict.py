@@ -23,7 +23,7 @@ from hybridflow.simulator.generation import (
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile, load_profile
 from hybridflow.simulator.reshard import SCHEMES, ReshardError, actor_reshard
-from hybridflow.simulator.train_memory import resident_memory, stage_memory
+from hybridflow.simulator.train_memory import reloaded_weights, resident_memory, stage_memory
 from hybridflow.simulator.training import WEIGHT_BYTES, infer_cost, role_params, train_cost
 from hybridflow.vocab import STAGES
 
@@ -129,7 +129,8 @@ def _actor_generation(
     weights, swap, reshard = actor_reshard(
         scheme, model_bytes, train, gen, profile, gpn, model=name, fsdp=fsdp
     )
-    weights += offloaded_weights(job, placed)
+    # an offloaded actor brings its training weights back to reshard and generate
+    weights += reloaded_weights(job, "actor", train, placed.settings("actor"))
     workspace = vllm_workspace_bytes(job.spec("actor"), gen)
     extra = weights + workspace
     _fits(
@@ -149,14 +150,6 @@ def _actor_generation(
     }
     gen_mem = memory(generation_weights=weights, vllm_activations=workspace)
     return stages, gen_mem + kv_memory(shape, n), n
-
-
-def offloaded_weights(job: Job, placed: PlacedSet) -> float:
-    """An offloaded actor brings its training weights back to reshard and generate."""
-    if not placed.settings("actor").offload:
-        return 0.0
-    train = placed.layout("actor")
-    return WEIGHT_BYTES * role_params(job, "actor", train.ep) / train.model_parallel
 
 
 def predict_set(

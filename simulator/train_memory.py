@@ -314,14 +314,24 @@ def resident_memory(
 def offloaded_state(
     job: Job, role: str, layout: ParallelLayout, settings: MemorySettings, kind: str
 ) -> Memory:
-    """What an offloaded role loads back for one of its stages: weights, and gradients for
-    a train stage (Adam's states and step stay on the host)."""
+    """What an offloaded role loads back for one of its stages: weights (the actor's also
+    to reshard and generate), and gradients for a train stage (Adam's states and step stay
+    on the host)."""
     if not settings.offload or role not in TRAINED_ROLES:
         return Memory()
     state = largest_state(job.spec(role), layout, settings, value_head=role in VALUE_ROLES)
     d = state.as_dict()
     return memory(
         loaded_weights=d.get("weights", 0.0), loaded_grads=d["grads"] if kind == "train" else 0.0
+    )
+
+
+def reloaded_weights(
+    job: Job, role: str, layout: ParallelLayout, settings: MemorySettings
+) -> float:
+    """Bytes of an offloaded role's weights back on the GPU (0 when it is not offloaded)."""
+    return (
+        offloaded_state(job, role, layout, settings, "infer").as_dict().get("loaded_weights", 0.0)
     )
 
 

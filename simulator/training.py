@@ -21,6 +21,7 @@ from hybridflow.simulator.job import Job
 from hybridflow.simulator.moe import moe_alltoall_seconds
 from hybridflow.simulator.profile import Profile, interpolate
 from hybridflow.simulator.train_memory import (
+    GRAD_BYTES,
     MASTER_BYTES,
     MOMENT_BYTES,
     head_layers,
@@ -32,7 +33,7 @@ from hybridflow.simulator.train_memory import (
 from hybridflow.simulator.training_measured import measured_infer, measured_train
 from hybridflow.vocab import VALUE_ROLES
 
-WEIGHT_BYTES, GRAD_BYTES = 2, 4
+WEIGHT_BYTES = 2
 SELECTIVE_RECOMPUTE_BYTES = 8  # per token, hidden and layer: the MLP activation re-run
 
 

@@ -38,7 +38,7 @@ def _settings(plan: Plan, role: str) -> str:
     """The role's memory settings, and its pipeline's stages where they are uneven."""
     placed = plan.set_of(role)
     mem = placed.settings(role)
-    parts = [str(mem).replace(f" mbt={plan.job.seq_len}", "")]
+    parts = [mem.label(plan.job.seq_len)]
     pp = placed.layout(role).pp
     split = stage_split(plan.job.spec(role), pp, role in VALUE_ROLES)
     if len(set(split)) > 1:
