@@ -52,6 +52,7 @@ class ModelSpec:
     norm_eps: float = 1e-5
     max_position: int = 4096
     qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head
+    rope_scaling: float = 0.0  # Llama 3.1+: the llama3 RoPE frequency factor (0: plain RoPE)
     # ---- mixture of experts (experts == 0: dense) ----------------------------------
     experts: int = 0  # routed experts per MoE layer
     experts_per_token: int = 0  # top-k routed experts per token
@@ -341,6 +342,8 @@ class ModelSpec:
         """The architecture's fields (the notes, which describe it, are not among them)."""
         d = asdict(self)
         del d["notes"]
+        if not self.rope_scaling:
+            del d["rope_scaling"]  # added later: dicts written before stay the same
         return d
 
 

@@ -86,6 +86,7 @@ def spec_from_hf_dict(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
     _check_present(kw, text, where)
     kw["qkv_bias"] = bool(text.get("attention_bias", False))
     kw["qk_norm"] = text.get("model_type", "") in _QK_NORM_TYPES
+    kw["rope_scaling"] = llama3_rope(text, where).get("factor", 0.0)
     if text.get("kv_lora_rank"):
         kw.update({k: text.get(k) or 0 for k in _MLA_KEYS})
         kw.pop("head_dim", None)  # some exports write the rotary size here; derived instead
@@ -95,6 +96,21 @@ def spec_from_hf_dict(cfg: dict[str, Any], name: str, where: str) -> ModelSpec:
     known = {f.name for f in fields(ModelSpec)}
     kw = {k: v for k, v in kw.items() if k in known}
     return ModelSpec(name=name, notes=tuple(notes), **kw)
+
+
+def llama3_rope(cfg: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The llama3 RoPE scaling parameters (Llama 3.1+) of a config, {} if it has none
+    (transformers 4 names them rope_scaling, transformers 5 rope_parameters)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = cfg.get(key)
+        if isinstance(value, dict) and (value.get("rope_type") or value.get("type")) == "llama3":
+            factor = value.get("factor")
+            if not isinstance(factor, int | float) or isinstance(factor, bool) or factor < 1:
+                raise ModelError(
+                    f"model config {where!r}: {key}.factor must be a number >= 1, got {factor!r}"
+                )
+            return {**value, "factor": float(factor)}
+    return {}
 
 
 def language_model(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:

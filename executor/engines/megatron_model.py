@@ -1,14 +1,17 @@
-"""megatron-core GPTModel built as a Llama decoder from a simulator ModelSpec.
+"""megatron-core GPTModel built as a Llama-style decoder from a simulator ModelSpec.
 
 RMSNorm, SwiGLU (gate and up fused in ``linear_fc1``, gate first), rotary positions
-(neox style), untied embeddings, GQA through ``num_query_groups``, no biases (Qwen's qkv bias
-through ``add_qkv_bias``). With ``value_head=True`` the LM head becomes a scalar head
-(critic / reward model): a plain ``Linear(hidden, 1)``, replicated on every TP rank.
+(neox style), GQA through ``num_query_groups``, no biases but Qwen2's qkv bias
+(``add_qkv_bias``), Qwen3's per-head RMSNorm of queries and keys (``qk_layernorm``), tied
+embeddings (``share_embeddings_and_output_weights``: none at pp = 1, the last stage's copy
+synced over the embedding group at pp > 1). With ``value_head=True`` the LM head becomes a
+scalar head (critic / reward model): a plain ``Linear(hidden, 1)``, replicated on every TP
+rank, and the embedding is never tied to it.
 
 Build under a role's groups (``RoleGroups.active()``): the local pipeline stage (and its
-virtual chunks) comes from megatron's parallel_state. With ``use_cpu_initialization`` megatron
-initialises each full weight from the seeded CPU generator and keeps this rank's slice, so
-TP/PP shards equal slices of the one-process model built with the same seed.
+virtual chunks) comes from megatron's parallel_state. Weights are drawn by
+:func:`init_weights` as slices of full tensors seeded by their global names, so TP/PP
+shards equal slices of the one-process model built with the same seed.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from hybridflow.errors import UserError
 from hybridflow.executor.engines import cuda_bridge
 from hybridflow.executor.engines.groups import RoleGroups
+from hybridflow.executor.engines.weights import EMBED, OUTPUT
 from hybridflow.layout import ParallelLayout
 from hybridflow.simulator.architecture import ModelSpec
 
@@ -94,9 +99,27 @@ class ModelOptions:
         return getattr(torch, self.dtype)
 
 
+class UnbuildableModel(UserError):
+    """A ModelSpec this builder cannot make (mixture of experts, latent attention)."""
+
+
+def check_buildable(spec: ModelSpec) -> None:
+    """Raise UnbuildableModel unless `spec` is a dense decoder with standard attention."""
+    if spec.is_moe:
+        raise UnbuildableModel(
+            f"model {spec.name!r}: mixture-of-experts models cannot be built by the executor "
+            "(dense Llama, Mistral, Qwen2 and Qwen3 only)"
+        )
+    if spec.is_mla:
+        raise UnbuildableModel(
+            f"model {spec.name!r}: multi-head latent attention cannot be built by the executor"
+        )
+
+
 def transformer_config(
     spec: ModelSpec, layout: ParallelLayout, options: ModelOptions
 ) -> TransformerConfig:
+    check_buildable(spec)
     layout.check_model(spec.layers, spec.heads, spec.kv_heads, spec.vocab)
     dtype = options.torch_dtype
     return TransformerConfig(
@@ -112,6 +135,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=options.init_std,
@@ -148,15 +172,19 @@ def _build_chunk(
     post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            normalization="RMSNorm", qk_layernorm=spec.qk_norm
+        ),
         vocab_size=spec.vocab,
         max_sequence_length=spec.max_position,
         pre_process=pre,
         post_process=post,
         parallel_output=True,
-        share_embeddings_and_output_weights=spec.tied_embeddings,
+        share_embeddings_and_output_weights=spec.tied_embeddings and not options.value_head,
         position_embedding_type="rope",
         rotary_base=int(spec.rope_theta),
+        rope_scaling=spec.rope_scaling > 0,
+        rope_scaling_factor=spec.rope_scaling or 8.0,
         vp_stage=vp_stage,
     )
     if options.value_head and post:
@@ -178,7 +206,15 @@ def build_local_model(
         for vp_stage in ([None] if vpp is None else range(vpp))
     ]
     chunks = [c.to(cuda_bridge.device()) for c in chunks]
-    init_weights(chunks, seed, options.init_std, spec.layers, groups.tp_rank, groups.layout.tp)
+    init_weights(
+        chunks,
+        seed,
+        options.init_std,
+        spec.layers,
+        groups.tp_rank,
+        groups.layout.tp,
+        spec.tied_embeddings and not options.value_head,
+    )
     return chunks
 
 
@@ -276,14 +312,34 @@ def _init_full(
     return torch.empty(shape).normal_(0.0, std, generator=gen)
 
 
+def shares_embedding(chunks: list[torch.nn.Module]) -> bool:
+    """Whether the model ties its output layer to its embedding (on some stage)."""
+    return any(unwrap(c).share_embeddings_and_output_weights for c in chunks)
+
+
+def source_name(name: str, tied: bool) -> str:
+    """The full tensor a local parameter is a shard of: a tied model's output layer (the
+    last stage's copy, pp > 1) is the embedding."""
+    return EMBED if tied and name == OUTPUT else name
+
+
 @torch.no_grad()
 def init_weights(
-    chunks: list[torch.nn.Module], seed: int, std: float, layers: int, tp_rank: int, tp_size: int
+    chunks: list[torch.nn.Module],
+    seed: int,
+    std: float,
+    layers: int,
+    tp_rank: int,
+    tp_size: int,
+    tied: bool | None = None,
 ) -> None:
     """Initialise every local shard as a slice of a full tensor drawn from (seed, global
-    name): the same model whatever the layout, so any layout equals the one-process run."""
+    name): the same model whatever the layout, so any layout equals the one-process run.
+    RMSNorm gains (q/k norms included) start at one, biases at zero; a tied output layer
+    (`tied`, by default whether the chunks share their embedding) starts as the embedding."""
+    tied = shares_embedding(chunks) if tied is None else tied
     for name, param in named_local_parameters(chunks):
-        full = _init_full(name, full_shape(param, tp_size), seed, std, layers)
+        full = _init_full(source_name(name, tied), full_shape(param, tp_size), seed, std, layers)
         param.copy_(shard_of(full, tp_partition(param), tp_rank, tp_size).to(param.dtype))
 
 
@@ -291,30 +347,42 @@ def init_weights(
 def load_full_state(
     chunks: list[torch.nn.Module], state: dict[str, torch.Tensor], tp_rank: int, tp_size: int
 ) -> None:
-    """Copy this rank's slices of a full megatron-named state dict (global layer numbers)."""
-    local = dict(named_local_parameters(chunks))
-    missing = [n for n in local if n not in state]
+    """Copy this rank's slices of a full megatron-named state dict (global layer numbers);
+    a tied model's output-layer copy comes from the embedding."""
+    tied = shares_embedding(chunks)
+    local = {n: (source_name(n, tied), p) for n, p in named_local_parameters(chunks)}
+    missing = [src for src, _ in local.values() if src not in state]
     if missing:
         raise KeyError(f"state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
-    for name, param in local.items():
-        shard = shard_of(state[name], tp_partition(param), tp_rank, tp_size)
+    for name, (src, param) in local.items():
+        shard = shard_of(state[src], tp_partition(param), tp_rank, tp_size)
         if tuple(shard.shape) != tuple(param.shape):
             raise ValueError(
-                f"{name}: full tensor {tuple(state[name].shape)} gives a shard "
+                f"{name}: full tensor {tuple(state[src].shape)} gives a shard "
                 f"{tuple(shard.shape)}, the model holds {tuple(param.shape)}"
             )
         param.copy_(shard.to(param.dtype))
 
 
 @torch.no_grad()
-def load_local_state(chunks: list[torch.nn.Module], shards: dict[str, torch.Tensor]) -> None:
-    """Copy already-sliced shards (megatron names, global layer numbers) into this rank."""
+def load_local_state(
+    chunks: list[torch.nn.Module],
+    shards: dict[str, torch.Tensor],
+    keep: Collection[str] = (),
+) -> None:
+    """Copy already-sliced shards (megatron names, global layer numbers) into this rank;
+    parameters named in `keep` may be absent (they stay as they are)."""
     local = dict(named_local_parameters(chunks))
     unknown = [n for n in shards if n not in local]
-    if unknown or len(shards) != len(local):
+    missing = [n for n in local if n not in shards and n not in keep]
+    if unknown or missing:
         raise KeyError(
             f"shards do not match this rank's parameters: unknown {unknown[:3]}, "
-            f"missing {[n for n in local if n not in shards][:3]}"
+            f"missing {missing[:3]}"
         )
     for name, tensor in shards.items():
+        if tuple(tensor.shape) != tuple(local[name].shape):
+            raise ValueError(
+                f"{name}: shard {tuple(tensor.shape)}, the model holds {tuple(local[name].shape)}"
+            )
         local[name].copy_(tensor.to(local[name].dtype))

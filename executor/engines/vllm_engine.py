@@ -194,6 +194,30 @@ def _mark_sharded_loading(model: torch.nn.Module) -> None:
                 p.is_sharded_weight = True
 
 
+def _tied_heads(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LM heads that share their weight with an input embedding (tied models)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        VocabParallelEmbedding,
+    )
+
+    modules = list(model.modules())
+    embeds = {
+        id(m.weight)
+        for m in modules
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    }
+    return [m for m in modules if isinstance(m, ParallelLMHead) and id(m.weight) in embeds]
+
+
+def _refresh_tied_heads(model: torch.nn.Module) -> None:
+    """A tied LM head receives no weights of its own on reload (the checkpoint has no
+    lm_head), so vLLM keeps its post-load kernel (on CPU a oneDNN matrix packed from the
+    previous weights): rebuild it from the shared, just loaded embedding."""
+    for head in _tied_heads(model):
+        head.quant_method.process_weights_after_loading(head)
+
+
 def request_seed(seed: int, index: int, prompt: Sequence[int]) -> int:
     """A deterministic per-request seed from the call's seed, the request and its prompt."""
     blob = ",".join(map(str, (seed, index, *prompt))).encode()
@@ -256,8 +280,10 @@ class VllmEngine:
 
     def load_sharded(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load this rank's TP shard, as (Hugging Face name, local tensor) pairs with the
-        fused parts of a layer together (q, k, v; gate, up), in place."""
+        fused parts of a layer together (q, k, v; gate, up), in place. A tied model's pairs
+        have no lm_head: its head is the embedding."""
         self.worker.reload_weights(weights_iterator=iter(list(pairs)), is_checkpoint_format=True)
+        _refresh_tied_heads(self.model)
 
     def generate(
         self,

@@ -1,4 +1,5 @@
-"""Weight names and layouts: megatron-core GPTModel shards <-> Hugging Face Llama <-> vLLM.
+"""Weight names and layouts: megatron-core GPTModel shards <-> Hugging Face Llama / Mistral /
+Qwen2 / Qwen3 <-> vLLM.
 
 A *megatron shard* here is a dict of megatron-core parameter names (local spec: separate
 ``input_layernorm`` / ``pre_mlp_layernorm``) with **global** layer indices, holding the
@@ -11,7 +12,12 @@ Layouts (nq = query heads per KV group, hd = head dim, G = KV groups, H = hidden
   groups, so splitting dim 0 into equal chunks is the TP split.
 - ``linear_fc1`` rows are ``[gate; up]`` *per shard* (not a slice of the full tensor).
 - ``linear_proj`` / ``linear_fc2`` split dim 1; embedding / output layer split dim 0 (vocab).
-- norms are replicated over TP ranks.
+- ``linear_qkv.bias`` (Qwen2) is grouped like the weight rows; the per-head q/k norms
+  (Qwen3: ``q_layernorm`` / ``k_layernorm``, HF ``q_norm`` / ``k_norm``) are replicated, as
+  are the other norms.
+- tied embeddings (``spec.tied_embeddings``): no ``output_layer.weight`` in the full state
+  and no ``lm_head.weight`` on the Hugging Face side; with pp > 1 megatron's last stage keeps
+  a copy of the embedding as its output layer (``stage_state(..., tied_copy=True)``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LAYER_PARAMS: dict[str, tuple[str | None, str]] = {
     "input_layernorm.weight": ("input_layernorm.weight", "replicated"),
     "self_attention.linear_qkv.weight": (None, "qkv"),
+    "self_attention.linear_qkv.bias": (None, "qkv"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", "replicated"),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", "replicated"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "row"),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", "replicated"),
     "mlp.linear_fc1.weight": (None, "fc1"),
@@ -53,10 +62,24 @@ def split_kind(name: str) -> str:
     """How tensor parallelism splits the parameter `name` (a megatron name)."""
     if name in _TOP_PARAMS:
         return _TOP_PARAMS[name][1]
+    return _LAYER_PARAMS[layer_of(name)[1]][1]
+
+
+def layer_of(name: str) -> tuple[int, str]:
+    """(global layer index, layer-local name) of a megatron layer parameter."""
     m = _LAYER_RE.match(name)
     if not m or m.group(2) not in _LAYER_PARAMS:
         raise LayoutError(f"unknown megatron parameter {name!r}")
-    return _LAYER_PARAMS[m.group(2)][1]
+    return int(m.group(1)), m.group(2)
+
+
+def hf_layer_name(local: str) -> str:
+    """The Hugging Face layer-local name of a megatron one that maps one to one (not the
+    fused qkv and fc1)."""
+    hf = _LAYER_PARAMS[local][0]
+    if hf is None:
+        raise LayoutError(f"{local!r} is fused from several Hugging Face tensors")
+    return hf
 
 
 def check_tp(spec: ModelSpec, tp: int) -> None:
@@ -181,82 +204,103 @@ def merge_tp(shards: Sequence[StateDict]) -> StateDict:
 
 
 # ---- megatron <-> Hugging Face names ----------------------------------------------------
+_QKV = {
+    "self_attention.linear_qkv.weight": "weight",
+    "self_attention.linear_qkv.bias": "bias",
+}
+
+
 def _qkv_to_hf(qkv: Tensor, spec: ModelSpec) -> tuple[Tensor, Tensor, Tensor]:
-    nq, hd = spec.heads // spec.kv_heads, spec.head_dim
-    g = qkv.view(-1, nq + 2, hd, qkv.shape[-1])
+    """q, k, v rows (weight or bias) of a grouped ``linear_qkv`` tensor (any TP shard)."""
+    nq, hd, rest = spec.heads // spec.kv_heads, spec.head_dim, qkv.shape[1:]
+    g = qkv.view(-1, nq + 2, hd, *rest)
     return (
-        g[:, :nq].reshape(-1, qkv.shape[-1]),
-        g[:, nq].reshape(-1, qkv.shape[-1]),
-        g[:, nq + 1].reshape(-1, qkv.shape[-1]),
+        g[:, :nq].reshape(-1, *rest),
+        g[:, nq].reshape(-1, *rest),
+        g[:, nq + 1].reshape(-1, *rest),
     )
 
 
-def _hf_to_qkv(q: Tensor, k: Tensor, v: Tensor, spec: ModelSpec) -> Tensor:
-    nq, hd, h = spec.heads // spec.kv_heads, spec.head_dim, q.shape[-1]
+def hf_to_qkv(q: Tensor, k: Tensor, v: Tensor, spec: ModelSpec) -> Tensor:
+    """Grouped ``linear_qkv`` rows from q, k, v rows (weight or bias; the full tensors or
+    the rows of whole KV groups): per group its query heads, then k, then v."""
+    nq, hd, rest = spec.heads // spec.kv_heads, spec.head_dim, q.shape[1:]
     groups = k.shape[0] // hd
     return torch.cat(
-        [q.view(groups, nq, hd, h), k.view(groups, 1, hd, h), v.view(groups, 1, hd, h)], dim=1
-    ).reshape(-1, h)
+        [
+            q.reshape(groups, nq, hd, *rest),
+            k.reshape(groups, 1, hd, *rest),
+            v.reshape(groups, 1, hd, *rest),
+        ],
+        dim=1,
+    ).reshape(-1, *rest)
+
+
+def _layer_to_hf(pre: str, local: str, t: Tensor, spec: ModelSpec) -> StateDict:
+    if local in _QKV:
+        q, k, v = _qkv_to_hf(t, spec)
+        kind = _QKV[local]
+        return {pre + f"self_attn.{p}_proj.{kind}": x for p, x in zip("qkv", (q, k, v))}
+    if local == "mlp.linear_fc1.weight":
+        gate, up = t.chunk(2, dim=0)
+        return {pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up}
+    return {pre + hf_layer_name(local): t}
 
 
 def megatron_to_hf(shard: StateDict, spec: ModelSpec, vocab_rows: int | None = None) -> StateDict:
-    """Hugging Face Llama names for a megatron shard (any TP degree; sizes stay local).
+    """Hugging Face names for a megatron shard (any TP degree; sizes stay local).
 
     On the full model (TP=1) this is the HF state dict. ``vocab_rows`` keeps only the first
-    rows of the embedding / output layer (strips megatron's vocab padding).
+    rows of the embedding / output layer (strips megatron's vocab padding). A tied model's
+    output layer (the last stage's copy of the embedding) is left out: HF has no lm_head.
     """
     out: StateDict = {}
     for name, t in shard.items():
+        if name == OUTPUT and spec.tied_embeddings:
+            continue
         if name in _TOP_PARAMS:
             hf = _TOP_PARAMS[name][0]
             out[hf] = t[:vocab_rows] if vocab_rows and _TOP_PARAMS[name][1] == "vocab" else t
             continue
-        m = _LAYER_RE.match(name)
-        if not m or m.group(2) not in _LAYER_PARAMS:
-            raise LayoutError(f"unknown megatron parameter {name!r}")
-        pre, local = f"model.layers.{m.group(1)}.", m.group(2)
-        if local == "self_attention.linear_qkv.weight":
-            q, k, v = _qkv_to_hf(t, spec)
-            out.update(
-                {
-                    pre + "self_attn.q_proj.weight": q,
-                    pre + "self_attn.k_proj.weight": k,
-                    pre + "self_attn.v_proj.weight": v,
-                }
-            )
-        elif local == "mlp.linear_fc1.weight":
-            gate, up = t.chunk(2, dim=0)
-            out.update({pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up})
-        else:
-            hf_local = _LAYER_PARAMS[local][0]
-            assert hf_local is not None  # only qkv and fc1 have none, handled above
-            out[pre + hf_local] = t
+        layer, local = layer_of(name)
+        out.update(_layer_to_hf(f"model.layers.{layer}.", local, t, spec))
+    return out
+
+
+def _layer_from_hf(hf: StateDict, pre: str, mp: str, spec: ModelSpec) -> StateDict:
+    out: StateDict = {}
+    for local, kind in _QKV.items():
+        q, k, v = (pre + f"self_attn.{p}_proj.{kind}" for p in "qkv")
+        if q in hf:
+            out[mp + local] = hf_to_qkv(hf[q], hf[k], hf[v], spec)
+    out[mp + "mlp.linear_fc1.weight"] = torch.cat(
+        [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]]
+    )
+    for local, (hf_local, _) in _LAYER_PARAMS.items():
+        if hf_local is not None and pre + hf_local in hf:
+            out[mp + local] = hf[pre + hf_local]
     return out
 
 
 def hf_to_megatron(hf: StateDict, spec: ModelSpec) -> StateDict:
-    """Megatron names (TP=1, global layer indices) for a Hugging Face Llama state dict."""
+    """Megatron names (TP=1, global layer indices) for a Hugging Face Llama / Mistral /
+    Qwen2 / Qwen3 state dict. A tied model gets no output layer (an ``lm_head.weight``
+    in `hf` must then equal the embedding)."""
     out: StateDict = {}
     for meg, (name, _) in _TOP_PARAMS.items():
         if name in hf:
             out[meg] = hf[name]
+    if spec.tied_embeddings and OUTPUT in out:
+        lm_head = out.pop(OUTPUT)
+        if EMBED in out and not torch.equal(lm_head, out[EMBED]):
+            raise LayoutError(
+                f"model {spec.name!r} ties its embeddings, but lm_head.weight differs "
+                "from model.embed_tokens.weight"
+            )
     for i in range(spec.layers):
         pre = f"model.layers.{i}."
-        if pre + "self_attn.q_proj.weight" not in hf:
-            continue
-        mp = f"decoder.layers.{i}."
-        out[mp + "self_attention.linear_qkv.weight"] = _hf_to_qkv(
-            hf[pre + "self_attn.q_proj.weight"],
-            hf[pre + "self_attn.k_proj.weight"],
-            hf[pre + "self_attn.v_proj.weight"],
-            spec,
-        )
-        out[mp + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]]
-        )
-        for local, (hf_local, _) in _LAYER_PARAMS.items():
-            if hf_local is not None:
-                out[mp + local] = hf[pre + hf_local]
+        if pre + "self_attn.q_proj.weight" in hf:
+            out.update(_layer_from_hf(hf, pre, f"decoder.layers.{i}.", spec))
     return out
 
 
@@ -272,15 +316,19 @@ def check_vllm_vocab(spec: ModelSpec, tp: int) -> None:
 
 def megatron_to_vllm(shard: StateDict, spec: ModelSpec, tp: int) -> list[tuple[str, Tensor]]:
     """(Hugging Face name, local tensor) pairs of a TP-`tp` megatron shard, in the order
-    vLLM's loader wants (fused parts of one layer together: q,k,v then gate,up)."""
+    vLLM's loader wants (fused parts of one layer together: q,k,v then gate,up; biases
+    as q,k,v too). A tied model sends no lm_head: vLLM ties it to the embedding."""
     check_tp(spec, tp)
     check_vllm_vocab(spec, tp)
     return list(megatron_to_hf(shard, spec).items())
 
 
 # ---- shapes of stages and shards ------------------------------------------------------
-def stage_state(full: StateDict, spec: ModelSpec, pp: int, stage: int) -> StateDict:
-    """The parameters (megatron names) pipeline stage `stage` of `pp` holds."""
+def stage_state(full: dict, spec: ModelSpec, pp: int, stage: int, tied_copy: bool = False) -> dict:
+    """The parameters (megatron names) pipeline stage `stage` of `pp` holds, from `full`
+    (tensors, or any values: shapes). A tied model's last stage (pp > 1) also holds a copy
+    of the embedding as ``output_layer.weight``: with `tied_copy` it is included (what
+    megatron holds), else left out (the distinct weights, what resharding moves)."""
     layers = set(stage_layers(spec, pp, stage))
     out = {}
     for name, t in full.items():
@@ -291,13 +339,19 @@ def stage_state(full: StateDict, spec: ModelSpec, pp: int, stage: int) -> StateD
             keep = (name == EMBED and stage == 0) or (name != EMBED and stage == pp - 1)
         if keep:
             out[name] = t
+    if tied_copy and spec.tied_embeddings and pp > 1 and stage == pp - 1 and EMBED in full:
+        out[OUTPUT] = full[EMBED]
     return out
 
 
 def megatron_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Full (TP=1) shapes of every megatron parameter of `spec`, global layer names."""
-    h, q, kv, f, v = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn, spec.vocab
-    out = {EMBED: (v, h), OUTPUT: (v, h), FINAL_NORM: (h,)}
+    """Full (TP=1) shapes of every megatron parameter of `spec` (LM head; none when tied),
+    global layer names."""
+    h, q, kv, f, v, hd = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn, spec.vocab, spec.head_dim
+    out: dict[str, tuple[int, ...]] = {EMBED: (v, h)}
+    if not spec.tied_embeddings:
+        out[OUTPUT] = (v, h)
+    out[FINAL_NORM] = (h,)
     for i in range(spec.layers):
         p = f"decoder.layers.{i}."
         out.update(
@@ -310,6 +364,11 @@ def megatron_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
                 p + "mlp.linear_fc2.weight": (h, f),
             }
         )
+        if spec.qkv_bias:
+            out[p + "self_attention.linear_qkv.bias"] = (q + 2 * kv,)
+        if spec.qk_norm:
+            out[p + "self_attention.q_layernorm.weight"] = (hd,)
+            out[p + "self_attention.k_layernorm.weight"] = (hd,)
     return out
 
 

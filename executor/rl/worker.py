@@ -21,7 +21,7 @@ from hybridflow.errors import UserError
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.worker import Worker
-from hybridflow.executor.engines import hf_checkpoint as H
+from hybridflow.executor.engines import hf_folder
 from hybridflow.executor.engines import megatron_model as mm
 from hybridflow.executor.engines.vllm_engine import VllmConfig, VllmEngine
 from hybridflow.executor.hybrid_engine.engine import HybridEngine
@@ -75,10 +75,17 @@ class RLWorker(Worker):
     # ---- set-up ------------------------------------------------------------------------
     @register(dispatch_mode=ONE_TO_ALL)
     def load_hf(self, role: str, path: str) -> None:
-        """Load a Hugging Face folder's weights into this rank's shards of `role`."""
-        engine = self.role(role).engine
-        full = H.hf_to_full_megatron(H.load_hf_folder(path), engine.spec, engine.config.value_head)
-        engine.load_full_megatron_state(full)
+        """Load a Hugging Face folder's weights into this rank's shards of `role`: the rank
+        reads only its stage's tensors and, of the split ones, only its slices."""
+        engine, groups = self.role(role).engine, self.role(role).groups
+        hf_folder.load_rank_weights(
+            engine.model,
+            path,
+            engine.spec,
+            engine.config.value_head,
+            groups.tp_rank,
+            groups.layout.tp,
+        )
 
     @register(dispatch_mode=ONE_TO_ALL)
     def init_rollout(self, role: str, cfg: RolloutConfig) -> None:
@@ -194,8 +201,13 @@ class RLWorker(Worker):
     # ---- checkpoints -------------------------------------------------------------------
     @register(dispatch_mode=ONE_TO_ALL)
     def save_role(self, role: str, folder: str) -> str:
-        engine = self.role(role).engine
+        engine, groups = self.role(role).engine, self.role(role).groups
         state = {
+            "coords": {
+                "tp_rank": groups.tp_rank,
+                "pp_rank": groups.pp_rank,
+                "dp_rank": groups.dp_rank,
+            },
             "params": {n: p.detach().clone() for n, p in engine.named_local_parameters()},
             "optimizer": optimizer_state(engine.optimizer) if engine.optimizer else None,
         }
