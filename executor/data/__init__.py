@@ -1,0 +1,1 @@
+"""A user's job's inputs: prompt files and reward rules."""
