@@ -135,9 +135,11 @@ def run_hybridflow(plan: Plan, w: Workload, devices: int, runs: Path) -> dict:
 def prompt_texts(plan: Plan, w: Workload, art) -> list[str]:
     """The prompts of every iteration in the controller's order, as text."""
     from hybridflow.executor.rl.runtime import Runtime
+    from hybridflow.executor.run.inputs import task_inputs
 
-    rt = Runtime(plan, RunConfig(seed=w.seed), art, cluster=None)  # prompts() needs no cluster
-    ids = [p for it in range(w.iterations) for p in rt.prompts(it)]
+    inputs = task_inputs(plan, w.seed, art)
+    rt = Runtime(plan, RunConfig(seed=w.seed), inputs, cluster=None)  # prompts() needs none
+    ids = [p for it in range(w.iterations) for p in rt.prompt_ids(rt.prompts(it))]
     return [art.decode_prompt(p) for p in ids]
 
 

@@ -78,7 +78,10 @@ class Tables:
         max_gen_pp: int | None = None,
     ) -> None:
         self.job, self.profile, self.gpn, self.scheme = job, profile, gpus_per_node, scheme
-        self.max_gen_pp = max_gen_pp  # e.g. 1 for an executor that generates with TP only
+        # a CPU cluster (devices sharing host cores) is the executor's own: plans there stay
+        # what it runs (TP-only generation, megatron-core's even stages, no FSDP)
+        self.local = profile.host_cores > 0
+        self.max_gen_pp = 1 if self.local else max_gen_pp  # e.g. 1: TP-only generation
         self._roles: dict[tuple[str, int, bool], list[Candidate]] = {}
         self._gen: dict[tuple[ParallelLayout, bool], list[GenOption]] = {}
         self._gen_s: dict[tuple[ParallelLayout, GenLayout, int], float] = {}
@@ -101,7 +104,8 @@ class Tables:
                             check_layout(self.job, role, lay)
                         except LayoutError:
                             continue
-                        yield lay
+                        if not self.local or spec.layers % p == 0:
+                            yield lay
 
     def settings_options(
         self, role: str, lay: ParallelLayout | None = None
@@ -127,7 +131,7 @@ class Tables:
         on the executor's own measured cluster (it trains with megatron-core)."""
         if lay is None or lay.pp > 1 or lay.tp > 1 or lay.dp * lay.cp == 1:
             return False
-        return not self.profile.calls.applies(self.job.spec(role).name)
+        return not self.local
 
     def _candidate(self, role: str, lay: ParallelLayout, mem: MemorySettings) -> Candidate:
         job, prof = self.job, self.profile

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,20 +29,13 @@ from hybridflow.executor.engines.train_engine import EngineConfig
 from hybridflow.executor.engines.vllm_engine import SamplingConfig
 from hybridflow.executor.rl.worker import RLWorker, RolloutConfig
 from hybridflow.executor.run.config import RunConfig
-from hybridflow.executor.task.artifacts import Artifacts
+from hybridflow.executor.run.export import write_actor_hf
+from hybridflow.executor.run.inputs import JobInputs, Ref
 from hybridflow.memory import MemorySettings
 from hybridflow.plan import PlacedSet, Plan
-from hybridflow.vocab import LM_ROLES, STAGES, TRAINED_ROLES, VALUE_ROLES, Role, Stage
+from hybridflow.vocab import STAGES, TRAINED_ROLES, VALUE_ROLES, Role, Stage
 
 log = logging.getLogger(__name__)
-
-
-def role_init_dir(art: Artifacts, role: str) -> str:
-    """The task artifact a role starts from: the SFT actor for LM roles, else the reward or
-    cost model (critics start from the model they learn the values of)."""
-    if role in LM_ROLES:
-        return str(art.actor_dir)
-    return str(art.cost_dir if role in (Role.COST, Role.COST_CRITIC) else art.reward_dir)
 
 
 def engine_config(
@@ -72,7 +66,7 @@ def engine_config(
 class Runtime:
     plan: Plan
     cfg: RunConfig
-    art: Artifacts
+    inputs: JobInputs
     cluster: Cluster
     groups: dict[str, WorkerGroup] = field(default_factory=dict)  # role -> its set's group
     timings: dict[str, float] = field(default_factory=dict)
@@ -92,7 +86,7 @@ class Runtime:
         job = self.plan.job
         config = engine_config(role, self.cfg, placed.settings(role), job.seq_len)
         group.add_role(role, job.model(role), placed.layout(role), config)
-        group.run(role, "load_hf", role_init_dir(self.art, role))
+        group.run(role, "load_hf", self.inputs.init_dirs[role])
         if role == Role.ACTOR:
             group.run(
                 role,
@@ -100,7 +94,7 @@ class Runtime:
                 RolloutConfig(
                     tg=placed.generation().tp,
                     scheme=self.cfg.reshard,
-                    model_dir=str(self.art.actor_dir),
+                    model_dir=self.inputs.rollout_dir,
                     kv_cache_bytes=self.cfg.kv_cache_mib << 20,
                     seed=self.cfg.seed,
                     max_model_len=self.plan.job.seq_len,
@@ -112,6 +106,7 @@ class Runtime:
         over the sets)."""
         for f in [g.call(role, "save_role", folder) for role, g in self.groups.items()]:
             f.result()
+        write_actor_hf(Path(folder), self.plan, self.inputs)
 
     def load_roles(self, folder: str) -> None:
         for f in [g.call(role, "load_role", folder) for role, g in self.groups.items()]:
@@ -136,24 +131,36 @@ class Runtime:
         return out
 
     # ---- data --------------------------------------------------------------------------
-    def prompts(self, iteration: int) -> list[list[int]]:
-        """The iteration's prompts: a seeded pass over the training prompts, epoch by epoch."""
-        pool = self.art.prompts.train
+    def prompts(self, iteration: int) -> list[int]:
+        """The iteration's prompts (their indices among the training prompts): a seeded
+        pass over them, epoch by epoch."""
+        pool = self.inputs.train
         n = self.plan.job.global_batch
-        out: list[list[int]] = []
+        out: list[int] = []
         start = iteration * n
         while len(out) < n:
             epoch, offset = divmod(start + len(out), len(pool))
             order = list(range(len(pool)))
             random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
-            out.extend(list(pool[i]) for i in order[offset : offset + n - len(out)])
+            out.extend(order[offset : offset + n - len(out)])
         return out
 
+    def prompt_ids(self, indices: list[int], split: str = "train") -> list[list[int]]:
+        pool = self.inputs.pool(split)
+        return [list(pool[i]) for i in indices]
+
     def generate(
-        self, prompts: list[list[int]], iteration: int, n: int = 1, greedy: bool = False
+        self,
+        indices: list[int],
+        iteration: int,
+        n: int = 1,
+        greedy: bool = False,
+        split: str = "train",
     ) -> Batch:
-        """Sequences of the actor's responses (n per prompt, prompt-major), stage 'generate'
-        (its resharding time, as the workers measured it, goes to stage 'reshard')."""
+        """Sequences of the actor's responses to the prompts `indices` of `split` (n per
+        prompt, prompt-major), stage 'generate' (its resharding time, as the workers
+        measured it, goes to stage 'reshard')."""
+        prompts = self.prompt_ids(indices, split)
         sampling = SamplingConfig(
             temperature=0.0 if greedy else self.cfg.temperature,
             top_p=self.cfg.top_p,
@@ -172,19 +179,23 @@ class Runtime:
         reshard = max(t["reshard_s"] for t in out.non_tensors["timing"])
         self.timings[Stage.GENERATE] -= reshard
         self.timings[Stage.RESHARD] = self.timings.get(Stage.RESHARD, 0.0) + reshard
-        return self.sequences(prompts, out, n)
+        refs = [(split, i) for i in indices for _ in range(n)]
+        return self.sequences(prompts, out, n, refs)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Mean rule score of one sampled response per held-out prompt (a fixed seed, so
-        runs compare); not timed into the iteration's stages."""
+        runs compare); not timed into the iteration's stages. None without held-out
+        prompts or a rule score."""
+        if not self.inputs.eval or not self.inputs.rules.has("score"):
+            return None
         saved = dict(self.timings)
-        batch = self.generate([list(p) for p in self.art.prompts.eval], -1)
+        batch = self.generate(list(range(len(self.inputs.eval))), -1, split="eval")
         self.timings = saved
         return float(self.rule(batch).float().mean())
 
-    def sequences(self, prompts: list[list[int]], out: Batch, n: int) -> Batch:
+    def sequences(self, prompts: list[list[int]], out: Batch, n: int, refs: list[Ref]) -> Batch:
         P = self.plan.job.prompt_len
-        pad = self.art.special.pad
+        pad = self.inputs.pad
         rows = [p for p in prompts for _ in range(n)]
         if any(len(p) > P for p in rows):
             raise UserError(f"a prompt is longer than prompt_len {P}")
@@ -198,7 +209,7 @@ class Runtime:
                 "response_mask": out["response_mask"],
                 "rollout_log_probs": out["rollout_log_probs"],
             },
-            non_tensors={"prompt_ids": rows},
+            non_tensors={"prompt_ids": rows, "prompt_ref": refs},
             meta={"prompt_len": P},
         )
 
@@ -214,10 +225,15 @@ class Runtime:
         return batch
 
     def rule(self, batch: Batch, kind: str = "score") -> torch.Tensor:
-        fn = self.art.score if kind == "score" else self.art.cost
-        return torch.tensor(
-            [fn(p, r.tolist()) for p, r in zip(batch.non_tensors["prompt_ids"], batch["responses"])]
-        )
+        """The rule score (or cost) of each response; NaN where the job has no such rule
+        (a user's job scored by a learned model alone)."""
+        n = batch["responses"].shape[0]
+        if not self.inputs.rules.has(kind):
+            return torch.full((n,), float("nan"))
+        lengths = batch["response_mask"].sum(-1).tolist()
+        responses = [r[: int(k)].tolist() for r, k in zip(batch["responses"], lengths)]
+        refs = batch.non_tensors["prompt_ref"]
+        return torch.tensor(self.inputs.rules.score(kind, refs, responses), dtype=torch.float32)
 
     def update(self, updates: dict[str, Any], batch: Batch) -> dict[str, float]:
         """{role: loss_fn} trained concurrently over the job's epochs and mini-batches."""

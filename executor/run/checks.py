@@ -19,18 +19,20 @@ class PlanNotRunnable(UserError):
     """A plan this executor cannot run here (one clear message)."""
 
 
-def check_runnable(plan: Plan, devices: int | None = None) -> None:
-    """`devices`: the devices of the cluster it will run on (None: not known yet)."""
+def check_runnable(plan: Plan, devices: int | None = None, user_job: bool = False) -> None:
+    """`devices`: the devices of the cluster it will run on (None: not known yet);
+    `user_job`: the roles start from the plan's own folders (else the built-in task's)."""
     job = plan.job
     if devices is not None and plan.gpus > devices:
         raise PlanNotRunnable(
             f"the plan needs {plan.gpus} devices, the cluster it runs on has {devices}"
         )
     models = {job.model(r) for r in job.gpu_roles}
-    if len(models) != 1:
+    if not user_job and len(models) != 1:
         raise PlanNotRunnable(
-            f"the executor runs one model architecture for every role "
-            f"(the task's artifacts); the plan names {sorted(models)}"
+            f"the built-in task runs one model architecture for every role (its "
+            f"artifacts); the plan names {sorted(models)}: give --data to run the plan's "
+            f"own checkpoint folders"
         )
     for s in plan.sets:
         for role in s.models:

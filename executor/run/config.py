@@ -14,6 +14,42 @@ class RunConfigError(UserError):
     """A run setting that cannot be used."""
 
 
+OVERLONG = ("refuse", "truncate")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A user's job: prompts, their answers and the rules that score responses (the models
+        come from the plan's folders: a critic starts from the folder the plan names for it, a
+    reward model's or the actor's). ``data`` None: the built-in task."""
+
+    data: str | None = None  # JSONL or Parquet of training prompts
+    eval_data: str | None = None  # held-out prompts, scored by the rule before and after
+    prompt_key: str = "prompt"
+    answer_key: str | None = None  # dotted, e.g. reward_model.ground_truth
+    chat_template: bool = True  # the tokenizer's chat template, when it has one
+    overlong: str = "refuse"  # prompts longer than the plan's prompt_len: refuse | truncate
+    reward_fn: str | None = None  # FILE.py:NAME, or a built-in rule (exact, math)
+    cost_fn: str | None = None  # Safe-RLHF's rule cost, the same forms
+    reward_processes: int = 2  # processes the rule functions run in on the controller
+    export_hf: str | None = None  # the trained actor as a Hugging Face folder, at the end
+
+    def __post_init__(self) -> None:
+        if self.overlong not in OVERLONG:
+            raise RunConfigError(f"overlong must be one of {', '.join(OVERLONG)}")
+        if not isinstance(self.reward_processes, int) or not 1 <= self.reward_processes <= 64:
+            raise RunConfigError("reward_processes must be an integer in 1..64")
+        if self.data is None and (self.eval_data or self.reward_fn or self.cost_fn):
+            raise RunConfigError(
+                "--eval-data, --reward-fn and --cost-fn need --data (a user's job); "
+                "the built-in task has its own prompts and rules"
+            )
+
+    @property
+    def user_job(self) -> bool:
+        return self.data is not None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     iterations: int = 16
@@ -34,6 +70,7 @@ class RunConfig:
         0.0  # Safe-RLHF: mean cost-model logit to stay under (> 0: forbidden letter)
     )
     lagrange_lr: float = 0.05
+    data: DataConfig = DataConfig()
 
     def __post_init__(self) -> None:
         lows = {
@@ -72,8 +109,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RunConfigError(f"unknown run settings: {', '.join(unknown)}")
-        return cls(**d)
+        d = dict(d)
+        data = d.pop("data", None) or {}
+        for c, given in ((cls, d), (DataConfig, data)):
+            if not isinstance(given, dict):
+                raise RunConfigError(f"run settings: expected a mapping, got {given!r}")
+            unknown = sorted(set(given) - {f.name for f in fields(c)})
+            if unknown:
+                raise RunConfigError(f"unknown run settings: {', '.join(unknown)}")
+        return cls(**d, data=DataConfig(**data))

@@ -35,12 +35,14 @@ from hybridflow.executor.controller.cluster import (
     check_nodes,
 )
 from hybridflow.executor.controller.worker_group import WorkerDiedError
+from hybridflow.executor.data.rewards import RewardError
 from hybridflow.executor.rl.loops import LOOPS
 from hybridflow.executor.rl.runtime import Runtime
 from hybridflow.executor.run.checks import check_runnable
 from hybridflow.executor.run.config import RunConfig
+from hybridflow.executor.run.export import check_export_dir, export_actor
+from hybridflow.executor.run.inputs import JobInputs, job_inputs
 from hybridflow.executor.run.rundir import RunDir
-from hybridflow.executor.task.artifacts import Artifacts, ensure_artifacts
 from hybridflow.plan import Plan
 from hybridflow.simulator.predict import predict_plan
 from hybridflow.simulator.profile import load_profile
@@ -182,31 +184,47 @@ def run(
 ) -> RunResult:
     """Run (or with options.resume, continue) the plan's job into the run dir `out`."""
     cluster_config = ClusterConfig(devices=options.devices, address=options.ray_address)
-    check_runnable(plan, None if cluster_config.join_address else options.devices)
-    rundir = RunDir(out)
-    rundir.start(plan, cfg, options.resume)
-    art = ensure_artifacts(model=plan.job.model(plan.job.gpu_roles[0]), seed=cfg.seed)
-    predicted = predict(plan, options.profile, cfg.reshard)
-    cluster = Cluster.start(cluster_config)
+    check_runnable(
+        plan, None if cluster_config.join_address else options.devices, cfg.data.user_job
+    )
+    check_export_dir(cfg.data.export_hf)
+    inputs = job_inputs(plan, cfg.data, cfg.seed)  # every model, data and rule checked
+    try:
+        rundir = RunDir(out)
+        rundir.start(plan, cfg, options.resume)
+        predicted = predict(plan, options.profile, cfg.reshard)
+        cluster = Cluster.start(cluster_config)
+    except BaseException:
+        inputs.close()
+        raise
     try:
         with StopSignals() as stop:
-            ctl = _Controller(plan, cfg, art, cluster, rundir, options, progress, stop)
+            ctl = _Controller(plan, cfg, inputs, cluster, rundir, options, progress, stop)
             metrics, evals = ctl.run()
-    except RunAborted as e:
-        last = rundir.latest_checkpoint()
-        raise RunAborted(
-            e.signum,
-            f"{e}; the last whole checkpoint: {last.name if last else 'none'}; "
-            f"continue with: hybridflow run --resume {rundir.path}",
-        ) from None
+            if cfg.data.export_hf:
+                export_actor(rundir.latest_checkpoint(), cfg.data.export_hf)
+    except (RewardError, RunAborted) as e:
+        raise _with_checkpoint(e, rundir) from None
     finally:
         cluster.shutdown()
+        inputs.close()
     critics = bool(plan.job.dataflow.critics)
     summary = summarize(
         plan, metrics, predicted, evals, warmup=max(1, cfg.critic_warmup if critics else 0)
     )
+    summary["inputs"] = inputs.counts
     rundir.write_summary(summary)
     return RunResult(rundir.path, metrics, summary)
+
+
+def _with_checkpoint(e: RewardError | RunAborted, rundir: RunDir) -> Exception:
+    """The stop's message with the last whole checkpoint and how to continue from it."""
+    last = rundir.latest_checkpoint()
+    where = f"the last whole checkpoint: {last.name if last else 'none'}"
+    again = f"hybridflow run --resume {rundir.path}"
+    if isinstance(e, RewardError):
+        return RewardError(f"{e}; {where}; continue with: {again} (and --reward-fn, once mended)")
+    return RunAborted(e.signum, f"{e}; {where}; continue with: {again}")
 
 
 @dataclass
@@ -215,7 +233,7 @@ class _Controller:
 
     plan: Plan
     cfg: RunConfig
-    art: Artifacts
+    inputs: JobInputs
     cluster: Cluster
     rundir: RunDir
     options: RunOptions
@@ -229,7 +247,7 @@ class _Controller:
         restored."""
         resume, restarts = self.options.resume, 0
         while True:
-            rt = Runtime(self.plan, self.cfg, self.art, self.cluster)
+            rt = Runtime(self.plan, self.cfg, self.inputs, self.cluster)
             try:
                 self.cluster.reserve(self.plan)  # nodes checked, every set placed
                 rt.start()

@@ -82,6 +82,48 @@ class Artifacts:
         return task.cost(self.decode(response_ids), self.task)
 
 
+def prompt_records(art: Artifacts, split: str) -> list:
+    """The task's prompts of `split` ("train", "eval") as data-file records, read from the
+    artifacts' JSONL file (written from prompts.json the first time) by the loader a user's
+    data goes through; the prompt text with its answer."""
+    from hybridflow.executor.data.prompts import load_records
+
+    path = art.root / f"{split}.jsonl"
+    if not path.exists():
+        pool = art.prompts.train if split == "train" else art.prompts.eval
+        texts = [art.decode_prompt(p) for p in pool]
+        rows = [json.dumps({"prompt": t, "answer": task.target(t)}) for t in texts]
+        _write_atomically(path, "\n".join(rows) + "\n")
+    ensure_tokenizer_folder(art)
+    return load_records(path, "prompt", "answer")
+
+
+def ensure_tokenizer_folder(art: Artifacts) -> Path:
+    """The task tokenizer as a Hugging Face tokenizer folder (what exports carry)."""
+    folder = art.root / "tokenizer"
+    if not (folder / "tokenizer_config.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=str(art.tokenizer_path),
+            pad_token="<pad>",
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+        )
+        tmp = folder.with_name(f"tokenizer.tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    return folder
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def default_cache_dir() -> Path:
     """$HYBRIDFLOW_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)."""
     if os.environ.get("HYBRIDFLOW_CACHE"):

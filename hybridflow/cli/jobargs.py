@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -57,7 +57,7 @@ def add_job_arguments(
 ) -> None:
     """The job flags; with model_default None, --model is required unless --job is given."""
     d = JOB_DEFAULTS
-    model_help = "model of every role: catalog name or config.json" + (
+    model_help = "model of every role: catalog name, config.json or a checkpoint folder" + (
         "" if model_default else "; required unless --job names the models"
     )
     p.add_argument("--model", default=model_default, help=model_help)
@@ -123,7 +123,7 @@ def build_job(args: argparse.Namespace) -> Job:
             f"--rule-cpu-s must be at most {RULE_CPU_S_MAX:g} s per response "
             f"(a rule is a function on the CPU), got {args.rule_cpu_s!r}"
         )
-    roles = {r: getattr(args, r) for r in ROLE_FLAGS}
+    roles = {r: _folder(getattr(args, r)) for r in ROLE_FLAGS}
     algo = vocab.algorithm(args.algorithm, JobError)
     if roles["critic"] and "critic" not in algo.roles:
         raise JobError(f"--critic: {args.algorithm} has no critic")
@@ -132,7 +132,7 @@ def build_job(args: argparse.Namespace) -> Job:
         raise JobError(f"--cost: only {with_cost} has a cost model")
     return Job.create(
         args.algorithm,
-        args.model,
+        _folder(args.model),
         args.prompt_len,
         args.response_len,
         args.batch,
@@ -144,3 +144,15 @@ def build_job(args: argparse.Namespace) -> Job:
         prompt_mean=args.prompt_mean,
         **roles,
     )
+
+
+@overload
+def _folder(model: str) -> str: ...
+@overload
+def _folder(model: None) -> None: ...
+def _folder(model: str | None) -> str | None:
+    """A checkpoint folder as an absolute path (the plan names it; workers read it from
+    wherever they start); catalog names and config.json files as given."""
+    if model and Path(model).is_dir():
+        return str(Path(model).resolve())
+    return model

@@ -53,6 +53,19 @@ LIMITS: dict[str, tuple[int, int, str]] = {
 }
 
 
+DATA_FLAGS = (
+    "data",
+    "eval_data",
+    "prompt_key",
+    "answer_key",
+    "chat_template",
+    "reward_fn",
+    "cost_fn",
+    "reward_processes",
+    "export_hf",
+)
+
+
 class RunUsageError(UserError):
     """A run flag out of its range."""
 
@@ -89,6 +102,42 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile", default="local-cpu", help="profile the prediction beside the measurement uses"
     )
+    _data_flags(p)
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """A user's job: the plan's checkpoint folders trained on a data file, scored by a rule."""
+    g = p.add_argument_group("your own job (the plan's models are Hugging Face folders)")
+    g.add_argument("--data", metavar="FILE", help="training prompts: JSONL or Parquet")
+    g.add_argument("--eval-data", metavar="FILE", help="held-out prompts, scored before and after")
+    g.add_argument("--prompt-key", default=None, help="the prompt's field (default prompt)")
+    g.add_argument(
+        "--answer-key", default=None, help="the ground truth's field, dotted for nested ones"
+    )
+    g.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        default=None,
+        help="encode prompts as they are (default: the tokenizer's chat template, if any)",
+    )
+    g.add_argument(
+        "--truncate-prompts",
+        action="store_true",
+        default=None,
+        help="keep the last prompt_len tokens of longer prompts (default: refuse them)",
+    )
+    g.add_argument(
+        "--reward-fn",
+        metavar="FILE.py:NAME",
+        help="reward rule: fn(data_source, solution_str, ground_truth, extra_info) -> float, "
+        "or a built-in rule (exact, math)",
+    )
+    g.add_argument("--cost-fn", metavar="FILE.py:NAME", help="Safe-RLHF's cost rule, the same")
+    g.add_argument(
+        "--reward-processes", type=int, default=None, help="processes the rules run in (2)"
+    )
+    g.add_argument("--export-hf", metavar="DIR", help="write the trained actor here at the end")
 
 
 def default_plan(algorithm: str, devices: int) -> Plan:
@@ -111,6 +160,20 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
     ):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
+    data = dict(d.get("data") or {})
+    for flag in DATA_FLAGS:
+        if getattr(args, flag, None) is not None:
+            data[flag] = getattr(args, flag)
+    if args.truncate_prompts:
+        data["overlong"] = "truncate"
+    for flag in ("data", "eval_data", "export_hf"):  # workers and resumes read them anywhere
+        if data.get(flag):
+            data[flag] = str(Path(data[flag]).resolve())
+    for flag in ("reward_fn", "cost_fn"):
+        file, sep, name = str(data.get(flag) or "").rpartition(":")
+        if sep and Path(file).exists():
+            data[flag] = f"{Path(file).resolve()}:{name}"
+    d["data"] = data
     return RunConfig.from_dict(d)
 
 
@@ -128,6 +191,11 @@ def _load(args: argparse.Namespace) -> tuple[Plan, RunConfig, Path]:
     if args.resume:
         plan, saved = RunDir(args.resume).saved()
         return plan, _settings(args, saved), Path(args.resume)
+    if args.data and not args.plan:
+        raise RunUsageError(
+            "--data runs your plan: plan your model folder first (hybridflow plan --model DIR "
+            "... --out plan.json), then hybridflow run plan.json --data FILE"
+        )
     plan = (
         Plan.load(args.plan) if args.plan else default_plan(args.algorithm or "ppo", args.devices)
     )
@@ -165,7 +233,10 @@ def main(args: argparse.Namespace) -> int:
         f"rule score of the batch: {m['score_first']:.3f} (first iteration) -> "
         f"{m['score_last']:.3f} (last)"
     )
-    if "eval_score_before" in m:
+    counts = res.summary.get("inputs", {})
+    if counts.get("truncated"):
+        print(f"prompts truncated to prompt_len: {counts['truncated']} of {counts['prompts']}")
+    if m.get("eval_score_before") is not None:
         print(
             f"rule score on the held-out prompts: "
             f"{m['eval_score_before']:.3f} (before) -> {m['eval_score_after']:.3f} (after)"

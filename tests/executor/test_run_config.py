@@ -38,3 +38,18 @@ def test_unknown_saved_settings_are_refused() -> None:
     with pytest.raises(RunConfigError, match="unknown run settings: warmup"):
         RunConfig.from_dict({"warmup": 3})
     assert RunConfig.from_dict(RunConfig(critic_warmup=0).to_dict()).critic_warmup == 0
+
+
+def test_data_settings_round_trip_and_are_checked() -> None:
+    from hybridflow.executor.run.config import DataConfig
+
+    cfg = RunConfig(data=DataConfig(data="/d/train.jsonl", reward_fn="math", overlong="truncate"))
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.data.user_job
+    assert not RunConfig().data.user_job
+    with pytest.raises(RunConfigError, match="overlong must be one of refuse, truncate"):
+        DataConfig(data="x.jsonl", overlong="cut")
+    with pytest.raises(RunConfigError, match="need --data"):
+        DataConfig(reward_fn="math")
+    with pytest.raises(RunConfigError, match="unknown run settings: prompt"):
+        RunConfig.from_dict({"data": {"prompt": "q"}})
