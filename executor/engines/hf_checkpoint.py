@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hybridflow.executor.engines.moe_weights import unbuildable_reason
 from hybridflow.executor.engines.weights import (
     OUTPUT,
     StateDict,
@@ -29,8 +30,13 @@ INDEX = "model.safetensors.index.json"
 
 
 def hf_family(spec: ModelSpec) -> str:
-    """The Hugging Face family written for `spec`: Qwen3 (q/k norms), Qwen2 (qkv bias) or
-    Llama."""
+    """The Hugging Face family written for `spec`: Qwen3Moe (experts), Qwen3 (q/k norms),
+    Qwen2 (qkv bias) or Llama."""
+    if spec.is_moe:
+        reason = unbuildable_reason(spec)
+        if reason:
+            raise LayoutError(reason)
+        return "Qwen3Moe"
     if spec.qk_norm and spec.qkv_bias:
         raise LayoutError(
             f"model {spec.name!r}: q/k norms with a qkv bias have no Hugging Face family here"
@@ -39,9 +45,9 @@ def hf_family(spec: ModelSpec) -> str:
 
 
 def hf_config_dict(spec: ModelSpec, dtype: str = "float32", value_head: bool = False) -> dict:
-    """The config (via transformers: LlamaConfig, Qwen2Config or Qwen3Config, by
-    :func:`hf_family`) for `spec`, as the dict config.json holds; `value_head` makes it
-    a one-label sequence classifier."""
+    """The config (via transformers: LlamaConfig, Qwen2Config, Qwen3Config or
+    Qwen3MoeConfig, by :func:`hf_family`) for `spec`, as the dict config.json holds;
+    `value_head` makes it a one-label sequence classifier."""
     import transformers
 
     family = hf_family(spec)
@@ -67,7 +73,19 @@ def hf_config_dict(spec: ModelSpec, dtype: str = "float32", value_head: bool = F
         kwargs.update(attention_bias=False, mlp_bias=False)
     elif family == "Qwen3":
         kwargs.update(attention_bias=False)
+    elif family == "Qwen3Moe":  # as built: experts in every layer, top-k renormalised
+        kwargs.update(
+            attention_bias=False,
+            num_experts=spec.experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.expert_ffn,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if value_head:
+        if family == "Qwen3Moe":
+            raise LayoutError(f"model {spec.name!r}: no Qwen3-MoE sequence classifier is built")
         kwargs.update(num_labels=1)
     cfg = getattr(transformers, f"{family}Config")(**kwargs)
     d = cfg.to_dict()

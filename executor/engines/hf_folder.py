@@ -4,7 +4,7 @@ starts (:func:`check_folder`), then read by every rank for its own parameters on
 only its rows or columns, through safetensors slices; one file or a sharded index alike).
 
 The executor builds Llama, Mistral, Qwen2 and Qwen3 decoders (causal LMs, and their
-sequence classifiers as value heads); :data:`BUILDABLE` names them.
+sequence classifiers as value heads) and Qwen3-MoE causal LMs; :data:`BUILDABLE` names them.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ from typing import Any
 import torch
 
 from hybridflow.errors import UserError
+from hybridflow.executor.engines import moe_weights as MW
 from hybridflow.executor.engines import weights as W
 from hybridflow.executor.engines.hf_checkpoint import INDEX, LLAMA3_FIXED, SINGLE, hf_shapes
 from hybridflow.simulator.architecture import ModelSpec
 from hybridflow.simulator.hf_config import llama3_rope
 
 FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
-BUILDABLE = tuple(f"{f}For{k}" for k in ("CausalLM", "SequenceClassification") for f in FAMILIES)
+MOE_BUILDABLE = ("Qwen3MoeForCausalLM",)
+_HEADS = ("CausalLM", "SequenceClassification")
+BUILDABLE = (*(f"{f}For{k}" for k in _HEADS for f in FAMILIES), *MOE_BUILDABLE)
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old exports saved with the weights
 
 
@@ -60,6 +63,7 @@ def check_folder(path: str | Path, value_head: bool, critic: bool = False) -> Fo
     arch = _architecture(cfg, folder)
     _check_features(cfg, arch, folder)
     spec = _spec(cfg, folder)
+    _check_moe(cfg, spec, arch, folder)
     classifier = arch.endswith("ForSequenceClassification")
     _check_role(arch, classifier, value_head, critic, folder)
     files = tensor_files(folder)
@@ -88,7 +92,7 @@ def _architecture(cfg: dict[str, Any], folder: Path) -> str:
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch in BUILDABLE:
         return arch
-    moe = "; mixture-of-experts models (Qwen3-MoE, Mixtral, ...) are out of scope"
+    moe = f"; of mixture-of-experts models it builds {', '.join(MOE_BUILDABLE)} only"
     raise CheckpointError(
         f"model folder {str(folder)!r}: architecture {arch or 'unnamed'!r} cannot be built by "
         f"the executor (it builds {', '.join(BUILDABLE)}){moe if _is_moe(cfg, arch) else ''}"
@@ -103,12 +107,12 @@ def _is_moe(cfg: dict[str, Any], arch: str | None) -> bool:
 def _check_features(cfg: dict[str, Any], arch: str, folder: Path) -> None:
     """Config features the builder has no form of, each named."""
     where = f"model folder {str(folder)!r} ({arch})"
-    family = next(f for f in FAMILIES if arch.startswith(f + "For"))
+    family = next((f for f in FAMILIES if arch.startswith(f + "For")), arch.split("For")[0])
     _check_rope(cfg, where)
     window = _sliding_window(cfg, family)
     if window:
         raise CheckpointError(f"{where}: sliding-window attention ({window}) cannot be built")
-    if _is_moe(cfg, arch):
+    if _is_moe(cfg, arch) and arch not in MOE_BUILDABLE:
         raise CheckpointError(f"{where}: mixture-of-experts layers cannot be built")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: activation {cfg['hidden_act']!r} (SwiGLU/silu only)")
@@ -127,6 +131,20 @@ def _check_features(cfg: dict[str, Any], arch: str, folder: Path) -> None:
         raise CheckpointError(
             f"{where}: head_dim {head_dim} is not hidden_size / num_attention_heads "
             f"({hidden} / {heads}), which vLLM's Qwen2 assumes"
+        )
+
+
+def _check_moe(cfg: dict[str, Any], spec: ModelSpec, arch: str, folder: Path) -> None:
+    """Qwen3-MoE as built: every layer's experts (no mlp_only_layers), top-k renormalised."""
+    if arch not in MOE_BUILDABLE:
+        return
+    reason = MW.unbuildable_reason(spec)
+    if reason:
+        raise CheckpointError(f"model folder {str(folder)!r} ({arch}): {reason}")
+    if not cfg.get("norm_topk_prob"):
+        raise CheckpointError(
+            f"model folder {str(folder)!r} ({arch}): norm_topk_prob false (top-k routing "
+            "weights not renormalised) cannot be built; the executor builds norm_topk_prob true"
         )
 
 
@@ -334,9 +352,8 @@ def _read_layer(r: _Reader, name: str, spec: ModelSpec, tp: int, rank: int) -> t
         kind = local.rsplit(".", 1)[1]
         q, k, v = (r.rows(pre + f"self_attn.{p}_proj.{kind}", tp, rank) for p in "qkv")
         return W.hf_to_qkv(q, k, v, spec)  # whole KV groups: q, k, v rows are blocks
-    if local == "mlp.linear_fc1.weight":
-        parts = (r.rows(pre + f"mlp.{p}_proj.weight", tp, rank) for p in ("gate", "up"))
-        return torch.cat(list(parts))
+    if W.split_kind(name) == "fc1":  # the dense MLP's or an expert's: gate rows, up rows
+        return torch.cat([r.rows(pre + p, tp, rank) for p in W.fc1_parts(local)])
     hf = W.hf_layer_name(local)
     return r.cols(pre + hf, tp, rank) if W.split_kind(name) == "row" else r.full(pre + hf)
 

@@ -1,4 +1,6 @@
-"""megatron-core GPTModel built as a Llama-style decoder from a simulator ModelSpec.
+"""megatron-core GPTModel built as a Llama-style decoder from a simulator ModelSpec, dense or
+Qwen3-MoE (``moe_weights.megatron_config``: top-k routed SwiGLU experts in every layer, megatron's
+``SequentialMLP``, expert parallel 1, experts split over TP like a dense MLP).
 
 RMSNorm, SwiGLU (gate and up fused in ``linear_fc1``, gate first), rotary positions
 (neox style), GQA through ``num_query_groups``, no biases but Qwen2's qkv bias
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from hybridflow.errors import UserError
 from hybridflow.executor.engines import cuda_bridge
+from hybridflow.executor.engines import moe_weights as MW
 from hybridflow.executor.engines.groups import RoleGroups
 from hybridflow.executor.engines.weights import EMBED, OUTPUT
 from hybridflow.layout import ParallelLayout
@@ -100,16 +103,15 @@ class ModelOptions:
 
 
 class UnbuildableModel(UserError):
-    """A ModelSpec this builder cannot make (mixture of experts, latent attention)."""
+    """A ModelSpec this builder cannot make (MoE other than Qwen3-MoE's, latent attention)."""
 
 
 def check_buildable(spec: ModelSpec) -> None:
-    """Raise UnbuildableModel unless `spec` is a dense decoder with standard attention."""
-    if spec.is_moe:
-        raise UnbuildableModel(
-            f"model {spec.name!r}: mixture-of-experts models cannot be built by the executor "
-            "(dense Llama, Mistral, Qwen2 and Qwen3 only)"
-        )
+    """Raise UnbuildableModel unless `spec` is a dense decoder with standard attention or a
+    Qwen3-MoE one."""
+    reason = MW.unbuildable_reason(spec)
+    if reason:
+        raise UnbuildableModel(reason)
     if spec.is_mla:
         raise UnbuildableModel(
             f"model {spec.name!r}: multi-head latent attention cannot be built by the executor"
@@ -158,6 +160,7 @@ def transformer_config(
         batch_p2p_sync=False,
         sequence_parallel=False,
         **RECOMPUTE[options.recompute],
+        **MW.megatron_config(spec),
     )
 
 
@@ -173,7 +176,10 @@ def _build_chunk(
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(
-            normalization="RMSNorm", qk_layernorm=spec.qk_norm
+            num_experts=spec.experts or None,
+            moe_grouped_gemm=False,
+            normalization="RMSNorm",
+            qk_layernorm=spec.qk_norm,
         ),
         vocab_size=spec.vocab,
         max_sequence_length=spec.max_position,
@@ -198,6 +204,8 @@ def build_local_model(
     """This rank's model chunks (one, or vpp chunks when interleaved), initialised by
     :func:`init_weights`. Call under ``groups.active()``; reseeds the role's RNG tracker."""
     config = transformer_config(spec, groups.layout, options)
+    if spec.is_moe:
+        MW.prepare_megatron()
     torch.manual_seed(seed)
     cuda_bridge.seed_tracker(groups.rng_tracker, seed, groups.tp_rank)
     vpp = groups.layout.vpp
@@ -206,6 +214,8 @@ def build_local_model(
         for vp_stage in ([None] if vpp is None else range(vpp))
     ]
     chunks = [c.to(cuda_bridge.device()) for c in chunks]
+    if spec.is_moe:
+        MW.train_without_sequence_parallel(chunks, groups.layout.tp)
     init_weights(
         chunks,
         seed,

@@ -18,6 +18,7 @@ import os
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Any
 
 import torch
@@ -155,7 +156,7 @@ def _init_vllm_groups(ps: Any, tp_groups: Sequence[Sequence[int]]) -> None:
     ps._TP = ps.init_model_parallel_group(
         groups, rank, backend, use_message_queue_broadcaster=True, group_name="tp"
     )
-    ps._ETP = ps._TP
+    ps._ETP = ps._EP = ps._TP  # MoE: experts split over TP (vLLM's EP group is DP x TP)
     ps._DCP = ps.init_model_parallel_group(
         singles, rank, backend, use_message_queue_broadcaster=True, group_name="dcp"
     )
@@ -170,23 +171,71 @@ def _vocab_shard_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> Non
     param.data[n:].fill_(0)
 
 
+def _load_expert_shard(
+    layer: Any,
+    param: torch.Tensor,
+    loaded_weight: torch.Tensor,
+    weight_name: str,
+    shard_id: str,
+    expert_id: int,
+    return_success: bool = False,
+) -> Any:
+    """vLLM's fused-MoE expert loader (``RoutedExperts.weight_loader``, same signature) for a
+    rank-local expert tensor: run as at TP 1, where it copies the tensor whole instead of
+    narrowing it to this rank's 1/TP."""
+    par = layer.moe_config.moe_parallel_config
+    saved = par.tp_size, par.tp_rank
+    par.tp_size, par.tp_rank = 1, 0
+    try:
+        loader = type(layer).weight_loader
+        return loader(layer, param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+    finally:
+        par.tp_size, par.tp_rank = saved
+
+
+def _expert_shard_loader(loader: Any) -> Any:
+    """:func:`_load_expert_shard` bound as `loader` (a bound ``RoutedExperts.weight_loader``)
+    is: to the layer, or to the placeholder vLLM's reload metadata binds it to."""
+    if not isinstance(loader, MethodType) or loader.__func__ is _load_expert_shard:
+        return loader
+    return MethodType(_load_expert_shard, loader.__self__)
+
+
+def _process_and_prepack(method: Any, layer: torch.nn.Module) -> None:
+    """vLLM's unquantized fused-MoE post-load step, but on a weight update also the experts'
+    own step: vLLM runs that (on CPU: pad the intermediate size, prepack into the grouped-GEMM
+    layout) on the first load only (``unquantized_fused_moe_method.py:191-204``), so a
+    reload would leave raw, unpadded weights where the CPU kernel reads packed ones."""
+    update = method.moe_kernel is not None
+    type(method).process_weights_after_loading(method, layer)
+    if update:
+        method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+
 def _mark_sharded_loading(model: torch.nn.Module) -> None:
     """Make vLLM's loaders take rank-local tensors as they are: v1 linear loaders honour
     ``is_sharded_weight``, v2 parameters slice at their ``tp_rank`` (set to 0: the local
-    tensor is the whole slice); vocab layers get a loader that copies the local rows. Set on
-    the metadata the in-place reload restores parameters from, so every reload uses it.
-    The engine's weights then only ever come from load_sharded()."""
+    tensor is the whole slice); vocab layers get a loader that copies the local rows; fused
+    MoE experts a loader run as for TP 1 (:func:`_expert_shard_loader`). Set on the metadata
+    the in-place reload restores parameters from, so every reload uses it. The engine's
+    weights then only ever come from load_sharded()."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.parameter import BasevLLMParameter
 
     for module in model.modules():
-        if not isinstance(module, (LinearBase, VocabParallelEmbedding)):
+        if not isinstance(module, (LinearBase, VocabParallelEmbedding, RoutedExperts)):
             continue
         restore = get_layerwise_info(module).restore_metadata[0]
         for p in [*restore.values(), *module.parameters(recurse=False)]:
-            if isinstance(module, VocabParallelEmbedding):
+            if isinstance(module, RoutedExperts):
+                p.weight_loader = _expert_shard_loader(p.weight_loader)
+                if not torch.cuda.is_available():
+                    method = module.quant_method
+                    method.process_weights_after_loading = MethodType(_process_and_prepack, method)
+            elif isinstance(module, VocabParallelEmbedding):
                 p.weight_loader = _vocab_shard_loader
             elif isinstance(p, BasevLLMParameter):
                 p.tp_rank = 0  # v2 loaders narrow at tp_rank * local size: the identity
@@ -352,7 +401,7 @@ class VllmEngine:
         finally:
             core.cleanup_dist_env_and_memory = teardown
         # ps.destroy_model_parallel() would destroy one-rank groups as the default group
-        for name in ("_TP", "_ETP", "_DCP", "_PCP", "_PP", "_DP"):
+        for name in ("_TP", "_ETP", "_EP", "_DCP", "_PCP", "_PP", "_DP"):
             setattr(ps, name, None)
         dist.barrier()
         self.close()

@@ -1,5 +1,5 @@
 """Weight names and layouts: megatron-core GPTModel shards <-> Hugging Face Llama / Mistral /
-Qwen2 / Qwen3 <-> vLLM.
+Qwen2 / Qwen3 / Qwen3-MoE <-> vLLM (the MoE layers' names: executor.engines.moe_weights).
 
 A *megatron shard* here is a dict of megatron-core parameter names (local spec: separate
 ``input_layernorm`` / ``pre_mlp_layernorm``) with **global** layer indices, holding the
@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from hybridflow.executor.engines import moe_weights as MW
 from hybridflow.layout import LayoutError
 from hybridflow.simulator.architecture import ModelSpec
 
@@ -62,24 +63,36 @@ def split_kind(name: str) -> str:
     """How tensor parallelism splits the parameter `name` (a megatron name)."""
     if name in _TOP_PARAMS:
         return _TOP_PARAMS[name][1]
-    return _LAYER_PARAMS[layer_of(name)[1]][1]
+    local = layer_of(name)[1]
+    return _LAYER_PARAMS[local][1] if local in _LAYER_PARAMS else str(MW.split_kind(local))
 
 
 def layer_of(name: str) -> tuple[int, str]:
     """(global layer index, layer-local name) of a megatron layer parameter."""
     m = _LAYER_RE.match(name)
-    if not m or m.group(2) not in _LAYER_PARAMS:
+    if not m or (m.group(2) not in _LAYER_PARAMS and MW.split_kind(m.group(2)) is None):
         raise LayoutError(f"unknown megatron parameter {name!r}")
     return int(m.group(1)), m.group(2)
 
 
 def hf_layer_name(local: str) -> str:
     """The Hugging Face layer-local name of a megatron one that maps one to one (not the
-    fused qkv and fc1)."""
-    hf = _LAYER_PARAMS[local][0]
+    fused qkv and fc1s)."""
+    hf = _LAYER_PARAMS[local][0] if local in _LAYER_PARAMS else MW.hf_name(local)
     if hf is None:
         raise LayoutError(f"{local!r} is fused from several Hugging Face tensors")
     return hf
+
+
+def fc1_parts(local: str) -> tuple[str, str]:
+    """Hugging Face layer-local (gate, up) names of a fused ``linear_fc1`` (the dense MLP's
+    or an expert's)."""
+    if local == "mlp.linear_fc1.weight":
+        return "mlp.gate_proj.weight", "mlp.up_proj.weight"
+    parts = MW.fc1_parts(local)
+    if parts is None:
+        raise LayoutError(f"{local!r} is not a fused linear_fc1")
+    return parts
 
 
 def check_tp(spec: ModelSpec, tp: int) -> None:
@@ -89,6 +102,7 @@ def check_tp(spec: ModelSpec, tp: int) -> None:
     for what, n in (
         ("KV heads", spec.kv_heads),
         ("FFN size", spec.ffn),
+        ("expert FFN size", spec.expert_ffn),
         ("vocab", spec.vocab),
         ("heads", spec.heads),
     ):
@@ -241,9 +255,8 @@ def _layer_to_hf(pre: str, local: str, t: Tensor, spec: ModelSpec) -> StateDict:
         q, k, v = _qkv_to_hf(t, spec)
         kind = _QKV[local]
         return {pre + f"self_attn.{p}_proj.{kind}": x for p, x in zip("qkv", (q, k, v))}
-    if local == "mlp.linear_fc1.weight":
-        gate, up = t.chunk(2, dim=0)
-        return {pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up}
+    if local == "mlp.linear_fc1.weight" or MW.fc1_parts(local):
+        return dict(zip((pre + p for p in fc1_parts(local)), t.chunk(2, dim=0)))
     return {pre + hf_layer_name(local): t}
 
 
@@ -273,9 +286,11 @@ def _layer_from_hf(hf: StateDict, pre: str, mp: str, spec: ModelSpec) -> StateDi
         q, k, v = (pre + f"self_attn.{p}_proj.{kind}" for p in "qkv")
         if q in hf:
             out[mp + local] = hf_to_qkv(hf[q], hf[k], hf[v], spec)
-    out[mp + "mlp.linear_fc1.weight"] = torch.cat(
-        [hf[pre + "mlp.gate_proj.weight"], hf[pre + "mlp.up_proj.weight"]]
-    )
+    if pre + "mlp.gate_proj.weight" in hf:
+        gate, up = (hf[pre + p] for p in fc1_parts("mlp.linear_fc1.weight"))
+        out[mp + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
+    if pre + MW.HF_ROUTER in hf:
+        out.update(MW.layer_from_hf(hf, pre, mp, spec))
     for local, (hf_local, _) in _LAYER_PARAMS.items():
         if hf_local is not None and pre + hf_local in hf:
             out[mp + local] = hf[pre + hf_local]
@@ -284,7 +299,7 @@ def _layer_from_hf(hf: StateDict, pre: str, mp: str, spec: ModelSpec) -> StateDi
 
 def hf_to_megatron(hf: StateDict, spec: ModelSpec) -> StateDict:
     """Megatron names (TP=1, global layer indices) for a Hugging Face Llama / Mistral /
-    Qwen2 / Qwen3 state dict. A tied model gets no output layer (an ``lm_head.weight``
+    Qwen2 / Qwen3 / Qwen3-MoE state dict. A tied model gets no output layer (an ``lm_head.weight``
     in `hf` must then equal the embedding)."""
     out: StateDict = {}
     for meg, (name, _) in _TOP_PARAMS.items():
@@ -360,10 +375,10 @@ def megatron_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
                 p + "self_attention.linear_qkv.weight": (q + 2 * kv, h),
                 p + "self_attention.linear_proj.weight": (h, q),
                 p + "pre_mlp_layernorm.weight": (h,),
-                p + "mlp.linear_fc1.weight": (2 * f, h),
-                p + "mlp.linear_fc2.weight": (h, f),
             }
         )
+        dense = {"mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f)}
+        out.update({p + n: s for n, s in (MW.layer_shapes(spec) if spec.is_moe else dense).items()})
         if spec.qkv_bias:
             out[p + "self_attention.linear_qkv.bias"] = (q + 2 * kv,)
         if spec.qk_norm:

@@ -1,6 +1,6 @@
 """Small random Hugging Face models of each family the executor builds, made by transformers
 itself (Llama, Qwen2 with QKV bias and tied embeddings, Qwen3 with q/k norms, their
-one-label sequence classifiers, a Mistral), and their outputs as references."""
+one-label sequence classifiers, a Mistral, a Qwen3-MoE), and their outputs as references."""
 
 from __future__ import annotations
 
@@ -46,6 +46,18 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("Mistral", "ForCausalLM", dict(hidden_size=64, sliding_window=None)),
     "qwen2-cls": ("Qwen2", "ForSequenceClassification", dict(hidden_size=128, num_labels=1)),
     "llama-cls": ("Llama", "ForSequenceClassification", dict(hidden_size=64, num_labels=1)),
+    # 4 experts, top 2 renormalised, in every layer (intermediate_size: unused dense width)
+    "qwen3moe": (
+        "Qwen3Moe",
+        "ForCausalLM",
+        dict(
+            hidden_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+        ),
+    ),
 }
 
 

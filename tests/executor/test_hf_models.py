@@ -312,8 +312,8 @@ def test_check_folder_refuses_each_bad_folder(hf, tmp_path: Path) -> None:
     _refused(no_weights, "has no weights", H.SINGLE, H.INDEX, "safetensors only")
     alien = _copy(good, tmp_path / "alien", architectures=["GPT2LMHeadModel"])
     _refused(alien, "'GPT2LMHeadModel'", *F.BUILDABLE)
-    moe = _copy(good, tmp_path / "moe", architectures=["Qwen3MoeForCausalLM"], num_experts=8)
-    _refused(moe, "'Qwen3MoeForCausalLM'", "Qwen3-MoE", "out of scope")
+    moe = _copy(good, tmp_path / "moe", architectures=["MixtralForCausalLM"], num_local_experts=8)
+    _refused(moe, "'MixtralForCausalLM'", "Qwen3MoeForCausalLM only")
     _refused(good, "value-head role", "score.weight", value_head=True)
     _refused(hf["llama-cls"][0], "sequence classifier", "causal-LM role")
     scaled = _copy(
