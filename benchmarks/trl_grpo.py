@@ -28,7 +28,10 @@ single TRL process, and a 2-thread torch process slows down far more than a 1-th
 Run (the TRL packages once, then a few minutes on a 2-core machine):
     .venv/bin/pip install -r benchmarks/requirements-trl.txt
     .venv/bin/python benchmarks/trl_grpo.py [--iterations 8] [--devices 4 1] \
-        [--trl-threads 1 2] [--prompts 16] [--out reports/trl_grpo.md]
+        [--trl-threads 1 2] [--prompts 16] [--old-logprobs engine recompute] \
+        [--out reports/trl_grpo.md]
+Each hybridflow row's summary.json breakdown (where its iteration goes) is printed below the
+table.
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ sys.path.insert(0, str(ROOT))
 
 from hybridflow.executor.run.config import RunConfig  # noqa: E402
 from hybridflow.plan import Plan  # noqa: E402
+from hybridflow.simulator.model import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from trl_models import REWARD_FN, SIZES, actor_folder, data_file  # noqa: E402
+from trl_report import render  # noqa: E402
 from trl_side import RuleReward, run_trl, trl_tokenizer  # noqa: E402, F401
 from trl_workload import (  # noqa: E402, F401
     TRL_MISSING,
@@ -85,8 +91,10 @@ def describe(plan: Plan) -> str:
     return "; ".join(parts)
 
 
-def run_hybridflow(plan: Plan, w: Workload, devices: int, runs: Path) -> dict:
-    """`hybridflow run` on the plan; one table row."""
+def run_hybridflow(
+    plan: Plan, w: Workload, devices: int, runs: Path, extra: tuple[str, ...] = ()
+) -> dict:
+    """`hybridflow run` on the plan (with the `extra` flags); one table row."""
     out = runs / f"hybridflow-{devices}dev"
     plan_path = runs / f"plan-{devices}dev.json"
     plan_path.write_text(json.dumps(plan.to_dict(), indent=1))
@@ -104,13 +112,15 @@ def run_hybridflow(plan: Plan, w: Workload, devices: int, runs: Path) -> dict:
         str(devices),
         "--seed",
         str(w.seed),
+        *extra,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"hybridflow run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())["measured"]
+    whole = json.loads((out / "summary.json").read_text())
+    summary = whole["measured"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens = planned_tokens(plan)
     if abs(summary["tokens_per_s"] * summary["iteration_s"] - tokens) > 1e-6 * tokens:
@@ -118,18 +128,27 @@ def run_hybridflow(plan: Plan, w: Workload, devices: int, runs: Path) -> dict:
     measured = metrics[-summary.get("timed_iterations", len(metrics) - 1) :]  # as timed
     return {
         "system": "hybridflow run",
-        "setup": f"{devices} device(s): {describe(plan)}",
+        "setup": f"{devices} device(s): {describe(plan)}{_mode(extra)}",
+        "breakdown": summary.get("breakdown", {}),
         "iterations": len(metrics),
         "seconds": summary["iteration_s"],
         "tokens_per_s": summary["tokens_per_s"],
         "response_tokens": statistics.mean(m["response_tokens"] for m in measured),
         "score": statistics.mean(m["score"] for m in measured),
         "wall": wall,
+        "startup": whole.get("startup", {}).get("total_s", float("nan")),
         "per_iteration_s": [round(sum(m["stages"].values()), 3) for m in metrics],
         "stages": " / ".join(
             f"{summary['stages'][k]:.3f}" for k in ("generate", "reshard", "prepare", "train")
         ),
     }
+
+
+def _mode(extra: tuple[str, ...]) -> str:
+    """The row's --old-logprobs mode, as the set-up column says it."""
+    if "--old-logprobs" in extra:
+        return f"; old log-probs: {extra[extra.index('--old-logprobs') + 1]}"
+    return ""
 
 
 def prompt_texts(plan: Plan, w: Workload, art) -> list[str]:
@@ -153,67 +172,6 @@ def check_prompts(art, texts: list[str], plan: Plan) -> None:
         raise ValueError("a prompt is longer than --prompt-len")
 
 
-def render(rows: list[dict], w: Workload, tokens: int, load: str) -> str:
-    from hybridflow.report.markdown import table
-
-    trl = [r for r in rows if r["system"].startswith("TRL")]
-    header = [
-        "system",
-        "plan / set-up",
-        "iterations",
-        "s / iteration",
-        "each iteration s",
-        "generate / reshard / prepare / train s",
-        "tokens/s",
-        "response tokens / iteration",
-        "rule score",
-        "wall s (with start-up)",
-        "load start / end",
-    ]
-    header += [f"ratio to TRL ({r['setup'].split(', ')[1]})" for r in trl]
-    body = [
-        [
-            r["system"],
-            r["setup"],
-            r["iterations"],
-            r["seconds"],
-            " ".join(f"{x:.2f}" for x in r["per_iteration_s"]),
-            r["stages"],
-            round(r["tokens_per_s"], 1),
-            round(r["response_tokens"], 1),
-            r["score"],
-            round(r["wall"], 1),
-            r["load"],
-        ]
-        + [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t in trl]
-        for r in rows
-    ]
-    return "\n".join(
-        [
-            "# GRPO throughput: `hybridflow run` against TRL's GRPOTrainer",
-            "",
-            f"Workload: tiny actor, GRPO with the rule reward; {w.prompts} prompts x {w.samples} "
-            f"responses per iteration, prompt_len {w.prompt_len}, response_len {w.response_len} "
-            f"(responses stop at EOS), {w.mini_batches} optimizer steps per iteration, "
-            f"{w.iterations} iterations (the first, a warm-up, is left out of s / iteration); "
-            f"{tokens} tokens per iteration as the controller counts them (prompts x responses x "
-            f"(prompt_len + response_len)), tokens/s = that over s / iteration for every row.",
-            f"Machine: {os.cpu_count()} CPU cores, no GPU, shared; load average (1, 5, 15 min) "
-            f"{load}.",
-            "",
-            table(header, body),
-            "",
-            "Each iteration's seconds are listed to show the noise of the shared machine "
-            "(the first, a warm-up, is not in s / iteration). "
-            "Stage seconds are hybridflow's means from summary.json (their sum is s / iteration); "
-            "TRL's step is not split. Response tokens are the real ones (up to and including EOS), "
-            "mean per iteration; the rule score is the batch mean over the measured iterations. "
-            "Written by benchmarks/trl_grpo.py.",
-            "",
-        ]
-    )
-
-
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -230,17 +188,17 @@ def _with_load(fn, *args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = Workload()
-    for f in (
-        "prompts",
-        "samples",
-        "prompt_len",
-        "response_len",
-        "mini_batches",
-        "iterations",
-        "seed",
-        "trl_beta",
-    ):
+    for f in ("prompts", "samples", "prompt_len", "mini_batches", "iterations", "seed", "trl_beta"):
         ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
+    ap.add_argument("--sizes", nargs="+", choices=["tiny", *SIZES], default=["tiny", *SIZES])
+    ap.add_argument("--response-lens", type=int, nargs="+", default=[8, 128])
+    ap.add_argument(
+        "--big-prompts",
+        type=int,
+        default=4,
+        help="prompts per iteration of the 25m and 100m actors (default 4)",
+    )
+    ap.add_argument("--big-iterations", type=int, default=3, help="their iterations (default 3)")
     ap.add_argument(
         "--devices",
         type=int,
@@ -255,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[1],
         help="torch threads of each TRL run (default 1, as each hybridflow rank)",
     )
+    ap.add_argument(
+        "--old-logprobs",
+        nargs="+",
+        choices=["engine", "recompute"],
+        default=["engine"],
+        help="hybridflow's behaviour log-probs, a row each (default engine, as TRL with "
+        "num_iterations=1 reuses its sampling policy's; recompute is the run default)",
+    )
     ap.add_argument("--runs", help="folder for hybridflow's run dirs (default: a temporary one)")
     ap.add_argument("--out", help="write the table (Markdown) here, e.g. reports/trl_grpo.md")
     args = ap.parse_args(argv)
@@ -262,33 +228,90 @@ def main(argv: list[str] | None = None) -> int:
         print(TRL_MISSING, file=sys.stderr)
         return 2
     try:
-        w = Workload(**{f: getattr(args, f) for f in Workload.__dataclass_fields__})
-        return _run(w, args)
+        return _run(args)
     except ValueError as e:
         print(f"trl_grpo: error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(w: Workload, args: argparse.Namespace) -> int:
+def _workload(args: argparse.Namespace, size: str, response_len: int, model: str) -> Workload:
+    big = size != "tiny"
+    return Workload(
+        prompts=args.big_prompts if big else args.prompts,
+        samples=args.samples,
+        prompt_len=args.prompt_len,
+        response_len=response_len,
+        mini_batches=args.mini_batches,
+        iterations=args.big_iterations if big else args.iterations,
+        seed=args.seed,
+        trl_beta=args.trl_beta,
+        model=model,
+    )
+
+
+def sized_tokenizer(art, w: Workload, data: Path, plan: Plan, texts: list[str]):
+    """The TRL tokenizer that gives the ids hybridflow's data path gives each prompt (the
+    folder's own, or the task's with BOS)."""
+    from transformers import AutoTokenizer
+
+    from hybridflow.executor.run.config import DataConfig
+    from hybridflow.executor.run.inputs import user_inputs
+
+    cfg = DataConfig(data=str(data), answer_key="prompt", reward_fn=REWARD_FN, reward_processes=1)
+    inputs = user_inputs(plan, cfg)
+    inputs.close()
+    rows = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+    want = dict(zip(rows, inputs.train))
+    for tok in (AutoTokenizer.from_pretrained(w.model), trl_tokenizer(art)):
+        if all(tok(t)["input_ids"] == list(want[t]) for t in set(texts)):
+            return tok
+    raise RuntimeError("no TRL tokenizer gives the prompt ids hybridflow's data path gives")
+
+
+def _sized(args, art, runs: Path, size: str, length: int):
+    """One workload's rows: hybridflow on each device count, then TRL."""
+    model = "tiny"
+    if size != "tiny":
+        model = str(actor_folder(size, art, runs / "models", args.seed, args.prompt_len + length))
+    w = _workload(args, size, length, model)
+    plans = {d: make_plan(w, d) for d in args.devices}
+    first = plans[args.devices[0]]
+    tokens, texts = planned_tokens(first), prompt_texts(first, w, art)
+    tok, extra = None, ()
+    if size == "tiny":
+        check_prompts(art, texts, first)
+    else:
+        data = data_file(art, runs)
+        tok = sized_tokenizer(art, w, data, first, texts)
+        extra = ("--data", str(data), "--answer-key", "prompt", "--reward-fn", REWARD_FN)
+    rows = []
+    for d in args.devices:
+        for mode in args.old_logprobs:
+            where = runs / f"{size}-{length}" / mode
+            where.mkdir(parents=True, exist_ok=True)
+            flags = (*extra, "--old-logprobs", mode)
+            rows.append(_with_load(run_hybridflow, plans[d], w, d, where, flags))
+    for threads in args.trl_threads:
+        rows.append(_with_load(run_trl, w, art, texts, tokens, threads, tok))
+    params = load_model(model).params
+    return (f"{size} actor, {length}-token responses", w, rows, tokens, params)
+
+
+def _run(args: argparse.Namespace) -> int:
     from hybridflow.executor.task.artifacts import ensure_artifacts
     from hybridflow.report.markdown import emit
 
     load = _load()
-    art = ensure_artifacts("tiny", seed=w.seed)
-    plans = {d: make_plan(w, d) for d in args.devices}
-    first = plans[args.devices[0]]
-    tokens, texts = planned_tokens(first), prompt_texts(first, w, art)
-    check_prompts(art, texts, first)
-    rows = []
+    art = ensure_artifacts("tiny", seed=args.seed)
+    sections = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(args.runs or tmp)
         runs.mkdir(parents=True, exist_ok=True)
-        for d in args.devices:
-            rows.append(_with_load(run_hybridflow, plans[d], w, d, runs))
-    for threads in args.trl_threads:
-        rows.append(_with_load(run_trl, w, art, texts, tokens, threads))
-    load = f"{load} before the runs, {_load()} after"
-    emit(render(rows, w, tokens, load), args.out)
+        for size in args.sizes:
+            for length in args.response_lens:
+                sections.append(_sized(args, art, runs, size, length))
+                emit(render(sections, f"{load} before the runs"), args.out)  # as they come
+    emit(render(sections, f"{load} before the runs, {_load()} after"), args.out)
     return 0
 
 

@@ -25,6 +25,7 @@ class Workload:
     iterations: int = 8
     seed: int = 0
     trl_beta: float = 1e-3
+    model: str = "tiny"  # the actor: "tiny" (the built-in task's) or a Hugging Face folder
 
     def __post_init__(self) -> None:
         if (
@@ -44,7 +45,7 @@ class Workload:
 
         return Job.create(
             algorithm="grpo",
-            model="tiny",
+            model=self.model,
             prompt_len=self.prompt_len,
             response_len=self.response_len,
             global_batch=self.prompts,

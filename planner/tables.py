@@ -114,13 +114,18 @@ class Tables:
         host offload where the profile has a host link, and on layouts without tensor or
         pipeline parallelism FSDP too. The distributed optimizer stays on (it needs less
         memory and moves less than an all-reduce); micro-batches stay one sequence
-        (packing saves no time in this model, only bubbles and memory)."""
+        (packing saves no time in this model, only bubbles and memory), but on the
+        executor's measured cluster they are the micro-batch its per-call tables were
+        measured at, so that the plan runs what was measured."""
         if role not in TRAINED_ROLES:
             return [DEFAULT]
         offload = (False, True) if self.profile.host_bandwidth else (False,)
         fsdp = (False, True) if self._fsdp_applies(role, lay) else (False,)
+        tokens = self.job.seq_len * max(1, self.profile.calls.micro_batch) if self.local else None
         return [
-            MemorySettings(recompute=r, offload=o, fsdp=f).resolved(self.job.seq_len)
+            MemorySettings(recompute=r, offload=o, fsdp=f, micro_batch_tokens=tokens).resolved(
+                self.job.seq_len
+            )
             for f in fsdp
             for o in offload
             for r in RECOMPUTE

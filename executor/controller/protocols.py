@@ -15,6 +15,7 @@ rank unchanged.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.engines import timers
 from hybridflow.layout import ParallelLayout
 
 
@@ -79,11 +81,18 @@ DISPATCH_ATTR = "_hybridflow_dispatch_mode"
 
 
 def register(dispatch_mode: str = "ONE_TO_ALL") -> Callable:
-    """Declare a worker method's transfer protocol (the mode may be registered later)."""
+    """Declare a worker method's transfer protocol (the mode may be registered later); its
+    calls are timed per role (executor.engines.timers: ``call:<role>.<method>``)."""
 
     def wrap(fn: Callable) -> Callable:
-        setattr(fn, DISPATCH_ATTR, dispatch_mode)
-        return fn
+        @functools.wraps(fn)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            role = args[0] if args and isinstance(args[0], str) else ""
+            with timers.timed(f"call:{role}.{fn.__name__}"):
+                return fn(self, *args, **kwargs)
+
+        setattr(call, DISPATCH_ATTR, dispatch_mode)
+        return call
 
     return wrap
 

@@ -40,6 +40,7 @@ import torch
 
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import DP_COMPUTE, MEGATRON_3D, ONE_TO_ALL, register
+from hybridflow.executor.engines import timers
 from hybridflow.executor.engines.groups import RoleGroups, build_role_groups
 from hybridflow.executor.engines.train_engine import EngineConfig, TrainEngine
 from hybridflow.executor.spawn import free_port
@@ -125,6 +126,10 @@ class Worker:
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    def take_timers(self) -> dict[str, float]:
+        """This rank's timed seconds since the last take (not itself registered: untimed)."""
+        return timers.take()
 
     # ---- role methods ----------------------------------------------------------------
     @register(dispatch_mode=ONE_TO_ALL)

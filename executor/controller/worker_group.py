@@ -214,6 +214,15 @@ class WorkerGroup:
         """``call(...).result()``."""
         return self.call(role, method, *args, **kwargs).result()
 
+    def take_timers(self) -> dict[str, float]:
+        """Each timed piece of work's seconds since the last take (executor.engines.timers),
+        the slowest rank's."""
+        out: dict[str, float] = {}
+        for timed in self._raw("take_timers"):
+            for k, v in timed.items():
+                out[k] = max(out.get(k, 0.0), v)
+        return out
+
     def shutdown(self, kill: bool = True) -> None:
         """Close the process groups (if the group is healthy) and end every actor; with
         kill=False the actors stay alive, out of any world, for another WorkerGroup."""

@@ -27,7 +27,7 @@ import torch
 
 from hybridflow.errors import UserError
 from hybridflow.executor.controller.batch import Batch
-from hybridflow.executor.engines import cuda_bridge, weights
+from hybridflow.executor.engines import cuda_bridge, timers, weights
 from hybridflow.executor.engines import megatron_model as mm
 from hybridflow.executor.engines.groups import RoleGroups
 from hybridflow.simulator.architecture import ModelSpec
@@ -50,6 +50,7 @@ class EngineConfigError(UserError):
 @dataclass(frozen=True)
 class EngineConfig:
     micro_batch_size: int = 1
+    forward_micro_batch_size: int = 0  # forward-only passes (no activations kept); 0: as train
     lr: float = 1e-3
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -171,7 +172,12 @@ class TrainEngine:
         return loss, {k: torch.as_tensor(v).detach().float().clone() for k, v in metrics.items()}
 
     def _run(self, batch: Batch, loss_fn: LossFn | None, forward_only: bool) -> list[dict]:
-        micro = batch.chunks_of(min(self.config.micro_batch_size, len(batch)))
+        size = self.config.micro_batch_size
+        if forward_only and self.config.forward_micro_batch_size:
+            # the largest micro-batch up to the setting that splits the batch evenly
+            most = min(self.config.forward_micro_batch_size, len(batch))
+            size = max(d for d in range(1, most + 1) if len(batch) % d == 0)
+        micro = batch.chunks_of(min(size, len(batch)))
         model = self.model if len(self.model) > 1 else self.model[0]
         data = iter(micro) if len(self.model) == 1 else [iter(micro) for _ in self.model]
         return get_forward_backward_func()(
@@ -196,7 +202,8 @@ class TrainEngine:
         with self.groups.active():
             for m in self.model:
                 m.eval()
-            store = self._run(batch, None, forward_only=True)
+            with timers.timed(f"compute:{self.role}.forward"):
+                store = self._run(batch, None, forward_only=True)
         if not store:
             return None
         return torch.cat([d["output"] for d in store]).cpu()
@@ -211,9 +218,12 @@ class TrainEngine:
                 m.train()
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
-            store = self._run(batch, loss_fn, forward_only=False)
-            ok, grad_norm, _ = self.optimizer.step()
-            metrics = self._reduce_metrics(store)
+            with timers.timed(f"compute:{self.role}.forward_backward"):
+                store = self._run(batch, loss_fn, forward_only=False)
+            with timers.timed(f"compute:{self.role}.optimizer"):
+                ok, grad_norm, _ = self.optimizer.step()
+            with timers.timed(f"sync:{self.role}.metrics"):
+                metrics = self._reduce_metrics(store)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_ok"] = float(bool(ok))
         return metrics

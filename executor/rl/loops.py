@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from hybridflow.executor.controller.batch import Batch
+from hybridflow.executor.engines import timers
 from hybridflow.executor.rl import algorithms as alg
 from hybridflow.executor.rl.losses import ActorLoss, CriticLoss
 from hybridflow.executor.rl.runtime import Runtime
@@ -40,17 +41,24 @@ SCORE = "sequence_scores"
 def _scored(rt: Runtime, batch: Batch, wanted: dict[str, tuple[str, str]]) -> Batch:
     """Run the model outputs; rule-based reward/cost (a function, no model) on the controller."""
     rules = {k: v for k, v in wanted.items() if rt.plan.job.is_rule(v[0])}
+    if rt.cfg.old_logprobs == "engine" and "old_log_probs" in wanted:
+        # the engine sampled with these very weights: its log-probs are the behaviour policy's
+        wanted = {k: v for k, v in wanted.items() if k != "old_log_probs"}
+        batch = batch.with_fields({"old_log_probs": batch["rollout_log_probs"]})
     batch = rt.outputs(batch, {k: v for k, v in wanted.items() if k not in rules})
-    extra = {
-        k: rt.rule(batch, "score" if role == "reward" else "cost") for k, (role, _) in rules.items()
-    }
+    with timers.timed("controller:prepare.rules"):
+        extra = {
+            k: rt.rule(batch, "score" if role == "reward" else "cost")
+            for k, (role, _) in rules.items()
+        }
     return batch.with_fields(extra) if extra else batch
 
 
 def _advantages(rt: Runtime, batch: Batch, rl: alg.RLConfig, lagrange: float = 0.0) -> Batch:
     fields = {k: batch[k] for k in batch.keys() if isinstance(batch[k], torch.Tensor)}
     fields["log_probs"] = batch["old_log_probs"]
-    out = alg.compute_advantages(rl, fields, rl.kl_coef, lagrange)
+    with timers.timed("controller:prepare.advantages"):
+        out = alg.compute_advantages(rl, fields, rl.kl_coef, lagrange)
     return batch.with_fields({k: v for k, v in out.items() if k != "kl"})
 
 
@@ -63,8 +71,8 @@ def _metrics(rt: Runtime, batch: Batch, train: dict[str, float], **extra: float)
     # generation weights are the trained ones
     drift = (
         float(alg.masked_mean((batch["rollout_log_probs"] - batch["old_log_probs"]).abs(), mask))
-        if "rollout_log_probs" in batch
-        else float("nan")
+        if "rollout_log_probs" in batch and rt.cfg.old_logprobs == "recompute"
+        else float("nan")  # not measured when the engine's log-probs are taken as they are
     )
     return {
         "reward": float(batch["scores"].float().mean()),

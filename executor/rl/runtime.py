@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from hybridflow.errors import UserError
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.cluster import Cluster
 from hybridflow.executor.controller.worker_group import WorkerGroup, metrics_of
+from hybridflow.executor.engines import timers
 from hybridflow.executor.engines.train_engine import EngineConfig
 from hybridflow.executor.engines.vllm_engine import SamplingConfig
+from hybridflow.executor.rl.breakdown import breakdown
 from hybridflow.executor.rl.worker import RLWorker, RolloutConfig
 from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.run.export import write_actor_hf
@@ -46,6 +49,7 @@ def engine_config(
     lr = cfg.actor_lr if role == Role.ACTOR else cfg.critic_lr
     config = EngineConfig(
         micro_batch_size=cfg.micro_batch_size,
+        forward_micro_batch_size=cfg.micro_batch_size,
         lr=lr,
         value_head=role in VALUE_ROLES,
         trainable=role in TRAINED_ROLES,
@@ -73,14 +77,30 @@ class Runtime:
 
     # ---- set-up ------------------------------------------------------------------------
     def start(self) -> None:
-        """One worker group per set; every role built and loaded (sets one after another)."""
+        """One worker group per set; every role built and loaded, the sets concurrently
+        (their workers start, build megatron-core and vLLM at once)."""
+        pools = []
         for i, s in enumerate(self.plan.sets):
             log.info("set %d: %s on %d devices", i, "+".join(s.models), s.gpus)
-            pool = self.cluster.create_pool(f"set{i}", s.gpus)
-            group = WorkerGroup(self.cluster, pool, RLWorker, name="+".join(s.models))
-            for role in s.models:
-                self.groups[role] = group
-                self._build_role(group, role, s)
+            pools.append(self.cluster.create_pool(f"set{i}", s.gpus))
+        with ThreadPoolExecutor(len(pools)) as ex:
+            futures = [ex.submit(self._start_set, p, s) for p, s in zip(pools, self.plan.sets)]
+        for f, s in zip(futures, self.plan.sets):
+            if f.exception() is None:  # shut down with the others by shutdown()
+                self.groups.update(dict.fromkeys(s.models, f.result()))
+        first = next((f.exception() for f in futures if f.exception() is not None), None)
+        if first is not None:
+            raise first
+
+    def _start_set(self, pool: Any, placed: PlacedSet) -> WorkerGroup:
+        group = WorkerGroup(self.cluster, pool, RLWorker, name="+".join(placed.models))
+        try:
+            for role in placed.models:
+                self._build_role(group, role, placed)
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
 
     def _build_role(self, group: WorkerGroup, role: str, placed: PlacedSet) -> None:
         job = self.plan.job
@@ -129,6 +149,12 @@ class Runtime:
         out: dict[str, float] = {k: self.timings.get(k, 0.0) for k in STAGES}
         self.timings = {}
         return out
+
+    def take_breakdown(self, stages: dict[str, float]) -> dict[str, float]:
+        """Where the `stages` seconds went (executor.rl.breakdown), from every group's
+        timers since the last take and the controller's."""
+        groups = [g.take_timers() for g in {id(g): g for g in self.groups.values()}.values()]
+        return breakdown(stages, groups, timers.take())
 
     # ---- data --------------------------------------------------------------------------
     def prompts(self, iteration: int) -> list[int]:
@@ -190,8 +216,10 @@ class Runtime:
             return None
         saved = dict(self.timings)
         batch = self.generate(list(range(len(self.inputs.eval))), -1, split="eval")
+        score = float(self.rule(batch).float().mean())
         self.timings = saved
-        return float(self.rule(batch).float().mean())
+        self.take_breakdown({})  # the held-out pass is not part of an iteration
+        return score
 
     def sequences(self, prompts: list[list[int]], out: Batch, n: int, refs: list[Ref]) -> Batch:
         P = self.plan.job.prompt_len

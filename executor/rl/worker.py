@@ -21,7 +21,7 @@ from hybridflow.errors import UserError
 from hybridflow.executor.controller.batch import Batch
 from hybridflow.executor.controller.protocols import GENERATE, MEGATRON_3D, ONE_TO_ALL, register
 from hybridflow.executor.controller.worker import Worker
-from hybridflow.executor.engines import hf_folder
+from hybridflow.executor.engines import hf_folder, timers
 from hybridflow.executor.engines import megatron_model as mm
 from hybridflow.executor.engines.vllm_engine import VllmConfig, VllmEngine
 from hybridflow.executor.hybrid_engine.engine import HybridEngine
@@ -128,6 +128,8 @@ class RLWorker(Worker):
         t2 = time.perf_counter()
         he.to_training()
         t3 = time.perf_counter()
+        timers.add(f"generate:{role}.reshard", (t1 - t0) + (t3 - t2))
+        timers.add(f"generate:{role}.vllm", t2 - t1)
         done = sorted(done, key=lambda c: (c.prompt_index, c.sample))
         R = sampling.max_tokens
         responses = torch.zeros(len(done), R, dtype=torch.long)

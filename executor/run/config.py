@@ -17,6 +17,11 @@ class RunConfigError(UserError):
 OVERLONG = ("refuse", "truncate")
 
 
+# where the behaviour policy's log-probs come from: the actor's recomputation (exact
+# wherever generation and training numerics differ, e.g. bf16 on GPU) or the engine's own
+OLD_LOGPROBS = ("recompute", "engine")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """A user's job: prompts, their answers and the rules that score responses (the models
@@ -65,6 +70,7 @@ class RunConfig:
     checkpoint_every: int = 5
     critic_warmup: int = 2  # PPO, Safe-RLHF: first iterations train the critics only
     reshard: str = "hybridengine"
+    old_logprobs: str = "recompute"  # or "engine": vLLM's sampling log-probs (OLD_LOGPROBS)
     kv_cache_mib: int = 16
     cost_threshold: float = (
         0.0  # Safe-RLHF: mean cost-model logit to stay under (> 0: forbidden letter)
@@ -87,6 +93,15 @@ class RunConfig:
         if self.reshard not in SCHEMES:
             raise RunConfigError(
                 f"unknown resharding scheme {self.reshard!r}: choose one of {', '.join(SCHEMES)}"
+            )
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise RunConfigError(
+                f"old_logprobs must be one of {', '.join(OLD_LOGPROBS)}, got {self.old_logprobs!r}"
+            )
+        if self.old_logprobs == "engine" and self.temperature != 1.0:
+            raise RunConfigError(
+                "old_logprobs 'engine' needs temperature 1 (the engine's log-probs are of the "
+                f"unscaled logits), got temperature {self.temperature}"
             )
         if min(self.actor_lr, self.critic_lr, self.kl_coef, self.kl_loss_coef) < 0:
             raise RunConfigError("learning rates and KL coefficients must be >= 0")

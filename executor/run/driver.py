@@ -21,7 +21,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -43,6 +43,7 @@ from hybridflow.executor.run.config import RunConfig
 from hybridflow.executor.run.export import check_export_dir, export_actor
 from hybridflow.executor.run.inputs import JobInputs, job_inputs
 from hybridflow.executor.run.rundir import RunDir
+from hybridflow.executor.run.startup import Startup
 from hybridflow.plan import Plan
 from hybridflow.simulator.predict import predict_plan
 from hybridflow.simulator.profile import load_profile
@@ -147,6 +148,8 @@ def summarize(
     first and after the last iteration."""
     rows = metrics[warmup:] if len(metrics) > warmup else metrics
     stages = {s: statistics.mean(m["stages"][s] for m in rows) for s in STAGES}
+    parts = sorted({k for m in rows for k in m.get("breakdown", {})})
+    split = {k: statistics.mean(m.get("breakdown", {}).get(k, 0.0) for m in rows) for k in parts}
     it_s = sum(stages.values())
     return {
         "plan": plan.to_dict(),
@@ -154,6 +157,7 @@ def summarize(
             "iteration_s": it_s,
             "tokens_per_s": iteration_tokens(plan) / it_s,
             "stages": stages,
+            "breakdown": split,
             "iterations": len(metrics),
             "timed_iterations": len(rows),
             "score_first": metrics[0]["score"],
@@ -183,23 +187,27 @@ def run(
     progress: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Run (or with options.resume, continue) the plan's job into the run dir `out`."""
+    startup = Startup()
+    startup.mark("launch")
     cluster_config = ClusterConfig(devices=options.devices, address=options.ray_address)
     check_runnable(
         plan, None if cluster_config.join_address else options.devices, cfg.data.user_job
     )
     check_export_dir(cfg.data.export_hf)
     inputs = job_inputs(plan, cfg.data, cfg.seed)  # every model, data and rule checked
+    startup.mark("inputs")
     try:
         rundir = RunDir(out)
         rundir.start(plan, cfg, options.resume)
         predicted = predict(plan, options.profile, cfg.reshard)
         cluster = Cluster.start(cluster_config)
+        startup.mark("ray")
     except BaseException:
         inputs.close()
         raise
     try:
         with StopSignals() as stop:
-            ctl = _Controller(plan, cfg, inputs, cluster, rundir, options, progress, stop)
+            ctl = _Controller(plan, cfg, inputs, cluster, rundir, options, progress, stop, startup)
             metrics, evals = ctl.run()
             if cfg.data.export_hf:
                 export_actor(rundir.latest_checkpoint(), cfg.data.export_hf)
@@ -213,6 +221,7 @@ def run(
         plan, metrics, predicted, evals, warmup=max(1, cfg.critic_warmup if critics else 0)
     )
     summary["inputs"] = inputs.counts
+    summary["startup"] = startup.to_dict()
     rundir.write_summary(summary)
     return RunResult(rundir.path, metrics, summary)
 
@@ -239,6 +248,7 @@ class _Controller:
     options: RunOptions
     progress: Callable[[dict], None] | None
     stop: StopSignals
+    startup: Startup = field(default_factory=Startup)
     iteration: int = 0  # the iteration running (or about to)
 
     def run(self) -> tuple[list[dict], dict]:
@@ -251,6 +261,7 @@ class _Controller:
             try:
                 self.cluster.reserve(self.plan)  # nodes checked, every set placed
                 rt.start()
+                self.startup.mark("workers")
                 return self.iterations(rt, resume)
             except WorkerDiedError as e:
                 died = self._died(e, restarts)
@@ -320,6 +331,7 @@ class _Controller:
         if "eval_before" not in state:
             state["eval_before"] = rt.evaluate()
         metrics = self.rundir.metrics_before(first)
+        self.startup.finish()
         for it in range(first, cfg.iterations):
             if self.stop.signum is not None:
                 self._stop(rt, it, first, state)
@@ -356,5 +368,6 @@ def _row(rt: Runtime, it: int, row: dict, wall: float) -> dict:
         "stages": stages,
         "wall_s": wall,
         "tokens_per_s": iteration_tokens(rt.plan) / sum(stages.values()),
+        "breakdown": rt.take_breakdown(stages),
         **row,
     }

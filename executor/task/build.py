@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -194,26 +196,48 @@ def build_all(s: BuildSettings, out: Path) -> None:
         torch.set_num_threads(threads)
 
 
+def _bar(s: BuildSettings) -> Any:
+    """The build's progress on stderr, a step per model, saying what it builds."""
+    from tqdm import tqdm
+
+    print(
+        f"building the built-in task's models for {s.model!r} (once; cached): "
+        "tokenizer, SFT actor, reward and cost models",
+        file=sys.stderr,
+    )
+    return tqdm(total=5, unit="step", bar_format="{desc}: {n}/{total} [{elapsed}]")
+
+
 def _build(s: BuildSettings, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in run logs
     t0 = time.time()
+    bar = _bar(s)
     spec = load_model(s.model)
     train = task.make_examples(s.n_train, s.seed, s.task)
     evals = task.make_examples(s.n_eval, s.seed + 10_000, s.task)
+    bar.set_description("built-in task: tokenizer")
     tok = train_tokenizer([e.prompt + e.answer for e in train], spec.vocab)
     out.mkdir(parents=True)
     tok.save(str(out / "tokenizer.json"))
     prompts = [[SPECIAL.bos] + tok.encode(e.prompt).ids for e in train]
     answers = [tok.encode(a).ids + [SPECIAL.eos] for a in noisy_answers(train, s)]
 
+    bar.update()
+    bar.set_description(f"built-in task: SFT actor ({s.sft_steps} steps)")
     policy = warmup.new_policy(spec, SPECIAL, s.seed)
     sft_losses = warmup.sft(
         policy, prompts, answers, s.sft_steps, s.sft_lr, s.batch, s.seed, SPECIAL.pad
     )
+    bar.update()
+    bar.set_description("built-in task: reward model")
     reward, rm_metrics = _train_scorer(policy, tok, train, s, "score", s.seed + 1)
+    bar.update()
+    bar.set_description("built-in task: cost model")
     cost, cm_metrics = _train_scorer(policy, tok, train, s, "cost", s.seed + 2)
+    bar.update()
+    bar.set_description("built-in task: held-out scores, saving")
     metrics = {
         "sft_final_loss": sft_losses[-1] if sft_losses else None,
         "greedy_score": _greedy_score(policy, tok, evals, s),
@@ -225,6 +249,8 @@ def _build(s: BuildSettings, out: Path) -> None:
         model.save_pretrained(str(out / name), safe_serialization=True)
         _save_tokenizer(tok, out / name)
     metrics["build_seconds"] = round(time.time() - t0, 1)
+    bar.update()
+    bar.close()
     (out / "prompts.json").write_text(
         json.dumps(
             {"train": prompts, "eval": [[SPECIAL.bos] + tok.encode(e.prompt).ids for e in evals]}

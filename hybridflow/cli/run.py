@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridflow.errors import UserError
-from hybridflow.executor.run.config import SCHEMES, RunConfig
+from hybridflow.executor.run.config import OLD_LOGPROBS, SCHEMES, RunConfig
 from hybridflow.executor.run.driver import RunInterrupted, RunOptions, run
 from hybridflow.executor.run.rundir import RunDir
 from hybridflow.plan import Plan
@@ -90,6 +90,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--algorithm", choices=list(ALGORITHMS), help="algorithm of the default job (no PLAN given)"
     )
     p.add_argument("--reshard", choices=SCHEMES, default=None)
+    p.add_argument(
+        "--old-logprobs",
+        choices=OLD_LOGPROBS,
+        default=None,
+        help="the behaviour policy's log-probs: recomputed by the actor (default) or the "
+        "generation engine's own (one forward pass less; exact in fp32 on the CPU)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument(
@@ -157,6 +164,7 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> RunConfig:
         ("reshard", "reshard"),
         ("seed", "seed"),
         ("checkpoint_every", "checkpoint_every"),
+        ("old_logprobs", "old_logprobs"),
     ):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
@@ -233,6 +241,10 @@ def main(args: argparse.Namespace) -> int:
         f"rule score of the batch: {m['score_first']:.3f} (first iteration) -> "
         f"{m['score_last']:.3f} (last)"
     )
+    up = res.summary.get("startup", {})
+    if up:
+        parts = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in up.items() if k != "total_s")
+        print(f"start-up: {up['total_s']:.1f} s to the first iteration ({parts})")
     counts = res.summary.get("inputs", {})
     if counts.get("truncated"):
         print(f"prompts truncated to prompt_len: {counts['truncated']} of {counts['prompts']}")

@@ -80,3 +80,38 @@ def test_rule_reward_scores_and_counts_response_tokens_with_eos(bench, art):
     assert reward.batches == [
         {"score": pytest.approx(2 / 3), "response_tokens": len(right) + len(wrong)}
     ]
+
+
+def test_sized_actors_have_their_sizes_and_trl_sees_hybridflows_prompt_ids(
+    bench, art, tmp_path
+):
+    """The 25m folder loads, has about 25 M parameters and the task's tokenizer; TRL's
+    tokenizer gives the ids hybridflow's data path (--data) gives; the 100m shape counts
+    about 100 M; the --reward-fn rule is the task's."""
+    import json
+
+    from hybridflow.simulator.model import load_model
+    from tests.conftest import REPO
+
+    models = load_benchmark("trl_models")
+    folder = models.actor_folder("25m", art, tmp_path, seed=0, max_len=144)
+    assert 23e6 < models.parameters(folder) < 27e6
+    hidden, layers, heads, ffn = models.SIZES["100m"]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn)
+    cfg.update(num_attention_heads=heads, num_key_value_heads=heads)
+    (tmp_path / "100m").mkdir()
+    (tmp_path / "100m" / "config.json").write_text(json.dumps(cfg))
+    assert 95e6 < load_model(str(tmp_path / "100m")).params < 105e6
+    w = bench.Workload(prompts=4, samples=2, iterations=2, model=str(folder))
+    plan = bench.make_plan(w, 1)
+    texts = bench.prompt_texts(plan, w, art)
+    data = models.data_file(art, tmp_path)
+    tok = bench.sized_tokenizer(art, w, data, plan, texts)
+    # the folder's tokenizer adds no BOS, on both sides alike
+    assert tok(texts[0])["input_ids"] == art.encode_prompt(texts[0])[1:]
+    rule = load_benchmark("trl_reward").rule_score
+    assert rule("", "cba", "rev:abc=", {}) == 1.0 == art.score(
+        art.encode_prompt("rev:abc="), tok("cba", add_special_tokens=False)["input_ids"]
+    )
+    assert models.REWARD_FN.startswith(str(REPO / "benchmarks" / "trl_reward.py"))

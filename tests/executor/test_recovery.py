@@ -149,6 +149,9 @@ class _FakeRuntime:
     def take_timings(self) -> dict[str, float]:
         return {"generate": 1.0}
 
+    def take_breakdown(self, stages: dict[str, float]) -> dict[str, float]:
+        return {"generate.dispatch": stages["generate"]}
+
     def save_roles(self, folder: str) -> None:
         Path(folder, "w.json").write_text(json.dumps(self.weights))
 

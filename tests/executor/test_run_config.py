@@ -53,3 +53,11 @@ def test_data_settings_round_trip_and_are_checked() -> None:
         DataConfig(reward_fn="math")
     with pytest.raises(RunConfigError, match="unknown run settings: prompt"):
         RunConfig.from_dict({"data": {"prompt": "q"}})
+
+
+def test_engine_logprobs_need_temperature_one() -> None:
+    assert RunConfig(old_logprobs="engine").old_logprobs == "engine"
+    with pytest.raises(RunConfigError, match="temperature 1"):
+        RunConfig(old_logprobs="engine", temperature=0.7)
+    with pytest.raises(RunConfigError, match="old_logprobs must be one of recompute, engine"):
+        RunConfig(old_logprobs="vllm")

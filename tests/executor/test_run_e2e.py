@@ -213,3 +213,24 @@ def test_bad_plans_are_refused_before_any_worker(tmp_path: Path, capsys) -> None
     err = capsys.readouterr().err
     assert "cost" in err and "Traceback" not in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_engine_logprobs_train_as_the_recomputed_ones(tmp_path: Path) -> None:
+    """--old-logprobs engine: the actor's extra forward pass left out, the same samples and
+    (in fp32 on the CPU) the same losses; every run's breakdown covers its iteration."""
+    plan = local_plans("grpo")["colocated"]
+    runs = {
+        how: run(plan, RunConfig(iterations=2, old_logprobs=how), tmp_path / how)
+        for how in ("recompute", "engine")
+    }
+    a, b = (runs[k].metrics for k in ("recompute", "engine"))
+    for x, y in zip(a, b):
+        assert x["response_tokens"] == y["response_tokens"] and x["score"] == y["score"]
+        assert x["actor_loss"] == pytest.approx(y["actor_loss"], abs=1e-5)
+        assert math.isnan(y["rollout_logp_diff"]) and x["rollout_logp_diff"] < 1e-3
+    for res in runs.values():
+        for m in res.metrics:
+            assert sum(m["breakdown"].values()) == pytest.approx(
+                sum(m["stages"].values()), rel=0.02
+            )
+            assert m["breakdown"]["train.compute"] > 0 and m["breakdown"]["generate.vllm"] > 0

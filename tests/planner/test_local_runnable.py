@@ -44,3 +44,14 @@ def test_gpu_profiles_keep_the_whole_search() -> None:
 def test_every_local_plan_is_runnable() -> None:
     for plan in plan_job(Cluster.from_gpus("local-cpu", 4, 4), JOB, LOCAL, top=5):
         check_runnable(plan, 4, user_job=True)
+
+
+def test_local_micro_batches_are_the_measured_ones() -> None:
+    """The local profile's per-call tables were measured at a micro-batch of several
+    sequences: its plans train at that micro-batch, GPU plans at one sequence."""
+    assert LOCAL.calls.micro_batch > 1
+    plan = plan_job(Cluster.from_gpus("local-cpu", 4, 4), JOB, LOCAL)[0]
+    settings = next(s.settings("actor") for s in plan.sets if "actor" in s.models)
+    assert settings.micro_batch_tokens == LOCAL.calls.micro_batch * JOB.seq_len
+    gpu = Tables(JOB, load_profile("h100-80gb"), 8)
+    assert {m.micro_batch_tokens for m in gpu.settings_options("actor", None)} == {JOB.seq_len}
