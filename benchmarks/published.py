@@ -9,7 +9,9 @@ the profiles' numbers and their sources are in profiles/.
 
 Run:  .venv/bin/python benchmarks/published.py [--json] [--out reports/published.md]
 --json prints [{"name", "predicted_s", "published_s", "error", "included"}] for every row
-that could be built (a row that does not fit in memory has predicted_s and error null).
+that could be built (a row that does not fit in memory has predicted_s and error null), the
+asynchronous rows (benchmarks/published_async.py: each an asynchronous plan with the row's
+own split of rollout and training GPUs) after the synchronous ones.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from published_async import ASYNC_ROWS, evaluate_async  # noqa: E402
 from published_rows import NOT_BUILT, ROWS, Row, model_path  # noqa: E402
 
 from hybridflow.errors import UserError  # noqa: E402
@@ -178,11 +181,56 @@ def render(results: list[dict]) -> str:
     )
     if s["not_predicted"]:
         text += f"; not predicted: {', '.join(s['not_predicted'])}"
-    text += "\n\nNot built:\n" + "\n".join(f"- {n} ({src}): {why}" for n, src, why in NOT_BUILT)
+    text += render_async([evaluate_async(a, build_job) for a in ASYNC_ROWS])
+    not_built = [*(b for b in NOT_BUILT if b[2] != "asynchronous (another issue)"), STALENESS]
+    text += "\n\nNot built:\n" + "\n".join(f"- {n} ({src}): {why}" for n, src, why in not_built)
     text += "\n\nAssumptions per row:\n" + "\n".join(
-        f"- {row.name}: " + "; ".join(row.notes) for row in ROWS
+        [f"- {row.name}: " + "; ".join(row.notes) for row in ROWS]
+        + [f"- {a.name}: " + "; ".join(a.notes) for a in ASYNC_ROWS]
     )
     return "Published RL step times vs the simulator (profiles as shipped)\n\n" + text + "\n"
+
+
+STALENESS = (
+    "verl staleness sweep at 128 GPUs",
+    "verl docs/advance/fully_async.md",
+    "staleness 0.1 / 0.3 / 0.5 are fractions of a batch; a plan's staleness is whole updates",
+)
+
+
+def render_async(results: list[dict]) -> str:
+    """The asynchronous rows: predicted against published step, with the error."""
+    rows = []
+    for r in results:
+        pred = "–" if r["predicted_s"] is None else f"{r['predicted_s']:.0f}"
+        err = "–" if r["error"] is None else percent(r["error"])
+        note = "" if r["included"] else "excluded"
+        rows.append(
+            [r["name"], f"{r['gpus']} {r['gpu']}", r["split"], pred, f"{r['published_s']:.0f}",
+             err, _phase_cell(r["phases"]), (r["result"] + " " + note).strip()]
+        )  # fmt: skip
+    errs = [abs(r["error"]) for r in results if r["included"] and r["error"] is not None]
+    within = sum(e <= MAX_GOAL for e in errs)
+    return (
+        "\n\nAsynchronous rows (plans with the row's own split rollout:training, staleness 1, "
+        "step = max(produce, consume) + weight_load):\n\n"
+        + table(
+            [
+                "row",
+                "GPUs",
+                "split",
+                "predicted s",
+                "published s",
+                "error",
+                "phases predicted/published s",
+                "note",
+            ],
+            rows,
+        )  # fmt: skip
+        + f"\n\nIncluded asynchronous rows predicted: {len(errs)}; within {MAX_GOAL:.0%}: "
+        f"{within}; median |error| "
+        f"{statistics.median(errs) if errs else float('nan'):.1%}"
+    )
 
 
 def _row(name: str) -> Row:
@@ -197,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [evaluate(r) for r in ROWS]
     if args.json:
         keys = ("name", "predicted_s", "published_s", "error", "included")
-        print(json.dumps([{k: r[k] for k in keys} for r in results], indent=2))
+        results += [evaluate_async(a, build_job) for a in ASYNC_ROWS]  # asynchronous rows last
+        rows = [{k: r[k] for k in keys} for r in results]
+        print(json.dumps(rows, indent=2))
     else:
         emit(render(results), args.out)
     return 0

@@ -224,6 +224,48 @@ class GenLayout:
         return cls(d["pp"], d["tp"], d["micro_dp"])
 
 
+@dataclass(frozen=True)
+class RolloutLayout:
+    """The generation layout of an asynchronous plan's rollout set: dp engine replicas, each
+    pp x tp GPUs (vLLM's pipeline and tensor parallel degrees); pp * tp * dp is the set."""
+
+    pp: int
+    tp: int
+    dp: int
+
+    def __post_init__(self) -> None:
+        _degrees("rollout layout", pp=self.pp, tp=self.tp, dp=self.dp)
+
+    @property
+    def model_parallel(self) -> int:
+        return self.pp * self.tp
+
+    @property
+    def n_gpus(self) -> int:
+        return self.pp * self.tp * self.dp
+
+    def check(self, n_gpus: int) -> None:
+        if self.n_gpus != n_gpus:
+            raise LayoutError(
+                f"rollout layout pp={self.pp} tp={self.tp} dp={self.dp} uses {self.n_gpus} "
+                f"GPUs, but its set has {n_gpus}"
+            )
+
+    def engine(self) -> tuple[ParallelLayout, GenLayout]:
+        """The engines as the generation model costs them: dp replicas of one pp x tp group
+        (a training-shaped layout with no training behind it, and its generation layout)."""
+        return ParallelLayout(self.pp, self.tp, self.dp), GenLayout(self.pp, self.tp, 1)
+
+    def to_dict(self) -> dict:
+        return {"pp": self.pp, "tp": self.tp, "dp": self.dp}
+
+    @classmethod
+    def from_dict(cls, d: object) -> RolloutLayout:
+        if not isinstance(d, dict) or set(d) != {"pp", "tp", "dp"}:
+            raise LayoutError(f"rollout layout: expected {{pp, tp, dp}}, got {d!r}")
+        return cls(d["pp"], d["tp"], d["dp"])
+
+
 def check_model_fits(
     layers: int, heads: int, kv_heads: int, pp: int, tp: int, replicate_kv: bool = False
 ) -> None:

@@ -2,7 +2,10 @@
 role's layouts, and the prediction.
 
 plan.json (keys version, cluster, job, models, sets[{models, gpus, layouts, memory}],
-predicted) is the one thing the executor reads from the planner. A set's "memory" holds each
+predicted, pipeline) is the one thing the executor reads from the planner. "pipeline"
+(hybridflow.pipeline) is {"mode": "sync"} when absent, and written only for an asynchronous
+plan ({"mode": "async", "staleness": k}): there the actor only trains and a set of the role
+"rollout" (layout generate {pp, tp, dp}) generates. A set's "memory" holds each
 trained role's MemorySettings; a plan without them gets verl's megatron defaults. "models"
 (each role's parameters, KV bytes per token, layers) is derived from the job and only
 written. Plan.from_dict and Plan.load validate it once; everything after them (simulate, the
@@ -18,12 +21,15 @@ from pathlib import Path
 from types import MappingProxyType
 
 from hybridflow.errors import UserError, unreadable
-from hybridflow.layout import GenLayout, LayoutError, ParallelLayout
+from hybridflow.layout import GenLayout, LayoutError, ParallelLayout, RolloutLayout
 from hybridflow.memory import DEFAULT, MemorySettings
+from hybridflow.pipeline import SYNCHRONOUS, Pipeline, check_sets
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.model_info import model_summary
-from hybridflow.vocab import TRAINED_ROLES, VALUE_ROLES, layout_kinds
+from hybridflow.vocab import ROLLOUT, TRAINED_ROLES, VALUE_ROLES, layout_kinds
+
+AnyLayout = ParallelLayout | GenLayout | RolloutLayout
 
 VERSION = 1
 
@@ -32,7 +38,7 @@ VERSION = 1
 class PlacedSet:
     models: tuple[str, ...]
     gpus: int
-    layouts: Mapping[str, Mapping[str, ParallelLayout | GenLayout]]
+    layouts: Mapping[str, Mapping[str, AnyLayout]]
     memory: Mapping[str, MemorySettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,14 +59,10 @@ class PlacedSet:
         frozen = {}
         for role in self.models:
             lay = dict(self.layouts[role])
-            if set(lay) != set(layout_kinds(role)):
-                raise LayoutError(
-                    f"set {list(self.models)}: {role} needs layouts "
-                    f"{', '.join(layout_kinds(role))}, got {', '.join(lay) or 'none'}"
-                )
-            main = lay.get("train") or lay["infer"]
+            self._check_kinds(role, lay)
+            main = lay.get("train") or lay.get("infer") or lay["generate"]
             main.check(self.gpus)
-            if "generate" in lay:
+            if "generate" in lay and role != ROLLOUT:
                 gen, train = lay["generate"], lay["train"]
                 assert isinstance(gen, GenLayout) and isinstance(train, ParallelLayout)
                 gen.check(self.gpus, train)
@@ -73,6 +75,23 @@ class PlacedSet:
                 f"got {', '.join(wrong)}"
             )
         object.__setattr__(self, "memory", MappingProxyType(dict(self.memory)))
+
+    def _check_kinds(self, role: str, lay: dict) -> None:
+        """The layouts of each role; the actor's with or without generate (the plan's
+        pipeline decides: hybridflow.pipeline.check_sets)."""
+        kinds = (set(layout_kinds(role)), set(layout_kinds(role, asynchronous=True)))
+        if set(lay) not in kinds:
+            raise LayoutError(
+                f"set {list(self.models)}: {role} needs layouts "
+                f"{', '.join(layout_kinds(role))}, got {', '.join(lay) or 'none'}"
+                + (" (a rollout set only generates)" if role == ROLLOUT else "")
+            )
+        want = RolloutLayout if role == ROLLOUT else GenLayout
+        if "generate" in lay and not isinstance(lay["generate"], want):
+            raise LayoutError(
+                f"set {list(self.models)}: the generate layout of {role} must be "
+                f"{'{pp, tp, dp}' if role == ROLLOUT else '{pp, tp, micro_dp}'}"
+            )
 
     def settings(self, role: str) -> MemorySettings:
         """The role's memory settings (verl's defaults where the plan gives none)."""
@@ -89,6 +108,12 @@ class PlacedSet:
         main = lay.get("train") or lay["infer"]
         assert isinstance(main, ParallelLayout), f"{role}: not a train/infer layout"
         return main
+
+    def rollout(self) -> RolloutLayout:
+        """A rollout set's engine layout."""
+        lay = self.layouts[ROLLOUT]["generate"]
+        assert isinstance(lay, RolloutLayout), "not a rollout set"
+        return lay
 
     def generation(self) -> GenLayout:
         gen = self.layouts["actor"]["generate"]
@@ -127,12 +152,15 @@ class PlacedSet:
         for role, lay in d["layouts"].items():
             if not isinstance(lay, dict):
                 raise LayoutError(f"set: layouts of {role} must be a mapping")
-            layouts[role] = {
-                k: (GenLayout.from_dict(v) if k == "generate" else ParallelLayout.from_dict(v))
-                for k, v in lay.items()
-            }
+            layouts[role] = {k: _parse_layout(role, k, v) for k, v in lay.items()}
         settings = {r: MemorySettings.from_dict(v) for r, v in mem.items()}
         return cls(tuple(d["models"]), d["gpus"], layouts, settings)
+
+
+def _parse_layout(role: str, kind: str, d: object) -> AnyLayout:
+    if kind != "generate":
+        return ParallelLayout.from_dict(d)
+    return RolloutLayout.from_dict(d) if role == ROLLOUT else GenLayout.from_dict(d)
 
 
 def models_summary(job: Job) -> dict[str, dict]:
@@ -151,12 +179,15 @@ class Plan:
     sets: tuple[PlacedSet, ...]
     predicted: dict | None = None
     version: int = VERSION
+    pipeline: Pipeline = SYNCHRONOUS
 
     def __post_init__(self) -> None:
         if self.version != VERSION:
             raise PlanError(f"plan: version {self.version!r} is not supported (expected {VERSION})")
         if not self.sets:
             raise PlanError("plan: no sets")
+        if not isinstance(self.pipeline, Pipeline):
+            raise PlanError(f"plan: pipeline must be a Pipeline, got {self.pipeline!r}")
         placed = [r for s in self.sets for r in s.models]
         dup = sorted({r for r in placed if placed.count(r) > 1})
         if dup:
@@ -168,8 +199,9 @@ class Plan:
                 f" (a function on the controller's CPU, no GPUs): leave "
                 f"{'it' if len(rules) == 1 else 'them'} out of the sets"
             )
+        check_sets(self.pipeline, self.sets, self.job.spec("actor"))
         missing = [r for r in self.job.gpu_roles if r not in placed]
-        extra = [r for r in placed if r not in self.job.roles]
+        extra = [r for r in placed if r not in self.job.roles and r != ROLLOUT]
         if missing or extra:
             raise PlanError(
                 f"plan: sets must place exactly the {self.job.algorithm} roles "
@@ -187,6 +219,21 @@ class Plan:
     def gpus(self) -> int:
         return sum(s.gpus for s in self.sets)
 
+    @property
+    def asynchronous(self) -> bool:
+        return self.pipeline.asynchronous
+
+    @property
+    def rollout_set(self) -> PlacedSet:
+        """An asynchronous plan's rollout set."""
+        assert self.asynchronous, "a synchronous plan has no rollout set"
+        return self.set_of(ROLLOUT)
+
+    @property
+    def training_sets(self) -> tuple[PlacedSet, ...]:
+        """Every set but the rollout set (all of a synchronous plan's)."""
+        return tuple(s for s in self.sets if ROLLOUT not in s.models)
+
     def set_of(self, role: str) -> PlacedSet:
         return next(s for s in self.sets if role in s.models)
 
@@ -197,7 +244,7 @@ class Plan:
         return self.predicted
 
     def with_prediction(self, predicted: dict) -> Plan:
-        return Plan(self.cluster, self.job, self.sets, predicted, self.version)
+        return Plan(self.cluster, self.job, self.sets, predicted, self.version, self.pipeline)
 
     def to_dict(self) -> dict:
         d = {
@@ -207,6 +254,8 @@ class Plan:
             "models": models_summary(self.job),
             "sets": [s.to_dict() for s in self.sets],
         }
+        if self.asynchronous:  # a synchronous plan keeps the file it always had
+            d["pipeline"] = self.pipeline.to_dict()
         if self.predicted is not None:
             d["predicted"] = self.predicted
         return d
@@ -215,11 +264,11 @@ class Plan:
     def from_dict(cls, d: object) -> Plan:
         if not isinstance(d, dict):
             raise PlanError("plan: expected a JSON object")
-        allowed = {"version", "cluster", "job", "models", "sets", "predicted"}
+        allowed = {"version", "cluster", "job", "models", "sets", "predicted", "pipeline"}
         if set(d) - allowed or not {"version", "cluster", "job", "sets"} <= set(d):
             raise PlanError(
                 f"plan: expected keys {', '.join(sorted(allowed))} "
-                f"(models, predicted optional), got {', '.join(sorted(d))}"
+                f"(models, predicted, pipeline optional), got {', '.join(sorted(d))}"
             )
         if not isinstance(d["sets"], list):
             raise PlanError("plan: sets must be a list")
@@ -232,6 +281,7 @@ class Plan:
             tuple(PlacedSet.from_dict(s) for s in d["sets"]),
             predicted,
             d["version"],
+            Pipeline.from_dict(d["pipeline"]) if "pipeline" in d else SYNCHRONOUS,
         )
 
     @classmethod

@@ -53,11 +53,22 @@ class Kind(StrEnum):
     RULE = "rule"
 
 
-def layout_kinds(role: str) -> tuple[Kind, ...]:
-    """The layouts a role needs: the actor trains and generates, critics train (and infer
-    with the same layout), the others only infer."""
+# An asynchronous plan's generation engines: a role of its own, in a set of its own
+# (hybridflow.pipeline); beside it only inference roles, whose forward passes then score
+# each rollout batch on the rollout side
+ROLLOUT = "rollout"
+INFER_ROLES = frozenset({Role.REFERENCE, Role.REWARD, Role.COST})
+SCORING_ROLES = frozenset({Role.REWARD, Role.COST})  # what the planner puts beside it
+
+
+def layout_kinds(role: str, asynchronous: bool = False) -> tuple[Kind, ...]:
+    """The layouts a role needs: the actor trains and generates (in an asynchronous plan it
+    only trains; the rollout generates), critics train (and infer with the same layout),
+    the others only infer."""
+    if role == ROLLOUT:
+        return (Kind.GENERATE,)
     if role == Role.ACTOR:
-        return (Kind.TRAIN, Kind.GENERATE)
+        return (Kind.TRAIN,) if asynchronous else (Kind.TRAIN, Kind.GENERATE)
     return (Kind.TRAIN,) if role in TRAINED_ROLES else (Kind.INFER,)
 
 

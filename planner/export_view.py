@@ -128,8 +128,9 @@ def _kinds(
     """The role's train, infer and generate layouts, None where it has none."""
     lay = s.layouts[role]
     train, infer, gen = lay.get(Kind.TRAIN), lay.get(Kind.INFER), lay.get(Kind.GENERATE)
-    assert not isinstance(train, GenLayout) and not isinstance(infer, GenLayout)
-    assert not isinstance(gen, ParallelLayout)
+    assert train is None or isinstance(train, ParallelLayout)
+    assert infer is None or isinstance(infer, ParallelLayout)
+    assert gen is None or isinstance(gen, GenLayout)
     return train, infer, gen
 
 
@@ -176,7 +177,13 @@ def view(plan: Plan) -> PlanView:
 
 def parse_plan(plan: Plan | dict) -> PlanView:
     """The view of a plan, or of a plan dict (plan JSON), validated as every plan is."""
-    return view(plan if isinstance(plan, Plan) else Plan.from_dict(plan))
+    plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+    if plan.asynchronous:
+        raise ExportError(
+            "an asynchronous plan (a rollout set) has no verl or OpenRLHF launch script here: "
+            "export a synchronous plan (plan --pipeline sync)"
+        )
+    return view(plan)
 
 
 def settings_line(v: PlanView) -> str:

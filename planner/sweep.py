@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybridflow.errors import UserError
+from hybridflow.plan import Plan
+from hybridflow.planner.asynchronous import AsyncSearch
 from hybridflow.planner.search import Candidate, Placement, Planner, plan_job, standard_placements
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import DoesNotFit
@@ -145,7 +147,10 @@ def gpu_counts(lo: int, hi: int, gpus_per_node: int) -> list[int]:
 
 def category(plan: dict) -> str:
     """The placement category of a plan, named as search.standard_layouts names them:
-    colocated (one set), split (actor+reference | the rest), separate (one set per model)."""
+    colocated (one set), split (actor+reference | the rest), separate (one set per model);
+    an asynchronous plan is async (a rollout set beside its training sets)."""
+    if plan.get("pipeline", {}).get("mode") == "async":
+        return ASYNC_LINE
     sets = [tuple(s["models"]) for s in plan["sets"]]
     if len(sets) == 1:
         return "colocated"
@@ -213,10 +218,12 @@ def run_sweep(
 def planner_points(
     gpu: str, job: Job, profile: Profile, gpus_per_node: int
 ) -> Callable[[int], Point]:
-    """`plan_at(count)` backed by one Planner: its best plan and the standard placements.
+    """`plan_at(count)` backed by one Planner: its best plan (synchronous or asynchronous,
+    the faster), the standard placements and the best asynchronous plan (the `async` line).
     The Planner keeps its per-(role, GPUs) and per-(set, GPUs) layout tables, so every count
     of the sweep reuses what the smaller counts built."""
     shared = MemoPlanner(job, profile, gpus_per_node)
+    search = AsyncSearch(shared, staleness=1)
 
     def plan_at(gpus: int) -> Point:
         cluster = Cluster.from_gpus(gpu, gpus, gpus_per_node)
@@ -224,13 +231,26 @@ def planner_points(
             name: float(p.to_dict()["predicted"]["tokens_per_s"])
             for name, p in standard_placements(cluster, job, profile, planner=shared).items()
         }
+        asynchronous = search.plan(cluster)
+        standard[ASYNC_LINE] = None if asynchronous is None else _tokens_per_s(asynchronous)
         try:
             best = plan_job(cluster, job, profile, top=1, planner=shared)[0]
         except DoesNotFit as e:  # names the smallest GPU count that fits
-            return Point(gpus, None, standard, reason=str(e))
+            if asynchronous is None:
+                return Point(gpus, None, standard, reason=str(e))
+            best = asynchronous
+        if asynchronous is not None and _tokens_per_s(asynchronous) > _tokens_per_s(best):
+            best = asynchronous
         return Point(gpus, best.to_dict(), standard)
 
     return plan_at
+
+
+ASYNC_LINE = "async"  # the best asynchronous plan's line of a sweep
+
+
+def _tokens_per_s(plan: Plan) -> float:
+    return float(plan.prediction["tokens_per_s"])
 
 
 class MemoPlanner(Planner):

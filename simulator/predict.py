@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from hybridflow.plan import PlacedSet
+from hybridflow.plan import PlacedSet, Plan
 from hybridflow.simulator.cluster import Cluster
 from hybridflow.simulator.costs import GIB, Cost, DoesNotFit, Memory, cost, memory
 from hybridflow.simulator.generation import (
@@ -23,6 +23,7 @@ from hybridflow.simulator.generation import (
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.profile import Profile, load_profile
 from hybridflow.simulator.reshard import SCHEMES, ReshardError, actor_reshard
+from hybridflow.simulator.steady import PipelineTerms
 from hybridflow.simulator.train_memory import reloaded_weights, resident_memory, stage_memory
 from hybridflow.simulator.training import WEIGHT_BYTES, infer_cost, role_params, train_cost
 from hybridflow.vocab import STAGES
@@ -62,9 +63,13 @@ class Prediction:
     tokens: int
     rules: tuple[RolePrediction, ...] = ()  # rule rewards/costs: CPU seconds, no memory
     lengths: Mapping[str, dict] | None = None  # response tokens each stage followed
+    pipeline: PipelineTerms | None = None  # an asynchronous plan's step (stages overlap)
 
     @property
     def iteration_s(self) -> float:
+        """The stages' sum; an asynchronous plan's steady-state step (simulator.steady)."""
+        if self.pipeline is not None:
+            return self.pipeline.step_s
         return sum(self.stages.values())
 
     @property
@@ -92,6 +97,8 @@ class Prediction:
         }
         if self.lengths:
             d["response_tokens"] = {k: dict(v) for k, v in self.lengths.items()}
+        if self.pipeline is not None:
+            d["pipeline"] = self.pipeline.to_dict()
         return d
 
 
@@ -185,7 +192,7 @@ def predict_set(
                 stages["train"] = train_cost(job, role, layout, profile, gpn, mem[role])
             elif w.kind == "infer":
                 stages["prepare"] = infer_cost(job, role, layout, profile, gpn, w.sequences)
-        if role == "actor":
+        if role == "actor" and "generate" in placed.layouts["actor"]:
             gen_stages, gen_mem, in_flight = _actor_generation(
                 job, placed, profile, gpn, scheme, total_resident
             )
@@ -239,6 +246,11 @@ def predict_plan(
         )
     if profile is None or isinstance(profile, str):
         profile = load_profile(profile or plan.cluster.gpu)
+    if isinstance(plan, Plan) and plan.asynchronous:
+        # the asynchronous step composes this module's set predictions (it imports them)
+        from hybridflow.simulator.rollout import predict_async
+
+        return predict_async(plan, profile, reshard)
     gpn = plan.cluster.gpus_per_node
     # each set as if alone: its own ranks busy (what the per-call tables measured)
     sets = tuple(

@@ -23,6 +23,12 @@ def check_runnable(plan: Plan, devices: int | None = None, user_job: bool = Fals
     """`devices`: the devices of the cluster it will run on (None: not known yet);
     `user_job`: the roles start from the plan's own folders (else the built-in task's)."""
     job = plan.job
+    if plan.pipeline.asynchronous:
+        raise PlanNotRunnable(
+            "the plan's pipeline is async (a rollout set): `hybridflow run` runs synchronous "
+            "plans only; plan with --pipeline sync to run it (async plans are planned and "
+            "simulated)"
+        )
     if devices is not None and plan.gpus > devices:
         raise PlanNotRunnable(
             f"the plan needs {plan.gpus} devices, the cluster it runs on has {devices}"

@@ -17,10 +17,12 @@ from hybridflow.cli.jobargs import (
     build_job,
     read_mapping,
 )
-from hybridflow.cli.planfmt import format_plan, format_standard
+from hybridflow.cli.planfmt import format_pipelines, format_plan, format_standard
 from hybridflow.errors import UserError
+from hybridflow.pipeline import SYNC
 from hybridflow.planner.export import export_plan
 from hybridflow.planner.idle import idle_reason
+from hybridflow.planner.pipelines import CHOICES, plan_pipelines
 from hybridflow.planner.search import Planner
 from hybridflow.simulator.cluster import Cluster, ClusterError
 from hybridflow.simulator.profile import load_profile
@@ -55,6 +57,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--export", metavar="FORMAT", help="print the best plan as a verl or openrlhf launch script"
     )
+    p.add_argument(
+        "--pipeline",
+        choices=CHOICES,
+        default=SYNC,
+        help="synchronous plans (the actor generates between updates; the default, as "
+        "`hybridflow run` runs them), asynchronous (a rollout set generates the next batch "
+        "while the training sets train: planned and simulated, not yet run), or auto: the "
+        "faster of both, side by side",
+    )
+    p.add_argument(
+        "--staleness",
+        type=int,
+        default=1,
+        metavar="K",
+        help="asynchronous plans: updates the generating weights may lag, at most (default 1)",
+    )
 
 
 def build_cluster(args: argparse.Namespace) -> Cluster:
@@ -83,7 +101,16 @@ def main(args: argparse.Namespace) -> int:
     cluster, job = build_cluster(args), build_job(args)
     profile = load_profile(cluster.gpu)
     planner = Planner(job, profile, cluster.gpus_per_node)
-    plans = planner.plan(cluster, args.top)
+    mode = args.pipeline
+    if args.export:  # the launch scripts are synchronous trainers'
+        if mode == "async":
+            raise UserError(
+                "--export writes synchronous launch scripts (verl, OpenRLHF): use "
+                "--pipeline sync or auto"
+            )
+        mode = "sync"
+    choice = plan_pipelines(planner, cluster, mode, args.staleness, args.top)
+    plans = choice.plans(args.top)
     if args.out:
         plans[0].save(args.out)
     if args.export:
@@ -94,8 +121,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         for i, plan in enumerate(plans):
             print(format_plan(plan, profile, "Best plan" if i == 0 else f"Plan #{i + 1}"))
-            if i == 0 and (idle := idle_reason(planner, plan)) is not None:
+            if i == 0 and not plan.asynchronous and (idle := idle_reason(planner, plan)):
                 print(f"  {idle}")
+        if mode != SYNC:
+            print(format_pipelines(choice))
         print(format_standard(planner.standard(cluster), plans[0]))
         if args.out:
             print(f"\nplan written to {args.out}")

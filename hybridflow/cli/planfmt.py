@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hybridflow.plan import Plan
+from hybridflow.planner.pipelines import PipelineChoice
 from hybridflow.simulator.job import Job
 from hybridflow.simulator.model_info import model_summary, warning_line
 from hybridflow.simulator.predict import Prediction
@@ -96,6 +97,14 @@ def _header(plan: Plan, profile: Profile) -> str:
     )
 
 
+def _kind(plan: Plan) -> str:
+    """'iteration ', or an asynchronous plan's pipeline and 'step '."""
+    p = plan.pipeline
+    if not p.asynchronous:
+        return "iteration "
+    return f"asynchronous (staleness {p.staleness}{', streamed' if p.streamed else ''}), step "
+
+
 def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
     pred = plan.predicted or {}
     lines = [
@@ -103,7 +112,7 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
         "Models:",
         *models_lines(plan.job),
         "",
-        f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, iteration "
+        f"{title}: {len(plan.sets)} set(s), {plan.gpus} GPUs, {_kind(plan)}"
         f"{pred.get('iteration_s', 0):.2f} s, {rate(pred.get('tokens_per_s', 0))} tokens/s",
     ]
     layouts = {r: _layouts(plan, r) for s in plan.sets for r in s.models}
@@ -116,6 +125,75 @@ def format_plan(plan: Plan, profile: Profile, title: str = "Best plan") -> str:
             lines.append(f"  {head}  {role:<12}{layouts[role]:<{width}}{peak:>9.2f}")
     stages = pred.get("stages", {})
     lines.append("  stages: " + " | ".join(f"{st} {stages.get(st, 0.0):.2f} s" for st in STAGES))
+    if "pipeline" in pred:
+        lines += step_lines(pred["pipeline"])
+    return "\n".join(lines)
+
+
+def _sum(terms: dict[str, float]) -> str:
+    return " + ".join(f"{k} {v:.2f} s" for k, v in terms.items()) or "0 s"
+
+
+def step_lines(p: dict) -> list[str]:
+    """An asynchronous plan's step: its two sides' terms, the weight sync and what of it is
+    exposed (simulator.steady)."""
+    sync = p["weight_sync"]
+    send, load = sync.get("weight_send", 0.0), sync.get("weight_load", 0.0)
+    if p["staleness"] >= 1:
+        step = (
+            f"max(produce {p['produce_s']:.2f} s, consume {p['consume_s']:.2f} s) + "
+            f"weight_load {load:.2f} s = {p['step_s']:.2f} s ({p['bound']}-bound); "
+            f"weight_send {send:.2f} s overlaps the next generation"
+        )
+    else:
+        step = (
+            f"produce {p['produce_s']:.2f} s + consume {p['consume_s']:.2f} s + weight_send "
+            f"{send:.2f} s + weight_load {load:.2f} s = {p['step_s']:.2f} s (staleness 0: no "
+            f"overlap)"
+        )
+    return [
+        f"  step: {step}",
+        f"    produce = {_sum(p['produce'])}; consume = {_sum(p['consume'])}",
+        f"    rollout {p['rollout']}",
+    ]
+
+
+def _split(plan: Plan) -> str:
+    """rollout GPUs : training GPUs of an asynchronous plan."""
+    r = plan.rollout_set.gpus
+    return f"{r}:{plan.gpus - r}"
+
+
+def format_pipelines(choice: PipelineChoice) -> str:
+    """The best synchronous and the best asynchronous plan side by side, and the choice."""
+    rows = [
+        ("synchronous", choice.sync[0] if choice.sync else None, "sync"),
+        ("asynchronous", choice.asynchronous, "async"),
+    ]
+    texts = {m: " ".join(f"{'+'.join(s.models)}:{s.gpus}" for s in p.sets) for _, p, m in rows if p}
+    w = max([50, *(len(t) + 2 for t in texts.values())])
+    lines = [
+        "",
+        "Pipelines, the best plan of each:",
+        f"  {'pipeline':<14}{'sets (GPUs)':<{w}}{'split':>8}{'staleness':>11}{'step s':>9}"
+        f"{'tokens/s':>11}",
+    ]
+    for label, plan, mode in rows:
+        if plan is None:
+            searched = choice.mode in (mode, "auto")
+            why = (
+                "does not fit in memory" if searched else f"not searched (--pipeline {choice.mode})"
+            )
+            lines.append(f"  {label:<14}{why}")
+            continue
+        split = _split(plan) if plan.asynchronous else "-"
+        k = str(plan.pipeline.staleness) if plan.asynchronous else "-"
+        pred = plan.prediction
+        lines.append(
+            f"  {label:<14}{texts[mode]:<{w}}{split:>8}{k:>11}{pred['iteration_s']:>9.2f}"
+            f"{rate(pred['tokens_per_s']):>11}"
+        )
+    lines.append(f"  {choice.reason()}")
     return "\n".join(lines)
 
 
@@ -143,7 +221,13 @@ def format_standard(standard: dict[str, Plan], best: Plan) -> str:
 def format_prediction(plan: Plan, pred: Prediction, profile: Profile, scheme: str) -> str:
     """Every term of every role and stage, with where its number came from."""
     lines = [
-        format_plan(plan, profile, f"Prediction ({scheme} resharding)"),
+        format_plan(
+            plan,
+            profile,
+            "Prediction (weights synced to the rollout engines)"
+            if plan.asynchronous
+            else f"Prediction ({scheme} resharding)",
+        ),
         "",
         "Terms (seconds; source):",
     ]

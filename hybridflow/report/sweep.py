@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hybridflow.errors import unreadable
-from hybridflow.planner.sweep import Row, SweepResult
+from hybridflow.planner.sweep import ASYNC_LINE, Row, SweepResult
 
 BEST = "HybridFlow (best plan)"
 
@@ -36,7 +36,7 @@ def table(result: SweepResult) -> str:
         f"response {job['response_len']}, batch {job['global_batch']} on {result.gpu} "
         f"({result.gpus_per_node} per node); target: {result.target.describe()}",
         f"{'GPUs':>5} {'placement':<14} {'tokens/s':>10} {'iter s':>8} {'peak GiB':>8} "
-        f"{'scaling':>7} {'GPU-h/1k':>9}  sets",
+        f"{'scaling':>7} {'GPU-h/1k':>9} {'async t/s':>10}  sets",
     ]
     for r in result.rows:
         if not r.feasible:
@@ -46,7 +46,8 @@ def table(result: SweepResult) -> str:
         lines.append(
             f"{r.gpus:>5} {r.category:<14} {r.tokens_per_s:>10,.0f} {r.iteration_s:>8.1f} "
             f"{r.peak_memory_gib:>8.1f} {r.scaling_efficiency:>7.0%} "
-            f"{r.gpu_hours_per_1k_steps:>9,.0f}  {r.sets}{star}"
+            f"{r.gpu_hours_per_1k_steps:>9,.0f} {_fmt(r.standard.get(ASYNC_LINE), ',.0f'):>10}"
+            f"  {r.sets}{star}"
         )
     if result.target.given:
         lines.append(f"smallest count meeting the target: {mark.gpus if mark else 'none in range'}")

@@ -86,7 +86,14 @@ BASES: dict[str, tuple[list[str], dict[str, str]]] = {
 # flags fuzzed without some of the base's (they would disagree with it)
 DROP = {("plan", "--nodes"): ("--gpus",), ("report", "run_dirs"): ("--compare",)}
 # numeric flags for which 0 is a meaningful value
-ZERO_OK = {"--prompt-mean", "--response-mean", "--rule-cpu-s", "--seed", "--max-restarts"}
+ZERO_OK = {
+    "--prompt-mean",
+    "--response-mean",
+    "--rule-cpu-s",
+    "--seed",
+    "--max-restarts",
+    "--staleness",  # 0: an asynchronous plan that overlaps nothing
+}
 # numeric flags for which a huge value is a meaningful one: K best plans, sweep targets
 HUGE_OK = {"--top", "--target-tokens-per-s", "--steps", "--deadline-hours"}
 # failures whose fix lies outside the command line's and the simulator's input checks,

@@ -72,6 +72,8 @@ def test_simulate_takes_the_resharding_scheme(capsys, tmp_path):
         "512",
         "--batch",
         "128",
+        "--pipeline",
+        "sync",  # an asynchronous plan has no actor to reshard
         "--out",
         str(path),
     )

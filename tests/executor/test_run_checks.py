@@ -115,3 +115,35 @@ def test_a_generation_group_wider_than_training_is_refused() -> None:
 def test_fsdp_is_refused() -> None:
     with pytest.raises(PlanNotRunnable, match="not FSDP"):
         check_runnable(_plan(ParallelLayout(dp=2), memory=MemorySettings(fsdp=True)), devices=3)
+
+
+def test_an_asynchronous_plan_is_refused_with_the_way_to_a_runnable_one(tmp_path) -> None:
+    from hybridflow.cli.main import main
+
+    out = tmp_path / "async.json"
+    argv = ["plan", "--gpu", "local-cpu", "--gpus", "2", "--model", "tiny", "--reward", "rule"]
+    assert (
+        main(
+            [
+                *argv,
+                "--algorithm",
+                "grpo",
+                "--prompt-len",
+                "16",
+                "--response-len",
+                "8",
+                "--batch",
+                "8",
+                "--pipeline",
+                "async",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    plan = Plan.load(out)
+    assert plan.asynchronous
+    with pytest.raises(PlanNotRunnable, match="--pipeline sync") as e:
+        check_runnable(plan, 4, user_job=False)
+    assert "\n" not in str(e.value)

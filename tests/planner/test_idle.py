@@ -97,6 +97,7 @@ def test_size_rule_follows_the_node() -> None:
 def test_plan_prints_the_idle_line(capsys) -> None:
     argv = ["plan", "--gpu", "h100-80gb", "--gpus", "64", "--model", "qwen2.5-1.5b"]
     argv += ["--algorithm", "grpo", "--reward", "rule", "--batch", "4"]
+    argv += ["--pipeline", "sync"]  # the idle line reads a synchronous plan's tables
     assert main(argv) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
