@@ -79,6 +79,24 @@ def make_plan(w: Workload, devices: int) -> Plan:
     return plan_job(cluster, w.job(), load_profile("local-cpu"), max_gen_pp=1)[0]
 
 
+def one_sequence_micro_batches(plan: Plan) -> Plan:
+    """The plan with its trained roles' micro-batches one sequence long (what the planner
+    chose for the local cluster before this round's cuts)."""
+    import dataclasses
+
+    seq = plan.job.seq_len
+    sets = tuple(
+        dataclasses.replace(
+            s,
+            memory={
+                r: dataclasses.replace(s.settings(r), micro_batch_tokens=seq) for r in s.memory
+            },
+        )
+        for s in plan.sets
+    )
+    return dataclasses.replace(plan, sets=sets)
+
+
 def describe(plan: Plan) -> str:
     """A plan's sets with the actor's layouts: 'actor+reference:4 train tp1pp1dp4, gen tp1'."""
     parts = []
@@ -221,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         help="hybridflow's behaviour log-probs, a row each (default engine, as TRL with "
         "num_iterations=1 reuses its sampling policy's; recompute is the run default)",
     )
+    ap.add_argument(
+        "--before",
+        action="store_true",
+        help="a row more for the first tiny workload: 1 device as planned before this "
+        "round's cuts (one-sequence micro-batches, recomputed log-probs)",
+    )
     ap.add_argument("--runs", help="folder for hybridflow's run dirs (default: a temporary one)")
     ap.add_argument("--out", help="write the table (Markdown) here, e.g. reports/trl_grpo.md")
     args = ap.parse_args(argv)
@@ -285,6 +309,16 @@ def _sized(args, art, runs: Path, size: str, length: int):
         tok = sized_tokenizer(art, w, data, first, texts)
         extra = ("--data", str(data), "--answer-key", "prompt", "--reward-fn", REWARD_FN)
     rows = []
+    if args.before and size == "tiny" and length == args.response_lens[0]:
+        where = runs / "before"
+        where.mkdir(parents=True, exist_ok=True)
+        before = one_sequence_micro_batches(make_plan(w, 1))
+        row = _with_load(run_hybridflow, before, w, 1, where, ("--old-logprobs", "recompute"))
+        row["setup"] += (
+            " [before: one-sequence micro-batches and recomputed log-probs, as planned and "
+            "run before this round's cuts; the other cuts stay]"
+        )
+        rows.append(row)
     for d in args.devices:
         for mode in args.old_logprobs:
             where = runs / f"{size}-{length}" / mode

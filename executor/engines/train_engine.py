@@ -122,10 +122,13 @@ class TrainEngine:
                 self._setup_training()
 
     def _setup_training(self) -> None:
+        # over one data-parallel rank the distributed optimizer shards nothing; its
+        # parameter all-gather would still copy every weight through the process group
+        distopt = self.config.use_distributed_optimizer and self.groups.layout.dp > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=self.config.use_distributed_optimizer,
+            use_distributed_optimizer=distopt,
         )
         self.model = [
             DDP(self.tconfig, ddp_config, chunk, disable_bucketing=(i > 0))
@@ -142,7 +145,7 @@ class TrainEngine:
             params_dtype=self.config.model_options.torch_dtype,
             bf16=self.config.dtype == "bfloat16",
             fp16=self.config.dtype == "float16",
-            use_distributed_optimizer=self.config.use_distributed_optimizer,
+            use_distributed_optimizer=distopt,
         )
         self.optimizer = get_megatron_optimizer(
             opt_config, self.model, use_gloo_process_groups=False

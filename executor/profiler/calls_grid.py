@@ -181,5 +181,5 @@ def role_engine_config(value_head: bool) -> EngineConfig:
 def role_loss(grid: CallsGrid, value: bool) -> ActorLoss | CriticLoss:
     """The loss a run's actor (LM) or critic (value head) trains with."""
     if value:
-        return CriticLoss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
-    return ActorLoss(alg.RLConfig(algorithm="ppo"), grid.prompt_len, grid.response_len)
+        return CriticLoss(alg.RLConfig(algorithm="ppo"), grid.prompt_len)
+    return ActorLoss(alg.RLConfig(algorithm="ppo"), grid.prompt_len)

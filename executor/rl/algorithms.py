@@ -40,6 +40,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp_min(1.0)
 
 
+def seq_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences (rows) of each one's masked token mean: what the losses take, so
+    that equal micro-batches of any size, averaged, give the whole batch's loss."""
+    return masked_mean(x, mask, dim=1).mean()
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)

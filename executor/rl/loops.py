@@ -90,13 +90,13 @@ def _rl(rt: Runtime) -> alg.RLConfig:
 
 
 def _losses(rt: Runtime, rl: alg.RLConfig, roles: tuple[str, ...]) -> dict[str, Callable]:
-    P, R = rt.plan.job.prompt_len, rt.plan.job.response_len
+    P = rt.plan.job.prompt_len
     out: dict[str, Any] = {}
     for role in roles:
         out[role] = (
-            ActorLoss(rl, P, R)
+            ActorLoss(rl, P)
             if role == Role.ACTOR
-            else CriticLoss(rl, P, R, "cost_" if role == Role.COST_CRITIC else "")
+            else CriticLoss(rl, P, "cost_" if role == Role.COST_CRITIC else "")
         )
     return out
 

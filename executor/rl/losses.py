@@ -16,8 +16,8 @@ from hybridflow.executor.rl.algorithms import (
     entropy_from_logits,
     kl_divergence,
     logprobs_from_logits,
-    masked_mean,
     response_slice,
+    seq_token_mean,
 )
 
 
@@ -34,16 +34,17 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_ratio: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: token mean of max(-A r, -A clip(r, 1-e, 1+e))."""
+    """Clipped surrogate: the sequence mean of token means of max(-A r, -A clip(r, 1-e,
+    1+e)) (:func:`seq_token_mean`: independent of how the batch is cut into micro-batches)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = seq_token_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         metrics = {
             "pg_loss": loss.item(),
-            "pg_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "ppo_kl": masked_mean(old_logprobs - logprobs, mask).item(),
+            "pg_clipfrac": seq_token_mean((clipped > unclipped).float(), mask).item(),
+            "ppo_kl": seq_token_mean(old_logprobs - logprobs, mask).item(),
         }
     return loss, metrics
 
@@ -55,15 +56,16 @@ def value_loss(
     mask: torch.Tensor,
     clip_range: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """0.5 * token mean of max((v - R)^2, (v_clipped - R)^2), v_clipped near the old value."""
+    """0.5 * sequence mean of token means of max((v - R)^2, (v_clipped - R)^2), v_clipped
+    near the old value."""
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     loss1, loss2 = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
+    loss = 0.5 * seq_token_mean(torch.maximum(loss1, loss2), mask)
     with torch.no_grad():
         metrics = {
             "vf_loss": loss.item(),
-            "vf_clipfrac": masked_mean((loss2 > loss1).float(), mask).item(),
-            "vpred_mean": masked_mean(values, mask).item(),
+            "vf_clipfrac": seq_token_mean((loss2 > loss1).float(), mask).item(),
+            "vpred_mean": seq_token_mean(values, mask).item(),
         }
     return loss, metrics
 
@@ -79,7 +81,7 @@ def actor_loss(
     mask = batch["response_mask"]
     logprobs = logprobs_from_logits(logits, batch["responses"], cfg.temperature)
     entropy = (
-        masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
+        seq_token_mean(entropy_from_logits(logits, cfg.temperature), mask)
         if cfg.entropy_coef > 0
         else None
     )
@@ -102,7 +104,7 @@ def policy_loss(
         loss = loss - cfg.entropy_coef * entropy
         metrics["entropy"] = entropy.item()
     if cfg.kl_loss_coef > 0:
-        kl = masked_mean(kl_divergence(logprobs, batch["ref_log_probs"], cfg.kl_loss_kind), mask)
+        kl = seq_token_mean(kl_divergence(logprobs, batch["ref_log_probs"], cfg.kl_loss_kind), mask)
         loss = loss + cfg.kl_loss_coef * kl
         metrics["kl_loss"] = kl.item()
     metrics["actor_loss"] = loss.item()
@@ -133,10 +135,10 @@ class ActorLoss:
 
     cfg: RLConfig
     prompt_len: int
-    response_len: int
 
     def __call__(self, output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
-        logp = response_slice(output, self.prompt_len, self.response_len)
+        # the batch's own response length: batches are cut after their longest response
+        logp = response_slice(output, self.prompt_len, mb["response_mask"].shape[1])
         return policy_loss(logp, mb, self.cfg)
 
 
@@ -144,9 +146,8 @@ class ActorLoss:
 class CriticLoss:
     cfg: RLConfig
     prompt_len: int
-    response_len: int
     prefix: str = ""  # "cost_" for Safe-RLHF's cost critic
 
     def __call__(self, output: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
-        values = response_slice(output, self.prompt_len, self.response_len)
+        values = response_slice(output, self.prompt_len, mb["response_mask"].shape[1])
         return critic_loss(values, mb, self.cfg, self.prefix)

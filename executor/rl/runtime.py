@@ -229,13 +229,17 @@ class Runtime:
             raise UserError(f"a prompt is longer than prompt_len {P}")
         prompt_ids = torch.tensor([[pad] * (P - len(p)) + p for p in rows], dtype=torch.long)
         prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in rows])
+        # cut the padding after the batch's longest response: every later pass costs the
+        # tokens produced, and masked positions change no loss or log-prob
+        longest = max(1, int(out["response_mask"].sum(1).max()))
+        resp, resp_mask = out["responses"][:, :longest], out["response_mask"][:, :longest]
         return Batch(
             {
-                "input_ids": torch.cat([prompt_ids, out["responses"]], 1),
-                "attention_mask": torch.cat([prompt_mask, out["response_mask"]], 1),
-                "responses": out["responses"],
-                "response_mask": out["response_mask"],
-                "rollout_log_probs": out["rollout_log_probs"],
+                "input_ids": torch.cat([prompt_ids, resp], 1),
+                "attention_mask": torch.cat([prompt_mask, resp_mask], 1),
+                "responses": resp,
+                "response_mask": resp_mask,
+                "rollout_log_probs": out["rollout_log_probs"][:, :longest],
             },
             non_tensors={"prompt_ids": rows, "prompt_ref": refs},
             meta={"prompt_len": P},

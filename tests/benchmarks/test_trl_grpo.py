@@ -82,9 +82,7 @@ def test_rule_reward_scores_and_counts_response_tokens_with_eos(bench, art):
     ]
 
 
-def test_sized_actors_have_their_sizes_and_trl_sees_hybridflows_prompt_ids(
-    bench, art, tmp_path
-):
+def test_sized_actors_have_their_sizes_and_trl_sees_hybridflows_prompt_ids(bench, art, tmp_path):
     """The 25m folder loads, has about 25 M parameters and the task's tokenizer; TRL's
     tokenizer gives the ids hybridflow's data path (--data) gives; the 100m shape counts
     about 100 M; the --reward-fn rule is the task's."""
@@ -111,7 +109,11 @@ def test_sized_actors_have_their_sizes_and_trl_sees_hybridflows_prompt_ids(
     # the folder's tokenizer adds no BOS, on both sides alike
     assert tok(texts[0])["input_ids"] == art.encode_prompt(texts[0])[1:]
     rule = load_benchmark("trl_reward").rule_score
-    assert rule("", "cba", "rev:abc=", {}) == 1.0 == art.score(
-        art.encode_prompt("rev:abc="), tok("cba", add_special_tokens=False)["input_ids"]
+    assert (
+        rule("", "cba", "rev:abc=", {})
+        == 1.0
+        == art.score(
+            art.encode_prompt("rev:abc="), tok("cba", add_special_tokens=False)["input_ids"]
+        )
     )
     assert models.REWARD_FN.startswith(str(REPO / "benchmarks" / "trl_reward.py"))

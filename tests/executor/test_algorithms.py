@@ -165,8 +165,8 @@ def test_actor_loss_composes_the_terms():
     lp = A.logprobs_from_logits(logits, batch["responses"])
     mask = batch["response_mask"]
     pg, _ = L.ppo_policy_loss(lp, batch["old_log_probs"], batch["advantages"], mask, 0.2)
-    kl = A.masked_mean(A.kl_divergence(lp, batch["ref_log_probs"], "k3"), mask)
-    ent = A.masked_mean(A.entropy_from_logits(logits), mask)
+    kl = A.seq_token_mean(A.kl_divergence(lp, batch["ref_log_probs"], "k3"), mask)
+    ent = A.seq_token_mean(A.entropy_from_logits(logits), mask)
     assert close(loss, pg + 0.1 * kl - 0.01 * ent) and close(m["kl_loss"], kl)
     loss.backward()
     assert logits.grad[2, 1:].abs().sum() == 0  # padded tokens get no gradient
@@ -223,3 +223,30 @@ def test_config_validation():
         A.RLConfig(kl_kind="k7")
     assert A.RLConfig(algorithm="safe-rlhf").uses_critic
     assert not A.RLConfig(algorithm="remax").uses_critic
+
+
+def test_losses_do_not_depend_on_the_micro_batch_size():
+    """Equal micro-batches of 1, 2 or 4 sequences, their losses averaged (as megatron's
+    schedule does), give the whole batch's: each sequence weighs the same, whatever its
+    length and whoever shares its micro-batch."""
+    batch, logits = _batch()
+    cfg = A.RLConfig(algorithm="grpo", group_size=2, kl_loss_coef=0.1)
+    whole, _ = L.actor_loss(logits, batch, cfg)
+    values = batch["values"] + 0.1
+    whole_v, _ = L.critic_loss(values, batch, cfg)
+    B = logits.shape[0]
+    for size in (1, 2):
+        parts = [
+            (
+                L.actor_loss(
+                    logits[i : i + size], {k: v[i : i + size] for k, v in batch.items()}, cfg
+                )[0],
+                L.critic_loss(
+                    values[i : i + size], {k: v[i : i + size] for k, v in batch.items()}, cfg
+                )[0],
+            )
+            for i in range(0, B, size)
+        ]
+        assert close(sum(a for a, _ in parts) / len(parts), whole)
+        assert close(sum(c for _, c in parts) / len(parts), whole_v)
+    assert batch["response_mask"].sum(1).unique().numel() > 1  # lengths differ
