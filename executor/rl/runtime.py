@@ -66,6 +66,18 @@ def engine_config(
     )
 
 
+def rollout_kv_bytes(job: Any, placed: PlacedSet, floor_mib: int) -> int:
+    """KV cache of each vLLM engine: its share of the batch at full length (fp32 keys and
+    values, its tp's share of the heads, a spare block per sequence), at least `floor_mib`,
+    so that an engine never runs its batch in waves for want of cache."""
+    spec, tg = job.spec(Role.ACTOR), placed.generation().tp
+    per_token = spec.kv_bytes_per_token(4) // min(tg, max(1, spec.kv_heads))
+    replicas = max(1, placed.gpus // tg)
+    sequences = -(-job.sequences // replicas)
+    need = sequences * (job.seq_len + 16) * per_token
+    return max(floor_mib << 20, need)
+
+
 @dataclass
 class Runtime:
     plan: Plan
@@ -115,7 +127,7 @@ class Runtime:
                     tg=placed.generation().tp,
                     scheme=self.cfg.reshard,
                     model_dir=self.inputs.rollout_dir,
-                    kv_cache_bytes=self.cfg.kv_cache_mib << 20,
+                    kv_cache_bytes=rollout_kv_bytes(job, placed, self.cfg.kv_cache_mib),
                     seed=self.cfg.seed,
                     max_model_len=self.plan.job.seq_len,
                 ),

@@ -65,3 +65,14 @@ def test_cut_batches_give_the_same_losses() -> None:
         b, mb = loss(output[:, : P + cut], Batch(short))
         torch.testing.assert_close(a, b)
         assert ma.keys() == mb.keys()
+
+
+def test_each_engine_gets_the_kv_cache_of_its_share_of_the_batch() -> None:
+    from hybridflow.executor.rl.runtime import rollout_kv_bytes
+
+    rt = _runtime()
+    job, placed = rt.plan.job, rt.plan.sets[0]
+    spec = job.spec("actor")
+    need = job.sequences * (job.seq_len + 16) * spec.kv_bytes_per_token(4)
+    assert rollout_kv_bytes(job, placed, 0) == need  # one engine: the whole batch
+    assert rollout_kv_bytes(job, placed, 64) == 64 << 20  # the floor, where it is more
