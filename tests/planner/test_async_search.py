@@ -93,7 +93,17 @@ def test_auto_takes_the_faster_pipeline() -> None:
 
 
 def test_plan_command_prints_both_pipelines_and_the_choice(capsys) -> None:
-    argv = ["plan", "--gpus", "16", "--model", "qwen2.5-1.5b", "--batch", "32"]
+    argv = [
+        "plan",
+        "--gpus",
+        "16",
+        "--model",
+        "qwen2.5-1.5b",
+        "--batch",
+        "32",
+        "--pipeline",
+        "auto",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Pipelines, the best plan of each:" in out

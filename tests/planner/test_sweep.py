@@ -149,7 +149,10 @@ def test_cli_sweep_takes_the_plan_job_flags(capsys) -> None:
     swept = json.loads(capsys.readouterr().out)
     assert swept["job"]["models"]["reward"] == "rule"
     assert swept["job"]["response_mean"] == 20.0 and swept["job"]["rule_cpu_s"] == 0.002
-    assert main(["plan", "--gpu", "local-cpu", "--gpus", "4", *flags, "--json"]) == 0
+    assert (
+        main(["plan", "--gpu", "local-cpu", "--gpus", "4", *flags, "--pipeline", "auto", "--json"])
+        == 0
+    )
     planned = json.loads(capsys.readouterr().out)
     assert swept["job"] == planned["job"] and swept["rows"][0]["plan"] == planned
 
