@@ -18,10 +18,10 @@ Conventions beyond benchmarks/published_rows.py's (the same for every row):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from published_rows import FULLY_ASYNC, HALF_MAX, ONE_STEP, PROMPT_MAX, Row, _dapo_7b
+from published_rows import FULLY_ASYNC, HALF_MAX, ONE_STEP, PROMPT_MAX, ROWS, Row, _dapo_7b
 
 from hybridflow.errors import UserError
 from hybridflow.layout import ParallelLayout, RolloutLayout
@@ -162,25 +162,14 @@ def _fully(rollout: int, train: int, published: float, update: float) -> AsyncRo
     return AsyncRow(row, rollout, {"train": update}, notes)
 
 
-_QWEN3 = Row(
+# the colocated Qwen3-30B-A3B row's workload, run fully async on 96 rollout + 32 training GPUs
+_QWEN3 = replace(
+    next(r for r in ROWS if r.name == "verl-fully-async-colocated-qwen3-30b-a3b"),
     name="verl-fully-async-qwen3-30b-a3b-96-32",
-    source=FULLY_ASYNC,
-    gpu="h20",
-    gpus=128,
-    algorithm="grpo",
-    model="qwen3-30b-a3b",
-    prompt_len=2048,
-    response_len=8192,
-    batch=512,
-    n_samples=16,
-    mini_batches=512 // 128,
     published_s=282.75,
-    tp=2,
-    cp=2,
     dp=8,
-    ep=8,
-    rollout_tp=4,
-    offload=True,
+    phases={},
+    notes=(),
 )
 
 ASYNC_ROWS: tuple[AsyncRow, ...] = (
