@@ -4,9 +4,12 @@ one-label sequence classifiers, a Mistral, a Qwen3-MoE), and their outputs as re
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 VOCAB = 256
@@ -113,3 +116,37 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[tup
         g = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         out.append(tuple(g[0, len(p) :].tolist()))
     return out
+
+
+# ---- shared by the family tests ------------------------------------------------------------
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27]]
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four rows of 12 token ids, two of them left-padded, and their attention mask."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    mask[3, :1] = 0
+    return ids, mask
+
+
+def copy_folder(src: Path, dst: Path, **config: object) -> Path:
+    """A copy of the folder `src`, its config.json updated with `config`."""
+    shutil.copytree(src, dst)
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.update(config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def refused(folder: Path, *words: str, value_head: bool = False) -> None:
+    """check_folder refuses `folder` in one line holding every one of `words`."""
+    from hybridflow.executor.engines.hf_folder import CheckpointError, check_folder
+
+    with pytest.raises(CheckpointError) as e:
+        check_folder(folder, value_head=value_head)
+    message = str(e.value)
+    assert "\n" not in message and all(w in message for w in words), message

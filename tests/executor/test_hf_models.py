@@ -11,7 +11,6 @@ of 2 vLLM ranks. References are transformers' own forward passes in this process
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,17 +31,7 @@ CASES = [(m, lay, False) for m in ("llama", "qwen2", "qwen3") for lay in LAYOUTS
     ("llama-cls", "tp2pp2", True),
 ]
 TRAIN = [("qwen2", "pp2dp2"), ("qwen3", "tp2dp2")]  # tied copy over PP; q/k norms over TP
-PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27]]
 TOKENS = 8
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, M.VOCAB, (4, 12), generator=g)
-    mask = torch.ones(4, 12, dtype=torch.long)
-    mask[1, :3] = 0  # left padding
-    mask[3, :1] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +63,7 @@ def _megatron_rank(rank: int, world: int, folders: dict[str, str]) -> dict:
     from hybridflow.executor.controller.batch import Batch
     from hybridflow.executor.engines.train_engine import lm_loss
 
-    ids, mask = _batch()
+    ids, mask = M.batch()
     out: dict = {}
     for name, lay, value_head in CASES:
         engine = _engine(f"{name}-{lay}", folders[name], lay, value_head, trainable=False)
@@ -112,7 +101,7 @@ def _gathered(ranks: list[dict], case: tuple[str, str]) -> torch.Tensor:
 @pytest.mark.process
 @pytest.mark.parametrize("name,lay", [(m, lay) for m, lay, v in CASES if not v])
 def test_megatron_logprobs_equal_transformers(hf, megatron, name: str, lay: str) -> None:
-    ids, mask = _batch()
+    ids, mask = M.batch()
     want = M.logprobs(hf[name][1], ids, mask)
     got = _gathered(megatron, (name, lay))[:, :-1]
     real = (mask[:, :-1] * mask[:, 1:]).bool()
@@ -135,7 +124,7 @@ def test_llama3_rope_scaling_is_transformers(hf, megatron) -> None:
 @pytest.mark.process
 @pytest.mark.parametrize("name,lay", [(m, lay) for m, lay, v in CASES if v])
 def test_value_head_equals_the_score_head(hf, megatron, name: str, lay: str) -> None:
-    ids, mask = _batch()
+    ids, mask = M.batch()
     want = M.token_scores(hf[name][1], ids, mask)
     got = _gathered(megatron, (name, lay))
     real = mask.bool()
@@ -178,7 +167,7 @@ def _vllm_rank(rank: int, world: int, folders: dict[str, str]) -> dict:
             )
             shard = F.read_rank_shards(folder, spec, W.megatron_shapes(spec), tp, tp_rank, False)
             engine.load_sharded(W.megatron_to_vllm(shard, spec, tp))
-            done = engine.generate(PROMPTS, SamplingConfig(temperature=0.0, max_tokens=TOKENS))
+            done = engine.generate(M.PROMPTS, SamplingConfig(temperature=0.0, max_tokens=TOKENS))
             out[(name, tp)] = [c.token_ids for c in sorted(done, key=lambda c: c.prompt_index)]
             engine.shutdown()
     return out
@@ -189,7 +178,7 @@ def test_vllm_greedy_from_megatron_shards_equals_transformers(hf) -> None:
     folders = {name: str(hf[name][0]) for name in ("llama", "llama3", "qwen2", "qwen3")}
     ranks = run_ranks(_vllm_rank, 2, folders, backend="gloo", timeout_s=900)
     for name in folders:
-        want = M.greedy(hf[name][1], PROMPTS, TOKENS)
+        want = M.greedy(hf[name][1], M.PROMPTS, TOKENS)
         assert len(set(want)) > 1  # prompts lead to different tokens
         for tp in (1, 2):
             for r in ranks:
@@ -277,20 +266,6 @@ def test_written_folders_load_in_transformers(tmp_path: Path, qkv_bias, qk_norm,
 
 
 # ---- check_folder refusals ----------------------------------------------------------------
-def _copy(src: Path, dst: Path, **config: object) -> Path:
-    shutil.copytree(src, dst)
-    if config:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg.update(config)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-def _refused(folder: Path, *words: str, value_head: bool = False) -> None:
-    with pytest.raises(F.CheckpointError) as e:
-        F.check_folder(folder, value_head=value_head)
-    message = str(e.value)
-    assert "\n" not in message and all(w in message for w in words), message
 
 
 def test_good_folders_pass(hf) -> None:
@@ -303,42 +278,46 @@ def test_good_folders_pass(hf) -> None:
 
 def test_check_folder_refuses_each_bad_folder(hf, tmp_path: Path) -> None:
     good = hf["qwen2"][0]
-    _refused(tmp_path / "nowhere", "does not exist")
-    no_config = _copy(good, tmp_path / "no_config")
+    M.refused(tmp_path / "nowhere", "does not exist")
+    no_config = M.copy_folder(good, tmp_path / "no_config")
     (no_config / "config.json").unlink()
-    _refused(no_config, "has no config.json")
-    no_weights = _copy(good, tmp_path / "no_weights")
+    M.refused(no_config, "has no config.json")
+    no_weights = M.copy_folder(good, tmp_path / "no_weights")
     (no_weights / H.SINGLE).rename(no_weights / "pytorch_model.bin")
-    _refused(no_weights, "has no weights", H.SINGLE, H.INDEX, "safetensors only")
-    alien = _copy(good, tmp_path / "alien", architectures=["GPT2LMHeadModel"])
-    _refused(alien, "'GPT2LMHeadModel'", *F.BUILDABLE)
-    moe = _copy(good, tmp_path / "moe", architectures=["MixtralForCausalLM"], num_local_experts=8)
-    _refused(moe, "'MixtralForCausalLM'", "Qwen3MoeForCausalLM only")
-    _refused(good, "value-head role", "score.weight", value_head=True)
-    _refused(hf["llama-cls"][0], "sequence classifier", "causal-LM role")
-    scaled = _copy(
+    M.refused(no_weights, "has no weights", H.SINGLE, H.INDEX, "safetensors only")
+    alien = M.copy_folder(good, tmp_path / "alien", architectures=["GPT2LMHeadModel"])
+    M.refused(alien, "'GPT2LMHeadModel'", *F.BUILDABLE)
+    moe = M.copy_folder(
+        good, tmp_path / "moe", architectures=["MixtralForCausalLM"], num_local_experts=8
+    )
+    M.refused(moe, "'MixtralForCausalLM'", "Qwen3MoeForCausalLM only")
+    M.refused(good, "value-head role", "score.weight", value_head=True)
+    M.refused(hf["llama-cls"][0], "sequence classifier", "causal-LM role")
+    scaled = M.copy_folder(
         good, tmp_path / "scaled", rope_parameters={"rope_type": "llama3", "factor": 8.0}
     )
-    _refused(scaled, "llama3 rope scaling with {'low_freq_factor': None")
-    yarn = _copy(good, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0})
-    _refused(yarn, "rope scaling 'yarn'", "plain RoPE and llama3 only")
-    sliding = _copy(hf["mistral"][0], tmp_path / "sliding", sliding_window=32)
-    _refused(sliding, "sliding-window attention", "32")
+    M.refused(scaled, "llama3 rope scaling with {'low_freq_factor': None")
+    yarn = M.copy_folder(
+        good, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0}
+    )
+    M.refused(yarn, "rope scaling 'yarn'", "plain RoPE and llama3 only")
+    sliding = M.copy_folder(hf["mistral"][0], tmp_path / "sliding", sliding_window=32)
+    M.refused(sliding, "sliding-window attention", "32")
 
 
 def test_check_folder_names_the_tensor_that_does_not_fit(hf, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    bad = _copy(hf["qwen3"][0], tmp_path / "bad")
+    bad = M.copy_folder(hf["qwen3"][0], tmp_path / "bad")
     state = load_file(str(bad / H.SINGLE))
     state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 64)
     save_file(state, str(bad / H.SINGLE))
-    _refused(bad, "'model.layers.1.mlp.up_proj.weight'", "[64, 64]", "[128, 64]")
+    M.refused(bad, "'model.layers.1.mlp.up_proj.weight'", "[64, 64]", "[128, 64]")
     del state["model.layers.0.self_attn.k_norm.weight"]
     save_file(state, str(bad / H.SINGLE))
-    _refused(bad, "lack 'model.layers.0.self_attn.k_norm.weight'", "[32]")
-    wider = _copy(hf["llama"][0], tmp_path / "wider", intermediate_size=256)
-    _refused(wider, "'model.layers.0.mlp.gate_proj.weight'", "[128, 64]", "[256, 64]")
+    M.refused(bad, "lack 'model.layers.0.self_attn.k_norm.weight'", "[32]")
+    wider = M.copy_folder(hf["llama"][0], tmp_path / "wider", intermediate_size=256)
+    M.refused(wider, "'model.layers.0.mlp.gate_proj.weight'", "[128, 64]", "[256, 64]")
     sharded = M.save(hf["qwen3"][1], tmp_path / "sharded", max_shard_size="100KB")
     next(sharded.glob("model-00002-*.safetensors")).unlink()
-    _refused(sharded, H.INDEX, "model-00002-")
+    M.refused(sharded, H.INDEX, "model-00002-")

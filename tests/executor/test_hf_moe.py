@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,9 @@ from hybridflow.simulator.model import load_model
 from tests.executor import hf_families as M
 
 LAYOUTS = {"tp1dp2": (1, 1, 2), "tp2": (2, 1, 1), "pp2": (1, 2, 1)}  # tp, pp, dp
-PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79], [32, 38, 46, 26, 43, 38], [83, 27]]
 TOKENS = 8
 ROUTER = "decoder.layers.0.mlp.router.weight"
 FC2 = "decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"
-
-
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, M.VOCAB, (4, 12), generator=g)
-    mask = torch.ones(4, 12, dtype=torch.long)
-    mask[1, :3] = 0  # left padding
-    mask[3, :1] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +62,7 @@ def _megatron_rank(rank: int, world: int, folder: str) -> dict:
     from hybridflow.executor.controller.batch import Batch
     from hybridflow.executor.engines.train_engine import lm_loss
 
-    ids, mask = _batch()
+    ids, mask = M.batch()
     out: dict = {}
     for lay in LAYOUTS:
         engine = _engine(f"fwd-{lay}", folder, lay, trainable=False)
@@ -110,7 +99,7 @@ def _gathered(ranks: list[dict], lay: str) -> torch.Tensor:
 @pytest.mark.process
 @pytest.mark.parametrize("lay", list(LAYOUTS))
 def test_megatron_logprobs_equal_transformers(hf, megatron, lay: str) -> None:
-    ids, mask = _batch()
+    ids, mask = M.batch()
     want = M.logprobs(hf["moe"][1], ids, mask)
     got = _gathered(megatron, lay)[:, :-1]
     real = (mask[:, :-1] * mask[:, 1:]).bool()
@@ -131,7 +120,7 @@ def _routing(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def test_tokens_take_different_experts(hf) -> None:
     """The reference routes tokens to several expert pairs: a misplaced expert shows."""
-    ids, _ = _batch()
+    ids, _ = M.batch()
     pairs = {tuple(sorted(p)) for p in _routing(hf["moe"][1], ids).tolist()}
     assert len(pairs) >= 4
 
@@ -170,7 +159,7 @@ def _vllm_rank(rank: int, world: int, folders: dict[str, str]) -> dict:
             shapes = W.megatron_shapes(spec)
             shard = F.read_rank_shards(folders[name], spec, shapes, tp, tp_rank, False)
             engine.load_sharded(W.megatron_to_vllm(shard, spec, tp))
-            done = engine.generate(PROMPTS, SamplingConfig(temperature=0.0, max_tokens=TOKENS))
+            done = engine.generate(M.PROMPTS, SamplingConfig(temperature=0.0, max_tokens=TOKENS))
             out[(name, tp)] = [c.token_ids for c in sorted(done, key=lambda c: c.prompt_index)]
         engine.shutdown()
     return out
@@ -180,7 +169,7 @@ def _vllm_rank(rank: int, world: int, folders: dict[str, str]) -> dict:
 def test_vllm_greedy_from_megatron_shards_equals_transformers(hf) -> None:
     folders = {name: str(folder) for name, (folder, _) in hf.items()}
     ranks = run_ranks(_vllm_rank, 2, folders, backend="gloo", timeout_s=900)
-    wants = {name: M.greedy(model, PROMPTS, TOKENS) for name, (_, model) in hf.items()}
+    wants = {name: M.greedy(model, M.PROMPTS, TOKENS) for name, (_, model) in hf.items()}
     assert len(set(wants["moe"])) > 1 and wants["moe"] != wants["other"]
     for name, want in wants.items():
         for tp in (1, 2):
@@ -233,19 +222,6 @@ def test_written_moe_folder_loads_in_transformers(tmp_path: Path) -> None:
 
 
 # ---- check_folder and the builder's refusals ----------------------------------------------
-def _copy(src: Path, dst: Path, **config: object) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(config)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-def _refused(folder: Path, *words: str) -> None:
-    with pytest.raises(F.CheckpointError) as e:
-        F.check_folder(folder, value_head=False)
-    message = str(e.value)
-    assert "\n" not in message and all(w in message for w in words), message
 
 
 def test_check_folder_takes_qwen3_moe(hf) -> None:
@@ -258,14 +234,16 @@ def test_check_folder_takes_qwen3_moe(hf) -> None:
 def test_check_folder_refuses_other_moe_forms(hf, tmp_path: Path) -> None:
     good = hf["moe"][0]
     for arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM"):
-        other = _copy(good, tmp_path / arch, architectures=[arch])
-        _refused(other, f"{arch!r}", "Qwen3MoeForCausalLM only")
-    plain = _copy(good, tmp_path / "plain", norm_topk_prob=False)
-    _refused(plain, "norm_topk_prob false", "norm_topk_prob true")
-    dense_first = _copy(good, tmp_path / "dense_first", mlp_only_layers=[0])
-    _refused(dense_first, "Qwen3-MoE only", "1 dense (non-MoE) layers")
-    in_dense = _copy(hf["moe"][0], tmp_path / "in_dense", architectures=["Qwen3ForCausalLM"])
-    _refused(in_dense, "mixture-of-experts layers cannot be built")
+        other = M.copy_folder(good, tmp_path / arch, architectures=[arch])
+        M.refused(other, f"{arch!r}", "Qwen3MoeForCausalLM only")
+    plain = M.copy_folder(good, tmp_path / "plain", norm_topk_prob=False)
+    M.refused(plain, "norm_topk_prob false", "norm_topk_prob true")
+    dense_first = M.copy_folder(good, tmp_path / "dense_first", mlp_only_layers=[0])
+    M.refused(dense_first, "Qwen3-MoE only", "1 dense (non-MoE) layers")
+    in_dense = M.copy_folder(
+        hf["moe"][0], tmp_path / "in_dense", architectures=["Qwen3ForCausalLM"]
+    )
+    M.refused(in_dense, "mixture-of-experts layers cannot be built")
 
 
 def test_builder_refuses_other_moe_forms(hf) -> None:
