@@ -52,11 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from hybridflow.executor.run.config import RunConfig  # noqa: E402
 from hybridflow.plan import Plan  # noqa: E402
-from hybridflow.simulator.model import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trl_models import REWARD_FN, SIZES, actor_folder, data_file  # noqa: E402
+from trl_models import REWARD_FN, SIZES, actor_folder, data_file, parameters  # noqa: E402
 from trl_report import render  # noqa: E402
 from trl_side import RuleReward, run_trl, trl_tokenizer  # noqa: E402, F401
 from trl_workload import (  # noqa: E402, F401
@@ -327,7 +326,7 @@ def _sized(args, art, runs: Path, size: str, length: int):
             rows.append(_with_load(run_hybridflow, plans[d], w, d, where, flags))
     for threads in args.trl_threads:
         rows.append(_with_load(run_trl, w, art, texts, tokens, threads, tok))
-    params = load_model(model).params
+    params = parameters(model)
     return (f"{size} actor, {length}-token responses", w, rows, tokens, params)
 
 

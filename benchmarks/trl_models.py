@@ -56,11 +56,12 @@ def actor_folder(size: str, art, root: Path, seed: int, max_len: int) -> Path:
     return out
 
 
-def parameters(folder: Path) -> int:
-    """The folder's parameter count, as the simulator counts it."""
+def parameters(model: str | Path) -> int:
+    """The parameter count of a model (a catalog name or a folder), as the simulator
+    counts it."""
     from hybridflow.simulator.model import load_model
 
-    return load_model(str(folder)).params
+    return load_model(str(model)).params
 
 
 def data_file(art, root: Path) -> Path:

@@ -36,6 +36,7 @@ from hybridflow.executor.run.export import write_actor_hf
 from hybridflow.executor.run.inputs import JobInputs, Ref
 from hybridflow.memory import MemorySettings
 from hybridflow.plan import PlacedSet, Plan
+from hybridflow.simulator.job import Job
 from hybridflow.vocab import STAGES, TRAINED_ROLES, VALUE_ROLES, Role, Stage
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def engine_config(
     )
 
 
-def rollout_kv_bytes(job: Any, placed: PlacedSet, floor_mib: int) -> int:
+def rollout_kv_bytes(job: Job, placed: PlacedSet, floor_mib: int) -> int:
     """KV cache of each vLLM engine: its share of the batch at full length (fp32 keys and
     values, its tp's share of the heads, a spare block per sequence), at least `floor_mib`,
     so that an engine never runs its batch in waves for want of cache."""
